@@ -1,0 +1,69 @@
+"""What coordinator and agent agree on besides the protobuf messages: topic names and size limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_TOPIC_PREFIX", "Limits", "Topics", "LIMITS", "device_id_is_valid"]
+
+DEFAULT_TOPIC_PREFIX = "fedfleet/v1"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds on every payload either side accepts. Anything larger is refused unread."""
+
+    mqtt_control_payload: int = 16 * 1024  # desired state, status, events, announce
+    mqtt_telemetry_payload: int = 256 * 1024
+    grpc_request: int = 64 * 1024
+    grpc_chunk: int = 256 * 1024  # one streamed chunk of metadata or target bytes
+    grpc_message: int = 512 * 1024  # channel-level cap on any message
+    metadata_file: int = 2 * 1024 * 1024
+    target_file: int = 512 * 1024 * 1024
+    events_per_report: int = 256
+    id_length: int = 128
+    labels: int = 32
+
+
+LIMITS = Limits()
+
+
+def device_id_is_valid(device_id: str) -> bool:
+    """Ids become topic levels and file names: letters, digits, '-', '_', '.', not starting with '.'."""
+    return (
+        0 < len(device_id) <= LIMITS.id_length
+        and not device_id.startswith(".")
+        and all(c.isascii() and (c.isalnum() or c in "-_.") for c in device_id)
+    )
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str = DEFAULT_TOPIC_PREFIX
+
+    def desired(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/desired"
+
+    def status(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/status"
+
+    def events(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/events"
+
+    def telemetry(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/telemetry"
+
+    def ack(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/ack"
+
+    def announce(self, fleet: str) -> str:
+        return f"{self.prefix}/fleets/{fleet}/announce"
+
+    def device_of(self, topic: str, kind: str) -> str | None:
+        """The device id in `{prefix}/devices/{device}/{kind}`, or None if the topic is not of that form."""
+        head = f"{self.prefix}/devices/"
+        tail = f"/{kind}"
+        if not (topic.startswith(head) and topic.endswith(tail)):
+            return None
+        device = topic[len(head) : -len(tail)]
+        return device if device_id_is_valid(device) else None

@@ -1,0 +1,271 @@
+"""The running agent: one asyncio task set per device, so one process can hold many simulated devices.
+
+- MQTT: retained status (last will: offline), subscribes to its retained desired state and its fleet's
+  announce topic, publishes update events (QoS 1).
+- gRPC: registration (which also returns the current assignment), TUF metadata, target bytes, and events
+  when MQTT is down.
+- Updates run one at a time in a worker thread; a newer assignment that arrives meanwhile replaces any
+  queued one (latest wins). The model that applications use is swapped by reference after a commit, so an
+  inference in flight finishes on the model it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import numpy as np
+
+from edge_agent import __version__
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.assignment import load_director_keys
+from edge_agent.config import AgentConfig
+from edge_agent.contract import LIMITS, Topics
+from edge_agent.errors import AgentError, InterpreterError
+from edge_agent.runtime import Model, interpreter_name, load_model
+from edge_agent.state import StateStore
+from edge_agent.transport import GrpcTransport
+from edge_agent.tuf_client import seed_trust_root
+from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment
+
+__all__ = ["Agent"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_BACKOFF = 60.0
+_MAX_QUEUED_EVENTS = 1000
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.topics = Topics(config.topic_prefix)
+        self.store = StateStore(config.state_dir)
+        seed_trust_root(self.store.tuf_dir, config.trust_root)
+        self.director_keys = load_director_keys(config.director_keys)
+        self.interpreter = interpreter_name(config.interpreter)
+        self.model: Model | None = None
+        self.updating = False
+        self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._desired: bytes | None = None
+        self._desired_ready = asyncio.Event()
+        self._events: deque[pb.UpdateEvent] = deque(maxlen=_MAX_QUEUED_EVENTS)
+        self._events_ready = asyncio.Event()
+        self._transport = GrpcTransport(config.grpc_target, config.device_id)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._load_committed_model()
+
+    # ----- what applications use -----
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        model = self.model  # one read: a swap during the call does not affect it
+        if model is None:
+            raise InterpreterError("no committed model yet", "no_model")
+        return model.predict(x)
+
+    # ----- lifecycle -----
+
+    async def run(self) -> None:
+        """Run until cancelled: register, keep an MQTT session, apply assignments."""
+        self._loop = asyncio.get_running_loop()
+        pending = self.store.load().pending
+        if pending:
+            logger.info("resuming the update interrupted by a restart")
+            self._offer(bytes.fromhex(pending))
+        tasks = [
+            asyncio.create_task(self._register_loop(), name="register"),
+            asyncio.create_task(self._mqtt_loop(), name="mqtt"),
+            asyncio.create_task(self._update_worker(), name="updates"),
+            asyncio.create_task(self._event_sender(), name="events"),
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(self._transport.close)
+
+    def _load_committed_model(self) -> None:
+        state = self.store.load()
+        if state.active is None:
+            return
+        try:
+            self.model = load_model(self.store.model_path(state.active), self.config.interpreter)
+        except InterpreterError as e:
+            logger.error("committed model does not load: %s", e)
+
+    def _offer(self, payload: bytes) -> None:
+        """Queue an assignment; a newer one replaces any still waiting (latest wins)."""
+        self._desired = payload
+        self._desired_ready.set()
+
+    # ----- registration -----
+
+    async def _register_loop(self) -> None:
+        delay = self.config.retry_seconds
+        while True:
+            try:
+                response = await asyncio.to_thread(
+                    self._transport.register, self.config.fleet, self.config.labels, self.interpreter
+                )
+            except AgentError as e:
+                logger.warning("registration failed, retrying in %.0f s: %s", delay, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+                continue
+            if response.HasField("assignment"):
+                self._offer(response.assignment.SerializeToString())
+            logger.info("registered as %s", self.config.device_id)
+            return
+
+    # ----- MQTT -----
+
+    def _status(self, online: bool = True) -> pb.DeviceStatus:
+        state = self.store.load()
+        info = state.active_info
+        if self.updating:
+            update_state = pb.UPDATE_STATE_UPDATING
+        elif state.last_error:
+            update_state = pb.UPDATE_STATE_FAILED
+        else:
+            update_state = pb.UPDATE_STATE_IDLE
+        return pb.DeviceStatus(
+            device_id=self.config.device_id,
+            online=online,
+            running_target=info.target_path if info else "",
+            running_release=info.release_id if info else "",
+            running_counter=state.committed_counter,
+            update_state=update_state,
+            last_error=state.last_error[:500],
+            timestamp_ms=int(time.time() * 1000),
+            agent_version=__version__,
+        )
+
+    async def publish_status(self) -> None:
+        client = self._client
+        if client is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError):
+                payload = self._status().SerializeToString()
+                await client.publish(self.topics.status(self.config.device_id), payload, qos=1, retain=True)
+
+    async def _mqtt_loop(self) -> None:
+        device = self.config.device_id
+        will = aiomqtt.Will(self.topics.status(device), self._status(online=False).SerializeToString(), 1, True)
+        delay = self.config.retry_seconds
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self.config.mqtt_host,
+                    self.config.mqtt_port,
+                    identifier=f"fedfleet-agent-{device}",
+                    will=will,
+                    keepalive=30,
+                ) as client:
+                    self._client = client
+                    self.connected.set()
+                    delay = self.config.retry_seconds
+                    await client.subscribe(self.topics.desired(device), qos=1)
+                    await client.subscribe(self.topics.announce(self.config.fleet), qos=0)
+                    await self.publish_status()
+                    self._events_ready.set()  # flush events queued while offline
+                    async for message in client.messages:
+                        self._on_message(message.topic.value, message.payload)
+            except aiomqtt.MqttError as e:
+                logger.warning("MQTT connection lost (%s); reconnecting in %.0f s", e, delay)
+            finally:
+                self.connected.clear()
+                self._client = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _MAX_BACKOFF)
+
+    def _on_message(self, topic: str, payload: Any) -> None:
+        if not isinstance(payload, bytes | bytearray):
+            logger.warning("ignoring non-binary payload on %s", topic)
+            return
+        if topic == self.topics.desired(self.config.device_id):
+            if len(payload) > LIMITS.mqtt_control_payload:
+                logger.warning("ignoring desired state of %d bytes (limit %d)", len(payload), LIMITS.mqtt_control_payload)
+                return
+            self._offer(bytes(payload))
+        # An announce needs no action: metadata is refreshed with every assignment.
+
+    # ----- updates -----
+
+    def _emit(self, event: pb.UpdateEvent) -> None:
+        """Called from the update thread; hands the event to the sender on the loop."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._queue_event, event)
+
+    def _queue_event(self, event: pb.UpdateEvent) -> None:
+        self._events.append(event)
+        self._events_ready.set()
+
+    def _pause_hook(self, step: str) -> None:
+        if step == self.config.debug_pause_at:
+            marker = Path(self.config.state_dir) / f"paused-at-{step}"
+            marker.write_text(str(time.time()))
+            logger.warning("debug_pause_at: stopped at step %s until killed", step)
+            while True:
+                time.sleep(3600)
+
+    async def _update_worker(self) -> None:
+        ctx = UpdateContext(
+            device_id=self.config.device_id,
+            store=self.store,
+            transport=self._transport,
+            director_keys=self.director_keys,
+            emit=self._emit,
+            interpreter=self.config.interpreter,
+            step=self._pause_hook,
+        )
+        delay = self.config.retry_seconds
+        while True:
+            await self._desired_ready.wait()
+            self._desired_ready.clear()
+            payload, self._desired = self._desired, None
+            if payload is None:
+                continue
+            self.updating = True
+            await self.publish_status()
+            try:
+                result: UpdateResult = await asyncio.to_thread(apply_assignment, payload, ctx)
+            finally:
+                self.updating = False
+            if result.model is not None:
+                self.model = result.model
+            await self.publish_status()
+            if result.outcome is Outcome.RETRY:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+                if self._desired is None:
+                    self._offer(payload)
+            else:
+                delay = self.config.retry_seconds
+
+    async def _event_sender(self) -> None:
+        """Deliver events over MQTT (QoS 1), or over gRPC while MQTT is down; keep them until delivered."""
+        while True:
+            await self._events_ready.wait()
+            self._events_ready.clear()
+            while self._events:
+                event = self._events[0]
+                client = self._client
+                try:
+                    if client is not None and self.connected.is_set():
+                        topic = self.topics.events(self.config.device_id)
+                        await client.publish(topic, event.SerializeToString(), qos=1)
+                    else:
+                        await asyncio.to_thread(self._transport.report_events, [event])
+                except (aiomqtt.MqttError, AgentError) as e:
+                    logger.debug("event delivery deferred: %s", e)
+                    await asyncio.sleep(self.config.retry_seconds)
+                    continue
+                self._events.popleft()

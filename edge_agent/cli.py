@@ -1,0 +1,95 @@
+"""`fedfleet-agent`: run the device agent, or report its state.
+
+Exit codes: 0 success; 1 runtime failure; 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from edge_agent import __version__
+from edge_agent.config import load_config
+from edge_agent.errors import AgentError, ConfigError
+from edge_agent.state import StateStore
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedfleet-agent",
+        description="fedfleet device agent: verifies, installs and runs signed TFLite releases.",
+        epilog="Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the agent until stopped (SIGINT/SIGTERM)",
+                         description="Register with the coordinator, follow the device's desired state and apply "
+                         "signed updates.")
+    run.add_argument("--config", type=Path, required=True, help="agent.toml from the enrollment bundle")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    status = sub.add_parser("status", help="show the active slot, release, counter and last error",
+                            description="Read the agent's local state (works while the agent runs or not).")
+    status.add_argument("--config", type=Path, required=True, help="agent.toml from the enrollment bundle")
+    status.add_argument("--json", action="store_true", help="print one JSON document")
+    return parser
+
+
+def _status(config_path: Path, as_json: bool) -> int:
+    config = load_config(config_path)
+    state = StateStore(config.state_dir).load()
+    info = state.active_info
+    doc = {
+        "device_id": config.device_id,
+        "fleet": config.fleet,
+        "active_slot": state.active,
+        "release": info.release_id if info else None,
+        "target": info.target_path if info else None,
+        "sha256": info.sha256 if info else None,
+        "committed_counter": state.committed_counter,
+        "highest_counter": state.highest_counter,
+        "update_pending": state.pending is not None,
+        "last_error": state.last_error or None,
+        "last_reason": state.last_reason or None,
+    }
+    if as_json:
+        print(json.dumps(doc, indent=2))
+    else:
+        width = max(len(k) for k in doc)
+        for key, value in doc.items():
+            print(f"{key:<{width}}  {'-' if value is None else value}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "status":
+            return _status(args.config, args.json)
+        logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from edge_agent.agent import Agent
+
+        config = load_config(args.config)
+
+        async def _run() -> None:
+            await Agent(config).run()
+
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_run())
+        return EXIT_OK
+    except ConfigError as e:
+        print(f"fedfleet-agent: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentError as e:
+        print(f"fedfleet-agent: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

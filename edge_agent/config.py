@@ -1,0 +1,108 @@
+"""The agent's configuration file (TOML), as written into an enrollment bundle by `fedfleet devices enroll`.
+
+    device_id = "pi-kitchen-01"
+    fleet = "default"
+    state_dir = "/var/lib/fedfleet-agent"     # relative paths are relative to this file
+    grpc_target = "coordinator.lan:50051"
+    mqtt_url = "mqtt://coordinator.lan:1883"
+    trust_root = "root.json"                  # the TUF root the device starts from
+    director_keys = "director_keys.json"      # {key_id: Ed25519 public key hex}
+    topic_prefix = "fedfleet/v1"
+    [labels]
+    site = "kitchen"
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from edge_agent.contract import DEFAULT_TOPIC_PREFIX, LIMITS, device_id_is_valid
+from edge_agent.errors import ConfigError
+from edge_agent.updater import STEPS
+
+__all__ = ["AgentConfig", "load_config"]
+
+_INTERPRETERS = ("ai-edge-litert", "tflite-runtime")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    state_dir: Path
+    grpc_target: str
+    mqtt_host: str
+    mqtt_port: int
+    trust_root: Path
+    director_keys: dict[str, str]
+    fleet: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
+    interpreter: str | None = None  # None: ai-edge-litert if installed, else tflite-runtime
+    retry_seconds: float = 2.0  # first back-off after a transient failure (doubles up to 60 s)
+    debug_pause_at: str | None = None  # fault injection: stop at this update step (tests only)
+
+
+def _mqtt_address(url: str) -> tuple[str, int]:
+    parsed = urlparse(url)
+    if parsed.scheme != "mqtt" or not parsed.hostname:
+        raise ConfigError(f"mqtt_url must look like mqtt://host:port, got {url!r}")
+    return parsed.hostname, parsed.port or 1883
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} not found; it comes with the device's enrollment bundle") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+    return config_from_dict(raw, path.parent)
+
+
+def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
+    missing = [k for k in ("device_id", "state_dir", "grpc_target", "mqtt_url", "trust_root", "director_keys") if k not in raw]
+    if missing:
+        raise ConfigError(f"config lacks {', '.join(missing)}")
+    device_id = str(raw["device_id"])
+    if not device_id_is_valid(device_id):
+        raise ConfigError(f"device_id {device_id!r} must be 1-{LIMITS.id_length} of letters, digits, '-', '_', '.'")
+    fleet = str(raw.get("fleet", "default"))
+    if not device_id_is_valid(fleet):
+        raise ConfigError(f"fleet {fleet!r} must be letters, digits, '-', '_', '.'")
+    labels = raw.get("labels", {})
+    if not isinstance(labels, dict) or len(labels) > LIMITS.labels:
+        raise ConfigError(f"labels must be a table of at most {LIMITS.labels} entries")
+    interpreter = raw.get("interpreter")
+    if interpreter is not None and interpreter not in _INTERPRETERS:
+        raise ConfigError(f"interpreter must be one of {', '.join(_INTERPRETERS)}")
+    pause = raw.get("debug_pause_at")
+    if pause is not None and pause not in STEPS:
+        raise ConfigError(f"debug_pause_at must be one of {', '.join(STEPS)}")
+    keys_path = base / str(raw["director_keys"])
+    try:
+        director_keys = json.loads(keys_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"director keys {keys_path} unreadable: {e}") from e
+    if not isinstance(director_keys, dict):
+        raise ConfigError(f"director keys {keys_path} must be a JSON object of key id to public key hex")
+    host, port = _mqtt_address(str(raw["mqtt_url"]))
+    return AgentConfig(
+        device_id=device_id,
+        fleet=fleet,
+        state_dir=base / str(raw["state_dir"]),
+        grpc_target=str(raw["grpc_target"]),
+        mqtt_host=host,
+        mqtt_port=port,
+        trust_root=base / str(raw["trust_root"]),
+        director_keys={str(k): str(v) for k, v in director_keys.items()},
+        labels={str(k): str(v) for k, v in labels.items()},
+        topic_prefix=str(raw.get("topic_prefix", DEFAULT_TOPIC_PREFIX)),
+        interpreter=interpreter,
+        retry_seconds=float(raw.get("retry_seconds", 2.0)),
+        debug_pause_at=pause,
+    )

@@ -1,0 +1,96 @@
+"""The agent's durable state: A/B model slots, the highest assignment counter seen, a pending update.
+
+Layout under the state directory:
+
+    state.json          this record, replaced atomically (never half-written)
+    slots/a/model.tflite, slots/b/model.tflite
+    downloads/          partial downloads, named by sha256, resumed after a restart
+    tuf/                python-tuf's verified metadata cache
+
+Invariant: the active slot's file is never written. An update writes the inactive slot and then flips
+`active` in one atomic replace of state.json, so a process killed at any instant restarts on a committed model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from edge_agent.errors import AgentError
+from edge_agent.fsutil import atomic_write_bytes, remove_stale_temp_files
+
+__all__ = ["AgentState", "SlotInfo", "StateStore"]
+
+Slot = Literal["a", "b"]
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    target_path: str
+    sha256: str
+    length: int
+    release_id: str
+    counter: int
+    custom: dict[str, Any] = field(default_factory=dict)  # the release's signed custom metadata (probe, schema)
+
+
+@dataclass(frozen=True)
+class AgentState:
+    active: Slot | None = None
+    slots: dict[str, SlotInfo] = field(default_factory=dict)
+    highest_counter: int = 0  # highest assignment counter accepted; lower ones are replays
+    committed_counter: int = 0
+    pending: str | None = None  # hex of the SignedAssignment being applied, for resume after a crash
+    last_error: str = ""
+    last_reason: str = ""
+
+    @property
+    def inactive(self) -> Slot:
+        return "b" if self.active == "a" else "a"
+
+    @property
+    def active_info(self) -> SlotInfo | None:
+        return self.slots.get(self.active) if self.active else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "slots": {k: asdict(v) for k, v in self.slots.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AgentState:
+        slots = {k: SlotInfo(**v) for k, v in data.get("slots", {}).items()}
+        return cls(**{**data, "slots": slots})
+
+
+class StateStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / "state.json"
+        self.downloads = root / "downloads"
+        self.tuf_dir = root / "tuf"
+        for d in (root, self.downloads, self.tuf_dir, self.slot_dir("a"), self.slot_dir("b")):
+            d.mkdir(parents=True, exist_ok=True)
+        for d in (root, self.slot_dir("a"), self.slot_dir("b")):
+            remove_stale_temp_files(d)
+
+    def slot_dir(self, slot: str) -> Path:
+        return self.root / "slots" / slot
+
+    def model_path(self, slot: str) -> Path:
+        return self.slot_dir(slot) / "model.tflite"
+
+    def load(self) -> AgentState:
+        if not self.path.exists():
+            return AgentState()
+        try:
+            return AgentState.from_json(json.loads(self.path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise AgentError(f"agent state {self.path} is unreadable; restore it or start from an empty state dir") from e
+
+    def save(self, state: AgentState) -> AgentState:
+        atomic_write_bytes(self.path, json.dumps(state.to_json(), indent=1, sort_keys=True).encode())
+        return state
+
+    def update(self, **changes: Any) -> AgentState:
+        return self.save(replace(self.load(), **changes))

@@ -1,0 +1,98 @@
+"""The agent's gRPC side: registration, metadata and target streams, event reports.
+
+Blocking calls on one channel per agent; the async agent runs them off its event loop. gRPC failures are
+wrapped here, once: NOT_FOUND becomes `FileMissing`, anything else a `TransientError` to retry later.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Literal
+
+import grpc
+
+from edge_agent import __version__
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
+from edge_agent.contract import LIMITS
+from edge_agent.errors import AgentError, TransientError
+
+__all__ = ["FileMissing", "GrpcTransport", "hardware_facts"]
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", LIMITS.grpc_message),
+    ("grpc.max_send_message_length", LIMITS.grpc_message),
+]
+
+
+class FileMissing(AgentError):
+    reason = "not_found"
+
+
+def hardware_facts(interpreter: str) -> pb.Hardware:
+    import os
+
+    memory = 0
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    return pb.Hardware(
+        machine=platform.machine(),
+        system=platform.system(),
+        python=platform.python_version(),
+        cpu_count=os.cpu_count() or 0,
+        memory_bytes=memory,
+        interpreter=interpreter,
+    )
+
+
+class GrpcTransport:
+    def __init__(self, target: str, device_id: str, timeout: float = 30.0) -> None:
+        self.device_id = device_id
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.FleetServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def register(self, fleet: str, labels: Mapping[str, str], interpreter: str) -> pb.RegisterResponse:
+        request = pb.RegisterRequest(
+            device_id=self.device_id,
+            fleet=fleet,
+            labels=dict(labels),
+            hardware=hardware_facts(interpreter),
+            agent_version=__version__,
+        )
+        try:
+            response: pb.RegisterResponse = self._stub.Register(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _wrap(e, "register") from e
+        return response
+
+    def fetch(self, kind: Literal["metadata", "target"], path: str, offset: int = 0) -> Iterator[pb.Chunk]:
+        request = pb.FetchRequest(device_id=self.device_id, path=path, offset=offset)
+        call = self._stub.FetchMetadata if kind == "metadata" else self._stub.FetchTarget
+        try:
+            yield from call(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _wrap(e, f"fetch {path}") from e
+
+    def report_events(self, events: Iterable[pb.UpdateEvent]) -> int:
+        try:
+            response = self._stub.ReportEvents(pb.ReportEventsRequest(events=list(events)), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _wrap(e, "report events") from e
+        return int(response.accepted)
+
+
+def _wrap(e: grpc.RpcError, what: str) -> AgentError:
+    code = e.code() if isinstance(e, grpc.Call) else None
+    details = e.details() if isinstance(e, grpc.Call) else str(e)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return FileMissing(f"{what}: not found ({details})")
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return AgentError(f"{what}: coordinator refused: {details}", "coordinator_refused")
+    return TransientError(f"{what}: {code.name if code else 'error'}: {details}")

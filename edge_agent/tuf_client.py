@@ -1,0 +1,153 @@
+"""TUF metadata over gRPC (python-tuf's ngclient) and a resumable, length-capped target download.
+
+ngclient does every TUF check (signatures and thresholds, root rotation, expiry, version rollback, snapshot
+and targets consistency, metadata length caps); this module only moves its bytes over gRPC and names its
+refusals with fedfleet's reason codes. Targets are downloaded here rather than by ngclient so that a cut
+download resumes from where it stopped; the bytes are checked against the verified TargetFile before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import TargetFile
+from tuf.ngclient import Updater, UpdaterConfig
+from tuf.ngclient.fetcher import FetcherInterface
+
+from edge_agent.contract import LIMITS
+from edge_agent.errors import AgentError, TransientError, UpdateRefused
+from edge_agent.transport import FileMissing, GrpcTransport
+
+__all__ = ["GrpcFetcher", "download_target", "refresh_and_get_target", "repository_file_name", "seed_trust_root"]
+
+_METADATA_URL = "fedfleet-grpc://metadata/"
+
+
+class GrpcFetcher(FetcherInterface):
+    """Serves ngclient's metadata URLs from the coordinator's FetchMetadata stream."""
+
+    def __init__(self, transport: GrpcTransport) -> None:
+        self._transport = transport
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        if not url.startswith(_METADATA_URL):
+            raise tuf_errors.DownloadError(f"unexpected URL {url}")
+        name = url[len(_METADATA_URL) :]
+        try:
+            # Materialise the first chunk now so that NOT_FOUND surfaces here, where ngclient expects it.
+            chunks = self._transport.fetch("metadata", name)
+            first = next(chunks, None)
+        except FileMissing as e:
+            raise tuf_errors.DownloadHTTPError(str(e), 404) from e
+        return self._iterate(first, chunks)
+
+    @staticmethod
+    def _iterate(first: object, rest: Iterator[object]) -> Iterator[bytes]:
+        if first is not None:
+            yield first.data  # type: ignore[attr-defined]
+        for chunk in rest:
+            yield chunk.data  # type: ignore[attr-defined]
+
+
+def seed_trust_root(tuf_dir: Path, trust_root: Path) -> None:
+    """Install the enrollment bundle's root.json as the first trusted root, once."""
+    cached = tuf_dir / "root.json"
+    if not cached.exists():
+        if not trust_root.is_file():
+            raise AgentError(f"trust root {trust_root} not found; it comes with the enrollment bundle", "trust_invalid")
+        tuf_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(trust_root, cached)
+
+
+def _reason_for(e: Exception) -> str:
+    if isinstance(e, tuf_errors.ExpiredMetadataError):
+        return "metadata_expired"
+    if isinstance(e, tuf_errors.UnsignedMetadataError):
+        return "root_rotation_invalid" if str(e).startswith("root ") else "metadata_bad_signature"
+    if isinstance(e, (tuf_errors.BadVersionNumberError, tuf_errors.LengthOrHashMismatchError)):
+        return "metadata_mismatch"
+    if isinstance(e, tuf_errors.DownloadLengthMismatchError):
+        return "metadata_too_large"
+    return "metadata_invalid"
+
+
+def refresh_and_get_target(tuf_dir: Path, transport: GrpcTransport, target_path: str) -> TargetFile:
+    """Refresh top-level metadata and return the verified TargetFile for `target_path`."""
+    updater = Updater(
+        metadata_dir=str(tuf_dir),
+        metadata_base_url=_METADATA_URL,
+        fetcher=GrpcFetcher(transport),
+        config=UpdaterConfig(max_root_rotations=32, targets_max_length=LIMITS.metadata_file),
+        bootstrap=None,  # the cached root: seeded from the enrollment bundle, advanced by rotations
+    )
+    try:
+        updater.refresh()
+        info = updater.get_targetinfo(target_path)
+    except tuf_errors.DownloadLengthMismatchError as e:
+        raise UpdateRefused(f"metadata larger than allowed: {e}", "metadata_too_large") from e
+    except tuf_errors.DownloadError as e:
+        cause = e.__cause__
+        if isinstance(cause, AgentError) and not isinstance(cause, TransientError):
+            raise UpdateRefused(f"metadata refused: {cause}", cause.reason) from e
+        raise TransientError(f"metadata download failed: {e}") from e
+    except tuf_errors.RepositoryError as e:
+        raise UpdateRefused(f"TUF metadata refused: {e}", _reason_for(e)) from e
+    if info is None:
+        raise UpdateRefused(f"target {target_path} is not in the signed targets metadata", "target_unknown")
+    return info
+
+
+def repository_file_name(info: TargetFile) -> str:
+    """The file name under consistent snapshots: "<dir>/<sha256>.<basename>"."""
+    directory, sep, base = info.path.rpartition("/")
+    return f"{directory}{sep}{info.hashes['sha256']}.{base}"
+
+
+def download_target(
+    info: TargetFile,
+    transport: GrpcTransport,
+    downloads: Path,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Download into downloads/<sha256>.part, resuming, never past info.length; return the verified file."""
+    sha = info.hashes.get("sha256")
+    if sha is None:
+        raise UpdateRefused("target metadata has no sha256 hash", "target_unknown")
+    part = downloads / f"{sha}.part"
+    offset = part.stat().st_size if part.exists() else 0
+    if offset > info.length:
+        part.unlink()
+        offset = 0
+    try:
+        with part.open("ab") as f:
+            if offset < info.length:
+                for chunk in transport.fetch("target", repository_file_name(info), offset):
+                    if chunk.offset != offset or len(chunk.data) > LIMITS.grpc_chunk:
+                        raise TransientError(f"coordinator sent offset {chunk.offset}, expected {offset}")
+                    if offset + len(chunk.data) > info.length:
+                        part.unlink()
+                        raise UpdateRefused(
+                            f"target exceeds its signed length of {info.length} bytes", "target_too_large"
+                        )
+                    f.write(chunk.data)
+                    offset += len(chunk.data)
+                    if on_progress is not None:
+                        on_progress(offset, info.length)
+            f.flush()
+    except FileMissing as e:
+        raise TransientError(f"target file missing on the coordinator: {e}") from e
+    if offset != info.length:
+        part.unlink()
+        raise UpdateRefused(f"target is {offset} bytes, signed length is {info.length}", "target_length_mismatch")
+    digest = hashlib.sha256()
+    with part.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != sha:
+        part.unlink()
+        raise UpdateRefused("target bytes do not match the signed sha256", "target_hash_mismatch")
+    return part

@@ -1,0 +1,184 @@
+"""The update sequence, in one function: verify, refresh, download, verify, install, probe, commit.
+
+`apply_assignment` is blocking (network, fsync, interpreter) and runs off the agent's event loop. It never
+touches the active slot; the only commit point is one atomic replace of state.json, so whatever step a crash
+interrupts, the agent restarts on a committed model and, if the assignment was accepted, resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from enum import Enum
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.assignment import VerifiedAssignment, verify_assignment
+from edge_agent.errors import AssignmentError, InterpreterError, TransientError, UpdateRefused
+from edge_agent.fsutil import atomic_writer
+from edge_agent.runtime import Model, load_model
+from edge_agent.state import SlotInfo, StateStore
+from edge_agent.transport import GrpcTransport
+from edge_agent.tuf_client import download_target, refresh_and_get_target
+
+__all__ = ["STEPS", "Outcome", "UpdateContext", "UpdateResult", "apply_assignment"]
+
+logger = logging.getLogger(__name__)
+
+# The points a fault-injection hook may stop at (see AgentConfig.debug_pause_at), in order.
+STEPS = (
+    "assignment_accepted",
+    "metadata_verified",
+    "download_started",
+    "download_verified",
+    "slot_written",
+    "installed",
+    "probed",
+    "switched",
+)
+
+
+class Outcome(Enum):
+    COMMITTED = "committed"
+    UNCHANGED = "unchanged"  # the assignment was already applied
+    REJECTED = "rejected"  # refused for a security reason; previous model active, not retried
+    FAILED = "failed"  # probe or interpreter failure; previous model active, not retried
+    RETRY = "retry"  # transient failure; the assignment stays pending and is retried
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    outcome: Outcome
+    reason: str = ""
+    detail: str = ""
+    model: Model | None = None
+
+
+@dataclass
+class UpdateContext:
+    device_id: str
+    store: StateStore
+    transport: GrpcTransport
+    director_keys: Mapping[str, Ed25519PublicKey]
+    emit: Callable[[pb.UpdateEvent], None]
+    interpreter: str | None = None
+    step: Callable[[str], None] = lambda name: None
+
+    def event(self, a: VerifiedAssignment | None, kind: int, reason: str = "", detail: str = "") -> None:
+        self.emit(
+            pb.UpdateEvent(
+                device_id=self.device_id,
+                counter=a.counter if a else 0,
+                target_path=a.target_path if a else "",
+                release_id=a.release_id if a else "",
+                kind=kind,  # type: ignore[arg-type]
+                reason=reason,
+                detail=detail[:500],
+                timestamp_ms=int(time.time() * 1000),
+            )
+        )
+
+
+def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
+    store = ctx.store
+    try:
+        a = verify_assignment(payload, ctx.director_keys, ctx.device_id)
+    except AssignmentError as e:
+        return _refuse(ctx, None, e)
+    state = store.load()
+    if a.counter < state.highest_counter:
+        detail = f"assignment counter {a.counter} is below {state.highest_counter} already seen (replay or downgrade)"
+        return _refuse(ctx, a, AssignmentError(detail, "assignment_replay"))
+    if a.counter == state.highest_counter and state.pending != payload.hex():
+        return UpdateResult(Outcome.UNCHANGED)
+    state = store.update(highest_counter=a.counter, pending=payload.hex())
+    ctx.step("assignment_accepted")
+    try:
+        active = state.active_info
+        if state.active is not None and active is not None and active.sha256 == a.target_sha256:
+            # The same bytes are already running (a re-issued assignment): record it, install nothing.
+            running = replace(active, counter=a.counter, release_id=a.release_id)
+            store.update(slots={**state.slots, state.active: running}, committed_counter=a.counter, pending=None,
+                         last_error="", last_reason="")
+            ctx.event(a, pb.EVENT_KIND_COMMITTED, "already_running")
+            return UpdateResult(Outcome.COMMITTED, "already_running")
+
+        info = refresh_and_get_target(store.tuf_dir, ctx.transport, a.target_path)
+        if info.length != a.target_length or info.hashes.get("sha256") != a.target_sha256:
+            raise UpdateRefused(
+                "assignment and signed targets metadata disagree on the target's length or hash", "target_mismatch"
+            )
+        ctx.step("metadata_verified")
+
+        slot = store.load().inactive
+        slot_path = store.model_path(slot)
+        reusable = store.load().slots.get(slot)
+        if reusable is not None and reusable.sha256 == a.target_sha256 and slot_path.exists():
+            logger.info("target %s already in slot %s; no download", a.target_path, slot)
+        else:
+            ctx.event(a, pb.EVENT_KIND_DOWNLOADING)
+            started = False
+
+            def progress(done: int, total: int) -> None:
+                nonlocal started
+                if not started:
+                    started = True
+                    ctx.step("download_started")
+
+            part = download_target(info, ctx.transport, store.downloads, progress)
+            ctx.event(a, pb.EVENT_KIND_VERIFIED)
+            ctx.step("download_verified")
+            _install(part, slot_path)
+            ctx.step("slot_written")
+        custom = dict(info.custom) if isinstance(info.custom, dict) else {}
+        slot_info = SlotInfo(a.target_path, a.target_sha256, a.target_length, a.release_id, a.counter, custom)
+        store.update(slots={**store.load().slots, slot: slot_info})
+        ctx.event(a, pb.EVENT_KIND_INSTALLED)
+        ctx.step("installed")
+
+        model = load_model(slot_path, ctx.interpreter)
+        probe = custom.get("probe")
+        if probe:
+            worst = model.run_probe(probe)
+            logger.info("probe passed for %s (max abs diff %.3g)", a.target_path, worst)
+        ctx.step("probed")
+
+        store.update(active=slot, committed_counter=a.counter, pending=None, last_error="", last_reason="")
+        ctx.step("switched")
+        ctx.event(a, pb.EVENT_KIND_COMMITTED)
+        return UpdateResult(Outcome.COMMITTED, model=model)
+    except TransientError as e:
+        logger.warning("update to %s paused: %s", a.target_path, e)
+        store.update(last_error=str(e), last_reason=e.reason)
+        ctx.event(a, pb.EVENT_KIND_FAILED, e.reason, str(e))
+        return UpdateResult(Outcome.RETRY, e.reason, str(e))
+    except UpdateRefused as e:
+        return _refuse(ctx, a, e)
+    except InterpreterError as e:
+        store.update(pending=None, last_error=str(e), last_reason=e.reason)
+        ctx.event(a, pb.EVENT_KIND_PROBE_FAILED, e.reason, str(e))
+        logger.warning("update to %s failed: %s", a.target_path, e)
+        return UpdateResult(Outcome.FAILED, e.reason, str(e))
+
+
+def _refuse(ctx: UpdateContext, a: VerifiedAssignment | None, e: UpdateRefused) -> UpdateResult:
+    """A security refusal: keep the active model, forget the pending update, say why."""
+    changes: dict[str, object] = {"last_error": str(e), "last_reason": e.reason}
+    if a is not None and ctx.store.load().pending is not None and a.counter == ctx.store.load().highest_counter:
+        changes["pending"] = None
+    ctx.store.update(**changes)
+    ctx.event(a, pb.EVENT_KIND_REJECTED, e.reason, str(e))
+    logger.warning("update refused (%s): %s", e.reason, e)
+    return UpdateResult(Outcome.REJECTED, e.reason, str(e))
+
+
+def _install(part: Path, slot_path: Path) -> None:
+    """Copy verified bytes into the inactive slot (temp, fsync, replace), then drop the download."""
+    with part.open("rb") as src, atomic_writer(slot_path) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    part.unlink(missing_ok=True)

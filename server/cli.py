@@ -1,0 +1,310 @@
+"""`fedfleet`: the coordinator's command line. It parses, calls the library, and turns library errors into one
+sentence on stderr with a non-zero exit code. Commands that list or report take --json and then print one JSON
+document and nothing else.
+
+Exit codes: 0 success; 1 the command failed (the message says why and what to do); 2 usage error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edge_agent.arrays import encode_array
+from edge_agent.fsutil import atomic_write_bytes
+from server import __version__
+from server.coordinator import Coordinator, ServeOptions
+from server.datadir import ENV_DATA_DIR, DataDir, default_data_dir
+from server.errors import CoordinatorError
+from server.releases import publish_release
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+app = typer.Typer(
+    name="fedfleet",
+    help="fedfleet coordinator: signed model releases, per-device assignments, the fleet's control plane.",
+    epilog="Exit codes: 0 success, 1 failure (the message says what to do), 2 usage error.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+devices_app = typer.Typer(help="Devices: list, show, enroll.", no_args_is_help=True)
+releases_app = typer.Typer(help="Releases: list published models.", no_args_is_help=True)
+keys_app = typer.Typer(help="Keys: rotate the TUF root.", no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
+app.add_typer(releases_app, name="releases")
+app.add_typer(keys_app, name="keys")
+
+out = Console()
+
+DataDirOption = Annotated[
+    Path,
+    typer.Option("--data-dir", envvar=ENV_DATA_DIR, help="Coordinator data directory.", show_default=True),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document and nothing else.")]
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _open(data_dir: Path) -> DataDir:
+    return DataDir(data_dir).require()
+
+
+@app.command()
+def init(data_dir: DataDirOption = default_data_dir(), as_json: JsonOption = False) -> None:
+    """Create keys, the update repository, the database and config. Running it again changes nothing."""
+    d, created = DataDir.init(data_dir)
+    if as_json:
+        _print_json({"data_dir": str(d.root), "created": created})
+    elif created:
+        out.print(f"Initialised fedfleet data directory [bold]{d.root}[/]: keys, TUF repository, database, config.")
+    else:
+        out.print(f"{d.root} is already initialised; nothing changed.")
+
+
+@app.command()
+def serve(
+    data_dir: DataDirOption = default_data_dir(),
+    grpc: Annotated[str | None, typer.Option(help="gRPC listen address host:port (port 0: any free port).")] = None,
+    mqtt: Annotated[str | None, typer.Option(help="Broker URL mqtt://host:port; default: embedded broker.")] = None,
+    broker_listen: Annotated[str | None, typer.Option(help="Embedded broker address (loopback only).")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Run the coordinator: gRPC FleetService, MQTT control plane (embedded broker if none given)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    coordinator = Coordinator(_open(data_dir), ServeOptions(grpc, mqtt, broker_listen))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(coordinator.run())
+
+
+@app.command()
+def release(
+    model_file: Annotated[Path, typer.Argument(help="The .tflite file to release.", exists=True, dir_okay=False)],
+    name: Annotated[str, typer.Option(help="Model name, e.g. digits.")],
+    version: Annotated[str, typer.Option(help="Release version, e.g. 1.2.0.")],
+    probe: Annotated[Path | None, typer.Option(help="Probe set .npz with arrays 'inputs' and 'outputs'.")] = None,
+    data_dir: DataDirOption = default_data_dir(),
+    as_json: JsonOption = False,
+) -> None:
+    """Check a TFLite model runs, sign it as a TUF target with its metadata, and publish it."""
+    d = _open(data_dir)
+    probe_doc = None
+    if probe is not None:
+        try:
+            with np.load(probe) as npz:
+                probe_doc = {"inputs": encode_array(npz["inputs"].astype(np.float32)),
+                             "outputs": encode_array(npz["outputs"].astype(np.float32)), "atol": "1e-4",
+                             "source": probe.name}
+        except (OSError, KeyError, ValueError) as e:
+            raise CoordinatorError(f"probe file {probe} must be an .npz with arrays 'inputs' and 'outputs' ({e})") from e
+    store = d.store()
+    try:
+        result = publish_release(d.repository(), store, model_file.read_bytes(), name, version, probe_doc)
+    finally:
+        store.close()
+    r = result.release
+    if as_json:
+        _print_json({"release": r.id, "target": r.target_path, "sha256": r.sha256, "length": r.length,
+                     "created": result.created})
+    elif result.created:
+        out.print(f"Released [bold]{r.id}[/] ({r.length} bytes, sha256 {r.sha256[:12]}…) as {r.target_path}.")
+    else:
+        out.print(f"{r.id} was already released with these bytes; nothing changed.")
+
+
+@releases_app.command("list")
+def releases_list(data_dir: DataDirOption = default_data_dir(), as_json: JsonOption = False) -> None:
+    """List published releases."""
+    store = _open(data_dir).store()
+    rows = store.releases()
+    store.close()
+    if as_json:
+        _print_json([{"release": r.id, "target": r.target_path, "sha256": r.sha256, "length": r.length,
+                      "created_at": r.created_at} for r in rows])
+        return
+    table = Table("release", "target", "bytes", "sha256")
+    for r in rows:
+        table.add_row(r.id, r.target_path, str(r.length), r.sha256[:16])
+    out.print(table)
+
+
+@app.command()
+def assign(
+    release_id: Annotated[str, typer.Argument(metavar="RELEASE", help="Release id name@version.")],
+    device: Annotated[str | None, typer.Option(help="One device id.")] = None,
+    fleet: Annotated[str | None, typer.Option(help="Every registered device of this fleet.")] = None,
+    data_dir: DataDirOption = default_data_dir(),
+    as_json: JsonOption = False,
+) -> None:
+    """Issue signed assignments (next counter per device); a running `fedfleet serve` delivers them."""
+    if (device is None) == (fleet is None):
+        raise CoordinatorError("give exactly one of --device ID or --fleet NAME")
+    d = _open(data_dir)
+    store = d.store()
+    try:
+        rel = store.release(release_id)
+        targets = [device] if device else store.device_ids(str(fleet))
+        if not targets:
+            raise CoordinatorError(f"fleet {fleet!r} has no registered devices; agents register when they start")
+        issued = d.director().assign(store, targets, rel)
+    finally:
+        store.close()
+    if as_json:
+        _print_json({"release": rel.id, "assignments": [{"device": a.device_id, "counter": a.counter} for a in issued]})
+    else:
+        out.print(f"Assigned {rel.id} to {len(issued)} device(s).")
+
+
+def _device_doc(row: dict[str, Any], assigned: str) -> dict[str, Any]:
+    return {
+        "id": row["id"], "fleet": row["fleet"], "labels": row["labels"], "online": row["online"],
+        "assigned_release": assigned or None, "running_release": row["running_release"] or None,
+        "running_counter": row["running_counter"], "update_state": row["update_state"] or None,
+        "last_event": row["last_event"] or None, "last_error": row["last_error"] or None,
+        "last_seen": row["last_seen"],
+    }
+
+
+@devices_app.command("list")
+def devices_list(
+    fleet: Annotated[str | None, typer.Option(help="Only this fleet.")] = None,
+    data_dir: DataDirOption = default_data_dir(),
+    as_json: JsonOption = False,
+) -> None:
+    """Each device: fleet, labels, online state, assigned and running release, last event."""
+    store = _open(data_dir).store()
+    docs = [_device_doc(r, store.assignment_of(r["id"])) for r in store.devices(fleet)]
+    store.close()
+    if as_json:
+        _print_json(docs)
+        return
+    table = Table("device", "fleet", "labels", "online", "assigned", "running", "last event")
+    for doc in docs:
+        labels = ",".join(f"{k}={v}" for k, v in doc["labels"].items())
+        table.add_row(doc["id"], doc["fleet"], labels, "yes" if doc["online"] else "no",
+                      doc["assigned_release"] or "-", doc["running_release"] or "-", doc["last_event"] or "-")
+    out.print(table)
+
+
+@devices_app.command("show")
+def devices_show(
+    device_id: Annotated[str, typer.Argument(metavar="DEVICE")],
+    data_dir: DataDirOption = default_data_dir(),
+    as_json: JsonOption = False,
+) -> None:
+    """One device with its hardware and its latest update events."""
+    store = _open(data_dir).store()
+    try:
+        row = store.device(device_id)
+        doc = {**_device_doc(row, store.assignment_of(device_id)), "hardware": row["hardware"],
+               "agent_version": row["agent_version"], "events": store.events(device_id, limit=20)}
+    finally:
+        store.close()
+    if as_json:
+        _print_json(doc)
+        return
+    for key, value in doc.items():
+        if key != "events":
+            out.print(f"[bold]{key}[/]: {value}")
+    table = Table("event", "counter", "release", "reason", "detail")
+    for e in doc["events"]:
+        table.add_row(e["kind"], str(e["counter"]), e["release_id"], e["reason"], e["detail"][:80])
+    out.print(table)
+
+
+@devices_app.command("enroll")
+def devices_enroll(
+    device_id: Annotated[str, typer.Argument(metavar="NAME", help="The device id.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the enrollment bundle.")],
+    fleet: Annotated[str, typer.Option(help="The device's fleet.")] = "default",
+    label: Annotated[list[str] | None, typer.Option(help="A label k=v; repeat for more.")] = None,
+    grpc: Annotated[str | None, typer.Option(help="Coordinator gRPC address the device dials.")] = None,
+    mqtt: Annotated[str | None, typer.Option(help="Broker URL the device connects to.")] = None,
+    state_dir: Annotated[str, typer.Option(help="Agent state directory (relative: to the bundle).")] = "state",
+    data_dir: DataDirOption = default_data_dir(),
+    as_json: JsonOption = False,
+) -> None:
+    """Write an enrollment bundle: agent.toml, the TUF trust root and the director keys."""
+    from edge_agent.config import config_from_dict
+    from edge_agent.errors import ConfigError
+
+    d = _open(data_dir)
+    labels: dict[str, str] = {}
+    for item in label or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CoordinatorError(f"label {item!r} must look like key=value")
+        labels[key] = value
+    endpoints = _running_endpoints(d)
+    config = d.config()
+    grpc_address = grpc or endpoints.get("grpc") or config.grpc_listen
+    mqtt_url = mqtt or endpoints.get("mqtt") or config.mqtt_url or f"mqtt://{config.embedded_broker_listen}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "root.json", d.repository().root_bytes())
+    atomic_write_bytes(out_dir / "director_keys.json", (d.trust / "director_keys.json").read_bytes())
+    toml = "\n".join([
+        f'device_id = "{device_id}"', f'fleet = "{fleet}"', f'state_dir = "{state_dir}"',
+        f'grpc_target = "{grpc_address}"', f'mqtt_url = "{mqtt_url}"', 'trust_root = "root.json"',
+        'director_keys = "director_keys.json"', f'topic_prefix = "{config.topic_prefix}"', "", "[labels]",
+        *[f"{json.dumps(k)} = {json.dumps(v)}" for k, v in labels.items()], "",
+    ])
+    try:
+        import tomllib
+
+        config_from_dict(tomllib.loads(toml), out_dir)
+    except (ConfigError, tomllib.TOMLDecodeError) as e:
+        raise CoordinatorError(f"cannot enroll {device_id!r}: {e}") from e
+    atomic_write_bytes(out_dir / "agent.toml", toml.encode())
+    if as_json:
+        _print_json({"device": device_id, "bundle": str(out_dir), "config": str(out_dir / "agent.toml")})
+    else:
+        out.print(f"Enrollment bundle for [bold]{device_id}[/] written to {out_dir} "
+                  f"(run: fedfleet-agent run --config {out_dir / 'agent.toml'}).")
+
+
+def _running_endpoints(d: DataDir) -> dict[str, Any]:
+    try:
+        doc: dict[str, Any] = json.loads((d.root / "serve.json").read_text())
+        return doc
+    except (OSError, ValueError):
+        return {}
+
+
+@keys_app.command("rotate-root")
+def keys_rotate_root(data_dir: DataDirOption = default_data_dir(), as_json: JsonOption = False) -> None:
+    """Replace the TUF root key; devices with any earlier root follow the signed chain to the new one."""
+    version = _open(data_dir).repository().rotate_root()
+    if as_json:
+        _print_json({"root_version": version})
+    else:
+        out.print(f"Root rotated: root version {version} is signed by the old and the new root key.")
+
+
+@app.command()
+def version() -> None:
+    """Print the fedfleet version."""
+    out.print(f"fedfleet {__version__}")
+
+
+def main() -> None:
+    try:
+        app()
+    except CoordinatorError as e:
+        sys.stderr.write(f"fedfleet: {e}\n")
+        sys.exit(EXIT_FAILURE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""`fedfleet serve`: the coordinator process. gRPC FleetService, MQTT bridge (embedded broker if no URL), and a
+tick that publishes new assignments, announces new metadata and keeps online TUF roles from expiring.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.contract import Topics
+from edge_agent.fsutil import atomic_write_bytes
+from server.broker import EmbeddedBroker, parse_host_port
+from server.datadir import DataDir
+from server.grpc_service import FleetService, start_grpc_server
+from server.mqtt_bridge import MqttBridge
+
+__all__ = ["Coordinator", "ServeOptions"]
+
+logger = logging.getLogger(__name__)
+
+_EXPIRY_CHECK_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    grpc_listen: str | None = None  # None: from config.toml
+    mqtt_url: str | None = None  # None: from config.toml; "" there: embedded broker
+    broker_listen: str | None = None
+
+
+class Coordinator:
+    def __init__(self, datadir: DataDir, options: ServeOptions | None = None) -> None:
+        self.datadir = datadir.require()
+        self.config = datadir.config()
+        options = options or ServeOptions()
+        self.grpc_listen = options.grpc_listen or self.config.grpc_listen
+        parse_host_port(self.grpc_listen)
+        mqtt_url = self.config.mqtt_url if options.mqtt_url is None else options.mqtt_url
+        self.broker = None if mqtt_url else EmbeddedBroker(options.broker_listen or self.config.embedded_broker_listen)
+        self.mqtt_url = mqtt_url or (self.broker.url if self.broker else "")
+        self.store = datadir.store()
+        self.repository = datadir.repository()
+        self.topics = Topics(self.config.topic_prefix)
+        self.bridge = MqttBridge(self.store, self.mqtt_url, self.topics)
+        self._announced_version = 0
+
+    async def run(self) -> None:
+        if self.broker is not None:
+            await self.broker.start()
+        service = FleetService(self.store, self.repository, self.topics.prefix)
+        server, port = await start_grpc_server(service, self.grpc_listen)
+        host = parse_host_port(self.grpc_listen)[0]
+        self._write_endpoints(f"{host}:{port}")
+        self._announced_version = self.repository.timestamp_version()
+        bridge = asyncio.create_task(self.bridge.run(), name="mqtt-bridge")
+        try:
+            await self._tick_loop()
+        finally:
+            bridge.cancel()
+            await asyncio.gather(bridge, return_exceptions=True)
+            await server.stop(grace=1.0)
+            if self.broker is not None:
+                await self.broker.stop()
+            (self.datadir.root / "serve.json").unlink(missing_ok=True)
+            self.store.close()
+
+    def _write_endpoints(self, grpc_address: str) -> None:
+        """Tell other processes (CLI, tests, simulators) where this coordinator listens."""
+        doc: dict[str, Any] = {"pid": os.getpid(), "grpc": grpc_address, "mqtt": self.mqtt_url,
+                               "embedded_broker": self.broker is not None}
+        atomic_write_bytes(self.datadir.root / "serve.json", json.dumps(doc, indent=1).encode())
+        logger.info("coordinator ready: gRPC %s, MQTT %s", grpc_address, self.mqtt_url)
+
+    async def tick(self) -> None:
+        """One pass of periodic work; each step is idempotent."""
+        published = await self.bridge.publish_assignments()
+        if published:
+            logger.info("published %d assignment(s)", published)
+        version = self.repository.timestamp_version()
+        if version != self._announced_version and self.bridge.connected.is_set():
+            fleets = sorted({d["fleet"] for d in self.store.devices()})
+            await self.bridge.announce(fleets, version)
+            self._announced_version = version
+
+    async def _tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_expiry_check = 0.0
+        while True:
+            try:
+                await self.tick()
+                if loop.time() >= next_expiry_check:
+                    renewed = await asyncio.to_thread(self.repository.refresh_expiring)
+                    if renewed:
+                        logger.info("re-signed %s metadata before expiry", ", ".join(renewed))
+                    next_expiry_check = loop.time() + _EXPIRY_CHECK_SECONDS
+            except Exception:
+                logger.exception("coordinator tick failed; retrying")
+            await asyncio.sleep(self.config.tick_seconds)

@@ -1,0 +1,111 @@
+"""The coordinator's data directory: one place for the database, keys, update repository and trust bundle.
+
+    DATA/config.toml             coordinator settings (addresses, topic prefix)
+    DATA/fedfleet.db             SQLite (WAL)
+    DATA/keys/                   TUF role keys and the director key (0600)
+    DATA/repository/             the TUF repository served to devices
+    DATA/trust/root.json         the root devices start from (enrollment bundle)
+    DATA/trust/director_keys.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.contract import DEFAULT_TOPIC_PREFIX
+from edge_agent.fsutil import atomic_write_bytes
+from server.director import Director
+from server.errors import DataDirError
+from server.repository import Repository
+from server.store import Store
+
+__all__ = ["CoordinatorConfig", "DataDir", "default_data_dir"]
+
+ENV_DATA_DIR = "FEDFLEET_DATA_DIR"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get(ENV_DATA_DIR, "fedfleet-data"))
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    grpc_listen: str = "127.0.0.1:50051"
+    mqtt_url: str = ""  # empty: start the embedded broker on embedded_broker_listen
+    embedded_broker_listen: str = "127.0.0.1:1883"
+    topic_prefix: str = DEFAULT_TOPIC_PREFIX
+    tick_seconds: float = 0.2
+
+    def to_toml(self) -> str:
+        return (
+            "# fedfleet coordinator settings; `fedfleet serve` flags override them.\n"
+            f'grpc_listen = "{self.grpc_listen}"\n'
+            "# mqtt_url = \"mqtt://127.0.0.1:1883\"   # a real broker (Mosquitto); unset: embedded broker\n"
+            f'mqtt_url = "{self.mqtt_url}"\n'
+            f'embedded_broker_listen = "{self.embedded_broker_listen}"\n'
+            f'topic_prefix = "{self.topic_prefix}"\n'
+            f"tick_seconds = {self.tick_seconds}\n"
+        )
+
+
+class DataDir:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config_path = root / "config.toml"
+        self.db_path = root / "fedfleet.db"
+        self.keys = root / "keys"
+        self.repository_dir = root / "repository"
+        self.trust = root / "trust"
+
+    @property
+    def initialised(self) -> bool:
+        return self.config_path.is_file() and self.db_path.is_file() and (self.keys / "director.pem").is_file()
+
+    @classmethod
+    def init(cls, root: Path) -> tuple[DataDir, bool]:
+        """Create everything once. Returns (datadir, created); a second call changes nothing."""
+        d = cls(root)
+        if d.initialised:
+            return d, False
+        if root.exists() and any(root.iterdir()) and not d.config_path.exists():
+            raise DataDirError(f"{root} exists and is not a fedfleet data directory; choose an empty or new path")
+        root.mkdir(parents=True, exist_ok=True)
+        d.keys.mkdir(mode=0o700, exist_ok=True)
+        repo = Repository.create(d.repository_dir, d.keys)
+        director = Director.create(d.keys / "director.pem")
+        d.trust.mkdir(exist_ok=True)
+        atomic_write_bytes(d.trust / "root.json", repo.first_root_bytes())
+        atomic_write_bytes(d.trust / "director_keys.json", json.dumps(director.public_keys(), indent=1).encode())
+        Store(d.db_path).close()
+        atomic_write_bytes(d.config_path, CoordinatorConfig().to_toml().encode())  # last: marks completion
+        return d, True
+
+    def require(self) -> DataDir:
+        if not self.initialised:
+            raise DataDirError(f"{self.root} is not an initialised data directory; run `fedfleet init --data-dir {self.root}`")
+        return self
+
+    def config(self) -> CoordinatorConfig:
+        try:
+            raw: dict[str, Any] = tomllib.loads(self.require().config_path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise DataDirError(f"{self.config_path} is not valid TOML: {e}") from e
+        known = CoordinatorConfig.__dataclass_fields__
+        unknown = set(raw) - set(known)
+        if unknown:
+            raise DataDirError(f"{self.config_path}: unknown setting(s) {', '.join(sorted(unknown))}")
+        return CoordinatorConfig(**raw)
+
+    def store(self) -> Store:
+        return Store(self.require().db_path)
+
+    def repository(self) -> Repository:
+        return Repository(self.require().repository_dir, self.keys)
+
+    def director(self) -> Director:
+        return Director.load(self.require().keys / "director.pem")

@@ -1,0 +1,87 @@
+"""The director: signed per-device assignments with a counter that only goes up.
+
+A fleet rollback is not a replay: it is a new assignment, with the device's next counter, pointing at the
+older target. Agents refuse any counter below the highest they have accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.assignment import director_key_id
+from server.repository import load_private_key, write_private_key
+from server.store import Release, Store, now_ms
+
+__all__ = ["Director", "IssuedAssignment"]
+
+
+@dataclass(frozen=True)
+class IssuedAssignment:
+    device_id: str
+    counter: int
+    release_id: str
+
+
+class Director:
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self._raw_public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.key_id = director_key_id(self._raw_public)
+
+    @classmethod
+    def create(cls, path: Path) -> Director:
+        key = Ed25519PrivateKey.generate()
+        write_private_key(path, key)
+        return cls(key)
+
+    @classmethod
+    def load(cls, path: Path) -> Director:
+        return cls(load_private_key(path))
+
+    def public_keys(self) -> dict[str, str]:
+        """What agents trust: {key_id: raw Ed25519 public key hex}."""
+        return {self.key_id: self._raw_public.hex()}
+
+    def sign(self, assignment: pb.Assignment) -> pb.SignedAssignment:
+        body = assignment.SerializeToString(deterministic=True)
+        return pb.SignedAssignment(assignment=body, key_id=self.key_id, signature=self._key.sign(body))
+
+    def assign(self, store: Store, device_ids: Sequence[str], release: Release, rollout_id: str = "") -> list[IssuedAssignment]:
+        """Sign and store one new assignment per device (next counter each); `fedfleet serve` publishes them."""
+        for device_id in device_ids:
+            store.device(device_id)  # raises NotFoundError with a clear message
+        issued: list[IssuedAssignment] = []
+        with store.transaction() as db:
+            highest = {d: 0 for d in device_ids}
+            placeholders = ",".join("?" * len(device_ids))
+            for row in db.query(
+                f"SELECT device_id, max(counter) AS c FROM assignments WHERE device_id IN ({placeholders}) GROUP BY device_id",
+                list(device_ids),
+            ):
+                highest[row["device_id"]] = row["c"]
+            issued_at = now_ms()
+            for device_id in device_ids:
+                counter = highest[device_id] + 1
+                signed = self.sign(pb.Assignment(
+                    device_id=device_id,
+                    target_path=release.target_path,
+                    target_length=release.length,
+                    target_sha256=release.sha256,
+                    counter=counter,
+                    release_id=release.id,
+                    issued_at_ms=issued_at,
+                    rollout_id=rollout_id,
+                ))
+                db.execute(
+                    """INSERT INTO assignments (device_id, counter, release_id, rollout_id, signed, created_at)
+                       VALUES (?, ?, ?, ?, ?, ?)""",
+                    [device_id, counter, release.id, rollout_id, signed.SerializeToString(), issued_at],
+                )
+                issued.append(IssuedAssignment(device_id, counter, release.id))
+        return issued

@@ -1,0 +1,99 @@
+"""The coordinator's gRPC FleetService: registration, TUF metadata and targets as resumable streams, events.
+
+Every request is size-capped by the server options and checked field by field; a bad one is answered with
+INVALID_ARGUMENT (or NOT_FOUND for a missing file) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
+from edge_agent.contract import LIMITS, device_id_is_valid
+from server.events import EventRejected, event_row
+from server.repository import Repository
+from server.store import Store
+
+__all__ = ["FleetService", "start_grpc_server"]
+
+logger = logging.getLogger(__name__)
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", LIMITS.grpc_request),
+    ("grpc.max_send_message_length", LIMITS.grpc_message),
+]
+
+
+class FleetService(pb_grpc.FleetServiceServicer):
+    def __init__(self, store: Store, repository: Repository, topic_prefix: str) -> None:
+        self.store = store
+        self.repository = repository
+        self.topic_prefix = topic_prefix
+
+    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterResponse:
+        if not device_id_is_valid(request.device_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device_id must be 1-128 letters, digits, '-', '_', '.'")
+        if not device_id_is_valid(request.fleet):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fleet must be 1-128 letters, digits, '-', '_', '.'")
+        labels = dict(request.labels)
+        if len(labels) > LIMITS.labels or any(len(k) > 64 or len(v) > 256 for k, v in labels.items()):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {LIMITS.labels} labels, keys ≤64 and values ≤256 chars")
+        hardware = MessageToDict(request.hardware, preserving_proto_field_name=True)
+        self.store.register_device(request.device_id, request.fleet, labels, hardware, request.agent_version[:64])
+        response = pb.RegisterResponse(device_id=request.device_id, topic_prefix=self.topic_prefix)
+        current = self.store.current_assignment(request.device_id)
+        if current is not None:
+            response.assignment.ParseFromString(current["signed"])
+        return response
+
+    async def FetchMetadata(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
+        async for chunk in self._stream(self.repository.metadata_path(request.path), request, context):
+            yield chunk
+
+    async def FetchTarget(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
+        async for chunk in self._stream(self.repository.target_path(request.path), request, context):
+            yield chunk
+
+    async def _stream(self, path: Path | None, request: pb.FetchRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
+        if path is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no file {request.path[:200]!r}")
+            return
+        with path.open("rb") as f:
+            total = f.seek(0, 2)
+            if request.offset > total:
+                await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the end ({total})")
+            offset = f.seek(request.offset)
+            while offset < total:
+                data = f.read(LIMITS.grpc_chunk)
+                if not data:
+                    break
+                yield pb.Chunk(data=data, offset=offset, total_size=total)
+                offset += len(data)
+
+    async def ReportEvents(self, request: pb.ReportEventsRequest, context: grpc.aio.ServicerContext) -> pb.ReportEventsResponse:
+        if len(request.events) > LIMITS.events_per_report:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {LIMITS.events_per_report} events per report")
+        try:
+            rows = [event_row(e, topic_device=None, store=self.store) for e in request.events]
+        except EventRejected as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.ReportEventsResponse(accepted=self.store.record_events(rows, via="grpc"))
+
+
+async def start_grpc_server(service: FleetService, listen: str) -> tuple[grpc.aio.Server, int]:
+    """Start on `listen` ("host:port", port 0 for a free one); returns the server and its bound port."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_FleetServiceServicer_to_server(service, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"could not bind gRPC on {listen}")
+    await server.start()
+    logger.info("gRPC FleetService listening on %s", listen.rsplit(":", 1)[0] + f":{port}")
+    return server, port

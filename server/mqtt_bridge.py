@@ -1,0 +1,104 @@
+"""The coordinator's MQTT side: publishes desired state and announces, ingests status and update events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from urllib.parse import urlparse
+
+import aiomqtt
+
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract import Topics
+from server.errors import CoordinatorError
+from server.events import EventRejected, parse_event, parse_status
+from server.store import Store, now_ms
+
+__all__ = ["MqttBridge", "parse_mqtt_url"]
+
+logger = logging.getLogger(__name__)
+
+
+def parse_mqtt_url(url: str) -> tuple[str, int]:
+    parsed = urlparse(url)
+    if parsed.scheme != "mqtt" or not parsed.hostname:
+        raise CoordinatorError(f"broker URL must look like mqtt://host:port, got {url!r}")
+    return parsed.hostname, parsed.port or 1883
+
+
+class MqttBridge:
+    def __init__(self, store: Store, url: str, topics: Topics, client_id: str = "fedfleet-coordinator") -> None:
+        self.store = store
+        self.host, self.port = parse_mqtt_url(url)
+        self.topics = topics
+        self.client_id = client_id
+        self.connected = asyncio.Event()
+        self.rejected = 0
+        self._client: aiomqtt.Client | None = None
+
+    async def run(self) -> None:
+        """Keep a session with the broker, ingesting what devices say; reconnect on loss."""
+        delay = 0.5
+        while True:
+            try:
+                async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, keepalive=30,
+                                          max_queued_outgoing_messages=100_000) as client:
+                    self._client = client
+                    await client.subscribe(f"{self.topics.prefix}/devices/+/status", qos=1)
+                    await client.subscribe(f"{self.topics.prefix}/devices/+/events", qos=1)
+                    self.connected.set()
+                    delay = 0.5
+                    logger.info("connected to MQTT broker %s:%d", self.host, self.port)
+                    async for message in client.messages:
+                        self.handle(message.topic.value, message.payload)
+            except aiomqtt.MqttError as e:
+                logger.warning("MQTT broker connection lost (%s); reconnecting in %.1f s", e, delay)
+            finally:
+                self.connected.clear()
+                self._client = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def handle(self, topic: str, payload: Any) -> bool:
+        """Store one device message if it is valid; log and drop it otherwise. Returns whether it was stored."""
+        if not isinstance(payload, bytes | bytearray):
+            payload = b""
+        try:
+            if (device := self.topics.device_of(topic, "status")) is not None:
+                status = parse_status(bytes(payload), device, self.store)
+                if status["online"]:
+                    self.store.set_status(**status)
+                else:  # a last will, written when the agent started: only its "offline" is current
+                    self.store.set_offline(device)
+            elif (device := self.topics.device_of(topic, "events")) is not None:
+                self.store.record_events([parse_event(bytes(payload), device, self.store)], via="mqtt")
+            else:
+                raise EventRejected("not a device status or events topic")
+        except EventRejected as e:
+            self.rejected += 1
+            logger.warning("rejected message on %s: %s", topic[:200], e)
+            return False
+        return True
+
+    async def publish_assignments(self) -> int:
+        """Publish every unpublished assignment as the device's retained desired state (QoS 1)."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return 0
+        rows = self.store.unpublished_assignments()
+        if not rows:
+            return 0
+        await asyncio.gather(*(
+            client.publish(self.topics.desired(r["device_id"]), r["signed"], qos=1, retain=True) for r in rows
+        ))
+        self.store.mark_published([(r["device_id"], r["counter"]) for r in rows])
+        return len(rows)
+
+    async def announce(self, fleets: list[str], timestamp_version: int) -> None:
+        client = self._client
+        if client is None:
+            return
+        for fleet in fleets:
+            payload = pb.Announce(fleet=fleet, timestamp_version=timestamp_version, timestamp_ms=now_ms())
+            await client.publish(self.topics.announce(fleet), payload.SerializeToString(), qos=0)

@@ -1,0 +1,107 @@
+"""Publishing a TFLite model as a signed release: check it runs, describe it, sign it as a TUF target."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.arrays import encode_array
+from edge_agent.contract import LIMITS
+from edge_agent.errors import InterpreterError
+from edge_agent.runtime import Model, load_model
+from server.errors import ConflictError, ReleaseError
+from server.repository import Repository
+from server.store import Release, Store, now_ms
+
+__all__ = ["PublishResult", "auto_probe", "publish_release"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
+PROBE_INPUTS = 4
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    release: Release
+    created: bool  # False: the same release already existed and nothing changed
+
+
+def _schema(model: Model) -> dict[str, Any]:
+    out = model.interpreter.get_output_details()[0]
+    return {
+        "input": {"shape": list(model.input_shape), "dtype": str(model.input_dtype)},
+        "output": {"shape": [int(d) for d in out["shape"]], "dtype": str(np.dtype(out["dtype"]))},
+    }
+
+
+def auto_probe(model: Model, sha256: str, count: int = PROBE_INPUTS) -> dict[str, Any]:
+    """A probe set from inputs seeded by the model's hash and the outputs this interpreter gives for them.
+
+    It proves on the device that the installed bytes load and compute what they computed here. A release
+    made from training data carries held-out inputs instead (see `probe` in publish_release).
+    """
+    rng = np.random.default_rng(int(sha256[:16], 16))
+    inputs = rng.random((count, *model.input_shape), dtype=np.float32)
+    outputs = np.stack([model.predict(x) for x in inputs])
+    return {"inputs": encode_array(inputs), "outputs": encode_array(outputs), "atol": "1e-4", "source": "auto"}
+
+
+def publish_release(
+    repository: Repository,
+    store: Store,
+    data: bytes,
+    name: str,
+    version: str,
+    probe: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> PublishResult:
+    """Check, sign and publish. Repeating it with the same bytes changes nothing; other bytes are refused."""
+    if not _NAME.match(name):
+        raise ReleaseError(f"model name {name!r} must be 1-64 letters, digits, '_' or '-', starting alphanumeric")
+    if not _VERSION.match(version):
+        raise ReleaseError(f"version {version!r} must be 1-64 of letters, digits, '.', '+', '_', '-'")
+    if not data:
+        raise ReleaseError("the model file is empty")
+    if len(data) > LIMITS.target_file:
+        raise ReleaseError(f"the model is {len(data)} bytes; the limit is {LIMITS.target_file}")
+    sha = hashlib.sha256(data).hexdigest()
+    release_id = f"{name}@{version}"
+    for existing in store.releases():
+        if existing.id == release_id:
+            if existing.sha256 == sha:
+                return PublishResult(existing, created=False)
+            raise ConflictError(f"release {release_id} exists with other bytes; publish a new version instead")
+
+    with tempfile.NamedTemporaryFile(suffix=".tflite") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        try:
+            model = load_model(Path(tmp.name))
+        except InterpreterError as e:
+            raise ReleaseError(f"not a loadable TFLite model: {e}") from e
+        if probe is not None:
+            try:
+                model.run_probe(probe)
+            except InterpreterError as e:
+                raise ReleaseError(f"the model fails its own probe set: {e}") from e
+        else:
+            probe = auto_probe(model, sha)
+        schema = _schema(model)
+
+    custom: dict[str, Any] = {
+        "model": {"name": name, "version": version},
+        "schema": schema,
+        "probe": probe,
+        **(extra or {}),
+    }
+    target_path = f"{name}/{version}/model.tflite"
+    info = repository.add_target(target_path, data, custom)
+    release = Release(release_id, name, version, target_path, info.hashes["sha256"], info.length, custom, now_ms())
+    store.add_release(release)
+    return PublishResult(release, created=True)

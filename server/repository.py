@@ -1,0 +1,291 @@
+"""The coordinator's TUF repository: root, targets, snapshot and timestamp, Ed25519, consistent snapshots.
+
+Files (served to devices by name through gRPC FetchMetadata / FetchTarget):
+
+    repository/metadata/1.root.json, 2.root.json, ...   every root version, for clients that rotate through them
+    repository/metadata/N.targets.json, N.snapshot.json  consistent snapshots: never overwritten
+    repository/metadata/timestamp.json                   the only file that changes in place
+    repository/targets/<dir>/<sha256>.<basename>          target bytes, content-addressed
+    keys/<role>.pem                                      private keys (0600); keys/retired/ after a rotation
+
+Every writer holds an exclusive lock on repository/.lock, so `fedfleet release` and the timestamp refresh in
+`fedfleet serve` never interleave.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import (
+    MetaFile,
+    Metadata,
+    Root,
+    Signed,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization import DeserializationError
+from tuf.api.serialization.json import JSONSerializer
+
+from edge_agent.fsutil import atomic_write_bytes
+from server.errors import ConflictError, DataDirError
+
+__all__ = ["Expiry", "Repository", "load_private_key", "write_private_key"]
+
+_SERIALIZER = JSONSerializer(compact=False)
+_META_NAME = re.compile(r"^(timestamp|(\d{1,10})\.(root|snapshot|targets))\.json$")
+_TARGET_NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+TOP_LEVEL = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """How long each role's signature is valid. Online roles are re-signed by `fedfleet serve`."""
+
+    root: timedelta = timedelta(days=365)
+    targets: timedelta = timedelta(days=90)
+    snapshot: timedelta = timedelta(days=7)
+    timestamp: timedelta = timedelta(days=1)
+
+    def of(self, role: str) -> timedelta:
+        value: timedelta = getattr(self, role)
+        return value
+
+
+def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, pem)
+    os.chmod(path, 0o600)
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as e:
+        raise DataDirError(f"key {path} is missing or unreadable; was the data directory initialised?") from e
+    if not isinstance(key, Ed25519PrivateKey):
+        raise DataDirError(f"key {path} is not an Ed25519 private key")
+    return key
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+class Repository:
+    def __init__(self, repo_dir: Path, keys_dir: Path, expiry: Expiry | None = None) -> None:
+        self.dir = repo_dir
+        self.metadata_dir = repo_dir / "metadata"
+        self.targets_dir = repo_dir / "targets"
+        self.keys_dir = keys_dir
+        self.expiry = expiry or Expiry()
+
+    # ----- creation -----
+
+    @classmethod
+    def create(cls, repo_dir: Path, keys_dir: Path, expiry: Expiry | None = None) -> Repository:
+        repo = cls(repo_dir, keys_dir, expiry)
+        repo.metadata_dir.mkdir(parents=True, exist_ok=True)
+        repo.targets_dir.mkdir(parents=True, exist_ok=True)
+        with repo._lock():
+            signers = {}
+            for role in TOP_LEVEL:
+                key = Ed25519PrivateKey.generate()
+                write_private_key(keys_dir / f"{role}.pem", key)
+                signers[role] = CryptoSigner(key)
+            root = Root(expires=_now() + repo.expiry.root, consistent_snapshot=True)
+            for role, signer in signers.items():
+                root.add_key(signer.public_key, role)
+            repo._write(Metadata(root), [signers[Root.type]])
+            repo._write(Metadata(Targets(expires=_now() + repo.expiry.targets)), [signers[Targets.type]])
+            repo._write_snapshot_and_timestamp()
+        return repo
+
+    # ----- reading -----
+
+    def _load(self, role: str, version: int | None = None) -> Metadata[Any]:
+        if role == Timestamp.type:
+            path = self.metadata_dir / "timestamp.json"
+        else:
+            if version is None:
+                version = self._latest_version(role)
+            path = self.metadata_dir / f"{version}.{role}.json"
+        if not path.is_file():
+            raise DataDirError(f"repository metadata {path} is missing; run `fedfleet init`")
+        try:
+            return Metadata.from_bytes(path.read_bytes())
+        except (OSError, DeserializationError) as e:
+            raise DataDirError(f"repository metadata {path} is unreadable: {e}") from e
+
+    def _latest_version(self, role: str) -> int:
+        versions = [int(p.name.split(".", 1)[0]) for p in self.metadata_dir.glob(f"*.{role}.json")]
+        if not versions:
+            raise DataDirError(f"no {role} metadata in {self.metadata_dir}; run `fedfleet init`")
+        return max(versions)
+
+    def root_bytes(self) -> bytes:
+        return (self.metadata_dir / f"{self._latest_version(Root.type)}.root.json").read_bytes()
+
+    def first_root_bytes(self) -> bytes:
+        return (self.metadata_dir / "1.root.json").read_bytes()
+
+    def targets(self) -> dict[str, TargetFile]:
+        targets: Targets = self._load(Targets.type).signed
+        return dict(targets.targets)
+
+    def timestamp_version(self) -> int:
+        ts: Timestamp = self._load(Timestamp.type).signed
+        return ts.version
+
+    def metadata_path(self, name: str) -> Path | None:
+        """The file behind a metadata name a client may ask for, or None if the name is not one."""
+        if not _META_NAME.match(name):
+            return None
+        path = self.metadata_dir / name
+        return path if path.is_file() else None
+
+    def target_path(self, name: str) -> Path | None:
+        if not _TARGET_NAME.match(name) or ".." in name.split("/"):
+            return None
+        path = self.targets_dir / name
+        return path if path.is_file() else None
+
+    # ----- writing -----
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _signer(self, role: str) -> CryptoSigner:
+        return CryptoSigner(load_private_key(self.keys_dir / f"{role}.pem"))
+
+    def _write(self, md: Metadata[Any], signers: list[CryptoSigner]) -> None:
+        md.signatures.clear()
+        for signer in signers:
+            md.sign(signer, append=True)
+        name = "timestamp.json" if md.signed.type == Timestamp.type else f"{md.signed.version}.{md.signed.type}.json"
+        atomic_write_bytes(self.metadata_dir / name, md.to_bytes(_SERIALIZER))
+
+    def _bump(self, signed: Signed) -> None:
+        signed.version += 1
+        signed.expires = _now() + self.expiry.of(signed.type)
+
+    def _write_snapshot_and_timestamp(self) -> None:
+        """New snapshot over the latest targets, new timestamp over that snapshot."""
+        targets_version = self._latest_version(Targets.type)
+        try:
+            snapshot: Metadata[Snapshot] = self._load(Snapshot.type)
+            self._bump(snapshot.signed)
+        except DataDirError:
+            snapshot = Metadata(Snapshot(expires=_now() + self.expiry.snapshot))
+        snapshot.signed.meta = {"targets.json": MetaFile(version=targets_version)}
+        self._write(snapshot, [self._signer(Snapshot.type)])
+        try:
+            timestamp: Metadata[Timestamp] = self._load(Timestamp.type)
+            self._bump(timestamp.signed)
+        except DataDirError:
+            timestamp = Metadata(Timestamp(expires=_now() + self.expiry.timestamp))
+        timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
+        self._write(timestamp, [self._signer(Timestamp.type)])
+
+    def add_target(self, target_path: str, data: bytes, custom: dict[str, Any]) -> TargetFile:
+        """Publish bytes as a target. Re-adding identical bytes and metadata changes nothing."""
+        if not _TARGET_NAME.match(target_path):
+            raise ConflictError(f"target path {target_path!r} may hold only letters, digits, '.', '_', '-', '/'")
+        with self._lock():
+            targets: Metadata[Targets] = self._load(Targets.type)
+            new = TargetFile.from_data(target_path, data, ["sha256"])
+            new.unrecognized_fields["custom"] = custom
+            existing = targets.signed.targets.get(target_path)
+            if existing is not None:
+                if existing.hashes == new.hashes and existing.custom == custom:
+                    return existing
+                raise ConflictError(f"target {target_path} already exists with other bytes or metadata")
+            directory, sep, base = target_path.rpartition("/")
+            stored = self.targets_dir / f"{directory}{sep}{new.hashes['sha256']}.{base}"
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(stored, data)
+            targets.signed.targets[target_path] = new
+            self._bump(targets.signed)
+            self._write(targets, [self._signer(Targets.type)])
+            self._write_snapshot_and_timestamp()
+            return new
+
+    def refresh_expiring(self, now: datetime | None = None) -> list[str]:
+        """Re-sign online roles that are past half their validity; returns the roles re-signed."""
+        now = now or _now()
+        renewed: list[str] = []
+        with self._lock():
+            targets: Metadata[Targets] = self._load(Targets.type)
+            if targets.signed.expires - now < self.expiry.targets / 2:
+                self._bump(targets.signed)
+                self._write(targets, [self._signer(Targets.type)])
+                renewed.append(Targets.type)
+            snapshot: Snapshot = self._load(Snapshot.type).signed
+            timestamp: Timestamp = self._load(Timestamp.type).signed
+            if renewed or snapshot.expires - now < self.expiry.snapshot / 2:
+                self._write_snapshot_and_timestamp()
+                renewed += [Snapshot.type, Timestamp.type]
+            elif timestamp.expires - now < self.expiry.timestamp / 2:
+                ts: Metadata[Timestamp] = self._load(Timestamp.type)
+                self._bump(ts.signed)
+                self._write(ts, [self._signer(Timestamp.type)])
+                renewed.append(Timestamp.type)
+        return renewed
+
+    def rotate_root(self, roles: tuple[str, ...] = (Root.type,)) -> int:
+        """Replace the keys of `roles` (root by default) with new ones.
+
+        The new root is signed by the old root key and the new one, so a device holding any earlier root
+        walks the chain 1.root.json -> 2.root.json -> ... and trusts the new keys. Returns the new version.
+        """
+        unknown = set(roles) - set(TOP_LEVEL)
+        if unknown:
+            raise ConflictError(f"unknown role(s) {', '.join(sorted(unknown))}; roles are {', '.join(TOP_LEVEL)}")
+        with self._lock():
+            root_md: Metadata[Root] = self._load(Root.type)
+            old_root_signer = self._signer(Root.type)
+            root = root_md.signed
+            retired = self.keys_dir / "retired"
+            retired.mkdir(exist_ok=True)
+            new_signers: dict[str, CryptoSigner] = {}
+            for role in roles:
+                for keyid in list(root.roles[role].keyids):
+                    root.revoke_key(keyid, role)
+                key = Ed25519PrivateKey.generate()
+                old_path = self.keys_dir / f"{role}.pem"
+                os.replace(old_path, retired / f"{role}-v{root.version}.pem")
+                write_private_key(old_path, key)
+                new_signers[role] = CryptoSigner(key)
+                root.add_key(new_signers[role].public_key, role)
+            self._bump(root)
+            new_root_signer = new_signers.get(Root.type, old_root_signer)
+            signers = [old_root_signer] if new_root_signer is old_root_signer else [old_root_signer, new_root_signer]
+            self._write(root_md, signers)
+            # Re-sign the other roles so their new keys (if any) take effect now.
+            targets: Metadata[Targets] = self._load(Targets.type)
+            self._bump(targets.signed)
+            self._write(targets, [self._signer(Targets.type)])
+            self._write_snapshot_and_timestamp()
+            return root.version
+

@@ -1,0 +1,264 @@
+"""The coordinator's SQLite store (sqlite-utils, WAL), with versioned migrations.
+
+Several processes share it: `fedfleet serve` and one-shot CLI commands such as `fedfleet assign`. Writes that
+must not interleave (counter allocation) run in BEGIN IMMEDIATE transactions.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from server.errors import DataDirError, NotFoundError
+
+__all__ = ["Store", "SCHEMA_VERSION", "now_ms"]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE devices (
+            id TEXT PRIMARY KEY,
+            fleet TEXT NOT NULL,
+            labels TEXT NOT NULL DEFAULT '{}',
+            hardware TEXT NOT NULL DEFAULT '{}',
+            agent_version TEXT NOT NULL DEFAULT '',
+            registered_at INTEGER NOT NULL,
+            last_seen INTEGER NOT NULL,
+            online INTEGER NOT NULL DEFAULT 0,
+            running_release TEXT NOT NULL DEFAULT '',
+            running_target TEXT NOT NULL DEFAULT '',
+            running_counter INTEGER NOT NULL DEFAULT 0,
+            update_state TEXT NOT NULL DEFAULT '',
+            last_error TEXT NOT NULL DEFAULT '',
+            last_event TEXT NOT NULL DEFAULT '',
+            last_event_at INTEGER
+        );
+        CREATE INDEX devices_fleet ON devices (fleet);
+        CREATE TABLE releases (
+            id TEXT PRIMARY KEY,            -- name@version
+            name TEXT NOT NULL,
+            version TEXT NOT NULL,
+            target_path TEXT NOT NULL UNIQUE,
+            sha256 TEXT NOT NULL,
+            length INTEGER NOT NULL,
+            custom TEXT NOT NULL,
+            created_at INTEGER NOT NULL
+        );
+        CREATE TABLE assignments (
+            device_id TEXT NOT NULL REFERENCES devices (id),
+            counter INTEGER NOT NULL,
+            release_id TEXT NOT NULL REFERENCES releases (id),
+            rollout_id TEXT NOT NULL DEFAULT '',
+            signed BLOB NOT NULL,
+            created_at INTEGER NOT NULL,
+            published_at INTEGER,
+            PRIMARY KEY (device_id, counter)
+        );
+        CREATE INDEX assignments_unpublished ON assignments (published_at) WHERE published_at IS NULL;
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            device_id TEXT NOT NULL,
+            counter INTEGER NOT NULL,
+            release_id TEXT NOT NULL,
+            target_path TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            device_time INTEGER NOT NULL,
+            received_at INTEGER NOT NULL,
+            via TEXT NOT NULL
+        );
+        CREATE INDEX events_device ON events (device_id, id);
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class Release:
+    id: str
+    name: str
+    version: str
+    target_path: str
+    sha256: str
+    length: int
+    custom: dict[str, Any]
+    created_at: int
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.migrate()
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> int:
+        """Apply missing migrations in order; returns how many ran."""
+        ran = 0
+        with self.transaction() as db:
+            version = self.schema_version()
+            if version > SCHEMA_VERSION:
+                raise DataDirError(f"database {self.path} is schema {version}, newer than this fedfleet ({SCHEMA_VERSION}); upgrade fedfleet")
+            for migration in MIGRATIONS[version:]:
+                migration(db)
+                ran += 1
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        return ran
+
+    # ----- devices -----
+
+    def register_device(self, device_id: str, fleet: str, labels: dict[str, str], hardware: dict[str, Any],
+                        agent_version: str) -> None:
+        now = now_ms()
+        with self.transaction() as db:
+            db.execute(
+                """INSERT INTO devices (id, fleet, labels, hardware, agent_version, registered_at, last_seen)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (id) DO UPDATE SET fleet = excluded.fleet, labels = excluded.labels,
+                     hardware = excluded.hardware, agent_version = excluded.agent_version,
+                     last_seen = excluded.last_seen""",
+                [device_id, fleet, json.dumps(labels, sort_keys=True), json.dumps(hardware, sort_keys=True),
+                 agent_version, now, now],
+            )
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        rows = list(self.db.query("SELECT * FROM devices WHERE id = ?", [device_id]))
+        if not rows:
+            raise NotFoundError(f"no device {device_id!r}; a device appears when its agent first registers")
+        return _device_row(rows[0])
+
+    def devices(self, fleet: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM devices" + (" WHERE fleet = ?" if fleet else "") + " ORDER BY id"
+        return [_device_row(r) for r in self.db.query(sql, [fleet] if fleet else [])]
+
+    def device_ids(self, fleet: str) -> list[str]:
+        return [r["id"] for r in self.db.query("SELECT id FROM devices WHERE fleet = ? ORDER BY id", [fleet])]
+
+    def set_status(self, device_id: str, online: bool, running_release: str, running_target: str,
+                   running_counter: int, update_state: str, last_error: str) -> bool:
+        cursor = self.db.execute(
+            """UPDATE devices SET online = ?, running_release = ?, running_target = ?, running_counter = ?,
+                 update_state = ?, last_error = ?, last_seen = ? WHERE id = ?""",
+            [int(online), running_release, running_target, running_counter, update_state, last_error, now_ms(),
+             device_id],
+        )
+        return cursor.rowcount == 1
+
+    def set_offline(self, device_id: str) -> None:
+        self.db.execute("UPDATE devices SET online = 0 WHERE id = ?", [device_id])
+
+    def is_device(self, device_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM devices WHERE id = ?", [device_id]).fetchone() is not None
+
+    # ----- events -----
+
+    def record_events(self, events: list[dict[str, Any]], via: str) -> int:
+        """Store events from known devices; returns how many were stored."""
+        if not events:
+            return 0
+        received = now_ms()
+        with self.transaction() as db:
+            for e in events:
+                db.execute(
+                    """INSERT INTO events (device_id, counter, release_id, target_path, kind, reason, detail,
+                         device_time, received_at, via) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    [e["device_id"], e["counter"], e["release_id"], e["target_path"], e["kind"], e["reason"],
+                     e["detail"], e["device_time"], received, via],
+                )
+                db.execute(
+                    "UPDATE devices SET last_event = ?, last_event_at = ?, last_seen = ? WHERE id = ?",
+                    [f"{e['kind']}{': ' + e['reason'] if e['reason'] else ''}", received, received, e["device_id"]],
+                )
+        return len(events)
+
+    def events(self, device_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM events" + (" WHERE device_id = ?" if device_id else "") + " ORDER BY id DESC LIMIT ?"
+        return list(self.db.query(sql, ([device_id] if device_id else []) + [limit]))
+
+    # ----- releases -----
+
+    def add_release(self, release: Release) -> None:
+        self.db["releases"].insert(
+            {**release.__dict__, "custom": json.dumps(release.custom, sort_keys=True)}  # type: ignore[arg-type]
+        )
+
+    def release(self, release_id: str) -> Release:
+        rows = list(self.db.query("SELECT * FROM releases WHERE id = ?", [release_id]))
+        if not rows:
+            raise NotFoundError(f"no release {release_id!r}; `fedfleet releases list` shows them")
+        return _release_row(rows[0])
+
+    def releases(self) -> list[Release]:
+        return [_release_row(r) for r in self.db.query("SELECT * FROM releases ORDER BY created_at, id")]
+
+    # ----- assignments -----
+
+    def current_assignment(self, device_id: str) -> dict[str, Any] | None:
+        rows = list(self.db.query(
+            "SELECT * FROM assignments WHERE device_id = ? ORDER BY counter DESC LIMIT 1", [device_id]))
+        return rows[0] if rows else None
+
+    def unpublished_assignments(self, limit: int = 5000) -> list[dict[str, Any]]:
+        """The newest unpublished assignment per device (older ones are superseded by it)."""
+        return list(self.db.query(
+            """SELECT a.* FROM assignments a
+               WHERE a.published_at IS NULL
+                 AND a.counter = (SELECT max(counter) FROM assignments b WHERE b.device_id = a.device_id)
+               LIMIT ?""", [limit]))
+
+    def mark_published(self, keys: list[tuple[str, int]]) -> None:
+        now = now_ms()
+        with self.transaction() as db:
+            db.conn.executemany(
+                "UPDATE assignments SET published_at = ? WHERE device_id = ? AND counter <= ? AND published_at IS NULL",
+                [(now, d, c) for d, c in keys],
+            )
+
+    def assignment_of(self, device_id: str) -> str:
+        row = self.current_assignment(device_id)
+        return row["release_id"] if row else ""
+
+
+def _device_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "labels": json.loads(row["labels"]), "hardware": json.loads(row["hardware"]),
+            "online": bool(row["online"])}
+
+
+def _release_row(row: dict[str, Any]) -> Release:
+    return Release(**{**row, "custom": json.loads(row["custom"])})

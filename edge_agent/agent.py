@@ -192,7 +192,9 @@ class Agent:
             return
         if topic == self.topics.desired(self.config.device_id):
             if len(payload) > LIMITS.mqtt_control_payload:
-                logger.warning("ignoring desired state of %d bytes (limit %d)", len(payload), LIMITS.mqtt_control_payload)
+                logger.warning(
+                    "ignoring desired state of %d bytes (limit %d)", len(payload), LIMITS.mqtt_control_payload
+                )
                 return
             self._offer(bytes(payload))
         # An announce needs no action: metadata is refreshed with every assignment.

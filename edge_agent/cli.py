@@ -29,13 +29,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run the agent until stopped (SIGINT/SIGTERM)",
-                         description="Register with the coordinator, follow the device's desired state and apply "
-                         "signed updates.")
+    run = sub.add_parser(
+        "run",
+        help="run the agent until stopped (SIGINT/SIGTERM)",
+        description="Register with the coordinator, follow the device's desired state and apply signed updates.",
+    )
     run.add_argument("--config", type=Path, required=True, help="agent.toml from the enrollment bundle")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    status = sub.add_parser("status", help="show the active slot, release, counter and last error",
-                            description="Read the agent's local state (works while the agent runs or not).")
+    status = sub.add_parser(
+        "status",
+        help="show the active slot, release, counter and last error",
+        description="Read the agent's local state (works while the agent runs or not).",
+    )
     status.add_argument("--config", type=Path, required=True, help="agent.toml from the enrollment bundle")
     status.add_argument("--json", action="store_true", help="print one JSON document")
     return parser

@@ -1,15 +1,15 @@
 """The agent's configuration file (TOML), as written into an enrollment bundle by `fedfleet devices enroll`.
 
-    device_id = "pi-kitchen-01"
-    fleet = "default"
-    state_dir = "/var/lib/fedfleet-agent"     # relative paths are relative to this file
-    grpc_target = "coordinator.lan:50051"
-    mqtt_url = "mqtt://coordinator.lan:1883"
-    trust_root = "root.json"                  # the TUF root the device starts from
-    director_keys = "director_keys.json"      # {key_id: Ed25519 public key hex}
-    topic_prefix = "fedfleet/v1"
-    [labels]
-    site = "kitchen"
+device_id = "pi-kitchen-01"
+fleet = "default"
+state_dir = "/var/lib/fedfleet-agent"     # relative paths are relative to this file
+grpc_target = "coordinator.lan:50051"
+mqtt_url = "mqtt://coordinator.lan:1883"
+trust_root = "root.json"                  # the TUF root the device starts from
+director_keys = "director_keys.json"      # {key_id: Ed25519 public key hex}
+topic_prefix = "fedfleet/v1"
+[labels]
+site = "kitchen"
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def load_config(path: Path) -> AgentConfig:
 
 
 def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
-    missing = [k for k in ("device_id", "state_dir", "grpc_target", "mqtt_url", "trust_root", "director_keys") if k not in raw]
+    missing = [
+        k for k in ("device_id", "state_dir", "grpc_target", "mqtt_url", "trust_root", "director_keys") if k not in raw
+    ]
     if missing:
         raise ConfigError(f"config lacks {', '.join(missing)}")
     device_id = str(raw["device_id"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_TOPIC_PREFIX", "Limits", "Topics", "LIMITS", "device_id_is_valid"]
+__all__ = ["DEFAULT_TOPIC_PREFIX", "LIMITS", "Limits", "Topics", "device_id_is_valid"]
 
 DEFAULT_TOPIC_PREFIX = "fedfleet/v1"
 

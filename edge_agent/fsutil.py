@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_writer", "atomic_write_bytes", "fsync_dir", "remove_stale_temp_files"]
+__all__ = ["atomic_write_bytes", "atomic_writer", "fsync_dir", "remove_stale_temp_files"]
 
 _TEMP_PREFIX = ".tmp-"
 

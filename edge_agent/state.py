@@ -86,7 +86,9 @@ class StateStore:
         try:
             return AgentState.from_json(json.loads(self.path.read_text()))
         except (ValueError, TypeError) as e:
-            raise AgentError(f"agent state {self.path} is unreadable; restore it or start from an empty state dir") from e
+            raise AgentError(
+                f"agent state {self.path} is unreadable; restore it or start from an empty state dir"
+            ) from e
 
     def save(self, state: AgentState) -> AgentState:
         atomic_write_bytes(self.path, json.dumps(state.to_json(), indent=1, sort_keys=True).encode())

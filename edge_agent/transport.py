@@ -6,6 +6,8 @@ wrapped here, once: NOT_FOUND becomes `FileMissing`, anything else a `TransientE
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Literal
@@ -31,13 +33,9 @@ class FileMissing(AgentError):
 
 
 def hardware_facts(interpreter: str) -> pb.Hardware:
-    import os
-
     memory = 0
-    try:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        pass
     return pb.Hardware(
         machine=platform.machine(),
         system=platform.system(),
@@ -93,6 +91,10 @@ def _wrap(e: grpc.RpcError, what: str) -> AgentError:
     details = e.details() if isinstance(e, grpc.Call) else str(e)
     if code == grpc.StatusCode.NOT_FOUND:
         return FileMissing(f"{what}: not found ({details})")
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+    if code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ):
         return AgentError(f"{what}: coordinator refused: {details}", "coordinator_refused")
     return TransientError(f"{what}: {code.name if code else 'error'}: {details}")

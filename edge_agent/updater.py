@@ -100,11 +100,20 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
     ctx.step("assignment_accepted")
     try:
         active = state.active_info
-        if state.active is not None and active is not None and active.sha256 == a.target_sha256:
-            # The same bytes are already running (a re-issued assignment): record it, install nothing.
+        if (
+            state.active is not None
+            and active is not None
+            and (active.target_path, active.sha256) == (a.target_path, a.target_sha256)
+        ):
+            # The same target, verified when it was installed, is running (a re-issued assignment).
             running = replace(active, counter=a.counter, release_id=a.release_id)
-            store.update(slots={**state.slots, state.active: running}, committed_counter=a.counter, pending=None,
-                         last_error="", last_reason="")
+            store.update(
+                slots={**state.slots, state.active: running},
+                committed_counter=a.counter,
+                pending=None,
+                last_error="",
+                last_reason="",
+            )
             ctx.event(a, pb.EVENT_KIND_COMMITTED, "already_running")
             return UpdateResult(Outcome.COMMITTED, "already_running")
 

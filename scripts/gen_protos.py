@@ -23,11 +23,11 @@ PROTOS = ROOT / "protos"
 OUT_PACKAGE = "edge_agent/_proto"
 
 
-def _mypy_plugin() -> str:
-    # The plugin is installed next to the interpreter (mypy-protobuf), which need not be on PATH.
-    found = shutil.which("protoc-gen-mypy", path=str(Path(sys.executable).parent)) or shutil.which("protoc-gen-mypy")
+def _mypy_plugin(name: str) -> str:
+    # The plugins come with mypy-protobuf, next to the interpreter, which need not be on PATH.
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if found is None:
-        raise SystemExit("protoc-gen-mypy not found: pip install -e '.[dev]'")
+        raise SystemExit(f"{name} not found: pip install -e '.[dev]'")
     return found
 
 
@@ -41,8 +41,10 @@ def generate(out_root: Path) -> list[Path]:
         f"-I{OUT_PACKAGE}={PROTOS}",
         f"--python_out={out_root}",
         f"--grpc_python_out={out_root}",
-        f"--plugin=protoc-gen-mypy={_mypy_plugin()}",
+        f"--plugin=protoc-gen-mypy={_mypy_plugin('protoc-gen-mypy')}",
+        f"--plugin=protoc-gen-mypy_grpc={_mypy_plugin('protoc-gen-mypy_grpc')}",
         f"--mypy_out={out_root}",
+        f"--mypy_grpc_out={out_root}",
         *virtual,
     ]
     if protoc.main(args) != 0:
@@ -66,7 +68,11 @@ def main() -> int:
         files = generate(Path(tmp))
         rel = [f.relative_to(tmp) for f in files]
         if args.check:
-            stale = [str(r) for r in rel if not (ROOT / r).exists() or not filecmp.cmp(Path(tmp) / r, ROOT / r, shallow=False)]
+            stale = [
+                str(r)
+                for r in rel
+                if not (ROOT / r).exists() or not filecmp.cmp(Path(tmp) / r, ROOT / r, shallow=False)
+            ]
             committed = {p.relative_to(ROOT) for p in (ROOT / OUT_PACKAGE).rglob("*") if p.suffix in {".py", ".pyi"}}
             stale += [str(r) for r in committed - set(rel)]
             if stale:

@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.table import Table
 
 from edge_agent.arrays import encode_array
-from edge_agent.fsutil import atomic_write_bytes
 from server import __version__
 from server.coordinator import Coordinator, ServeOptions
-from server.datadir import ENV_DATA_DIR, DataDir, default_data_dir
+from server.datadir import DEFAULT_DATA_DIR, ENV_DATA_DIR, DataDir
+from server.enrollment import write_bundle
 from server.errors import CoordinatorError
 from server.releases import publish_release
 
@@ -63,7 +63,7 @@ def _open(data_dir: Path) -> DataDir:
 
 
 @app.command()
-def init(data_dir: DataDirOption = default_data_dir(), as_json: JsonOption = False) -> None:
+def init(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
     """Create keys, the update repository, the database and config. Running it again changes nothing."""
     d, created = DataDir.init(data_dir)
     if as_json:
@@ -76,7 +76,7 @@ def init(data_dir: DataDirOption = default_data_dir(), as_json: JsonOption = Fal
 
 @app.command()
 def serve(
-    data_dir: DataDirOption = default_data_dir(),
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
     grpc: Annotated[str | None, typer.Option(help="gRPC listen address host:port (port 0: any free port).")] = None,
     mqtt: Annotated[str | None, typer.Option(help="Broker URL mqtt://host:port; default: embedded broker.")] = None,
     broker_listen: Annotated[str | None, typer.Option(help="Embedded broker address (loopback only).")] = None,
@@ -95,7 +95,7 @@ def release(
     name: Annotated[str, typer.Option(help="Model name, e.g. digits.")],
     version: Annotated[str, typer.Option(help="Release version, e.g. 1.2.0.")],
     probe: Annotated[Path | None, typer.Option(help="Probe set .npz with arrays 'inputs' and 'outputs'.")] = None,
-    data_dir: DataDirOption = default_data_dir(),
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
     """Check a TFLite model runs, sign it as a TUF target with its metadata, and publish it."""
@@ -104,11 +104,16 @@ def release(
     if probe is not None:
         try:
             with np.load(probe) as npz:
-                probe_doc = {"inputs": encode_array(npz["inputs"].astype(np.float32)),
-                             "outputs": encode_array(npz["outputs"].astype(np.float32)), "atol": "1e-4",
-                             "source": probe.name}
+                probe_doc = {
+                    "inputs": encode_array(npz["inputs"].astype(np.float32)),
+                    "outputs": encode_array(npz["outputs"].astype(np.float32)),
+                    "atol": "1e-4",
+                    "source": probe.name,
+                }
         except (OSError, KeyError, ValueError) as e:
-            raise CoordinatorError(f"probe file {probe} must be an .npz with arrays 'inputs' and 'outputs' ({e})") from e
+            raise CoordinatorError(
+                f"probe file {probe} must be an .npz with arrays 'inputs' and 'outputs' ({e})"
+            ) from e
     store = d.store()
     try:
         result = publish_release(d.repository(), store, model_file.read_bytes(), name, version, probe_doc)
@@ -116,8 +121,15 @@ def release(
         store.close()
     r = result.release
     if as_json:
-        _print_json({"release": r.id, "target": r.target_path, "sha256": r.sha256, "length": r.length,
-                     "created": result.created})
+        _print_json(
+            {
+                "release": r.id,
+                "target": r.target_path,
+                "sha256": r.sha256,
+                "length": r.length,
+                "created": result.created,
+            }
+        )
     elif result.created:
         out.print(f"Released [bold]{r.id}[/] ({r.length} bytes, sha256 {r.sha256[:12]}…) as {r.target_path}.")
     else:
@@ -125,14 +137,24 @@ def release(
 
 
 @releases_app.command("list")
-def releases_list(data_dir: DataDirOption = default_data_dir(), as_json: JsonOption = False) -> None:
+def releases_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
     """List published releases."""
     store = _open(data_dir).store()
     rows = store.releases()
     store.close()
     if as_json:
-        _print_json([{"release": r.id, "target": r.target_path, "sha256": r.sha256, "length": r.length,
-                      "created_at": r.created_at} for r in rows])
+        _print_json(
+            [
+                {
+                    "release": r.id,
+                    "target": r.target_path,
+                    "sha256": r.sha256,
+                    "length": r.length,
+                    "created_at": r.created_at,
+                }
+                for r in rows
+            ]
+        )
         return
     table = Table("release", "target", "bytes", "sha256")
     for r in rows:
@@ -145,7 +167,7 @@ def assign(
     release_id: Annotated[str, typer.Argument(metavar="RELEASE", help="Release id name@version.")],
     device: Annotated[str | None, typer.Option(help="One device id.")] = None,
     fleet: Annotated[str | None, typer.Option(help="Every registered device of this fleet.")] = None,
-    data_dir: DataDirOption = default_data_dir(),
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
     """Issue signed assignments (next counter per device); a running `fedfleet serve` delivers them."""
@@ -169,10 +191,16 @@ def assign(
 
 def _device_doc(row: dict[str, Any], assigned: str) -> dict[str, Any]:
     return {
-        "id": row["id"], "fleet": row["fleet"], "labels": row["labels"], "online": row["online"],
-        "assigned_release": assigned or None, "running_release": row["running_release"] or None,
-        "running_counter": row["running_counter"], "update_state": row["update_state"] or None,
-        "last_event": row["last_event"] or None, "last_error": row["last_error"] or None,
+        "id": row["id"],
+        "fleet": row["fleet"],
+        "labels": row["labels"],
+        "online": row["online"],
+        "assigned_release": assigned or None,
+        "running_release": row["running_release"] or None,
+        "running_counter": row["running_counter"],
+        "update_state": row["update_state"] or None,
+        "last_event": row["last_event"] or None,
+        "last_error": row["last_error"] or None,
         "last_seen": row["last_seen"],
     }
 
@@ -180,7 +208,7 @@ def _device_doc(row: dict[str, Any], assigned: str) -> dict[str, Any]:
 @devices_app.command("list")
 def devices_list(
     fleet: Annotated[str | None, typer.Option(help="Only this fleet.")] = None,
-    data_dir: DataDirOption = default_data_dir(),
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
     """Each device: fleet, labels, online state, assigned and running release, last event."""
@@ -193,23 +221,34 @@ def devices_list(
     table = Table("device", "fleet", "labels", "online", "assigned", "running", "last event")
     for doc in docs:
         labels = ",".join(f"{k}={v}" for k, v in doc["labels"].items())
-        table.add_row(doc["id"], doc["fleet"], labels, "yes" if doc["online"] else "no",
-                      doc["assigned_release"] or "-", doc["running_release"] or "-", doc["last_event"] or "-")
+        table.add_row(
+            doc["id"],
+            doc["fleet"],
+            labels,
+            "yes" if doc["online"] else "no",
+            doc["assigned_release"] or "-",
+            doc["running_release"] or "-",
+            doc["last_event"] or "-",
+        )
     out.print(table)
 
 
 @devices_app.command("show")
 def devices_show(
     device_id: Annotated[str, typer.Argument(metavar="DEVICE")],
-    data_dir: DataDirOption = default_data_dir(),
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
     """One device with its hardware and its latest update events."""
     store = _open(data_dir).store()
     try:
         row = store.device(device_id)
-        doc = {**_device_doc(row, store.assignment_of(device_id)), "hardware": row["hardware"],
-               "agent_version": row["agent_version"], "events": store.events(device_id, limit=20)}
+        doc = {
+            **_device_doc(row, store.assignment_of(device_id)),
+            "hardware": row["hardware"],
+            "agent_version": row["agent_version"],
+            "events": store.events(device_id, limit=20),
+        }
     finally:
         store.close()
     if as_json:
@@ -233,57 +272,28 @@ def devices_enroll(
     grpc: Annotated[str | None, typer.Option(help="Coordinator gRPC address the device dials.")] = None,
     mqtt: Annotated[str | None, typer.Option(help="Broker URL the device connects to.")] = None,
     state_dir: Annotated[str, typer.Option(help="Agent state directory (relative: to the bundle).")] = "state",
-    data_dir: DataDirOption = default_data_dir(),
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
     """Write an enrollment bundle: agent.toml, the TUF trust root and the director keys."""
-    from edge_agent.config import config_from_dict
-    from edge_agent.errors import ConfigError
-
-    d = _open(data_dir)
     labels: dict[str, str] = {}
     for item in label or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise CoordinatorError(f"label {item!r} must look like key=value")
         labels[key] = value
-    endpoints = _running_endpoints(d)
-    config = d.config()
-    grpc_address = grpc or endpoints.get("grpc") or config.grpc_listen
-    mqtt_url = mqtt or endpoints.get("mqtt") or config.mqtt_url or f"mqtt://{config.embedded_broker_listen}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / "root.json", d.repository().root_bytes())
-    atomic_write_bytes(out_dir / "director_keys.json", (d.trust / "director_keys.json").read_bytes())
-    toml = "\n".join([
-        f'device_id = "{device_id}"', f'fleet = "{fleet}"', f'state_dir = "{state_dir}"',
-        f'grpc_target = "{grpc_address}"', f'mqtt_url = "{mqtt_url}"', 'trust_root = "root.json"',
-        'director_keys = "director_keys.json"', f'topic_prefix = "{config.topic_prefix}"', "", "[labels]",
-        *[f"{json.dumps(k)} = {json.dumps(v)}" for k, v in labels.items()], "",
-    ])
-    try:
-        import tomllib
-
-        config_from_dict(tomllib.loads(toml), out_dir)
-    except (ConfigError, tomllib.TOMLDecodeError) as e:
-        raise CoordinatorError(f"cannot enroll {device_id!r}: {e}") from e
-    atomic_write_bytes(out_dir / "agent.toml", toml.encode())
+    write_bundle(_open(data_dir), device_id, out_dir, fleet, labels, grpc, mqtt, state_dir)
     if as_json:
         _print_json({"device": device_id, "bundle": str(out_dir), "config": str(out_dir / "agent.toml")})
     else:
-        out.print(f"Enrollment bundle for [bold]{device_id}[/] written to {out_dir} "
-                  f"(run: fedfleet-agent run --config {out_dir / 'agent.toml'}).")
-
-
-def _running_endpoints(d: DataDir) -> dict[str, Any]:
-    try:
-        doc: dict[str, Any] = json.loads((d.root / "serve.json").read_text())
-        return doc
-    except (OSError, ValueError):
-        return {}
+        out.print(
+            f"Enrollment bundle for [bold]{device_id}[/] written to {out_dir} "
+            f"(run: fedfleet-agent run --config {out_dir / 'agent.toml'})."
+        )
 
 
 @keys_app.command("rotate-root")
-def keys_rotate_root(data_dir: DataDirOption = default_data_dir(), as_json: JsonOption = False) -> None:
+def keys_rotate_root(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
     """Replace the TUF root key; devices with any earlier root follow the signed chain to the new one."""
     version = _open(data_dir).repository().rotate_root()
     if as_json:

@@ -70,8 +70,12 @@ class Coordinator:
 
     def _write_endpoints(self, grpc_address: str) -> None:
         """Tell other processes (CLI, tests, simulators) where this coordinator listens."""
-        doc: dict[str, Any] = {"pid": os.getpid(), "grpc": grpc_address, "mqtt": self.mqtt_url,
-                               "embedded_broker": self.broker is not None}
+        doc: dict[str, Any] = {
+            "pid": os.getpid(),
+            "grpc": grpc_address,
+            "mqtt": self.mqtt_url,
+            "embedded_broker": self.broker is not None,
+        }
         atomic_write_bytes(self.datadir.root / "serve.json", json.dumps(doc, indent=1).encode())
         logger.info("coordinator ready: gRPC %s, MQTT %s", grpc_address, self.mqtt_url)
 

@@ -1,17 +1,16 @@
 """The coordinator's data directory: one place for the database, keys, update repository and trust bundle.
 
-    DATA/config.toml             coordinator settings (addresses, topic prefix)
-    DATA/fedfleet.db             SQLite (WAL)
-    DATA/keys/                   TUF role keys and the director key (0600)
-    DATA/repository/             the TUF repository served to devices
-    DATA/trust/root.json         the root devices start from (enrollment bundle)
-    DATA/trust/director_keys.json
+DATA/config.toml             coordinator settings (addresses, topic prefix)
+DATA/fedfleet.db             SQLite (WAL)
+DATA/keys/                   TUF role keys and the director key (0600)
+DATA/repository/             the TUF repository served to devices
+DATA/trust/root.json         the root devices start from (enrollment bundle)
+DATA/trust/director_keys.json
 """
 
 from __future__ import annotations
 
 import json
-import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,10 @@ from server.errors import DataDirError
 from server.repository import Repository
 from server.store import Store
 
-__all__ = ["CoordinatorConfig", "DataDir", "default_data_dir"]
+__all__ = ["DEFAULT_DATA_DIR", "ENV_DATA_DIR", "CoordinatorConfig", "DataDir"]
 
-ENV_DATA_DIR = "FEDFLEET_DATA_DIR"
-
-
-def default_data_dir() -> Path:
-    return Path(os.environ.get(ENV_DATA_DIR, "fedfleet-data"))
+ENV_DATA_DIR = "FEDFLEET_DATA_DIR"  # overrides DEFAULT_DATA_DIR for every command
+DEFAULT_DATA_DIR = Path("fedfleet-data")
 
 
 @dataclass(frozen=True)
@@ -45,7 +41,7 @@ class CoordinatorConfig:
         return (
             "# fedfleet coordinator settings; `fedfleet serve` flags override them.\n"
             f'grpc_listen = "{self.grpc_listen}"\n'
-            "# mqtt_url = \"mqtt://127.0.0.1:1883\"   # a real broker (Mosquitto); unset: embedded broker\n"
+            '# mqtt_url = "mqtt://127.0.0.1:1883"   # a real broker (Mosquitto); unset: embedded broker\n'
             f'mqtt_url = "{self.mqtt_url}"\n'
             f'embedded_broker_listen = "{self.embedded_broker_listen}"\n'
             f'topic_prefix = "{self.topic_prefix}"\n'
@@ -87,7 +83,9 @@ class DataDir:
 
     def require(self) -> DataDir:
         if not self.initialised:
-            raise DataDirError(f"{self.root} is not an initialised data directory; run `fedfleet init --data-dir {self.root}`")
+            raise DataDirError(
+                f"{self.root} is not an initialised data directory; run `fedfleet init --data-dir {self.root}`"
+            )
         return self
 
     def config(self) -> CoordinatorConfig:

@@ -8,6 +8,7 @@ operators, optional SOFTMAX) that any TFLite interpreter runs.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ def random_dense_layers(sizes: Sequence[int], seed: int) -> list[DenseLayer]:
         raise ValueError(f"need at least an input and an output size, all positive; got {list(sizes)}")
     rng = np.random.default_rng(seed)
     layers = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         w = rng.normal(0.0, np.sqrt(2.0 / n_in), size=(n_out, n_in)).astype(np.float32)
         b = rng.normal(0.0, 0.01, size=(n_out,)).astype(np.float32)
         layers.append(DenseLayer(w, b, relu=i < len(sizes) - 2))
@@ -53,7 +54,7 @@ def build_dense_model(layers: Sequence[DenseLayer], softmax: bool = True, descri
     """Serialize layers into a TFLite model taking float32 [1, in] and giving float32 [1, out]."""
     if not layers:
         raise ValueError("a model needs at least one layer")
-    for prev, layer in zip(layers[:-1], layers[1:], strict=True):
+    for prev, layer in itertools.pairwise(layers):
         if layer.weights.shape[1] != prev.weights.shape[0]:
             raise ValueError(f"layer shapes do not chain: {prev.weights.shape} then {layer.weights.shape}")
     buffers = [tfl.BufferT()]  # buffer 0 is the empty sentinel TFLite requires

@@ -52,7 +52,9 @@ class Director:
         body = assignment.SerializeToString(deterministic=True)
         return pb.SignedAssignment(assignment=body, key_id=self.key_id, signature=self._key.sign(body))
 
-    def assign(self, store: Store, device_ids: Sequence[str], release: Release, rollout_id: str = "") -> list[IssuedAssignment]:
+    def assign(
+        self, store: Store, device_ids: Sequence[str], release: Release, rollout_id: str = ""
+    ) -> list[IssuedAssignment]:
         """Sign and store one new assignment per device (next counter each); `fedfleet serve` publishes them."""
         for device_id in device_ids:
             store.device(device_id)  # raises NotFoundError with a clear message
@@ -61,23 +63,26 @@ class Director:
             highest = {d: 0 for d in device_ids}
             placeholders = ",".join("?" * len(device_ids))
             for row in db.query(
-                f"SELECT device_id, max(counter) AS c FROM assignments WHERE device_id IN ({placeholders}) GROUP BY device_id",
+                "SELECT device_id, max(counter) AS c FROM assignments"
+                f" WHERE device_id IN ({placeholders}) GROUP BY device_id",
                 list(device_ids),
             ):
                 highest[row["device_id"]] = row["c"]
             issued_at = now_ms()
             for device_id in device_ids:
                 counter = highest[device_id] + 1
-                signed = self.sign(pb.Assignment(
-                    device_id=device_id,
-                    target_path=release.target_path,
-                    target_length=release.length,
-                    target_sha256=release.sha256,
-                    counter=counter,
-                    release_id=release.id,
-                    issued_at_ms=issued_at,
-                    rollout_id=rollout_id,
-                ))
+                signed = self.sign(
+                    pb.Assignment(
+                        device_id=device_id,
+                        target_path=release.target_path,
+                        target_length=release.length,
+                        target_sha256=release.sha256,
+                        counter=counter,
+                        release_id=release.id,
+                        issued_at_ms=issued_at,
+                        rollout_id=rollout_id,
+                    )
+                )
                 db.execute(
                     """INSERT INTO assignments (device_id, counter, release_id, rollout_id, signed, created_at)
                        VALUES (?, ?, ?, ?, ?, ?)""",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -24,6 +25,8 @@ __all__ = ["FleetService", "start_grpc_server"]
 
 logger = logging.getLogger(__name__)
 
+Context = grpc.aio.ServicerContext[Any, Any]
+
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", LIMITS.grpc_request),
     ("grpc.max_send_message_length", LIMITS.grpc_message),
@@ -36,14 +39,18 @@ class FleetService(pb_grpc.FleetServiceServicer):
         self.repository = repository
         self.topic_prefix = topic_prefix
 
-    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterResponse:
+    async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.RegisterResponse:
         if not device_id_is_valid(request.device_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "device_id must be 1-128 letters, digits, '-', '_', '.'")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "device_id must be 1-128 letters, digits, '-', '_', '.'"
+            )
         if not device_id_is_valid(request.fleet):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fleet must be 1-128 letters, digits, '-', '_', '.'")
         labels = dict(request.labels)
         if len(labels) > LIMITS.labels or any(len(k) > 64 or len(v) > 256 for k, v in labels.items()):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {LIMITS.labels} labels, keys ≤64 and values ≤256 chars")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"at most {LIMITS.labels} labels, keys ≤64 and values ≤256 chars"
+            )
         hardware = MessageToDict(request.hardware, preserving_proto_field_name=True)
         self.store.register_device(request.device_id, request.fleet, labels, hardware, request.agent_version[:64])
         response = pb.RegisterResponse(device_id=request.device_id, topic_prefix=self.topic_prefix)
@@ -52,16 +59,15 @@ class FleetService(pb_grpc.FleetServiceServicer):
             response.assignment.ParseFromString(current["signed"])
         return response
 
-    async def FetchMetadata(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
+    async def FetchMetadata(self, request: pb.FetchRequest, context: Context) -> AsyncIterator[pb.Chunk]:
         async for chunk in self._stream(self.repository.metadata_path(request.path), request, context):
             yield chunk
 
-    async def FetchTarget(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
+    async def FetchTarget(self, request: pb.FetchRequest, context: Context) -> AsyncIterator[pb.Chunk]:
         async for chunk in self._stream(self.repository.target_path(request.path), request, context):
             yield chunk
 
-    async def _stream(self, path: Path | None, request: pb.FetchRequest,
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Chunk]:
+    async def _stream(self, path: Path | None, request: pb.FetchRequest, context: Context) -> AsyncIterator[pb.Chunk]:
         if path is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no file {request.path[:200]!r}")
             return
@@ -77,9 +83,11 @@ class FleetService(pb_grpc.FleetServiceServicer):
                 yield pb.Chunk(data=data, offset=offset, total_size=total)
                 offset += len(data)
 
-    async def ReportEvents(self, request: pb.ReportEventsRequest, context: grpc.aio.ServicerContext) -> pb.ReportEventsResponse:
+    async def ReportEvents(self, request: pb.ReportEventsRequest, context: Context) -> pb.ReportEventsResponse:
         if len(request.events) > LIMITS.events_per_report:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {LIMITS.events_per_report} events per report")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"at most {LIMITS.events_per_report} events per report"
+            )
         try:
             rows = [event_row(e, topic_device=None, store=self.store) for e in request.events]
         except EventRejected as e:

@@ -42,8 +42,9 @@ class MqttBridge:
         delay = 0.5
         while True:
             try:
-                async with aiomqtt.Client(self.host, self.port, identifier=self.client_id, keepalive=30,
-                                          max_queued_outgoing_messages=100_000) as client:
+                async with aiomqtt.Client(
+                    self.host, self.port, identifier=self.client_id, keepalive=30, max_queued_outgoing_messages=100_000
+                ) as client:
                     self._client = client
                     await client.subscribe(f"{self.topics.prefix}/devices/+/status", qos=1)
                     await client.subscribe(f"{self.topics.prefix}/devices/+/events", qos=1)
@@ -89,9 +90,9 @@ class MqttBridge:
         rows = self.store.unpublished_assignments()
         if not rows:
             return 0
-        await asyncio.gather(*(
-            client.publish(self.topics.desired(r["device_id"]), r["signed"], qos=1, retain=True) for r in rows
-        ))
+        await asyncio.gather(
+            *(client.publish(self.topics.desired(r["device_id"]), r["signed"], qos=1, retain=True) for r in rows)
+        )
         self.store.mark_published([(r["device_id"], r["counter"]) for r in rows])
         return len(rows)
 

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import (
-    MetaFile,
     Metadata,
+    MetaFile,
     Root,
     Signed,
     Snapshot,
@@ -288,4 +288,3 @@ class Repository:
             self._write(targets, [self._signer(Targets.type)])
             self._write_snapshot_and_timestamp()
             return root.version
-

@@ -19,7 +19,7 @@ import sqlite_utils
 
 from server.errors import DataDirError, NotFoundError
 
-__all__ = ["Store", "SCHEMA_VERSION", "now_ms"]
+__all__ = ["SCHEMA_VERSION", "Store", "now_ms"]
 
 
 def now_ms() -> int:
@@ -134,7 +134,9 @@ class Store:
         with self.transaction() as db:
             version = self.schema_version()
             if version > SCHEMA_VERSION:
-                raise DataDirError(f"database {self.path} is schema {version}, newer than this fedfleet ({SCHEMA_VERSION}); upgrade fedfleet")
+                raise DataDirError(
+                    f"database {self.path} is schema {version}, newer than this fedfleet ({SCHEMA_VERSION}); upgrade it"
+                )
             for migration in MIGRATIONS[version:]:
                 migration(db)
                 ran += 1
@@ -143,8 +145,9 @@ class Store:
 
     # ----- devices -----
 
-    def register_device(self, device_id: str, fleet: str, labels: dict[str, str], hardware: dict[str, Any],
-                        agent_version: str) -> None:
+    def register_device(
+        self, device_id: str, fleet: str, labels: dict[str, str], hardware: dict[str, Any], agent_version: str
+    ) -> None:
         now = now_ms()
         with self.transaction() as db:
             db.execute(
@@ -153,8 +156,15 @@ class Store:
                    ON CONFLICT (id) DO UPDATE SET fleet = excluded.fleet, labels = excluded.labels,
                      hardware = excluded.hardware, agent_version = excluded.agent_version,
                      last_seen = excluded.last_seen""",
-                [device_id, fleet, json.dumps(labels, sort_keys=True), json.dumps(hardware, sort_keys=True),
-                 agent_version, now, now],
+                [
+                    device_id,
+                    fleet,
+                    json.dumps(labels, sort_keys=True),
+                    json.dumps(hardware, sort_keys=True),
+                    agent_version,
+                    now,
+                    now,
+                ],
             )
 
     def device(self, device_id: str) -> dict[str, Any]:
@@ -170,13 +180,29 @@ class Store:
     def device_ids(self, fleet: str) -> list[str]:
         return [r["id"] for r in self.db.query("SELECT id FROM devices WHERE fleet = ? ORDER BY id", [fleet])]
 
-    def set_status(self, device_id: str, online: bool, running_release: str, running_target: str,
-                   running_counter: int, update_state: str, last_error: str) -> bool:
+    def set_status(
+        self,
+        device_id: str,
+        online: bool,
+        running_release: str,
+        running_target: str,
+        running_counter: int,
+        update_state: str,
+        last_error: str,
+    ) -> bool:
         cursor = self.db.execute(
             """UPDATE devices SET online = ?, running_release = ?, running_target = ?, running_counter = ?,
                  update_state = ?, last_error = ?, last_seen = ? WHERE id = ?""",
-            [int(online), running_release, running_target, running_counter, update_state, last_error, now_ms(),
-             device_id],
+            [
+                int(online),
+                running_release,
+                running_target,
+                running_counter,
+                update_state,
+                last_error,
+                now_ms(),
+                device_id,
+            ],
         )
         return cursor.rowcount == 1
 
@@ -198,8 +224,18 @@ class Store:
                 db.execute(
                     """INSERT INTO events (device_id, counter, release_id, target_path, kind, reason, detail,
                          device_time, received_at, via) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    [e["device_id"], e["counter"], e["release_id"], e["target_path"], e["kind"], e["reason"],
-                     e["detail"], e["device_time"], received, via],
+                    [
+                        e["device_id"],
+                        e["counter"],
+                        e["release_id"],
+                        e["target_path"],
+                        e["kind"],
+                        e["reason"],
+                        e["detail"],
+                        e["device_time"],
+                        received,
+                        via,
+                    ],
                 )
                 db.execute(
                     "UPDATE devices SET last_event = ?, last_event_at = ?, last_seen = ? WHERE id = ?",
@@ -214,9 +250,7 @@ class Store:
     # ----- releases -----
 
     def add_release(self, release: Release) -> None:
-        self.db["releases"].insert(
-            {**release.__dict__, "custom": json.dumps(release.custom, sort_keys=True)}  # type: ignore[arg-type]
-        )
+        self.db.table("releases").insert({**release.__dict__, "custom": json.dumps(release.custom, sort_keys=True)})
 
     def release(self, release_id: str) -> Release:
         rows = list(self.db.query("SELECT * FROM releases WHERE id = ?", [release_id]))
@@ -230,17 +264,22 @@ class Store:
     # ----- assignments -----
 
     def current_assignment(self, device_id: str) -> dict[str, Any] | None:
-        rows = list(self.db.query(
-            "SELECT * FROM assignments WHERE device_id = ? ORDER BY counter DESC LIMIT 1", [device_id]))
+        rows = list(
+            self.db.query("SELECT * FROM assignments WHERE device_id = ? ORDER BY counter DESC LIMIT 1", [device_id])
+        )
         return rows[0] if rows else None
 
     def unpublished_assignments(self, limit: int = 5000) -> list[dict[str, Any]]:
         """The newest unpublished assignment per device (older ones are superseded by it)."""
-        return list(self.db.query(
-            """SELECT a.* FROM assignments a
+        return list(
+            self.db.query(
+                """SELECT a.* FROM assignments a
                WHERE a.published_at IS NULL
                  AND a.counter = (SELECT max(counter) FROM assignments b WHERE b.device_id = a.device_id)
-               LIMIT ?""", [limit]))
+               LIMIT ?""",
+                [limit],
+            )
+        )
 
     def mark_published(self, keys: list[tuple[str, int]]) -> None:
         now = now_ms()
@@ -256,8 +295,12 @@ class Store:
 
 
 def _device_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "labels": json.loads(row["labels"]), "hardware": json.loads(row["hardware"]),
-            "online": bool(row["online"])}
+    return {
+        **row,
+        "labels": json.loads(row["labels"]),
+        "hardware": json.loads(row["hardware"]),
+        "online": bool(row["online"]),
+    }
 
 
 def _release_row(row: dict[str, Any]) -> Release:

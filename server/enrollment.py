@@ -1,0 +1,65 @@
+"""Enrollment bundles: what a device needs to start (agent.toml, the TUF trust root, the director keys)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import AgentConfig, config_from_dict
+from edge_agent.errors import ConfigError
+from edge_agent.fsutil import atomic_write_bytes
+from server.datadir import DataDir
+from server.errors import CoordinatorError
+
+__all__ = ["running_endpoints", "write_bundle"]
+
+
+def running_endpoints(d: DataDir) -> dict[str, Any]:
+    """Where a running `fedfleet serve` listens (from DATA/serve.json), or {} if none runs."""
+    try:
+        doc: dict[str, Any] = json.loads((d.root / "serve.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc
+
+
+def write_bundle(
+    d: DataDir,
+    device_id: str,
+    out_dir: Path,
+    fleet: str = "default",
+    labels: Mapping[str, str] | None = None,
+    grpc: str | None = None,
+    mqtt: str | None = None,
+    state_dir: str = "state",
+    extra: Mapping[str, Any] | None = None,
+) -> AgentConfig:
+    """Write the bundle into out_dir and return the agent configuration it holds (checked before writing)."""
+    endpoints = running_endpoints(d)
+    config = d.config()
+    fields: dict[str, Any] = {
+        "device_id": device_id,
+        "fleet": fleet,
+        "state_dir": state_dir,
+        "grpc_target": grpc or endpoints.get("grpc") or config.grpc_listen,
+        "mqtt_url": mqtt or endpoints.get("mqtt") or config.mqtt_url or f"mqtt://{config.embedded_broker_listen}",
+        "trust_root": "root.json",
+        "director_keys": "director_keys.json",
+        "topic_prefix": config.topic_prefix,
+        **(extra or {}),
+    }
+    lines = [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
+    lines += ["", "[labels]", *[f"{json.dumps(k)} = {json.dumps(v)}" for k, v in (labels or {}).items()], ""]
+    toml = "\n".join(lines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "root.json", d.repository().root_bytes())
+    atomic_write_bytes(out_dir / "director_keys.json", (d.trust / "director_keys.json").read_bytes())
+    try:
+        agent_config = config_from_dict(tomllib.loads(toml), out_dir)
+    except (ConfigError, tomllib.TOMLDecodeError) as e:
+        raise CoordinatorError(f"cannot enroll {device_id!r}: {e}") from e
+    atomic_write_bytes(out_dir / "agent.toml", toml.encode())
+    return agent_config

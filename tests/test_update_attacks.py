@@ -1,0 +1,276 @@
+"""Each TUF/Uptane attack is refused, the good model stays active, and the event names the reason.
+
+The agent's real update function runs against the real FleetService on a free port; the attacks edit the
+repository on disk with python-tuf's own Metadata API, as an attacker who controls the server's files would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata, MetaFile, Root
+from tuf.api.serialization.json import JSONSerializer
+
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.assignment import load_director_keys
+from edge_agent.state import StateStore
+from edge_agent.transport import GrpcTransport
+from edge_agent.tuf_client import seed_trust_root
+from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment
+from server.datadir import DataDir
+from server.director import Director
+from server.releases import publish_release
+from server.repository import load_private_key
+from tests.support import GrpcServerThread
+
+DEVICE = "dev-1"
+
+
+@dataclass
+class Env:
+    d: DataDir
+    server: GrpcServerThread
+    ctx: UpdateContext
+    events: list[pb.UpdateEvent]
+    sha: dict[str, str]
+
+    def assign(self, release_id: str, device: str = DEVICE, director: Director | None = None) -> bytes:
+        store = self.d.store()
+        try:
+            (director or self.d.director()).assign(store, [device], store.release(release_id))
+            row = store.current_assignment(device)
+        finally:
+            store.close()
+        assert row is not None
+        signed: bytes = row["signed"]
+        return signed
+
+    def apply(self, payload: bytes) -> UpdateResult:
+        return apply_assignment(payload, self.ctx)
+
+    def active_sha(self) -> str:
+        state = self.ctx.store.load()
+        assert state.active is not None
+        on_disk = hashlib.sha256(self.ctx.store.model_path(state.active).read_bytes()).hexdigest()
+        assert state.active_info is not None and state.active_info.sha256 == on_disk
+        return on_disk
+
+    # ----- an attacker's edits, through python-tuf's API -----
+
+    @property
+    def meta(self) -> Path:
+        return self.d.repository_dir / "metadata"
+
+    def signer(self, role: str) -> CryptoSigner:
+        return CryptoSigner(load_private_key(self.d.keys / f"{role}.pem"))
+
+    def write(self, md: Metadata, name: str, signers: list[CryptoSigner]) -> None:  # type: ignore[type-arg]
+        md.signatures.clear()
+        for s in signers:
+            md.sign(s, append=True)
+        (self.meta / name).write_bytes(md.to_bytes(JSONSerializer()))
+
+    def latest(self, role: str) -> int:
+        return max(int(p.name.split(".")[0]) for p in self.meta.glob(f"*.{role}.json"))
+
+    def target_file(self, release: str) -> Path:
+        return next((self.d.repository_dir / "targets" / "digits" / release).glob("*.model.tflite"))
+
+
+@pytest.fixture
+def env(datadir: DataDir, model_bytes: dict[str, bytes], tmp_path: Path) -> Iterator[Env]:
+    store = datadir.store()
+    store.register_device(DEVICE, "lab", {}, {}, "test")
+    store.register_device("dev-2", "lab", {}, {}, "test")
+    sha = {}
+    for version, data in model_bytes.items():
+        sha[version] = publish_release(datadir.repository(), store, data, "digits", version).release.sha256
+    server = GrpcServerThread(store, datadir.repository())
+    state = StateStore(tmp_path / "agent")
+    seed_trust_root(state.tuf_dir, datadir.trust / "root.json")
+    events: list[pb.UpdateEvent] = []
+    transport = GrpcTransport(server.address, DEVICE, timeout=10)
+    director_keys = load_director_keys(__import__("json").loads((datadir.trust / "director_keys.json").read_text()))
+    ctx = UpdateContext(DEVICE, state, transport, director_keys, events.append)
+    e = Env(datadir, server, ctx, events, sha)
+    first = e.apply(e.assign("digits@1.0.0"))
+    assert first.outcome is Outcome.COMMITTED, first
+    assert e.active_sha() == sha["1.0.0"]
+    yield e
+    transport.close()
+    server.stop()
+    store.close()
+
+
+def assert_refused(e: Env, result: UpdateResult, reason: str) -> None:
+    assert result.outcome is Outcome.REJECTED, result
+    assert result.reason == reason, result
+    assert e.events[-1].kind == pb.EVENT_KIND_REJECTED and e.events[-1].reason == reason
+    assert e.active_sha() == e.sha["1.0.0"]  # the good model stays active, byte for byte
+    assert e.ctx.store.load().last_reason == reason
+
+
+def test_upgrade_and_rollback_are_accepted_but_a_replay_is_not(env: Env) -> None:
+    first = env.assign("digits@1.0.0")  # counter 2 (counter 1 was consumed by the fixture)
+    assert env.apply(first).outcome is Outcome.COMMITTED
+    upgrade = env.apply(env.assign("digits@2.0.0"))
+    assert upgrade.outcome is Outcome.COMMITTED and env.active_sha() == env.sha["2.0.0"]
+
+    rollback = env.apply(env.assign("digits@1.0.0"))  # a new, higher counter pointing at the older target
+    assert rollback.outcome is Outcome.COMMITTED and env.active_sha() == env.sha["1.0.0"]
+
+    upgrade_again = env.apply(env.assign("digits@2.0.0"))
+    assert upgrade_again.outcome is Outcome.COMMITTED
+    replayed = env.apply(first)  # the old, validly signed assignment for 1.0.0
+    assert replayed.outcome is Outcome.REJECTED and replayed.reason == "assignment_replay"
+    assert env.active_sha() == env.sha["2.0.0"]
+
+
+def test_same_counter_twice_is_not_reapplied(env: Env) -> None:
+    payload = env.assign("digits@2.0.0")
+    assert env.apply(payload).outcome is Outcome.COMMITTED
+    count = len(env.events)
+    assert env.apply(payload).outcome is Outcome.UNCHANGED  # e.g. the retained message again after reconnect
+    assert len(env.events) == count
+
+
+def test_tampered_target_bytes(env: Env) -> None:
+    f = env.target_file("2.0.0")
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "target_hash_mismatch")
+
+
+def test_target_shorter_than_signed(env: Env) -> None:
+    f = env.target_file("2.0.0")
+    f.write_bytes(f.read_bytes()[:-100])
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "target_length_mismatch")
+
+
+def test_endless_data_is_cut_at_the_signed_length(env: Env) -> None:
+    f = env.target_file("2.0.0")
+    f.write_bytes(f.read_bytes() + b"\0" * 5_000_000)
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "target_too_large")
+    assert not list(env.ctx.store.downloads.iterdir())  # nothing unverified is kept
+
+
+def test_assignment_signed_by_unknown_key(env: Env) -> None:
+    rogue = Director(Ed25519PrivateKey.generate())
+    assert_refused(env, env.apply(env.assign("digits@2.0.0", director=rogue)), "assignment_unknown_key")
+
+
+def test_assignment_with_forged_signature(env: Env) -> None:
+    signed = pb.SignedAssignment.FromString(env.assign("digits@2.0.0"))
+    signed.signature = bytes([signed.signature[0] ^ 1]) + signed.signature[1:]
+    assert_refused(env, env.apply(signed.SerializeToString()), "assignment_bad_signature")
+
+
+def test_assignment_for_another_device(env: Env) -> None:
+    assert_refused(env, env.apply(env.assign("digits@2.0.0", device="dev-2")), "assignment_wrong_device")
+
+
+def test_director_and_repository_disagree(env: Env) -> None:
+    """Mix-and-match between director and image repository: the path of 2.0.0 with the hash of 1.0.0."""
+    store = env.d.store()
+    v2 = store.release("digits@2.0.0")
+    store.close()
+    forged = pb.Assignment(
+        device_id=DEVICE,
+        target_path=v2.target_path,
+        target_length=v2.length,
+        target_sha256=env.sha["1.0.0"],
+        counter=99,
+        release_id=v2.id,
+    )
+    payload = env.d.director().sign(forged).SerializeToString()
+    assert_refused(env, env.apply(payload), "target_mismatch")
+
+
+def _past() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+
+
+def test_freeze_expired_timestamp(env: Env) -> None:
+    ts = Metadata.from_file(str(env.meta / "timestamp.json"))
+    ts.signed.version += 1
+    ts.signed.expires = _past()
+    env.write(ts, "timestamp.json", [env.signer("timestamp")])
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_expired")
+
+
+def test_freeze_expired_targets(env: Env) -> None:
+    n = env.latest("targets")
+    targets = Metadata.from_file(str(env.meta / f"{n}.targets.json"))
+    targets.signed.version = n + 1
+    targets.signed.expires = _past()
+    env.write(targets, f"{n + 1}.targets.json", [env.signer("targets")])
+    s = env.latest("snapshot")
+    snapshot = Metadata.from_file(str(env.meta / f"{s}.snapshot.json"))
+    snapshot.signed.version = s + 1
+    snapshot.signed.meta = {"targets.json": MetaFile(version=n + 1)}
+    env.write(snapshot, f"{s + 1}.snapshot.json", [env.signer("snapshot")])
+    ts = Metadata.from_file(str(env.meta / "timestamp.json"))
+    ts.signed.version += 1
+    ts.signed.snapshot_meta = MetaFile(version=s + 1)
+    env.write(ts, "timestamp.json", [env.signer("timestamp")])
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_expired")
+
+
+def test_mix_and_match_snapshot_and_targets(env: Env) -> None:
+    """Serve an older (validly signed) targets file where the snapshot names the current version."""
+    n = env.latest("targets")  # the device already trusts targets n: point a new snapshot at n + 1
+    s = env.latest("snapshot")
+    snapshot = Metadata.from_file(str(env.meta / f"{s}.snapshot.json"))
+    snapshot.signed.version = s + 1
+    snapshot.signed.meta = {"targets.json": MetaFile(version=n + 1)}
+    env.write(snapshot, f"{s + 1}.snapshot.json", [env.signer("snapshot")])
+    (env.meta / f"{n + 1}.targets.json").write_bytes((env.meta / f"{n - 1}.targets.json").read_bytes())
+    ts = Metadata.from_file(str(env.meta / "timestamp.json"))
+    ts.signed.version += 1
+    ts.signed.snapshot_meta = MetaFile(version=s + 1)
+    env.write(ts, "timestamp.json", [env.signer("timestamp")])
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_mismatch")
+
+
+def test_root_rotation_not_signed_by_the_old_root(env: Env) -> None:
+    root: Metadata[Root] = Metadata.from_file(str(env.meta / "1.root.json"))
+    new_key = CryptoSigner.generate_ed25519()
+    for keyid in list(root.signed.roles["root"].keyids):
+        root.signed.revoke_key(keyid, "root")
+    root.signed.add_key(new_key.public_key, "root")
+    root.signed.version = 2
+    env.write(root, "2.root.json", [new_key])  # signed by the new key only
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "root_rotation_invalid")
+
+
+def test_valid_root_rotation_is_followed(env: Env) -> None:
+    for _ in range(2):
+        env.d.repository().rotate_root()
+    result = env.apply(env.assign("digits@2.0.0"))
+    assert result.outcome is Outcome.COMMITTED, result
+    cached = Metadata.from_file(str(env.ctx.store.tuf_dir / "root.json"))
+    assert cached.signed.version == 3
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda b: b"\x00garbage",
+        lambda b: b[: len(b) // 2],
+        lambda b: b"",
+        lambda b: b"x" * 20_000,
+    ],
+)
+def test_malformed_assignment_payloads(env: Env, corrupt: Callable[[bytes], bytes]) -> None:
+    result = env.apply(corrupt(env.assign("digits@2.0.0")))
+    assert result.outcome is Outcome.REJECTED
+    assert result.reason.startswith("assignment_")
+    assert env.active_sha() == env.sha["1.0.0"]

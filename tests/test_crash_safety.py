@@ -1,0 +1,75 @@
+"""SIGKILL the agent at every step of an update: it restarts on a committed model and finishes the update."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_agent.runtime import load_model
+from edge_agent.state import StateStore
+from edge_agent.updater import STEPS
+from server.datadir import DataDir
+from server.dense_tflite import build_dense_model, random_dense_layers
+from server.releases import publish_release
+from tests.support import CoordinatorProcess, Mosquitto, enroll_agent, wait_for
+from tests.test_end_to_end import fedfleet, running
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def crash_fleet(
+    tmp_path_factory: pytest.TempPathFactory, mosquitto: Mosquitto
+) -> Iterator[tuple[DataDir, CoordinatorProcess]]:
+    d, _ = DataDir.init(tmp_path_factory.mktemp("crash") / "data")
+    store = d.store()
+    publish_release(d.repository(), store, build_dense_model(random_dense_layers([64, 32, 10], 1)), "digits", "1.0.0")
+    # A larger second model (~1.3 MB) so the download spans several chunks and can be cut in the middle.
+    publish_release(d.repository(), store, build_dense_model(random_dense_layers([64, 4000, 10], 2)), "digits", "2.0.0")
+    store.close()
+    coordinator = CoordinatorProcess(d, mosquitto.url).start()
+    yield d, coordinator
+    coordinator.kill()
+
+
+def committed_model_is_intact(state_dir: Path) -> str:
+    state = StateStore(state_dir).load()
+    assert state.active is not None and state.active_info is not None
+    path = state_dir / "slots" / state.active / "model.tflite"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == state.active_info.sha256
+    load_model(path)  # and it loads
+    return state.active_info.release_id
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_kill_at_each_update_step(step: str, crash_fleet: tuple[DataDir, CoordinatorProcess], tmp_path: Path) -> None:
+    d, coordinator = crash_fleet
+    name = f"crash-{step.replace('_', '-')}"
+    agent = enroll_agent(d, tmp_path, name, coordinator=coordinator).start()
+    fedfleet(d, "assign", "digits@1.0.0", "--device", name)
+    wait_for(lambda: running(d, name, "digits@1.0.0"), 30, what="1.0.0 committed")
+    agent.kill()
+
+    paused = enroll_agent(d, tmp_path, name, coordinator=coordinator, extra={"debug_pause_at": step}).start()
+    fedfleet(d, "assign", "digits@2.0.0", "--device", name)
+    wait_for(lambda: (agent.config.state_dir / f"paused-at-{step}").exists(), 30, what=f"pause at {step}")
+    paused.kill()
+
+    release = committed_model_is_intact(agent.config.state_dir)
+    assert release == ("digits@2.0.0" if step == "switched" else "digits@1.0.0")
+
+    resumed = enroll_agent(d, tmp_path, name, coordinator=coordinator).start()
+    try:
+        wait_for(
+            lambda: resumed.status()["release"] == "digits@2.0.0" and not resumed.status()["update_pending"],
+            30,
+            what="2.0.0 after restart",
+        )
+        assert committed_model_is_intact(agent.config.state_dir) == "digits@2.0.0"
+        assert not list((agent.config.state_dir / "downloads").iterdir())
+        assert not [p for p in agent.config.state_dir.rglob(".tmp-*")]
+    finally:
+        resumed.kill()

@@ -55,7 +55,7 @@ def test_kill_at_each_update_step(step: str, crash_fleet: tuple[DataDir, Coordin
 
     paused = enroll_agent(d, tmp_path, name, coordinator=coordinator, extra={"debug_pause_at": step}).start()
     fedfleet(d, "assign", "digits@2.0.0", "--device", name)
-    wait_for(lambda: (agent.config.state_dir / f"paused-at-{step}").exists(), 30, what=f"pause at {step}")
+    wait_for((agent.config.state_dir / f"paused-at-{step}").exists, 30, what=f"pause at {step}")
     paused.kill()
 
     release = committed_model_is_intact(agent.config.state_dir)

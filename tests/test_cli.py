@@ -1,0 +1,167 @@
+"""The CLIs: every command has help, errors are one sentence on stderr with exit 1, --json prints only JSON,
+and bad input changes nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import typer.main
+
+from server.cli import app
+from server.datadir import DataDir
+from server.dense_tflite import build_dense_model, random_dense_layers
+
+
+def run(*args: str, module: str = "server.cli") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = []
+    for name, command in group.commands.items():
+        found.append((*prefix, name))
+        if isinstance(command, click.Group):
+            found += _commands(command, (*prefix, name))
+    return found
+
+
+COMMANDS = _commands(typer.main.get_command(app))  # type: ignore[arg-type]
+
+
+def test_command_list_is_complete() -> None:
+    assert {
+        ("init",),
+        ("serve",),
+        ("release",),
+        ("assign",),
+        ("devices", "list"),
+        ("devices", "show"),
+        ("devices", "enroll"),
+        ("keys", "rotate-root"),
+        ("releases", "list"),
+    } <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help(command: tuple[str, ...]) -> None:
+    group = typer.main.get_command(app)
+    cmd: click.Command = group
+    for part in command:
+        assert isinstance(cmd, click.Group)
+        cmd = cmd.commands[part]
+    assert cmd.help and len(cmd.help.strip()) > 15, f"{' '.join(command)} lacks a help text"
+    for param in cmd.params:
+        if isinstance(param, click.Option):
+            assert param.help, f"{' '.join(command)} {param.opts[0]} lacks a help text"
+
+
+def test_agent_help_and_exit_codes(tmp_path: Path) -> None:
+    out = run("--help", module="edge_agent.cli")
+    assert out.returncode == 0 and "run" in out.stdout and "status" in out.stdout and "Exit codes" in out.stdout
+    missing = run("status", "--config", str(tmp_path / "nope.toml"), module="edge_agent.cli")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith("fedfleet-agent: config file") and "\n" not in missing.stderr.strip()
+
+
+def test_init_twice_changes_nothing(tmp_path: Path) -> None:
+    first = run("init", "--data-dir", str(tmp_path / "d"), "--json")
+    assert json.loads(first.stdout) == {"created": True, "data_dir": str(tmp_path / "d")}
+    snapshot = {p: p.read_bytes() for p in (tmp_path / "d").rglob("*") if p.is_file()}
+    second = run("init", "--data-dir", str(tmp_path / "d"))
+    assert second.returncode == 0 and "nothing changed" in second.stdout
+    assert {p: p.read_bytes() for p in (tmp_path / "d").rglob("*") if p.is_file()} == snapshot
+
+
+def test_init_refuses_a_foreign_directory(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
+    out = run("init", "--data-dir", str(tmp_path / "photos"))
+    assert out.returncode == 1 and "is not a fedfleet data directory" in out.stderr
+    assert [p.name for p in (tmp_path / "photos").iterdir()] == ["cat.jpg"]
+
+
+def test_commands_on_an_uninitialised_directory_say_what_to_do(tmp_path: Path) -> None:
+    out = run("devices", "list", "--data-dir", str(tmp_path / "none"))
+    assert out.returncode == 1
+    assert out.stderr.startswith("fedfleet: ") and "fedfleet init" in out.stderr and out.stderr.count("\n") == 1
+    assert not (tmp_path / "none").exists()
+
+
+def _digest(d: DataDir) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in d.root.rglob("*") if p.is_file() and not p.name.startswith("fedfleet.db")}
+
+
+def test_release_is_byte_identical_when_repeated_and_bad_input_changes_nothing(
+    datadir: DataDir, tmp_path: Path
+) -> None:
+    model = tmp_path / "m.tflite"
+    model.write_bytes(build_dense_model(random_dense_layers([64, 16, 10], 3)))
+    root = str(datadir.root)
+    first = json.loads(
+        run("release", str(model), "--name", "digits", "--version", "1.0.0", "--data-dir", root, "--json").stdout
+    )
+    assert first["created"] is True
+    before = _digest(datadir)
+    again = json.loads(
+        run("release", str(model), "--name", "digits", "--version", "1.0.0", "--data-dir", root, "--json").stdout
+    )
+    assert again == {**first, "created": False}
+    assert _digest(datadir) == before
+
+    (tmp_path / "junk.tflite").write_bytes(b"not a model at all")
+    other = tmp_path / "other.tflite"
+    other.write_bytes(build_dense_model(random_dense_layers([64, 16, 10], 4)))
+    refusals = [
+        (["release", str(tmp_path / "junk.tflite"), "--name", "digits", "--version", "2"], "not a loadable TFLite"),
+        (["release", str(other), "--name", "digits", "--version", "1.0.0"], "exists with other bytes"),
+        (["release", str(model), "--name", "../evil", "--version", "3"], "model name"),
+        (["release", str(model), "--name", "digits", "--version", "a b"], "version"),
+        (["assign", "digits@9.9.9", "--fleet", "lab"], "no release"),
+        (["assign", "digits@1.0.0", "--device", "ghost"], "no device"),
+        (["assign", "digits@1.0.0", "--fleet", "lab", "--device", "x"], "exactly one of"),
+        (["assign", "digits@1.0.0", "--fleet", "empty"], "no registered devices"),
+        (["devices", "show", "ghost"], "no device"),
+        (["devices", "enroll", "bad id!", "--out", str(tmp_path / "b")], "device_id"),
+    ]
+    for args, message in refusals:
+        out = run(*args, "--data-dir", root)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        assert message in out.stderr and out.stderr.startswith("fedfleet: "), (args, out.stderr)
+    assert _digest(datadir) == before
+    store = datadir.store()
+    assert [r.id for r in store.releases()] == ["digits@1.0.0"]
+    store.close()
+
+
+def test_json_outputs_are_one_document(datadir: DataDir, tmp_path: Path) -> None:
+    root = str(datadir.root)
+    for args in (["devices", "list"], ["releases", "list"], ["keys", "rotate-root"]):
+        out = run(*args, "--data-dir", root, "--json")
+        assert out.returncode == 0
+        json.loads(out.stdout)
+    enrolled = json.loads(
+        run(
+            "devices",
+            "enroll",
+            "pi-7",
+            "--fleet",
+            "lab",
+            "--label",
+            "site=roof",
+            "--out",
+            str(tmp_path / "pi-7"),
+            "--data-dir",
+            root,
+            "--json",
+        ).stdout
+    )
+    assert Path(enrolled["config"]).is_file()
+    status = json.loads(run("status", "--config", enrolled["config"], "--json", module="edge_agent.cli").stdout)
+    assert status["device_id"] == "pi-7" and status["active_slot"] is None

@@ -1,0 +1,123 @@
+"""Pure parts: encoded arrays, agent config validation, topics, store migrations, TUF expiry renewal."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from tuf.api.metadata import Metadata
+
+from edge_agent.arrays import decode_array, encode_array
+from edge_agent.config import config_from_dict
+from edge_agent.contract import Topics, device_id_is_valid
+from edge_agent.errors import ConfigError
+from server.datadir import DataDir
+from server.errors import DataDirError
+from server.store import SCHEMA_VERSION, Store
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    hnp.arrays(
+        st.sampled_from([np.float32, np.float64, np.int32, np.int64, np.uint8, np.int8]),
+        hnp.array_shapes(min_dims=0, max_dims=3, max_side=6),
+    )
+)
+def test_encoded_arrays_round_trip_exactly(a: np.ndarray) -> None:
+    doc = encode_array(a)
+    json.dumps(doc)  # plain JSON, no floats: TUF canonical JSON can sign it
+    back = decode_array(doc)
+    assert back.dtype == a.dtype and back.shape == a.shape
+    assert np.array_equal(back, a, equal_nan=a.dtype.kind == "f")
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        None,
+        {},
+        {"dtype": "float32", "shape": [2], "b64": "!!!"},
+        {"dtype": "complex64", "shape": [1], "b64": ""},
+        {"dtype": "float32", "shape": [3], "b64": "AAAA"},
+        {"dtype": "float32", "shape": [-1], "b64": ""},
+        {"dtype": "float32", "shape": [10**9], "b64": ""},
+    ],
+)
+def test_malformed_encoded_arrays_are_refused(doc: object) -> None:
+    with pytest.raises(ValueError):
+        decode_array(doc)
+
+
+def test_topics_and_ids() -> None:
+    t = Topics("fedfleet/v1")
+    assert t.device_of(t.status("pi-1"), "status") == "pi-1"
+    assert t.device_of(t.events("pi-1"), "status") is None
+    assert t.device_of("fedfleet/v1/devices/a/b/status", "status") is None
+    assert t.device_of("other/v1/devices/pi-1/status", "status") is None
+    assert not device_id_is_valid("") and not device_id_is_valid("a/b") and not device_id_is_valid("+")
+    assert not device_id_is_valid(".hidden") and not device_id_is_valid("x" * 129) and device_id_is_valid("pi_1.a-b")
+
+
+def _config(tmp_path: Path, **changes: object) -> dict[str, object]:
+    (tmp_path / "keys.json").write_text("{}")
+    base: dict[str, object] = {
+        "device_id": "pi-1",
+        "state_dir": "s",
+        "grpc_target": "h:1",
+        "mqtt_url": "mqtt://h:1",
+        "trust_root": "root.json",
+        "director_keys": "keys.json",
+    }
+    return {**base, **changes}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"device_id": "a/b"}, "device_id"),
+        ({"mqtt_url": "http://x"}, "mqtt_url"),
+        ({"interpreter": "onnx"}, "interpreter"),
+        ({"debug_pause_at": "nowhere"}, "debug_pause_at"),
+        ({"labels": "x"}, "labels"),
+        ({"director_keys": "missing.json"}, "director keys"),
+    ],
+)
+def test_bad_agent_config_is_refused(tmp_path: Path, changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(_config(tmp_path, **changes), tmp_path)
+    missing = _config(tmp_path)
+    del missing["grpc_target"]
+    with pytest.raises(ConfigError, match="grpc_target"):
+        config_from_dict(missing, tmp_path)
+
+
+def test_store_migrates_once_and_refuses_a_newer_schema(tmp_path: Path) -> None:
+    store = Store(tmp_path / "f.db")
+    assert store.schema_version() == SCHEMA_VERSION and store.migrate() == 0
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+    conn = sqlite3.connect(tmp_path / "f.db")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(DataDirError, match="newer than this fedfleet"):
+        Store(tmp_path / "f.db")
+
+
+def test_online_roles_are_re_signed_before_they_expire(datadir: DataDir) -> None:
+    repo = datadir.repository()
+    meta = datadir.repository_dir / "metadata"
+    assert repo.refresh_expiring() == []  # all fresh
+    ts_version = repo.timestamp_version()
+    later = datetime.now(UTC) + timedelta(hours=13)  # past half of the timestamp's one day
+    assert repo.refresh_expiring(now=later) == ["timestamp"]
+    ts = Metadata.from_file(str(meta / "timestamp.json"))
+    assert ts.signed.version == ts_version + 1
+    much_later = datetime.now(UTC) + timedelta(days=50)
+    assert repo.refresh_expiring(now=much_later) == ["targets", "snapshot", "timestamp"]

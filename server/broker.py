@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+from typing import Any
 
 from server.errors import CoordinatorError
 
@@ -36,6 +37,23 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _own_subscriptions_only(broker_cls: Any) -> Any:
+    """amqtt 0.12.1 sends a connecting client the retained messages of every topic filter that *any* client
+    holds: one device would receive every other device's desired state, at a cost of all subscriptions times
+    all retained messages per connect, and the loop over the broker's subscription dict awaits while other
+    connects change it ("dictionary changed size during iteration"). Serve only filters the session holds;
+    on the subscribe path amqtt registers the filter first, so normal retained delivery is unchanged.
+    """
+
+    class FleetBroker(broker_cls):  # type: ignore[misc, valid-type]
+        async def _publish_retained_messages_for_subscription(self, subscription: Any, session: Any) -> None:
+            holders = self._subscriptions.get(subscription[0], ())
+            if any(s.client_id == session.client_id for s, _ in holders):
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return FleetBroker
 
 
 class EmbeddedBroker:
@@ -68,7 +86,7 @@ class EmbeddedBroker:
             "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
-        broker = Broker(config)
+        broker = _own_subscriptions_only(Broker)(config)
         await broker.start()
         self._broker = broker
         logger.info("embedded MQTT broker listening on %s", self.url)

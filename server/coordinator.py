@@ -47,14 +47,15 @@ class Coordinator:
         self.topics = Topics(self.config.topic_prefix)
         self.bridge = MqttBridge(self.store, self.mqtt_url, self.topics)
         self._announced_version = 0
+        self.grpc_address = ""  # host:port once serving
 
     async def run(self) -> None:
         if self.broker is not None:
             await self.broker.start()
         service = FleetService(self.store, self.repository, self.topics.prefix)
         server, port = await start_grpc_server(service, self.grpc_listen)
-        host = parse_host_port(self.grpc_listen)[0]
-        self._write_endpoints(f"{host}:{port}")
+        self.grpc_address = f"{parse_host_port(self.grpc_listen)[0]}:{port}"
+        self._write_endpoints(self.grpc_address)
         self._announced_version = self.repository.timestamp_version()
         bridge = asyncio.create_task(self.bridge.run(), name="mqtt-bridge")
         try:

@@ -45,6 +45,8 @@ class MqttBridge:
                 async with aiomqtt.Client(
                     self.host, self.port, identifier=self.client_id, keepalive=30, max_queued_outgoing_messages=100_000
                 ) as client:
+                    # Publishing to a whole fleet at once is normal here; aiomqtt warns past 10 by default.
+                    client.pending_calls_threshold = 100_000
                     self._client = client
                     await client.subscribe(f"{self.topics.prefix}/devices/+/status", qos=1)
                     await client.subscribe(f"{self.topics.prefix}/devices/+/events", qos=1)

@@ -1,0 +1,1 @@
+"""Simulated fleets on one machine: real agents, a real broker, a real coordinator."""

@@ -1,0 +1,84 @@
+"""N real agents in one process and one event loop (not a thread per device).
+
+Each device is a full `edge_agent.agent.Agent`: its own enrollment bundle, state directory, MQTT session and
+gRPC channel. Blocking update work runs in a shared thread pool sized for the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_agent.agent import Agent
+from server.datadir import DataDir
+from server.enrollment import write_bundle
+
+__all__ = ["SimulatedFleet"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SimulatedFleet:
+    datadir: DataDir
+    root: Path
+    size: int
+    fleet: str = "sim"
+    grpc: str | None = None
+    mqtt: str | None = None
+    labels: Callable[[int], Mapping[str, str]] = lambda i: {"site": f"site-{i % 3}"}
+    workers: int = 8
+    agents: list[Agent] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def device_id(self, i: int) -> str:
+        return f"{self.fleet}-{i:05d}"
+
+    def enroll(self) -> None:
+        """Write every device's bundle and build its agent (idempotent: existing state is kept)."""
+        for i in range(len(self.agents), self.size):
+            device = self.device_id(i)
+            config = write_bundle(
+                self.datadir,
+                device,
+                self.root / device,
+                self.fleet,
+                self.labels(i),
+                self.grpc,
+                self.mqtt,
+                extra={"retry_seconds": 0.5},
+            )
+            self.agents.append(Agent(config))
+
+    async def start(self) -> None:
+        self.enroll()
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(self.workers, thread_name_prefix="fleet"))
+        self._tasks = [asyncio.create_task(a.run(), name=a.config.device_id) for a in self.agents]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    def connected(self) -> int:
+        return sum(a.connected.is_set() for a in self.agents)
+
+    def running(self) -> Counter[str]:
+        """How many devices run each release (committed, on disk)."""
+        counts: Counter[str] = Counter()
+        for a in self.agents:
+            info = a.store.load().active_info
+            counts[info.release_id if info else "(none)"] += 1
+        return counts
+
+    def count_running(self, release_id: str) -> int:
+        return sum(1 for a in self.agents if (i := a.store.load().active_info) and i.release_id == release_id)

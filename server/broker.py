@@ -47,7 +47,7 @@ def _own_subscriptions_only(broker_cls: Any) -> Any:
     on the subscribe path amqtt registers the filter first, so normal retained delivery is unchanged.
     """
 
-    class FleetBroker(broker_cls):  # type: ignore[misc, valid-type]
+    class FleetBroker(broker_cls):  # type: ignore[misc]
         async def _publish_retained_messages_for_subscription(self, subscription: Any, session: Any) -> None:
             holders = self._subscriptions.get(subscription[0], ())
             if any(s.client_id == session.client_id for s, _ in holders):

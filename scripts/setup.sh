@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for fedfleet: a virtualenv in .venv with the coordinator (and, with --dev, the test
+# and lint tools plus Debian's mosquitto, which the tests start on free ports).
+#
+#   scripts/setup.sh          # to run the coordinator, agents and simulations
+#   scripts/setup.sh --dev    # also to run the tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dev=false
+[ "${1:-}" = "--dev" ] && dev=true
+
+if $dev && ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing Debian's mosquitto"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
+  else
+    echo "mosquitto is missing: sudo apt-get install -y mosquitto" >&2
+    exit 1
+  fi
+fi
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+extras=server
+$dev && extras=server,dev
+echo "== installing fedfleet[$extras] into .venv"
+.venv/bin/python -m pip install -q -e ".[$extras]"
+# amqtt 0.12.1 pins typer>=0.24 for its own CLI only; its broker never imports typer, and flwr needs typer<0.21.
+# Its runtime dependencies are listed in the server extra. The embedded broker relies on this exact version.
+.venv/bin/python -m pip install -q --no-deps "amqtt==0.12.1"
+echo "== ready: . .venv/bin/activate"

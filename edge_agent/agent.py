@@ -124,6 +124,8 @@ class Agent:
             if response.HasField("assignment"):
                 self._offer(response.assignment.SerializeToString())
             logger.info("registered as %s", self.config.device_id)
+            # A status published before the coordinator knew this device was refused: say it again.
+            await self.publish_status()
             return
 
     # ----- MQTT -----

@@ -9,6 +9,7 @@ download resumes from where it stopped; the bytes are checked against the verifi
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -113,7 +114,8 @@ def download_target(
     downloads: Path,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Download into downloads/<sha256>.part, resuming, never past info.length; return the verified file."""
+    """Download into downloads/<sha256>.part, resuming, never past info.length; return the verified, fsynced
+    file (on the same filesystem as the slots, so it can be renamed into one)."""
     sha = info.hashes.get("sha256")
     if sha is None:
         raise UpdateRefused("target metadata has no sha256 hash", "target_unknown")
@@ -138,6 +140,7 @@ def download_target(
                     if on_progress is not None:
                         on_progress(offset, info.length)
             f.flush()
+            os.fsync(f.fileno())
     except FileMissing as e:
         raise TransientError(f"target file missing on the coordinator: {e}") from e
     if offset != info.length:

@@ -8,7 +8,7 @@ interrupts, the agent restarts on a committed model and, if the assignment was a
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.assignment import VerifiedAssignment, verify_assignment
 from edge_agent.errors import AssignmentError, InterpreterError, TransientError, UpdateRefused
-from edge_agent.fsutil import atomic_writer
+from edge_agent.fsutil import fsync_dir
 from edge_agent.runtime import Model, load_model
 from edge_agent.state import SlotInfo, StateStore
 from edge_agent.transport import GrpcTransport
@@ -187,7 +187,6 @@ def _refuse(ctx: UpdateContext, a: VerifiedAssignment | None, e: UpdateRefused) 
 
 
 def _install(part: Path, slot_path: Path) -> None:
-    """Copy verified bytes into the inactive slot (temp, fsync, replace), then drop the download."""
-    with part.open("rb") as src, atomic_writer(slot_path) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    part.unlink(missing_ok=True)
+    """Move the verified, fsynced download into the inactive slot: one atomic rename, then fsync the slot dir."""
+    os.replace(part, slot_path)
+    fsync_dir(slot_path.parent)

@@ -45,7 +45,7 @@ app.add_typer(devices_app, name="devices")
 app.add_typer(releases_app, name="releases")
 app.add_typer(keys_app, name="keys")
 
-out = Console()
+out = Console(soft_wrap=True)  # never hard-wrap: output is often piped or grepped
 
 DataDirOption = Annotated[
     Path,

@@ -29,7 +29,7 @@ from server.releases import publish_release
 from server.store import Store
 from simulations.fleet import SimulatedFleet
 
-console = Console()
+console = Console(soft_wrap=True)
 
 
 async def _until(store: Store, devices: list[str], release: str, label: str, timeout: float) -> float:

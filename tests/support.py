@@ -86,6 +86,15 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def _kill(proc: subprocess.Popen[bytes] | None, sig: int) -> None:
+    """Stop a process group and reap it (an unreaped Popen warns, and warnings are errors here)."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+    proc.wait(10)
+
+
 @dataclass
 class CoordinatorProcess:
     datadir: DataDir
@@ -132,9 +141,7 @@ class CoordinatorProcess:
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            self.proc.wait(10)
+        _kill(self.proc, sig)
 
     def restart(self) -> None:
         self.kill()
@@ -156,9 +163,7 @@ class AgentProcess:
         return self
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        _kill(self.proc, signal.SIGKILL)
 
     def status(self) -> dict[str, Any]:
         out = subprocess.run(

@@ -14,7 +14,7 @@ from edge_agent.updater import STEPS
 from server.datadir import DataDir
 from server.dense_tflite import build_dense_model, random_dense_layers
 from server.releases import publish_release
-from tests.support import CoordinatorProcess, Mosquitto, enroll_agent, wait_for
+from tests.support import AgentProcess, CoordinatorProcess, Mosquitto, enroll_agent, wait_for
 from tests.test_end_to_end import fedfleet, running
 
 pytestmark = pytest.mark.slow
@@ -44,32 +44,50 @@ def committed_model_is_intact(state_dir: Path) -> str:
     return state.active_info.release_id
 
 
+def registered(d: DataDir, device_id: str) -> bool:
+    store = d.store()
+    try:
+        return store.is_device(device_id)
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("step", STEPS)
 def test_kill_at_each_update_step(step: str, crash_fleet: tuple[DataDir, CoordinatorProcess], tmp_path: Path) -> None:
     d, coordinator = crash_fleet
     name = f"crash-{step.replace('_', '-')}"
-    agent = enroll_agent(d, tmp_path, name, coordinator=coordinator).start()
-    fedfleet(d, "assign", "digits@1.0.0", "--device", name)
-    wait_for(lambda: running(d, name, "digits@1.0.0"), 30, what="1.0.0 committed")
-    agent.kill()
+    processes: list[AgentProcess] = []
 
-    paused = enroll_agent(d, tmp_path, name, coordinator=coordinator, extra={"debug_pause_at": step}).start()
-    fedfleet(d, "assign", "digits@2.0.0", "--device", name)
-    wait_for((agent.config.state_dir / f"paused-at-{step}").exists, 30, what=f"pause at {step}")
-    paused.kill()
+    def start(**extra: str) -> AgentProcess:
+        agent = enroll_agent(d, tmp_path, name, coordinator=coordinator, extra=extra).start()
+        processes.append(agent)
+        return agent
 
-    release = committed_model_is_intact(agent.config.state_dir)
-    assert release == ("digits@2.0.0" if step == "switched" else "digits@1.0.0")
-
-    resumed = enroll_agent(d, tmp_path, name, coordinator=coordinator).start()
     try:
+        first = start()
+        wait_for(lambda: registered(d, name), 30, what="registration")
+        fedfleet(d, "assign", "digits@1.0.0", "--device", name)
+        wait_for(lambda: running(d, name, "digits@1.0.0"), 30, what="1.0.0 committed")
+        first.kill()
+
+        paused = start(debug_pause_at=step)
+        fedfleet(d, "assign", "digits@2.0.0", "--device", name)
+        state_dir = first.config.state_dir
+        wait_for((state_dir / f"paused-at-{step}").exists, 30, what=f"pause at {step}")
+        paused.kill()
+
+        release = committed_model_is_intact(state_dir)
+        assert release == ("digits@2.0.0" if step == "switched" else "digits@1.0.0")
+
+        resumed = start()
         wait_for(
             lambda: resumed.status()["release"] == "digits@2.0.0" and not resumed.status()["update_pending"],
             30,
             what="2.0.0 after restart",
         )
-        assert committed_model_is_intact(agent.config.state_dir) == "digits@2.0.0"
-        assert not list((agent.config.state_dir / "downloads").iterdir())
-        assert not [p for p in agent.config.state_dir.rglob(".tmp-*")]
+        assert committed_model_is_intact(state_dir) == "digits@2.0.0"
+        assert not list((state_dir / "downloads").iterdir())
+        assert not list(state_dir.rglob(".tmp-*"))
     finally:
-        resumed.kill()
+        for agent in processes:
+            agent.kill()

@@ -1,0 +1,220 @@
+"""Fan-out: time from `fedfleet assign --fleet` until N agents have committed an S MB release, next to the bare
+floor measured in the same run through the same broker.
+
+    python benchmarks/fanout.py --devices 1000 --size-mb 1
+
+fedfleet path: a coordinator process (`fedfleet serve` on the broker) and N real agents in this process, one
+event loop (each agent its own state dir, MQTT session and gRPC channel). The clock starts when the
+`fedfleet assign --fleet` command is started and stops when the last agent has committed: signed assignment
+over MQTT, TUF metadata refresh and the target over gRPC, length-capped download, hash check, fsync, rename into
+the inactive slot, interpreter load and probe, atomic slot switch.
+
+Floor: the same bytes published by another process to N plain MQTT subscribers in this process, each of which
+hashes what it got and writes it to a file with fsync (the least any safe update must do). The clock starts
+when the publisher is told to go and stops when the last file is fsynced.
+
+The last line is one JSON object: {"benchmark": "fanout", "devices", "size_mb", "seconds", "floor_seconds",
+"ratio", ...}. Absolute times mean little on a shared machine; the ratio is the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiomqtt
+
+from server.datadir import DataDir
+from server.dense_tflite import build_dense_model, random_dense_layers
+from server.releases import publish_release
+from simulations.fleet import SimulatedFleet
+from tests.support import CoordinatorProcess, Mosquitto
+
+PUBLISHER = r"""
+import sys, paho.mqtt.client as paho
+host, port, n, size, prefix = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="floor-publisher")
+c.max_queued_messages_set(0)
+c.connect(host, port)
+c.loop_start()
+print("ready", flush=True)
+sys.stdin.readline()
+infos = [c.publish(f"{prefix}/{i}", payload, qos=1) for i in range(n)]
+for info in infos:
+    info.wait_for_publish(600)
+print("done", flush=True)
+c.loop_stop()
+"""
+
+
+def _model_of_size(size_mb: float) -> bytes:
+    """A digits-shaped dense model (64 -> H -> 10) whose file is about size_mb."""
+    hidden = max(8, int(size_mb * 1_000_000 / 4 / (64 + 10 + 1)))
+    return build_dense_model(random_dense_layers([64, hidden, 10], seed=7))
+
+
+async def _floor(broker: Mosquitto, n: int, size: int, out: Path, timeout: float) -> float:
+    prefix = f"floor/{os.getpid()}"
+    out.mkdir(parents=True, exist_ok=True)
+    done = 0
+    all_done = asyncio.Event()
+    subscribed = 0
+    all_subscribed = asyncio.Event()
+
+    def persist(i: int, payload: bytes) -> None:
+        digest = hashlib.sha256(payload).hexdigest()
+        with open(out / f"{i}-{digest[:16]}", "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+
+    async def subscriber(i: int) -> None:
+        nonlocal done, subscribed
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier=f"floor-{i}", timeout=60) as client:
+            await client.subscribe(f"{prefix}/{i}", qos=1)
+            subscribed += 1
+            if subscribed == n:
+                all_subscribed.set()
+            async for message in client.messages:
+                await asyncio.to_thread(persist, i, bytes(message.payload))  # type: ignore[arg-type]
+                done += 1
+                if done == n:
+                    all_done.set()
+                return
+
+    tasks = [asyncio.create_task(subscriber(i)) for i in range(n)]
+    await asyncio.wait_for(all_subscribed.wait(), timeout)
+    publisher = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, "127.0.0.1", str(broker.port), str(n), str(size), prefix],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert publisher.stdout is not None and publisher.stdin is not None
+    assert (await asyncio.to_thread(publisher.stdout.readline)).strip() == "ready"
+    start = time.monotonic()
+    publisher.stdin.write("go\n")
+    publisher.stdin.flush()
+    await asyncio.wait_for(all_done.wait(), timeout)
+    elapsed = time.monotonic() - start
+    publisher.wait(60)
+    await asyncio.gather(*tasks)
+    return elapsed
+
+
+async def _fedfleet(
+    d: DataDir, coordinator: CoordinatorProcess, n: int, root: Path, timeout: float, workers: int
+) -> tuple[float, dict[str, float]]:
+    fleet = SimulatedFleet(
+        d,
+        root,
+        n,
+        fleet="bench",
+        grpc=coordinator.endpoints["grpc"],
+        mqtt=coordinator.endpoints["mqtt"],
+        workers=workers,
+    )
+    t0 = time.monotonic()
+    await fleet.start()
+    store = d.store()
+    try:
+        deadline = time.monotonic() + timeout
+        while len(store.device_ids("bench")) < n or fleet.connected() < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {fleet.connected()}/{n} agents connected")
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)  # let retained status and subscriptions settle
+        connect_seconds = time.monotonic() - t0
+        start = time.monotonic()
+        assign = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "server.cli",
+            "assign",
+            "digits@1.0.0",
+            "--fleet",
+            "bench",
+            "--data-dir",
+            str(d.root),
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        committed = 0
+        while committed < n:
+            committed = sum(a.model is not None for a in fleet.agents)
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"only {committed}/{n} agents committed after {timeout:.0f} s")
+            await asyncio.sleep(0.02)
+        elapsed = time.monotonic() - start
+        assert await assign.wait() == 0
+        failures = [e for e in store.events(limit=100_000) if e["kind"] in ("rejected", "failed", "probe_failed")]
+        if failures:
+            raise RuntimeError(f"{len(failures)} update failures, first: {failures[0]}")
+    finally:
+        store.close()
+        await fleet.stop()
+    return elapsed, {"connect_seconds": round(connect_seconds, 2)}
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with tempfile.TemporaryDirectory(prefix="fanout-", dir=args.workdir) as tmp:
+        root = Path(tmp)
+        broker = Mosquitto(root / "broker")
+        coordinator = None
+        try:
+            d, _ = DataDir.init(root / "data")
+            store = d.store()
+            model = _model_of_size(args.size_mb)
+            publish_release(d.repository(), store, model, "digits", "1.0.0")
+            store.close()
+            print(f"release: {len(model) / 1e6:.2f} MB; broker: mosquitto :{broker.port}", flush=True)
+            coordinator = CoordinatorProcess(d, broker.url).start()
+            seconds, extra = await _fedfleet(d, coordinator, args.devices, root / "devices", args.timeout, args.workers)
+            print(f"fedfleet: {args.devices} devices committed in {seconds:.2f} s", flush=True)
+            coordinator.kill()
+            coordinator = None
+            floor = await _floor(broker, args.devices, len(model), root / "floor", args.timeout)
+            print(f"floor:    {args.devices} subscribers hashed and fsynced in {floor:.2f} s", flush=True)
+        finally:
+            if coordinator is not None:
+                coordinator.kill()
+            broker.stop()
+    return {
+        "benchmark": "fanout",
+        "devices": args.devices,
+        "size_mb": round(len(model) / 1e6, 3),
+        "seconds": round(seconds, 2),
+        "floor_seconds": round(floor, 2),
+        "ratio": round(seconds / floor, 2),
+        **extra,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=100, help="simulated devices (default 100)")
+    parser.add_argument("--size-mb", type=float, default=1.0, help="release size in MB (default 1)")
+    parser.add_argument("--workers", type=int, default=8, help="threads for blocking update work (default 8)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per phase")
+    parser.add_argument("--workdir", type=Path, default=None, help="where temporary files go (default: system tmp)")
+    args = parser.parse_args()
+    if args.devices < 1 or args.size_mb <= 0:
+        parser.error("--devices and --size-mb must be positive")
+    result = asyncio.run(main_async(args))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,7 +37,7 @@ from server.datadir import DataDir
 from server.dense_tflite import build_dense_model, random_dense_layers
 from server.releases import publish_release
 from simulations.fleet import SimulatedFleet
-from tests.support import CoordinatorProcess, Mosquitto
+from simulations.processes import CoordinatorProcess, Mosquitto
 
 PUBLISHER = r"""
 import sys, paho.mqtt.client as paho
@@ -55,6 +55,17 @@ for info in infos:
 print("done", flush=True)
 c.loop_stop()
 """
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _model_of_size(size_mb: float) -> bytes:
@@ -135,6 +146,8 @@ async def _fedfleet(
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)  # let retained status and subscriptions settle
         connect_seconds = time.monotonic() - t0
+        assert coordinator.proc is not None
+        cpu0 = (_cpu_seconds(coordinator.proc.pid), _own_cpu_seconds())
         start = time.monotonic()
         assign = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -155,6 +168,7 @@ async def _fedfleet(
                 raise TimeoutError(f"only {committed}/{n} agents committed after {timeout:.0f} s")
             await asyncio.sleep(0.02)
         elapsed = time.monotonic() - start
+        cpu = (_cpu_seconds(coordinator.proc.pid) - cpu0[0], _own_cpu_seconds() - cpu0[1])
         assert await assign.wait() == 0
         failures = [e for e in store.events(limit=100_000) if e["kind"] in ("rejected", "failed", "probe_failed")]
         if failures:
@@ -162,7 +176,11 @@ async def _fedfleet(
     finally:
         store.close()
         await fleet.stop()
-    return elapsed, {"connect_seconds": round(connect_seconds, 2)}
+    return elapsed, {
+        "connect_seconds": round(connect_seconds, 2),
+        "coordinator_cpu_seconds": round(cpu[0], 2),
+        "fleet_process_cpu_seconds": round(cpu[1], 2),
+    }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
@@ -205,7 +223,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=100, help="simulated devices (default 100)")
     parser.add_argument("--size-mb", type=float, default=1.0, help="release size in MB (default 1)")
-    parser.add_argument("--workers", type=int, default=8, help="threads for blocking update work (default 8)")
+    parser.add_argument("--workers", type=int, default=16, help="threads for blocking update work (default 16)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per phase")
     parser.add_argument("--workdir", type=Path, default=None, help="where temporary files go (default: system tmp)")
     args = parser.parse_args()

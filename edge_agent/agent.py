@@ -28,6 +28,7 @@ from edge_agent.assignment import load_director_keys
 from edge_agent.config import AgentConfig
 from edge_agent.contract import LIMITS, Topics
 from edge_agent.errors import AgentError, InterpreterError
+from edge_agent.mqtt_session import keep_session
 from edge_agent.runtime import Model, interpreter_name, load_model
 from edge_agent.state import StateStore
 from edge_agent.transport import GrpcTransport
@@ -161,32 +162,33 @@ class Agent:
     async def _mqtt_loop(self) -> None:
         device = self.config.device_id
         will = aiomqtt.Will(self.topics.status(device), self._status(online=False).SerializeToString(), 1, True)
-        delay = self.config.retry_seconds
-        while True:
-            try:
-                async with aiomqtt.Client(
-                    self.config.mqtt_host,
-                    self.config.mqtt_port,
-                    identifier=f"fedfleet-agent-{device}",
-                    will=will,
-                    keepalive=30,
-                ) as client:
-                    self._client = client
-                    self.connected.set()
-                    delay = self.config.retry_seconds
-                    await client.subscribe(self.topics.desired(device), qos=1)
-                    await client.subscribe(self.topics.announce(self.config.fleet), qos=0)
-                    await self.publish_status()
-                    self._events_ready.set()  # flush events queued while offline
-                    async for message in client.messages:
-                        self._on_message(message.topic.value, message.payload)
-            except aiomqtt.MqttError as e:
-                logger.warning("MQTT connection lost (%s); reconnecting in %.0f s", e, delay)
-            finally:
-                self.connected.clear()
-                self._client = None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _MAX_BACKOFF)
+
+        async def on_connected(client: aiomqtt.Client) -> None:
+            self._client = client
+            await client.subscribe(self.topics.desired(device), qos=1)
+            await client.subscribe(self.topics.announce(self.config.fleet), qos=0)
+            self.connected.set()  # publish_status needs it; keep_session sets it too
+            await self.publish_status()
+            self._events_ready.set()  # flush events queued while offline
+
+        def make_client() -> aiomqtt.Client:
+            return aiomqtt.Client(
+                self.config.mqtt_host,
+                self.config.mqtt_port,
+                identifier=f"fedfleet-agent-{device}",
+                will=will,
+                keepalive=30,
+            )
+
+        await keep_session(
+            make_client,
+            on_connected,
+            self._on_message,
+            self.connected,
+            self.config.retry_seconds,
+            _MAX_BACKOFF,
+            f"agent {device}",
+        )
 
     def _on_message(self, topic: str, payload: Any) -> None:
         if not isinstance(payload, bytes | bytearray):

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 from edge_agent.contract import DEFAULT_TOPIC_PREFIX, LIMITS, device_id_is_valid
 from edge_agent.errors import ConfigError
-from edge_agent.updater import STEPS
+from edge_agent.steps import STEPS
 
 __all__ = ["AgentConfig", "load_config"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -53,3 +54,12 @@ def remove_stale_temp_files(directory: Path) -> int:
             p.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def sha256_of(path: Path) -> str | None:
+    """Hex sha256 of a file's bytes, or None if there is no such file."""
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except FileNotFoundError:
+        return None

@@ -8,7 +8,6 @@ download resumes from where it stopped; the bytes are checked against the verifi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from edge_agent.contract import LIMITS
 from edge_agent.errors import AgentError, TransientError, UpdateRefused
+from edge_agent.fsutil import sha256_of
 from edge_agent.transport import FileMissing, GrpcTransport
 
 __all__ = ["GrpcFetcher", "download_target", "refresh_and_get_target", "repository_file_name", "seed_trust_root"]
@@ -146,11 +146,7 @@ def download_target(
     if offset != info.length:
         part.unlink()
         raise UpdateRefused(f"target is {offset} bytes, signed length is {info.length}", "target_length_mismatch")
-    digest = hashlib.sha256()
-    with part.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != sha:
+    if sha256_of(part) != sha:
         part.unlink()
         raise UpdateRefused("target bytes do not match the signed sha256", "target_hash_mismatch")
     return part

@@ -20,27 +20,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.assignment import VerifiedAssignment, verify_assignment
 from edge_agent.errors import AssignmentError, InterpreterError, TransientError, UpdateRefused
-from edge_agent.fsutil import fsync_dir
+from edge_agent.fsutil import fsync_dir, sha256_of
 from edge_agent.runtime import Model, load_model
 from edge_agent.state import SlotInfo, StateStore
+from edge_agent.steps import STEPS
 from edge_agent.transport import GrpcTransport
 from edge_agent.tuf_client import download_target, refresh_and_get_target
 
 __all__ = ["STEPS", "Outcome", "UpdateContext", "UpdateResult", "apply_assignment"]
 
 logger = logging.getLogger(__name__)
-
-# The points a fault-injection hook may stop at (see AgentConfig.debug_pause_at), in order.
-STEPS = (
-    "assignment_accepted",
-    "metadata_verified",
-    "download_started",
-    "download_verified",
-    "slot_written",
-    "installed",
-    "probed",
-    "switched",
-)
 
 
 class Outcome(Enum):
@@ -124,11 +113,10 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
             )
         ctx.step("metadata_verified")
 
-        slot = store.load().inactive
+        slot = state.inactive
         slot_path = store.model_path(slot)
-        reusable = store.load().slots.get(slot)
-        if reusable is not None and reusable.sha256 == a.target_sha256 and slot_path.exists():
-            logger.info("target %s already in slot %s; no download", a.target_path, slot)
+        if slot in state.slots and sha256_of(slot_path) == a.target_sha256:
+            logger.info("target %s already in slot %s (hash checked); no download", a.target_path, slot)
         else:
             ctx.event(a, pb.EVENT_KIND_DOWNLOADING)
             started = False
@@ -144,12 +132,10 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
             ctx.step("download_verified")
             _install(part, slot_path)
             ctx.step("slot_written")
-        custom = dict(info.custom) if isinstance(info.custom, dict) else {}
-        slot_info = SlotInfo(a.target_path, a.target_sha256, a.target_length, a.release_id, a.counter, custom)
-        store.update(slots={**store.load().slots, slot: slot_info})
         ctx.event(a, pb.EVENT_KIND_INSTALLED)
         ctx.step("installed")
 
+        custom = dict(info.custom) if isinstance(info.custom, dict) else {}
         model = load_model(slot_path, ctx.interpreter)
         probe = custom.get("probe")
         if probe:
@@ -157,7 +143,16 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
             logger.info("probe passed for %s (max abs diff %.3g)", a.target_path, worst)
         ctx.step("probed")
 
-        store.update(active=slot, committed_counter=a.counter, pending=None, last_error="", last_reason="")
+        # The commit point: one atomic write records the slot's contents and makes it active.
+        slot_info = SlotInfo(a.target_path, a.target_sha256, a.target_length, a.release_id, a.counter, custom)
+        store.update(
+            slots={**state.slots, slot: slot_info},
+            active=slot,
+            committed_counter=a.counter,
+            pending=None,
+            last_error="",
+            last_reason="",
+        )
         ctx.step("switched")
         ctx.event(a, pb.EVENT_KIND_COMMITTED)
         return UpdateResult(Outcome.COMMITTED, model=model)
@@ -178,8 +173,9 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
 def _refuse(ctx: UpdateContext, a: VerifiedAssignment | None, e: UpdateRefused) -> UpdateResult:
     """A security refusal: keep the active model, forget the pending update, say why."""
     changes: dict[str, object] = {"last_error": str(e), "last_reason": e.reason}
-    if a is not None and ctx.store.load().pending is not None and a.counter == ctx.store.load().highest_counter:
-        changes["pending"] = None
+    state = ctx.store.load()
+    if a is not None and state.pending is not None and a.counter == state.highest_counter:
+        changes["pending"] = None  # the refused assignment was the one being applied
     ctx.store.update(**changes)
     ctx.event(a, pb.EVENT_KIND_REJECTED, e.reason, str(e))
     logger.warning("update refused (%s): %s", e.reason, e)

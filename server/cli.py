@@ -22,11 +22,11 @@ from rich.table import Table
 
 from edge_agent.arrays import encode_array
 from server import __version__
-from server.coordinator import Coordinator, ServeOptions
 from server.datadir import DEFAULT_DATA_DIR, ENV_DATA_DIR, DataDir
 from server.enrollment import write_bundle
 from server.errors import CoordinatorError
 from server.releases import publish_release
+from server.store import Release
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -83,10 +83,16 @@ def serve(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the coordinator: gRPC FleetService, MQTT control plane (embedded broker if none given)."""
+    from server.coordinator import Coordinator, ServeOptions  # only `serve` needs gRPC, MQTT and the broker
+
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     coordinator = Coordinator(_open(data_dir), ServeOptions(grpc, mqtt, broker_listen))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(coordinator.run())
+
+
+def _release_doc(r: Release) -> dict[str, Any]:
+    return {"release": r.id, "target": r.target_path, "sha256": r.sha256, "length": r.length}
 
 
 @app.command()
@@ -121,15 +127,7 @@ def release(
         store.close()
     r = result.release
     if as_json:
-        _print_json(
-            {
-                "release": r.id,
-                "target": r.target_path,
-                "sha256": r.sha256,
-                "length": r.length,
-                "created": result.created,
-            }
-        )
+        _print_json({**_release_doc(r), "created": result.created})
     elif result.created:
         out.print(f"Released [bold]{r.id}[/] ({r.length} bytes, sha256 {r.sha256[:12]}…) as {r.target_path}.")
     else:
@@ -143,18 +141,7 @@ def releases_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOptio
     rows = store.releases()
     store.close()
     if as_json:
-        _print_json(
-            [
-                {
-                    "release": r.id,
-                    "target": r.target_path,
-                    "sha256": r.sha256,
-                    "length": r.length,
-                    "created_at": r.created_at,
-                }
-                for r in rows
-            ]
-        )
+        _print_json([{**_release_doc(r), "created_at": r.created_at} for r in rows])
         return
     table = Table("release", "target", "bytes", "sha256")
     for r in rows:

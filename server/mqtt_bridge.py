@@ -11,6 +11,7 @@ import aiomqtt
 
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract import Topics
+from edge_agent.mqtt_session import keep_session
 from server.errors import CoordinatorError
 from server.events import EventRejected, parse_event, parse_status
 from server.store import Store, now_ms
@@ -39,29 +40,21 @@ class MqttBridge:
 
     async def run(self) -> None:
         """Keep a session with the broker, ingesting what devices say; reconnect on loss."""
-        delay = 0.5
-        while True:
-            try:
-                async with aiomqtt.Client(
-                    self.host, self.port, identifier=self.client_id, keepalive=30, max_queued_outgoing_messages=100_000
-                ) as client:
-                    # Publishing to a whole fleet at once is normal here; aiomqtt warns past 10 by default.
-                    client.pending_calls_threshold = 100_000
-                    self._client = client
-                    await client.subscribe(f"{self.topics.prefix}/devices/+/status", qos=1)
-                    await client.subscribe(f"{self.topics.prefix}/devices/+/events", qos=1)
-                    self.connected.set()
-                    delay = 0.5
-                    logger.info("connected to MQTT broker %s:%d", self.host, self.port)
-                    async for message in client.messages:
-                        self.handle(message.topic.value, message.payload)
-            except aiomqtt.MqttError as e:
-                logger.warning("MQTT broker connection lost (%s); reconnecting in %.1f s", e, delay)
-            finally:
-                self.connected.clear()
-                self._client = None
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+
+        async def on_connected(client: aiomqtt.Client) -> None:
+            # Publishing to a whole fleet at once is normal here; aiomqtt warns past 10 by default.
+            client.pending_calls_threshold = 100_000
+            self._client = client
+            await client.subscribe(f"{self.topics.prefix}/devices/+/status", qos=1)
+            await client.subscribe(f"{self.topics.prefix}/devices/+/events", qos=1)
+            logger.info("connected to MQTT broker %s:%d", self.host, self.port)
+
+        def make_client() -> aiomqtt.Client:
+            return aiomqtt.Client(
+                self.host, self.port, identifier=self.client_id, keepalive=30, max_queued_outgoing_messages=100_000
+            )
+
+        await keep_session(make_client, on_connected, self.handle, self.connected, 0.5, 10.0, "coordinator")
 
     def handle(self, topic: str, payload: Any) -> bool:
         """Store one device message if it is valid; log and drop it otherwise. Returns whether it was stored."""
@@ -100,7 +93,7 @@ class MqttBridge:
 
     async def announce(self, fleets: list[str], timestamp_version: int) -> None:
         client = self._client
-        if client is None:
+        if client is None or not self.connected.is_set():
             return
         for fleet in fleets:
             payload = pb.Announce(fleet=fleet, timestamp_version=timestamp_version, timestamp_ms=now_ms())

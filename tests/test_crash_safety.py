@@ -10,7 +10,7 @@ import pytest
 
 from edge_agent.runtime import load_model
 from edge_agent.state import StateStore
-from edge_agent.updater import STEPS
+from edge_agent.steps import STEPS
 from server.datadir import DataDir
 from server.dense_tflite import build_dense_model, random_dense_layers
 from server.releases import publish_release

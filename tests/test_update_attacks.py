@@ -80,6 +80,18 @@ class Env:
     def latest(self, role: str) -> int:
         return max(int(p.name.split(".")[0]) for p in self.meta.glob(f"*.{role}.json"))
 
+    def serve_targets_version(self, n: int) -> None:
+        """Sign a new snapshot naming targets version n, and a new timestamp over it."""
+        s = self.latest("snapshot")
+        snapshot = Metadata.from_file(str(self.meta / f"{s}.snapshot.json"))
+        snapshot.signed.version = s + 1
+        snapshot.signed.meta = {"targets.json": MetaFile(version=n)}
+        self.write(snapshot, f"{s + 1}.snapshot.json", [self.signer("snapshot")])
+        ts = Metadata.from_file(str(self.meta / "timestamp.json"))
+        ts.signed.version += 1
+        ts.signed.snapshot_meta = MetaFile(version=s + 1)
+        self.write(ts, "timestamp.json", [self.signer("timestamp")])
+
     def target_file(self, release: str) -> Path:
         return next((self.d.repository_dir / "targets" / "digits" / release).glob("*.model.tflite"))
 
@@ -212,31 +224,15 @@ def test_freeze_expired_targets(env: Env) -> None:
     targets.signed.version = n + 1
     targets.signed.expires = _past()
     env.write(targets, f"{n + 1}.targets.json", [env.signer("targets")])
-    s = env.latest("snapshot")
-    snapshot = Metadata.from_file(str(env.meta / f"{s}.snapshot.json"))
-    snapshot.signed.version = s + 1
-    snapshot.signed.meta = {"targets.json": MetaFile(version=n + 1)}
-    env.write(snapshot, f"{s + 1}.snapshot.json", [env.signer("snapshot")])
-    ts = Metadata.from_file(str(env.meta / "timestamp.json"))
-    ts.signed.version += 1
-    ts.signed.snapshot_meta = MetaFile(version=s + 1)
-    env.write(ts, "timestamp.json", [env.signer("timestamp")])
+    env.serve_targets_version(n + 1)
     assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_expired")
 
 
 def test_mix_and_match_snapshot_and_targets(env: Env) -> None:
     """Serve an older (validly signed) targets file where the snapshot names the current version."""
-    n = env.latest("targets")  # the device already trusts targets n: point a new snapshot at n + 1
-    s = env.latest("snapshot")
-    snapshot = Metadata.from_file(str(env.meta / f"{s}.snapshot.json"))
-    snapshot.signed.version = s + 1
-    snapshot.signed.meta = {"targets.json": MetaFile(version=n + 1)}
-    env.write(snapshot, f"{s + 1}.snapshot.json", [env.signer("snapshot")])
+    n = env.latest("targets")  # the device already trusts targets n: name n + 1, serve n - 1's content
     (env.meta / f"{n + 1}.targets.json").write_bytes((env.meta / f"{n - 1}.targets.json").read_bytes())
-    ts = Metadata.from_file(str(env.meta / "timestamp.json"))
-    ts.signed.version += 1
-    ts.signed.snapshot_meta = MetaFile(version=s + 1)
-    env.write(ts, "timestamp.json", [env.signer("timestamp")])
+    env.serve_targets_version(n + 1)
     assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_mismatch")
 
 

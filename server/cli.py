@@ -151,20 +151,32 @@ def releases_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOptio
 
 @app.command()
 def assign(
-    release_id: Annotated[str, typer.Argument(metavar="RELEASE", help="Release id name@version.")],
-    device: Annotated[str | None, typer.Option(help="One device id.")] = None,
-    fleet: Annotated[str | None, typer.Option(help="Every registered device of this fleet.")] = None,
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="[DEVICE] RELEASE",
+            help="A device id and a release id (name@version), or only the release with --fleet.",
+        ),
+    ],
+    fleet: Annotated[str | None, typer.Option(help="Assign to every registered device of this fleet.")] = None,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
-    """Issue signed assignments (next counter per device); a running `fedfleet serve` delivers them."""
-    if (device is None) == (fleet is None):
-        raise CoordinatorError("give exactly one of --device ID or --fleet NAME")
+    """Issue signed assignments (next counter per device); a running `fedfleet serve` delivers them.
+
+    `fedfleet assign DEVICE RELEASE` or `fedfleet assign --fleet F RELEASE`. Assigning an older release is a
+    fleet rollback: a new assignment with a higher counter.
+    """
+    if fleet is None and len(args) != 2:
+        raise CoordinatorError("give DEVICE RELEASE, or --fleet F RELEASE")
+    if fleet is not None and len(args) != 1:
+        raise CoordinatorError("with --fleet give only the RELEASE")
+    *device, release_id = args
     d = _open(data_dir)
     store = d.store()
     try:
         rel = store.release(release_id)
-        targets = [device] if device else store.device_ids(str(fleet))
+        targets = device or store.device_ids(str(fleet))
         if not targets:
             raise CoordinatorError(f"fleet {fleet!r} has no registered devices; agents register when they start")
         issued = d.director().assign(store, targets, rel)

@@ -66,12 +66,12 @@ def test_kill_at_each_update_step(step: str, crash_fleet: tuple[DataDir, Coordin
     try:
         first = start()
         wait_for(lambda: registered(d, name), 30, what="registration")
-        fedfleet(d, "assign", "digits@1.0.0", "--device", name)
+        fedfleet(d, "assign", name, "digits@1.0.0")
         wait_for(lambda: running(d, name, "digits@1.0.0"), 30, what="1.0.0 committed")
         first.kill()
 
         paused = start(debug_pause_at=step)
-        fedfleet(d, "assign", "digits@2.0.0", "--device", name)
+        fedfleet(d, "assign", name, "digits@2.0.0")
         state_dir = first.config.state_dir
         wait_for((state_dir / f"paused-at-{step}").exists, 30, what=f"pause at {step}")
         paused.kill()

@@ -69,13 +69,13 @@ def test_release_reaches_agents_and_fleet_rollback(
     _, agents = fleet
     wait_for(lambda: all(device(datadir, a.config.device_id).get("online") for a in agents), 30, what="online")
 
-    fedfleet(datadir, "assign", "digits@1.0.0", "--fleet", "lab")
+    fedfleet(datadir, "assign", "--fleet", "lab", "digits@1.0.0")
     for a in agents:
         wait_for(lambda a=a: running(datadir, a.config.device_id, "digits@1.0.0"), 30, what="1.0.0 committed")
-    fedfleet(datadir, "assign", "digits@2.0.0", "--fleet", "lab")
+    fedfleet(datadir, "assign", "--fleet", "lab", "digits@2.0.0")
     for a in agents:
         wait_for(lambda a=a: running(datadir, a.config.device_id, "digits@2.0.0"), 30, what="2.0.0 committed")
-    rollback = fedfleet(datadir, "assign", "digits@1.0.0", "--fleet", "lab")
+    rollback = fedfleet(datadir, "assign", "--fleet", "lab", "digits@1.0.0")
     assert {x["counter"] for x in rollback["assignments"]} == {3}
     for a in agents:
         wait_for(lambda a=a: running(datadir, a.config.device_id, "digits@1.0.0"), 30, what="rollback committed")

@@ -6,6 +6,7 @@ Both expose the same `Interpreter` API, so everything else here is shared.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 from collections.abc import Mapping
@@ -33,7 +34,9 @@ class _Interpreter(Protocol):
     def get_tensor(self, index: int) -> np.ndarray: ...
 
 
+@functools.cache
 def _backend(preferred: str | None = None) -> tuple[Any, str]:
+    """The interpreter class and its "name version"; looked up once (package metadata reads are slow)."""
     for module_name, dist in _BACKENDS:
         if preferred and dist != preferred:
             continue

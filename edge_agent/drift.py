@@ -1,0 +1,249 @@
+"""Drift and health statistics over windows of inferences. Pure values and functions, no I/O.
+
+Conventions (shared with the coordinator, which pools windows across devices):
+- A feature's bins come from inner edges e_0 < ... < e_{k-1}; the outer bins are open-ended, so there are
+  k + 1 bins: (-inf, e_0), [e_0, e_1), ..., [e_{k-1}, +inf). NaN values are counted apart, in no bin.
+- Proportions are counts / total, each floored at 1e-4, and not renormalised afterwards. Logs are natural.
+- PSI(ref, cur) = sum (cur - ref) * ln(cur / ref); KL(p || q) = sum p * ln(p / q).
+- A window holds raw counts, never raw samples, so windows pool by adding counts: statistics of pooled
+  windows equal the statistics of one window over all their samples.
+- A window with fewer samples than `min_samples` (default 10 x the number of bins) is not scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_agent.arrays import decode_array, encode_array
+
+__all__ = [
+    "LATENCY_EDGES_MS",
+    "MIN_PROPORTION",
+    "DriftReference",
+    "WindowCounts",
+    "WindowScore",
+    "bin_counts",
+    "histogram_quantile",
+    "kl",
+    "proportions",
+    "psi",
+    "score_window",
+]
+
+MIN_PROPORTION = 1e-4
+# Inner edges of the latency histogram, in milliseconds (roughly 1-2-5 steps).
+LATENCY_EDGES_MS = np.array([0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000], dtype=np.float64)
+
+
+def bin_counts(values: np.ndarray, inner_edges: np.ndarray) -> np.ndarray:
+    """Counts per bin (len(inner_edges) + 1 bins, outer bins open-ended); NaNs are not counted."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[~np.isnan(v)]
+    return np.bincount(np.searchsorted(inner_edges, v, side="right"), minlength=len(inner_edges) + 1).astype(np.int64)
+
+
+def proportions(counts: np.ndarray) -> np.ndarray:
+    """counts / total, floored at MIN_PROPORTION, not renormalised. A total of zero is an error."""
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum(axis=-1, keepdims=True)
+    if np.any(total <= 0):
+        raise ValueError("proportions of an empty histogram")
+    floored: np.ndarray = np.maximum(c / total, MIN_PROPORTION)
+    return floored
+
+
+def psi(reference: np.ndarray, current: np.ndarray) -> float:
+    """Population stability index between two proportion vectors (already floored)."""
+    return float(np.sum((current - reference) * np.log(current / reference)))
+
+
+def kl(p: np.ndarray, q: np.ndarray) -> float:
+    """Kullback-Leibler divergence KL(p || q) of two proportion vectors (already floored)."""
+    return float(np.sum(p * np.log(p / q)))
+
+
+def histogram_quantile(counts: np.ndarray, inner_edges: np.ndarray, q: float) -> float:
+    """The q-quantile read from a histogram, linear within the bin; outer bins report their inner edge."""
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum()
+    if total <= 0:
+        return float("nan")
+    target = q * total
+    cum = np.cumsum(c)
+    i = int(np.searchsorted(cum, target, side="left"))
+    if i == 0:
+        return float(inner_edges[0])
+    if i >= len(inner_edges):
+        return float(inner_edges[-1])
+    lo, hi = inner_edges[i - 1], inner_edges[i]
+    before = cum[i - 1]
+    frac = (target - before) / c[i] if c[i] > 0 else 0.0
+    return float(lo + frac * (hi - lo))
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    """What the release's signed metadata says "normal" looks like (from federated bin counts)."""
+
+    feature_edges: np.ndarray  # (n_features, k) inner edges, k + 1 bins per feature
+    feature_proportions: np.ndarray  # (n_features, k + 1)
+    feature_ranges: np.ndarray  # (n_features, 2): min and max seen in the reference
+    score_edges: np.ndarray  # (m,) inner edges over the top-class score
+    score_proportions: np.ndarray  # (m + 1,)
+    n_classes: int
+
+    def __post_init__(self) -> None:
+        f, k = self.feature_edges.shape
+        if self.feature_proportions.shape != (f, k + 1) or self.feature_ranges.shape != (f, 2):
+            raise ValueError("reference arrays disagree on the number of features or bins")
+        if self.score_proportions.shape != (len(self.score_edges) + 1,) or self.n_classes < 2:
+            raise ValueError("score histogram or class count malformed")
+        if np.any(np.diff(self.feature_edges, axis=1) < 0) or np.any(np.diff(self.score_edges) < 0):
+            raise ValueError("bin edges must be non-decreasing")
+
+    @property
+    def n_features(self) -> int:
+        return int(self.feature_edges.shape[0])
+
+    @property
+    def n_bins(self) -> int:
+        return int(self.feature_edges.shape[1] + 1)
+
+    def to_metadata(self) -> dict[str, Any]:
+        """A form TUF canonical JSON can sign (no floats)."""
+        return {
+            "feature_edges": encode_array(self.feature_edges.astype(np.float64)),
+            "feature_proportions": encode_array(self.feature_proportions.astype(np.float64)),
+            "feature_ranges": encode_array(self.feature_ranges.astype(np.float64)),
+            "score_edges": encode_array(self.score_edges.astype(np.float64)),
+            "score_proportions": encode_array(self.score_proportions.astype(np.float64)),
+            "n_classes": self.n_classes,
+        }
+
+    @classmethod
+    def from_metadata(cls, doc: Any) -> DriftReference:
+        if not isinstance(doc, dict):
+            raise ValueError("drift reference must be an object")
+        try:
+            return cls(
+                feature_edges=decode_array(doc["feature_edges"]).astype(np.float64),
+                feature_proportions=decode_array(doc["feature_proportions"]).astype(np.float64),
+                feature_ranges=decode_array(doc["feature_ranges"]).astype(np.float64),
+                score_edges=decode_array(doc["score_edges"]).astype(np.float64),
+                score_proportions=decode_array(doc["score_proportions"]).astype(np.float64),
+                n_classes=int(doc["n_classes"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"drift reference lacks {e}") from e
+
+
+@dataclass
+class WindowCounts:
+    """Raw, poolable counts of one window (or of many pooled windows)."""
+
+    feature_counts: np.ndarray  # (n_features, n_bins) int64
+    nan_counts: np.ndarray  # (n_features,)
+    out_of_range: np.ndarray  # (n_features,): below the reference's min or above its max
+    score_counts: np.ndarray  # (n_score_bins,)
+    class_counts: np.ndarray  # (n_classes,)
+    latency_counts: np.ndarray = field(default_factory=lambda: np.zeros(len(LATENCY_EDGES_MS) + 1, np.int64))
+    entropy_sum: float = 0.0
+    latency_max_ms: float = 0.0
+    inferences: int = 0
+    errors: int = 0
+
+    @classmethod
+    def empty(cls, reference: DriftReference) -> WindowCounts:
+        f = reference.n_features
+        return cls(
+            feature_counts=np.zeros((f, reference.n_bins), np.int64),
+            nan_counts=np.zeros(f, np.int64),
+            out_of_range=np.zeros(f, np.int64),
+            score_counts=np.zeros(len(reference.score_edges) + 1, np.int64),
+            class_counts=np.zeros(reference.n_classes, np.int64),
+        )
+
+    def add(
+        self, reference: DriftReference, inputs: np.ndarray, probabilities: np.ndarray, latencies_ms: Sequence[float]
+    ) -> None:
+        """Account for a batch: inputs (n, n_features), output probabilities (n, n_classes)."""
+        x = np.asarray(inputs, dtype=np.float64).reshape(-1, reference.n_features)
+        p = np.asarray(probabilities, dtype=np.float64).reshape(len(x), -1)
+        if p.shape[1] != reference.n_classes:
+            raise ValueError(f"{p.shape[1]} outputs, the reference has {reference.n_classes} classes")
+        for j in range(reference.n_features):
+            self.feature_counts[j] += bin_counts(x[:, j], reference.feature_edges[j])
+        self.nan_counts += np.isnan(x).sum(axis=0)
+        lo, hi = reference.feature_ranges[:, 0], reference.feature_ranges[:, 1]
+        with np.errstate(invalid="ignore"):
+            self.out_of_range += ((x < lo) | (x > hi)).sum(axis=0)
+        top = p.max(axis=1)
+        self.score_counts += bin_counts(top, reference.score_edges)
+        self.class_counts += np.bincount(p.argmax(axis=1), minlength=reference.n_classes)
+        safe = np.clip(p, 1e-12, 1.0)
+        self.entropy_sum += float(-(safe * np.log(safe)).sum())
+        lat = np.asarray(latencies_ms, dtype=np.float64)
+        self.latency_counts += bin_counts(lat, LATENCY_EDGES_MS)
+        if lat.size:
+            self.latency_max_ms = max(self.latency_max_ms, float(lat.max()))
+        self.inferences += len(x)
+
+    def merge(self, other: WindowCounts) -> WindowCounts:
+        """The counts of both windows together (pooling across windows, devices or cohorts)."""
+        return WindowCounts(
+            feature_counts=self.feature_counts + other.feature_counts,
+            nan_counts=self.nan_counts + other.nan_counts,
+            out_of_range=self.out_of_range + other.out_of_range,
+            score_counts=self.score_counts + other.score_counts,
+            class_counts=self.class_counts + other.class_counts,
+            latency_counts=self.latency_counts + other.latency_counts,
+            entropy_sum=self.entropy_sum + other.entropy_sum,
+            latency_max_ms=max(self.latency_max_ms, other.latency_max_ms),
+            inferences=self.inferences + other.inferences,
+            errors=self.errors + other.errors,
+        )
+
+
+@dataclass(frozen=True)
+class WindowScore:
+    feature_psi: np.ndarray
+    feature_kl: np.ndarray  # KL(current || reference)
+    max_psi: float
+    mean_psi: float
+    score_psi: float
+    class_mix: np.ndarray  # predicted-class proportions (unfloored)
+    mean_entropy: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    latency_max_ms: float
+    samples: int
+
+
+def score_window(window: WindowCounts, reference: DriftReference, min_samples: int | None = None) -> WindowScore | None:
+    """Score a window against the reference, or None if it has too few samples to say anything."""
+    needed = 10 * reference.n_bins if min_samples is None else min_samples
+    samples = int(window.feature_counts.sum(axis=1).min()) if reference.n_features else 0
+    if window.inferences < needed or samples < needed or samples == 0:
+        return None
+    cur = proportions(window.feature_counts)
+    ref = np.maximum(reference.feature_proportions, MIN_PROPORTION)
+    feature_psi = np.array([psi(r, c) for r, c in zip(ref, cur, strict=True)])
+    feature_kl = np.array([kl(c, r) for r, c in zip(ref, cur, strict=True)])
+    score_psi = psi(np.maximum(reference.score_proportions, MIN_PROPORTION), proportions(window.score_counts))
+    return WindowScore(
+        feature_psi=feature_psi,
+        feature_kl=feature_kl,
+        max_psi=float(feature_psi.max()),
+        mean_psi=float(feature_psi.mean()),
+        score_psi=score_psi,
+        class_mix=window.class_counts / max(1, window.class_counts.sum()),
+        mean_entropy=window.entropy_sum / window.inferences,
+        latency_p50_ms=histogram_quantile(window.latency_counts, LATENCY_EDGES_MS, 0.5),
+        latency_p95_ms=histogram_quantile(window.latency_counts, LATENCY_EDGES_MS, 0.95),
+        latency_max_ms=window.latency_max_ms,
+        samples=samples,
+    )

@@ -1,0 +1,122 @@
+"""Drift statistics: the PSI/KL convention's test vectors, pooling, the minimum-sample rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent.drift import (
+    LATENCY_EDGES_MS,
+    DriftReference,
+    WindowCounts,
+    bin_counts,
+    histogram_quantile,
+    kl,
+    proportions,
+    psi,
+    score_window,
+)
+
+
+def test_psi_and_kl_test_vectors() -> None:
+    rng = np.random.default_rng(42)
+    ref = rng.normal(0, 1, 10_000)
+    cur = rng.normal(0.5, 1, 10_000)
+    inner = np.quantile(ref, np.linspace(0, 1, 11))[1:-1]
+    r, c = proportions(bin_counts(ref, inner)), proportions(bin_counts(cur, inner))
+    assert psi(r, c) == pytest.approx(0.267708, abs=1e-6)
+    assert kl(c, r) == pytest.approx(0.132177, abs=1e-6)
+    assert kl(r, c) == pytest.approx(0.135531, abs=1e-6)
+
+
+def test_bins_are_open_ended_and_nan_is_apart() -> None:
+    counts = bin_counts(np.array([-1e9, -1.0, 0.0, 0.5, 1.0, 1e9, np.nan]), np.array([0.0, 1.0]))
+    assert counts.tolist() == [2, 2, 2]  # (-inf, 0), [0, 1), [1, inf); the NaN is in none
+
+
+def test_floor_without_renormalising() -> None:
+    p = proportions(np.array([0, 5, 5]))
+    assert p.tolist() == [1e-4, 0.5, 0.5] and p.sum() > 1.0
+    with pytest.raises(ValueError):
+        proportions(np.array([0, 0]))
+
+
+def reference(n_features: int = 3, n_classes: int = 4) -> DriftReference:
+    rng = np.random.default_rng(0)
+    data = rng.normal(0, 1, (5000, n_features))
+    edges = np.quantile(data, np.linspace(0, 1, 11)[1:-1], axis=0).T
+    props = np.stack([proportions(bin_counts(data[:, j], edges[j])) for j in range(n_features)])
+    score_edges = np.linspace(0, 1, 11)[1:-1]
+    return DriftReference(
+        edges, props, np.stack([data.min(0), data.max(0)], axis=1), score_edges, np.full(10, 0.1), n_classes
+    )
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def _window(ref: DriftReference, x: np.ndarray, logits: np.ndarray, lat: np.ndarray) -> WindowCounts:
+    w = WindowCounts.empty(ref)
+    w.add(ref, x, _softmax(logits), lat)
+    return w
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.integers(0, 2**31 - 1), st.floats(-2, 2))
+def test_pooling_two_windows_equals_one_window_over_both(n1: int, n2: int, seed: int, shift: float) -> None:
+    ref = reference()
+    rng = np.random.default_rng(seed)
+    x = rng.normal(shift, 1, (n1 + n2, 3))
+    x[rng.random(x.shape) < 0.02] = np.nan
+    logits = rng.normal(0, 2, (n1 + n2, 4))
+    lat = rng.exponential(3.0, n1 + n2)
+    pooled = _window(ref, x[:n1], logits[:n1], lat[:n1]).merge(_window(ref, x[n1:], logits[n1:], lat[n1:]))
+    whole = _window(ref, x, logits, lat)
+    for name in ("feature_counts", "nan_counts", "out_of_range", "score_counts", "class_counts", "latency_counts"):
+        assert np.array_equal(getattr(pooled, name), getattr(whole, name)), name
+    assert pooled.inferences == whole.inferences and pooled.latency_max_ms == whole.latency_max_ms
+    assert pooled.entropy_sum == pytest.approx(whole.entropy_sum, rel=1e-9)
+    a, b = score_window(pooled, ref, min_samples=1), score_window(whole, ref, min_samples=1)
+    if a is None or b is None:
+        assert a is None and b is None  # e.g. a feature whose every value was NaN
+        return
+    assert np.allclose(a.feature_psi, b.feature_psi) and a.score_psi == pytest.approx(b.score_psi)
+    assert a.latency_p95_ms == pytest.approx(b.latency_p95_ms) and a.mean_entropy == pytest.approx(b.mean_entropy)
+
+
+def test_small_windows_are_not_scored_and_drift_is_seen() -> None:
+    ref = reference()
+    rng = np.random.default_rng(1)
+    assert ref.n_bins == 10  # so 10 x 10 = 100 samples are needed by default
+    small = _window(ref, rng.normal(0, 1, (99, 3)), rng.normal(0, 1, (99, 4)), np.ones(99))
+    assert score_window(small, ref) is None
+    small.add(ref, rng.normal(0, 1, (1, 3)), _softmax(rng.normal(0, 1, (1, 4))), [1.0])
+    assert score_window(small, ref) is not None
+    same = _window(ref, rng.normal(0, 1, (2000, 3)), rng.normal(0, 1, (2000, 4)), np.ones(2000))
+    drifted = _window(ref, rng.normal(1.5, 1, (2000, 3)), rng.normal(0, 1, (2000, 4)), np.ones(2000))
+    s_same, s_drift = score_window(same, ref), score_window(drifted, ref)
+    assert s_same is not None and s_drift is not None
+    assert s_same.max_psi < 0.05 < 0.5 < s_drift.max_psi
+    assert drifted.out_of_range.sum() > same.out_of_range.sum()
+
+
+def test_latency_quantiles_from_the_histogram() -> None:
+    counts = bin_counts(np.full(100, 3.0), LATENCY_EDGES_MS)
+    assert 2.0 <= histogram_quantile(counts, LATENCY_EDGES_MS, 0.5) <= 5.0
+
+
+def test_reference_round_trips_through_signed_metadata_and_refuses_garbage() -> None:
+    ref = reference()
+    back = DriftReference.from_metadata(ref.to_metadata())
+    assert np.array_equal(back.feature_edges, ref.feature_edges) and back.n_classes == ref.n_classes
+    bad = ref.to_metadata()
+    bad["feature_proportions"] = bad["score_proportions"]
+    with pytest.raises(ValueError):
+        DriftReference.from_metadata(bad)
+    with pytest.raises(ValueError):
+        DriftReference.from_metadata({"n_classes": 3})

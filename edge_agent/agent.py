@@ -21,16 +21,20 @@ from typing import Any
 
 import aiomqtt
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from edge_agent import __version__
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.assignment import load_director_keys
 from edge_agent.config import AgentConfig
 from edge_agent.contract import LIMITS, Topics
+from edge_agent.drift import DriftReference
 from edge_agent.errors import AgentError, InterpreterError
 from edge_agent.mqtt_session import keep_session
+from edge_agent.outbox import Outbox
 from edge_agent.runtime import Model, interpreter_name, load_model
 from edge_agent.state import StateStore
+from edge_agent.telemetry import ClosedWindow, TelemetryRecorder
 from edge_agent.transport import GrpcTransport
 from edge_agent.tuf_client import seed_trust_root
 from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment
@@ -61,15 +65,50 @@ class Agent:
         self._events_ready = asyncio.Event()
         self._transport = GrpcTransport(config.grpc_target, config.device_id)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.outbox = Outbox(config.state_dir / "outbox.db", config.device_id, config.outbox_cap)
+        self.recorder = TelemetryRecorder(
+            self._window_closed, config.telemetry_every_inferences, config.telemetry_every_seconds
+        )
+        self._telemetry_ready = asyncio.Event()
+        self._sent_at: dict[int, float] = {}  # sequence -> when it went out over MQTT in this session
+        self._model_release = ""
         self._load_committed_model()
 
     # ----- what applications use -----
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        model = self.model  # one read: a swap during the call does not affect it
+        """Run the committed model on one input; every inference feeds the current telemetry window."""
+        model, release = self.model, self._model_release  # one read: a swap during the call does not matter
         if model is None:
             raise InterpreterError("no committed model yet", "no_model")
-        return model.predict(x)
+        start = time.perf_counter()
+        try:
+            y = model.predict(x)
+        except Exception:
+            self.recorder.record_error()
+            raise
+        self.recorder.record(
+            release, np.asarray(x).reshape(1, -1), y.reshape(1, -1), [(time.perf_counter() - start) * 1000.0]
+        )
+        return y
+
+    def _activate(self, model: Model, release_id: str, custom: dict[str, Any]) -> None:
+        """Make a committed model the one applications use, and start its telemetry windows."""
+        doc = custom.get("drift_reference")
+        n_classes = int(np.prod(model.interpreter.get_output_details()[0]["shape"][1:]))
+        try:
+            reference = DriftReference.from_metadata(doc) if doc else DriftReference.empty(n_classes)
+        except ValueError as e:
+            logger.warning("release %s has an unusable drift reference (%s); counting without it", release_id, e)
+            reference = DriftReference.empty(n_classes)
+        self.recorder.switch(release_id, reference)
+        self.model, self._model_release = model, release_id
+
+    def _window_closed(self, window: ClosedWindow) -> None:
+        """Called by the recorder (any thread): store first, then nudge the sender."""
+        self.outbox.append(window)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._telemetry_ready.set)
 
     # ----- lifecycle -----
 
@@ -85,6 +124,8 @@ class Agent:
             asyncio.create_task(self._mqtt_loop(), name="mqtt"),
             asyncio.create_task(self._update_worker(), name="updates"),
             asyncio.create_task(self._event_sender(), name="events"),
+            asyncio.create_task(self._telemetry_sender(), name="telemetry"),
+            asyncio.create_task(self._window_timer(), name="windows"),
         ]
         try:
             await asyncio.gather(*tasks)
@@ -93,13 +134,16 @@ class Agent:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(self._transport.close)
+            self.outbox.close()
 
     def _load_committed_model(self) -> None:
         state = self.store.load()
         if state.active is None:
             return
+        info = state.active_info
         try:
-            self.model = load_model(self.store.model_path(state.active), self.config.interpreter)
+            model = load_model(self.store.model_path(state.active), self.config.interpreter)
+            self._activate(model, info.release_id if info else "", info.custom if info else {})
         except InterpreterError as e:
             logger.error("committed model does not load: %s", e)
 
@@ -167,6 +211,9 @@ class Agent:
             self._client = client
             await client.subscribe(self.topics.desired(device), qos=1)
             await client.subscribe(self.topics.announce(self.config.fleet), qos=0)
+            await client.subscribe(self.topics.ack(device), qos=1)
+            self._sent_at.clear()  # unconfirmed windows are sent again on a new session
+            self._telemetry_ready.set()
             self.connected.set()  # publish_status needs it; keep_session sets it too
             await self.publish_status()
             self._events_ready.set()  # flush events queued while offline
@@ -201,6 +248,13 @@ class Agent:
                 )
                 return
             self._offer(bytes(payload))
+        elif topic == self.topics.ack(self.config.device_id):
+            try:
+                watermark = pb.TelemetryAck.FromString(bytes(payload)).watermark
+            except DecodeError:
+                logger.warning("ignoring a malformed telemetry ack")
+                return
+            self.outbox.acknowledge(watermark)
         # An announce needs no action: metadata is refreshed with every assignment.
 
     # ----- updates -----
@@ -246,7 +300,8 @@ class Agent:
             finally:
                 self.updating = False
             if result.model is not None:
-                self.model = result.model
+                info = self.store.load().active_info
+                self._activate(result.model, info.release_id if info else "", info.custom if info else {})
             await self.publish_status()
             if result.outcome is Outcome.RETRY:
                 await asyncio.sleep(delay)
@@ -275,3 +330,44 @@ class Agent:
                     await asyncio.sleep(self.config.retry_seconds)
                     continue
                 self._events.popleft()
+
+    # ----- telemetry -----
+
+    async def _window_timer(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.config.telemetry_every_seconds))
+            await asyncio.to_thread(self.recorder.tick)
+
+    async def _telemetry_sender(self) -> None:
+        """Send stored windows until confirmed. MQTT QoS 1 while connected; gRPC in one stream (which answers
+        the watermark directly) for a backlog, while MQTT is down, or when MQTT sends go unconfirmed."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._telemetry_ready.wait(), min(5.0, self.config.ack_timeout / 2))
+            self._telemetry_ready.clear()
+            pending = await asyncio.to_thread(self.outbox.pending, 1000)
+            self._sent_at = {s: t for s, t in self._sent_at.items() if s > self.outbox.acknowledged}
+            if not pending:
+                continue
+            client = self._client
+            online = client is not None and self.connected.is_set()
+            now = loop.time()
+            unconfirmed = any(now - self._sent_at.get(s, now) > self.config.ack_timeout for s, _ in pending)
+            try:
+                if len(pending) >= self.config.bulk_upload_after or not online or unconfirmed:
+                    watermark = await asyncio.to_thread(self._transport.upload_telemetry, [p for _, p in pending])
+                    await asyncio.to_thread(self.outbox.acknowledge, watermark)
+                    if len(pending) == 1000:
+                        self._telemetry_ready.set()  # more where that came from
+                    continue
+                assert client is not None
+                fresh = [(s, p) for s, p in pending if s not in self._sent_at]
+                for seq, payload in fresh:
+                    await client.publish(self.topics.telemetry(self.config.device_id), payload, qos=1)
+                    self._sent_at[seq] = loop.time()
+                await asyncio.to_thread(self.outbox.mark_sent, [s for s, _ in fresh])
+            except (aiomqtt.MqttError, AgentError) as e:
+                logger.debug("telemetry delivery deferred: %s", e)
+                await asyncio.sleep(self.config.retry_seconds)
+                self._telemetry_ready.set()

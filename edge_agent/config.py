@@ -45,6 +45,11 @@ class AgentConfig:
     interpreter: str | None = None  # None: ai-edge-litert if installed, else tflite-runtime
     retry_seconds: float = 2.0  # first back-off after a transient failure (doubles up to 60 s)
     debug_pause_at: str | None = None  # fault injection: stop at this update step (tests only)
+    telemetry_every_inferences: int = 500  # a window closes after this many inferences ...
+    telemetry_every_seconds: float = 60.0  # ... or this many seconds, whichever comes first
+    outbox_cap: int = 5000  # windows kept unconfirmed before the oldest unsent ones are summarized
+    bulk_upload_after: int = 20  # a backlog this long goes over gRPC in one stream instead of MQTT
+    ack_timeout: float = 15.0  # windows sent over MQTT but unconfirmed this long go again over gRPC
 
 
 def _mqtt_address(url: str) -> tuple[str, int]:
@@ -107,4 +112,16 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
         interpreter=interpreter,
         retry_seconds=float(raw.get("retry_seconds", 2.0)),
         debug_pause_at=pause,
+        telemetry_every_inferences=_positive(raw, "telemetry_every_inferences", 500),
+        telemetry_every_seconds=float(_positive(raw, "telemetry_every_seconds", 60.0)),
+        outbox_cap=_positive(raw, "outbox_cap", 5000),
+        bulk_upload_after=_positive(raw, "bulk_upload_after", 20),
+        ack_timeout=float(_positive(raw, "ack_timeout", 15.0)),
     )
+
+
+def _positive(raw: dict[str, Any], key: str, default: Any) -> Any:
+    value = raw.get(key, default)
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key} must be a positive number")
+    return type(default)(value)

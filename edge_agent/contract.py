@@ -21,6 +21,7 @@ class Limits:
     metadata_file: int = 2 * 1024 * 1024
     target_file: int = 512 * 1024 * 1024
     events_per_report: int = 256
+    telemetry_windows_per_upload: int = 5000
     id_length: int = 128
     labels: int = 32
 

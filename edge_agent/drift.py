@@ -105,6 +105,18 @@ class DriftReference:
         if np.any(np.diff(self.feature_edges, axis=1) < 0) or np.any(np.diff(self.score_edges) < 0):
             raise ValueError("bin edges must be non-decreasing")
 
+    @classmethod
+    def empty(cls, n_classes: int) -> DriftReference:
+        """For a release without a drift reference: windows still count classes, scores, latency, errors."""
+        return cls(
+            np.zeros((0, 9)),
+            np.zeros((0, 10)),
+            np.zeros((0, 2)),
+            np.linspace(0, 1, 11)[1:-1],
+            np.full(10, 0.1),
+            n_classes,
+        )
+
     @property
     def n_features(self) -> int:
         return int(self.feature_edges.shape[0])

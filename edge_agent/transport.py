@@ -85,6 +85,15 @@ class GrpcTransport:
             raise _wrap(e, "report events") from e
         return int(response.accepted)
 
+    def upload_telemetry(self, windows: Iterable[bytes]) -> int:
+        """Stream stored windows (serialized TelemetryWindow); returns the coordinator's watermark."""
+        messages = (pb.TelemetryWindow.FromString(w) for w in windows)
+        try:
+            ack = self._stub.UploadTelemetry(messages, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _wrap(e, "upload telemetry") from e
+        return int(ack.watermark)
+
 
 def _wrap(e: grpc.RpcError, what: str) -> AgentError:
     code = e.code() if isinstance(e, grpc.Call) else None

@@ -27,6 +27,7 @@ from server.enrollment import write_bundle
 from server.errors import CoordinatorError
 from server.releases import publish_release
 from server.store import Release
+from server.telemetry import pool
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -289,6 +290,56 @@ def devices_enroll(
             f"Enrollment bundle for [bold]{device_id}[/] written to {out_dir} "
             f"(run: fedfleet-agent run --config {out_dir / 'agent.toml'})."
         )
+
+
+@app.command()
+def telemetry(
+    device: Annotated[str | None, typer.Option(help="Only this device's windows.")] = None,
+    release_id: Annotated[str | None, typer.Option("--release", help="Only this release (name@version).")] = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """Pooled drift and health statistics per release: PSI/KL against the release's reference, latency, errors."""
+    store = _open(data_dir).store()
+    try:
+        if device is not None:
+            store.device(device)
+        releases = (
+            [release_id]
+            if release_id
+            else [
+                r[0]
+                for r in store.db.execute(
+                    "SELECT DISTINCT release_id FROM telemetry" + (" WHERE device_id = ?" if device else ""),
+                    [device] if device else [],
+                )
+            ]
+        )
+        if release_id:
+            store.release(release_id)
+        docs = [pool(store, r, [device] if device else None).to_json() for r in sorted(releases)]
+    finally:
+        store.close()
+    if as_json:
+        _print_json(docs)
+        return
+    table = Table("release", "devices", "windows", "inferences", "errors", "max PSI", "score PSI", "p95 ms")
+    for d in docs:
+        table.add_row(
+            d["release"],
+            str(d["devices"]),
+            str(d["windows"]),
+            str(d["inferences"]),
+            str(d["errors"]),
+            _fmt(d["max_psi"]),
+            _fmt(d["score_psi"]),
+            _fmt(d["latency_p95_ms"]),
+        )
+    out.print(table)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 @keys_app.command("rotate-root")

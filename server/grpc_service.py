@@ -20,6 +20,7 @@ from edge_agent.contract import LIMITS, device_id_is_valid
 from server.events import EventRejected, event_row
 from server.repository import Repository
 from server.store import Store
+from server.telemetry import ingest_window
 
 __all__ = ["FleetService", "start_grpc_server"]
 
@@ -93,6 +94,29 @@ class FleetService(pb_grpc.FleetServiceServicer):
         except EventRejected as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.ReportEventsResponse(accepted=self.store.record_events(rows, via="grpc"))
+
+    async def UploadTelemetry(
+        self, request_iterator: AsyncIterator[pb.TelemetryWindow], context: Context
+    ) -> pb.TelemetryAck:
+        """A device's backlog in one stream; every window is checked and stored once; answers the watermark."""
+        device = ""
+        mark = 0
+        count = 0
+        async for window in request_iterator:
+            count += 1
+            if count > LIMITS.telemetry_windows_per_upload:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"at most {LIMITS.telemetry_windows_per_upload} windows per upload",
+                )
+            if device and window.device_id != device:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one upload carries one device's windows")
+            device = window.device_id
+            try:
+                mark = ingest_window(self.store, window, topic_device=None, via="grpc").watermark
+            except EventRejected as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"window {window.sequence}: {e}")
+        return pb.TelemetryAck(watermark=mark)
 
 
 async def start_grpc_server(service: FleetService, listen: str) -> tuple[grpc.aio.Server, int]:

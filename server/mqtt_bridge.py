@@ -15,6 +15,7 @@ from edge_agent.mqtt_session import keep_session
 from server.errors import CoordinatorError
 from server.events import EventRejected, parse_event, parse_status
 from server.store import Store, now_ms
+from server.telemetry import ingest_window, parse_window
 
 __all__ = ["MqttBridge", "parse_mqtt_url"]
 
@@ -36,6 +37,8 @@ class MqttBridge:
         self.client_id = client_id
         self.connected = asyncio.Event()
         self.rejected = 0
+        self.telemetry_stored = 0
+        self._acks: set[asyncio.Task[None]] = set()
         self._client: aiomqtt.Client | None = None
 
     async def run(self) -> None:
@@ -47,6 +50,7 @@ class MqttBridge:
             self._client = client
             await client.subscribe(f"{self.topics.prefix}/devices/+/status", qos=1)
             await client.subscribe(f"{self.topics.prefix}/devices/+/events", qos=1)
+            await client.subscribe(f"{self.topics.prefix}/devices/+/telemetry", qos=1)
             logger.info("connected to MQTT broker %s:%d", self.host, self.port)
 
         def make_client() -> aiomqtt.Client:
@@ -69,6 +73,10 @@ class MqttBridge:
                     self.store.set_offline(device)
             elif (device := self.topics.device_of(topic, "events")) is not None:
                 self.store.record_events([parse_event(bytes(payload), device, self.store)], via="mqtt")
+            elif (device := self.topics.device_of(topic, "telemetry")) is not None:
+                result = ingest_window(self.store, parse_window(bytes(payload)), device, via="mqtt")
+                self.telemetry_stored += result.stored
+                self._ack(device, result.watermark)
             else:
                 raise EventRejected("not a device status or events topic")
         except EventRejected as e:
@@ -76,6 +84,18 @@ class MqttBridge:
             logger.warning("rejected message on %s: %s", topic[:200], e)
             return False
         return True
+
+    def _ack(self, device: str, watermark: int) -> None:
+        """Publish the device's stored watermark (retained), so it can drop what is confirmed."""
+        client = self._client
+        if client is None:
+            return
+        payload = pb.TelemetryAck(watermark=watermark).SerializeToString()
+        task = asyncio.get_running_loop().create_task(
+            client.publish(self.topics.ack(device), payload, qos=1, retain=True)
+        )
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
 
     async def publish_assignments(self) -> int:
         """Publish every unpublished assignment as the device's retained desired state (QoS 1)."""

@@ -86,7 +86,33 @@ def _v1(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE telemetry (
+            device_id TEXT NOT NULL REFERENCES devices (id),
+            sequence INTEGER NOT NULL,          -- last sequence the window covers
+            first_sequence INTEGER NOT NULL,    -- first one (less than sequence for a summary)
+            release_id TEXT NOT NULL,
+            start_ms INTEGER NOT NULL,
+            end_ms INTEGER NOT NULL,
+            inferences INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            payload BLOB NOT NULL,              -- the TelemetryWindow as received: all counts, for pooling
+            received_at INTEGER NOT NULL,
+            via TEXT NOT NULL,
+            PRIMARY KEY (device_id, sequence)
+        );
+        CREATE INDEX telemetry_release ON telemetry (release_id, end_ms);
+        CREATE TABLE telemetry_watermarks (
+            device_id TEXT PRIMARY KEY REFERENCES devices (id),
+            watermark INTEGER NOT NULL          -- every sequence up to here is stored
+        );
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

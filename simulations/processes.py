@@ -45,34 +45,40 @@ def _port_open(host: str, port: int) -> bool:
 
 
 class Mosquitto:
-    """A private Mosquitto on a free loopback port, never the system's."""
+    """A private Mosquitto on a free loopback port, never the system's. stop() and start() keep the port."""
 
     def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(binary).exists():
+        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(self.binary).exists():
             raise RuntimeError("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does this)")
         self.port = free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        conf = workdir / "mosquitto.conf"
-        conf.write_text(
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
             "log_dest stderr\nuser root\nmax_queued_messages 100000\n"
         )
-        self.log = (workdir / "mosquitto.log").open("ab")
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log, stderr=self.log)
-        wait_for(lambda: _port_open("127.0.0.1", self.port) or self.proc.poll() is not None, 10, what="mosquitto")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited: {(workdir / 'mosquitto.log').read_text()[-2000:]}")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        with (self.workdir / "mosquitto.log").open("ab") as log:
+            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=log)
+        proc = self.proc
+        wait_for(lambda: _port_open("127.0.0.1", self.port) or proc.poll() is not None, 10, what="mosquitto")
+        if proc.poll() is not None:
+            raise RuntimeError(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()[-2000:]}")
 
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.log.close()
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:

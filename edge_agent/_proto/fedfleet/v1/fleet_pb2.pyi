@@ -254,8 +254,36 @@ class Announce(google.protobuf.message.Message):
 Global___Announce: typing_extensions.TypeAlias = Announce
 
 @typing.final
+class FeatureCounts(google.protobuf.message.Message):
+    """Per-feature counts of one window, over the bins of the release's drift reference."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    BINS_FIELD_NUMBER: builtins.int
+    NAN_FIELD_NUMBER: builtins.int
+    OUT_OF_RANGE_FIELD_NUMBER: builtins.int
+    nan: builtins.int
+    out_of_range: builtins.int
+    @property
+    def bins(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        bins: collections.abc.Iterable[builtins.int] | None = ...,
+        nan: builtins.int = ...,
+        out_of_range: builtins.int = ...,
+    ) -> None: ...
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["bins", b"bins", "nan", b"nan", "out_of_range", b"out_of_range"]
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+
+Global___FeatureCounts: typing_extensions.TypeAlias = FeatureCounts
+
+@typing.final
 class TelemetryWindow(google.protobuf.message.Message):
-    """One telemetry window (filled in by the agent-telemetry work; counts, never raw samples)."""
+    """One telemetry window on …/devices/{device}/telemetry (or UploadTelemetry): raw counts, never samples, so
+    the coordinator can pool windows across devices and cohorts. A window covers the sequences
+    first_sequence..sequence: more than one when a full outbox summarized never-sent windows into one.
+    """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
@@ -266,6 +294,13 @@ class TelemetryWindow(google.protobuf.message.Message):
     END_MS_FIELD_NUMBER: builtins.int
     INFERENCES_FIELD_NUMBER: builtins.int
     ERRORS_FIELD_NUMBER: builtins.int
+    FIRST_SEQUENCE_FIELD_NUMBER: builtins.int
+    FEATURES_FIELD_NUMBER: builtins.int
+    SCORE_COUNTS_FIELD_NUMBER: builtins.int
+    CLASS_COUNTS_FIELD_NUMBER: builtins.int
+    LATENCY_COUNTS_FIELD_NUMBER: builtins.int
+    ENTROPY_SUM_FIELD_NUMBER: builtins.int
+    LATENCY_MAX_MS_FIELD_NUMBER: builtins.int
     device_id: builtins.str
     sequence: builtins.int
     release_id: builtins.str
@@ -273,6 +308,23 @@ class TelemetryWindow(google.protobuf.message.Message):
     end_ms: builtins.int
     inferences: builtins.int
     errors: builtins.int
+    first_sequence: builtins.int
+    entropy_sum: builtins.float
+    latency_max_ms: builtins.float
+    @property
+    def features(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___FeatureCounts]: ...
+    @property
+    def score_counts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]:
+        """top-class score histogram"""
+
+    @property
+    def class_counts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]:
+        """predicted classes"""
+
+    @property
+    def latency_counts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]:
+        """over edge_agent.drift.LATENCY_EDGES_MS"""
+
     def __init__(
         self,
         *,
@@ -283,8 +335,15 @@ class TelemetryWindow(google.protobuf.message.Message):
         end_ms: builtins.int = ...,
         inferences: builtins.int = ...,
         errors: builtins.int = ...,
+        first_sequence: builtins.int = ...,
+        features: collections.abc.Iterable[Global___FeatureCounts] | None = ...,
+        score_counts: collections.abc.Iterable[builtins.int] | None = ...,
+        class_counts: collections.abc.Iterable[builtins.int] | None = ...,
+        latency_counts: collections.abc.Iterable[builtins.int] | None = ...,
+        entropy_sum: builtins.float = ...,
+        latency_max_ms: builtins.float = ...,
     ) -> None: ...
-    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["device_id", b"device_id", "end_ms", b"end_ms", "errors", b"errors", "inferences", b"inferences", "release_id", b"release_id", "sequence", b"sequence", "start_ms", b"start_ms"]
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["class_counts", b"class_counts", "device_id", b"device_id", "end_ms", b"end_ms", "entropy_sum", b"entropy_sum", "errors", b"errors", "features", b"features", "first_sequence", b"first_sequence", "inferences", b"inferences", "latency_counts", b"latency_counts", "latency_max_ms", b"latency_max_ms", "release_id", b"release_id", "score_counts", b"score_counts", "sequence", b"sequence", "start_ms", b"start_ms"]
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
 
 Global___TelemetryWindow: typing_extensions.TypeAlias = TelemetryWindow

@@ -54,6 +54,11 @@ class FleetServiceStub:
                 request_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsRequest.SerializeToString,
                 response_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsResponse.FromString,
                 _registered_method=True)
+        self.UploadTelemetry = channel.stream_unary(
+                '/fedfleet.v1.FleetService/UploadTelemetry',
+                request_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryWindow.SerializeToString,
+                response_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryAck.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -84,6 +89,13 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadTelemetry(self, request_iterator, context):
+        """A backlog after time offline, in bulk; answers the stored watermark.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +118,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.ReportEvents,
                     request_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsRequest.FromString,
                     response_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsResponse.SerializeToString,
+            ),
+            'UploadTelemetry': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadTelemetry,
+                    request_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryWindow.FromString,
+                    response_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +233,33 @@ class FleetService:
             '/fedfleet.v1.FleetService/ReportEvents',
             edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsRequest.SerializeToString,
             edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadTelemetry(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fedfleet.v1.FleetService/UploadTelemetry',
+            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryWindow.SerializeToString,
+            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryAck.FromString,
             options,
             channel_credentials,
             insecure,

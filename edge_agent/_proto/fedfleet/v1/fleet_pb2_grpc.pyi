@@ -35,6 +35,8 @@ class FleetServiceStub:
     """Missing files answer NOT_FOUND (TUF clients probe for the next root version that way)."""
     FetchTarget: grpc.UnaryStreamMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.FetchRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.Chunk]
     ReportEvents: grpc.UnaryUnaryMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.ReportEventsRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.ReportEventsResponse]
+    UploadTelemetry: grpc.StreamUnaryMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.TelemetryWindow, edge_agent._proto.fedfleet.v1.fleet_pb2.TelemetryAck]
+    """A backlog after time offline, in bulk; answers the stored watermark."""
 
 @typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
@@ -44,6 +46,8 @@ class FleetServiceAsyncStub(FleetServiceStub):
     """Missing files answer NOT_FOUND (TUF clients probe for the next root version that way)."""
     FetchTarget: grpc.aio.UnaryStreamMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.FetchRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.Chunk]  # type: ignore[assignment]
     ReportEvents: grpc.aio.UnaryUnaryMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.ReportEventsRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.ReportEventsResponse]  # type: ignore[assignment]
+    UploadTelemetry: grpc.aio.StreamUnaryMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.TelemetryWindow, edge_agent._proto.fedfleet.v1.fleet_pb2.TelemetryAck]  # type: ignore[assignment]
+    """A backlog after time offline, in bulk; answers the stored watermark."""
 
 class FleetServiceServicer(metaclass=abc.ABCMeta):
     @abc.abstractmethod
@@ -74,5 +78,13 @@ class FleetServiceServicer(metaclass=abc.ABCMeta):
         request: edge_agent._proto.fedfleet.v1.fleet_pb2.ReportEventsRequest,
         context: _ServicerContext,
     ) -> typing.Union[edge_agent._proto.fedfleet.v1.fleet_pb2.ReportEventsResponse, collections.abc.Awaitable[edge_agent._proto.fedfleet.v1.fleet_pb2.ReportEventsResponse]]: ...
+
+    @abc.abstractmethod
+    def UploadTelemetry(
+        self,
+        request_iterator: _MaybeAsyncIterator[edge_agent._proto.fedfleet.v1.fleet_pb2.TelemetryWindow],
+        context: _ServicerContext,
+    ) -> typing.Union[edge_agent._proto.fedfleet.v1.fleet_pb2.TelemetryAck, collections.abc.Awaitable[edge_agent._proto.fedfleet.v1.fleet_pb2.TelemetryAck]]:
+        """A backlog after time offline, in bulk; answers the stored watermark."""
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

@@ -1,0 +1,154 @@
+"""Telemetry windows: recording them on the device and their wire form (shared with the coordinator).
+
+A window belongs to exactly one release: a model swap closes the current window, so the old release's
+statistics never mix with the new one's. A window also closes after `every_inferences` inferences or
+`every_seconds` seconds, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.drift import LATENCY_EDGES_MS, DriftReference, WindowCounts
+
+__all__ = ["ClosedWindow", "TelemetryRecorder", "counts_from_proto", "window_to_proto"]
+
+_MAX_COUNT = 2**53  # far beyond any real window; bigger is garbage
+
+
+@dataclass(frozen=True)
+class ClosedWindow:
+    release_id: str
+    start_ms: int
+    end_ms: int
+    counts: WindowCounts
+
+
+def window_to_proto(
+    w: ClosedWindow, device_id: str, sequence: int, first_sequence: int | None = None
+) -> pb.TelemetryWindow:
+    c = w.counts
+    return pb.TelemetryWindow(
+        device_id=device_id,
+        sequence=sequence,
+        first_sequence=sequence if first_sequence is None else first_sequence,
+        release_id=w.release_id,
+        start_ms=w.start_ms,
+        end_ms=w.end_ms,
+        inferences=c.inferences,
+        errors=c.errors,
+        features=[
+            pb.FeatureCounts(bins=row.tolist(), nan=int(n), out_of_range=int(o))
+            for row, n, o in zip(c.feature_counts, c.nan_counts, c.out_of_range, strict=True)
+        ],
+        score_counts=c.score_counts.tolist(),
+        class_counts=c.class_counts.tolist(),
+        latency_counts=c.latency_counts.tolist(),
+        entropy_sum=c.entropy_sum,
+        latency_max_ms=c.latency_max_ms,
+    )
+
+
+def counts_from_proto(m: pb.TelemetryWindow) -> WindowCounts:
+    """The counts of a window message; ValueError if they are inconsistent or absurd."""
+    n_bins = {len(f.bins) for f in m.features}
+    if len(n_bins) > 1:
+        raise ValueError("features have different numbers of bins")
+    if len(m.latency_counts) != len(LATENCY_EDGES_MS) + 1:
+        raise ValueError(f"latency histogram has {len(m.latency_counts)} bins, expected {len(LATENCY_EDGES_MS) + 1}")
+    width = n_bins.pop() if n_bins else 0
+    feature_counts = np.array([list(f.bins) for f in m.features], dtype=np.int64).reshape(len(m.features), width)
+    arrays = [feature_counts, np.array(m.score_counts), np.array(m.class_counts), np.array(m.latency_counts)]
+    if any(a.size and a.max() > _MAX_COUNT for a in arrays) or m.inferences > _MAX_COUNT or m.errors > _MAX_COUNT:
+        raise ValueError("counts are absurdly large")
+    if not (
+        np.isfinite(m.entropy_sum) and m.entropy_sum >= 0 and np.isfinite(m.latency_max_ms) and m.latency_max_ms >= 0
+    ):
+        raise ValueError("entropy and latency must be finite and non-negative")
+    if int(np.sum(m.class_counts)) != m.inferences or int(np.sum(m.latency_counts)) > m.inferences:
+        raise ValueError("class counts do not add up to the number of inferences")
+    if m.first_sequence == 0 or m.first_sequence > m.sequence or m.start_ms > m.end_ms:
+        raise ValueError("sequence range or time range is inverted")
+    return WindowCounts(
+        feature_counts=feature_counts,
+        nan_counts=np.array([f.nan for f in m.features], dtype=np.int64),
+        out_of_range=np.array([f.out_of_range for f in m.features], dtype=np.int64),
+        score_counts=np.array(m.score_counts, dtype=np.int64),
+        class_counts=np.array(m.class_counts, dtype=np.int64),
+        latency_counts=np.array(m.latency_counts, dtype=np.int64),
+        entropy_sum=m.entropy_sum,
+        latency_max_ms=m.latency_max_ms,
+        inferences=m.inferences,
+        errors=m.errors,
+    )
+
+
+class TelemetryRecorder:
+    """Accumulates inferences into windows; thread-safe (applications may infer from several threads)."""
+
+    def __init__(
+        self,
+        on_close: Callable[[ClosedWindow], None],
+        every_inferences: int = 500,
+        every_seconds: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if every_inferences < 1 or every_seconds <= 0:
+            raise ValueError("a window needs at least one inference and a positive duration")
+        self._on_close = on_close
+        self.every_inferences = every_inferences
+        self.every_seconds = every_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._release = ""
+        self._reference: DriftReference | None = None
+        self._counts: WindowCounts | None = None
+        self._start = 0.0
+
+    def switch(self, release_id: str, reference: DriftReference) -> None:
+        """A new model is active: close the old release's window, start counting for the new one."""
+        with self._lock:
+            self._close_locked()
+            self._release, self._reference = release_id, reference
+            self._counts, self._start = WindowCounts.empty(reference), self._clock()
+
+    def record(
+        self,
+        release_id: str,
+        inputs: np.ndarray,
+        probabilities: np.ndarray,
+        latencies_ms: Sequence[float],
+        errors: int = 0,
+    ) -> None:
+        with self._lock:
+            if release_id != self._release or self._counts is None or self._reference is None:
+                return  # an inference that started on a model already swapped out: not this window's
+            self._counts.add(self._reference, inputs, probabilities, latencies_ms)
+            self._counts.errors += errors
+            if self._counts.inferences >= self.every_inferences:
+                self._close_locked()
+
+    def record_error(self) -> None:
+        with self._lock:
+            if self._counts is not None:
+                self._counts.errors += 1
+
+    def tick(self) -> None:
+        """Close the window if its time is up (called periodically)."""
+        with self._lock:
+            if self._counts is not None and self._clock() - self._start >= self.every_seconds:
+                self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self._counts is None or self._reference is None:
+            return
+        if self._counts.inferences or self._counts.errors:
+            now = self._clock()
+            self._on_close(ClosedWindow(self._release, int(self._start * 1000), int(now * 1000), self._counts))
+        self._counts, self._start = WindowCounts.empty(self._reference), self._clock()

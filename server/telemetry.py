@@ -1,0 +1,177 @@
+"""Telemetry on the coordinator: check, store exactly once, confirm with a watermark, pool for statistics.
+
+A window is stored under (device, sequence). A resend of a stored window (same range) changes nothing and is
+confirmed again; a window overlapping stored ones differently is refused. The watermark is the highest
+sequence up to which every sequence is stored, so a device never deletes a window that was not stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract import LIMITS, device_id_is_valid
+from edge_agent.drift import DriftReference, WindowCounts, WindowScore, score_window
+from edge_agent.telemetry import counts_from_proto
+from server.events import EventRejected
+from server.store import Store, now_ms
+
+__all__ = ["IngestResult", "Pooled", "ingest_window", "parse_window", "pool", "watermark"]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    stored: bool  # False: an exact resend of a stored window
+    watermark: int
+
+
+def parse_window(payload: bytes) -> pb.TelemetryWindow:
+    if len(payload) > LIMITS.mqtt_telemetry_payload:
+        raise EventRejected(f"telemetry window of {len(payload)} bytes exceeds {LIMITS.mqtt_telemetry_payload}")
+    try:
+        return pb.TelemetryWindow.FromString(payload)
+    except DecodeError as e:
+        raise EventRejected("not a valid TelemetryWindow message") from e
+
+
+def _reference(store: Store, release_id: str) -> DriftReference | None:
+    try:
+        doc = store.release(release_id).custom.get("drift_reference")
+    except Exception as e:
+        raise EventRejected(f"window names unknown release {release_id[:80]!r}") from e
+    return DriftReference.from_metadata(doc) if doc else None
+
+
+def _check(store: Store, m: pb.TelemetryWindow, topic_device: str | None) -> None:
+    if not device_id_is_valid(m.device_id):
+        raise EventRejected(f"device_id {m.device_id[:40]!r} is not a valid id")
+    if topic_device is not None and m.device_id != topic_device:
+        raise EventRejected(f"window names device {m.device_id!r} but was sent on {topic_device!r}'s topic")
+    if not store.is_device(m.device_id):
+        raise EventRejected(f"device {m.device_id!r} has not registered")
+    try:
+        counts = counts_from_proto(m)
+    except ValueError as e:
+        raise EventRejected(f"window counts rejected: {e}") from e
+    reference = _reference(store, m.release_id)
+    if reference is not None and counts.feature_counts.shape != (reference.n_features, reference.n_bins):
+        raise EventRejected(
+            f"window has {counts.feature_counts.shape} feature bins, release {m.release_id} has "
+            f"{(reference.n_features, reference.n_bins)}"
+        )
+    if m.sequence - m.first_sequence > 1_000_000:
+        raise EventRejected("window claims to summarize an absurd number of windows")
+
+
+def watermark(store: Store, device_id: str) -> int:
+    row = store.db.execute("SELECT watermark FROM telemetry_watermarks WHERE device_id = ?", [device_id]).fetchone()
+    return int(row[0]) if row else 0
+
+
+def ingest_window(store: Store, m: pb.TelemetryWindow, topic_device: str | None, via: str) -> IngestResult:
+    """Check and store one window; EventRejected (with the reason) stores nothing."""
+    _check(store, m, topic_device)
+    with store.transaction() as db:
+        overlapping = db.execute(
+            "SELECT first_sequence, sequence FROM telemetry"
+            " WHERE device_id = ? AND sequence >= ? AND first_sequence <= ?",
+            [m.device_id, m.first_sequence, m.sequence],
+        ).fetchall()
+        current = watermark(store, m.device_id)
+        if overlapping == [(m.first_sequence, m.sequence)]:
+            return IngestResult(False, current)
+        if overlapping or (m.sequence <= current):
+            raise EventRejected(f"window {m.first_sequence}..{m.sequence} overlaps windows already stored")
+        db.execute(
+            """INSERT INTO telemetry (device_id, sequence, first_sequence, release_id, start_ms, end_ms, inferences,
+                 errors, payload, received_at, via) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            [
+                m.device_id,
+                m.sequence,
+                m.first_sequence,
+                m.release_id,
+                m.start_ms,
+                m.end_ms,
+                m.inferences,
+                m.errors,
+                m.SerializeToString(),
+                now_ms(),
+                via,
+            ],
+        )
+        mark = current
+        for first, last in db.execute(
+            "SELECT first_sequence, sequence FROM telemetry WHERE device_id = ? AND sequence > ? ORDER BY sequence",
+            [m.device_id, current],
+        ):
+            if first != mark + 1:
+                break
+            mark = last
+        if mark != current:
+            db.execute(
+                """INSERT INTO telemetry_watermarks (device_id, watermark) VALUES (?, ?)
+                   ON CONFLICT (device_id) DO UPDATE SET watermark = excluded.watermark""",
+                [m.device_id, mark],
+            )
+    return IngestResult(True, mark)
+
+
+@dataclass(frozen=True)
+class Pooled:
+    release_id: str
+    windows: int
+    devices: int
+    counts: WindowCounts
+    score: WindowScore | None  # None: too few samples, or the release has no drift reference
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.score
+        return {
+            "release": self.release_id,
+            "windows": self.windows,
+            "devices": self.devices,
+            "inferences": self.counts.inferences,
+            "errors": self.counts.errors,
+            "scored": s is not None,
+            "max_psi": s.max_psi if s else None,
+            "mean_psi": s.mean_psi if s else None,
+            "max_kl": float(s.feature_kl.max()) if s and s.feature_kl.size else None,
+            "score_psi": s.score_psi if s else None,
+            "latency_p50_ms": s.latency_p50_ms if s else None,
+            "latency_p95_ms": s.latency_p95_ms if s else None,
+            "latency_max_ms": self.counts.latency_max_ms,
+            "class_mix": (self.counts.class_counts / max(1, self.counts.inferences)).round(4).tolist(),
+            "nan": int(self.counts.nan_counts.sum()),
+            "out_of_range": int(self.counts.out_of_range.sum()),
+        }
+
+
+def pool(
+    store: Store, release_id: str, devices: list[str] | None = None, since_ms: int = 0, until_ms: int | None = None
+) -> Pooled:
+    """Add up the windows of one release (optionally a cohort of devices and a time range) and score them."""
+    sql = "SELECT device_id, payload FROM telemetry WHERE release_id = ? AND end_ms >= ?"
+    args: list[Any] = [release_id, since_ms]
+    if until_ms is not None:
+        sql += " AND end_ms <= ?"
+        args.append(until_ms)
+    if devices is not None:
+        sql += f" AND device_id IN ({','.join('?' * len(devices))})"
+        args += devices
+    total: WindowCounts | None = None
+    seen: set[str] = set()
+    windows = 0
+    for device_id, payload in store.db.execute(sql, args):
+        counts = counts_from_proto(pb.TelemetryWindow.FromString(payload))
+        total = counts if total is None else total.merge(counts)
+        seen.add(device_id)
+        windows += 1
+    reference = _reference(store, release_id)
+    if total is None:
+        n_classes = reference.n_classes if reference else 2
+        total = WindowCounts.empty(reference or DriftReference.empty(n_classes))
+    score = score_window(total, reference) if reference is not None and windows else None
+    return Pooled(release_id, windows, len(seen), total, score)

@@ -14,17 +14,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
 from edge_agent import __version__
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.assignment import load_director_keys
 from edge_agent.config import AgentConfig
 from edge_agent.contract import LIMITS, Topics
@@ -39,12 +43,40 @@ from edge_agent.transport import GrpcTransport
 from edge_agent.tuf_client import seed_trust_root
 from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment
 
-__all__ = ["Agent"]
+__all__ = ["Agent", "Inference"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 60.0
 _MAX_QUEUED_EVENTS = 1000
+
+
+@dataclass(frozen=True)
+class Inference:
+    output: np.ndarray
+    release_id: str
+    latency_ms: float
+
+
+class _LocalService(pb_grpc.AgentLocalServicer):
+    """The device-local Infer endpoint; it calls the same Python API applications use."""
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+
+    async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.InferResponse:
+        x = np.asarray(request.input, dtype=np.float32)
+        try:
+            result = await asyncio.to_thread(self._agent.run_inference, x)
+        except InterpreterError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except ValueError as e:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"input of {x.size} values does not fit the model: {e}"
+            )
+        return pb.InferResponse(
+            output=result.output.ravel().tolist(), release_id=result.release_id, latency_ms=result.latency_ms
+        )
 
 
 class Agent:
@@ -72,25 +104,40 @@ class Agent:
         self._telemetry_ready = asyncio.Event()
         self._sent_at: dict[int, float] = {}  # sequence -> when it went out over MQTT in this session
         self._model_release = ""
+        self._serving = threading.Lock()
         self._load_committed_model()
 
     # ----- what applications use -----
 
+    @property
+    def running_release(self) -> str:
+        """The release applications are served by ("" before the first commit)."""
+        return self._model_release
+
     def infer(self, x: np.ndarray) -> np.ndarray:
-        """Run the committed model on one input; every inference feeds the current telemetry window."""
-        model, release = self.model, self._model_release  # one read: a swap during the call does not matter
-        if model is None:
-            raise InterpreterError("no committed model yet", "no_model")
-        start = time.perf_counter()
-        try:
-            y = model.predict(x)
-        except Exception:
-            self.recorder.record_error()
-            raise
-        self.recorder.record(
-            release, np.asarray(x).reshape(1, -1), y.reshape(1, -1), [(time.perf_counter() - start) * 1000.0]
-        )
-        return y
+        """Run the committed model on one input (the Python API for applications on the device)."""
+        return self.run_inference(x).output
+
+    def run_inference(self, x: np.ndarray) -> Inference:
+        """Run the committed model; every inference feeds the current telemetry window.
+
+        Inference and its record happen under the serving lock that a model swap also takes, so an inference
+        in flight finishes on the model it started with and is counted in that release's window. The
+        interpreter serializes calls anyway, so the lock costs no throughput.
+        """
+        with self._serving:
+            model, release = self.model, self._model_release
+            if model is None:
+                raise InterpreterError("no committed model yet", "no_model")
+            start = time.perf_counter()
+            try:
+                y = model.predict(x)
+            except Exception:
+                self.recorder.record_error()
+                raise
+            latency = (time.perf_counter() - start) * 1000.0
+            self.recorder.record(release, np.asarray(x).reshape(1, -1), y.reshape(1, -1), [latency])
+        return Inference(y, release, latency)
 
     def _activate(self, model: Model, release_id: str, custom: dict[str, Any]) -> None:
         """Make a committed model the one applications use, and start its telemetry windows."""
@@ -101,8 +148,9 @@ class Agent:
         except ValueError as e:
             logger.warning("release %s has an unusable drift reference (%s); counting without it", release_id, e)
             reference = DriftReference.empty(n_classes)
-        self.recorder.switch(release_id, reference)
-        self.model, self._model_release = model, release_id
+        with self._serving:
+            self.recorder.switch(release_id, reference)
+            self.model, self._model_release = model, release_id
 
     def _window_closed(self, window: ClosedWindow) -> None:
         """Called by the recorder (any thread): store first, then nudge the sender."""
@@ -127,12 +175,15 @@ class Agent:
             asyncio.create_task(self._telemetry_sender(), name="telemetry"),
             asyncio.create_task(self._window_timer(), name="windows"),
         ]
+        if self.config.local_endpoint != "off":
+            tasks.append(asyncio.create_task(self._serve_local(), name="local-endpoint"))
         try:
             await asyncio.gather(*tasks)
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.recorder.close()  # the open window's counts are kept for the next start
             await asyncio.to_thread(self._transport.close)
             self.outbox.close()
 
@@ -371,3 +422,26 @@ class Agent:
                 logger.debug("telemetry delivery deferred: %s", e)
                 await asyncio.sleep(self.config.retry_seconds)
                 self._telemetry_ready.set()
+
+    # ----- local endpoint -----
+
+    async def _serve_local(self) -> None:
+        endpoint = self.config.local_endpoint
+        socket_path = Path(endpoint.removeprefix("unix:")) if endpoint.startswith("unix:") else None
+        if socket_path is not None:
+            socket_path.unlink(missing_ok=True)  # left by a killed agent
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 * 1024 * 1024)])
+        pb_grpc.add_AgentLocalServicer_to_server(_LocalService(self), server)
+        try:
+            server.add_insecure_port(endpoint)
+        except RuntimeError as e:
+            logger.error("local endpoint %s could not be opened: %s", endpoint, e)
+            return
+        await server.start()
+        if socket_path is not None:
+            socket_path.chmod(0o660)  # the agent's user and group (applications on the device)
+        logger.info("local inference endpoint on %s", endpoint)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop(0.5)

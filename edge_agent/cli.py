@@ -43,7 +43,52 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--config", type=Path, required=True, help="agent.toml from the enrollment bundle")
     status.add_argument("--json", action="store_true", help="print one JSON document")
+    infer = sub.add_parser(
+        "infer",
+        help="run one inference through the agent's local endpoint",
+        description="Send one input to the running agent's local endpoint and print the output.",
+    )
+    infer.add_argument("--config", type=Path, required=True, help="agent.toml from the enrollment bundle")
+    source = infer.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="comma-separated numbers, e.g. 0,0.5,1,...")
+    source.add_argument("--input-file", type=Path, help="a .npy file with one input")
+    infer.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
+
+
+def _infer(config_path: Path, text: str | None, file: Path | None, as_json: bool) -> int:
+    import grpc
+    import numpy as np
+
+    from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+    from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
+
+    config = load_config(config_path)
+    if config.local_endpoint == "off":
+        raise ConfigError('the local endpoint is off in this config (local_endpoint = "off")')
+    try:
+        x = np.load(file) if file is not None else np.array([float(v) for v in str(text).split(",")])
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"input must be comma-separated numbers or a .npy file: {e}") from e
+    with grpc.insecure_channel(config.local_endpoint) as channel:
+        try:
+            r = pb_grpc.AgentLocalStub(channel).Infer(pb.InferRequest(input=x.ravel().tolist()), timeout=10)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise AgentError(f"no agent answers on {config.local_endpoint}; is `fedfleet-agent run` up?") from e
+            raise AgentError(f"inference refused: {e.details()}") from e
+    output = list(r.output)
+    doc = {
+        "release": r.release_id,
+        "class": int(np.argmax(output)),
+        "output": [round(v, 6) for v in output],
+        "latency_ms": round(r.latency_ms, 3),
+    }
+    if as_json:
+        print(json.dumps(doc))
+    else:
+        print(f"release {doc['release']}: class {doc['class']} ({max(output):.3f}) in {doc['latency_ms']} ms")
+    return EXIT_OK
 
 
 def _status(config_path: Path, as_json: bool) -> int:
@@ -77,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "status":
             return _status(args.config, args.json)
+        if args.command == "infer":
+            return _infer(args.config, args.input, args.input_file, args.json)
         logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from edge_agent.agent import Agent
 

@@ -50,6 +50,7 @@ class AgentConfig:
     outbox_cap: int = 5000  # windows kept unconfirmed before the oldest unsent ones are summarized
     bulk_upload_after: int = 20  # a backlog this long goes over gRPC in one stream instead of MQTT
     ack_timeout: float = 15.0  # windows sent over MQTT but unconfirmed this long go again over gRPC
+    local_endpoint: str = ""  # where applications call Infer: "unix:PATH" or "127.0.0.1:PORT"; "": state dir; "off"
 
 
 def _mqtt_address(url: str) -> tuple[str, int]:
@@ -117,7 +118,19 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
         outbox_cap=_positive(raw, "outbox_cap", 5000),
         bulk_upload_after=_positive(raw, "bulk_upload_after", 20),
         ack_timeout=float(_positive(raw, "ack_timeout", 15.0)),
+        local_endpoint=_local_endpoint(str(raw.get("local_endpoint", "")), base / str(raw["state_dir"])),
     )
+
+
+def _local_endpoint(value: str, state_dir: Path) -> str:
+    if not value:
+        return f"unix:{(state_dir / 'agent.sock').resolve()}"
+    if value == "off" or value.startswith("unix:"):
+        return value
+    host = value.rpartition(":")[0]
+    if host not in ("127.0.0.1", "localhost", "[::1]"):
+        raise ConfigError("local_endpoint must be unix:PATH or a loopback host:port; it serves this device only")
+    return value
 
 
 def _positive(raw: dict[str, Any], key: str, default: Any) -> Any:

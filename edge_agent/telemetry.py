@@ -145,6 +145,11 @@ class TelemetryRecorder:
             if self._counts is not None and self._clock() - self._start >= self.every_seconds:
                 self._close_locked()
 
+    def close(self) -> None:
+        """Close the open window now (a graceful stop: its counts go to the outbox instead of being lost)."""
+        with self._lock:
+            self._close_locked()
+
     def _close_locked(self) -> None:
         if self._counts is None or self._reference is None:
             return

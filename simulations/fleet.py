@@ -52,7 +52,7 @@ class SimulatedFleet:
                 self.labels(i),
                 self.grpc,
                 self.mqtt,
-                extra={"retry_seconds": 0.5},
+                extra={"retry_seconds": 0.5, "local_endpoint": "off"},
             )
             self.agents.append(Agent(config))
 

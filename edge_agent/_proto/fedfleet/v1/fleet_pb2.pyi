@@ -557,3 +557,49 @@ class ReportEventsResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
 
 Global___ReportEventsResponse: typing_extensions.TypeAlias = ReportEventsResponse
+
+@typing.final
+class InferRequest(google.protobuf.message.Message):
+    """The agent's local endpoint for the device's own applications (a Unix socket in the agent's state
+    directory by default, or a loopback port). Never exposed beyond the device.
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: builtins.int
+    @property
+    def input(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.float]:
+        """flattened; reshaped to the model's input shape"""
+
+    def __init__(
+        self,
+        *,
+        input: collections.abc.Iterable[builtins.float] | None = ...,
+    ) -> None: ...
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["input", b"input"]
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+
+Global___InferRequest: typing_extensions.TypeAlias = InferRequest
+
+@typing.final
+class InferResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: builtins.int
+    RELEASE_ID_FIELD_NUMBER: builtins.int
+    LATENCY_MS_FIELD_NUMBER: builtins.int
+    release_id: builtins.str
+    latency_ms: builtins.float
+    @property
+    def output(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        output: collections.abc.Iterable[builtins.float] | None = ...,
+        release_id: builtins.str = ...,
+        latency_ms: builtins.float = ...,
+    ) -> None: ...
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["latency_ms", b"latency_ms", "output", b"output", "release_id", b"release_id"]
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+
+Global___InferResponse: typing_extensions.TypeAlias = InferResponse

@@ -269,3 +269,75 @@ class FleetService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AgentLocalStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Infer = channel.unary_unary(
+                '/fedfleet.v1.AgentLocal/Infer',
+                request_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferRequest.SerializeToString,
+                response_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferResponse.FromString,
+                _registered_method=True)
+
+
+class AgentLocalServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Infer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AgentLocalServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Infer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Infer,
+                    request_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferRequest.FromString,
+                    response_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fedfleet.v1.AgentLocal', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fedfleet.v1.AgentLocal', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AgentLocal:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Infer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfleet.v1.AgentLocal/Infer',
+            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferRequest.SerializeToString,
+            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -88,3 +88,25 @@ class FleetServiceServicer(metaclass=abc.ABCMeta):
         """A backlog after time offline, in bulk; answers the stored watermark."""
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...
+
+class AgentLocalStub:
+    @typing.overload
+    def __new__(cls, channel: grpc.Channel) -> AgentLocalStub: ...
+    @typing.overload
+    def __new__(cls, channel: grpc.aio.Channel) -> AgentLocalAsyncStub: ...
+    Infer: grpc.UnaryUnaryMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.InferRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.InferResponse]
+
+@typing.type_check_only
+class AgentLocalAsyncStub(AgentLocalStub):
+    def __init__(self, channel: grpc.aio.Channel) -> None: ...
+    Infer: grpc.aio.UnaryUnaryMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.InferRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.InferResponse]  # type: ignore[assignment]
+
+class AgentLocalServicer(metaclass=abc.ABCMeta):
+    @abc.abstractmethod
+    def Infer(
+        self,
+        request: edge_agent._proto.fedfleet.v1.fleet_pb2.InferRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[edge_agent._proto.fedfleet.v1.fleet_pb2.InferResponse, collections.abc.Awaitable[edge_agent._proto.fedfleet.v1.fleet_pb2.InferResponse]]: ...
+
+def add_AgentLocalServicer_to_server(servicer: AgentLocalServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

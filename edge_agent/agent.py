@@ -38,6 +38,8 @@ from edge_agent.mqtt_session import keep_session
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import Model, interpreter_name, load_model
 from edge_agent.state import StateStore
+from edge_agent.systemd import notify as systemd_notify
+from edge_agent.systemd import watchdog_interval
 from edge_agent.telemetry import ClosedWindow, TelemetryRecorder
 from edge_agent.transport import GrpcTransport
 from edge_agent.tuf_client import seed_trust_root
@@ -177,6 +179,9 @@ class Agent:
         ]
         if self.config.local_endpoint != "off":
             tasks.append(asyncio.create_task(self._serve_local(), name="local-endpoint"))
+        if (interval := watchdog_interval()) is not None:
+            tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
+        systemd_notify("READY=1")
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -445,3 +450,9 @@ class Agent:
             await asyncio.Event().wait()
         finally:
             await server.stop(0.5)
+
+    async def _watchdog(self, interval: float) -> None:
+        """Keep systemd's watchdog fed while the event loop runs; a stuck loop gets the agent restarted."""
+        while True:
+            systemd_notify("WATCHDOG=1")
+            await asyncio.sleep(interval)

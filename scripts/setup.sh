@@ -10,13 +10,19 @@ cd "$(dirname "$0")/.."
 dev=false
 [ "${1:-}" = "--dev" ] && dev=true
 
-if $dev && ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
+# Debian packages the tests use: mosquitto (a real broker) and systemd (systemd-analyze verify on the unit).
+missing=()
+if $dev; then
+  command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "== installing Debian's mosquitto"
+    echo "== installing Debian packages: ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "mosquitto is missing: sudo apt-get install -y mosquitto" >&2
+    echo "missing Debian packages: sudo apt-get install -y ${missing[*]}" >&2
     exit 1
   fi
 fi

@@ -180,16 +180,26 @@ class WindowCounts:
         )
 
     def add(
-        self, reference: DriftReference, inputs: np.ndarray, probabilities: np.ndarray, latencies_ms: Sequence[float]
+        self,
+        reference: DriftReference,
+        inputs: np.ndarray,
+        probabilities: np.ndarray,
+        latencies_ms: Sequence[float] | np.ndarray,
     ) -> None:
         """Account for a batch: inputs (n, n_features), output probabilities (n, n_classes)."""
         x = np.asarray(inputs, dtype=np.float64).reshape(-1, reference.n_features)
         p = np.asarray(probabilities, dtype=np.float64).reshape(len(x), -1)
         if p.shape[1] != reference.n_classes:
             raise ValueError(f"{p.shape[1]} outputs, the reference has {reference.n_classes} classes")
-        for j in range(reference.n_features):
-            self.feature_counts[j] += bin_counts(x[:, j], reference.feature_edges[j])
-        self.nan_counts += np.isnan(x).sum(axis=0)
+        if reference.n_features:
+            # All features at once: a value's bin is the number of inner edges <= it (open-ended outer bins).
+            nan = np.isnan(x)
+            idx = (x[:, :, None] >= reference.feature_edges[None, :, :]).sum(axis=2)
+            flat = (np.arange(reference.n_features) * reference.n_bins)[None, :] + idx
+            self.feature_counts += np.bincount(flat[~nan], minlength=self.feature_counts.size).reshape(
+                self.feature_counts.shape
+            )
+            self.nan_counts += nan.sum(axis=0)
         lo, hi = reference.feature_ranges[:, 0], reference.feature_ranges[:, 1]
         with np.errstate(invalid="ignore"):
             self.out_of_range += ((x < lo) | (x > hi)).sum(axis=0)

@@ -20,6 +20,7 @@ from edge_agent.drift import LATENCY_EDGES_MS, DriftReference, WindowCounts
 __all__ = ["ClosedWindow", "TelemetryRecorder", "counts_from_proto", "window_to_proto"]
 
 _MAX_COUNT = 2**53  # far beyond any real window; bigger is garbage
+_BATCH = 64  # inferences buffered before they are folded into the window's counts
 
 
 @dataclass(frozen=True)
@@ -110,12 +111,18 @@ class TelemetryRecorder:
         self._reference: DriftReference | None = None
         self._counts: WindowCounts | None = None
         self._start = 0.0
+        self._x = np.empty((_BATCH, 0))
+        self._p = np.empty((_BATCH, 0))
+        self._lat = np.empty(_BATCH)
+        self._n = 0
 
     def switch(self, release_id: str, reference: DriftReference) -> None:
         """A new model is active: close the old release's window, start counting for the new one."""
         with self._lock:
             self._close_locked()
             self._release, self._reference = release_id, reference
+            self._x = np.empty((_BATCH, reference.n_features))
+            self._p = np.empty((_BATCH, reference.n_classes))
             self._counts, self._start = WindowCounts.empty(reference), self._clock()
 
     def record(
@@ -126,13 +133,30 @@ class TelemetryRecorder:
         latencies_ms: Sequence[float],
         errors: int = 0,
     ) -> None:
+        """Account for inferences. Rows are buffered (in memory, on the device) in preallocated arrays and
+        folded into the counts in batches, so a single inference costs a few array writes."""
         with self._lock:
             if release_id != self._release or self._counts is None or self._reference is None:
-                return  # an inference that started on a model already swapped out: not this window's
-            self._counts.add(self._reference, inputs, probabilities, latencies_ms)
+                return  # not the current release's (the agent's serving lock makes this not happen)
+            rows = len(latencies_ms)
+            if rows == 1 and self._n < _BATCH:
+                self._x[self._n] = inputs.reshape(-1)
+                self._p[self._n] = probabilities.reshape(-1)
+                self._lat[self._n] = latencies_ms[0]
+                self._n += 1
+            else:
+                self._flush_locked()
+                self._counts.add(self._reference, inputs, probabilities, latencies_ms)
             self._counts.errors += errors
-            if self._counts.inferences >= self.every_inferences:
-                self._close_locked()
+            if self._n == _BATCH or self._counts.inferences + self._n >= self.every_inferences:
+                self._flush_locked()
+                if self._counts.inferences >= self.every_inferences:
+                    self._close_locked()
+
+    def _flush_locked(self) -> None:
+        if self._n and self._counts is not None and self._reference is not None:
+            n, self._n = self._n, 0
+            self._counts.add(self._reference, self._x[:n], self._p[:n], self._lat[:n])
 
     def record_error(self) -> None:
         with self._lock:
@@ -153,6 +177,7 @@ class TelemetryRecorder:
     def _close_locked(self) -> None:
         if self._counts is None or self._reference is None:
             return
+        self._flush_locked()
         if self._counts.inferences or self._counts.errors:
             now = self._clock()
             self._on_close(ClosedWindow(self._release, int(self._start * 1000), int(now * 1000), self._counts))

@@ -1,0 +1,163 @@
+"""Agent footprint: memory, cold start, inference latency, the drift statistics' cost, installed size.
+
+    python benchmarks/agent_footprint.py [--inferences 5000] [--skip-venv]
+
+- inference p50/p99 and the drift update's cost per inference as a ratio to the inference itself, measured on
+  the same inputs in this process (a digits-shaped model: 64 inputs, 10 classes, with a drift reference);
+- RSS of a real `fedfleet-agent run` process with the model committed and a live broker connection, after
+  serving inferences through its local endpoint;
+- cold start: from starting that process (model already committed) to its first answered inference;
+- installed size of a virtualenv with the agent alone (no extras).
+Targets: RSS <= 80 MB, drift cost <= 0.5, venv <= 150 MB. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
+from edge_agent.drift import DriftReference, bin_counts, proportions
+from edge_agent.runtime import load_model
+from edge_agent.telemetry import TelemetryRecorder
+from server.datadir import DataDir
+from server.dense_tflite import build_dense_model, random_dense_layers
+from server.enrollment import write_bundle
+from server.releases import publish_release
+from simulations.processes import AgentProcess, CoordinatorProcess, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+FEATURES, CLASSES = 64, 10
+
+
+def _reference() -> DriftReference:
+    rng = np.random.default_rng(0)
+    data = rng.random((4000, FEATURES))
+    edges = np.quantile(data, np.linspace(0, 1, 11)[1:-1], axis=0).T
+    props = np.stack([proportions(bin_counts(data[:, j], edges[j])) for j in range(FEATURES)])
+    return DriftReference(
+        edges,
+        props,
+        np.stack([data.min(0), data.max(0)], axis=1),
+        np.linspace(0, 1, 11)[1:-1],
+        np.full(10, 0.1),
+        CLASSES,
+    )
+
+
+def _latency_and_drift_cost(model_path: Path, n: int) -> dict[str, float]:
+    model = load_model(model_path)
+    reference = _reference()
+    recorder = TelemetryRecorder(lambda w: None, every_inferences=500, every_seconds=3600)
+    recorder.switch("bench@1", reference)
+    xs = np.random.default_rng(1).random((n, FEATURES), dtype=np.float32)
+    for x in xs[:200]:
+        model.predict(x)  # warm up
+    predict_ns = np.empty(n, np.int64)
+    outputs = []
+    for i, x in enumerate(xs):
+        t = time.perf_counter_ns()
+        outputs.append(model.predict(x))
+        predict_ns[i] = time.perf_counter_ns() - t
+    t = time.perf_counter_ns()
+    for x, y, ns in zip(xs, outputs, predict_ns, strict=True):
+        recorder.record("bench@1", x.reshape(1, -1), y.reshape(1, -1), [ns / 1e6])
+    record_ns = time.perf_counter_ns() - t
+    return {
+        "inference_p50_ms": round(float(np.percentile(predict_ns, 50)) / 1e6, 4),
+        "inference_p99_ms": round(float(np.percentile(predict_ns, 99)) / 1e6, 4),
+        "drift_cost_ratio": round(record_ns / float(predict_ns.sum()), 3),
+    }
+
+
+def _infer_once(endpoint: str) -> bool:
+    with grpc.insecure_channel(endpoint) as channel:
+        try:
+            pb_grpc.AgentLocalStub(channel).Infer(pb.InferRequest(input=[0.5] * FEATURES), timeout=2)
+        except grpc.RpcError:
+            return False
+    return True
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _process_figures(root: Path, model: bytes) -> dict[str, float]:
+    d, _ = DataDir.init(root / "data")
+    store = d.store()
+    release = publish_release(
+        d.repository(), store, model, "digits", "1.0.0", extra={"drift_reference": _reference().to_metadata()}
+    ).release
+    coordinator = CoordinatorProcess(d, None).start()  # embedded broker
+    config = write_bundle(
+        d, "pi-bench", root / "pi-bench", "lab", {}, coordinator.endpoints["grpc"], coordinator.endpoints["mqtt"]
+    )
+    agent = AgentProcess(root / "pi-bench" / "agent.toml", config)
+    try:
+        agent.start()
+        wait_for(lambda: store.is_device("pi-bench"), 60, what="registration")
+        d.director().assign(store, ["pi-bench"], release)
+        wait_for(lambda: agent.status()["release"] == "digits@1.0.0", 60, what="commit")
+        wait_for(lambda: _infer_once(config.local_endpoint), 30, what="local endpoint")
+        for _ in range(200):
+            _infer_once(config.local_endpoint)
+        assert agent.proc is not None
+        rss = _rss_mb(agent.proc.pid)
+        agent.kill()
+        start = time.monotonic()
+        agent.start()
+        wait_for(lambda: _infer_once(config.local_endpoint), 60, interval=0.01, what="first inference after start")
+        cold = time.monotonic() - start
+    finally:
+        agent.kill()
+        coordinator.kill()
+        store.close()
+    return {"rss_mb": round(rss, 1), "cold_start_seconds": round(cold, 2)}
+
+
+def _venv_mb(root: Path) -> float:
+    venv = root / "agent-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", str(REPO)], check=True, capture_output=True)
+    size = sum(p.stat().st_size for p in venv.rglob("*") if p.is_file() and not p.is_symlink())
+    shutil.rmtree(venv)
+    return round(size / 1e6, 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inferences", type=int, default=5000, help="inferences timed in process (default 5000)")
+    parser.add_argument("--skip-venv", action="store_true", help="do not build the agent-only virtualenv")
+    args = parser.parse_args()
+    if args.inferences < 100:
+        parser.error("--inferences must be at least 100")
+    with tempfile.TemporaryDirectory(prefix="footprint-") as tmp:
+        root = Path(tmp)
+        model = build_dense_model(random_dense_layers([FEATURES, 32, CLASSES], 1))
+        (root / "m.tflite").write_bytes(model)
+        result: dict[str, object] = {"benchmark": "agent_footprint"}
+        result.update(_latency_and_drift_cost(root / "m.tflite", args.inferences))
+        result.update(_process_figures(root, model))
+        if not args.skip_venv:
+            result["venv_mb"] = _venv_mb(root)
+    result["targets"] = {"rss_mb": 80, "drift_cost_ratio": 0.5, "venv_mb": 150}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

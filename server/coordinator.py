@@ -82,6 +82,8 @@ class Coordinator:
 
     async def tick(self) -> None:
         """One pass of periodic work; each step is idempotent."""
+        self.bridge.flush_telemetry()
+        await self.bridge.publish_acks()
         published = await self.bridge.publish_assignments()
         if published:
             logger.info("published %d assignment(s)", published)

@@ -20,7 +20,7 @@ from edge_agent.contract import LIMITS, device_id_is_valid
 from server.events import EventRejected, event_row
 from server.repository import Repository
 from server.store import Store
-from server.telemetry import ingest_window
+from server.telemetry import ingest_windows, watermark
 
 __all__ = ["FleetService", "start_grpc_server"]
 
@@ -98,25 +98,25 @@ class FleetService(pb_grpc.FleetServiceServicer):
     async def UploadTelemetry(
         self, request_iterator: AsyncIterator[pb.TelemetryWindow], context: Context
     ) -> pb.TelemetryAck:
-        """A device's backlog in one stream; every window is checked and stored once; answers the watermark."""
-        device = ""
-        mark = 0
-        count = 0
+        """A device's backlog in one stream, stored in one transaction; answers the stored watermark."""
+        windows: list[pb.TelemetryWindow] = []
         async for window in request_iterator:
-            count += 1
-            if count > LIMITS.telemetry_windows_per_upload:
+            if len(windows) >= LIMITS.telemetry_windows_per_upload:
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"at most {LIMITS.telemetry_windows_per_upload} windows per upload",
                 )
-            if device and window.device_id != device:
+            if windows and window.device_id != windows[0].device_id:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one upload carries one device's windows")
-            device = window.device_id
-            try:
-                mark = ingest_window(self.store, window, topic_device=None, via="grpc").watermark
-            except EventRejected as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"window {window.sequence}: {e}")
-        return pb.TelemetryAck(watermark=mark)
+            windows.append(window)
+        if not windows:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an upload needs at least one window")
+        results = ingest_windows(self.store, [(w, None) for w in windows], via="grpc")
+        refused = [(w, r) for w, r in zip(windows, results, strict=True) if isinstance(r, EventRejected)]
+        if refused:
+            w, r = refused[0]
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"window {w.sequence}: {r} ({len(refused)} refused)")
+        return pb.TelemetryAck(watermark=watermark(self.store, windows[0].device_id))
 
 
 async def start_grpc_server(service: FleetService, listen: str) -> tuple[grpc.aio.Server, int]:

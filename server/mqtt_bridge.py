@@ -15,7 +15,7 @@ from edge_agent.mqtt_session import keep_session
 from server.errors import CoordinatorError
 from server.events import EventRejected, parse_event, parse_status
 from server.store import Store, now_ms
-from server.telemetry import ingest_window, parse_window
+from server.telemetry import ingest_windows, parse_window
 
 __all__ = ["MqttBridge", "parse_mqtt_url"]
 
@@ -38,7 +38,8 @@ class MqttBridge:
         self.connected = asyncio.Event()
         self.rejected = 0
         self.telemetry_stored = 0
-        self._acks: set[asyncio.Task[None]] = set()
+        self._pending_acks: dict[str, int] = {}
+        self._telemetry: list[tuple[pb.TelemetryWindow, str | None]] = []
         self._client: aiomqtt.Client | None = None
 
     async def run(self) -> None:
@@ -74,9 +75,7 @@ class MqttBridge:
             elif (device := self.topics.device_of(topic, "events")) is not None:
                 self.store.record_events([parse_event(bytes(payload), device, self.store)], via="mqtt")
             elif (device := self.topics.device_of(topic, "telemetry")) is not None:
-                result = ingest_window(self.store, parse_window(bytes(payload)), device, via="mqtt")
-                self.telemetry_stored += result.stored
-                self._ack(device, result.watermark)
+                self._telemetry.append((parse_window(bytes(payload)), device))  # stored by flush_telemetry
             else:
                 raise EventRejected("not a device status or events topic")
         except EventRejected as e:
@@ -85,17 +84,31 @@ class MqttBridge:
             return False
         return True
 
-    def _ack(self, device: str, watermark: int) -> None:
-        """Publish the device's stored watermark (retained), so it can drop what is confirmed."""
+    def flush_telemetry(self) -> int:
+        """Store the windows received since the last call in one transaction; note each device's watermark."""
+        batch, self._telemetry = self._telemetry, []
+        for (window, topic_device), result in zip(batch, ingest_windows(self.store, batch, "mqtt"), strict=True):
+            if isinstance(result, EventRejected):
+                self.rejected += 1
+                logger.warning("rejected telemetry window from %s: %s", topic_device, result)
+                continue
+            self.telemetry_stored += result.stored
+            self._pending_acks[window.device_id] = result.watermark
+        return len(batch)
+
+    async def publish_acks(self) -> int:
+        """Publish each device's latest stored watermark (retained), so it can drop what is confirmed."""
         client = self._client
-        if client is None:
-            return
-        payload = pb.TelemetryAck(watermark=watermark).SerializeToString()
-        task = asyncio.get_running_loop().create_task(
-            client.publish(self.topics.ack(device), payload, qos=1, retain=True)
+        if client is None or not self.connected.is_set() or not self._pending_acks:
+            return 0
+        acks, self._pending_acks = self._pending_acks, {}
+        await asyncio.gather(
+            *(
+                client.publish(self.topics.ack(d), pb.TelemetryAck(watermark=w).SerializeToString(), qos=1, retain=True)
+                for d, w in acks.items()
+            )
         )
-        self._acks.add(task)
-        task.add_done_callback(self._acks.discard)
+        return len(acks)
 
     async def publish_assignments(self) -> int:
         """Publish every unpublished assignment as the device's retained desired state (QoS 1)."""

@@ -16,10 +16,11 @@ from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract import LIMITS, device_id_is_valid
 from edge_agent.drift import DriftReference, WindowCounts, WindowScore, score_window
 from edge_agent.telemetry import counts_from_proto
+from server.errors import NotFoundError
 from server.events import EventRejected
 from server.store import Store, now_ms
 
-__all__ = ["IngestResult", "Pooled", "ingest_window", "parse_window", "pool", "watermark"]
+__all__ = ["IngestResult", "Pooled", "ingest_window", "ingest_windows", "parse_window", "pool", "watermark"]
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,19 @@ def parse_window(payload: bytes) -> pb.TelemetryWindow:
         raise EventRejected("not a valid TelemetryWindow message") from e
 
 
+_REFERENCES: dict[tuple[str, str], DriftReference | None] = {}
+
+
 def _reference(store: Store, release_id: str) -> DriftReference | None:
-    try:
-        doc = store.release(release_id).custom.get("drift_reference")
-    except Exception as e:
-        raise EventRejected(f"window names unknown release {release_id[:80]!r}") from e
-    return DriftReference.from_metadata(doc) if doc else None
+    """The release's drift reference. Releases never change, so each is decoded once per store file."""
+    key = (str(store.path), release_id)
+    if key not in _REFERENCES:
+        try:
+            doc = store.release(release_id).custom.get("drift_reference")
+        except NotFoundError as e:
+            raise EventRejected(f"window names unknown release {release_id[:80]!r}") from e
+        _REFERENCES[key] = DriftReference.from_metadata(doc) if doc else None
+    return _REFERENCES[key]
 
 
 def _check(store: Store, m: pb.TelemetryWindow, topic_device: str | None) -> None:
@@ -73,50 +81,87 @@ def watermark(store: Store, device_id: str) -> int:
 
 def ingest_window(store: Store, m: pb.TelemetryWindow, topic_device: str | None, via: str) -> IngestResult:
     """Check and store one window; EventRejected (with the reason) stores nothing."""
-    _check(store, m, topic_device)
+    result = ingest_windows(store, [(m, topic_device)], via)[0]
+    if isinstance(result, EventRejected):
+        raise result
+    return result
+
+
+def ingest_windows(
+    store: Store, batch: list[tuple[pb.TelemetryWindow, str | None]], via: str
+) -> list[IngestResult | EventRejected]:
+    """Check and store many windows in one transaction; one result (or refusal) per window, in order.
+
+    A refused window stores nothing and does not affect the others.
+    """
+    results: list[IngestResult | EventRejected | None] = []
+    checked: list[int] = []
+    for i, (m, topic_device) in enumerate(batch):
+        try:
+            _check(store, m, topic_device)
+        except EventRejected as e:
+            results.append(e)
+            continue
+        results.append(None)
+        checked.append(i)
+    if not checked:
+        return [r for r in results if r is not None]
+    marks: dict[str, int] = {}
+    stored: list[tuple[int, bool]] = []
+    received = now_ms()
     with store.transaction() as db:
-        overlapping = db.execute(
-            "SELECT first_sequence, sequence FROM telemetry"
-            " WHERE device_id = ? AND sequence >= ? AND first_sequence <= ?",
-            [m.device_id, m.first_sequence, m.sequence],
-        ).fetchall()
-        current = watermark(store, m.device_id)
-        if overlapping == [(m.first_sequence, m.sequence)]:
-            return IngestResult(False, current)
-        if overlapping or (m.sequence <= current):
-            raise EventRejected(f"window {m.first_sequence}..{m.sequence} overlaps windows already stored")
-        db.execute(
-            """INSERT INTO telemetry (device_id, sequence, first_sequence, release_id, start_ms, end_ms, inferences,
-                 errors, payload, received_at, via) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-            [
-                m.device_id,
-                m.sequence,
-                m.first_sequence,
-                m.release_id,
-                m.start_ms,
-                m.end_ms,
-                m.inferences,
-                m.errors,
-                m.SerializeToString(),
-                now_ms(),
-                via,
-            ],
-        )
-        mark = current
-        for first, last in db.execute(
-            "SELECT first_sequence, sequence FROM telemetry WHERE device_id = ? AND sequence > ? ORDER BY sequence",
-            [m.device_id, current],
-        ):
-            if first != mark + 1:
-                break
-            mark = last
-        if mark != current:
+        for i in checked:
+            m = batch[i][0]
+            if m.device_id not in marks:
+                marks[m.device_id] = watermark(store, m.device_id)
+            overlapping = db.execute(
+                "SELECT first_sequence, sequence FROM telemetry"
+                " WHERE device_id = ? AND sequence >= ? AND first_sequence <= ?",
+                [m.device_id, m.first_sequence, m.sequence],
+            ).fetchall()
+            if overlapping == [(m.first_sequence, m.sequence)]:
+                stored.append((i, False))
+                continue
+            if overlapping or m.sequence <= marks[m.device_id]:
+                results[i] = EventRejected(f"window {m.first_sequence}..{m.sequence} overlaps windows already stored")
+                continue
             db.execute(
-                """INSERT INTO telemetry_watermarks (device_id, watermark) VALUES (?, ?)
-                   ON CONFLICT (device_id) DO UPDATE SET watermark = excluded.watermark""",
-                [m.device_id, mark],
+                """INSERT INTO telemetry (device_id, sequence, first_sequence, release_id, start_ms, end_ms,
+                     inferences, errors, payload, received_at, via) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [
+                    m.device_id,
+                    m.sequence,
+                    m.first_sequence,
+                    m.release_id,
+                    m.start_ms,
+                    m.end_ms,
+                    m.inferences,
+                    m.errors,
+                    m.SerializeToString(),
+                    received,
+                    via,
+                ],
             )
-    return IngestResult(True, mark)
+            stored.append((i, True))
+        for device, current in marks.items():
+            mark = current
+            for first, last in db.execute(
+                "SELECT first_sequence, sequence FROM telemetry WHERE device_id = ? AND sequence > ? ORDER BY sequence",
+                [device, current],
+            ):
+                if first != mark + 1:
+                    break
+                mark = last
+            if mark != current:
+                db.execute(
+                    """INSERT INTO telemetry_watermarks (device_id, watermark) VALUES (?, ?)
+                       ON CONFLICT (device_id) DO UPDATE SET watermark = excluded.watermark""",
+                    [device, mark],
+                )
+            marks[device] = mark
+    for i, new in stored:
+        results[i] = IngestResult(new, marks[batch[i][0].device_id])
+    return [r for r in results if r is not None]
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import numpy as np
 
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
-from edge_agent.drift import DriftReference, bin_counts, proportions
+from edge_agent.drift import DriftReference
 from edge_agent.runtime import load_model
 from edge_agent.telemetry import TelemetryRecorder
 from server.datadir import DataDir
@@ -41,18 +41,7 @@ FEATURES, CLASSES = 64, 10
 
 
 def _reference() -> DriftReference:
-    rng = np.random.default_rng(0)
-    data = rng.random((4000, FEATURES))
-    edges = np.quantile(data, np.linspace(0, 1, 11)[1:-1], axis=0).T
-    props = np.stack([proportions(bin_counts(data[:, j], edges[j])) for j in range(FEATURES)])
-    return DriftReference(
-        edges,
-        props,
-        np.stack([data.min(0), data.max(0)], axis=1),
-        np.linspace(0, 1, 11)[1:-1],
-        np.full(10, 0.1),
-        CLASSES,
-    )
+    return DriftReference.from_samples(np.random.default_rng(0).random((4000, FEATURES)), CLASSES)
 
 
 def _latency_and_drift_cost(model_path: Path, n: int) -> dict[str, float]:

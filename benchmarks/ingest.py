@@ -26,7 +26,7 @@ import aiomqtt
 import numpy as np
 
 from edge_agent.contract import Topics
-from edge_agent.drift import DriftReference, WindowCounts, bin_counts, proportions
+from edge_agent.drift import DriftReference, WindowCounts
 from edge_agent.telemetry import ClosedWindow, window_to_proto
 from server.datadir import DataDir
 from server.dense_tflite import build_dense_model, random_dense_layers
@@ -64,18 +64,7 @@ asyncio.run(main())
 
 
 def _reference() -> DriftReference:
-    rng = np.random.default_rng(0)
-    data = rng.random((2000, FEATURES))
-    edges = np.quantile(data, np.linspace(0, 1, 11)[1:-1], axis=0).T
-    props = np.stack([proportions(bin_counts(data[:, j], edges[j])) for j in range(FEATURES)])
-    return DriftReference(
-        edges,
-        props,
-        np.stack([data.min(0), data.max(0)], axis=1),
-        np.linspace(0, 1, 11)[1:-1],
-        np.full(10, 0.1),
-        CLASSES,
-    )
+    return DriftReference.from_samples(np.random.default_rng(0).random((2000, FEATURES)), CLASSES)
 
 
 def _template(ref: DriftReference) -> ClosedWindow:

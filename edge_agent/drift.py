@@ -106,6 +106,21 @@ class DriftReference:
             raise ValueError("bin edges must be non-decreasing")
 
     @classmethod
+    def from_samples(
+        cls, samples: np.ndarray, n_classes: int, bins: int = 10, scores: np.ndarray | None = None
+    ) -> DriftReference:
+        """A reference from samples held in one place (quantile edges per feature); uniform scores unless given.
+
+        Federated training builds the same thing from pooled bin counts instead of samples.
+        """
+        x = np.asarray(samples, dtype=np.float64)
+        edges = np.quantile(x, np.linspace(0, 1, bins + 1)[1:-1], axis=0).T
+        props = np.stack([proportions(bin_counts(x[:, j], edges[j])) for j in range(x.shape[1])])
+        score_edges = np.linspace(0, 1, 11)[1:-1]
+        score_props = np.full(10, 0.1) if scores is None else proportions(bin_counts(scores, score_edges))
+        return cls(edges, props, np.stack([x.min(0), x.max(0)], axis=1), score_edges, score_props, n_classes)
+
+    @classmethod
     def empty(cls, n_classes: int) -> DriftReference:
         """For a release without a drift reference: windows still count classes, scores, latency, errors."""
         return cls(

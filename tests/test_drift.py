@@ -44,14 +44,7 @@ def test_floor_without_renormalising() -> None:
 
 
 def reference(n_features: int = 3, n_classes: int = 4) -> DriftReference:
-    rng = np.random.default_rng(0)
-    data = rng.normal(0, 1, (5000, n_features))
-    edges = np.quantile(data, np.linspace(0, 1, 11)[1:-1], axis=0).T
-    props = np.stack([proportions(bin_counts(data[:, j], edges[j])) for j in range(n_features)])
-    score_edges = np.linspace(0, 1, 11)[1:-1]
-    return DriftReference(
-        edges, props, np.stack([data.min(0), data.max(0)], axis=1), score_edges, np.full(10, 0.1), n_classes
-    )
+    return DriftReference.from_samples(np.random.default_rng(0).normal(0, 1, (5000, n_features)), n_classes)
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

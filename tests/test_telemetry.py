@@ -13,7 +13,7 @@ import pytest
 
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.agent import Agent
-from edge_agent.drift import DriftReference, WindowCounts, bin_counts, proportions
+from edge_agent.drift import DriftReference, WindowCounts
 from edge_agent.outbox import Outbox
 from edge_agent.telemetry import ClosedWindow, window_to_proto
 from server.datadir import DataDir
@@ -29,18 +29,7 @@ FEATURES, CLASSES = 64, 10
 
 
 def digits_reference(seed: int = 0) -> DriftReference:
-    rng = np.random.default_rng(seed)
-    data = rng.random((4000, FEATURES))
-    edges = np.quantile(data, np.linspace(0, 1, 11)[1:-1], axis=0).T
-    props = np.stack([proportions(bin_counts(data[:, j], edges[j])) for j in range(FEATURES)])
-    return DriftReference(
-        edges,
-        props,
-        np.stack([data.min(0), data.max(0)], axis=1),
-        np.linspace(0, 1, 11)[1:-1],
-        np.full(10, 0.1),
-        CLASSES,
-    )
+    return DriftReference.from_samples(np.random.default_rng(seed).random((4000, FEATURES)), CLASSES)
 
 
 def window(ref: DriftReference, n: int, seed: int, release: str = "digits@1.0.0") -> ClosedWindow:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.drift import LATENCY_EDGES_MS, DriftReference, WindowCounts
+from edge_agent.drift import LATENCY_EDGES_MS, DriftReference, WindowCounts, WindowScore, score_window
 
 __all__ = ["ClosedWindow", "TelemetryRecorder", "counts_from_proto", "window_to_proto"]
 
@@ -29,6 +29,7 @@ class ClosedWindow:
     start_ms: int
     end_ms: int
     counts: WindowCounts
+    score: WindowScore | None = None  # the device's scores (None: too few samples, or a summary of windows)
 
 
 def window_to_proto(
@@ -53,6 +54,20 @@ def window_to_proto(
         latency_counts=c.latency_counts.tolist(),
         entropy_sum=c.entropy_sum,
         latency_max_ms=c.latency_max_ms,
+        scores=_scores(w.score) if w.score is not None else None,
+    )
+
+
+def _scores(s: WindowScore) -> pb.WindowScores:
+    return pb.WindowScores(
+        feature_psi=s.feature_psi.tolist(),
+        feature_kl=s.feature_kl.tolist(),
+        max_psi=s.max_psi,
+        mean_psi=s.mean_psi,
+        score_psi=s.score_psi,
+        mean_entropy=s.mean_entropy,
+        latency_p50_ms=s.latency_p50_ms,
+        latency_p95_ms=s.latency_p95_ms,
     )
 
 
@@ -180,5 +195,6 @@ class TelemetryRecorder:
         self._flush_locked()
         if self._counts.inferences or self._counts.errors:
             now = self._clock()
-            self._on_close(ClosedWindow(self._release, int(self._start * 1000), int(now * 1000), self._counts))
+            score = score_window(self._counts, self._reference) if self._reference.n_features else None
+            self._on_close(ClosedWindow(self._release, int(self._start * 1000), int(now * 1000), self._counts, score))
         self._counts, self._start = WindowCounts.empty(self._reference), self._clock()

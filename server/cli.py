@@ -26,7 +26,7 @@ from server.datadir import DEFAULT_DATA_DIR, ENV_DATA_DIR, DataDir
 from server.enrollment import write_bundle
 from server.errors import CoordinatorError
 from server.releases import publish_release
-from server.store import Release
+from server.store import Release, now_ms
 from server.telemetry import pool
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -276,13 +276,7 @@ def devices_enroll(
     as_json: JsonOption = False,
 ) -> None:
     """Write an enrollment bundle: agent.toml, the TUF trust root and the director keys."""
-    labels: dict[str, str] = {}
-    for item in label or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CoordinatorError(f"label {item!r} must look like key=value")
-        labels[key] = value
-    write_bundle(_open(data_dir), device_id, out_dir, fleet, labels, grpc, mqtt, state_dir)
+    write_bundle(_open(data_dir), device_id, out_dir, fleet, _labels(label or []), grpc, mqtt, state_dir)
     if as_json:
         _print_json({"device": device_id, "bundle": str(out_dir), "config": str(out_dir / "agent.toml")})
     else:
@@ -296,28 +290,32 @@ def devices_enroll(
 def telemetry(
     device: Annotated[str | None, typer.Option(help="Only this device's windows.")] = None,
     release_id: Annotated[str | None, typer.Option("--release", help="Only this release (name@version).")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="Only the cohort with this label k=v; repeatable.")] = None,
+    last: Annotated[float | None, typer.Option(help="Only windows that ended in the last N minutes.")] = None,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
     """Pooled drift and health statistics per release: PSI/KL against the release's reference, latency, errors."""
     store = _open(data_dir).store()
     try:
+        cohort: list[str] | None = None
         if device is not None:
             store.device(device)
+            cohort = [device]
+        if label:
+            labelled = store.devices_with_labels(_labels(label))
+            cohort = labelled if cohort is None else [d for d in cohort if d in labelled]
+        if release_id:
+            store.release(release_id)
+        since = 0 if last is None else now_ms() - int(last * 60_000)
         releases = (
             [release_id]
             if release_id
             else [
-                r[0]
-                for r in store.db.execute(
-                    "SELECT DISTINCT release_id FROM telemetry" + (" WHERE device_id = ?" if device else ""),
-                    [device] if device else [],
-                )
+                r[0] for r in store.db.execute("SELECT DISTINCT release_id FROM telemetry WHERE end_ms >= ?", [since])
             ]
         )
-        if release_id:
-            store.release(release_id)
-        docs = [pool(store, r, [device] if device else None).to_json() for r in sorted(releases)]
+        docs = [pool(store, r, cohort, since_ms=since).to_json() for r in sorted(releases)]
     finally:
         store.close()
     if as_json:
@@ -336,6 +334,16 @@ def telemetry(
             _fmt(d["latency_p95_ms"]),
         )
     out.print(table)
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CoordinatorError(f"label {item!r} must look like key=value")
+        labels[key] = value
+    return labels
 
 
 def _fmt(value: float | None) -> str:

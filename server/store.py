@@ -203,6 +203,10 @@ class Store:
         sql = "SELECT * FROM devices" + (" WHERE fleet = ?" if fleet else "") + " ORDER BY id"
         return [_device_row(r) for r in self.db.query(sql, [fleet] if fleet else [])]
 
+    def devices_with_labels(self, labels: dict[str, str], fleet: str | None = None) -> list[str]:
+        """Ids of the devices (of a fleet) whose labels include all of `labels`: a cohort."""
+        return [d["id"] for d in self.devices(fleet) if all(d["labels"].get(k) == v for k, v in labels.items())]
+
     def device_ids(self, fleet: str) -> list[str]:
         return [r["id"] for r in self.db.query("SELECT id FROM devices WHERE fleet = ? ORDER BY id", [fleet])]
 

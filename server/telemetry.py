@@ -7,6 +7,7 @@ sequence up to which every sequence is stored, so a device never deletes a windo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,13 @@ def _check(store: Store, m: pb.TelemetryWindow, topic_device: str | None) -> Non
             f"window has {counts.feature_counts.shape} feature bins, release {m.release_id} has "
             f"{(reference.n_features, reference.n_bins)}"
         )
+    if m.HasField("scores"):
+        sc = m.scores
+        values = [*sc.feature_psi, *sc.feature_kl, sc.max_psi, sc.mean_psi, sc.score_psi, sc.latency_p95_ms]
+        if len(sc.feature_psi) != len(m.features) or len(sc.feature_kl) != len(m.features):
+            raise EventRejected("window scores do not match its features")
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise EventRejected("window scores must be finite and non-negative")
     if m.sequence - m.first_sequence > 1_000_000:
         raise EventRejected("window claims to summarize an absurd number of windows")
 

@@ -4,7 +4,10 @@ windows are refused and stored nowhere."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.agent import Agent
 from edge_agent.drift import DriftReference, WindowCounts
 from edge_agent.outbox import Outbox
-from edge_agent.telemetry import ClosedWindow, window_to_proto
+from edge_agent.telemetry import ClosedWindow, TelemetryRecorder, window_to_proto
 from server.datadir import DataDir
 from server.dense_tflite import build_dense_model, random_dense_layers
 from server.events import EventRejected
@@ -223,3 +226,52 @@ def test_every_window_is_stored_exactly_once_through_outages(datadir: DataDir, t
     assert covered == list(range(1, made + 1)), "every window stored exactly once, none missing"
     assert sum(n for *_, n in rows) == inferred == 600
     assert json.loads(json.dumps(made)) >= 30
+
+
+def test_windows_carry_device_scores_that_agree_with_the_coordinator(store: Store, datadir: DataDir) -> None:
+    closed: list[ClosedWindow] = []
+    recorder = TelemetryRecorder(closed.append, every_inferences=300, every_seconds=3600)
+    recorder.switch("digits@1.0.0", digits_reference())
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        x = rng.random((1, FEATURES)) + 0.3  # drifted inputs
+        recorder.record("digits@1.0.0", x, rng.dirichlet(np.ones(CLASSES), 1), [1.0])
+    assert len(closed) == 1 and closed[0].score is not None
+    msg = window_to_proto(closed[0], "pi-1", 1)
+    assert msg.HasField("scores") and msg.scores.max_psi > 0.2
+    ingest_window(store, parse_window(msg.SerializeToString()), "pi-1", "mqtt")
+    pooled = pool(store, "digits@1.0.0")
+    assert pooled.score is not None and pooled.score.max_psi == pytest.approx(msg.scores.max_psi)
+
+    msg2 = window_to_proto(closed[0], "pi-1", 2)
+    msg2.scores.max_psi = float("nan")
+    with pytest.raises(EventRejected, match="finite"):
+        ingest_window(store, msg2, "pi-1", "mqtt")
+    del msg2.scores.feature_psi[:]
+    with pytest.raises(EventRejected, match="do not match"):
+        ingest_window(store, msg2, "pi-1", "mqtt")
+
+    store.register_device("pi-roof", "lab", {"site": "roof"}, {}, "t")
+    now = int(time.time() * 1000)
+    recent = dataclasses.replace(window(digits_reference(), 30, 3), start_ms=now - 5000, end_ms=now)
+    ingest_window(store, window_to_proto(recent, "pi-roof", 1), "pi-roof", "mqtt")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "telemetry",
+            "--label",
+            "site=roof",
+            "--last",
+            "60",
+            "--data-dir",
+            str(datadir.root),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    docs = json.loads(out.stdout)
+    assert [(d["release"], d["devices"], d["inferences"]) for d in docs] == [("digits@1.0.0", 1, 30)]

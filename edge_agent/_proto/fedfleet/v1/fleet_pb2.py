@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)edge_agent/_proto/fedfleet/v1/fleet.proto\x12\x0b\x66\x65\x64\x66leet.v1\"\xb1\x01\n\nAssignment\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0btarget_path\x18\x02 \x01(\t\x12\x15\n\rtarget_length\x18\x03 \x01(\x04\x12\x15\n\rtarget_sha256\x18\x04 \x01(\t\x12\x0f\n\x07\x63ounter\x18\x05 \x01(\x04\x12\x12\n\nrelease_id\x18\x06 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x07 \x01(\x03\x12\x12\n\nrollout_id\x18\x08 \x01(\t\"I\n\x10SignedAssignment\x12\x12\n\nassignment\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\xec\x01\n\x0c\x44\x65viceStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12\x16\n\x0erunning_target\x18\x03 \x01(\t\x12\x17\n\x0frunning_release\x18\x04 \x01(\t\x12\x17\n\x0frunning_counter\x18\x05 \x01(\x04\x12.\n\x0cupdate_state\x18\x06 \x01(\x0e\x32\x18.fedfleet.v1.UpdateState\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x08 \x01(\x03\x12\x15\n\ragent_version\x18\t \x01(\t\"\xb6\x01\n\x0bUpdateEvent\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ounter\x18\x02 \x01(\x04\x12\x13\n\x0btarget_path\x18\x03 \x01(\t\x12$\n\x04kind\x18\x04 \x01(\x0e\x32\x16.fedfleet.v1.EventKind\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x07 \x01(\x03\x12\x12\n\nrelease_id\x18\x08 \x01(\t\"J\n\x08\x41nnounce\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x19\n\x11timestamp_version\x18\x02 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\"@\n\rFeatureCounts\x12\x0c\n\x04\x62ins\x18\x01 \x03(\x04\x12\x0b\n\x03nan\x18\x02 \x01(\x04\x12\x14\n\x0cout_of_range\x18\x03 \x01(\x04\"\xc7\x02\n\x0fTelemetryWindow\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x12\n\nrelease_id\x18\x03 \x01(\t\x12\x10\n\x08start_ms\x18\x04 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x05 \x01(\x03\x12\x12\n\ninferences\x18\x06 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\x12\x16\n\x0e\x66irst_sequence\x18\x08 \x01(\x04\x12,\n\x08\x66\x65\x61tures\x18\t \x03(\x0b\x32\x1a.fedfleet.v1.FeatureCounts\x12\x14\n\x0cscore_counts\x18\n \x03(\x04\x12\x14\n\x0c\x63lass_counts\x18\x0b \x03(\x04\x12\x16\n\x0elatency_counts\x18\x0c \x03(\x04\x12\x13\n\x0b\x65ntropy_sum\x18\r \x01(\x01\x12\x16\n\x0elatency_max_ms\x18\x0e \x01(\x01\"!\n\x0cTelemetryAck\x12\x11\n\twatermark\x18\x01 \x01(\x04\"y\n\x08Hardware\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\x0e\n\x06system\x18\x02 \x01(\t\x12\x0e\n\x06python\x18\x03 \x01(\t\x12\x11\n\tcpu_count\x18\x04 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x13\n\x0binterpreter\x18\x06 \x01(\t\"\xdc\x01\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05\x66leet\x18\x02 \x01(\t\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.fedfleet.v1.RegisterRequest.LabelsEntry\x12\'\n\x08hardware\x18\x04 \x01(\x0b\x32\x15.fedfleet.v1.Hardware\x12\x15\n\ragent_version\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\x10RegisterResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0ctopic_prefix\x18\x02 \x01(\t\x12\x31\n\nassignment\x18\x03 \x01(\x0b\x32\x1d.fedfleet.v1.SignedAssignment\"?\n\x0c\x46\x65tchRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"9\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"?\n\x13ReportEventsRequest\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.fedfleet.v1.UpdateEvent\"(\n\x14ReportEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\x1d\n\x0cInferRequest\x12\r\n\x05input\x18\x01 \x03(\x02\"G\n\rInferResponse\x12\x0e\n\x06output\x18\x01 \x03(\x02\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\x12\n\nlatency_ms\x18\x03 \x01(\x01*v\n\x0bUpdateState\x12\x1c\n\x18UPDATE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11UPDATE_STATE_IDLE\x10\x01\x12\x19\n\x15UPDATE_STATE_UPDATING\x10\x02\x12\x17\n\x13UPDATE_STATE_FAILED\x10\x03*\xf6\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45VENT_KIND_DOWNLOADING\x10\x01\x12\x17\n\x13\x45VENT_KIND_VERIFIED\x10\x02\x12\x18\n\x14\x45VENT_KIND_INSTALLED\x10\x03\x12\x1b\n\x17\x45VENT_KIND_PROBE_FAILED\x10\x04\x12\x18\n\x14\x45VENT_KIND_COMMITTED\x10\x05\x12\x17\n\x13\x45VENT_KIND_REVERTED\x10\x06\x12\x17\n\x13\x45VENT_KIND_REJECTED\x10\x07\x12\x15\n\x11\x45VENT_KIND_FAILED\x10\x08\x32\xfc\x02\n\x0c\x46leetService\x12G\n\x08Register\x12\x1c.fedfleet.v1.RegisterRequest\x1a\x1d.fedfleet.v1.RegisterResponse\x12@\n\rFetchMetadata\x12\x19.fedfleet.v1.FetchRequest\x1a\x12.fedfleet.v1.Chunk0\x01\x12>\n\x0b\x46\x65tchTarget\x12\x19.fedfleet.v1.FetchRequest\x1a\x12.fedfleet.v1.Chunk0\x01\x12S\n\x0cReportEvents\x12 .fedfleet.v1.ReportEventsRequest\x1a!.fedfleet.v1.ReportEventsResponse\x12L\n\x0fUploadTelemetry\x12\x1c.fedfleet.v1.TelemetryWindow\x1a\x19.fedfleet.v1.TelemetryAck(\x01\x32L\n\nAgentLocal\x12>\n\x05Infer\x12\x19.fedfleet.v1.InferRequest\x1a\x1a.fedfleet.v1.InferResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)edge_agent/_proto/fedfleet/v1/fleet.proto\x12\x0b\x66\x65\x64\x66leet.v1\"\xb1\x01\n\nAssignment\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x13\n\x0btarget_path\x18\x02 \x01(\t\x12\x15\n\rtarget_length\x18\x03 \x01(\x04\x12\x15\n\rtarget_sha256\x18\x04 \x01(\t\x12\x0f\n\x07\x63ounter\x18\x05 \x01(\x04\x12\x12\n\nrelease_id\x18\x06 \x01(\t\x12\x14\n\x0cissued_at_ms\x18\x07 \x01(\x03\x12\x12\n\nrollout_id\x18\x08 \x01(\t\"I\n\x10SignedAssignment\x12\x12\n\nassignment\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\xec\x01\n\x0c\x44\x65viceStatus\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06online\x18\x02 \x01(\x08\x12\x16\n\x0erunning_target\x18\x03 \x01(\t\x12\x17\n\x0frunning_release\x18\x04 \x01(\t\x12\x17\n\x0frunning_counter\x18\x05 \x01(\x04\x12.\n\x0cupdate_state\x18\x06 \x01(\x0e\x32\x18.fedfleet.v1.UpdateState\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x08 \x01(\x03\x12\x15\n\ragent_version\x18\t \x01(\t\"\xb6\x01\n\x0bUpdateEvent\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ounter\x18\x02 \x01(\x04\x12\x13\n\x0btarget_path\x18\x03 \x01(\t\x12$\n\x04kind\x18\x04 \x01(\x0e\x32\x16.fedfleet.v1.EventKind\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x07 \x01(\x03\x12\x12\n\nrelease_id\x18\x08 \x01(\t\"J\n\x08\x41nnounce\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x19\n\x11timestamp_version\x18\x02 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\"@\n\rFeatureCounts\x12\x0c\n\x04\x62ins\x18\x01 \x03(\x04\x12\x0b\n\x03nan\x18\x02 \x01(\x04\x12\x14\n\x0cout_of_range\x18\x03 \x01(\x04\"\xf2\x02\n\x0fTelemetryWindow\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x12\n\nrelease_id\x18\x03 \x01(\t\x12\x10\n\x08start_ms\x18\x04 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x05 \x01(\x03\x12\x12\n\ninferences\x18\x06 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x07 \x01(\x04\x12\x16\n\x0e\x66irst_sequence\x18\x08 \x01(\x04\x12,\n\x08\x66\x65\x61tures\x18\t \x03(\x0b\x32\x1a.fedfleet.v1.FeatureCounts\x12\x14\n\x0cscore_counts\x18\n \x03(\x04\x12\x14\n\x0c\x63lass_counts\x18\x0b \x03(\x04\x12\x16\n\x0elatency_counts\x18\x0c \x03(\x04\x12\x13\n\x0b\x65ntropy_sum\x18\r \x01(\x01\x12\x16\n\x0elatency_max_ms\x18\x0e \x01(\x01\x12)\n\x06scores\x18\x0f \x01(\x0b\x32\x19.fedfleet.v1.WindowScores\"\xb3\x01\n\x0cWindowScores\x12\x13\n\x0b\x66\x65\x61ture_psi\x18\x01 \x03(\x01\x12\x12\n\nfeature_kl\x18\x02 \x03(\x01\x12\x0f\n\x07max_psi\x18\x03 \x01(\x01\x12\x10\n\x08mean_psi\x18\x04 \x01(\x01\x12\x11\n\tscore_psi\x18\x05 \x01(\x01\x12\x14\n\x0cmean_entropy\x18\x06 \x01(\x01\x12\x16\n\x0elatency_p50_ms\x18\x07 \x01(\x01\x12\x16\n\x0elatency_p95_ms\x18\x08 \x01(\x01\"!\n\x0cTelemetryAck\x12\x11\n\twatermark\x18\x01 \x01(\x04\"y\n\x08Hardware\x12\x0f\n\x07machine\x18\x01 \x01(\t\x12\x0e\n\x06system\x18\x02 \x01(\t\x12\x0e\n\x06python\x18\x03 \x01(\t\x12\x11\n\tcpu_count\x18\x04 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x04\x12\x13\n\x0binterpreter\x18\x06 \x01(\t\"\xdc\x01\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05\x66leet\x18\x02 \x01(\t\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.fedfleet.v1.RegisterRequest.LabelsEntry\x12\'\n\x08hardware\x18\x04 \x01(\x0b\x32\x15.fedfleet.v1.Hardware\x12\x15\n\ragent_version\x18\x05 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\x10RegisterResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0ctopic_prefix\x18\x02 \x01(\t\x12\x31\n\nassignment\x18\x03 \x01(\x0b\x32\x1d.fedfleet.v1.SignedAssignment\"?\n\x0c\x46\x65tchRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"9\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"?\n\x13ReportEventsRequest\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.fedfleet.v1.UpdateEvent\"(\n\x14ReportEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\"\x1d\n\x0cInferRequest\x12\r\n\x05input\x18\x01 \x03(\x02\"G\n\rInferResponse\x12\x0e\n\x06output\x18\x01 \x03(\x02\x12\x12\n\nrelease_id\x18\x02 \x01(\t\x12\x12\n\nlatency_ms\x18\x03 \x01(\x01*v\n\x0bUpdateState\x12\x1c\n\x18UPDATE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11UPDATE_STATE_IDLE\x10\x01\x12\x19\n\x15UPDATE_STATE_UPDATING\x10\x02\x12\x17\n\x13UPDATE_STATE_FAILED\x10\x03*\xf6\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45VENT_KIND_DOWNLOADING\x10\x01\x12\x17\n\x13\x45VENT_KIND_VERIFIED\x10\x02\x12\x18\n\x14\x45VENT_KIND_INSTALLED\x10\x03\x12\x1b\n\x17\x45VENT_KIND_PROBE_FAILED\x10\x04\x12\x18\n\x14\x45VENT_KIND_COMMITTED\x10\x05\x12\x17\n\x13\x45VENT_KIND_REVERTED\x10\x06\x12\x17\n\x13\x45VENT_KIND_REJECTED\x10\x07\x12\x15\n\x11\x45VENT_KIND_FAILED\x10\x08\x32\xfc\x02\n\x0c\x46leetService\x12G\n\x08Register\x12\x1c.fedfleet.v1.RegisterRequest\x1a\x1d.fedfleet.v1.RegisterResponse\x12@\n\rFetchMetadata\x12\x19.fedfleet.v1.FetchRequest\x1a\x12.fedfleet.v1.Chunk0\x01\x12>\n\x0b\x46\x65tchTarget\x12\x19.fedfleet.v1.FetchRequest\x1a\x12.fedfleet.v1.Chunk0\x01\x12S\n\x0cReportEvents\x12 .fedfleet.v1.ReportEventsRequest\x1a!.fedfleet.v1.ReportEventsResponse\x12L\n\x0fUploadTelemetry\x12\x1c.fedfleet.v1.TelemetryWindow\x1a\x19.fedfleet.v1.TelemetryAck(\x01\x32L\n\nAgentLocal\x12>\n\x05Infer\x12\x19.fedfleet.v1.InferRequest\x1a\x1a.fedfleet.v1.InferResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_UPDATESTATE']._serialized_start=2037
-  _globals['_UPDATESTATE']._serialized_end=2155
-  _globals['_EVENTKIND']._serialized_start=2158
-  _globals['_EVENTKIND']._serialized_end=2404
+  _globals['_UPDATESTATE']._serialized_start=2262
+  _globals['_UPDATESTATE']._serialized_end=2380
+  _globals['_EVENTKIND']._serialized_start=2383
+  _globals['_EVENTKIND']._serialized_end=2629
   _globals['_ASSIGNMENT']._serialized_start=59
   _globals['_ASSIGNMENT']._serialized_end=236
   _globals['_SIGNEDASSIGNMENT']._serialized_start=238
@@ -50,31 +50,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEATURECOUNTS']._serialized_start=813
   _globals['_FEATURECOUNTS']._serialized_end=877
   _globals['_TELEMETRYWINDOW']._serialized_start=880
-  _globals['_TELEMETRYWINDOW']._serialized_end=1207
-  _globals['_TELEMETRYACK']._serialized_start=1209
-  _globals['_TELEMETRYACK']._serialized_end=1242
-  _globals['_HARDWARE']._serialized_start=1244
-  _globals['_HARDWARE']._serialized_end=1365
-  _globals['_REGISTERREQUEST']._serialized_start=1368
-  _globals['_REGISTERREQUEST']._serialized_end=1588
-  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=1543
-  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=1588
-  _globals['_REGISTERRESPONSE']._serialized_start=1590
-  _globals['_REGISTERRESPONSE']._serialized_end=1700
-  _globals['_FETCHREQUEST']._serialized_start=1702
-  _globals['_FETCHREQUEST']._serialized_end=1765
-  _globals['_CHUNK']._serialized_start=1767
-  _globals['_CHUNK']._serialized_end=1824
-  _globals['_REPORTEVENTSREQUEST']._serialized_start=1826
-  _globals['_REPORTEVENTSREQUEST']._serialized_end=1889
-  _globals['_REPORTEVENTSRESPONSE']._serialized_start=1891
-  _globals['_REPORTEVENTSRESPONSE']._serialized_end=1931
-  _globals['_INFERREQUEST']._serialized_start=1933
-  _globals['_INFERREQUEST']._serialized_end=1962
-  _globals['_INFERRESPONSE']._serialized_start=1964
-  _globals['_INFERRESPONSE']._serialized_end=2035
-  _globals['_FLEETSERVICE']._serialized_start=2407
-  _globals['_FLEETSERVICE']._serialized_end=2787
-  _globals['_AGENTLOCAL']._serialized_start=2789
-  _globals['_AGENTLOCAL']._serialized_end=2865
+  _globals['_TELEMETRYWINDOW']._serialized_end=1250
+  _globals['_WINDOWSCORES']._serialized_start=1253
+  _globals['_WINDOWSCORES']._serialized_end=1432
+  _globals['_TELEMETRYACK']._serialized_start=1434
+  _globals['_TELEMETRYACK']._serialized_end=1467
+  _globals['_HARDWARE']._serialized_start=1469
+  _globals['_HARDWARE']._serialized_end=1590
+  _globals['_REGISTERREQUEST']._serialized_start=1593
+  _globals['_REGISTERREQUEST']._serialized_end=1813
+  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=1768
+  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=1813
+  _globals['_REGISTERRESPONSE']._serialized_start=1815
+  _globals['_REGISTERRESPONSE']._serialized_end=1925
+  _globals['_FETCHREQUEST']._serialized_start=1927
+  _globals['_FETCHREQUEST']._serialized_end=1990
+  _globals['_CHUNK']._serialized_start=1992
+  _globals['_CHUNK']._serialized_end=2049
+  _globals['_REPORTEVENTSREQUEST']._serialized_start=2051
+  _globals['_REPORTEVENTSREQUEST']._serialized_end=2114
+  _globals['_REPORTEVENTSRESPONSE']._serialized_start=2116
+  _globals['_REPORTEVENTSRESPONSE']._serialized_end=2156
+  _globals['_INFERREQUEST']._serialized_start=2158
+  _globals['_INFERREQUEST']._serialized_end=2187
+  _globals['_INFERRESPONSE']._serialized_start=2189
+  _globals['_INFERRESPONSE']._serialized_end=2260
+  _globals['_FLEETSERVICE']._serialized_start=2632
+  _globals['_FLEETSERVICE']._serialized_end=3012
+  _globals['_AGENTLOCAL']._serialized_start=3014
+  _globals['_AGENTLOCAL']._serialized_end=3090
 # @@protoc_insertion_point(module_scope)

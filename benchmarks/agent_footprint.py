@@ -5,7 +5,8 @@
 - inference p50/p99 and the drift update's cost per inference as a ratio to the inference itself, measured on
   the same inputs in this process (a digits-shaped model: 64 inputs, 10 classes, with a drift reference);
 - RSS of a real `fedfleet-agent run` process with the model committed and a live broker connection, after
-  serving inferences through its local endpoint;
+  serving inferences through its local endpoint: in steady state (restarted on its committed model, which is
+  how a device spends its life) and right after applying the update (python-tuf loaded);
 - cold start: from starting that process (model already committed) to its first answered inference;
 - installed size of a virtualenv with the agent alone (no extras).
 Targets: RSS <= 80 MB, drift cost <= 0.5, venv <= 150 MB. Last line: one JSON object.
@@ -105,17 +106,24 @@ def _process_figures(root: Path, model: bytes) -> dict[str, float]:
         for _ in range(200):
             _infer_once(config.local_endpoint)
         assert agent.proc is not None
-        rss = _rss_mb(agent.proc.pid)
+        rss_after_update = _rss_mb(agent.proc.pid)
         agent.kill()
         start = time.monotonic()
         agent.start()
         wait_for(lambda: _infer_once(config.local_endpoint), 60, interval=0.01, what="first inference after start")
         cold = time.monotonic() - start
+        for _ in range(200):
+            _infer_once(config.local_endpoint)
+        rss = _rss_mb(agent.proc.pid)
     finally:
         agent.kill()
         coordinator.kill()
         store.close()
-    return {"rss_mb": round(rss, 1), "cold_start_seconds": round(cold, 2)}
+    return {
+        "rss_mb": round(rss, 1),
+        "rss_after_update_mb": round(rss_after_update, 1),
+        "cold_start_seconds": round(cold, 2),
+    }
 
 
 def _venv_mb(root: Path) -> float:

@@ -37,12 +37,11 @@ from edge_agent.errors import AgentError, InterpreterError
 from edge_agent.mqtt_session import keep_session
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import Model, interpreter_name, load_model
-from edge_agent.state import StateStore
+from edge_agent.state import SlotInfo, StateStore
 from edge_agent.systemd import notify as systemd_notify
 from edge_agent.systemd import watchdog_interval
 from edge_agent.telemetry import ClosedWindow, TelemetryRecorder
 from edge_agent.transport import GrpcTransport
-from edge_agent.tuf_client import seed_trust_root
 from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment
 
 __all__ = ["Agent", "Inference"]
@@ -86,7 +85,7 @@ class Agent:
         self.config = config
         self.topics = Topics(config.topic_prefix)
         self.store = StateStore(config.state_dir)
-        seed_trust_root(self.store.tuf_dir, config.trust_root)
+        self.store.seed_trust_root(config.trust_root)
         self.director_keys = load_director_keys(config.director_keys)
         self.interpreter = interpreter_name(config.interpreter)
         self.model: Model | None = None
@@ -141,9 +140,10 @@ class Agent:
             self.recorder.record(release, np.asarray(x).reshape(1, -1), y.reshape(1, -1), [latency])
         return Inference(y, release, latency)
 
-    def _activate(self, model: Model, release_id: str, custom: dict[str, Any]) -> None:
+    def _activate(self, model: Model, info: SlotInfo | None) -> None:
         """Make a committed model the one applications use, and start its telemetry windows."""
-        doc = custom.get("drift_reference")
+        release_id = info.release_id if info else ""
+        doc = info.custom.get("drift_reference") if info else None
         n_classes = int(np.prod(model.interpreter.get_output_details()[0]["shape"][1:]))
         try:
             reference = DriftReference.from_metadata(doc) if doc else DriftReference.empty(n_classes)
@@ -199,7 +199,7 @@ class Agent:
         info = state.active_info
         try:
             model = load_model(self.store.model_path(state.active), self.config.interpreter)
-            self._activate(model, info.release_id if info else "", info.custom if info else {})
+            self._activate(model, info)
         except InterpreterError as e:
             logger.error("committed model does not load: %s", e)
 
@@ -357,7 +357,7 @@ class Agent:
                 self.updating = False
             if result.model is not None:
                 info = self.store.load().active_info
-                self._activate(result.model, info.release_id if info else "", info.custom if info else {})
+                self._activate(result.model, info)
             await self.publish_status()
             if result.outcome is Outcome.RETRY:
                 await asyncio.sleep(delay)

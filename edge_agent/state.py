@@ -74,6 +74,16 @@ class StateStore:
         for d in (root, self.slot_dir("a"), self.slot_dir("b")):
             remove_stale_temp_files(d)
 
+    def seed_trust_root(self, trust_root: Path) -> None:
+        """Install the enrollment bundle's root.json as the first trusted TUF root, once; rotations advance it."""
+        cached = self.tuf_dir / "root.json"
+        if not cached.exists():
+            if not trust_root.is_file():
+                raise AgentError(
+                    f"trust root {trust_root} not found; it comes with the enrollment bundle", "trust_invalid"
+                )
+            atomic_write_bytes(cached, trust_root.read_bytes())
+
     def slot_dir(self, slot: str) -> Path:
         return self.root / "slots" / slot
 

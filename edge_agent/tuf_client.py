@@ -9,7 +9,6 @@ download resumes from where it stopped; the bytes are checked against the verifi
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from edge_agent.errors import AgentError, TransientError, UpdateRefused
 from edge_agent.fsutil import sha256_of
 from edge_agent.transport import FileMissing, GrpcTransport
 
-__all__ = ["GrpcFetcher", "download_target", "refresh_and_get_target", "repository_file_name", "seed_trust_root"]
+__all__ = ["GrpcFetcher", "download_target", "refresh_and_get_target", "repository_file_name"]
 
 _METADATA_URL = "fedfleet-grpc://metadata/"
 
@@ -52,16 +51,6 @@ class GrpcFetcher(FetcherInterface):
             yield first.data  # type: ignore[attr-defined]
         for chunk in rest:
             yield chunk.data  # type: ignore[attr-defined]
-
-
-def seed_trust_root(tuf_dir: Path, trust_root: Path) -> None:
-    """Install the enrollment bundle's root.json as the first trusted root, once."""
-    cached = tuf_dir / "root.json"
-    if not cached.exists():
-        if not trust_root.is_file():
-            raise AgentError(f"trust root {trust_root} not found; it comes with the enrollment bundle", "trust_invalid")
-        tuf_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(trust_root, cached)
 
 
 def _reason_for(e: Exception) -> str:

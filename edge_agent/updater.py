@@ -25,7 +25,6 @@ from edge_agent.runtime import Model, load_model
 from edge_agent.state import SlotInfo, StateStore
 from edge_agent.steps import STEPS
 from edge_agent.transport import GrpcTransport
-from edge_agent.tuf_client import download_target, refresh_and_get_target
 
 __all__ = ["STEPS", "Outcome", "UpdateContext", "UpdateResult", "apply_assignment"]
 
@@ -105,6 +104,9 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
             )
             ctx.event(a, pb.EVENT_KIND_COMMITTED, "already_running")
             return UpdateResult(Outcome.COMMITTED, "already_running")
+
+        # python-tuf is imported on the first update, not at start: an idle agent does not carry it.
+        from edge_agent.tuf_client import download_target, refresh_and_get_target
 
         info = refresh_and_get_target(store.tuf_dir, ctx.transport, a.target_path)
         if info.length != a.target_length or info.hashes.get("sha256") != a.target_sha256:

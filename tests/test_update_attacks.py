@@ -22,7 +22,6 @@ from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.assignment import load_director_keys
 from edge_agent.state import StateStore
 from edge_agent.transport import GrpcTransport
-from edge_agent.tuf_client import seed_trust_root
 from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment
 from server.datadir import DataDir
 from server.director import Director
@@ -106,7 +105,7 @@ def env(datadir: DataDir, model_bytes: dict[str, bytes], tmp_path: Path) -> Iter
         sha[version] = publish_release(datadir.repository(), store, data, "digits", version).release.sha256
     server = GrpcServerThread(store, datadir.repository())
     state = StateStore(tmp_path / "agent")
-    seed_trust_root(state.tuf_dir, datadir.trust / "root.json")
+    state.seed_trust_root(datadir.trust / "root.json")
     events: list[pb.UpdateEvent] = []
     transport = GrpcTransport(server.address, DEVICE, timeout=10)
     director_keys = load_director_keys(__import__("json").loads((datadir.trust / "director_keys.json").read_text()))

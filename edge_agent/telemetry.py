@@ -45,10 +45,10 @@ def window_to_proto(
         end_ms=w.end_ms,
         inferences=c.inferences,
         errors=c.errors,
-        features=[
-            pb.FeatureCounts(bins=row.tolist(), nan=int(n), out_of_range=int(o))
-            for row, n, o in zip(c.feature_counts, c.nan_counts, c.out_of_range, strict=True)
-        ],
+        bins_per_feature=c.feature_counts.shape[1],
+        feature_bins=c.feature_counts.ravel().tolist(),
+        feature_nan=c.nan_counts.tolist(),
+        feature_out_of_range=c.out_of_range.tolist(),
         score_counts=c.score_counts.tolist(),
         class_counts=c.class_counts.tolist(),
         latency_counts=c.latency_counts.tolist(),
@@ -73,31 +73,40 @@ def _scores(s: WindowScore) -> pb.WindowScores:
 
 def counts_from_proto(m: pb.TelemetryWindow) -> WindowCounts:
     """The counts of a window message; ValueError if they are inconsistent or absurd."""
-    n_bins = {len(f.bins) for f in m.features}
-    if len(n_bins) > 1:
-        raise ValueError("features have different numbers of bins")
+    n, width = len(m.feature_nan), m.bins_per_feature
+    if len(m.feature_bins) != n * width or len(m.feature_out_of_range) != n or (n and not width):
+        raise ValueError("feature counts do not form n_features x bins_per_feature")
     if len(m.latency_counts) != len(LATENCY_EDGES_MS) + 1:
         raise ValueError(f"latency histogram has {len(m.latency_counts)} bins, expected {len(LATENCY_EDGES_MS) + 1}")
-    width = n_bins.pop() if n_bins else 0
-    feature_counts = np.array([list(f.bins) for f in m.features], dtype=np.int64).reshape(len(m.features), width)
-    arrays = [feature_counts, np.array(m.score_counts), np.array(m.class_counts), np.array(m.latency_counts)]
+    arrays = [
+        np.array(field, dtype=np.uint64)
+        for field in (
+            m.feature_bins,
+            m.feature_nan,
+            m.feature_out_of_range,
+            m.score_counts,
+            m.class_counts,
+            m.latency_counts,
+        )
+    ]
     if any(a.size and a.max() > _MAX_COUNT for a in arrays) or m.inferences > _MAX_COUNT or m.errors > _MAX_COUNT:
         raise ValueError("counts are absurdly large")
+    feature_bins, nan, out_of_range, score, classes, latency = (a.astype(np.int64) for a in arrays)
     if not (
         np.isfinite(m.entropy_sum) and m.entropy_sum >= 0 and np.isfinite(m.latency_max_ms) and m.latency_max_ms >= 0
     ):
         raise ValueError("entropy and latency must be finite and non-negative")
-    if int(np.sum(m.class_counts)) != m.inferences or int(np.sum(m.latency_counts)) > m.inferences:
+    if int(classes.sum()) != m.inferences or int(latency.sum()) > m.inferences:
         raise ValueError("class counts do not add up to the number of inferences")
     if m.first_sequence == 0 or m.first_sequence > m.sequence or m.start_ms > m.end_ms:
         raise ValueError("sequence range or time range is inverted")
     return WindowCounts(
-        feature_counts=feature_counts,
-        nan_counts=np.array([f.nan for f in m.features], dtype=np.int64),
-        out_of_range=np.array([f.out_of_range for f in m.features], dtype=np.int64),
-        score_counts=np.array(m.score_counts, dtype=np.int64),
-        class_counts=np.array(m.class_counts, dtype=np.int64),
-        latency_counts=np.array(m.latency_counts, dtype=np.int64),
+        feature_counts=feature_bins.reshape(n, width),
+        nan_counts=nan,
+        out_of_range=out_of_range,
+        score_counts=score,
+        class_counts=classes,
+        latency_counts=latency,
         entropy_sum=m.entropy_sum,
         latency_max_ms=m.latency_max_ms,
         inferences=m.inferences,

@@ -136,6 +136,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
+        self._known_devices: set[str] = set()
         self.migrate()
 
     def close(self) -> None:
@@ -240,7 +241,14 @@ class Store:
         self.db.execute("UPDATE devices SET online = 0 WHERE id = ?", [device_id])
 
     def is_device(self, device_id: str) -> bool:
-        return self.db.execute("SELECT 1 FROM devices WHERE id = ?", [device_id]).fetchone() is not None
+        """Whether the device has registered. Known ids are remembered (devices are never deleted; revocation
+        is a state of the row), which keeps telemetry ingestion off the database for this check."""
+        if device_id in self._known_devices:
+            return True
+        known = self.db.execute("SELECT 1 FROM devices WHERE id = ?", [device_id]).fetchone() is not None
+        if known:
+            self._known_devices.add(device_id)
+        return known
 
     # ----- events -----
 

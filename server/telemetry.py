@@ -74,7 +74,7 @@ def _check(store: Store, m: pb.TelemetryWindow, topic_device: str | None) -> Non
     if m.HasField("scores"):
         sc = m.scores
         values = [*sc.feature_psi, *sc.feature_kl, sc.max_psi, sc.mean_psi, sc.score_psi, sc.latency_p95_ms]
-        if len(sc.feature_psi) != len(m.features) or len(sc.feature_kl) != len(m.features):
+        if len(sc.feature_psi) != len(m.feature_nan) or len(sc.feature_kl) != len(m.feature_nan):
             raise EventRejected("window scores do not match its features")
         if not all(math.isfinite(v) and v >= 0 for v in values):
             raise EventRejected("window scores must be finite and non-negative")

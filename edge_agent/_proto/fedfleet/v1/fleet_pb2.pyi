@@ -254,31 +254,6 @@ class Announce(google.protobuf.message.Message):
 Global___Announce: typing_extensions.TypeAlias = Announce
 
 @typing.final
-class FeatureCounts(google.protobuf.message.Message):
-    """Per-feature counts of one window, over the bins of the release's drift reference."""
-
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
-
-    BINS_FIELD_NUMBER: builtins.int
-    NAN_FIELD_NUMBER: builtins.int
-    OUT_OF_RANGE_FIELD_NUMBER: builtins.int
-    nan: builtins.int
-    out_of_range: builtins.int
-    @property
-    def bins(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]: ...
-    def __init__(
-        self,
-        *,
-        bins: collections.abc.Iterable[builtins.int] | None = ...,
-        nan: builtins.int = ...,
-        out_of_range: builtins.int = ...,
-    ) -> None: ...
-    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["bins", b"bins", "nan", b"nan", "out_of_range", b"out_of_range"]
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-
-Global___FeatureCounts: typing_extensions.TypeAlias = FeatureCounts
-
-@typing.final
 class TelemetryWindow(google.protobuf.message.Message):
     """One telemetry window on …/devices/{device}/telemetry (or UploadTelemetry): raw counts, never samples, so
     the coordinator can pool windows across devices and cohorts. A window covers the sequences
@@ -295,7 +270,10 @@ class TelemetryWindow(google.protobuf.message.Message):
     INFERENCES_FIELD_NUMBER: builtins.int
     ERRORS_FIELD_NUMBER: builtins.int
     FIRST_SEQUENCE_FIELD_NUMBER: builtins.int
-    FEATURES_FIELD_NUMBER: builtins.int
+    BINS_PER_FEATURE_FIELD_NUMBER: builtins.int
+    FEATURE_BINS_FIELD_NUMBER: builtins.int
+    FEATURE_NAN_FIELD_NUMBER: builtins.int
+    FEATURE_OUT_OF_RANGE_FIELD_NUMBER: builtins.int
     SCORE_COUNTS_FIELD_NUMBER: builtins.int
     CLASS_COUNTS_FIELD_NUMBER: builtins.int
     LATENCY_COUNTS_FIELD_NUMBER: builtins.int
@@ -310,10 +288,22 @@ class TelemetryWindow(google.protobuf.message.Message):
     inferences: builtins.int
     errors: builtins.int
     first_sequence: builtins.int
+    bins_per_feature: builtins.int
+    """Per-feature counts over the bins of the release's drift reference, flat and packed (they decode several
+    times faster than a message per feature): feature_bins is n_features x bins_per_feature, row-major.
+    """
     entropy_sum: builtins.float
     latency_max_ms: builtins.float
     @property
-    def features(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___FeatureCounts]: ...
+    def feature_bins(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]: ...
+    @property
+    def feature_nan(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]:
+        """NaN inputs per feature (in no bin)"""
+
+    @property
+    def feature_out_of_range(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]:
+        """below the reference's minimum or above its maximum"""
+
     @property
     def score_counts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]:
         """top-class score histogram"""
@@ -343,7 +333,10 @@ class TelemetryWindow(google.protobuf.message.Message):
         inferences: builtins.int = ...,
         errors: builtins.int = ...,
         first_sequence: builtins.int = ...,
-        features: collections.abc.Iterable[Global___FeatureCounts] | None = ...,
+        bins_per_feature: builtins.int = ...,
+        feature_bins: collections.abc.Iterable[builtins.int] | None = ...,
+        feature_nan: collections.abc.Iterable[builtins.int] | None = ...,
+        feature_out_of_range: collections.abc.Iterable[builtins.int] | None = ...,
         score_counts: collections.abc.Iterable[builtins.int] | None = ...,
         class_counts: collections.abc.Iterable[builtins.int] | None = ...,
         latency_counts: collections.abc.Iterable[builtins.int] | None = ...,
@@ -353,7 +346,7 @@ class TelemetryWindow(google.protobuf.message.Message):
     ) -> None: ...
     _HasFieldArgType: typing_extensions.TypeAlias = typing.Literal["scores", b"scores"]
     def HasField(self, field_name: _HasFieldArgType) -> builtins.bool: ...
-    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["class_counts", b"class_counts", "device_id", b"device_id", "end_ms", b"end_ms", "entropy_sum", b"entropy_sum", "errors", b"errors", "features", b"features", "first_sequence", b"first_sequence", "inferences", b"inferences", "latency_counts", b"latency_counts", "latency_max_ms", b"latency_max_ms", "release_id", b"release_id", "score_counts", b"score_counts", "scores", b"scores", "sequence", b"sequence", "start_ms", b"start_ms"]
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["bins_per_feature", b"bins_per_feature", "class_counts", b"class_counts", "device_id", b"device_id", "end_ms", b"end_ms", "entropy_sum", b"entropy_sum", "errors", b"errors", "feature_bins", b"feature_bins", "feature_nan", b"feature_nan", "feature_out_of_range", b"feature_out_of_range", "first_sequence", b"first_sequence", "inferences", b"inferences", "latency_counts", b"latency_counts", "latency_max_ms", b"latency_max_ms", "release_id", b"release_id", "score_counts", b"score_counts", "scores", b"scores", "sequence", b"sequence", "start_ms", b"start_ms"]
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
 
 Global___TelemetryWindow: typing_extensions.TypeAlias = TelemetryWindow

@@ -392,7 +392,8 @@ class Agent:
     async def _window_timer(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.config.telemetry_every_seconds))
-            await asyncio.to_thread(self.recorder.tick)
+            if self.recorder.due():
+                await asyncio.to_thread(self.recorder.tick)
 
     async def _telemetry_sender(self) -> None:
         """Send stored windows until confirmed. MQTT QoS 1 while connected; gRPC in one stream (which answers
@@ -402,6 +403,8 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._telemetry_ready.wait(), min(5.0, self.config.ack_timeout / 2))
             self._telemetry_ready.clear()
+            if not len(self.outbox):
+                continue
             pending = await asyncio.to_thread(self.outbox.pending, 1000)
             self._sent_at = {s: t for s, t in self._sent_at.items() if s > self.outbox.acknowledged}
             if not pending:

@@ -48,6 +48,7 @@ class Outbox:
             INSERT OR IGNORE INTO counters VALUES ('next_sequence', 1), ('acknowledged', 0);
             """
         )
+        self._count = self._db.execute("SELECT count(*) FROM windows").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:
@@ -70,6 +71,7 @@ class Outbox:
                 self._db.execute("UPDATE counters SET value = ? WHERE name = 'next_sequence'", [seq + 1])
                 self._enforce_cap()
                 self._db.execute("COMMIT")
+                self._count = self._db.execute("SELECT count(*) FROM windows").fetchone()[0]
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -118,12 +120,13 @@ class Outbox:
         """The coordinator has stored everything up to `watermark`: forget it. Returns windows deleted."""
         with self._lock:
             deleted = self._db.execute("DELETE FROM windows WHERE sequence <= ?", [watermark]).rowcount
+            self._count -= deleted
             self._db.execute("UPDATE counters SET value = max(value, ?) WHERE name = 'acknowledged'", [watermark])
             return int(deleted)
 
     def __len__(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM windows").fetchone()[0])
+        """Windows not yet confirmed (kept in memory: no query)."""
+        return int(self._count)
 
     @property
     def acknowledged(self) -> int:

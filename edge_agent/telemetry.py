@@ -187,6 +187,10 @@ class TelemetryRecorder:
             if self._counts is not None:
                 self._counts.errors += 1
 
+    def due(self) -> bool:
+        """Whether tick() would close the window now (a cheap check, no lock)."""
+        return self._counts is not None and self._clock() - self._start >= self.every_seconds
+
     def tick(self) -> None:
         """Close the window if its time is up (called periodically)."""
         with self._lock:

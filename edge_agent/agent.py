@@ -137,7 +137,8 @@ class Agent:
                 self.recorder.record_error()
                 raise
             latency = (time.perf_counter() - start) * 1000.0
-            self.recorder.record(release, np.asarray(x).reshape(1, -1), y.reshape(1, -1), [latency])
+            # A private copy of the input (the caller may reuse its buffer); y is the interpreter's fresh copy.
+            self.recorder.record_one(release, np.array(x, dtype=np.float64), y, latency)
         return Inference(y, release, latency)
 
     def _activate(self, model: Model, info: SlotInfo | None) -> None:

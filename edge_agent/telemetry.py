@@ -20,7 +20,7 @@ from edge_agent.drift import LATENCY_EDGES_MS, DriftReference, WindowCounts, Win
 __all__ = ["ClosedWindow", "TelemetryRecorder", "counts_from_proto", "window_to_proto"]
 
 _MAX_COUNT = 2**53  # far beyond any real window; bigger is garbage
-_BATCH = 64  # inferences buffered before they are folded into the window's counts
+_BATCH = 256  # inferences kept before they are folded into the window's counts
 
 
 @dataclass(frozen=True)
@@ -135,19 +135,29 @@ class TelemetryRecorder:
         self._reference: DriftReference | None = None
         self._counts: WindowCounts | None = None
         self._start = 0.0
-        self._x = np.empty((_BATCH, 0))
-        self._p = np.empty((_BATCH, 0))
-        self._lat = np.empty(_BATCH)
-        self._n = 0
+        self._rows: list[tuple[np.ndarray, np.ndarray, float]] = []
 
     def switch(self, release_id: str, reference: DriftReference) -> None:
         """A new model is active: close the old release's window, start counting for the new one."""
         with self._lock:
             self._close_locked()
             self._release, self._reference = release_id, reference
-            self._x = np.empty((_BATCH, reference.n_features))
-            self._p = np.empty((_BATCH, reference.n_classes))
             self._counts, self._start = WindowCounts.empty(reference), self._clock()
+
+    def record_one(self, release_id: str, x: np.ndarray, y: np.ndarray, latency_ms: float) -> None:
+        """Account for one inference; x and y must not change afterwards (the agent passes its own copy).
+
+        The row is kept in memory, on the device, and folded into the counts with others in batches, so an
+        inference costs an append here.
+        """
+        with self._lock:
+            if release_id != self._release or self._counts is None:
+                return  # not the current release's (the agent's serving lock makes this not happen)
+            self._rows.append((x, y, latency_ms))
+            if len(self._rows) >= _BATCH or self._counts.inferences + len(self._rows) >= self.every_inferences:
+                self._flush_locked()
+                if self._counts.inferences >= self.every_inferences:
+                    self._close_locked()
 
     def record(
         self,
@@ -157,30 +167,15 @@ class TelemetryRecorder:
         latencies_ms: Sequence[float],
         errors: int = 0,
     ) -> None:
-        """Account for inferences. Rows are buffered (in memory, on the device) in preallocated arrays and
-        folded into the counts in batches, so a single inference costs a few array writes."""
+        """Account for a batch of inferences: inputs (n, n_features), probabilities (n, n_classes)."""
         with self._lock:
             if release_id != self._release or self._counts is None or self._reference is None:
-                return  # not the current release's (the agent's serving lock makes this not happen)
-            rows = len(latencies_ms)
-            if rows == 1 and self._n < _BATCH:
-                self._x[self._n] = inputs.reshape(-1)
-                self._p[self._n] = probabilities.reshape(-1)
-                self._lat[self._n] = latencies_ms[0]
-                self._n += 1
-            else:
-                self._flush_locked()
-                self._counts.add(self._reference, inputs, probabilities, latencies_ms)
+                return
+            self._flush_locked()
+            self._counts.add(self._reference, inputs, probabilities, latencies_ms)
             self._counts.errors += errors
-            if self._n == _BATCH or self._counts.inferences + self._n >= self.every_inferences:
-                self._flush_locked()
-                if self._counts.inferences >= self.every_inferences:
-                    self._close_locked()
-
-    def _flush_locked(self) -> None:
-        if self._n and self._counts is not None and self._reference is not None:
-            n, self._n = self._n, 0
-            self._counts.add(self._reference, self._x[:n], self._p[:n], self._lat[:n])
+            if self._counts.inferences >= self.every_inferences:
+                self._close_locked()
 
     def record_error(self) -> None:
         with self._lock:
@@ -201,6 +196,14 @@ class TelemetryRecorder:
         """Close the open window now (a graceful stop: its counts go to the outbox instead of being lost)."""
         with self._lock:
             self._close_locked()
+
+    def _flush_locked(self) -> None:
+        if self._rows and self._counts is not None and self._reference is not None:
+            rows, self._rows = self._rows, []
+            n = len(rows)
+            x = np.concatenate([r[0].reshape(-1) for r in rows]).reshape(n, self._reference.n_features)
+            p = np.concatenate([r[1].reshape(-1) for r in rows]).reshape(n, self._reference.n_classes)
+            self._counts.add(self._reference, x, p, np.fromiter((r[2] for r in rows), np.float64, n))
 
     def _close_locked(self) -> None:
         if self._counts is None or self._reference is None:

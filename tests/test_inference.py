@@ -58,12 +58,16 @@ def test_swap_under_load_fails_no_inference_and_keeps_releases_apart(
     served: Counter[str] = Counter()
     failures: list[BaseException] = []
 
+    per_thread: list[Counter[str]] = []
+
     def hammer(agent: Agent, stop: threading.Event) -> None:
         rng = np.random.default_rng(threading.get_ident() % 2**32)
+        mine: Counter[str] = Counter()  # one per thread: Counter increments are not atomic across threads
+        per_thread.append(mine)
         while not stop.is_set():
             try:
                 result: Inference = agent.run_inference(rng.random(FEATURES, dtype=np.float32))
-                served[result.release_id] += 1
+                mine[result.release_id] += 1
             except Exception as e:  # any failed inference fails the test
                 failures.append(e)
 
@@ -89,6 +93,8 @@ def test_swap_under_load_fails_no_inference_and_keeps_releases_apart(
         stop.set()
         for t in threads:
             t.join()
+        for counts in per_thread:
+            served.update(counts)
         agent.recorder.close()  # the open window too
         deadline = time.monotonic() + 30
         while len(agent.outbox) and time.monotonic() < deadline:

@@ -36,8 +36,6 @@ class MqttBridge:
         self.topics = topics
         self.client_id = client_id
         self.connected = asyncio.Event()
-        self.rejected = 0
-        self.telemetry_stored = 0
         self._pending_acks: dict[str, int] = {}
         self._telemetry: list[tuple[pb.TelemetryWindow, str | None]] = []
         self._client: aiomqtt.Client | None = None
@@ -79,7 +77,6 @@ class MqttBridge:
             else:
                 raise EventRejected("not a device status or events topic")
         except EventRejected as e:
-            self.rejected += 1
             logger.warning("rejected message on %s: %s", topic[:200], e)
             return False
         return True
@@ -89,10 +86,8 @@ class MqttBridge:
         batch, self._telemetry = self._telemetry, []
         for (window, topic_device), result in zip(batch, ingest_windows(self.store, batch, "mqtt"), strict=True):
             if isinstance(result, EventRejected):
-                self.rejected += 1
                 logger.warning("rejected telemetry window from %s: %s", topic_device, result)
                 continue
-            self.telemetry_stored += result.stored
             self._pending_acks[window.device_id] = result.watermark
         return len(batch)
 

@@ -15,7 +15,7 @@ from edge_agent.arrays import encode_array
 from edge_agent.contract import LIMITS
 from edge_agent.errors import InterpreterError
 from edge_agent.runtime import Model, load_model
-from server.errors import ConflictError, ReleaseError
+from server.errors import ConflictError, NotFoundError, ReleaseError
 from server.repository import Repository
 from server.store import Release, Store, now_ms
 
@@ -72,11 +72,14 @@ def publish_release(
         raise ReleaseError(f"the model is {len(data)} bytes; the limit is {LIMITS.target_file}")
     sha = hashlib.sha256(data).hexdigest()
     release_id = f"{name}@{version}"
-    for existing in store.releases():
-        if existing.id == release_id:
-            if existing.sha256 == sha:
-                return PublishResult(existing, created=False)
-            raise ConflictError(f"release {release_id} exists with other bytes; publish a new version instead")
+    try:
+        existing = store.release(release_id)
+    except NotFoundError:
+        pass
+    else:
+        if existing.sha256 == sha:
+            return PublishResult(existing, created=False)
+        raise ConflictError(f"release {release_id} exists with other bytes; publish a new version instead")
 
     with tempfile.NamedTemporaryFile(suffix=".tflite") as tmp:
         tmp.write(data)

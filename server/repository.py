@@ -143,10 +143,6 @@ class Repository:
     def first_root_bytes(self) -> bytes:
         return (self.metadata_dir / "1.root.json").read_bytes()
 
-    def targets(self) -> dict[str, TargetFile]:
-        targets: Targets = self._load(Targets.type).signed
-        return dict(targets.targets)
-
     def timestamp_version(self) -> int:
         ts: Timestamp = self._load(Timestamp.type).signed
         return ts.version

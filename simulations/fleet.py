@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,14 +70,3 @@ class SimulatedFleet:
 
     def connected(self) -> int:
         return sum(a.connected.is_set() for a in self.agents)
-
-    def running(self) -> Counter[str]:
-        """How many devices run each release (committed, on disk)."""
-        counts: Counter[str] = Counter()
-        for a in self.agents:
-            info = a.store.load().active_info
-            counts[info.release_id if info else "(none)"] += 1
-        return counts
-
-    def count_running(self, release_id: str) -> int:
-        return sum(1 for a in self.agents if (i := a.store.load().active_info) and i.release_id == release_id)

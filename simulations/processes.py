@@ -146,10 +146,6 @@ class CoordinatorProcess:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         _kill(self.proc, sig)
 
-    def restart(self) -> None:
-        self.kill()
-        self.start()
-
 
 @dataclass
 class AgentProcess:

@@ -17,12 +17,22 @@ from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from edge_agent.arrays import encode_array
-from server import __version__
-from server.datadir import DEFAULT_DATA_DIR, ENV_DATA_DIR, DataDir
+from server import __version__, audit
+from server.cli_common import (
+    DEFAULT_DATA_DIR,
+    DataDirOption,
+    JsonOption,
+    fmt,
+    open_datadir,
+    out,
+    parse_labels,
+    print_json,
+)
+from server.cli_rollout import audit_app, rollout_app
+from server.datadir import DataDir
 from server.enrollment import write_bundle
 from server.errors import CoordinatorError
 from server.releases import publish_release
@@ -45,22 +55,8 @@ keys_app = typer.Typer(help="Keys: rotate the TUF root.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 app.add_typer(releases_app, name="releases")
 app.add_typer(keys_app, name="keys")
-
-out = Console(soft_wrap=True)  # never hard-wrap: output is often piped or grepped
-
-DataDirOption = Annotated[
-    Path,
-    typer.Option("--data-dir", envvar=ENV_DATA_DIR, help="Coordinator data directory.", show_default=True),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document and nothing else.")]
-
-
-def _print_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def _open(data_dir: Path) -> DataDir:
-    return DataDir(data_dir).require()
+app.add_typer(rollout_app, name="rollout")
+app.add_typer(audit_app, name="audit")
 
 
 @app.command()
@@ -68,7 +64,7 @@ def init(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False
     """Create keys, the update repository, the database and config. Running it again changes nothing."""
     d, created = DataDir.init(data_dir)
     if as_json:
-        _print_json({"data_dir": str(d.root), "created": created})
+        print_json({"data_dir": str(d.root), "created": created})
     elif created:
         out.print(f"Initialised fedfleet data directory [bold]{d.root}[/]: keys, TUF repository, database, config.")
     else:
@@ -87,7 +83,7 @@ def serve(
     from server.coordinator import Coordinator, ServeOptions  # only `serve` needs gRPC, MQTT and the broker
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    coordinator = Coordinator(_open(data_dir), ServeOptions(grpc, mqtt, broker_listen))
+    coordinator = Coordinator(open_datadir(data_dir), ServeOptions(grpc, mqtt, broker_listen))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(coordinator.run())
 
@@ -102,11 +98,22 @@ def release(
     name: Annotated[str, typer.Option(help="Model name, e.g. digits.")],
     version: Annotated[str, typer.Option(help="Release version, e.g. 1.2.0.")],
     probe: Annotated[Path | None, typer.Option(help="Probe set .npz with arrays 'inputs' and 'outputs'.")] = None,
+    card: Annotated[
+        Path | None, typer.Option(help="Model card as a JSON object; signed with the release, checked by the policy.")
+    ] = None,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
-    """Check a TFLite model runs, sign it as a TUF target with its metadata, and publish it."""
-    d = _open(data_dir)
+    """Check a TFLite model runs and obeys the policy, sign it as a TUF target with its metadata, and publish it."""
+    d = open_datadir(data_dir)
+    extra: dict[str, Any] = {}
+    if card is not None:
+        try:
+            extra["model_card"] = json.loads(card.read_text())
+        except (OSError, ValueError) as e:
+            raise CoordinatorError(f"model card {card} must be a readable JSON object ({e})") from e
+        if not isinstance(extra["model_card"], dict):
+            raise CoordinatorError(f"model card {card} must be a JSON object")
     probe_doc = None
     if probe is not None:
         try:
@@ -123,12 +130,14 @@ def release(
             ) from e
     store = d.store()
     try:
-        result = publish_release(d.repository(), store, model_file.read_bytes(), name, version, probe_doc)
+        result = publish_release(
+            d.repository(), store, model_file.read_bytes(), name, version, probe_doc, extra, d.policy()
+        )
     finally:
         store.close()
     r = result.release
     if as_json:
-        _print_json({**_release_doc(r), "created": result.created})
+        print_json({**_release_doc(r), "created": result.created})
     elif result.created:
         out.print(f"Released [bold]{r.id}[/] ({r.length} bytes, sha256 {r.sha256[:12]}…) as {r.target_path}.")
     else:
@@ -138,11 +147,11 @@ def release(
 @releases_app.command("list")
 def releases_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
     """List published releases."""
-    store = _open(data_dir).store()
+    store = open_datadir(data_dir).store()
     rows = store.releases()
     store.close()
     if as_json:
-        _print_json([{**_release_doc(r), "created_at": r.created_at} for r in rows])
+        print_json([{**_release_doc(r), "created_at": r.created_at} for r in rows])
         return
     table = Table("release", "target", "bytes", "sha256")
     for r in rows:
@@ -173,7 +182,7 @@ def assign(
     if fleet is not None and len(args) != 1:
         raise CoordinatorError("with --fleet give only the RELEASE")
     *device, release_id = args
-    d = _open(data_dir)
+    d = open_datadir(data_dir)
     store = d.store()
     try:
         rel = store.release(release_id)
@@ -184,7 +193,7 @@ def assign(
     finally:
         store.close()
     if as_json:
-        _print_json({"release": rel.id, "assignments": [{"device": a.device_id, "counter": a.counter} for a in issued]})
+        print_json({"release": rel.id, "assignments": [{"device": a.device_id, "counter": a.counter} for a in issued]})
     else:
         out.print(f"Assigned {rel.id} to {len(issued)} device(s).")
 
@@ -212,11 +221,11 @@ def devices_list(
     as_json: JsonOption = False,
 ) -> None:
     """Each device: fleet, labels, online state, assigned and running release, last event."""
-    store = _open(data_dir).store()
+    store = open_datadir(data_dir).store()
     docs = [_device_doc(r, store.assignment_of(r["id"])) for r in store.devices(fleet)]
     store.close()
     if as_json:
-        _print_json(docs)
+        print_json(docs)
         return
     table = Table("device", "fleet", "labels", "online", "assigned", "running", "last event")
     for doc in docs:
@@ -240,7 +249,7 @@ def devices_show(
     as_json: JsonOption = False,
 ) -> None:
     """One device with its hardware and its latest update events."""
-    store = _open(data_dir).store()
+    store = open_datadir(data_dir).store()
     try:
         row = store.device(device_id)
         doc = {
@@ -252,7 +261,7 @@ def devices_show(
     finally:
         store.close()
     if as_json:
-        _print_json(doc)
+        print_json(doc)
         return
     for key, value in doc.items():
         if key != "events":
@@ -276,9 +285,16 @@ def devices_enroll(
     as_json: JsonOption = False,
 ) -> None:
     """Write an enrollment bundle: agent.toml, the TUF trust root and the director keys."""
-    write_bundle(_open(data_dir), device_id, out_dir, fleet, _labels(label or []), grpc, mqtt, state_dir)
+    d = open_datadir(data_dir)
+    labels = parse_labels(label or [])
+    write_bundle(d, device_id, out_dir, fleet, labels, grpc, mqtt, state_dir)
+    store = d.store()
+    try:
+        audit.append(store, "device.enroll", device_id, {"fleet": fleet, "labels": labels, "bundle": str(out_dir)})
+    finally:
+        store.close()
     if as_json:
-        _print_json({"device": device_id, "bundle": str(out_dir), "config": str(out_dir / "agent.toml")})
+        print_json({"device": device_id, "bundle": str(out_dir), "config": str(out_dir / "agent.toml")})
     else:
         out.print(
             f"Enrollment bundle for [bold]{device_id}[/] written to {out_dir} "
@@ -296,14 +312,14 @@ def telemetry(
     as_json: JsonOption = False,
 ) -> None:
     """Pooled drift and health statistics per release: PSI/KL against the release's reference, latency, errors."""
-    store = _open(data_dir).store()
+    store = open_datadir(data_dir).store()
     try:
         cohort: list[str] | None = None
         if device is not None:
             store.device(device)
             cohort = [device]
         if label:
-            labelled = store.devices_with_labels(_labels(label))
+            labelled = store.devices_with_labels(parse_labels(label))
             cohort = labelled if cohort is None else [d for d in cohort if d in labelled]
         if release_id:
             store.release(release_id)
@@ -319,7 +335,7 @@ def telemetry(
     finally:
         store.close()
     if as_json:
-        _print_json(docs)
+        print_json(docs)
         return
     table = Table("release", "devices", "windows", "inferences", "errors", "max PSI", "score PSI", "p95 ms")
     for d in docs:
@@ -329,33 +345,25 @@ def telemetry(
             str(d["windows"]),
             str(d["inferences"]),
             str(d["errors"]),
-            _fmt(d["max_psi"]),
-            _fmt(d["score_psi"]),
-            _fmt(d["latency_p95_ms"]),
+            fmt(d["max_psi"]),
+            fmt(d["score_psi"]),
+            fmt(d["latency_p95_ms"]),
         )
     out.print(table)
-
-
-def _labels(items: list[str]) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CoordinatorError(f"label {item!r} must look like key=value")
-        labels[key] = value
-    return labels
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 @keys_app.command("rotate-root")
 def keys_rotate_root(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
     """Replace the TUF root key; devices with any earlier root follow the signed chain to the new one."""
-    version = _open(data_dir).repository().rotate_root()
+    d = open_datadir(data_dir)
+    version = d.repository().rotate_root()
+    store = d.store()
+    try:
+        audit.append(store, "keys.rotate_root", "root", {"root_version": version}, "cli")
+    finally:
+        store.close()
     if as_json:
-        _print_json({"root_version": version})
+        print_json({"root_version": version})
     else:
         out.print(f"Root rotated: root version {version} is signed by the old and the new root key.")
 

@@ -1,5 +1,6 @@
 """`fedfleet serve`: the coordinator process. gRPC FleetService, MQTT bridge (embedded broker if no URL), and a
-tick that publishes new assignments, announces new metadata and keeps online TUF roles from expiring.
+tick that drives rollouts, publishes new assignments, announces new metadata and keeps online TUF roles from
+expiring.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Coordinator:
         self.repository = datadir.repository()
         self.topics = Topics(self.config.topic_prefix)
         self.bridge = MqttBridge(self.store, self.mqtt_url, self.topics)
+        self.rollouts = datadir.rollouts(self.store)
+        self._next_rollout_tick = 0.0
         self._announced_version = 0
         self.grpc_address = ""  # host:port once serving
 
@@ -84,6 +87,10 @@ class Coordinator:
         """One pass of periodic work; each step is idempotent."""
         self.bridge.flush_telemetry()
         await self.bridge.publish_acks()
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._next_rollout_tick:
+            self.rollouts.tick()
+            self._next_rollout_tick = loop.time() + self.config.rollout_tick_seconds
         published = await self.bridge.publish_assignments()
         if published:
             logger.info("published %d assignment(s)", published)

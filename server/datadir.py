@@ -6,6 +6,7 @@ DATA/keys/                   TUF role keys and the director key (0600)
 DATA/repository/             the TUF repository served to devices
 DATA/trust/root.json         the root devices start from (enrollment bundle)
 DATA/trust/director_keys.json
+DATA/policy.toml             policy as code (optional; see server/policy.py)
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from edge_agent.contract import DEFAULT_TOPIC_PREFIX
 from edge_agent.fsutil import atomic_write_bytes
 from server.director import Director
 from server.errors import DataDirError
+from server.policy import Policy, load_policy
 from server.repository import Repository
+from server.rollouts import Rollouts
 from server.store import Store
 
 __all__ = ["DEFAULT_DATA_DIR", "ENV_DATA_DIR", "CoordinatorConfig", "DataDir"]
@@ -36,6 +39,8 @@ class CoordinatorConfig:
     embedded_broker_listen: str = "127.0.0.1:1883"
     topic_prefix: str = DEFAULT_TOPIC_PREFIX
     tick_seconds: float = 0.2
+    rollout_tick_seconds: float = 1.0  # how often rollouts are judged (pooling telemetry costs)
+    policy: str = "policy.toml"  # relative to the data directory
 
     def to_toml(self) -> str:
         return (
@@ -46,6 +51,9 @@ class CoordinatorConfig:
             f'embedded_broker_listen = "{self.embedded_broker_listen}"\n'
             f'topic_prefix = "{self.topic_prefix}"\n'
             f"tick_seconds = {self.tick_seconds}\n"
+            f"rollout_tick_seconds = {self.rollout_tick_seconds}\n"
+            "# policy as code: what may be released and rolled out (see server/policy.py); missing file: defaults\n"
+            f'policy = "{self.policy}"\n'
         )
 
 
@@ -107,3 +115,9 @@ class DataDir:
 
     def director(self) -> Director:
         return Director.load(self.require().keys / "director.pem")
+
+    def policy(self) -> Policy:
+        return load_policy(self.root / self.config().policy)
+
+    def rollouts(self, store: Store) -> Rollouts:
+        return Rollouts(store, self.director(), self.policy())

@@ -15,10 +15,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.assignment import director_key_id
+from server import audit
 from server.repository import load_private_key, write_private_key
 from server.store import Release, Store, now_ms
 
 __all__ = ["Director", "IssuedAssignment"]
+
+_AUDIT_DEVICES = 200  # an assignment batch's audit entry names this many devices (and counts all)
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,12 @@ class Director:
         return pb.SignedAssignment(assignment=body, key_id=self.key_id, signature=self._key.sign(body))
 
     def assign(
-        self, store: Store, device_ids: Sequence[str], release: Release, rollout_id: str = ""
+        self, store: Store, device_ids: Sequence[str], release: Release, rollout_id: str = "", actor: str = "cli"
     ) -> list[IssuedAssignment]:
-        """Sign and store one new assignment per device (next counter each); `fedfleet serve` publishes them."""
+        """Sign and store one new assignment per device (next counter each), and the batch in the audit trail;
+        `fedfleet serve` publishes them. Joins the caller's transaction if one is open."""
+        if not device_ids:
+            return []
         for device_id in device_ids:
             store.device(device_id)  # raises NotFoundError with a clear message
         issued: list[IssuedAssignment] = []
@@ -89,4 +95,12 @@ class Director:
                     [device_id, counter, release.id, rollout_id, signed.SerializeToString(), issued_at],
                 )
                 issued.append(IssuedAssignment(device_id, counter, release.id))
+            detail = {
+                "release": release.id,
+                "rollout": rollout_id,
+                "count": len(issued),
+                "devices": {a.device_id: a.counter for a in issued[:_AUDIT_DEVICES]},
+                "key_id": self.key_id,
+            }
+            audit.append(store, "assignment.batch", release.id, detail, actor)
         return issued

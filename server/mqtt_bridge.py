@@ -12,6 +12,7 @@ import aiomqtt
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract import Topics
 from edge_agent.mqtt_session import keep_session
+from server.crashpoints import crash_point
 from server.errors import CoordinatorError
 from server.events import EventRejected, parse_event, parse_status
 from server.store import Store, now_ms
@@ -116,6 +117,7 @@ class MqttBridge:
         await asyncio.gather(
             *(client.publish(self.topics.desired(r["device_id"]), r["signed"], qos=1, retain=True) for r in rows)
         )
+        crash_point("publish:sent")
         self.store.mark_published([(r["device_id"], r["counter"]) for r in rows])
         return len(rows)
 

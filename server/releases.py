@@ -15,7 +15,9 @@ from edge_agent.arrays import encode_array
 from edge_agent.contract import LIMITS
 from edge_agent.errors import InterpreterError
 from edge_agent.runtime import Model, load_model
+from server import audit
 from server.errors import ConflictError, NotFoundError, ReleaseError
+from server.policy import Policy, PolicyViolation
 from server.repository import Repository
 from server.store import Release, Store, now_ms
 
@@ -60,8 +62,11 @@ def publish_release(
     version: str,
     probe: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    policy: Policy | None = None,
+    actor: str = "cli",
 ) -> PublishResult:
-    """Check, sign and publish. Repeating it with the same bytes changes nothing; other bytes are refused."""
+    """Check, sign and publish. Repeating it with the same bytes changes nothing; other bytes are refused, and so
+    is a release that breaks the policy (every broken rule named, the refusal audited)."""
     if not _NAME.match(name):
         raise ReleaseError(f"model name {name!r} must be 1-64 letters, digits, '_' or '-', starting alphanumeric")
     if not _VERSION.match(version):
@@ -103,8 +108,15 @@ def publish_release(
         "probe": probe,
         **(extra or {}),
     }
+    rules = (policy or Policy()).release_violations(len(data), custom)
+    if rules:
+        audit.append(store, "policy.refused", release_id, {"what": "release", "rules": rules}, actor)
+        raise PolicyViolation(f"release {release_id}", rules, (policy or Policy()).source)
     target_path = f"{name}/{version}/model.tflite"
     info = repository.add_target(target_path, data, custom)
     release = Release(release_id, name, version, target_path, info.hashes["sha256"], info.length, custom, now_ms())
-    store.add_release(release)
+    with store.transaction():
+        store.add_release(release)
+        detail = {"target": target_path, "sha256": release.sha256, "length": release.length}
+        audit.append(store, "release.publish", release_id, detail, actor)
     return PublishResult(release, created=True)

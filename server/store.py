@@ -112,7 +112,62 @@ def _v2(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
+def _v3(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE rollouts (
+            id TEXT PRIMARY KEY,
+            release_id TEXT NOT NULL REFERENCES releases (id),
+            spec TEXT NOT NULL,                 -- RolloutSpec as JSON
+            phase TEXT NOT NULL,
+            wave INTEGER NOT NULL,              -- index into the plan; -1 before the canary
+            wave_started_ms INTEGER NOT NULL,
+            paused_from TEXT NOT NULL DEFAULT '',
+            last_decision TEXT NOT NULL DEFAULT '',
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE TABLE rollout_devices (
+            rollout_id TEXT NOT NULL REFERENCES rollouts (id),
+            device_id TEXT NOT NULL REFERENCES devices (id),
+            wave INTEGER NOT NULL,              -- the wave that takes this device, fixed at start
+            previous_release TEXT NOT NULL,     -- what a rollback returns it to
+            counter INTEGER,                    -- its assignment to the new release, once issued
+            assigned_at INTEGER,
+            rollback_counter INTEGER,           -- its assignment back to previous_release, once issued
+            PRIMARY KEY (rollout_id, device_id)
+        );
+        CREATE INDEX rollout_devices_device ON rollout_devices (device_id);
+        CREATE TABLE rollout_decisions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            rollout_id TEXT NOT NULL REFERENCES rollouts (id),
+            wave INTEGER NOT NULL,
+            at INTEGER NOT NULL,
+            decision TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            gates TEXT NOT NULL                 -- each gate's value, threshold and verdict, as JSON
+        );
+        CREATE INDEX rollout_decisions_rollout ON rollout_decisions (rollout_id, id);
+        CREATE TABLE audit (
+            seq INTEGER PRIMARY KEY,
+            at INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        );
+        CREATE TABLE audit_head (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL,
+            hash TEXT NOT NULL
+        );
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -144,6 +199,11 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any exception. Inside an open transaction it joins it, so a
+        caller can make several library calls (assignments, a rollout decision, its audit entry) one unit."""
+        if self.db.conn.in_transaction:
+            yield self.db
+            return
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db

@@ -203,9 +203,15 @@ class Pooled:
 
 
 def pool(
-    store: Store, release_id: str, devices: list[str] | None = None, since_ms: int = 0, until_ms: int | None = None
+    store: Store,
+    release_id: str,
+    devices: list[str] | None = None,
+    since_ms: int = 0,
+    until_ms: int | None = None,
+    min_samples: int | None = None,
 ) -> Pooled:
-    """Add up the windows of one release (optionally a cohort of devices and a time range) and score them."""
+    """Add up the windows of one release (optionally a cohort of devices and a time range) and score them
+    (`min_samples`: fewer inferences give no score; default ten per bin)."""
     sql = "SELECT device_id, payload FROM telemetry WHERE release_id = ? AND end_ms >= ?"
     args: list[Any] = [release_id, since_ms]
     if until_ms is not None:
@@ -226,5 +232,5 @@ def pool(
     if total is None:
         n_classes = reference.n_classes if reference else 2
         total = WindowCounts.empty(reference or DriftReference.empty(n_classes))
-    score = score_window(total, reference) if reference is not None and windows else None
+    score = score_window(total, reference, min_samples) if reference is not None and windows else None
     return Pooled(release_id, windows, len(seen), total, score)

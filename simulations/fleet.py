@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edge_agent.agent import Agent
 from server.datadir import DataDir
@@ -33,6 +34,7 @@ class SimulatedFleet:
     mqtt: str | None = None
     labels: Callable[[int], Mapping[str, str]] = lambda i: {"site": f"site-{i % 3}"}
     workers: int = 8
+    agent_extra: Mapping[str, Any] = field(default_factory=dict)  # agent.toml settings for every device
     agents: list[Agent] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -51,7 +53,7 @@ class SimulatedFleet:
                 self.labels(i),
                 self.grpc,
                 self.mqtt,
-                extra={"retry_seconds": 0.5, "local_endpoint": "off"},
+                extra={"retry_seconds": 0.5, "local_endpoint": "off", **self.agent_extra},
             )
             self.agents.append(Agent(config))
 

@@ -81,8 +81,8 @@ class Mosquitto:
             self.proc = None
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _spawn(args: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     with log.open("ab") as f:
         return subprocess.Popen(
             [sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -103,6 +103,7 @@ class CoordinatorProcess:
     datadir: DataDir
     mqtt_url: str | None  # None: embedded broker
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. FEDFLEET_CRASH_AT
     endpoints: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -126,7 +127,7 @@ class CoordinatorProcess:
             args += ["--broker-listen", previous.removeprefix("mqtt://")]
         serve_json = self.datadir.root / "serve.json"
         serve_json.unlink(missing_ok=True)
-        self.proc = _spawn(args, self.log)
+        self.proc = _spawn(args, self.log, self.env)
 
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:

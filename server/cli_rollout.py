@@ -1,0 +1,279 @@
+"""`fedfleet rollout …` and `fedfleet audit …`: thin commands over `server.rollouts` and `server.audit`.
+
+A rollout is stored by these commands and driven by a running `fedfleet serve`; operator actions (pause, resume,
+abort, rollback) change the stored state with the same authority as the engine, and the next tick acts on them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+
+from server import audit
+from server.cli_common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, open_datadir, out, parse_labels, print_json
+from server.errors import CoordinatorError
+from server.rollout_engine import ACTIVE, Phase
+from server.rollout_spec import OnFail, load_spec, parse_gate
+
+__all__ = ["audit_app", "rollout_app"]
+
+rollout_app = typer.Typer(
+    help="Rollouts: drift-gated waves with automatic rollback. `fedfleet serve` drives them.", no_args_is_help=True
+)
+audit_app = typer.Typer(help="The hash-chained audit trail: list and verify.", no_args_is_help=True)
+
+FollowOption = Annotated[
+    bool, typer.Option("--follow", help="Follow the rollout live until it ends (Ctrl-C stops following, not it).")
+]
+
+
+@rollout_app.command("start")
+def rollout_start(
+    release: Annotated[str | None, typer.Argument(metavar="[RELEASE]", help="name@version (or in --spec).")] = None,
+    spec_file: Annotated[Path | None, typer.Option("--spec", help="Rollout spec TOML; flags override it.")] = None,
+    fleet: Annotated[str | None, typer.Option(help="Only devices of this fleet.")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="Label selector k=v; repeat for more.")] = None,
+    canary: Annotated[int | None, typer.Option(help="Devices in the canary wave. [default: 1]")] = None,
+    canary_by: Annotated[
+        str | None, typer.Option(help="A label (e.g. site): the canary holds a device of each of its values.")
+    ] = None,
+    waves: Annotated[
+        str | None, typer.Option(help="Cumulative fractions after the canary. [default: 0.1,0.5,1.0]")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the canary choice and wave order. [default: 0]")] = None,
+    bake: Annotated[float | None, typer.Option(help="Seconds each wave runs before its gates. [default: 300]")] = None,
+    silent_after: Annotated[
+        float | None, typer.Option(help="Seconds after its assignment a device may stay silent. [default: 600]")
+    ] = None,
+    on_fail: Annotated[OnFail | None, typer.Option(help="What a failing gate does. [default: rollback]")] = None,
+    gate: Annotated[
+        list[str] | None, typer.Option(help="A gate METRIC<=NUMBER (also <, >=, >); repeat; replaces the defaults.")
+    ] = None,
+    min_samples: Annotated[
+        int | None, typer.Option(help="Inferences needed before a telemetry verdict. [default: 500]")
+    ] = None,
+    min_devices: Annotated[
+        int | None, typer.Option(help="Devices reporting needed before a telemetry verdict. [default: 1]")
+    ] = None,
+    follow: FollowOption = False,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a rollout of a release in waves; refused (naming every reason) if the policy or another rollout forbids
+    it. Gate metrics: input_max_psi, input_mean_psi, input_max_kl, score_psi, class_mix_shift, latency_p95_ratio,
+    error_rate, failure_rate, silent_fraction."""
+    fractions = None
+    if waves is not None:
+        try:
+            fractions = [float(w) for w in waves.split(",")]
+        except ValueError as e:
+            raise CoordinatorError(f"--waves {waves!r} must be comma-separated fractions like 0.1,0.5,1.0") from e
+    spec = load_spec(
+        spec_file,
+        release=release,
+        fleet=fleet,
+        selector=parse_labels(label) if label else None,
+        canary=canary,
+        canary_by=canary_by,
+        waves=fractions,
+        seed=seed,
+        bake_seconds=bake,
+        silent_after_seconds=silent_after,
+        on_fail=str(on_fail) if on_fail else None,
+        gates=[str(parse_gate(g)) for g in gate] if gate else None,
+        min_samples=min_samples,
+        min_devices=min_devices,
+    )
+    d = open_datadir(data_dir)
+    store = d.store()
+    try:
+        rollouts = d.rollouts(store)
+        rollout_id = rollouts.start(spec)
+        status = rollouts.status(rollout_id)
+    finally:
+        store.close()
+    if as_json and not follow:
+        print_json(status)
+        return
+    sizes = [sum(w["devices"].values()) for w in status["waves"]]
+    out.print(f"Started [bold]{rollout_id}[/]: {spec.release} to {sum(sizes)} device(s) in waves of {sizes}.")
+    if follow:
+        _follow(data_dir, rollout_id, as_json)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    rollout_id: Annotated[str, typer.Argument(metavar="ROLLOUT")],
+    follow: FollowOption = False,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """Each wave with its devices by state, gate values against thresholds, and every decision with its reason."""
+    if follow:
+        _follow(data_dir, rollout_id, as_json)
+        return
+    status = _status(data_dir, rollout_id)
+    if as_json:
+        print_json(status)
+    else:
+        out.print(_render(status))
+
+
+def _status(data_dir: Path, rollout_id: str) -> dict[str, Any]:
+    d = open_datadir(data_dir)
+    store = d.store()
+    try:
+        return d.rollouts(store).status(rollout_id)
+    finally:
+        store.close()
+
+
+def _follow(data_dir: Path, rollout_id: str, as_json: bool) -> None:
+    status = _status(data_dir, rollout_id)
+    with contextlib.suppress(KeyboardInterrupt), Live(_render(status), console=out, refresh_per_second=2) as live:
+        while Phase(status["phase"]) in ACTIVE:
+            time.sleep(1.0)
+            status = _status(data_dir, rollout_id)
+            live.update(_render(status))
+    if as_json:
+        print_json(status)
+
+
+def _render(status: dict[str, Any]) -> Group:
+    header = f"[bold]{status['id']}[/] {status['release']}: [bold]{status['phase']}[/]"
+    if status["bake_remaining_s"] is not None:
+        header += f", baking wave {status['wave']} ({status['bake_remaining_s']:.0f} s left)"
+    waves = Table("wave", "devices by state", title="waves", title_justify="left")
+    for w in status["waves"]:
+        mark = " ◀" if w["wave"] == status["wave"] else ""
+        waves.add_row(w["name"] + mark, ", ".join(f"{k} {v}" for k, v in w["devices"].items()))
+    gates = Table("gate", "value", "threshold", "verdict", "note", title="gates (now)", title_justify="left")
+    for g in status["gates"]:
+        value = "-" if g["value"] is None else f"{g['value']:.4g}"
+        style = {"fail": "red", "pass": "green"}.get(g["verdict"], "yellow")
+        gates.add_row(g["metric"], value, f"{g['op']} {g['threshold']:g}", f"[{style}]{g['verdict']}[/]", g["note"])
+    decisions = Table("time", "wave", "decision", "reason", title="decisions", title_justify="left")
+    for dec in status["decisions"][-12:]:
+        at = time.strftime("%H:%M:%S", time.localtime(dec["at"] / 1000))
+        decisions.add_row(at, str(dec["wave"]), dec["decision"], dec["reason"])
+    parts: list[Any] = [header, waves]
+    if status["gates"]:
+        parts.append(gates)
+    parts.append(decisions)
+    return Group(*parts)
+
+
+def _act(action: str, rollout_id: str, data_dir: Path, as_json: bool) -> None:
+    d = open_datadir(data_dir)
+    store = d.store()
+    try:
+        step = d.rollouts(store).act(rollout_id, action)
+    finally:
+        store.close()
+    if as_json:
+        print_json({"rollout": rollout_id, "phase": str(step.state.phase), "decision": step.decision})
+    else:
+        out.print(f"{rollout_id}: {step.reason}; now {step.state.phase}.")
+
+
+RolloutArg = Annotated[str, typer.Argument(metavar="ROLLOUT")]
+
+
+@rollout_app.command("pause")
+def rollout_pause(
+    rollout_id: RolloutArg, data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False
+) -> None:
+    """Stop advancing: no new wave, no verdicts, until resumed. Devices keep their assignments."""
+    _act("pause", rollout_id, data_dir, as_json)
+
+
+@rollout_app.command("resume")
+def rollout_resume(
+    rollout_id: RolloutArg, data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False
+) -> None:
+    """Continue a paused rollout where it stopped (its gates are judged again)."""
+    _act("resume", rollout_id, data_dir, as_json)
+
+
+@rollout_app.command("abort")
+def rollout_abort(
+    rollout_id: RolloutArg, data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False
+) -> None:
+    """End the rollout now; devices keep what they were assigned (use rollback to revert them)."""
+    _act("abort", rollout_id, data_dir, as_json)
+
+
+@rollout_app.command("rollback")
+def rollout_rollback(
+    rollout_id: RolloutArg, data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False
+) -> None:
+    """Revert every device that received the release to its previous release (new, higher-counter assignments)."""
+    _act("rollback", rollout_id, data_dir, as_json)
+
+
+@rollout_app.command("list")
+def rollout_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
+    """Every rollout with its release, phase and wave."""
+    d = open_datadir(data_dir)
+    store = d.store()
+    try:
+        rows = d.rollouts(store).list()
+    finally:
+        store.close()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("rollout", "release", "phase", "wave", "started")
+    for r in rows:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"] / 1000))
+        table.add_row(r["id"], r["release"], r["phase"], f"{max(r['wave'], 0) + 1}/{r['waves']}", started)
+    out.print(table)
+
+
+@audit_app.command("list")
+def audit_list(
+    limit: Annotated[int, typer.Option(min=1, help="How many entries, newest first.")] = 50,
+    action: Annotated[str | None, typer.Option(help="Only this action, e.g. rollout.rollback.")] = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """Audit entries, newest first: releases, assignment batches, rollout decisions, policy refusals, keys, devices."""
+    store = open_datadir(data_dir).store()
+    try:
+        rows = audit.entries(store, limit, action)
+    finally:
+        store.close()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("seq", "time", "actor", "action", "subject", "hash")
+    for r in rows:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"] / 1000))
+        table.add_row(str(r["seq"]), at, r["actor"], r["action"], r["subject"], r["hash"][:12])
+    out.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
+    """Check the hash chain; names every edited or deleted entry. Exit 1 if the trail was tampered with."""
+    store = open_datadir(data_dir).store()
+    try:
+        checked, problems = audit.verify(store)
+    finally:
+        store.close()
+    if as_json:
+        print_json({"entries": checked, "intact": not problems, "problems": [p.__dict__ for p in problems]})
+    elif not problems:
+        out.print(f"Audit trail intact: {checked} entries, every hash and link checks.")
+    if problems:
+        if not as_json:
+            for p in problems:
+                out.print(f"[red]{p}[/]")
+        raise typer.Exit(1)

@@ -1,0 +1,406 @@
+"""Rollouts on the coordinator: start one, drive it with `tick` (called by `fedfleet serve`), act on it as an
+operator, report on it. The decisions come from `server.rollout_engine`; this module reads SQLite to observe a
+wave and applies each transition — assignments, new state, the decision and its audit entry — in one
+transaction. A coordinator killed at any point restarts on a state where the step happened entirely or not at
+all, and the next tick carries on from there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edge_agent.drift import LATENCY_EDGES_MS, WindowCounts, histogram_quantile
+from server import audit
+from server.crashpoints import crash_point
+from server.director import Director
+from server.errors import ConflictError, NotFoundError
+from server.policy import Policy, PolicyViolation
+from server.rollout_engine import (
+    ACTIVE,
+    Phase,
+    RolloutState,
+    Transition,
+    WaveObservation,
+    decide,
+    evaluate_gates,
+    operator_action,
+)
+from server.rollout_spec import DEFAULT_GATES, RolloutSpec, RolloutSpecError, plan_waves
+from server.store import Store, now_ms
+from server.telemetry import Pooled, pool
+
+__all__ = ["FINAL_FAILURE_KINDS", "Rollouts", "rollout_status"]
+
+logger = logging.getLogger(__name__)
+
+# Update events that end an assignment without the release running. A "failed" event is transient (the agent
+# retries), so it is not here: such a device stays pending until it commits or counts as silent.
+FINAL_FAILURE_KINDS = ("probe_failed", "rejected", "reverted")
+
+
+@dataclass(frozen=True)
+class _Row:
+    id: str
+    release_id: str
+    spec: RolloutSpec
+    state: RolloutState
+    waves: int
+    created_at: int
+    updated_at: int
+
+
+class Rollouts:
+    """Rollouts over one store, signed by one director."""
+
+    def __init__(self, store: Store, director: Director, policy: Policy | None = None) -> None:
+        self.store = store
+        self.director = director
+        self.policy = policy or Policy()
+
+    # ----- starting -----
+
+    def start(self, spec: RolloutSpec, actor: str = "cli") -> str:
+        """Check everything, plan the waves and store the rollout (pending); the next tick assigns the canary.
+        A refusal (policy, overlap, no devices, no release to fall back to) stores nothing but its audit entry."""
+        release = self.store.release(spec.release)
+        if spec.gates == DEFAULT_GATES and self.policy.default_gates:
+            spec = RolloutSpec.from_json({**spec.to_json(), "gates": [str(g) for g in self.policy.default_gates]})
+        rules = self.policy.release_violations(release.length, release.custom)
+        rules += self.policy.rollout_violations(spec, self.director.key_id)
+        if rules:
+            audit.append(self.store, "policy.refused", spec.release, {"what": "rollout", "rules": rules}, actor)
+            raise PolicyViolation(f"rollout of {spec.release}", rules, self.policy.source)
+        devices = [
+            (d["id"], d["labels"])
+            for d in self.store.devices(spec.fleet)
+            if all(d["labels"].get(k) == v for k, v in spec.selector.items())
+        ]
+        if not devices:
+            raise RolloutSpecError(
+                f"no registered device matches fleet {spec.fleet!r} and selector {dict(spec.selector)}"
+            )
+        plan = plan_waves(spec, devices)
+        with self.store.transaction() as db:
+            previous: dict[str, str] = {}
+            for device_id, _ in devices:
+                current = self.store.current_assignment(device_id)
+                if current is None:
+                    raise ConflictError(
+                        f"device {device_id} has no release to fall back to; give devices their first release with "
+                        "`fedfleet assign`, then roll out the next one"
+                    )
+                if current["release_id"] == release.id:
+                    raise ConflictError(f"device {device_id} is already assigned {release.id}")
+                previous[device_id] = current["release_id"]
+            busy = _busy(self.store, list(previous))
+            if busy:
+                (device_id, other), *_ = busy.items()
+                raise ConflictError(
+                    f"{len(busy)} of these devices are in active rollout {other} (e.g. {device_id}); one rollout per "
+                    "device at a time: finish, abort or roll that one back first"
+                )
+            rollout_id = _next_id(self.store)
+            now = now_ms()
+            db.execute(
+                """INSERT INTO rollouts (id, release_id, spec, phase, wave, wave_started_ms, created_at, updated_at)
+                   VALUES (?, ?, ?, ?, -1, ?, ?, ?)""",
+                [rollout_id, release.id, json.dumps(spec.to_json()), str(Phase.PENDING), now, now, now],
+            )
+            db.conn.executemany(
+                "INSERT INTO rollout_devices (rollout_id, device_id, wave, previous_release) VALUES (?, ?, ?, ?)",
+                [(rollout_id, d, k, previous[d]) for k, wave in enumerate(plan) for d in wave],
+            )
+            detail = {"release": release.id, "devices": len(devices), "waves": [len(w) for w in plan]}
+            self._decide_row(rollout_id, -1, "created", f"plan: {detail['waves']} devices per wave", ())
+            audit.append(self.store, "rollout.start", rollout_id, {**detail, "spec": spec.to_json()}, actor)
+        return rollout_id
+
+    # ----- driving -----
+
+    def tick(self, now: int | None = None) -> list[tuple[str, str, str]]:
+        """Advance every active rollout by at most one step; returns the decisions recorded (id, decision, reason)."""
+        made: list[tuple[str, str, str]] = []
+        for row in self._rows(active_only=True):
+            now_at = now_ms() if now is None else now
+            needs_obs = row.state.phase in (Phase.BAKING, Phase.GATING, Phase.ROLLING_BACK)
+            obs = self.observe(row, now_at) if needs_obs else None
+            step = decide(row.spec, row.state, row.waves, now_at, obs)
+            crash_point(f"rollout.{step.decision}:decided")
+            if step.state != row.state and self._apply(row, step, "coordinator") and step.decision:
+                made.append((row.id, step.decision, step.reason))
+                logger.info("rollout %s: %s (%s)", row.id, step.decision, step.reason)
+        return made
+
+    def act(self, rollout_id: str, action: str, actor: str = "cli") -> Transition:
+        """An operator's pause, resume, abort or rollback. ConflictError when the rollout's phase forbids it."""
+        row = self._row(rollout_id)
+        step = operator_action(action, row.state, now_ms())
+        if not self._apply(row, step, actor):
+            raise ConflictError(f"rollout {rollout_id} changed while acting on it; look at its status and retry")
+        return step
+
+    def observe(self, row: _Row, now: int) -> WaveObservation:
+        """What the coordinator knows of the assigned devices and of the telemetry since the wave began."""
+        db = self.store.db
+        outcomes = list(
+            db.query(
+                f"""SELECT rd.device_id, rd.counter, rd.assigned_at, rd.rollback_counter, rd.previous_release,
+                      d.running_release, d.running_counter,
+                      EXISTS (SELECT 1 FROM events e WHERE e.device_id = rd.device_id AND e.counter = rd.counter
+                              AND e.kind IN ({",".join("?" * len(FINAL_FAILURE_KINDS))})) AS failed
+                    FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id
+                    WHERE rd.rollout_id = ? AND rd.counter IS NOT NULL""",
+                [*FINAL_FAILURE_KINDS, row.id],
+            )
+        )
+        committed = failed = silent = rollback_pending = 0
+        running: list[str] = []
+        for o in outcomes:
+            if o["rollback_counter"] is not None and not (
+                o["running_release"] == o["previous_release"] and o["running_counter"] >= o["rollback_counter"]
+            ):
+                rollback_pending += 1
+            if o["running_release"] == row.release_id and o["running_counter"] >= o["counter"]:
+                committed += 1
+                running.append(o["device_id"])
+            elif o["failed"]:
+                failed += 1
+            elif now - o["assigned_at"] > row.spec.silent_after_seconds * 1000:
+                silent += 1
+        treated = len(outcomes)
+        if row.state.phase is Phase.ROLLING_BACK:
+            return WaveObservation(treated, committed, failed, silent, 0, 0, 0, {}, rollback_pending)
+        wave = pool(self.store, row.release_id, running, since_ms=row.state.wave_started_ms, min_samples=1)
+        control = self._control(row)
+        values: dict[str, float | None] = {
+            "failure_rate": failed / treated if treated else None,
+            "silent_fraction": silent / treated if treated else None,
+            "error_rate": wave.counts.errors / max(1, wave.counts.errors + wave.counts.inferences),
+            "class_mix_shift": _class_mix_shift(wave.counts, control.counts),
+            "latency_p95_ratio": _latency_ratio(wave.counts, control.counts),
+        }
+        s = wave.score
+        values["input_max_psi"] = s.max_psi if s and s.feature_psi.size else None
+        values["input_mean_psi"] = s.mean_psi if s and s.feature_psi.size else None
+        values["input_max_kl"] = float(s.feature_kl.max()) if s and s.feature_kl.size else None
+        values["score_psi"] = s.score_psi if s else None
+        return WaveObservation(
+            treated=treated,
+            committed=committed,
+            failed=failed,
+            silent=silent,
+            samples=wave.counts.inferences,
+            reporting_devices=wave.devices,
+            control_samples=control.counts.inferences,
+            values=values,
+            rollback_pending=rollback_pending,
+        )
+
+    def _control(self, row: _Row) -> Pooled:
+        """The control cohort: the rollout's devices on the release most of them ran before, over the lookback
+        before the rollout and since (devices not yet assigned keep adding to it)."""
+        previous = [
+            (r["device_id"], r["previous_release"])
+            for r in self.store.db.query("SELECT * FROM rollout_devices WHERE rollout_id = ?", [row.id])
+        ]
+        (release, _), *_ = Counter(p for _, p in previous).most_common(1)
+        since = row.created_at - int(row.spec.control_lookback_seconds * 1000)
+        return pool(self.store, release, [d for d, p in previous if p == release], since_ms=since, min_samples=1)
+
+    # ----- applying a step -----
+
+    def _apply(self, row: _Row, step: Transition, actor: str) -> bool:
+        """Apply one transition atomically, unless the rollout changed since it was read (then nothing)."""
+        with self.store.transaction() as db:
+            current = db.execute("SELECT phase, wave, updated_at FROM rollouts WHERE id = ?", [row.id]).fetchone()
+            if tuple(current) != (str(row.state.phase), row.state.wave, row.updated_at):
+                return False
+            release = self.store.release(row.release_id)
+            if step.assign_wave is not None:
+                devices = [
+                    r["device_id"]
+                    for r in db.query(
+                        "SELECT device_id FROM rollout_devices WHERE rollout_id = ? AND wave = ? AND counter IS NULL",
+                        [row.id, step.assign_wave],
+                    )
+                ]
+                issued = self.director.assign(self.store, devices, release, rollout_id=row.id, actor=actor)
+                now = now_ms()
+                db.conn.executemany(
+                    "UPDATE rollout_devices SET counter = ?, assigned_at = ? WHERE rollout_id = ? AND device_id = ?",
+                    [(a.counter, now, row.id, a.device_id) for a in issued],
+                )
+            if step.rollback:
+                back: dict[str, list[str]] = {}
+                for r in db.query(
+                    "SELECT device_id, previous_release FROM rollout_devices"
+                    " WHERE rollout_id = ? AND counter IS NOT NULL AND rollback_counter IS NULL",
+                    [row.id],
+                ):
+                    back.setdefault(r["previous_release"], []).append(r["device_id"])
+                for previous, devices in sorted(back.items()):
+                    issued = self.director.assign(
+                        self.store, devices, self.store.release(previous), rollout_id=row.id, actor=actor
+                    )
+                    db.conn.executemany(
+                        "UPDATE rollout_devices SET rollback_counter = ? WHERE rollout_id = ? AND device_id = ?",
+                        [(a.counter, row.id, a.device_id) for a in issued],
+                    )
+            s = step.state
+            db.execute(
+                """UPDATE rollouts SET phase = ?, wave = ?, wave_started_ms = ?, paused_from = ?, last_decision = ?,
+                     updated_at = ? WHERE id = ?""",
+                [str(s.phase), s.wave, s.wave_started_ms, s.paused_from, s.last_decision, now_ms(), row.id],
+            )
+            if step.decision:
+                gates = [g.to_json() for g in step.gates]
+                self._decide_row(row.id, s.wave, step.decision, step.reason, gates)
+                detail = {"wave": s.wave, "phase": str(s.phase), "reason": step.reason, "gates": gates}
+                audit.append(self.store, f"rollout.{step.decision}", row.id, detail, actor)
+            crash_point(f"rollout.{step.decision}:in-transaction")
+        crash_point(f"rollout.{step.decision}:committed")
+        return True
+
+    def _decide_row(self, rollout_id: str, wave: int, decision: str, reason: str, gates: Any) -> None:
+        self.store.db.execute(
+            "INSERT INTO rollout_decisions (rollout_id, wave, at, decision, reason, gates) VALUES (?, ?, ?, ?, ?, ?)",
+            [rollout_id, wave, now_ms(), decision, reason, json.dumps(list(gates))],
+        )
+
+    # ----- reading -----
+
+    def _rows(self, active_only: bool = False) -> list[_Row]:
+        sql = "SELECT * FROM rollouts"
+        if active_only:
+            sql += f" WHERE phase IN ({','.join(repr(str(p)) for p in sorted(ACTIVE))})"
+        return [self._to_row(r) for r in self.store.db.query(sql + " ORDER BY created_at, id")]
+
+    def _row(self, rollout_id: str) -> _Row:
+        rows = list(self.store.db.query("SELECT * FROM rollouts WHERE id = ?", [rollout_id]))
+        if not rows:
+            raise NotFoundError(f"no rollout {rollout_id!r}; `fedfleet rollout list` shows them")
+        return self._to_row(rows[0])
+
+    def _to_row(self, r: dict[str, Any]) -> _Row:
+        waves = self.store.db.execute(
+            "SELECT count(DISTINCT wave) FROM rollout_devices WHERE rollout_id = ?", [r["id"]]
+        ).fetchone()[0]
+        state = RolloutState(Phase(r["phase"]), r["wave"], r["wave_started_ms"], r["paused_from"], r["last_decision"])
+        spec = RolloutSpec.from_json(json.loads(r["spec"]))
+        return _Row(r["id"], r["release_id"], spec, state, int(waves), r["created_at"], r["updated_at"])
+
+    def list(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": row.id,
+                "release": row.release_id,
+                "phase": str(row.state.phase),
+                "wave": row.state.wave,
+                "waves": row.waves,
+                "created_at": row.created_at,
+                "updated_at": row.updated_at,
+            }
+            for row in self._rows()
+        ]
+
+    def status(self, rollout_id: str) -> dict[str, Any]:
+        """Each wave with its devices by state, the current gate values against thresholds, every decision."""
+        row = self._row(rollout_id)
+        return rollout_status(self, row)
+
+
+def rollout_status(rollouts: Rollouts, row: _Row) -> dict[str, Any]:
+    store = rollouts.store
+    now = now_ms()
+    waves: list[dict[str, Any]] = []
+    for k in range(row.waves):
+        counts: Counter[str] = Counter()
+        for r in store.db.query(
+            """SELECT rd.counter, rd.rollback_counter, rd.previous_release, d.running_release, d.running_counter,
+                      d.online FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id
+               WHERE rd.rollout_id = ? AND rd.wave = ?""",
+            [row.id, k],
+        ):
+            counts[_device_state(r, row.release_id)] += 1
+        waves.append({"wave": k, "name": "canary" if k == 0 else f"wave {k}", "devices": dict(sorted(counts.items()))})
+    gates: list[dict[str, Any]] = []
+    if row.state.phase in (Phase.BAKING, Phase.GATING, Phase.PAUSED):
+        gates = [g.to_json() for g in evaluate_gates(row.spec, rollouts.observe(row, now))]
+    decisions = [
+        {**d, "gates": json.loads(d["gates"])}
+        for d in store.db.query(
+            "SELECT wave, at, decision, reason, gates FROM rollout_decisions WHERE rollout_id = ? ORDER BY id",
+            [row.id],
+        )
+    ]
+    return {
+        "id": row.id,
+        "release": row.release_id,
+        "phase": str(row.state.phase),
+        "wave": row.state.wave,
+        "waves": waves,
+        "bake_remaining_s": max(0.0, row.spec.bake_seconds - (now - row.state.wave_started_ms) / 1000)
+        if row.state.phase is Phase.BAKING
+        else None,
+        "gates": gates,
+        "decisions": decisions,
+        "spec": row.spec.to_json(),
+    }
+
+
+def _device_state(r: dict[str, Any], release_id: str) -> str:
+    if r["counter"] is None:
+        return "waiting"
+    if r["rollback_counter"] is not None:
+        back = r["running_release"] == r["previous_release"] and r["running_counter"] >= r["rollback_counter"]
+        return "rolled_back" if back else "rolling_back"
+    if r["running_release"] == release_id and r["running_counter"] >= r["counter"]:
+        return "running" if r["online"] else "running_offline"
+    return "assigned"
+
+
+def _busy(store: Store, device_ids: list[str]) -> dict[str, str]:
+    """Devices already in an active rollout → that rollout's id."""
+    active = ",".join(repr(str(p)) for p in sorted(ACTIVE))
+    busy: dict[str, str] = {}
+    for chunk in range(0, len(device_ids), 500):
+        part = device_ids[chunk : chunk + 500]
+        for r in store.db.query(
+            f"""SELECT rd.device_id, rd.rollout_id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
+                WHERE r.phase IN ({active}) AND rd.device_id IN ({",".join("?" * len(part))})""",
+            part,
+        ):
+            busy[r["device_id"]] = r["rollout_id"]
+    return busy
+
+
+def _next_id(store: Store) -> str:
+    n = store.db.execute("SELECT count(*) FROM rollouts").fetchone()[0]
+    return f"rollout-{n + 1}"
+
+
+def _class_mix_shift(wave: WindowCounts, control: WindowCounts) -> float | None:
+    """Total variation distance between the predicted-class proportions of the wave and of the control."""
+    if (
+        wave.class_counts.shape != control.class_counts.shape
+        or not wave.class_counts.sum()
+        or not control.class_counts.sum()
+    ):
+        return None
+    p = wave.class_counts / wave.class_counts.sum()
+    q = control.class_counts / control.class_counts.sum()
+    return float(0.5 * np.abs(p - q).sum())
+
+
+def _latency_ratio(wave: WindowCounts, control: WindowCounts) -> float | None:
+    if not wave.latency_counts.sum() or not control.latency_counts.sum():
+        return None
+    ours = histogram_quantile(wave.latency_counts, LATENCY_EDGES_MS, 0.95)
+    theirs = histogram_quantile(control.latency_counts, LATENCY_EDGES_MS, 0.95)
+    return ours / theirs if theirs > 0 else None

@@ -1,0 +1,122 @@
+"""What simulated devices do all day: infer on their own input stream, so telemetry windows flow to the
+coordinator. A device's sensor can be given a fault (noise, contrast loss, dead pixels) while the fleet runs,
+which is how a rehearsal drifts one cohort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from edge_agent.agent import Agent
+from edge_agent.errors import AgentError
+from simulations.fleet import SimulatedFleet
+from simulations.models import FEATURES
+
+__all__ = ["FleetThread", "SensorFault", "Workload"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SensorFault:
+    kind: str  # "noise", "contrast" or "dead_pixels"
+    strength: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("noise", "contrast", "dead_pixels") or not 0 < self.strength <= 1:
+            raise ValueError(
+                f"sensor fault {self.kind!r} ({self.strength}): kind noise|contrast|dead_pixels, 0 < s <= 1"
+            )
+
+    def apply(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.kind == "noise":
+            return np.clip(x + rng.normal(0, self.strength, x.shape), 0, 1).astype(np.float32)
+        if self.kind == "contrast":
+            return (0.5 + (x - 0.5) * (1 - self.strength)).astype(np.float32)
+        dead = rng.random(x.shape[-1]) < self.strength  # the same pixels stay dead within a batch
+        return np.where(dead, 0.0, x).astype(np.float32)
+
+
+@dataclass
+class Workload:
+    """Every device infers about `rate` inputs a second from its own seeded stream."""
+
+    agents: Sequence[Agent]
+    rate: float = 20.0
+    seed: int = 0
+    interval: float = 0.05
+    faults: dict[str, SensorFault] = field(default_factory=dict)  # device id → fault; may change while running
+    inferences: int = 0
+    errors: int = 0
+
+    async def run(self) -> None:
+        rngs = [np.random.default_rng((self.seed, i)) for i in range(len(self.agents))]
+        owed = [0.0] * len(self.agents)
+        while True:
+            for i, agent in enumerate(self.agents):
+                if agent.model is None:
+                    continue
+                owed[i] += self.rate * self.interval
+                n = int(owed[i])
+                if not n:
+                    continue
+                owed[i] -= n
+                x = rngs[i].random((n, FEATURES), dtype=np.float32)
+                fault = self.faults.get(agent.config.device_id)
+                if fault is not None:
+                    x = fault.apply(x, rngs[i])
+                for row in x:
+                    try:
+                        agent.infer(row[None])
+                        self.inferences += 1
+                    except AgentError:
+                        self.errors += 1
+            await asyncio.sleep(self.interval)
+
+
+class FleetThread:
+    """A simulated fleet and its workload on an event loop of their own thread, for tests and tools that keep
+    the main thread for themselves (a coordinator process to kill, a CLI to drive)."""
+
+    def __init__(self, fleet: SimulatedFleet, rate: float = 20.0, seed: int = 0) -> None:
+        self.fleet = fleet
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fleet-loop", daemon=True)
+        self.workload: Workload | None = None
+        self._rate, self._seed = rate, seed
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> FleetThread:
+        self.thread.start()
+        self.call(self._start)
+        return self
+
+    async def _start(self) -> None:
+        await self.fleet.start()
+        self.workload = Workload(self.fleet.agents, self._rate, self._seed)
+        self._task = asyncio.create_task(self.workload.run(), name="workload")
+
+    def call(self, coro: Callable[[], Coroutine[Any, Any, T]], timeout: float = 60.0) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro(), self.loop)
+        return future.result(timeout)
+
+    def stop(self) -> None:
+        async def _stop() -> None:
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            await self.fleet.stop()
+
+        self.call(_stop)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()

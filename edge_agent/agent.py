@@ -184,8 +184,14 @@ class Agent:
             tasks.append(asyncio.create_task(self._watchdog(interval), name="watchdog"))
         systemd_notify("READY=1")
         try:
-            await asyncio.gather(*tasks)
+            # wait, not gather: cancelling run() must leave the session up until "offline" is said below.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()
         finally:
+            # A clean stop sends no last will: say "offline" ourselves, briefly, so the fleet view stays true.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self.publish_status(online=False), 2.0)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -253,11 +259,11 @@ class Agent:
             agent_version=__version__,
         )
 
-    async def publish_status(self) -> None:
+    async def publish_status(self, online: bool = True) -> None:
         client = self._client
         if client is not None and self.connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError):
-                payload = self._status().SerializeToString()
+                payload = self._status(online).SerializeToString()
                 await client.publish(self.topics.status(self.config.device_id), payload, qos=1, retain=True)
 
     async def _mqtt_loop(self) -> None:

@@ -63,6 +63,17 @@ class SimulatedFleet:
         loop.set_default_executor(ThreadPoolExecutor(self.workers, thread_name_prefix="fleet"))
         self._tasks = [asyncio.create_task(a.run(), name=a.config.device_id) for a in self.agents]
 
+    async def stop_device(self, i: int) -> None:
+        task = self._tasks[i]
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def restart(self, i: int) -> None:
+        """Run device i again with a fresh agent over its state on disk (its previous task must be finished)."""
+        self.agents[i] = Agent(self.agents[i].config)
+        self._tasks[i] = asyncio.create_task(self.agents[i].run(), name=self.device_id(i))
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()

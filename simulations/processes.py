@@ -110,7 +110,9 @@ class CoordinatorProcess:
     def log(self) -> Path:
         return self.datadir.root / "serve.log"
 
-    def start(self) -> CoordinatorProcess:
+    def start(self, wait: bool = True) -> CoordinatorProcess:
+        """Start `fedfleet serve` on the same addresses as before; wait=False: return once spawned (a process
+        told to crash may die before it is ready)."""
         args = [
             "-m",
             "server.cli",
@@ -128,6 +130,8 @@ class CoordinatorProcess:
         serve_json = self.datadir.root / "serve.json"
         serve_json.unlink(missing_ok=True)
         self.proc = _spawn(args, self.log, self.env)
+        if not wait:
+            return self
 
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:

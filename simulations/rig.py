@@ -10,8 +10,9 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class Rig:
     rate: float = 40.0  # inferences per device per second
     window_seconds: float = 0.5
     rollout_tick_seconds: float = 0.25
+    fleet_name: str = field(default_factory=lambda: f"lab{uuid.uuid4().hex[:6]}")  # unique: brokers are shared
     coordinator: CoordinatorProcess | None = None
     fleet: FleetThread | None = None
 
@@ -70,7 +72,7 @@ class Rig:
             d,
             self.root / "fleet",
             self.devices,
-            fleet="lab",
+            fleet=self.fleet_name,
             grpc=endpoints["grpc"],
             mqtt=endpoints["mqtt"],
             labels=self.labels,
@@ -78,7 +80,7 @@ class Rig:
         )
         self.fleet = FleetThread(fleet, rate=self.rate).start()
         wait_for(lambda: len(self.store_query("SELECT id FROM devices")) == self.devices, 60, what="registrations")
-        self.cli("assign", "--fleet", "lab", RELEASES["base"])
+        self.cli("assign", "--fleet", self.fleet_name, RELEASES["base"])
         self.wait_running(RELEASES["base"], self.devices)
         return self
 

@@ -54,6 +54,7 @@ class Workload:
     seed: int = 0
     interval: float = 0.05
     faults: dict[str, SensorFault] = field(default_factory=dict)  # device id → fault; may change while running
+    offline: set[str] = field(default_factory=set)  # devices switched off: they infer nothing
     inferences: int = 0
     errors: int = 0
 
@@ -62,7 +63,7 @@ class Workload:
         owed = [0.0] * len(self.agents)
         while True:
             for i, agent in enumerate(self.agents):
-                if agent.model is None:
+                if agent.model is None or agent.config.device_id in self.offline:
                     continue
                 owed[i] += self.rate * self.interval
                 n = int(owed[i])
@@ -104,6 +105,28 @@ class FleetThread:
         self.workload = Workload(self.fleet.agents, self._rate, self._seed)
         self._task = asyncio.create_task(self.workload.run(), name="workload")
 
+    def switch_off(self, indexes: Sequence[int]) -> None:
+        """Stop these devices' agents (their last will marks them offline); state stays on disk."""
+
+        async def _off() -> None:
+            for i in indexes:
+                assert self.workload is not None
+                self.workload.offline.add(self.fleet.device_id(i))
+                await self.fleet.stop_device(i)
+
+        self.call(_off)
+
+    def switch_on(self, indexes: Sequence[int]) -> None:
+        """Start these devices again from their state on disk, as after a power cut."""
+
+        async def _on() -> None:
+            for i in indexes:
+                self.fleet.restart(i)
+                assert self.workload is not None
+                self.workload.offline.discard(self.fleet.device_id(i))
+
+        self.call(_on)
+
     def call(self, coro: Callable[[], Coroutine[Any, Any, T]], timeout: float = 60.0) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro(), self.loop)
         return future.result(timeout)
@@ -116,7 +139,7 @@ class FleetThread:
                     await self._task
             await self.fleet.stop()
 
-        self.call(_stop)
+        self.call(_stop, timeout=60 + 0.25 * len(self.fleet.agents))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()

@@ -46,6 +46,9 @@ def test_command_list_is_complete() -> None:
         ("devices", "enroll"),
         ("keys", "rotate-root"),
         ("releases", "list"),
+        *(("rollout", c) for c in ("start", "status", "pause", "resume", "abort", "rollback", "list")),
+        ("audit", "list"),
+        ("audit", "verify"),
     } <= set(COMMANDS)
 
 

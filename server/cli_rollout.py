@@ -44,6 +44,9 @@ def rollout_start(
     canary_by: Annotated[
         str | None, typer.Option(help="A label (e.g. site): the canary holds a device of each of its values.")
     ] = None,
+    cohort_by: Annotated[
+        str | None, typer.Option(help="A label whose every value is judged on its own too. [default: --canary-by]")
+    ] = None,
     waves: Annotated[
         str | None, typer.Option(help="Cumulative fractions after the canary. [default: 0.1,0.5,1.0]")
     ] = None,
@@ -58,6 +61,9 @@ def rollout_start(
     ] = None,
     min_samples: Annotated[
         int | None, typer.Option(help="Inferences needed before a telemetry verdict. [default: 500]")
+    ] = None,
+    gate_window: Annotated[
+        float | None, typer.Option(help="Judge only the latest N seconds of telemetry. [default: the whole wave]")
     ] = None,
     min_devices: Annotated[
         int | None, typer.Option(help="Devices reporting needed before a telemetry verdict. [default: 1]")
@@ -82,6 +88,7 @@ def rollout_start(
         selector=parse_labels(label) if label else None,
         canary=canary,
         canary_by=canary_by,
+        cohort_by=cohort_by,
         waves=fractions,
         seed=seed,
         bake_seconds=bake,
@@ -90,6 +97,7 @@ def rollout_start(
         gates=[str(parse_gate(g)) for g in gate] if gate else None,
         min_samples=min_samples,
         min_devices=min_devices,
+        gate_window_seconds=gate_window,
     )
     d = open_datadir(data_dir)
     store = d.store()

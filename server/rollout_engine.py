@@ -14,7 +14,7 @@ leaves either the whole step or none of it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -78,6 +78,7 @@ class WaveObservation:
     control_samples: int
     values: Mapping[str, float | None]  # metric → value; None when the data carry nothing to compute it from
     rollback_pending: int = 0  # devices told to go back that have not yet reported the previous release
+    cohorts: Mapping[str, WaveObservation] = field(default_factory=dict)  # the same per cohort ("site=north")
 
     @property
     def pending(self) -> int:
@@ -103,31 +104,50 @@ class GateResult:
 
     def __str__(self) -> str:
         shown = "n/a" if self.value is None else f"{self.value:.4g}"
-        return f"{self.gate.metric} = {shown} (gate {self.gate})"
+        where = f" {self.note}" if self.note.startswith("in cohort") else ""
+        return f"{self.gate.metric} = {shown}{where} (gate {self.gate})"
 
 
 def evaluate_gates(spec: RolloutSpec, obs: WaveObservation) -> tuple[GateResult, ...]:
+    """Each gate on the pooled wave, and each telemetry gate in every cohort too: a cohort that fails it makes it
+    fail, naming the cohort and its value (drift at one site must not be averaged away, and the operator should
+    see where it is). Device gates are judged on the whole wave only."""
     results: list[GateResult] = []
     for gate in spec.gates:
-        kind = METRICS[gate.metric].kind
-        value = obs.values.get(gate.metric)
-        short = ""
-        if kind is not MetricKind.DEVICES:
-            if obs.samples < spec.min_samples:
-                short = f"{obs.samples} of {spec.min_samples} samples"
-            elif obs.reporting_devices < spec.min_devices:
-                short = f"{obs.reporting_devices} of {spec.min_devices} devices reporting"
-            elif kind is MetricKind.VERSUS_CONTROL and obs.control_samples < spec.min_samples:
-                short = f"control has {obs.control_samples} of {spec.min_samples} samples"
-        elif obs.treated == 0:
-            short = "no devices assigned yet"
-        if short:
-            results.append(GateResult(gate, value, Verdict.INSUFFICIENT, short))
-        elif value is None:
-            results.append(GateResult(gate, None, Verdict.UNAVAILABLE, "nothing to compute it from"))
-        else:
-            results.append(GateResult(gate, value, Verdict.PASS if gate.holds(value) else Verdict.FAIL))
+        result = _judge(spec, gate, obs)
+        if METRICS[gate.metric].kind is not MetricKind.DEVICES:
+            judged = {name: _judge(spec, gate, c) for name, c in sorted(obs.cohorts.items()) if c.treated}
+            failed = [(name, j) for name, j in judged.items() if j.verdict is Verdict.FAIL]
+            short = [(name, j) for name, j in judged.items() if j.verdict is Verdict.INSUFFICIENT]
+            if failed:
+                name, worst = failed[0]
+                result = replace(worst, note=f"in cohort {name}")
+            elif short and result.verdict is Verdict.PASS:
+                # A pass is a pass everywhere: a cohort still short of evidence keeps the gate waiting.
+                name, thin = short[0]
+                result = replace(result, verdict=Verdict.INSUFFICIENT, note=f"cohort {name}: {thin.note}")
+        results.append(result)
     return tuple(results)
+
+
+def _judge(spec: RolloutSpec, gate: Gate, obs: WaveObservation) -> GateResult:
+    kind = METRICS[gate.metric].kind
+    value = obs.values.get(gate.metric)
+    short = ""
+    if kind is not MetricKind.DEVICES:
+        if obs.samples < spec.min_samples:
+            short = f"{obs.samples} of {spec.min_samples} samples"
+        elif obs.reporting_devices < spec.min_devices:
+            short = f"{obs.reporting_devices} of {spec.min_devices} devices reporting"
+        elif kind is MetricKind.VERSUS_CONTROL and obs.control_samples < spec.min_samples:
+            short = f"control has {obs.control_samples} of {spec.min_samples} samples"
+    elif obs.treated == 0:
+        short = "no devices assigned yet"
+    if short:
+        return GateResult(gate, value, Verdict.INSUFFICIENT, short)
+    if value is None:
+        return GateResult(gate, None, Verdict.UNAVAILABLE, "nothing to compute it from")
+    return GateResult(gate, value, Verdict.PASS if gate.holds(value) else Verdict.FAIL)
 
 
 @dataclass(frozen=True)
@@ -161,7 +181,7 @@ def _on_failure(spec: RolloutSpec, state: RolloutState, now_ms: int, gates: tupl
     if spec.on_fail is OnFail.PAUSE:
         paused = RolloutState(Phase.PAUSED, state.wave, state.wave_started_ms, str(Phase.GATING), "pause")
         return Transition(paused, decision="pause", reason=reason + "; waiting for an operator", gates=gates)
-    key = "hold:" + ",".join(g.gate.metric for g in failed)
+    key = "hold:" + ",".join(f"{g.gate.metric}{g.note}" for g in failed)  # a new reason is recorded anew
     gating = replace(state, phase=Phase.GATING)
     return _record(gating, key, decision="hold", reason=reason + "; holding at this wave", gates=gates)
 

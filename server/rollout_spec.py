@@ -6,6 +6,8 @@ file (flags win), checked in full before anything is stored. No I/O here but rea
     selector = { site = "north" }      # optional label selector
     canary = 2                         # devices in the canary wave
     canary_by = "site"                 # optional: one canary device per value of this label, at least
+    cohort_by = "site"                 # optional (default canary_by): gates are judged per value of this label
+                                       # too, so drift in one site is not averaged away by the others
     waves = [0.1, 0.5, 1.0]            # cumulative fractions after the canary; the last must be 1.0
     seed = 7                           # chooses the canary and the wave order
     bake_seconds = 300                 # each wave runs this long before its gates are judged
@@ -14,6 +16,8 @@ file (flags win), checked in full before anything is stored. No I/O here but rea
     min_samples = 500                  # inferences, in the wave and in the control, before any telemetry verdict
     min_devices = 1                    # devices reporting telemetry, before any telemetry verdict
     control_lookback_seconds = 3600    # the control's telemetry starts this long before the rollout
+    gate_window_seconds = 0            # judge only the latest this many seconds (a hold can then lift); 0: the
+                                       # whole wave
 
     [[gates]]                          # replaces the default gates when given
     metric = "class_mix_shift"
@@ -91,6 +95,7 @@ METRICS: dict[str, Metric] = {
 }
 
 _OPS = ("<=", ">=", "<", ">")
+_SECONDS = ("bake_seconds", "silent_after_seconds", "control_lookback_seconds", "gate_window_seconds")
 _GATE = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
 
 
@@ -155,6 +160,7 @@ class RolloutSpec:
     selector: Mapping[str, str] = field(default_factory=dict)
     canary: int = 1
     canary_by: str = ""
+    cohort_by: str = ""  # judge gates per value of this label too (default: canary_by); any failing cohort fails
     waves: tuple[float, ...] = (0.1, 0.5, 1.0)
     seed: int = 0
     bake_seconds: float = 300.0
@@ -163,6 +169,7 @@ class RolloutSpec:
     min_samples: int = 500
     min_devices: int = 1
     control_lookback_seconds: float = 3600.0
+    gate_window_seconds: float = 0.0  # judge the last this many seconds of telemetry; 0: all since the wave began
     gates: tuple[Gate, ...] = DEFAULT_GATES
 
     def __post_init__(self) -> None:
@@ -175,7 +182,7 @@ class RolloutSpec:
             problems.append("waves must be fractions in (0, 1]")
         elif list(self.waves) != sorted(set(self.waves)) or self.waves[-1] != 1.0:
             problems.append("waves must increase and end at 1.0")
-        for name in ("bake_seconds", "silent_after_seconds", "control_lookback_seconds"):
+        for name in _SECONDS:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 problems.append(f"{name} must be a non-negative number")
@@ -214,7 +221,7 @@ class RolloutSpec:
             for name, kind in (("canary", int), ("seed", int), ("min_samples", int), ("min_devices", int)):
                 if name in values:
                     values[name] = _exact(kind, values[name], name)
-            for name in ("bake_seconds", "silent_after_seconds", "control_lookback_seconds"):
+            for name in _SECONDS:
                 if name in values:
                     values[name] = float(values[name])
         except (TypeError, ValueError) as e:

@@ -7,6 +7,7 @@ all, and the next tick carries on from there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -35,7 +36,7 @@ from server.rollout_spec import DEFAULT_GATES, RolloutSpec, RolloutSpecError, pl
 from server.store import Store, now_ms
 from server.telemetry import Pooled, pool
 
-__all__ = ["FINAL_FAILURE_KINDS", "Rollouts", "rollout_status"]
+__all__ = ["FINAL_FAILURE_KINDS", "Rollouts"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,26 +147,44 @@ class Rollouts:
         return step
 
     def observe(self, row: _Row, now: int) -> WaveObservation:
-        """What the coordinator knows of the assigned devices and of the telemetry since the wave began."""
-        db = self.store.db
+        """What the coordinator knows of the assigned devices and of the telemetry since the wave began; with a
+        cohort label (`cohort_by`, else `canary_by`), the same for each of its values as well."""
         outcomes = list(
-            db.query(
+            self.store.db.query(
                 f"""SELECT rd.device_id, rd.counter, rd.assigned_at, rd.rollback_counter, rd.previous_release,
-                      d.running_release, d.running_counter,
+                      d.running_release, d.running_counter, d.labels,
                       EXISTS (SELECT 1 FROM events e WHERE e.device_id = rd.device_id AND e.counter = rd.counter
                               AND e.kind IN ({",".join("?" * len(FINAL_FAILURE_KINDS))})) AS failed
                     FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id
-                    WHERE rd.rollout_id = ? AND rd.counter IS NOT NULL""",
+                    WHERE rd.rollout_id = ?""",
                 [*FINAL_FAILURE_KINDS, row.id],
             )
         )
-        committed = failed = silent = rollback_pending = 0
+        if row.state.phase is Phase.ROLLING_BACK:
+            pending = sum(
+                1
+                for o in outcomes
+                if o["rollback_counter"] is not None
+                and not (
+                    o["running_release"] == o["previous_release"] and o["running_counter"] >= o["rollback_counter"]
+                )
+            )
+            return WaveObservation(0, 0, 0, 0, 0, 0, 0, {}, pending)
+        label = row.spec.cohort_by or row.spec.canary_by
+        cohorts: dict[str, WaveObservation] = {}
+        if label:
+            groups: dict[str, list[dict[str, Any]]] = {}
+            for o in outcomes:
+                groups.setdefault(json.loads(o["labels"]).get(label, ""), []).append(o)
+            if len(groups) > 1:
+                cohorts = {f"{label}={k}": self._observe(row, now, members) for k, members in groups.items()}
+        return dataclasses.replace(self._observe(row, now, outcomes), cohorts=cohorts)
+
+    def _observe(self, row: _Row, now: int, outcomes: list[dict[str, Any]]) -> WaveObservation:
+        committed = failed = silent = 0
         running: list[str] = []
-        for o in outcomes:
-            if o["rollback_counter"] is not None and not (
-                o["running_release"] == o["previous_release"] and o["running_counter"] >= o["rollback_counter"]
-            ):
-                rollback_pending += 1
+        treated = [o for o in outcomes if o["counter"] is not None]
+        for o in treated:
             if o["running_release"] == row.release_id and o["running_counter"] >= o["counter"]:
                 committed += 1
                 running.append(o["device_id"])
@@ -173,14 +192,15 @@ class Rollouts:
                 failed += 1
             elif now - o["assigned_at"] > row.spec.silent_after_seconds * 1000:
                 silent += 1
-        treated = len(outcomes)
-        if row.state.phase is Phase.ROLLING_BACK:
-            return WaveObservation(treated, committed, failed, silent, 0, 0, 0, {}, rollback_pending)
-        wave = pool(self.store, row.release_id, running, since_ms=row.state.wave_started_ms, min_samples=1)
-        control = self._control(row)
+        since = row.state.wave_started_ms
+        if row.spec.gate_window_seconds:
+            since = max(since, now - int(row.spec.gate_window_seconds * 1000))
+        wave = pool(self.store, row.release_id, running, since_ms=since, min_samples=1)
+        control = self._control(row, outcomes)
+        n = len(treated)
         values: dict[str, float | None] = {
-            "failure_rate": failed / treated if treated else None,
-            "silent_fraction": silent / treated if treated else None,
+            "failure_rate": failed / n if n else None,
+            "silent_fraction": silent / n if n else None,
             "error_rate": wave.counts.errors / max(1, wave.counts.errors + wave.counts.inferences),
             "class_mix_shift": _class_mix_shift(wave.counts, control.counts),
             "latency_p95_ratio": _latency_ratio(wave.counts, control.counts),
@@ -191,7 +211,7 @@ class Rollouts:
         values["input_max_kl"] = float(s.feature_kl.max()) if s and s.feature_kl.size else None
         values["score_psi"] = s.score_psi if s else None
         return WaveObservation(
-            treated=treated,
+            treated=n,
             committed=committed,
             failed=failed,
             silent=silent,
@@ -199,19 +219,15 @@ class Rollouts:
             reporting_devices=wave.devices,
             control_samples=control.counts.inferences,
             values=values,
-            rollback_pending=rollback_pending,
         )
 
-    def _control(self, row: _Row) -> Pooled:
-        """The control cohort: the rollout's devices on the release most of them ran before, over the lookback
-        before the rollout and since (devices not yet assigned keep adding to it)."""
-        previous = [
-            (r["device_id"], r["previous_release"])
-            for r in self.store.db.query("SELECT * FROM rollout_devices WHERE rollout_id = ?", [row.id])
-        ]
-        (release, _), *_ = Counter(p for _, p in previous).most_common(1)
+    def _control(self, row: _Row, outcomes: list[dict[str, Any]]) -> Pooled:
+        """The control: these devices on the release most of them ran before, over the lookback before the
+        rollout and since (devices not yet assigned keep adding to it)."""
+        (release, _), *_ = Counter(o["previous_release"] for o in outcomes).most_common(1)
         since = row.created_at - int(row.spec.control_lookback_seconds * 1000)
-        return pool(self.store, release, [d for d, p in previous if p == release], since_ms=since, min_samples=1)
+        devices = [o["device_id"] for o in outcomes if o["previous_release"] == release]
+        return pool(self.store, release, devices, since_ms=since, min_samples=1)
 
     # ----- applying a step -----
 
@@ -312,46 +328,44 @@ class Rollouts:
     def status(self, rollout_id: str) -> dict[str, Any]:
         """Each wave with its devices by state, the current gate values against thresholds, every decision."""
         row = self._row(rollout_id)
-        return rollout_status(self, row)
-
-
-def rollout_status(rollouts: Rollouts, row: _Row) -> dict[str, Any]:
-    store = rollouts.store
-    now = now_ms()
-    waves: list[dict[str, Any]] = []
-    for k in range(row.waves):
-        counts: Counter[str] = Counter()
-        for r in store.db.query(
-            """SELECT rd.counter, rd.rollback_counter, rd.previous_release, d.running_release, d.running_counter,
-                      d.online FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id
-               WHERE rd.rollout_id = ? AND rd.wave = ?""",
-            [row.id, k],
-        ):
-            counts[_device_state(r, row.release_id)] += 1
-        waves.append({"wave": k, "name": "canary" if k == 0 else f"wave {k}", "devices": dict(sorted(counts.items()))})
-    gates: list[dict[str, Any]] = []
-    if row.state.phase in (Phase.BAKING, Phase.GATING, Phase.PAUSED):
-        gates = [g.to_json() for g in evaluate_gates(row.spec, rollouts.observe(row, now))]
-    decisions = [
-        {**d, "gates": json.loads(d["gates"])}
-        for d in store.db.query(
-            "SELECT wave, at, decision, reason, gates FROM rollout_decisions WHERE rollout_id = ? ORDER BY id",
-            [row.id],
-        )
-    ]
-    return {
-        "id": row.id,
-        "release": row.release_id,
-        "phase": str(row.state.phase),
-        "wave": row.state.wave,
-        "waves": waves,
-        "bake_remaining_s": max(0.0, row.spec.bake_seconds - (now - row.state.wave_started_ms) / 1000)
-        if row.state.phase is Phase.BAKING
-        else None,
-        "gates": gates,
-        "decisions": decisions,
-        "spec": row.spec.to_json(),
-    }
+        store = self.store
+        now = now_ms()
+        waves: list[dict[str, Any]] = []
+        for k in range(row.waves):
+            counts: Counter[str] = Counter()
+            for r in store.db.query(
+                """SELECT rd.counter, rd.rollback_counter, rd.previous_release, d.running_release, d.running_counter,
+                          d.online FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id
+                   WHERE rd.rollout_id = ? AND rd.wave = ?""",
+                [row.id, k],
+            ):
+                counts[_device_state(r, row.release_id)] += 1
+            waves.append(
+                {"wave": k, "name": "canary" if k == 0 else f"wave {k}", "devices": dict(sorted(counts.items()))}
+            )
+        gates: list[dict[str, Any]] = []
+        if row.state.phase in (Phase.BAKING, Phase.GATING, Phase.PAUSED):
+            gates = [g.to_json() for g in evaluate_gates(row.spec, self.observe(row, now))]
+        decisions = [
+            {**d, "gates": json.loads(d["gates"])}
+            for d in store.db.query(
+                "SELECT wave, at, decision, reason, gates FROM rollout_decisions WHERE rollout_id = ? ORDER BY id",
+                [row.id],
+            )
+        ]
+        return {
+            "id": row.id,
+            "release": row.release_id,
+            "phase": str(row.state.phase),
+            "wave": row.state.wave,
+            "waves": waves,
+            "bake_remaining_s": max(0.0, row.spec.bake_seconds - (now - row.state.wave_started_ms) / 1000)
+            if row.state.phase is Phase.BAKING
+            else None,
+            "gates": gates,
+            "decisions": decisions,
+            "spec": row.spec.to_json(),
+        }
 
 
 def _device_state(r: dict[str, Any], release_id: str) -> str:

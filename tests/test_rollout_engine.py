@@ -275,3 +275,19 @@ def test_audit_finds_an_entry_replaced_with_a_recomputed_hash(tmp_path: Path) ->
     _, problems = audit.verify(store)
     assert [str(p) for p in problems] == ["entry 2: replaced: entry 3 was chained to another version of it"]
     store.close()
+
+
+def test_drift_in_one_cohort_fails_the_gate_naming_the_cohort() -> None:
+    north = obs(input_max_psi=0.9)
+    pooled = dataclasses.replace(obs(input_max_psi=0.2), cohorts={"site=north": north, "site=south": obs()})
+    step = decide(SPEC, baking(), 3, 10_000, pooled)
+    assert step.rollback and "input_max_psi = 0.9 in cohort site=north (gate input_max_psi <= 0.25)" in step.reason
+    # Device gates stay on the whole wave: one silent device of a small cohort does not stop it.
+    small = dataclasses.replace(obs(), silent=1, committed=1, values={**HEALTHY, "silent_fraction": 0.5})
+    quiet = dataclasses.replace(obs(), cohorts={"site=north": small})
+    assert decide(SPEC, baking(), 3, 10_000, quiet).decision == "advance"
+    thin = dataclasses.replace(obs(), cohorts={"site=north": obs(samples=10, input_max_psi=5.0)})
+    waiting = decide(SPEC, baking(), 3, 10_000, thin)  # a cohort's thin evidence neither fires nor passes
+    assert waiting.decision == "waiting" and "cohort site=north: 10 of 100 samples" in waiting.reason
+    unassigned = dataclasses.replace(obs(), cohorts={"site=north": obs(treated=0, committed=0, samples=0)})
+    assert decide(SPEC, baking(), 3, 10_000, unassigned).decision == "advance"  # no devices there yet: no say

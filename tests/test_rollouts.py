@@ -13,6 +13,7 @@ import pytest
 from server.crashpoints import ENV
 from simulations.models import ModelFamily
 from simulations.rig import RELEASES, Rig
+from simulations.workload import SensorFault
 from tests.support import Mosquitto, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -238,3 +239,32 @@ def test_policy_refuses_releases_and_rollouts_naming_every_rule(rig: Rig, tmp_pa
     refusals = rig.cli("audit", "list", "--action", "policy.refused")
     assert [r["subject"] for r in refusals] == [RELEASES["healthy"], "digits@9.0.0"]
     assert rig.cli("audit", "verify")["intact"]
+
+
+def test_one_sites_sensor_drift_holds_the_rollout_naming_that_cohort_until_it_passes(rig: Rig) -> None:
+    assert rig.fleet is not None and rig.fleet.workload is not None
+    args = ["--canary", "3", "--canary-by", "site", "--waves", "1.0", "--bake", "1", "--min-samples", "200"]
+    args += ["--on-fail", "hold", "--gate-window", "6", "--gate", "input_max_psi<=0.25"]
+    rollout = rig.cli("rollout", "start", RELEASES["healthy"], "--fleet", rig.fleet_name, *args)["id"]
+    canary = {r["device_id"] for r in rig.store_query("SELECT device_id FROM rollout_devices WHERE wave = 0")}
+    sites = {r["labels"] for r in rig.store_query(f"SELECT labels FROM devices WHERE id IN {tuple(canary)}")}
+    assert len(sites) == 3  # one canary device per site
+    site0 = [a.config.device_id for a in rig.fleet.fleet.agents if a.config.labels["site"] == "site-0"]
+    rig.fleet.workload.faults.update({d: SensorFault("contrast", 0.6) for d in site0})
+
+    def held() -> dict[str, object] | None:
+        rows = rig.store_query(
+            "SELECT reason FROM rollout_decisions WHERE rollout_id = ? AND decision = 'hold' AND reason LIKE ?",
+            [rollout, "%in cohort%"],
+        )
+        return rows[0] if rows else None
+
+    hold = wait_for(held, 60, 0.2, what="a hold naming a cohort")
+    assert "input_max_psi" in hold["reason"] and "in cohort site=site-0 (gate" in hold["reason"]
+    assert rig.status(rollout)["phase"] == "gating"
+    assert rig.store_query("SELECT count(*) AS n FROM rollout_devices WHERE counter IS NOT NULL") == [{"n": 3}]
+
+    rig.fleet.workload.faults.clear()  # the site's sensors are fixed; fresh windows pass, the hold lifts
+    status = rig.wait_phase(rollout, {"completed", "rolled_back"}, 90)
+    assert status["phase"] == "completed"
+    assert [d for d in _decisions(status) if d != "waiting"][-3:] == ["hold", "advance", "completed"]

@@ -11,7 +11,8 @@ One run, on Mosquitto: a coordinator process, N real agents inferring in this pr
 2. Rollback: a scrambled release C is rolled out to every device at once (canary = N, bake 0) with the default
    gates. The clock starts at the moment the evidence broke the gate: when the last device had reported C
    committed and the wave's pooled windows reached min_samples (the engine judges nothing earlier), measured
-   on the coordinator's receive clock. It stops when the last device has reported A committed again.
+   on the coordinator's receive clock (or at the decision, if a device's status beat its committed event).
+   It stops when the last device has reported A committed again.
 
 Both clocks read the coordinator's database (assignment created_at, event received_at, in ms), so neither
 includes a CLI's start-up. Target: rollback <= one gate tick + 2 x bare fan-out. The last line is one JSON
@@ -149,10 +150,12 @@ def _measure(rig: Rig, rollout: str, min_samples: int) -> dict[str, float]:
             break
     if enough is None:
         raise SystemExit("the scrambled release never gathered min_samples: nothing to measure")
-    broke = max(committed, enough)
     decided = rig.store_query(
         "SELECT at FROM rollout_decisions WHERE rollout_id = ? AND decision = 'rollback'", [rollout]
     )[0]["at"]
+    # The engine counts a device committed from its status, which can arrive before its committed event:
+    # the evidence was complete no later than the decision.
+    broke = min(max(committed, enough), decided)
     back = rig.store_query(
         "SELECT max(received_at) AS t FROM events e JOIN rollout_devices rd ON rd.device_id = e.device_id"
         " AND rd.rollback_counter = e.counter WHERE rd.rollout_id = ? AND e.kind = 'committed'"

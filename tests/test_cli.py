@@ -169,3 +169,53 @@ def test_json_outputs_are_one_document(datadir: DataDir, tmp_path: Path) -> None
     assert Path(enrolled["config"]).is_file()
     status = json.loads(run("status", "--config", enrolled["config"], "--json", module="edge_agent.cli").stdout)
     assert status["device_id"] == "pi-7" and status["active_slot"] is None
+
+
+def test_enrollment_rotation_and_releases_are_audited_and_tampering_is_named(datadir: DataDir, tmp_path: Path) -> None:
+    root = str(datadir.root)
+    model = tmp_path / "m.tflite"
+    model.write_bytes(build_dense_model(random_dense_layers([64, 16, 10], 5)))
+    assert run("release", str(model), "--name", "digits", "--version", "1.0.0", "--data-dir", root).returncode == 0
+    assert run("devices", "enroll", "pi-9", "--out", str(tmp_path / "b"), "--data-dir", root).returncode == 0
+    assert run("keys", "rotate-root", "--data-dir", root).returncode == 0
+    entries = json.loads(run("audit", "list", "--data-dir", root, "--json").stdout)
+    assert [(e["action"], e["subject"]) for e in entries] == [
+        ("keys.rotate_root", "root"),
+        ("device.enroll", "pi-9"),
+        ("release.publish", "digits@1.0.0"),
+    ]
+    intact = run("audit", "verify", "--data-dir", root)
+    assert intact.returncode == 0 and "3 entries" in intact.stdout
+
+    store = datadir.store()
+    store.db.execute("UPDATE audit SET subject = 'pi-evil' WHERE seq = 2")
+    store.close()
+    broken = run("audit", "verify", "--data-dir", root, "--json")
+    assert broken.returncode == 1
+    assert json.loads(broken.stdout)["problems"] == [
+        {"seq": 2, "problem": "edited: device.enroll pi-evil no longer matches its hash"}
+    ]
+
+
+def test_rollout_commands_refuse_bad_input_and_change_nothing(datadir: DataDir, tmp_path: Path) -> None:
+    root = str(datadir.root)
+    spec = tmp_path / "bad.toml"
+    spec.write_text('release = "digits@1.0.0"\nwaves = [0.5]\n')
+    refusals = [
+        (["rollout", "start"], "name the release"),
+        (["rollout", "start", "digits@9.9.9"], "no release"),
+        (["rollout", "start", "x@1", "--waves", "half"], "comma-separated fractions"),
+        (["rollout", "start", "x@1", "--gate", "speed<=1"], "unknown gate metric"),
+        (["rollout", "start", "x@1", "--canary", "0"], "canary must be at least 1"),
+        (["rollout", "start", "--spec", str(spec)], "increase and end at 1.0"),
+        (["rollout", "start", "--spec", str(tmp_path / "absent.toml")], "cannot read rollout spec"),
+        (["rollout", "status", "rollout-9"], "no rollout"),
+        (["rollout", "pause", "rollout-9"], "no rollout"),
+    ]
+    before = _digest(datadir)
+    for args, message in refusals:
+        out = run(*args, "--data-dir", root)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        assert message in out.stderr and out.stderr.startswith("fedfleet: "), (args, out.stderr)
+    assert _digest(datadir) == before
+    assert json.loads(run("rollout", "list", "--data-dir", root, "--json").stdout) == []

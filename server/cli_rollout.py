@@ -110,6 +110,9 @@ def rollout_start(
     if as_json and not follow:
         print_json(status)
         return
+    if follow and as_json:
+        _follow(data_dir, rollout_id, as_json)
+        return
     sizes = [sum(w["devices"].values()) for w in status["waves"]]
     out.print(f"Started [bold]{rollout_id}[/]: {spec.release} to {sum(sizes)} device(s) in waves of {sizes}.")
     if follow:
@@ -144,12 +147,19 @@ def _status(data_dir: Path, rollout_id: str) -> dict[str, Any]:
 
 
 def _follow(data_dir: Path, rollout_id: str, as_json: bool) -> None:
+    """Redraw the status each second until the rollout ends; with --json, print only the final document."""
     status = _status(data_dir, rollout_id)
-    with contextlib.suppress(KeyboardInterrupt), Live(_render(status), console=out, refresh_per_second=2) as live:
-        while Phase(status["phase"]) in ACTIVE:
-            time.sleep(1.0)
-            status = _status(data_dir, rollout_id)
-            live.update(_render(status))
+    with contextlib.suppress(KeyboardInterrupt):
+        if as_json:
+            while Phase(status["phase"]) in ACTIVE:
+                time.sleep(1.0)
+                status = _status(data_dir, rollout_id)
+        else:
+            with Live(_render(status), console=out, refresh_per_second=2) as live:
+                while Phase(status["phase"]) in ACTIVE:
+                    time.sleep(1.0)
+                    status = _status(data_dir, rollout_id)
+                    live.update(_render(status))
     if as_json:
         print_json(status)
 

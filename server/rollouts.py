@@ -370,7 +370,7 @@ class Rollouts:
 
 def _device_state(r: dict[str, Any], release_id: str) -> str:
     if r["counter"] is None:
-        return "waiting"
+        return "not_assigned"
     if r["rollback_counter"] is not None:
         back = r["running_release"] == r["previous_release"] and r["running_counter"] >= r["rollback_counter"]
         return "rolled_back" if back else "rolling_back"

@@ -91,10 +91,12 @@ class Rig:
         return self.coordinator.start()
 
     def stop(self) -> None:
-        if self.fleet is not None:
-            self.fleet.stop()
-        if self.coordinator is not None:
-            self.coordinator.kill()
+        try:
+            if self.fleet is not None:
+                self.fleet.stop()
+        finally:
+            if self.coordinator is not None:
+                self.coordinator.kill()
 
     # ----- reading the coordinator's state -----
 

@@ -199,6 +199,7 @@ def test_thin_evidence_never_fires_and_operators_pause_and_roll_back(rig: Rig) -
     rig.wait_running(RELEASES["base"], 12)
     with pytest.raises(AssertionError, match="nothing more can be done"):
         rig.cli("rollout", "pause", rollout)
+    assert rig.cli("rollout", "status", rollout, "--follow")["phase"] == "rolled_back"  # ended: returns at once
     assert [r["phase"] for r in rig.cli("rollout", "list")] == ["rolled_back"]
 
 

@@ -96,7 +96,8 @@ class Agent:
         self._desired_ready = asyncio.Event()
         self._events: deque[pb.UpdateEvent] = deque(maxlen=_MAX_QUEUED_EVENTS)
         self._events_ready = asyncio.Event()
-        self._transport = GrpcTransport(config.grpc_target, config.device_id)
+        tls = config.tls.read() if config.tls is not None and config.grpc_tls else None
+        self._transport = GrpcTransport(config.grpc_target, config.device_id, tls=tls)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.outbox = Outbox(config.state_dir / "outbox.db", config.device_id, config.outbox_cap)
         self.recorder = TelemetryRecorder(
@@ -281,6 +282,11 @@ class Agent:
             await self.publish_status()
             self._events_ready.set()  # flush events queued while offline
 
+        tls = self.config.tls if self.config.mqtt_tls else None
+        tls_params = (
+            aiomqtt.TLSParameters(ca_certs=str(tls.ca), certfile=str(tls.cert), keyfile=str(tls.key)) if tls else None
+        )
+
         def make_client() -> aiomqtt.Client:
             return aiomqtt.Client(
                 self.config.mqtt_host,
@@ -288,6 +294,7 @@ class Agent:
                 identifier=f"fedfleet-agent-{device}",
                 will=will,
                 keepalive=30,
+                tls_params=tls_params,
             )
 
         await keep_session(

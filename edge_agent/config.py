@@ -8,6 +8,10 @@ mqtt_url = "mqtt://coordinator.lan:1883"
 trust_root = "root.json"                  # the TUF root the device starts from
 director_keys = "director_keys.json"      # {key_id: Ed25519 public key hex}
 topic_prefix = "fedfleet/v1"
+grpc_tls = true                           # mutual TLS to the coordinator's gRPC (mqtts:// does it for MQTT)
+tls_ca = "ca.pem"                         # the fleet CA; the device's certificate and key:
+tls_cert = "device.pem"
+tls_key = "device-key.pem"
 [labels]
 site = "kitchen"
 """
@@ -25,7 +29,7 @@ from edge_agent.contract import DEFAULT_TOPIC_PREFIX, LIMITS, device_id_is_valid
 from edge_agent.errors import ConfigError
 from edge_agent.steps import STEPS
 
-__all__ = ["AgentConfig", "load_config"]
+__all__ = ["AgentConfig", "TlsFiles", "load_config"]
 
 _INTERPRETERS = ("ai-edge-litert", "tflite-runtime")
 
@@ -51,13 +55,34 @@ class AgentConfig:
     bulk_upload_after: int = 20  # a backlog this long goes over gRPC in one stream instead of MQTT
     ack_timeout: float = 15.0  # windows sent over MQTT but unconfirmed this long go again over gRPC
     local_endpoint: str = ""  # where applications call Infer: "unix:PATH" or "127.0.0.1:PORT"; "": state dir; "off"
+    mqtt_tls: bool = False  # mqtts:// in the config
+    grpc_tls: bool = False
+    tls: TlsFiles | None = None  # needed by mqtts:// and grpc_tls
 
 
-def _mqtt_address(url: str) -> tuple[str, int]:
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(CA, certificate, key) bytes; a missing or unreadable file is a ConfigError naming it."""
+        out = []
+        for path in (self.ca, self.cert, self.key):
+            try:
+                out.append(path.read_bytes())
+            except OSError as e:
+                raise ConfigError(f"TLS file {path} unreadable: {e.strerror}") from e
+        return out[0], out[1], out[2]
+
+
+def _mqtt_address(url: str) -> tuple[str, int, bool]:
     parsed = urlparse(url)
-    if parsed.scheme != "mqtt" or not parsed.hostname:
-        raise ConfigError(f"mqtt_url must look like mqtt://host:port, got {url!r}")
-    return parsed.hostname, parsed.port or 1883
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise ConfigError(f"mqtt_url must look like mqtt://host:port or mqtts://host:port, got {url!r}")
+    tls = parsed.scheme == "mqtts"
+    return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -98,7 +123,17 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
         raise ConfigError(f"director keys {keys_path} unreadable: {e}") from e
     if not isinstance(director_keys, dict):
         raise ConfigError(f"director keys {keys_path} must be a JSON object of key id to public key hex")
-    host, port = _mqtt_address(str(raw["mqtt_url"]))
+    host, port, mqtt_tls = _mqtt_address(str(raw["mqtt_url"]))
+    grpc_tls = raw.get("grpc_tls", False)
+    if not isinstance(grpc_tls, bool):
+        raise ConfigError("grpc_tls must be true or false")
+    tls_keys = ("tls_ca", "tls_cert", "tls_key")
+    given = [k for k in tls_keys if raw.get(k)]
+    if given and len(given) != 3:
+        raise ConfigError("give all of tls_ca, tls_cert and tls_key, or none")
+    tls = TlsFiles(*(base / str(raw[k]) for k in tls_keys)) if given else None
+    if (mqtt_tls or grpc_tls) and tls is None:
+        raise ConfigError("mqtts:// and grpc_tls need tls_ca, tls_cert and tls_key (they come with the bundle)")
     return AgentConfig(
         device_id=device_id,
         fleet=fleet,
@@ -119,6 +154,9 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
         bulk_upload_after=_positive(raw, "bulk_upload_after", 20),
         ack_timeout=float(_positive(raw, "ack_timeout", 15.0)),
         local_endpoint=_local_endpoint(str(raw.get("local_endpoint", "")), base / str(raw["state_dir"])),
+        mqtt_tls=mqtt_tls,
+        grpc_tls=grpc_tls,
+        tls=tls,
     )
 
 

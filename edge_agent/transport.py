@@ -47,10 +47,18 @@ def hardware_facts(interpreter: str) -> pb.Hardware:
 
 
 class GrpcTransport:
-    def __init__(self, target: str, device_id: str, timeout: float = 30.0) -> None:
+    def __init__(
+        self, target: str, device_id: str, timeout: float = 30.0, tls: tuple[bytes, bytes, bytes] | None = None
+    ) -> None:
+        """`tls`: (CA, certificate, key) PEM bytes for mutual TLS; None: plaintext (one machine, tests)."""
         self.device_id = device_id
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        else:
+            ca, cert, key = tls
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+            self._channel = grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.FleetServiceStub(self._channel)
 
     def close(self) -> None:

@@ -49,12 +49,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-devices_app = typer.Typer(help="Devices: list, show, enroll.", no_args_is_help=True)
+devices_app = typer.Typer(help="Devices: list, show, enroll, revoke.", no_args_is_help=True)
 releases_app = typer.Typer(help="Releases: list published models.", no_args_is_help=True)
 keys_app = typer.Typer(help="Keys: rotate the TUF root.", no_args_is_help=True)
+broker_app = typer.Typer(help="Broker: write a Mosquitto configuration with TLS and ACLs.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 app.add_typer(releases_app, name="releases")
 app.add_typer(keys_app, name="keys")
+app.add_typer(broker_app, name="broker")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(audit_app, name="audit")
 
@@ -300,6 +302,58 @@ def devices_enroll(
             f"Enrollment bundle for [bold]{device_id}[/] written to {out_dir} "
             f"(run: fedfleet-agent run --config {out_dir / 'agent.toml'})."
         )
+
+
+@devices_app.command("revoke")
+def devices_revoke(
+    device_id: Annotated[str, typer.Argument(metavar="NAME", help="The device id.")],
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """Revoke a device's certificates: the gRPC server refuses it at once; the broker after `fedfleet broker config`
+    rewrites its CRL and Mosquitto reloads. Recorded in the audit trail."""
+    d = open_datadir(data_dir)
+    store = d.store()
+    try:
+        serials = store.revoke_certificates(device_id)
+        if not serials:
+            raise CoordinatorError(f"{device_id!r} has no live certificate (never enrolled, or already revoked)")
+        d.ca().write_crl(store.revoked_certificates())
+        audit.append(store, "device.revoke", device_id, {"serials": serials}, "cli")
+    finally:
+        store.close()
+    if as_json:
+        print_json({"device": device_id, "revoked": serials, "crl": str(d.trust / "crl.pem")})
+    else:
+        out.print(
+            f"Revoked {len(serials)} certificate(s) of [bold]{device_id}[/]; CRL at {d.trust / 'crl.pem'}. "
+            "Run `fedfleet broker config` again and reload Mosquitto."
+        )
+
+
+@broker_app.command("config")
+def broker_config(
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for mosquitto.conf, ACL, certificates, CRL.")],
+    port: Annotated[int, typer.Option(help="TLS listener port.")] = 8883,
+    bind: Annotated[str, typer.Option(help="Address the listener binds.")] = "127.0.0.1",
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="A name or IP devices use to reach the broker; repeat. [default: 127.0.0.1, localhost]"),
+    ] = None,
+    run_as: Annotated[str | None, typer.Option(help="Mosquitto's `user` setting. [default: Mosquitto's own]")] = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a Mosquitto configuration: TLS with client certificates from the fleet CA, the certificate name as
+    username, the CRL, and an ACL that lets each device write only its own topics and read only its own state."""
+    from server.broker_config import BrokerConfig, write_broker_config
+
+    hosts = tuple(host) if host else ("127.0.0.1", "localhost")
+    written = write_broker_config(open_datadir(data_dir), BrokerConfig(out_dir, port, bind, hosts, run_as))
+    if as_json:
+        print_json({"config": str(written[0]), "files": [str(p) for p in written]})
+    else:
+        out.print(f"Mosquitto configuration written: mosquitto -c {written[0]}")
 
 
 @app.command()

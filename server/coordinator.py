@@ -16,7 +16,7 @@ from edge_agent.contract import Topics
 from edge_agent.fsutil import atomic_write_bytes
 from server.broker import EmbeddedBroker, parse_host_port
 from server.datadir import DataDir
-from server.grpc_service import FleetService, start_grpc_server
+from server.grpc_service import FleetService, mutual_tls_credentials, start_grpc_server
 from server.mqtt_bridge import MqttBridge
 
 __all__ = ["Coordinator", "ServeOptions"]
@@ -46,7 +46,12 @@ class Coordinator:
         self.store = datadir.store()
         self.repository = datadir.repository()
         self.topics = Topics(self.config.topic_prefix)
-        self.bridge = MqttBridge(self.store, self.mqtt_url, self.topics)
+        self.tls = self.config.grpc_tls or self.mqtt_url.startswith("mqtts://")
+        if self.tls:
+            datadir.ensure_coordinator_tls(self.store)
+        client_cert, client_key = datadir.tls_files("coordinator")
+        tls_files = (datadir.trust / "ca.pem", client_cert, client_key) if self.tls else None
+        self.bridge = MqttBridge(self.store, self.mqtt_url, self.topics, tls_files=tls_files)
         self.rollouts = datadir.rollouts(self.store)
         self._next_rollout_tick = 0.0
         self._announced_version = 0
@@ -55,8 +60,13 @@ class Coordinator:
     async def run(self) -> None:
         if self.broker is not None:
             await self.broker.start()
-        service = FleetService(self.store, self.repository, self.topics.prefix)
-        server, port = await start_grpc_server(service, self.grpc_listen)
+        service = FleetService(self.store, self.repository, self.topics.prefix, mutual_tls=self.config.grpc_tls)
+        credentials = None
+        if self.config.grpc_tls:
+            cert, key = self.datadir.tls_files("grpc-server")
+            ca = (self.datadir.trust / "ca.pem").read_bytes()
+            credentials = mutual_tls_credentials(ca, cert.read_bytes(), key.read_bytes())
+        server, port = await start_grpc_server(service, self.grpc_listen, credentials)
         self.grpc_address = f"{parse_host_port(self.grpc_listen)[0]}:{port}"
         self._write_endpoints(self.grpc_address)
         self._announced_version = self.repository.timestamp_version()

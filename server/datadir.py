@@ -7,6 +7,8 @@ DATA/repository/             the TUF repository served to devices
 DATA/trust/root.json         the root devices start from (enrollment bundle)
 DATA/trust/director_keys.json
 DATA/policy.toml             policy as code (optional; see server/policy.py)
+DATA/trust/ca.pem, crl.pem   the fleet CA (its key in keys/ca-key.pem) and its revocation list
+DATA/tls/                    the coordinator's own certificates (gRPC server, MQTT client)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from edge_agent.contract import DEFAULT_TOPIC_PREFIX
 from edge_agent.fsutil import atomic_write_bytes
 from server.director import Director
 from server.errors import DataDirError
+from server.pki import COORDINATOR_IDENTITY, FleetCA
 from server.policy import Policy, load_policy
 from server.repository import Repository
 from server.rollouts import Rollouts
@@ -41,6 +44,8 @@ class CoordinatorConfig:
     tick_seconds: float = 0.2
     rollout_tick_seconds: float = 1.0  # how often rollouts are judged (pooling telemetry costs)
     policy: str = "policy.toml"  # relative to the data directory
+    grpc_tls: bool = False  # mutual TLS on gRPC: devices present certificates from the fleet CA
+    tls_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")  # names in the gRPC server certificate
 
     def to_toml(self) -> str:
         return (
@@ -54,6 +59,10 @@ class CoordinatorConfig:
             f"rollout_tick_seconds = {self.rollout_tick_seconds}\n"
             "# policy as code: what may be released and rolled out (see server/policy.py); missing file: defaults\n"
             f'policy = "{self.policy}"\n'
+            "# mutual TLS for gRPC (devices enrolled with `fedfleet devices enroll` carry certificates); for MQTT\n"
+            "# use an mqtts:// mqtt_url to a broker configured by `fedfleet broker config`\n"
+            f"grpc_tls = {str(self.grpc_tls).lower()}\n"
+            f"tls_hosts = {json.dumps(list(self.tls_hosts))}\n"
         )
 
 
@@ -105,6 +114,8 @@ class DataDir:
         unknown = set(raw) - set(known)
         if unknown:
             raise DataDirError(f"{self.config_path}: unknown setting(s) {', '.join(sorted(unknown))}")
+        if "tls_hosts" in raw:
+            raw["tls_hosts"] = tuple(str(h) for h in raw["tls_hosts"])
         return CoordinatorConfig(**raw)
 
     def store(self) -> Store:
@@ -115,6 +126,32 @@ class DataDir:
 
     def director(self) -> Director:
         return Director.load(self.require().keys / "director.pem")
+
+    def ca(self) -> FleetCA:
+        return FleetCA.open(self.require().keys, self.trust)
+
+    def tls_files(self, name: str) -> tuple[Path, Path]:
+        """(certificate, key) paths of one of the coordinator's own TLS identities under DATA/tls/."""
+        return self.root / "tls" / f"{name}.pem", self.root / "tls" / f"{name}-key.pem"
+
+    def ensure_coordinator_tls(self, store: Store) -> None:
+        """Issue the coordinator's gRPC server certificate (for tls_hosts) and its MQTT client certificate,
+        once each; a changed tls_hosts issues a new server certificate."""
+        hosts = self.config().tls_hosts
+        ca = self.ca()
+        for name, client in (("grpc-server", False), ("coordinator", True)):
+            cert_path, key_path = self.tls_files(name)
+            marker = cert_path.with_suffix(".hosts")
+            wanted = "client" if client else ",".join(hosts)
+            if cert_path.exists() and key_path.exists() and marker.exists() and marker.read_text() == wanted:
+                continue
+            issued = ca.issue(COORDINATOR_IDENTITY, client=client, hosts=() if client else hosts)
+            atomic_write_bytes(key_path, issued.key_pem)
+            atomic_write_bytes(cert_path, issued.cert_pem)
+            atomic_write_bytes(marker, wanted.encode())
+            store.record_certificate(
+                issued.serial, COORDINATOR_IDENTITY, name, int(issued.not_after.timestamp() * 1000)
+            )
 
     def policy(self) -> Policy:
         return load_policy(self.root / self.config().policy)

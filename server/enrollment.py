@@ -1,4 +1,5 @@
-"""Enrollment bundles: what a device needs to start (agent.toml, the TUF trust root, the director keys)."""
+"""Enrollment bundles: what a device needs to start: agent.toml, the TUF trust root, the director keys, and its
+TLS identity (a certificate from the fleet CA naming the device, its key, the CA certificate)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import AgentConfig, config_from_dict
+from edge_agent.contract import device_id_is_valid
 from edge_agent.errors import ConfigError
 from edge_agent.fsutil import atomic_write_bytes
 from server.datadir import DataDir
@@ -38,6 +40,8 @@ def write_bundle(
     extra: Mapping[str, Any] | None = None,
 ) -> AgentConfig:
     """Write the bundle into out_dir and return the agent configuration it holds (checked before writing)."""
+    if not device_id_is_valid(device_id):
+        raise CoordinatorError(f"cannot enroll {device_id!r}: device_id must be letters, digits, '-', '_', '.'")
     endpoints = running_endpoints(d)
     config = d.config()
     fields: dict[str, Any] = {
@@ -49,6 +53,10 @@ def write_bundle(
         "trust_root": "root.json",
         "director_keys": "director_keys.json",
         "topic_prefix": config.topic_prefix,
+        "grpc_tls": config.grpc_tls,
+        "tls_ca": "ca.pem",
+        "tls_cert": "device.pem",
+        "tls_key": "device-key.pem",
         **(extra or {}),
     }
     lines = [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
@@ -56,6 +64,16 @@ def write_bundle(
     toml = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "root.json", d.repository().root_bytes())
+    ca = d.ca()
+    issued = ca.issue(device_id, client=True)
+    atomic_write_bytes(out_dir / "ca.pem", ca.cert_pem)
+    atomic_write_bytes(out_dir / "device-key.pem", issued.key_pem)
+    atomic_write_bytes(out_dir / "device.pem", issued.cert_pem)
+    store = d.store()
+    try:
+        store.record_certificate(issued.serial, device_id, "device", int(issued.not_after.timestamp() * 1000))
+    finally:
+        store.close()
     atomic_write_bytes(out_dir / "director_keys.json", (d.trust / "director_keys.json").read_bytes())
     try:
         agent_config = config_from_dict(tomllib.loads(toml), out_dir)

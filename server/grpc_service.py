@@ -18,11 +18,12 @@ from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.contract import LIMITS, device_id_is_valid
 from server.events import EventRejected, event_row
+from server.pki import serial_of
 from server.repository import Repository
 from server.store import Store
 from server.telemetry import ingest_windows, watermark
 
-__all__ = ["FleetService", "start_grpc_server"]
+__all__ = ["FleetService", "mutual_tls_credentials", "start_grpc_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +36,33 @@ SERVER_OPTIONS = [
 
 
 class FleetService(pb_grpc.FleetServiceServicer):
-    def __init__(self, store: Store, repository: Repository, topic_prefix: str) -> None:
+    def __init__(self, store: Store, repository: Repository, topic_prefix: str, mutual_tls: bool = False) -> None:
         self.store = store
         self.repository = repository
         self.topic_prefix = topic_prefix
+        self.mutual_tls = mutual_tls
+
+    async def _authorize(self, context: Context, claimed: str) -> None:
+        """With mutual TLS, the caller is the common name of its (unrevoked) certificate, and may speak only for
+        itself; a request naming another device is refused and changes nothing."""
+        if not self.mutual_tls:
+            return
+        auth = context.auth_context()
+        names = list(auth.get("x509_common_name") or [])
+        pem = next(iter(auth.get("x509_pem_cert") or [b""]))
+        if len(names) != 1 or not pem:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate from the fleet CA is required")
+        if self.store.certificate_revoked(serial_of(pem)):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this certificate is revoked or unknown")
+        identity = names[0].decode(errors="replace")
+        if claimed and claimed != identity:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate names {identity!r}; it cannot speak for {claimed[:80]!r}",
+            )
 
     async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.RegisterResponse:
+        await self._authorize(context, request.device_id)
         if not device_id_is_valid(request.device_id):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "device_id must be 1-128 letters, digits, '-', '_', '.'"
@@ -61,10 +83,12 @@ class FleetService(pb_grpc.FleetServiceServicer):
         return response
 
     async def FetchMetadata(self, request: pb.FetchRequest, context: Context) -> AsyncIterator[pb.Chunk]:
+        await self._authorize(context, request.device_id)
         async for chunk in self._stream(self.repository.metadata_path(request.path), request, context):
             yield chunk
 
     async def FetchTarget(self, request: pb.FetchRequest, context: Context) -> AsyncIterator[pb.Chunk]:
+        await self._authorize(context, request.device_id)
         async for chunk in self._stream(self.repository.target_path(request.path), request, context):
             yield chunk
 
@@ -85,6 +109,8 @@ class FleetService(pb_grpc.FleetServiceServicer):
                 offset += len(data)
 
     async def ReportEvents(self, request: pb.ReportEventsRequest, context: Context) -> pb.ReportEventsResponse:
+        for e in request.events:
+            await self._authorize(context, e.device_id)
         if len(request.events) > LIMITS.events_per_report:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"at most {LIMITS.events_per_report} events per report"
@@ -100,7 +126,9 @@ class FleetService(pb_grpc.FleetServiceServicer):
     ) -> pb.TelemetryAck:
         """A device's backlog in one stream, stored in one transaction; answers the stored watermark."""
         windows: list[pb.TelemetryWindow] = []
+        await self._authorize(context, "")
         async for window in request_iterator:
+            await self._authorize(context, window.device_id)
             if len(windows) >= LIMITS.telemetry_windows_per_upload:
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -119,13 +147,21 @@ class FleetService(pb_grpc.FleetServiceServicer):
         return pb.TelemetryAck(watermark=watermark(self.store, windows[0].device_id))
 
 
-async def start_grpc_server(service: FleetService, listen: str) -> tuple[grpc.aio.Server, int]:
-    """Start on `listen` ("host:port", port 0 for a free one); returns the server and its bound port."""
+async def start_grpc_server(
+    service: FleetService, listen: str, credentials: grpc.ServerCredentials | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Start on `listen` ("host:port", port 0 for a free one); returns the server and its bound port.
+    `credentials`: TLS (see `mutual_tls_credentials`); None: plaintext."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_FleetServiceServicer_to_server(service, server)
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"could not bind gRPC on {listen}")
     await server.start()
     logger.info("gRPC FleetService listening on %s", listen.rsplit(":", 1)[0] + f":{port}")
     return server, port
+
+
+def mutual_tls_credentials(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> grpc.ServerCredentials:
+    """Server credentials that require a client certificate signed by the fleet CA."""
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -23,17 +24,34 @@ __all__ = ["MqttBridge", "parse_mqtt_url"]
 logger = logging.getLogger(__name__)
 
 
-def parse_mqtt_url(url: str) -> tuple[str, int]:
+def parse_mqtt_url(url: str) -> tuple[str, int, bool]:
+    """(host, port, tls) of mqtt://host:port or mqtts://host:port."""
     parsed = urlparse(url)
-    if parsed.scheme != "mqtt" or not parsed.hostname:
-        raise CoordinatorError(f"broker URL must look like mqtt://host:port, got {url!r}")
-    return parsed.hostname, parsed.port or 1883
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise CoordinatorError(f"broker URL must look like mqtt://host:port or mqtts://host:port, got {url!r}")
+    tls = parsed.scheme == "mqtts"
+    return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
 
 
 class MqttBridge:
-    def __init__(self, store: Store, url: str, topics: Topics, client_id: str = "fedfleet-coordinator") -> None:
+    def __init__(
+        self,
+        store: Store,
+        url: str,
+        topics: Topics,
+        client_id: str = "fedfleet-coordinator",
+        tls_files: tuple[Path, Path, Path] | None = None,
+    ) -> None:
+        """`tls_files`: (CA, certificate, key) for an mqtts:// URL; the certificate names the coordinator."""
         self.store = store
-        self.host, self.port = parse_mqtt_url(url)
+        self.host, self.port, tls = parse_mqtt_url(url)
+        if tls and tls_files is None:
+            raise CoordinatorError("an mqtts:// broker needs the coordinator's client certificate")
+        self.tls_params = (
+            aiomqtt.TLSParameters(ca_certs=str(tls_files[0]), certfile=str(tls_files[1]), keyfile=str(tls_files[2]))
+            if tls and tls_files
+            else None
+        )
         self.topics = topics
         self.client_id = client_id
         self.connected = asyncio.Event()
@@ -55,7 +73,12 @@ class MqttBridge:
 
         def make_client() -> aiomqtt.Client:
             return aiomqtt.Client(
-                self.host, self.port, identifier=self.client_id, keepalive=30, max_queued_outgoing_messages=100_000
+                self.host,
+                self.port,
+                identifier=self.client_id,
+                keepalive=30,
+                max_queued_outgoing_messages=100_000,
+                tls_params=self.tls_params,
             )
 
         await keep_session(make_client, on_connected, self.handle, self.connected, 0.5, 10.0, "coordinator")

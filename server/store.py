@@ -167,7 +167,23 @@ def _v3(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
+def _v4(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE certificates (
+            serial TEXT PRIMARY KEY,            -- hex
+            subject TEXT NOT NULL,              -- common name: a device id, the coordinator, the broker
+            kind TEXT NOT NULL,                 -- device, coordinator, grpc-server, broker
+            issued_at INTEGER NOT NULL,
+            not_after INTEGER NOT NULL,
+            revoked_at INTEGER
+        );
+        CREATE INDEX certificates_subject ON certificates (subject);
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -386,6 +402,37 @@ class Store:
                 "UPDATE assignments SET published_at = ? WHERE device_id = ? AND counter <= ? AND published_at IS NULL",
                 [(now, d, c) for d, c in keys],
             )
+
+    # ----- certificates -----
+
+    def record_certificate(self, serial: str, subject: str, kind: str, not_after_ms: int) -> None:
+        self.db.execute(
+            "INSERT INTO certificates (serial, subject, kind, issued_at, not_after) VALUES (?, ?, ?, ?, ?)",
+            [serial, subject, kind, now_ms(), not_after_ms],
+        )
+
+    def revoke_certificates(self, subject: str, kind: str = "device") -> list[str]:
+        """Revoke every live certificate of a subject; returns their serials (empty: none was live)."""
+        with self.transaction() as db:
+            serials = [
+                r[0]
+                for r in db.execute(
+                    "SELECT serial FROM certificates WHERE subject = ? AND kind = ? AND revoked_at IS NULL",
+                    [subject, kind],
+                )
+            ]
+            db.execute(
+                "UPDATE certificates SET revoked_at = ? WHERE subject = ? AND kind = ? AND revoked_at IS NULL",
+                [now_ms(), subject, kind],
+            )
+        return serials
+
+    def revoked_certificates(self) -> list[tuple[str, int]]:
+        return [(r[0], r[1]) for r in self.db.execute("SELECT serial, revoked_at FROM certificates WHERE revoked_at")]
+
+    def certificate_revoked(self, serial: str) -> bool:
+        row = self.db.execute("SELECT revoked_at FROM certificates WHERE serial = ?", [serial]).fetchone()
+        return row is None or row[0] is not None  # unknown serials are not ours to trust either
 
     def assignment_of(self, device_id: str) -> str:
         row = self.current_assignment(device_id)

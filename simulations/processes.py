@@ -47,18 +47,21 @@ def _port_open(host: str, port: int) -> bool:
 class Mosquitto:
     """A private Mosquitto on a free loopback port, never the system's. stop() and start() keep the port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, conf: Path | None = None, port: int | None = None) -> None:
+        """A plain loopback broker, or one from a given configuration (e.g. `fedfleet broker config`) that
+        listens on `port`."""
         self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(self.binary).exists():
             raise RuntimeError("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does this)")
-        self.port = free_port()
+        self.port = port or free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "log_dest stderr\nuser root\nmax_queued_messages 100000\n"
-        )
+        self.conf = conf or workdir / "mosquitto.conf"
+        if conf is None:
+            self.conf.write_text(
+                f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                "log_dest stderr\nuser root\nmax_queued_messages 100000\n"
+            )
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 

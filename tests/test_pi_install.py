@@ -69,7 +69,8 @@ def test_install_and_uninstall_in_a_fresh_root_prefix(datadir: DataDir, tmp_path
         check=True,
     )
     assert '"device_id": "pi-7"' in status.stdout
-    assert stat.S_IMODE((conf / "agent.toml").stat().st_mode) == 0o640
+    for name in ("agent.toml", "ca.pem", "device.pem", "device-key.pem"):  # the TLS identity came along
+        assert stat.S_IMODE((conf / name).stat().st_mode) == 0o640, name
     assert tomllib.loads((conf / "agent.toml").read_text())["state_dir"] == str(root / "var/lib/fedfleet-agent")
     heavy = [
         m

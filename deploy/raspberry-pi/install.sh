@@ -4,7 +4,8 @@
 #   sudo ./install.sh --bundle DIR                 # the bundle from `fedfleet devices enroll NAME --out DIR`
 #
 # Options:
-#   --bundle DIR     enrollment bundle: agent.toml, root.json, director_keys.json (required)
+#   --bundle DIR     enrollment bundle: agent.toml, root.json, director_keys.json and the device's TLS
+#                    identity ca.pem, device.pem, device-key.pem (required)
 #   --package SPEC   what pip installs (default: fedfleet, the agent without server extras; or a path/wheel)
 #   --prefix DIR     install below DIR instead of / (for packaging and tests; no user, no systemctl)
 #   --no-start       write the unit but do not enable or start it
@@ -60,6 +61,9 @@ python3 -m venv "$venv"
 echo "== configuration $conf"
 install -d -m 0750 "$conf" "$state"
 install -m 0640 "$bundle/root.json" "$bundle/director_keys.json" "$conf/"
+for f in ca.pem device.pem device-key.pem; do  # bundles made before TLS existed have none
+  if [ -f "$bundle/$f" ]; then install -m 0640 "$bundle/$f" "$conf/"; fi
+done
 # The bundle's state_dir is relative; on the device it is the service's state directory.
 sed -E "s|^state_dir = .*|state_dir = \"$state\"|" "$bundle/agent.toml" > "$conf/agent.toml"
 chmod 0640 "$conf/agent.toml"

@@ -1,0 +1,245 @@
+"""Transport security against a real Mosquitto started from `fedfleet broker config` and a coordinator with
+mutual TLS on gRPC: who may talk at all, and that a device can speak only for itself."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract import Topics
+from edge_agent.errors import AgentError
+from edge_agent.transport import GrpcTransport
+from server.broker import free_port
+from server.datadir import DataDir
+from server.dense_tflite import build_dense_model, random_dense_layers
+from server.pki import FleetCA
+from server.releases import publish_release
+from tests.support import AgentProcess, CoordinatorProcess, Mosquitto, enroll_agent, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+TOPICS = Topics()
+
+
+def fedfleet(d: DataDir, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@dataclass
+class SecureFleet:
+    d: DataDir
+    broker: Mosquitto
+    broker_dir: Path
+    coordinator: CoordinatorProcess
+    bundles: Path
+
+    @property
+    def mqtts(self) -> str:
+        return f"mqtts://127.0.0.1:{self.broker.port}"
+
+    def enroll(self, device_id: str) -> AgentProcess:
+        return enroll_agent(self.d, self.bundles, device_id, coordinator=self.coordinator)
+
+    def store_rows(self, sql: str, args: list[object]) -> list[dict[str, object]]:
+        store = self.d.store()
+        try:
+            return list(store.db.query(sql, args))
+        finally:
+            store.close()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFleet]:
+    root = tmp_path_factory.mktemp("secure")
+    d, _ = DataDir.init(root / "data")
+    d.config_path.write_text(d.config_path.read_text().replace("grpc_tls = false", "grpc_tls = true"))
+    store = d.store()
+    publish_release(d.repository(), store, build_dense_model(random_dense_layers([64, 16, 10], 1)), "digits", "1.0.0")
+    store.close()
+    port = free_port()
+    out = fedfleet(d, "broker", "config", "--out", str(root / "broker"), "--port", str(port), "--run-as", "root")
+    assert out.returncode == 0, out.stderr
+    broker = Mosquitto(root / "broker", conf=root / "broker" / "mosquitto.conf", port=port)
+    coordinator = CoordinatorProcess(d, f"mqtts://127.0.0.1:{port}").start()
+    yield SecureFleet(d, broker, root / "broker", coordinator, root / "bundles")
+    coordinator.kill()
+    broker.stop()
+
+
+def _mqtt_session(port: int, ca: Path, cert: Path | None, key: Path | None, name: str) -> paho.Client | None:
+    """A connected paho client with these credentials, or None if the broker would not have it."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"test-{name}-{time.monotonic_ns()}")
+    client.tls_set(ca_certs=str(ca), certfile=str(cert) if cert else None, keyfile=str(key) if key else None)
+    connected = threading.Event()
+    client.on_connect = lambda c, u, f, rc, p: rc == 0 and connected.set()
+    try:
+        client.connect("127.0.0.1", port, keepalive=10)
+    except (OSError, ssl.SSLError):
+        return None
+    client.loop_start()
+    if not connected.wait(3):
+        client.loop_stop()
+        client.disconnect()
+        return None
+    return client
+
+
+def test_an_enrolled_agent_updates_over_mutual_tls_on_both_transports(fleet: SecureFleet) -> None:
+    agent = fleet.enroll("pi-secure")
+    assert agent.config.mqtt_tls and agent.config.grpc_tls
+    agent.start()
+    try:
+        wait_for(lambda: fleet.store_rows("SELECT id FROM devices WHERE id = 'pi-secure'", []), 30, what="register")
+        assert fedfleet(fleet.d, "assign", "pi-secure", "digits@1.0.0").returncode == 0
+        wait_for(
+            lambda: fleet.store_rows(
+                "SELECT id FROM devices WHERE id = 'pi-secure' AND running_release = 'digits@1.0.0'", []
+            ),
+            30,
+            what="committed over TLS",
+        )
+    finally:
+        agent.kill()
+
+
+def test_broker_refuses_no_certificate_a_foreign_ca_and_a_revoked_device(fleet: SecureFleet, tmp_path: Path) -> None:
+    good = fleet.enroll("pi-good").config.tls
+    assert good is not None
+    port = fleet.broker.port
+    ok = _mqtt_session(port, good.ca, good.cert, good.key, "good")
+    assert ok is not None  # the control: valid credentials connect
+    ok.loop_stop()
+    ok.disconnect()
+    assert _mqtt_session(port, good.ca, None, None, "anonymous") is None
+
+    foreign = FleetCA.open(tmp_path / "keys", tmp_path / "trust").issue("pi-good", client=True)
+    (tmp_path / "f.pem").write_bytes(foreign.cert_pem)
+    (tmp_path / "f-key.pem").write_bytes(foreign.key_pem)
+    assert _mqtt_session(port, good.ca, tmp_path / "f.pem", tmp_path / "f-key.pem", "foreign") is None
+
+    doomed = fleet.enroll("pi-doomed").config.tls
+    assert doomed is not None
+    revoked = fedfleet(fleet.d, "devices", "revoke", "pi-doomed")
+    assert revoked.returncode == 0, revoked.stderr
+    port_args = ["--port", str(port), "--run-as", "root"]
+    assert fedfleet(fleet.d, "broker", "config", "--out", str(fleet.broker_dir), *port_args).returncode == 0
+    fleet.broker.stop()
+    fleet.broker.start()  # Mosquitto reads the CRL when it starts
+    wait_for(lambda: "connected to MQTT broker" in fleet.coordinator.log.read_text(), 10)
+    assert _mqtt_session(port, doomed.ca, doomed.cert, doomed.key, "revoked") is None
+    still = _mqtt_session(port, good.ca, good.cert, good.key, "good-again")
+    assert still is not None
+    still.loop_stop()
+    still.disconnect()
+    again = fedfleet(fleet.d, "devices", "revoke", "pi-doomed")
+    assert again.returncode == 1 and "no live certificate" in again.stderr
+    actions = [e["action"] for e in json.loads(fedfleet(fleet.d, "audit", "list", "--json").stdout)]
+    assert "device.revoke" in actions
+
+
+def _transport(fleet: SecureFleet, device: str, tls: tuple[bytes, bytes, bytes] | None) -> GrpcTransport:
+    return GrpcTransport(fleet.coordinator.endpoints["grpc"], device, timeout=5, tls=tls)
+
+
+def test_grpc_takes_identity_from_the_certificate_and_refuses_strangers(fleet: SecureFleet, tmp_path: Path) -> None:
+    a = fleet.enroll("pi-a").config.tls
+    assert a is not None
+    creds = a.read()
+    ok = _transport(fleet, "pi-a", creds)
+    assert ok.register("lab", {}, "ai-edge-litert").device_id == "pi-a"  # the control
+    ok.close()
+
+    impostor = _transport(fleet, "pi-b", creds)  # A's certificate, B's name in the body
+    with pytest.raises(AgentError, match="cannot speak for 'pi-b'"):
+        impostor.register("lab", {}, "ai-edge-litert")
+    event = pb.UpdateEvent(device_id="pi-b", kind=pb.EVENT_KIND_COMMITTED, release_id="digits@1.0.0")
+    with pytest.raises(AgentError, match="cannot speak for 'pi-b'"):
+        impostor.report_events([event])
+    impostor.close()
+    assert fleet.store_rows("SELECT id FROM devices WHERE id = 'pi-b'", []) == []
+    assert fleet.store_rows("SELECT id FROM events WHERE device_id = 'pi-b'", []) == []
+
+    plaintext = _transport(fleet, "pi-a", None)
+    with pytest.raises(AgentError):
+        plaintext.register("lab", {}, "ai-edge-litert")
+    plaintext.close()
+    foreign = FleetCA.open(tmp_path / "keys", tmp_path / "trust").issue("pi-a", client=True)
+    stranger = _transport(fleet, "pi-a", (creds[0], foreign.cert_pem, foreign.key_pem))
+    with pytest.raises(AgentError):
+        stranger.register("lab", {}, "ai-edge-litert")
+    stranger.close()
+
+    gone = fleet.enroll("pi-gone").config.tls
+    assert gone is not None and fedfleet(fleet.d, "devices", "revoke", "pi-gone").returncode == 0
+    revoked = _transport(fleet, "pi-gone", gone.read())
+    with pytest.raises(AgentError, match="revoked"):
+        revoked.register("lab", {}, "ai-edge-litert")
+    revoked.close()
+    assert fleet.store_rows("SELECT id FROM devices WHERE id IN ('pi-gone')", []) == []
+
+
+def test_acl_a_device_speaks_and_listens_only_for_itself(fleet: SecureFleet) -> None:
+    a, b = fleet.enroll("pi-acl-a").config, fleet.enroll("pi-acl-b").config
+    assert a.tls is not None and b.tls is not None
+    for config in (a, b):  # both registered, both assigned: each has a retained desired state
+        t = _transport(fleet, config.device_id, config.tls.read())  # type: ignore[union-attr]
+        t.register("lab", {}, "ai-edge-litert")
+        t.close()
+        assert fedfleet(fleet.d, "assign", config.device_id, "digits@1.0.0").returncode == 0
+    coordinator_cert, coordinator_key = fleet.d.tls_files("coordinator")
+    watcher = _mqtt_session(fleet.broker.port, a.tls.ca, coordinator_cert, coordinator_key, "coordinator-view")
+    mallory = _mqtt_session(fleet.broker.port, a.tls.ca, a.tls.cert, a.tls.key, "pi-acl-a")
+    assert watcher is not None and mallory is not None
+    seen: dict[str, list[bytes]] = {"watcher": [], "mallory": []}
+    watcher.on_message = lambda c, u, m: seen["watcher"].append(m.payload)
+    mallory.on_message = lambda c, u, m: seen["mallory"].append(bytes(m.topic, "utf-8"))
+    watcher.subscribe(TOPICS.desired("pi-acl-a"), qos=1)
+    wait_for(lambda: seen["watcher"], 10, what="A's retained desired state")
+    signed = seen["watcher"][0]
+
+    mallory.subscribe(TOPICS.desired("pi-acl-b"), qos=1)  # B's desired state: not A's to read
+    mallory.subscribe(TOPICS.desired("pi-acl-a"), qos=1)  # its own: allowed (the control)
+    wait_for(lambda: seen["mallory"], 10, what="A's own desired state")
+    forged_status = pb.DeviceStatus(device_id="pi-acl-b", online=True, running_release="evil@6.6.6")
+    forged_window = pb.TelemetryWindow(device_id="pi-acl-b", sequence=1, first_sequence=1, release_id="digits@1.0.0")
+    for topic, payload in (
+        (TOPICS.status("pi-acl-b"), forged_status.SerializeToString()),
+        (TOPICS.telemetry("pi-acl-b"), forged_window.SerializeToString()),
+        (TOPICS.events("pi-acl-b"), pb.UpdateEvent(device_id="pi-acl-b", kind=5).SerializeToString()),
+        (TOPICS.desired("pi-acl-a"), b"forged desired state"),
+        (TOPICS.desired("pi-acl-b"), b"forged desired state"),
+    ):
+        mallory.publish(topic, payload, qos=1).wait_for_publish(5)
+    own = pb.DeviceStatus(device_id="pi-acl-a", online=True, running_release="digits@1.0.0", running_counter=1)
+    mallory.publish(TOPICS.status("pi-acl-a"), own.SerializeToString(), qos=1, retain=True).wait_for_publish(5)
+    wait_for(  # A's own status arrives (the channel works) ...
+        lambda: fleet.store_rows("SELECT id FROM devices WHERE id = 'pi-acl-a' AND online = 1", []), 10
+    )
+    time.sleep(1.0)
+    # ... and nothing A said as B was stored, nor did A's desired state change, nor did A hear B's.
+    b_row = fleet.store_rows("SELECT running_release, online FROM devices WHERE id = 'pi-acl-b'", [])
+    assert b_row == [{"running_release": "", "online": 0}]
+    assert fleet.store_rows("SELECT * FROM telemetry WHERE device_id = 'pi-acl-b'", []) == []
+    assert fleet.store_rows("SELECT * FROM events WHERE device_id = 'pi-acl-b'", []) == []
+    assert seen["mallory"] == [bytes(TOPICS.desired("pi-acl-a"), "utf-8")]
+    assert seen["watcher"] == [signed]
+    for client in (watcher, mallory):
+        client.loop_stop()
+        client.disconnect()

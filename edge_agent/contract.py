@@ -22,6 +22,7 @@ class Limits:
     target_file: int = 512 * 1024 * 1024
     events_per_report: int = 256
     telemetry_windows_per_upload: int = 5000
+    grpc_upload_seconds: float = 120.0  # one telemetry upload stream must finish within this (slow clients)
     id_length: int = 128
     labels: int = 32
 

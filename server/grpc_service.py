@@ -6,6 +6,7 @@ INVALID_ARGUMENT (or NOT_FOUND for a missing file) and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -41,6 +42,7 @@ class FleetService(pb_grpc.FleetServiceServicer):
         self.repository = repository
         self.topic_prefix = topic_prefix
         self.mutual_tls = mutual_tls
+        self.upload_seconds = LIMITS.grpc_upload_seconds
 
     async def _authorize(self, context: Context, claimed: str) -> None:
         """With mutual TLS, the caller is the common name of its (unrevoked) certificate, and may speak only for
@@ -127,16 +129,22 @@ class FleetService(pb_grpc.FleetServiceServicer):
         """A device's backlog in one stream, stored in one transaction; answers the stored watermark."""
         windows: list[pb.TelemetryWindow] = []
         await self._authorize(context, "")
-        async for window in request_iterator:
-            await self._authorize(context, window.device_id)
-            if len(windows) >= LIMITS.telemetry_windows_per_upload:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"at most {LIMITS.telemetry_windows_per_upload} windows per upload",
-                )
-            if windows and window.device_id != windows[0].device_id:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one upload carries one device's windows")
-            windows.append(window)
+        try:
+            async with asyncio.timeout(self.upload_seconds):  # a stalled (slow-loris) upload is cut off
+                async for window in request_iterator:
+                    await self._authorize(context, window.device_id)
+                    if len(windows) >= LIMITS.telemetry_windows_per_upload:
+                        await context.abort(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"at most {LIMITS.telemetry_windows_per_upload} windows per upload",
+                        )
+                    if windows and window.device_id != windows[0].device_id:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one upload carries one device's windows")
+                    windows.append(window)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"an upload must finish within {self.upload_seconds:g} s"
+            )
         if not windows:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an upload needs at least one window")
         results = ingest_windows(self.store, [(w, None) for w in windows], via="grpc")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -86,7 +87,7 @@ class Agent:
         self.topics = Topics(config.topic_prefix)
         self.store = StateStore(config.state_dir)
         self.store.seed_trust_root(config.trust_root)
-        self.director_keys = load_director_keys(config.director_keys)
+        self.director_keys = load_director_keys(self._trusted_director_keys())
         self.interpreter = interpreter_name(config.interpreter)
         self.model: Model | None = None
         self.updating = False
@@ -199,6 +200,18 @@ class Agent:
             self.recorder.close()  # the open window's counts are kept for the next start
             await asyncio.to_thread(self._transport.close)
             self.outbox.close()
+
+    def _trusted_director_keys(self) -> dict[str, str]:
+        """The director keys learned through TUF after a rotation, else the enrollment bundle's."""
+        learned = self.store.director_keys_path
+        if learned.exists():
+            try:
+                doc = json.loads(learned.read_text())
+                load_director_keys(doc)  # checked: a corrupt file falls back to the bundle
+                return {str(k): str(v) for k, v in doc.items()}
+            except (ValueError, AttributeError, AgentError) as e:
+                logger.warning("ignoring %s (%s); using the enrollment bundle's director keys", learned, e)
+        return self.config.director_keys
 
     def _load_committed_model(self) -> None:
         state = self.store.load()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_TOPIC_PREFIX", "LIMITS", "Limits", "Topics", "device_id_is_valid"]
+__all__ = ["DEFAULT_TOPIC_PREFIX", "DIRECTOR_KEYS_TARGET", "LIMITS", "Limits", "Topics", "device_id_is_valid"]
 
 DEFAULT_TOPIC_PREFIX = "fedfleet/v1"
+# The TUF target holding the director keys devices must trust now: a rotated director key reaches devices
+# signed by the targets role, so no device needs re-provisioning.
+DIRECTOR_KEYS_TARGET = "fedfleet/director_keys.json"
 
 
 @dataclass(frozen=True)

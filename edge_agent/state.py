@@ -69,6 +69,7 @@ class StateStore:
         self.path = root / "state.json"
         self.downloads = root / "downloads"
         self.tuf_dir = root / "tuf"
+        self.director_keys_path = root / "director_keys.json"  # newer than the bundle's, learned through TUF
         for d in (root, self.downloads, self.tuf_dir, self.slot_dir("a"), self.slot_dir("b")):
             d.mkdir(parents=True, exist_ok=True)
         for d in (root, self.slot_dir("a"), self.slot_dir("b")):

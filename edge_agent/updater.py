@@ -7,10 +7,11 @@ interrupts, the agent restarts on a committed model and, if the assignment was a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
@@ -18,9 +19,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.assignment import VerifiedAssignment, verify_assignment
+from edge_agent.assignment import VerifiedAssignment, load_director_keys, verify_assignment
+from edge_agent.contract import DIRECTOR_KEYS_TARGET
 from edge_agent.errors import AssignmentError, InterpreterError, TransientError, UpdateRefused
-from edge_agent.fsutil import fsync_dir, sha256_of
+from edge_agent.fsutil import atomic_write_bytes, fsync_dir, sha256_of
 from edge_agent.runtime import Model, load_model
 from edge_agent.state import SlotInfo, StateStore
 from edge_agent.steps import STEPS
@@ -52,7 +54,7 @@ class UpdateContext:
     device_id: str
     store: StateStore
     transport: GrpcTransport
-    director_keys: Mapping[str, Ed25519PublicKey]
+    director_keys: dict[str, Ed25519PublicKey]  # updated in place when a rotated set is learned
     emit: Callable[[pb.UpdateEvent], None]
     interpreter: str | None = None
     step: Callable[[str], None] = lambda name: None
@@ -75,9 +77,17 @@ class UpdateContext:
 def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
     store = ctx.store
     try:
-        a = verify_assignment(payload, ctx.director_keys, ctx.device_id)
+        try:
+            a = verify_assignment(payload, ctx.director_keys, ctx.device_id)
+        except AssignmentError as e:
+            if e.reason != "assignment_unknown_key" or not _learn_director_keys(ctx):
+                raise
+            a = verify_assignment(payload, ctx.director_keys, ctx.device_id)  # once more, with the rotated keys
     except AssignmentError as e:
         return _refuse(ctx, None, e)
+    except TransientError as e:
+        logger.warning("could not fetch rotated director keys: %s", e)
+        return UpdateResult(Outcome.RETRY, e.reason, str(e))
     state = store.load()
     if a.counter < state.highest_counter:
         detail = f"assignment counter {a.counter} is below {state.highest_counter} already seen (replay or downgrade)"
@@ -170,6 +180,30 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
         ctx.event(a, pb.EVENT_KIND_PROBE_FAILED, e.reason, str(e))
         logger.warning("update to %s failed: %s", a.target_path, e)
         return UpdateResult(Outcome.FAILED, e.reason, str(e))
+
+
+def _learn_director_keys(ctx: UpdateContext) -> bool:
+    """An assignment signed by a key we do not know: the director key may have been rotated. Fetch the signed
+    list of director keys through TUF (root → targets → this target); keep it if it differs. Returns whether
+    the trusted keys changed. A refusal of the metadata or the file leaves the keys as they were."""
+    from edge_agent.tuf_client import download_target, refresh_and_get_target
+
+    try:
+        info = refresh_and_get_target(ctx.store.tuf_dir, ctx.transport, DIRECTOR_KEYS_TARGET)
+        part = download_target(info, ctx.transport, ctx.store.downloads)
+        raw = part.read_bytes()
+        part.unlink()
+        keys = load_director_keys(json.loads(raw))
+    except (UpdateRefused, ValueError) as e:
+        logger.warning("no usable rotated director keys: %s", e)
+        return False
+    if set(keys) == set(ctx.director_keys):
+        return False
+    atomic_write_bytes(ctx.store.director_keys_path, raw)
+    ctx.director_keys.clear()
+    ctx.director_keys.update(keys)
+    logger.info("director keys rotated: now trusting %s", ", ".join(k[:16] for k in keys))
+    return True
 
 
 def _refuse(ctx: UpdateContext, a: VerifiedAssignment | None, e: UpdateRefused) -> UpdateResult:

@@ -51,7 +51,7 @@ app = typer.Typer(
 )
 devices_app = typer.Typer(help="Devices: list, show, enroll, revoke.", no_args_is_help=True)
 releases_app = typer.Typer(help="Releases: list published models.", no_args_is_help=True)
-keys_app = typer.Typer(help="Keys: rotate the TUF root.", no_args_is_help=True)
+keys_app = typer.Typer(help="Keys: rotate the TUF root or the director key.", no_args_is_help=True)
 broker_app = typer.Typer(help="Broker: write a Mosquitto configuration with TLS and ACLs.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 app.add_typer(releases_app, name="releases")
@@ -420,6 +420,27 @@ def keys_rotate_root(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOp
         print_json({"root_version": version})
     else:
         out.print(f"Root rotated: root version {version} is signed by the old and the new root key.")
+
+
+@keys_app.command("rotate-director")
+def keys_rotate_director(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
+    """Replace the key that signs assignments; running devices learn the new key through signed TUF metadata.
+    A running `fedfleet serve` signs with the new key from its next tick."""
+    from server.director import Director
+
+    d = open_datadir(data_dir)
+    old, new = Director.rotate(d.keys, d.trust, d.repository())
+    store = d.store()
+    try:
+        audit.append(store, "keys.rotate_director", "director", {"old": old.key_id, "new": new.key_id}, "cli")
+    finally:
+        store.close()
+    if as_json:
+        print_json({"old_key_id": old.key_id, "new_key_id": new.key_id})
+    else:
+        out.print(
+            f"Director key rotated: {old.key_id[:16]}… → {new.key_id[:16]}… (both trusted until the next rotation)."
+        )
 
 
 @app.command()

@@ -54,6 +54,7 @@ class Coordinator:
         self.bridge = MqttBridge(self.store, self.mqtt_url, self.topics, tls_files=tls_files)
         self.rollouts = datadir.rollouts(self.store)
         self._next_rollout_tick = 0.0
+        self._director_mtime = (datadir.keys / "director.pem").stat().st_mtime_ns
         self._announced_version = 0
         self.grpc_address = ""  # host:port once serving
 
@@ -98,6 +99,10 @@ class Coordinator:
         self.bridge.flush_telemetry()
         await self.bridge.publish_acks()
         loop = asyncio.get_running_loop()
+        director_mtime = (self.datadir.keys / "director.pem").stat().st_mtime_ns
+        if director_mtime != self._director_mtime:  # `fedfleet keys rotate-director` ran: sign with the new key
+            self.rollouts.director = self.datadir.director()
+            self._director_mtime = director_mtime
         if loop.time() >= self._next_rollout_tick:
             self.rollouts.tick()
             self._next_rollout_tick = loop.time() + self.config.rollout_tick_seconds

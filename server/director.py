@@ -6,6 +6,7 @@ older target. Agents refuse any counter below the highest they have accepted.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.assignment import director_key_id
+from edge_agent.contract import DIRECTOR_KEYS_TARGET
+from edge_agent.fsutil import atomic_write_bytes
 from server import audit
-from server.repository import load_private_key, write_private_key
+from server.repository import Repository, load_private_key, write_private_key
 from server.store import Release, Store, now_ms
 
 __all__ = ["Director", "IssuedAssignment"]
@@ -46,6 +49,24 @@ class Director:
     @classmethod
     def load(cls, path: Path) -> Director:
         return cls(load_private_key(path))
+
+    @classmethod
+    def rotate(cls, keys_dir: Path, trust_dir: Path, repository: Repository) -> tuple[Director, Director]:
+        """Replace the director key without re-provisioning devices. The trusted set (the new key and the one it
+        replaces, so assignments already in flight stay valid) is published as a TUF target signed by the
+        targets role; an agent that meets an unknown key id fetches it and checks it through TUF. The retired
+        key is kept beside the new one. Returns (old, new)."""
+        path = keys_dir / "director.pem"
+        old = cls.load(path)
+        new_key = Ed25519PrivateKey.generate()
+        new = cls(new_key)
+        trusted = {**new.public_keys(), **old.public_keys()}
+        document = json.dumps(trusted, indent=1, sort_keys=True).encode()
+        repository.add_target(DIRECTOR_KEYS_TARGET, document, {"kind": "director-keys"}, replace=True)
+        write_private_key(keys_dir / f"director-retired-{old.key_id[:16]}.pem", old._key)
+        write_private_key(path, new_key)
+        atomic_write_bytes(trust_dir / "director_keys.json", document)  # what new enrollments get
+        return old, new
 
     def public_keys(self) -> dict[str, str]:
         """What agents trust: {key_id: raw Ed25519 public key hex}."""

@@ -204,8 +204,9 @@ class Repository:
         timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
         self._write(timestamp, [self._signer(Timestamp.type)])
 
-    def add_target(self, target_path: str, data: bytes, custom: dict[str, Any]) -> TargetFile:
-        """Publish bytes as a target. Re-adding identical bytes and metadata changes nothing."""
+    def add_target(self, target_path: str, data: bytes, custom: dict[str, Any], replace: bool = False) -> TargetFile:
+        """Publish bytes as a target. Re-adding identical bytes and metadata changes nothing; other bytes under
+        the same path are refused unless `replace` (for fedfleet's own files, such as the director keys)."""
         if not _TARGET_NAME.match(target_path):
             raise ConflictError(f"target path {target_path!r} may hold only letters, digits, '.', '_', '-', '/'")
         with self._lock():
@@ -216,7 +217,8 @@ class Repository:
             if existing is not None:
                 if existing.hashes == new.hashes and existing.custom == custom:
                     return existing
-                raise ConflictError(f"target {target_path} already exists with other bytes or metadata")
+                if not replace:
+                    raise ConflictError(f"target {target_path} already exists with other bytes or metadata")
             directory, sep, base = target_path.rpartition("/")
             stored = self.targets_dir / f"{directory}{sep}{new.hashes['sha256']}.{base}"
             stored.parent.mkdir(parents=True, exist_ok=True)

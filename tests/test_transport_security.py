@@ -243,3 +243,69 @@ def test_acl_a_device_speaks_and_listens_only_for_itself(fleet: SecureFleet) -> 
     for client in (watcher, mallory):
         client.loop_stop()
         client.disconnect()
+
+
+def test_rotations_keep_running_agents_working_and_updating(fleet: SecureFleet) -> None:
+    d = fleet.d
+    store = d.store()
+    publish_release(d.repository(), store, build_dense_model(random_dense_layers([64, 16, 10], 2)), "digits", "2.0.0")
+    store.close()
+    agents = [fleet.enroll(f"pi-rot-{i}").start() for i in range(2)]
+    names = [a.config.device_id for a in agents]
+
+    def all_run(release: str) -> bool:
+        rows = fleet.store_rows(
+            f"SELECT id FROM devices WHERE running_release = ? AND id IN ({','.join('?' * len(names))})",
+            [release, *names],
+        )
+        return len(rows) == len(names)
+
+    def assign(release: str) -> None:
+        for name in names:
+            out = fedfleet(d, "assign", name, release)
+            assert out.returncode == 0, out.stderr
+        wait_for(lambda: all_run(release), 60, 0.2, what=f"{release} on every device")
+
+    try:
+        wait_for(lambda: len(fleet.store_rows("SELECT id FROM devices WHERE id LIKE 'pi-rot-%'", [])) == 2, 30)
+        assign("digits@1.0.0")
+        first_key = json.loads((d.trust / "director_keys.json").read_text())
+
+        # 1. The director key: agents learn the new one through TUF, no re-provisioning.
+        assert fedfleet(d, "keys", "rotate-director").returncode == 0
+        assign("digits@2.0.0")
+        learned = json.loads((agents[0].config.state_dir / "director_keys.json").read_text())
+        assert set(first_key) < set(learned)  # the new key, and the old one until the next rotation
+        assert fedfleet(d, "keys", "rotate-director").returncode == 0
+        assign("digits@1.0.0")
+        assert not set(first_key) & set(json.loads((agents[0].config.state_dir / "director_keys.json").read_text()))
+
+        # 2. The TUF root.
+        assert fedfleet(d, "keys", "rotate-root").returncode == 0
+        assign("digits@2.0.0")
+
+        # 3. The gRPC server certificate and the broker certificate (devices trust the CA, not the leaves).
+        for name in ("grpc-server",):
+            for path in d.tls_files(name):
+                path.unlink()
+        fleet.coordinator.kill()
+        fleet.coordinator.start()
+        port_args = [
+            "--port",
+            str(fleet.broker.port),
+            "--run-as",
+            "root",
+            "--host",
+            "127.0.0.1",
+            "--host",
+            "broker.lan",
+        ]
+        assert fedfleet(d, "broker", "config", "--out", str(fleet.broker_dir), *port_args).returncode == 0
+        fleet.broker.stop()
+        fleet.broker.start()
+        assign("digits@1.0.0")
+        actions = {e["action"] for e in json.loads(fedfleet(d, "audit", "list", "--limit", "500", "--json").stdout)}
+        assert {"keys.rotate_director", "keys.rotate_root"} <= actions
+    finally:
+        for agent in agents:
+            agent.kill()

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 60.0
 _MAX_QUEUED_EVENTS = 1000
+_STOP_SECONDS = 5.0  # how long a stopping agent waits for its tasks to finish
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,10 @@ class Agent:
                 await asyncio.wait_for(self.publish_status(online=False), 2.0)
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Bounded: a broker that never answers the MQTT DISCONNECT must not hold a stopping agent.
+            _, stuck = await asyncio.wait(tasks, timeout=_STOP_SECONDS)
+            if stuck:
+                logger.warning("stopping without waiting for %s", ", ".join(t.get_name() for t in stuck))
             self.recorder.close()  # the open window's counts are kept for the next start
             await asyncio.to_thread(self._transport.close)
             self.outbox.close()

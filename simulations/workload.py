@@ -138,6 +138,12 @@ class FleetThread:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
             await self.fleet.stop()
+            # Whatever is still pending (a publish awaiting an acknowledgement) is cancelled, with a bound.
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            if rest:
+                await asyncio.wait(rest, timeout=5)
 
         self.call(_stop, timeout=60 + 0.25 * len(self.fleet.agents))
         self.loop.call_soon_threadsafe(self.loop.stop)

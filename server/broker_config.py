@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.contract import Topics
+from edge_agent.contract import LIMITS, Topics
 from edge_agent.fsutil import atomic_write_bytes
 from server.datadir import DataDir
 from server.errors import CoordinatorError
@@ -96,6 +96,7 @@ def write_broker_config(d: DataDir, config: BrokerConfig) -> list[Path]:
         "tls_version tlsv1.2",
         "allow_anonymous false",
         f"acl_file {out / 'acl'}",
+        f"max_packet_size {LIMITS.mqtt_telemetry_payload + 4096}",  # a larger packet disconnects its sender
         "persistence false",
         "max_queued_messages 100000",
         "log_dest stderr",

@@ -4,6 +4,7 @@ mutual TLS on gRPC: who may talk at all, and that a device can speak only for it
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.contract import Topics
+from edge_agent.contract import LIMITS, Topics
 from edge_agent.errors import AgentError
 from edge_agent.transport import GrpcTransport
 from server.broker import free_port
@@ -309,3 +310,37 @@ def test_rotations_keep_running_agents_working_and_updating(fleet: SecureFleet) 
     finally:
         for agent in agents:
             agent.kill()
+
+
+def test_oversized_and_stalled_mqtt_clients_do_not_stop_service_to_others(fleet: SecureFleet) -> None:
+    a = fleet.enroll("pi-big").config.tls
+    assert a is not None
+    port = fleet.broker.port
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(30)]  # never finish a handshake
+    for s in stalled[:10]:
+        s.sendall(b"\x16\x03\x01")  # the first bytes of a TLS record, then nothing
+    big = _mqtt_session(port, a.ca, a.cert, a.key, "pi-big")
+    assert big is not None
+    dropped = threading.Event()
+    big.on_disconnect = lambda c, u, f, rc, p: dropped.set()
+    window = pb.TelemetryWindow(device_id="pi-big", sequence=1, first_sequence=1, release_id="digits@1.0.0")
+    payload = window.SerializeToString() + b"\x00" * (LIMITS.mqtt_telemetry_payload + 8192)
+    big.publish(TOPICS.telemetry("pi-big"), payload, qos=1)
+    assert dropped.wait(10), "the broker kept a client that sent an oversized packet"
+    big.loop_stop()
+    try:
+        # Others are served meanwhile: a device connects and its status is stored.
+        ok = _mqtt_session(port, a.ca, a.cert, a.key, "pi-big-again")
+        assert ok is not None
+        status = pb.DeviceStatus(device_id="pi-big", online=True, running_release="digits@1.0.0")
+        transport = _transport(fleet, "pi-big", a.read())
+        transport.register("lab", {}, "ai-edge-litert")
+        transport.close()
+        ok.publish(TOPICS.status("pi-big"), status.SerializeToString(), qos=1).wait_for_publish(5)
+        wait_for(lambda: fleet.store_rows("SELECT id FROM devices WHERE id = 'pi-big' AND online = 1", []), 10)
+        ok.loop_stop()
+        ok.disconnect()
+        assert fleet.store_rows("SELECT * FROM telemetry WHERE device_id = 'pi-big'", []) == []
+    finally:
+        for s in stalled:
+            s.close()

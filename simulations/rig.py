@@ -38,6 +38,7 @@ class Rig:
     rate: float = 40.0  # inferences per device per second
     window_seconds: float = 0.5
     rollout_tick_seconds: float = 0.25
+    seed: int = 0  # the devices' input streams
     fleet_name: str = field(default_factory=lambda: f"lab{uuid.uuid4().hex[:6]}")  # unique: brokers are shared
     coordinator: CoordinatorProcess | None = None
     fleet: FleetThread | None = None
@@ -78,7 +79,7 @@ class Rig:
             labels=self.labels,
             agent_extra={"telemetry_every_seconds": self.window_seconds, "telemetry_every_inferences": 10_000},
         )
-        self.fleet = FleetThread(fleet, rate=self.rate).start()
+        self.fleet = FleetThread(fleet, rate=self.rate, seed=self.seed).start()
         wait_for(lambda: len(self.store_query("SELECT id FROM devices")) == self.devices, 60, what="registrations")
         self.cli("assign", "--fleet", self.fleet_name, RELEASES["base"])
         self.wait_running(RELEASES["base"], self.devices)

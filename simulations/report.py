@@ -1,0 +1,87 @@
+"""The report a rehearsal leaves: summary.md (what was expected and what happened, the timeline of decisions
+and why, each wave's outcome) and PNG plots (devices per release over time; input drift per site over time
+against the gate threshold, with the rollback moments marked)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+from simulations.rig import Rig
+from simulations.scenario import Scenario, ScenarioResult, drift_by_site
+
+__all__ = ["write_report"]
+
+
+def write_report(scenario: Scenario, rig: Rig, result: ScenarioResult, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [
+        _releases_plot(result, out / "devices-per-release.png"),
+        _drift_plot(rig, result, out / "drift-by-site.png"),
+    ]
+    lines = [
+        f"# Rehearsal: {scenario.name}",
+        "",
+        scenario.description,
+        "",
+        f"- devices: {result.devices}, seed: {result.seed}",
+        f"- verdict: **{'passed' if result.passed else 'FAILED'}**"
+        + ("" if result.passed else " — " + "; ".join(result.failures)),
+        f"- expected: {json.dumps(scenario.expect)}",
+        f"- telemetry windows lost: {result.lost_windows}",
+        "",
+        "## Rollouts",
+        "",
+    ]
+    for r in result.rollouts:
+        lines += [f"### {r['id']}: {r['release']} → {r['phase']}", "", "| wave | devices by state |", "| --- | --- |"]
+        lines += [f"| {w['name']} | {', '.join(f'{k} {v}' for k, v in w['devices'].items())} |" for w in r["waves"]]
+        lines += ["", "| wave | decision | reason |", "| --- | --- | --- |"]
+        lines += [f"| {d['wave']} | {d['decision']} | {d['reason']} |" for d in r["decisions"]]
+        lines.append("")
+    lines += ["## Timeline", "", "| seconds | what |", "| --- | --- |"]
+    lines += [f"| {t:.1f} | {what} |" for t, what in result.timeline]
+    lines += ["", "## Plots", "", *[f"![{p.stem}]({p.name})" for p in written], ""]
+    summary = out / "summary.md"
+    summary.write_text("\n".join(lines))
+    return [summary, *written]
+
+
+def _releases_plot(result: ScenarioResult, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    releases = sorted({k for _, counts in result.releases_over_time for k in counts if k})
+    times = [t for t, _ in result.releases_over_time]
+    for release in releases:
+        ax.plot(times, [counts.get(release, 0) for _, counts in result.releases_over_time], label=release)
+    ax.set_xlabel("seconds since the fleet started")
+    ax.set_ylabel("devices running")
+    ax.set_title("Devices per release")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _drift_plot(rig: Rig, result: ScenarioResult, path: Path) -> Path:
+    t0, series = drift_by_site(rig)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for site, points in sorted(series.items()):
+        ax.plot([t for t, _ in points], [v for _, v in points], marker=".", label=site)
+    ax.axhline(0.25, color="red", linestyle="--", linewidth=1, label="gate input_max_psi 0.25")
+    for d in result.decisions():
+        if d["decision"] in ("rollback", "hold"):
+            ax.axvline((d["at"] - t0) / 1000, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("seconds since the first telemetry window (dotted: rollback or hold)")
+    ax.set_ylabel("largest feature PSI")
+    ax.set_title("Input drift per site")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

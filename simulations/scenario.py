@@ -1,0 +1,275 @@
+"""Rehearsals: a scenario file (simulations/scenarios/NAME.toml) drives a simulated fleet through rollouts with
+faults injected on a schedule, checks the outcome it expects from the coordinator's state, and leaves a report
+(Markdown timeline and PNG plots).
+
+A scenario has steps; the one step kind so far is a rollout of one of the rehearsal releases (base, healthy,
+scrambled), with the `fedfleet rollout start` settings and `during` actions, each `after` N seconds from the
+rollout's start: `sensor_fault` (site, kind noise|contrast|dead_pixels, strength), `clear_faults`,
+`switch_off` (fraction of devices), `switch_on`, `restart_coordinator` (with its embedded broker).
+`[expect]`: outcome (the last rollout's phase), gate (a gate that fired), decision and reason_contains (a
+decision recorded), final_release (what every device ends on). Every run also checks that no telemetry window
+was lost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import tomllib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.drift import DriftReference, WindowCounts, score_window
+from edge_agent.telemetry import counts_from_proto
+from simulations.rig import RELEASES, Rig
+from simulations.workload import SensorFault
+
+__all__ = ["SCENARIOS", "Scenario", "ScenarioError", "ScenarioResult", "drift_by_site", "load_scenario", "run_scenario"]
+
+SCENARIOS = Path(__file__).parent / "scenarios"
+_ROLLOUT_KEYS = {
+    "canary": "--canary",
+    "canary_by": "--canary-by",
+    "waves": "--waves",
+    "bake_seconds": "--bake",
+    "silent_after_seconds": "--silent-after",
+    "on_fail": "--on-fail",
+    "min_samples": "--min-samples",
+    "min_devices": "--min-devices",
+    "gate_window_seconds": "--gate-window",
+}
+_ACTIONS = {"sensor_fault", "clear_faults", "switch_off", "switch_on", "restart_coordinator"}
+_EXPECT = {"outcome", "gate", "decision", "reason_contains", "final_release"}
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be run as written."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    steps: list[dict[str, Any]]
+    expect: dict[str, Any]
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SCENARIOS / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.toml")))
+        raise ScenarioError(f"no scenario {name_or_path!r}; known: {known} (or a path to a .toml file)")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"{path} is not valid TOML: {e}") from e
+    steps = doc.get("steps", [])
+    if not steps:
+        raise ScenarioError(f"{path}: a scenario needs at least one [[steps]]")
+    for i, step in enumerate(steps):
+        if step.get("action") != "rollout" or step.get("release") not in RELEASES:
+            raise ScenarioError(f"{path}: step {i + 1} must be action = 'rollout' of one of {', '.join(RELEASES)}")
+        unknown = set(step) - set(_ROLLOUT_KEYS) - {"action", "release", "gates", "during"}
+        if unknown:
+            raise ScenarioError(f"{path}: step {i + 1} has unknown setting(s) {', '.join(sorted(unknown))}")
+        for action in step.get("during", []):
+            if action.get("action") not in _ACTIONS or not isinstance(action.get("after"), int | float):
+                raise ScenarioError(
+                    f"{path}: each `during` entry needs after = SECONDS and action in {sorted(_ACTIONS)}"
+                )
+    expect = doc.get("expect", {})
+    if set(expect) - _EXPECT:
+        raise ScenarioError(f"{path}: unknown expectation(s) {', '.join(sorted(set(expect) - _EXPECT))}")
+    return Scenario(str(doc.get("name", path.stem)), str(doc.get("description", "")), steps, expect)
+
+
+@dataclass
+class ScenarioResult:
+    scenario: str
+    seed: int
+    devices: int
+    rollouts: list[dict[str, Any]] = field(default_factory=list)  # final status of each
+    timeline: list[tuple[float, str]] = field(default_factory=list)  # (seconds, what happened)
+    releases_over_time: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # unmet expectations
+    lost_windows: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def decisions(self) -> list[dict[str, Any]]:
+        return [d for r in self.rollouts for d in r["decisions"]]
+
+
+Progress = Callable[[str], None]
+
+
+def run_scenario(
+    scenario: Scenario,
+    root: Path,
+    devices: int = 20,
+    seed: int = 0,
+    progress: Progress = print,
+    timeout: float = 240,
+    after: Callable[[Rig, ScenarioResult], None] | None = None,
+) -> ScenarioResult:
+    """Run it on a fresh rig under `root`; `after` (e.g. the report) runs while the rig's data is still there."""
+    result = ScenarioResult(scenario.name, seed, devices)
+    rig = Rig(root, devices=devices, fleet_name="sim", seed=seed)
+    started = time.monotonic()
+
+    def note(what: str) -> None:
+        result.timeline.append((time.monotonic() - started, what))
+        progress(what)
+
+    try:
+        rig.setup()
+        note(f"{devices} devices on {RELEASES['base']}")
+        for step in scenario.steps:
+            result.rollouts.append(_run_rollout(rig, step, note, result, started, timeout))
+        result.lost_windows = _drain_and_count_lost(rig)
+        _check(scenario.expect, rig, result)
+        if after is not None:
+            after(rig, result)
+    finally:
+        rig.stop()
+    return result
+
+
+def _rollout_args(step: dict[str, Any]) -> list[str]:
+    args: list[str] = []
+    for key, flag in _ROLLOUT_KEYS.items():
+        if key in step:
+            value = step[key]
+            args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    for gate in step.get("gates", []):
+        args += ["--gate", gate]
+    return args
+
+
+def _run_rollout(
+    rig: Rig, step: dict[str, Any], note: Progress, result: ScenarioResult, started: float, timeout: float
+) -> dict[str, Any]:
+    release = RELEASES[step["release"]]
+    rollout_id = rig.cli("rollout", "start", release, "--fleet", rig.fleet_name, *_rollout_args(step))["id"]
+    note(f"{rollout_id}: rollout of {release} started")
+    begun = time.monotonic()
+    pending = sorted(step.get("during", []), key=lambda a: a["after"])
+    off: list[int] = []
+    shown = 0
+    while True:
+        elapsed = time.monotonic() - begun
+        while pending and pending[0]["after"] <= elapsed:
+            _act(rig, pending.pop(0), off, note)
+        rows = rig.store_query(
+            "SELECT wave, decision, reason FROM rollout_decisions WHERE rollout_id = ? ORDER BY id", [rollout_id]
+        )
+        for r in rows[shown:]:
+            note(f"{rollout_id} wave {r['wave']}: {r['decision']} — {r['reason']}")
+        shown = len(rows)
+        counts = Counter(r["running_release"] for r in rig.store_query("SELECT running_release FROM devices"))
+        result.releases_over_time.append((time.monotonic() - started, dict(counts)))
+        phase = rig.store_query("SELECT phase FROM rollouts WHERE id = ?", [rollout_id])[0]["phase"]
+        if phase in ("completed", "rolled_back", "aborted") and not pending:
+            return rig.status(rollout_id)
+        if elapsed > timeout:
+            raise TimeoutError(f"{rollout_id} still {phase} after {timeout:.0f} s")
+        time.sleep(0.25)
+
+
+def _act(rig: Rig, action: dict[str, Any], off: list[int], note: Progress) -> None:
+    assert rig.fleet is not None and rig.fleet.workload is not None and rig.coordinator is not None
+    agents = rig.fleet.fleet.agents
+    kind = action["action"]
+    if kind == "sensor_fault":
+        fault = SensorFault(str(action["kind"]), float(action.get("strength", 0.5)))
+        chosen = [a.config.device_id for a in agents if a.config.labels.get("site") == action["site"]]
+        rig.fleet.workload.faults.update(dict.fromkeys(chosen, fault))
+        note(f"sensor fault {fault.kind} ({fault.strength}) on {len(chosen)} devices of {action['site']}")
+    elif kind == "clear_faults":
+        rig.fleet.workload.faults.clear()
+        note("sensor faults cleared")
+    elif kind == "switch_off":
+        off[:] = list(range(len(agents) - max(1, math.ceil(float(action["fraction"]) * len(agents))), len(agents)))
+        rig.fleet.switch_off(off)
+        note(f"{len(off)} devices switched off")
+    elif kind == "switch_on":
+        rig.fleet.switch_on(off)
+        note(f"{len(off)} devices back on")
+    elif kind == "restart_coordinator":
+        rig.coordinator.kill()
+        rig.coordinator.start()
+        note("coordinator and its broker restarted")
+
+
+def _drain_and_count_lost(rig: Rig, timeout: float = 60) -> int:
+    """Stop inferring, let every device deliver its windows, then count windows the coordinator lacks."""
+    assert rig.fleet is not None and rig.fleet.workload is not None
+    rig.fleet.workload.rate = 0.0
+    agents = rig.fleet.fleet.agents
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(len(a.outbox) or a.recorder.due() for a in agents):
+        time.sleep(0.5)
+    lost = 0
+    for a in agents:
+        stored = rig.store_query("SELECT watermark FROM telemetry_watermarks WHERE device_id = ?", [a.config.device_id])
+        lost += max(0, a.outbox.acknowledged - (stored[0]["watermark"] if stored else 0)) + len(a.outbox)
+    return lost
+
+
+def _check(expect: dict[str, Any], rig: Rig, result: ScenarioResult) -> None:
+    last = result.rollouts[-1]
+    if "outcome" in expect and last["phase"] != expect["outcome"]:
+        result.failures.append(f"outcome: expected {expect['outcome']}, got {last['phase']}")
+    if "gate" in expect:
+        fired = {g["metric"] for d in result.decisions() for g in d["gates"] if g["verdict"] == "fail"}
+        if expect["gate"] not in fired:
+            result.failures.append(f"gate: expected {expect['gate']} to fire; fired: {sorted(fired) or 'none'}")
+    if "decision" in expect:
+        matching = [d for d in result.decisions() if d["decision"] == expect["decision"]]
+        needle = expect.get("reason_contains", "")
+        if not any(needle in d["reason"] for d in matching):
+            result.failures.append(f"decision: no {expect['decision']} decision with {needle!r} in its reason")
+    if "final_release" in expect:
+        release = RELEASES[expect["final_release"]]
+        if rig.running(release) != result.devices:
+            result.failures.append(f"final_release: {rig.running(release)} of {result.devices} devices on {release}")
+    if result.lost_windows:
+        result.failures.append(f"telemetry: {result.lost_windows} windows never reached the coordinator")
+
+
+def drift_by_site(rig: Rig, bucket_seconds: float = 2.0) -> tuple[int, dict[str, list[tuple[float, float]]]]:
+    """Largest input PSI per site per time bucket from the stored windows, and the time origin (ms) of the
+    buckets. Every rehearsal release's reference shares the base release's feature bins, so one scores all."""
+    custom = rig.store_query("SELECT custom FROM releases WHERE id = ?", [RELEASES["base"]])[0]["custom"]
+    reference = DriftReference.from_metadata(json.loads(custom)["drift_reference"])
+    sites = {
+        r["id"]: json.loads(r["labels"]).get("site", "?") for r in rig.store_query("SELECT id, labels FROM devices")
+    }
+    rows = rig.store_query("SELECT device_id, end_ms, payload FROM telemetry ORDER BY end_ms")
+    if not rows:
+        return 0, {}
+    t0 = int(rows[0]["end_ms"])
+    buckets: dict[tuple[str, int], WindowCounts] = {}
+    for r in rows:
+        key = (sites.get(r["device_id"], "?"), int((r["end_ms"] - t0) / 1000 / bucket_seconds))
+        counts = counts_from_proto(pb.TelemetryWindow.FromString(r["payload"]))
+        if counts.feature_counts.shape != reference.feature_proportions.shape:
+            continue
+        buckets[key] = counts if key not in buckets else buckets[key].merge(counts)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for (site, b), counts in sorted(buckets.items()):
+        score = score_window(counts, reference, min_samples=50)
+        if score is not None:
+            series.setdefault(site, []).append((b * bucket_seconds, float(np.max(score.feature_psi))))
+    return t0, series

@@ -11,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from simulations.rig import Rig
 from simulations.scenario import Scenario, ScenarioResult, drift_by_site
@@ -52,20 +54,24 @@ def write_report(scenario: Scenario, rig: Rig, result: ScenarioResult, out: Path
     return [summary, *written]
 
 
+def _finish(fig: Figure, ax: Axes, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _releases_plot(result: ScenarioResult, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     releases = sorted({k for _, counts in result.releases_over_time for k in counts if k})
     times = [t for t, _ in result.releases_over_time]
     for release in releases:
         ax.plot(times, [counts.get(release, 0) for _, counts in result.releases_over_time], label=release)
-    ax.set_xlabel("seconds since the fleet started")
-    ax.set_ylabel("devices running")
-    ax.set_title("Devices per release")
-    ax.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, "Devices per release", "seconds since the fleet started", "devices running")
 
 
 def _drift_plot(rig: Rig, result: ScenarioResult, path: Path) -> Path:
@@ -73,15 +79,11 @@ def _drift_plot(rig: Rig, result: ScenarioResult, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     for site, points in sorted(series.items()):
         ax.plot([t for t, _ in points], [v for _, v in points], marker=".", label=site)
-    ax.axhline(0.25, color="red", linestyle="--", linewidth=1, label="gate input_max_psi 0.25")
+    gates = [g for r in result.rollouts for g in r["spec"]["gates"] if g["metric"] == "input_max_psi"]
+    for threshold in sorted({g["threshold"] for g in gates}):
+        ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"gate input_max_psi {threshold:g}")
     for d in result.decisions():
         if d["decision"] in ("rollback", "hold"):
             ax.axvline((d["at"] - t0) / 1000, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("seconds since the first telemetry window (dotted: rollback or hold)")
-    ax.set_ylabel("largest feature PSI")
-    ax.set_title("Input drift per site")
-    ax.legend(loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    xlabel = "seconds since the first telemetry window (dotted: rollback or hold)"
+    return _finish(fig, ax, path, "Input drift per site", xlabel, "largest feature PSI")

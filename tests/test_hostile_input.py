@@ -66,12 +66,14 @@ def _rss_mb() -> float:
 
 
 def _stored_is_sound(store: Store) -> None:
-    """Whatever was stored came from a registered device and decodes into consistent counts."""
+    """Whatever was stored came from a registered device (fuzzed registrations included) and decodes into
+    consistent counts."""
+    registered = {r[0] for r in store.db.execute("SELECT id FROM devices")}
     for device, payload in store.db.execute("SELECT device_id, payload FROM telemetry"):
-        assert device in ("pi-1", "pi-2")
+        assert device in registered
         counts_from_proto(pb.TelemetryWindow.FromString(payload))
     for (device,) in store.db.execute("SELECT device_id FROM events"):
-        assert device in ("pi-1", "pi-2")
+        assert device in registered
 
 
 def test_mqtt_handlers_survive_random_topics_and_payloads(store: Store) -> None:

@@ -1,13 +1,21 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from server.datadir import DataDir
 from server.dense_tflite import build_dense_model, random_dense_layers
 from tests.support import Mosquitto
+
+# CI runs the property and fuzz tests on a fixed example sequence so a landing never hinges on a random draw;
+# locally each run explores new examples (HYPOTHESIS_PROFILE=ci reproduces CI).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI") or os.environ.get("HYPOTHESIS_PROFILE") == "ci":
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

@@ -83,7 +83,9 @@ METRICS: dict[str, Metric] = {
     "class_mix_shift": Metric(
         MetricKind.VERSUS_CONTROL, "total variation distance between the wave's and the control's predicted classes"
     ),
-    "latency_p95_ratio": Metric(MetricKind.VERSUS_CONTROL, "the wave's p95 inference latency over the control's"),
+    "latency_p95_ratio": Metric(
+        MetricKind.VERSUS_CONTROL, "the wave's p95 inference latency over the control's (each at least 1 ms)"
+    ),
     "error_rate": Metric(MetricKind.WAVE, "failed inferences over all inferences in the wave"),
     "failure_rate": Metric(
         MetricKind.DEVICES, "wave devices whose install failed, was refused or failed its probe, over wave devices"

@@ -412,9 +412,14 @@ def _class_mix_shift(wave: WindowCounts, control: WindowCounts) -> float | None:
     return float(0.5 * np.abs(p - q).sum())
 
 
+# Latencies below this count as this much when comparing p95s: on a busy device a sub-millisecond inference
+# doubles with scheduling noise alone, and no user notices it; a regression past a millisecond still shows.
+LATENCY_FLOOR_MS = 1.0
+
+
 def _latency_ratio(wave: WindowCounts, control: WindowCounts) -> float | None:
     if not wave.latency_counts.sum() or not control.latency_counts.sum():
         return None
     ours = histogram_quantile(wave.latency_counts, LATENCY_EDGES_MS, 0.95)
     theirs = histogram_quantile(control.latency_counts, LATENCY_EDGES_MS, 0.95)
-    return ours / theirs if theirs > 0 else None
+    return max(ours, LATENCY_FLOOR_MS) / max(theirs, LATENCY_FLOOR_MS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -291,3 +292,16 @@ def test_drift_in_one_cohort_fails_the_gate_naming_the_cohort() -> None:
     assert waiting.decision == "waiting" and "cohort site=north: 10 of 100 samples" in waiting.reason
     unassigned = dataclasses.replace(obs(), cohorts={"site=north": obs(treated=0, committed=0, samples=0)})
     assert decide(SPEC, baking(), 3, 10_000, unassigned).decision == "advance"  # no devices there yet: no say
+
+
+def test_latency_ratio_ignores_sub_millisecond_jitter_but_sees_real_regressions() -> None:
+    from edge_agent.drift import LATENCY_EDGES_MS, DriftReference, WindowCounts
+    from server.rollouts import _latency_ratio
+
+    def counts(ms: float) -> WindowCounts:
+        c = WindowCounts.empty(DriftReference.empty(10))
+        c.latency_counts[int(np.searchsorted(LATENCY_EDGES_MS, ms))] = 100
+        return c
+
+    assert _latency_ratio(counts(0.15), counts(0.06)) == pytest.approx(1.0)  # 2.5x of microseconds: noise
+    assert _latency_ratio(counts(30.0), counts(3.0)) > 2.0  # a real regression still fails the default gate

@@ -25,6 +25,7 @@ from typing import Any
 import aiomqtt
 import grpc
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
 from edge_agent import __version__
@@ -88,7 +89,7 @@ class Agent:
         self.topics = Topics(config.topic_prefix)
         self.store = StateStore(config.state_dir)
         self.store.seed_trust_root(config.trust_root)
-        self.director_keys = load_director_keys(self._trusted_director_keys())
+        self.director_keys = self._trusted_director_keys()
         self.interpreter = interpreter_name(config.interpreter)
         self.model: Model | None = None
         self.updating = False
@@ -205,17 +206,15 @@ class Agent:
             await asyncio.to_thread(self._transport.close)
             self.outbox.close()
 
-    def _trusted_director_keys(self) -> dict[str, str]:
+    def _trusted_director_keys(self) -> dict[str, Ed25519PublicKey]:
         """The director keys learned through TUF after a rotation, else the enrollment bundle's."""
         learned = self.store.director_keys_path
         if learned.exists():
             try:
-                doc = json.loads(learned.read_text())
-                load_director_keys(doc)  # checked: a corrupt file falls back to the bundle
-                return {str(k): str(v) for k, v in doc.items()}
+                return load_director_keys(json.loads(learned.read_text()))
             except (ValueError, AttributeError, AgentError) as e:
                 logger.warning("ignoring %s (%s); using the enrollment bundle's director keys", learned, e)
-        return self.config.director_keys
+        return load_director_keys(self.config.director_keys)
 
     def _load_committed_model(self) -> None:
         state = self.store.load()

@@ -70,14 +70,8 @@ def write_broker_config(d: DataDir, config: BrokerConfig) -> list[Path]:
     ca = d.ca()
     store = d.store()
     try:
-        cert, key, marker = out / "broker.pem", out / "broker-key.pem", out / "broker.hosts"
-        hosts = ",".join(config.hosts)
-        if not (cert.exists() and key.exists() and marker.exists() and marker.read_text() == hosts):
-            issued = ca.issue(BROKER_IDENTITY, client=False, hosts=config.hosts)
-            atomic_write_bytes(key, issued.key_pem)
-            atomic_write_bytes(cert, issued.cert_pem)
-            atomic_write_bytes(marker, hosts.encode())
-            store.record_certificate(issued.serial, BROKER_IDENTITY, "broker", int(issued.not_after.timestamp() * 1000))
+        cert, key = out / "broker.pem", out / "broker-key.pem"
+        ca.ensure_files(store, BROKER_IDENTITY, "broker", config.hosts, cert, key)
         crl = ca.write_crl(store.revoked_certificates())
     finally:
         store.close()

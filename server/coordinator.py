@@ -46,11 +46,11 @@ class Coordinator:
         self.store = datadir.store()
         self.repository = datadir.repository()
         self.topics = Topics(self.config.topic_prefix)
-        self.tls = self.config.grpc_tls or self.mqtt_url.startswith("mqtts://")
-        if self.tls:
+        tls = self.config.grpc_tls or self.mqtt_url.startswith("mqtts://")
+        if tls:
             datadir.ensure_coordinator_tls(self.store)
         client_cert, client_key = datadir.tls_files("coordinator")
-        tls_files = (datadir.trust / "ca.pem", client_cert, client_key) if self.tls else None
+        tls_files = (datadir.trust / "ca.pem", client_cert, client_key) if tls else None
         self.bridge = MqttBridge(self.store, self.mqtt_url, self.topics, tls_files=tls_files)
         self.rollouts = datadir.rollouts(self.store)
         self._next_rollout_tick = 0.0
@@ -99,11 +99,11 @@ class Coordinator:
         self.bridge.flush_telemetry()
         await self.bridge.publish_acks()
         loop = asyncio.get_running_loop()
-        director_mtime = (self.datadir.keys / "director.pem").stat().st_mtime_ns
-        if director_mtime != self._director_mtime:  # `fedfleet keys rotate-director` ran: sign with the new key
-            self.rollouts.director = self.datadir.director()
-            self._director_mtime = director_mtime
         if loop.time() >= self._next_rollout_tick:
+            director_mtime = (self.datadir.keys / "director.pem").stat().st_mtime_ns
+            if director_mtime != self._director_mtime:  # `fedfleet keys rotate-director` ran: sign with the new key
+                self.rollouts.director = self.datadir.director()
+                self._director_mtime = director_mtime
             self.rollouts.tick()
             self._next_rollout_tick = loop.time() + self.config.rollout_tick_seconds
         published = await self.bridge.publish_assignments()

@@ -137,21 +137,11 @@ class DataDir:
     def ensure_coordinator_tls(self, store: Store) -> None:
         """Issue the coordinator's gRPC server certificate (for tls_hosts) and its MQTT client certificate,
         once each; a changed tls_hosts issues a new server certificate."""
-        hosts = self.config().tls_hosts
         ca = self.ca()
-        for name, client in (("grpc-server", False), ("coordinator", True)):
-            cert_path, key_path = self.tls_files(name)
-            marker = cert_path.with_suffix(".hosts")
-            wanted = "client" if client else ",".join(hosts)
-            if cert_path.exists() and key_path.exists() and marker.exists() and marker.read_text() == wanted:
-                continue
-            issued = ca.issue(COORDINATOR_IDENTITY, client=client, hosts=() if client else hosts)
-            atomic_write_bytes(key_path, issued.key_pem)
-            atomic_write_bytes(cert_path, issued.cert_pem)
-            atomic_write_bytes(marker, wanted.encode())
-            store.record_certificate(
-                issued.serial, COORDINATOR_IDENTITY, name, int(issued.not_after.timestamp() * 1000)
-            )
+        ca.ensure_files(
+            store, COORDINATOR_IDENTITY, "grpc-server", self.config().tls_hosts, *self.tls_files("grpc-server")
+        )
+        ca.ensure_files(store, COORDINATOR_IDENTITY, "coordinator", (), *self.tls_files("coordinator"))
 
     def policy(self) -> Policy:
         return load_policy(self.root / self.config().policy)

@@ -44,11 +44,11 @@ class FleetService(pb_grpc.FleetServiceServicer):
         self.mutual_tls = mutual_tls
         self.upload_seconds = LIMITS.grpc_upload_seconds
 
-    async def _authorize(self, context: Context, claimed: str) -> None:
-        """With mutual TLS, the caller is the common name of its (unrevoked) certificate, and may speak only for
-        itself; a request naming another device is refused and changes nothing."""
+    async def _authenticate(self, context: Context) -> str | None:
+        """With mutual TLS, the caller: the common name of its (unrevoked) certificate. Checked once per call;
+        None without mutual TLS (one machine, tests)."""
         if not self.mutual_tls:
-            return
+            return None
         auth = context.auth_context()
         names = list(auth.get("x509_common_name") or [])
         pem = next(iter(auth.get("x509_pem_cert") or [b""]))
@@ -56,12 +56,19 @@ class FleetService(pb_grpc.FleetServiceServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate from the fleet CA is required")
         if self.store.certificate_revoked(serial_of(pem)):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "this certificate is revoked or unknown")
-        identity = names[0].decode(errors="replace")
-        if claimed and claimed != identity:
+        return str(names[0].decode(errors="replace"))
+
+    @staticmethod
+    async def _speaks_for_itself(context: Context, identity: str | None, claimed: str) -> None:
+        """A device may speak only for itself: a request naming another device is refused and changes nothing."""
+        if identity is not None and claimed != identity:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"certificate names {identity!r}; it cannot speak for {claimed[:80]!r}",
             )
+
+    async def _authorize(self, context: Context, claimed: str) -> None:
+        await self._speaks_for_itself(context, await self._authenticate(context), claimed)
 
     async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.RegisterResponse:
         await self._authorize(context, request.device_id)
@@ -111,8 +118,9 @@ class FleetService(pb_grpc.FleetServiceServicer):
                 offset += len(data)
 
     async def ReportEvents(self, request: pb.ReportEventsRequest, context: Context) -> pb.ReportEventsResponse:
+        identity = await self._authenticate(context)
         for e in request.events:
-            await self._authorize(context, e.device_id)
+            await self._speaks_for_itself(context, identity, e.device_id)
         if len(request.events) > LIMITS.events_per_report:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"at most {LIMITS.events_per_report} events per report"
@@ -128,11 +136,11 @@ class FleetService(pb_grpc.FleetServiceServicer):
     ) -> pb.TelemetryAck:
         """A device's backlog in one stream, stored in one transaction; answers the stored watermark."""
         windows: list[pb.TelemetryWindow] = []
-        await self._authorize(context, "")
+        identity = await self._authenticate(context)
         try:
             async with asyncio.timeout(self.upload_seconds):  # a stalled (slow-loris) upload is cut off
                 async for window in request_iterator:
-                    await self._authorize(context, window.device_id)
+                    await self._speaks_for_itself(context, identity, window.device_id)
                     if len(windows) >= LIMITS.telemetry_windows_per_upload:
                         await context.abort(
                             grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge_agent.fsutil import atomic_write_bytes
 from server.errors import CoordinatorError
+from server.store import Store
 
 __all__ = ["COORDINATOR_IDENTITY", "FleetCA", "Issued", "serial_of"]
 
@@ -128,6 +129,21 @@ class FleetCA:
         return Issued(
             cert.public_bytes(serialization.Encoding.PEM), _key_pem(key), format(cert.serial_number, "x"), not_after
         )
+
+    def ensure_files(
+        self, store: Store, common_name: str, kind: str, hosts: tuple[str, ...], cert_path: Path, key_path: Path
+    ) -> None:
+        """Keep a certificate and its key at these paths: issued once (a client certificate when `hosts` is
+        empty, else a server one for them) and again only when the hosts change; each issue is recorded."""
+        marker = cert_path.with_suffix(".hosts")
+        wanted = ",".join(hosts) or "client"
+        if cert_path.exists() and key_path.exists() and marker.exists() and marker.read_text() == wanted:
+            return
+        issued = self.issue(common_name, client=not hosts, hosts=hosts)
+        atomic_write_bytes(key_path, issued.key_pem)
+        atomic_write_bytes(cert_path, issued.cert_pem)
+        atomic_write_bytes(marker, wanted.encode())
+        store.record_certificate(issued.serial, common_name, kind, int(issued.not_after.timestamp() * 1000))
 
     def write_crl(self, revoked: list[tuple[str, int]]) -> Path:
         """Sign a CRL of (serial hex, revoked at ms) and write it to trust/crl.pem; returns its path."""

@@ -91,6 +91,7 @@ class GateResult:
     value: float | None
     verdict: Verdict
     note: str = ""
+    cohort: str = ""  # set when the verdict is a cohort's ("site=north"), not the pooled wave's
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,12 +100,13 @@ class GateResult:
             "threshold": self.gate.threshold,
             "value": self.value,
             "verdict": str(self.verdict),
-            "note": self.note,
+            "note": self.note or (f"in cohort {self.cohort}" if self.cohort else ""),
+            "cohort": self.cohort or None,
         }
 
     def __str__(self) -> str:
         shown = "n/a" if self.value is None else f"{self.value:.4g}"
-        where = f" {self.note}" if self.note.startswith("in cohort") else ""
+        where = f" in cohort {self.cohort}" if self.cohort else ""
         return f"{self.gate.metric} = {shown}{where} (gate {self.gate})"
 
 
@@ -121,7 +123,7 @@ def evaluate_gates(spec: RolloutSpec, obs: WaveObservation) -> tuple[GateResult,
             short = [(name, j) for name, j in judged.items() if j.verdict is Verdict.INSUFFICIENT]
             if failed:
                 name, worst = failed[0]
-                result = replace(worst, note=f"in cohort {name}")
+                result = replace(worst, cohort=name)
             elif short and result.verdict is Verdict.PASS:
                 # A pass is a pass everywhere: a cohort still short of evidence keeps the gate waiting.
                 name, thin = short[0]
@@ -181,7 +183,7 @@ def _on_failure(spec: RolloutSpec, state: RolloutState, now_ms: int, gates: tupl
     if spec.on_fail is OnFail.PAUSE:
         paused = RolloutState(Phase.PAUSED, state.wave, state.wave_started_ms, str(Phase.GATING), "pause")
         return Transition(paused, decision="pause", reason=reason + "; waiting for an operator", gates=gates)
-    key = "hold:" + ",".join(f"{g.gate.metric}{g.note}" for g in failed)  # a new reason is recorded anew
+    key = "hold:" + ",".join(f"{g.gate.metric}@{g.cohort}" for g in failed)  # a new reason is recorded anew
     gating = replace(state, phase=Phase.GATING)
     return _record(gating, key, decision="hold", reason=reason + "; holding at this wave", gates=gates)
 

@@ -161,14 +161,7 @@ class Rollouts:
             )
         )
         if row.state.phase is Phase.ROLLING_BACK:
-            pending = sum(
-                1
-                for o in outcomes
-                if o["rollback_counter"] is not None
-                and not (
-                    o["running_release"] == o["previous_release"] and o["running_counter"] >= o["rollback_counter"]
-                )
-            )
+            pending = sum(1 for o in outcomes if o["rollback_counter"] is not None and not _rolled_back(o))
             return WaveObservation(0, 0, 0, 0, 0, 0, 0, {}, pending)
         label = row.spec.cohort_by or row.spec.canary_by
         cohorts: dict[str, WaveObservation] = {}
@@ -185,7 +178,7 @@ class Rollouts:
         running: list[str] = []
         treated = [o for o in outcomes if o["counter"] is not None]
         for o in treated:
-            if o["running_release"] == row.release_id and o["running_counter"] >= o["counter"]:
+            if _runs_release(o, row.release_id):
                 committed += 1
                 running.append(o["device_id"])
             elif o["failed"]:
@@ -368,13 +361,22 @@ class Rollouts:
         }
 
 
+def _runs_release(r: dict[str, Any], release_id: str) -> bool:
+    """The device reports the rollout's release committed at (or after) its assignment."""
+    return bool(r["running_release"] == release_id and r["running_counter"] >= r["counter"])
+
+
+def _rolled_back(r: dict[str, Any]) -> bool:
+    """The device reports its previous release committed at (or after) its rollback assignment."""
+    return bool(r["running_release"] == r["previous_release"] and r["running_counter"] >= r["rollback_counter"])
+
+
 def _device_state(r: dict[str, Any], release_id: str) -> str:
     if r["counter"] is None:
         return "not_assigned"
     if r["rollback_counter"] is not None:
-        back = r["running_release"] == r["previous_release"] and r["running_counter"] >= r["rollback_counter"]
-        return "rolled_back" if back else "rolling_back"
-    if r["running_release"] == release_id and r["running_counter"] >= r["counter"]:
+        return "rolled_back" if _rolled_back(r) else "rolling_back"
+    if _runs_release(r, release_id):
         return "running" if r["online"] else "running_offline"
     return "assigned"
 

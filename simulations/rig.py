@@ -42,6 +42,7 @@ class Rig:
     fleet_name: str = field(default_factory=lambda: f"lab{uuid.uuid4().hex[:6]}")  # unique: brokers are shared
     coordinator: CoordinatorProcess | None = None
     fleet: FleetThread | None = None
+    _store: Store | None = field(default=None, repr=False)
 
     @property
     def datadir(self) -> DataDir:
@@ -98,15 +99,17 @@ class Rig:
         finally:
             if self.coordinator is not None:
                 self.coordinator.kill()
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
     # ----- reading the coordinator's state -----
 
     def store_query(self, sql: str, args: list[Any] | None = None) -> list[dict[str, Any]]:
-        store = Store(self.datadir.db_path)
-        try:
-            return list(store.db.query(sql, args or []))
-        finally:
-            store.close()
+        """Read the coordinator's database (one connection for the rig's life: polling loops call this often)."""
+        if self._store is None:
+            self._store = Store(self.datadir.db_path)
+        return list(self._store.db.query(sql, args or []))
 
     def running(self, release: str) -> int:
         return len(self.store_query("SELECT id FROM devices WHERE running_release = ?", [release]))

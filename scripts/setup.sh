@@ -29,6 +29,9 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+# torch first, as the CPU build where this machine's pip offers one: a bare requirement can pull CUDA (GBs).
+echo "== installing torch 2.13.0 into .venv"
+.venv/bin/python -m pip install -q "torch==2.13.0"
 extras=server
 $dev && extras=server,dev
 echo "== installing fedfleet[$extras] into .venv"

@@ -32,6 +32,7 @@ from server.cli_common import (
     print_json,
 )
 from server.cli_rollout import audit_app, rollout_app
+from server.cli_train import models_app, privacy_app, train
 from server.datadir import DataDir
 from server.enrollment import write_bundle
 from server.errors import CoordinatorError
@@ -59,6 +60,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(broker_app, name="broker")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(audit_app, name="audit")
+app.add_typer(models_app, name="models")
+app.add_typer(privacy_app, name="privacy")
+app.command()(train)
 
 
 @app.command()
@@ -96,18 +100,65 @@ def _release_doc(r: Release) -> dict[str, Any]:
 
 @app.command()
 def release(
-    model_file: Annotated[Path, typer.Argument(help="The .tflite file to release.", exists=True, dir_okay=False)],
-    name: Annotated[str, typer.Option(help="Model name, e.g. digits.")],
-    version: Annotated[str, typer.Option(help="Release version, e.g. 1.2.0.")],
-    probe: Annotated[Path | None, typer.Option(help="Probe set .npz with arrays 'inputs' and 'outputs'.")] = None,
+    target: Annotated[str, typer.Argument(help="A registered model version (e.g. digits@3) or a .tflite file.")],
+    name: Annotated[str | None, typer.Option(help="With a file: model name, e.g. digits.")] = None,
+    version: Annotated[str | None, typer.Option(help="With a file: release version, e.g. 1.2.0.")] = None,
+    quantize: Annotated[str, typer.Option(help="With a model version: 'int8' (dynamic range) or '' for float.")] = "",
+    probe: Annotated[Path | None, typer.Option(help="With a file: probe set .npz with 'inputs' and 'outputs'.")] = None,
     card: Annotated[
-        Path | None, typer.Option(help="Model card as a JSON object; signed with the release, checked by the policy.")
+        Path | None, typer.Option(help="With a file: model card as a JSON object, signed and checked by the policy.")
     ] = None,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
-    """Check a TFLite model runs and obeys the policy, sign it as a TUF target with its metadata, and publish it."""
+    """Publish a signed release. From a model version: export to TFLite (litert-torch), check parity with PyTorch
+    in the agent's interpreter, attach the federated drift reference, a held-out probe set and the model card.
+    From a file: check it runs. Either way the policy is checked and the release signed as a TUF target."""
     d = open_datadir(data_dir)
+    path = Path(target)
+    if path.is_file():
+        if quantize:
+            raise CoordinatorError("--quantize applies to a model version, not to a .tflite file")
+        if not name or not version:
+            raise CoordinatorError("releasing a file needs --name and --version")
+        result = _release_file(d, path, name, version, probe, card)
+        report = None
+    else:
+        if name or version or probe or card:
+            raise CoordinatorError(
+                f"{target!r} is not a file, so it must be a model version (name@seq); --name, --version, --probe "
+                "and --card apply to files only (a version's card and probe come from its registry entry)"
+            )
+        from server.fl.export import release_model_version
+
+        report = release_model_version(d, target, quantize)
+        result = report.release
+    r = result.release
+    if as_json:
+        doc = {**_release_doc(r), "created": result.created}
+        if report is not None:
+            doc["export"] = report.facts
+        print_json(doc)
+        return
+    if report is not None:
+        f = report.facts
+        line = (
+            f"parity: max |TFLite - PyTorch| = {f['parity_max_abs_diff']:.2e}; "
+            f"held-out accuracy {f['accuracy_tflite']:.4f}"
+        )
+        if f["quantize"] != "none":
+            line += (
+                f" ({f['quantize']}: {f['float_bytes']} -> {f['bytes']} bytes, "
+                f"accuracy {f['accuracy_float_tflite']:.4f} -> {f['accuracy_tflite']:.4f})"
+            )
+        out.print(line)
+    if result.created:
+        out.print(f"Released [bold]{r.id}[/] ({r.length} bytes, sha256 {r.sha256[:12]}…) as {r.target_path}.")
+    else:
+        out.print(f"{r.id} was already released with these bytes; nothing changed.")
+
+
+def _release_file(d: DataDir, model_file: Path, name: str, version: str, probe: Path | None, card: Path | None) -> Any:
     extra: dict[str, Any] = {}
     if card is not None:
         try:
@@ -132,18 +183,11 @@ def release(
             ) from e
     store = d.store()
     try:
-        result = publish_release(
+        return publish_release(
             d.repository(), store, model_file.read_bytes(), name, version, probe_doc, extra, d.policy()
         )
     finally:
         store.close()
-    r = result.release
-    if as_json:
-        print_json({**_release_doc(r), "created": result.created})
-    elif result.created:
-        out.print(f"Released [bold]{r.id}[/] ({r.length} bytes, sha256 {r.sha256[:12]}…) as {r.target_path}.")
-    else:
-        out.print(f"{r.id} was already released with these bytes; nothing changed.")
 
 
 @releases_app.command("list")

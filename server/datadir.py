@@ -46,6 +46,7 @@ class CoordinatorConfig:
     policy: str = "policy.toml"  # relative to the data directory
     grpc_tls: bool = False  # mutual TLS on gRPC: devices present certificates from the fleet CA
     tls_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")  # names in the gRPC server certificate
+    epsilon_budget: float = 10.0  # each device's lifetime privacy budget (sum of ε over training runs)
 
     def to_toml(self) -> str:
         return (
@@ -63,6 +64,8 @@ class CoordinatorConfig:
             "# use an mqtts:// mqtt_url to a broker configured by `fedfleet broker config`\n"
             f"grpc_tls = {str(self.grpc_tls).lower()}\n"
             f"tls_hosts = {json.dumps(list(self.tls_hosts))}\n"
+            "# each device's lifetime privacy budget: the sum of ε over the training runs it took part in\n"
+            f"epsilon_budget = {self.epsilon_budget}\n"
         )
 
 

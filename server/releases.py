@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import tempfile
 from dataclasses import dataclass
@@ -52,6 +53,22 @@ def auto_probe(model: Model, sha256: str, count: int = PROBE_INPUTS) -> dict[str
     inputs = rng.random((count, *model.input_shape), dtype=np.float32)
     outputs = np.stack([model.predict(x) for x in inputs])
     return {"inputs": encode_array(inputs), "outputs": encode_array(outputs), "atol": "1e-4", "source": "auto"}
+
+
+def _canonical(doc: Any) -> Any:
+    """Signed metadata is canonical JSON, which has no floats: each float becomes its shortest decimal string
+    (the policy has already read the numbers). Infinities and NaN are refused: they have no honest string."""
+    if isinstance(doc, bool) or doc is None or isinstance(doc, int | str):
+        return doc
+    if isinstance(doc, float):
+        if not math.isfinite(doc):
+            raise ReleaseError(f"release metadata holds a non-finite number ({doc})")
+        return repr(doc)
+    if isinstance(doc, dict):
+        return {str(k): _canonical(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [_canonical(v) for v in doc]
+    raise ReleaseError(f"release metadata holds a {type(doc).__name__}, which JSON cannot carry")
 
 
 def publish_release(
@@ -112,6 +129,7 @@ def publish_release(
     if rules:
         audit.append(store, "policy.refused", release_id, {"what": "release", "rules": rules}, actor)
         raise PolicyViolation(f"release {release_id}", rules, (policy or Policy()).source)
+    custom = _canonical(custom)
     target_path = f"{name}/{version}/model.tflite"
     info = repository.add_target(target_path, data, custom)
     release = Release(release_id, name, version, target_path, info.hashes["sha256"], info.length, custom, now_ms())

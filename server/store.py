@@ -183,7 +183,75 @@ def _v4(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
+def _v5(db: sqlite_utils.Database) -> None:
+    """Federated training: runs and their rounds, round forensics, the privacy ledger, the model registry."""
+    db.executescript(
+        """
+        CREATE TABLE fl_runs (
+            id TEXT PRIMARY KEY,
+            model_name TEXT NOT NULL,
+            engine TEXT NOT NULL,               -- simulation, deployment
+            plan TEXT NOT NULL,                 -- JSON: rounds, clients, DP settings, seed, code version
+            status TEXT NOT NULL,               -- running, completed, failed
+            error TEXT NOT NULL DEFAULT '',
+            model_version TEXT NOT NULL DEFAULT '',
+            started_at INTEGER NOT NULL,
+            finished_at INTEGER
+        );
+        CREATE TABLE fl_rounds (
+            run_id TEXT NOT NULL REFERENCES fl_runs(id),
+            round INTEGER NOT NULL,             -- 0: the initial model, before any training
+            selected INTEGER NOT NULL,
+            completed INTEGER NOT NULL,
+            refused INTEGER NOT NULL,
+            failed INTEGER NOT NULL,
+            train_loss REAL,
+            test_loss REAL,
+            test_accuracy REAL,
+            epsilon_max REAL,
+            seconds REAL NOT NULL,
+            PRIMARY KEY (run_id, round)
+        );
+        CREATE TABLE fl_incidents (             -- which device, which round, what happened
+            run_id TEXT NOT NULL REFERENCES fl_runs(id),
+            round INTEGER NOT NULL,
+            device_id TEXT NOT NULL,
+            kind TEXT NOT NULL,                 -- error, refused, skipped-budget
+            detail TEXT NOT NULL,
+            at INTEGER NOT NULL
+        );
+        CREATE INDEX fl_incidents_run ON fl_incidents (run_id, round);
+        CREATE TABLE privacy_spend (            -- the ε a device reported after each round (cumulative in the run)
+            run_id TEXT NOT NULL REFERENCES fl_runs(id),
+            device_id TEXT NOT NULL,
+            round INTEGER NOT NULL,
+            epsilon REAL NOT NULL,
+            delta REAL NOT NULL,
+            at INTEGER NOT NULL,
+            PRIMARY KEY (run_id, device_id, round)
+        );
+        CREATE TABLE privacy_budgets (          -- per-device lifetime budgets; others use config epsilon_budget
+            device_id TEXT PRIMARY KEY,
+            budget REAL NOT NULL
+        );
+        CREATE TABLE models (
+            version TEXT PRIMARY KEY,           -- name@seq
+            name TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            run_id TEXT NOT NULL REFERENCES fl_runs(id),
+            parent TEXT NOT NULL DEFAULT '',
+            weights BLOB NOT NULL,              -- .npz of the state dict
+            weights_sha256 TEXT NOT NULL,
+            lineage TEXT NOT NULL,              -- JSON
+            reference TEXT NOT NULL,            -- JSON: the federated drift reference
+            created_at INTEGER NOT NULL,
+            UNIQUE (name, seq)
+        );
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,0 +1,231 @@
+"""`fedfleet train`, `fedfleet models …`, `fedfleet privacy …`: federated training, the registry and the ledger.
+
+Torch, Flower and Opacus load only when a command needs them, so the rest of the CLI stays quick.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from server.cli_common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, fmt, open_datadir, out, print_json
+from server.errors import CoordinatorError
+
+__all__ = ["models_app", "privacy_app", "train"]
+
+models_app = typer.Typer(help="Model registry: versions, lineage, model cards.", no_args_is_help=True)
+privacy_app = typer.Typer(
+    help="Privacy ledger: ε spent per device, run and model version; budgets.", no_args_is_help=True
+)
+
+
+def train(
+    rounds: Annotated[int, typer.Option(min=1, max=1000, help="Federated rounds.")] = 5,
+    clients: Annotated[int, typer.Option(min=1, max=10_000, help="Simulated devices (virtual clients).")] = 10,
+    clients_per_round: Annotated[int, typer.Option(min=0, help="Devices per round; 0: every eligible device.")] = 0,
+    target_epsilon: Annotated[
+        float | None, typer.Option(help="Choose each client's noise so the planned rounds end at or below this ε.")
+    ] = None,
+    delta: Annotated[float, typer.Option(help="δ of the (ε, δ) guarantee.")] = 1e-5,
+    noise_multiplier: Annotated[
+        float | None, typer.Option(help="Gaussian noise multiplier when no --target-epsilon (default 1.0).")
+    ] = None,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy (a baseline).")] = False,
+    max_grad_norm: Annotated[float, typer.Option(help="Per-sample gradient clipping norm C.")] = 1.0,
+    local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 5,
+    alpha: Annotated[float, typer.Option(help="Dirichlet α of the non-IID split (small: skewed).")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed: split, initial model, client sampling and noise.")] = 0,
+    secure_mode: Annotated[
+        bool, typer.Option(help="Opacus secure RNG for noise and sampling (production; runs no longer repeat).")
+    ] = False,
+    name: Annotated[str, typer.Option(help="Model name in the registry.")] = "digits",
+    parent: Annotated[str, typer.Option(help="Start from this registered version (fine-tune); default: fresh.")] = "",
+    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """Train across simulated devices with Flower (simulation engine) and Opacus DP-SGD on every client; record
+    ε per device in the privacy ledger and register the result as a model version."""
+    from server.fl.plan import TrainPlan
+
+    if no_dp and (target_epsilon is not None or noise_multiplier is not None):
+        raise CoordinatorError("--no-dp cannot be combined with --target-epsilon or --noise-multiplier")
+    noise = None if no_dp or target_epsilon is not None else (noise_multiplier or 1.0)
+    plan = TrainPlan(
+        rounds=rounds,
+        clients=clients,
+        clients_per_round=clients_per_round,
+        target_epsilon=target_epsilon,
+        noise_multiplier=noise,
+        delta=delta,
+        max_grad_norm=max_grad_norm,
+        local_epochs=local_epochs,
+        alpha=alpha,
+        seed=seed,
+        secure_mode=secure_mode,
+        model_name=name,
+        parent=parent,
+    )
+    d = open_datadir(data_dir)
+    from server.fl.server_app import RoundProgress
+    from server.fl.training import run_training
+
+    def progress(p: RoundProgress) -> None:
+        if as_json:
+            return
+        eps = "" if p.epsilon_max is None else f"  ε {p.epsilon_max:.3f}"
+        loss = "" if p.train_loss is None else f"  train loss {p.train_loss:.4f}"
+        label = "initial model" if p.round == 0 else f"round {p.round}/{p.rounds}"
+        counts = "" if p.round == 0 else f"  clients {p.completed}/{p.selected}"
+        out.print(f"{label}:{counts}{loss}  test accuracy {p.test_accuracy:.4f}{eps}  ({p.seconds:.1f} s)")
+        for i in p.incidents:
+            out.print(f"  [yellow]{i['device']} {i['kind']}[/]: {i['detail']}")
+
+    if not as_json:
+        mode = (
+            "no DP"
+            if not plan.private
+            else (f"target ε {target_epsilon}" if target_epsilon else f"noise multiplier {noise}")
+        )
+        out.print(
+            f"Training {name}: {clients} devices, {rounds} rounds, {mode}, δ {delta:g}, seed {seed} (starting Ray)…"
+        )
+    outcome = run_training(d.root, plan, on_round=progress, verbose=verbose)
+    if as_json:
+        print_json(
+            {
+                "run": outcome.run_id,
+                "status": outcome.status,
+                "model_version": outcome.model_version or None,
+                "error": outcome.error or None,
+                "rounds": outcome.rounds,
+                "incidents": outcome.incidents,
+            }
+        )
+    if outcome.status != "completed":
+        failed = [i for i in outcome.incidents if i["kind"] == "error"]
+        where = "; ".join(f"{i['device_id']} in round {i['round']}: {i['detail'][:200]}" for i in failed[:5])
+        raise CoordinatorError(
+            f"training run {outcome.run_id} failed: {outcome.error}" + (f" — client errors: {where}" if where else "")
+        )
+    if not as_json:
+        problems = [i for i in outcome.incidents if i["kind"] != "skipped-budget"]
+        if problems:
+            out.print(f"[yellow]{len(problems)} client incident(s)[/] (see above); the run completed without them.")
+        version = outcome.model_version
+        out.print(f"Registered [bold]{version}[/] from run {outcome.run_id}. Next: fedfleet release {version}")
+
+
+@models_app.command("list")
+def models_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
+    """Registered model versions with their run, ε and test accuracy."""
+    from server.fl.registry import Registry
+
+    store = open_datadir(data_dir).store()
+    try:
+        rows = Registry(store).list()
+    finally:
+        store.close()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("version", "run", "parent", "ε", "accuracy", "weights sha256")
+    for r in rows:
+        table.add_row(
+            r["version"],
+            r["run_id"],
+            r["parent"] or "-",
+            fmt(r["epsilon"]),
+            fmt(r["accuracy"]),
+            r["weights_sha256"][:12],
+        )
+    out.print(table if rows else "No model versions yet; run `fedfleet train`.")
+
+
+@models_app.command("show")
+def models_show(
+    version: Annotated[str, typer.Argument(help="A model version, e.g. digits@3.")],
+    card: Annotated[bool, typer.Option("--card", help="Print the model card in Markdown.")] = False,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """A version's lineage (run, parent, rounds, devices, data, ε and δ, metrics per round) and model card."""
+    from server.fl.registry import Registry, TrainingRuns, model_card, model_card_markdown
+
+    store = open_datadir(data_dir).store()
+    try:
+        m = Registry(store).get(version)
+        incidents = TrainingRuns(store).incidents(m.run_id)
+    finally:
+        store.close()
+    if as_json:
+        print_json({"version": m.version, "card": model_card(m), "lineage": m.lineage, "incidents": incidents})
+        return
+    if card:
+        out.print(model_card_markdown(m), markup=False)
+        return
+    out.print(model_card_markdown(m), markup=False)
+    if incidents:
+        out.print(f"{len(incidents)} incident(s) in run {m.run_id}:")
+        for i in incidents:
+            out.print(f"  round {i['round']}: {i['device_id']} {i['kind']}: {i['detail'][:160]}", markup=False)
+
+
+@privacy_app.command("ledger")
+def privacy_ledger(
+    device: Annotated[str | None, typer.Option(help="Only this device.")] = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """ε spent per device and run (with the model version it produced), each device's lifetime ε and budget."""
+    from server.fl.registry import Ledger
+
+    d = open_datadir(data_dir)
+    store = d.store()
+    try:
+        rows: list[dict[str, Any]] = Ledger(store, d.config().epsilon_budget).rows()
+    finally:
+        store.close()
+    if device:
+        rows = [r for r in rows if r["device"] == device]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("device", "run", "model version", "rounds", "ε", "δ", "lifetime ε", "budget")
+    for r in rows:
+        table.add_row(
+            r["device"],
+            r["run"],
+            r["model_version"] or "-",
+            str(r["rounds"]),
+            fmt(r["epsilon"]),
+            f"{r['delta']:g}",
+            fmt(r["lifetime_epsilon"]),
+            fmt(r["budget"]),
+        )
+    out.print(table if rows else "The ledger is empty: no private training has run yet.")
+
+
+@privacy_app.command("budget")
+def privacy_budget(
+    device: Annotated[str, typer.Argument(help="Device id.")],
+    epsilon: Annotated[float, typer.Argument(help="The device's lifetime ε budget.")],
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+) -> None:
+    """Set one device's lifetime budget (others use `epsilon_budget` in config.toml)."""
+    from server.fl.registry import Ledger
+
+    d = open_datadir(data_dir)
+    store = d.store()
+    try:
+        ledger = Ledger(store, d.config().epsilon_budget)
+        try:
+            ledger.set_budget(device, epsilon)
+        except ValueError as e:
+            raise CoordinatorError(str(e)) from e
+        spent = ledger.lifetime(device)
+    finally:
+        store.close()
+    out.print(f"{device}: lifetime budget ε {epsilon:g} (spent so far {spent:.3f}).")

@@ -1,0 +1,232 @@
+"""The ClientApp: what a device (a SuperNode, or a virtual client in the simulation engine) does when asked.
+
+Messages it answers (Flower Message API, flwr 1.41):
+- query `hello`: its device id, how many examples it holds, and the lifetime ε its own record shows.
+- train: one round of local training — Opacus DP-SGD unless the run is non-private — from the global weights;
+  replies with the new weights and metrics, among them the cumulative ε of this run after this round. Before
+  training it checks its own privacy record: a round that would pass its lifetime budget is refused (a reply
+  carrying a `refusal` record, not an error), whatever the coordinator asked.
+- query `feature-histogram` / `reference-counts`: per-feature bin counts of its inputs (never the inputs), and
+  with the final model, the histogram of its top-class scores. The coordinator pools them into the release's
+  drift reference.
+
+Node config (SuperNode `--node-config`, or set by the simulation): `device-id`, `partition-id`,
+`num-partitions`, `data-source` (`digits` or `npz:PATH`), `state-dir` (where the device keeps its privacy
+record), `epsilon-budget` (the device's own lifetime budget; otherwise the coordinator's figure is used).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from edge_agent.drift import bin_counts
+from server.fl.data import DataSource, source_from_config
+from server.fl.model import predict_proba, train_plain
+from server.fl.privacy import BudgetExceeded, DeviceBudget, History, epsilon_of, noise_for_target, steps_per_round
+from server.fl.privacy import train_private as dp_train
+from server.fl.records import as_bool, as_float, as_int, as_str
+
+__all__ = ["build_client_app", "client_seed"]
+
+STATE_KEY = "fedfleet-dp"
+
+
+def client_seed(run_seed: int, server_round: int, device_id: str) -> int:
+    """A per-device, per-round seed, stable across processes (unlike hash())."""
+    digest = hashlib.sha256(f"{run_seed}/{server_round}/{device_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+class _Node:
+    """What a ClientApp knows about the node it runs on."""
+
+    def __init__(self, context: Context, device_ids: Sequence[str] | None, state_dir: Path | None) -> None:
+        cfg = context.node_config
+        self.partition = int(cfg.get("partition-id", 0))
+        self.partitions = int(cfg.get("num-partitions", 1))
+        if "device-id" in cfg:
+            self.device_id = as_str(cfg, "device-id")
+        elif device_ids is not None:
+            self.device_id = device_ids[self.partition]
+        else:
+            self.device_id = f"node-{context.node_id}"
+        self.data_spec = str(cfg.get("data-source", "digits"))
+        node_state = cfg.get("state-dir")
+        self.state_dir = Path(str(node_state)) if node_state else state_dir
+        self.own_budget = as_float(cfg, "epsilon-budget") if "epsilon-budget" in cfg else None
+
+    def source(self, config: ConfigRecord) -> DataSource:
+        return source_from_config(
+            self.data_spec, self.partition, self.partitions, as_float(config, "alpha"), as_int(config, "data-seed")
+        )
+
+    def budget(self, config: ConfigRecord) -> DeviceBudget | None:
+        if self.state_dir is None:
+            return None
+        limit = (
+            self.own_budget
+            if self.own_budget is not None
+            else as_float(config, "epsilon-budget")
+            if "epsilon-budget" in config
+            else math.inf
+        )
+        return DeviceBudget.open(self.state_dir / self.device_id / "privacy.json", limit)
+
+
+def _history(context: Context) -> History:
+    if STATE_KEY not in context.state:
+        return []
+    rec = context.state[STATE_KEY]
+    assert isinstance(rec, ConfigRecord)
+    z, q, n = rec["noise"], rec["rate"], rec["steps"]
+    assert isinstance(z, list) and isinstance(q, list) and isinstance(n, list)
+    return [(float(a), float(b), int(c)) for a, b, c in zip(z, q, n, strict=True)]  # type: ignore[arg-type, call-overload]
+
+
+def _keep_history(context: Context, history: History, noise: float) -> None:
+    context.state[STATE_KEY] = ConfigRecord(
+        {
+            "noise": [h[0] for h in history],
+            "rate": [h[1] for h in history],
+            "steps": [h[2] for h in history],
+            "chosen-noise": noise,
+        }
+    )
+
+
+def _chosen_noise(context: Context) -> float | None:
+    if STATE_KEY not in context.state:
+        return None
+    rec = context.state[STATE_KEY]
+    assert isinstance(rec, ConfigRecord)
+    return as_float(rec, "chosen-noise")
+
+
+def _reply(msg: Message, records: dict[str, ArrayRecord | MetricRecord | ConfigRecord]) -> Message:
+    return Message(content=RecordDict(records), reply_to=msg)
+
+
+def build_client_app(device_ids: Sequence[str] | None = None, state_dir: Path | None = None) -> ClientApp:
+    """A ClientApp; `device_ids` names partition i's device in a simulation, `state_dir` holds simulated devices'
+    privacy records (a SuperNode names both in its node config instead)."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        node = _Node(context, device_ids, state_dir)
+        config = msg.content["config"]
+        assert isinstance(config, ConfigRecord)
+        task = as_str(config, "task")
+        x, _ = node.source(config).load()
+        if task == "hello":
+            budget = node.budget(config)
+            info = ConfigRecord(
+                {
+                    "device-id": node.device_id,
+                    "num-examples": len(x),
+                    "lifetime-epsilon": budget.lifetime() if budget else -1.0,
+                }
+            )
+            return _reply(msg, {"client": info})
+        if task == "feature-histogram":
+            lo, hi, fine = as_float(config, "range-lo"), as_float(config, "range-hi"), as_int(config, "fine-bins")
+            edges = np.linspace(lo, hi, fine + 1)
+            counts = np.stack([bin_counts(x[:, j], edges) for j in range(x.shape[1])])
+            return _reply(
+                msg,
+                {"counts": ArrayRecord(numpy_ndarrays=[counts]), "client": ConfigRecord({"device-id": node.device_id})},
+            )
+        if task == "reference-counts":
+            feature_edges, score_edges, *weights = msg.content["arrays"].to_numpy_ndarrays()  # type: ignore[union-attr]
+            counts = np.stack([bin_counts(x[:, j], feature_edges[j]) for j in range(x.shape[1])])
+            scores = predict_proba(list(weights), x).max(axis=1)
+            return _reply(
+                msg,
+                {
+                    "counts": ArrayRecord(numpy_ndarrays=[counts, bin_counts(scores, score_edges)]),
+                    "client": ConfigRecord({"device-id": node.device_id}),
+                },
+            )
+        raise ValueError(f"unknown query task {task!r}")
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        node = _Node(context, device_ids, state_dir)
+        config = msg.content["config"]
+        assert isinstance(config, ConfigRecord)
+        arrays = msg.content["arrays"]
+        assert isinstance(arrays, ArrayRecord)
+        server_round, run_id = as_int(config, "server-round"), as_str(config, "run-id")
+        epochs, batch, delta = as_int(config, "local-epochs"), as_int(config, "batch-size"), as_float(config, "delta")
+        x, y = node.source(config).load()
+        seed = client_seed(as_int(config, "seed"), server_round, node.device_id)
+        weights = arrays.to_numpy_ndarrays()
+        private = as_bool(config, "private")
+        metrics: dict[str, int | float | list[int] | list[float]] = {"num-examples": len(x)}
+        if private:
+            rate, steps = steps_per_round(len(x), batch, epochs)
+            noise = _chosen_noise(context)
+            if noise is None:
+                target = as_float(config, "target-epsilon")
+                planned = as_int(config, "planned-rounds")
+                noise = (
+                    as_float(config, "noise-multiplier")
+                    if target <= 0
+                    else noise_for_target(target, delta, rate, planned * steps)
+                )
+            history = _history(context)
+            projected = epsilon_of([*history, (noise, rate, steps)], delta)
+            budget = node.budget(config)
+            try:
+                if budget is not None:
+                    budget.check(run_id, projected)
+                else:
+                    spent = as_float(config, "lifetime-epsilon")
+                    if spent + projected > as_float(config, "epsilon-budget") + 1e-9:
+                        raise BudgetExceeded(f"lifetime ε would reach {spent + projected:.3f}, over the budget")
+            except BudgetExceeded as e:
+                refusal = ConfigRecord({"device-id": node.device_id, "reason": str(e)})
+                return _reply(msg, {"refusal": refusal, "client": ConfigRecord({"device-id": node.device_id})})
+            result, history = dp_train(
+                weights,
+                x,
+                y,
+                epochs=epochs,
+                batch_size=batch,
+                lr=as_float(config, "lr"),
+                noise_multiplier=noise,
+                max_grad_norm=as_float(config, "max-grad-norm"),
+                history=history,
+                seed=seed,
+                secure_mode=as_bool(config, "secure-mode"),
+            )
+            _keep_history(context, history, noise)
+            epsilon = epsilon_of(history, delta)
+            if budget is not None:
+                budget.record(run_id, epsilon)
+            metrics.update(epsilon=epsilon, delta=delta, **{"noise-multiplier": noise, "sample-rate": rate})
+            metrics["history-steps"] = sum(h[2] for h in history)
+        else:
+            result = train_plain(weights, x, y, epochs, batch, as_float(config, "lr"), seed)
+        metrics.update(**{"train-loss": result.loss, "steps": result.steps})
+        return _reply(
+            msg,
+            {
+                "arrays": ArrayRecord(numpy_ndarrays=result.weights),
+                "metrics": MetricRecord(metrics),
+                "client": ConfigRecord({"device-id": node.device_id}),
+            },
+        )
+
+    return app
+
+
+# For Flower's deployment engine (`flwr run` against a SuperLink): SuperNodes name themselves in node config.
+app = build_client_app()

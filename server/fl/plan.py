@@ -1,0 +1,73 @@
+"""What a training run is asked to do: checked in full before anything starts (no torch or Flower imports)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from server.errors import CoordinatorError
+
+__all__ = ["PlanError", "TrainPlan"]
+
+
+class PlanError(CoordinatorError):
+    """A training plan that cannot run."""
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    rounds: int = 5
+    clients: int = 10  # devices (virtual clients) in the federation
+    clients_per_round: int = 0  # 0: all eligible devices every round
+    target_epsilon: float | None = None  # choose the noise so the planned rounds end at or below this
+    noise_multiplier: float | None = 1.0  # used when no target ε is given; None with no target: no DP
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    local_epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.1
+    alpha: float = 0.5  # Dirichlet concentration of the non-IID split
+    seed: int = 0
+    secure_mode: bool = False
+    model_name: str = "digits"
+    parent: str = ""  # a registered version to start from; empty: a seeded initialisation
+    round_timeout: float = 600.0
+
+    @property
+    def private(self) -> bool:
+        return self.target_epsilon is not None or self.noise_multiplier is not None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 1 <= self.rounds <= 1000:
+            problems.append(f"rounds must be 1..1000 (got {self.rounds})")
+        if not 1 <= self.clients <= 10_000:
+            problems.append(f"clients must be 1..10000 (got {self.clients})")
+        if not 0 <= self.clients_per_round <= self.clients:
+            problems.append(f"clients per round must be 0..{self.clients} (got {self.clients_per_round})")
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            problems.append(f"target ε must be > 0 (got {self.target_epsilon})")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            problems.append(f"noise multiplier must be > 0 (got {self.noise_multiplier})")
+        if not 0 < self.delta < 1:
+            problems.append(f"δ must lie in (0, 1) (got {self.delta})")
+        if not self.max_grad_norm > 0:
+            problems.append(f"max grad norm must be > 0 (got {self.max_grad_norm})")
+        if not 1 <= self.local_epochs <= 100 or not 1 <= self.batch_size <= 4096 or not 0 < self.lr <= 10:
+            problems.append("local epochs 1..100, batch size 1..4096 and 0 < lr <= 10")
+        if not self.alpha > 0:
+            problems.append(f"alpha must be > 0 (got {self.alpha})")
+        if problems:
+            raise PlanError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> TrainPlan:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(doc) - known
+        if unknown:
+            raise PlanError(f"unknown plan setting(s): {', '.join(sorted(unknown))}")
+        return cls(**doc)

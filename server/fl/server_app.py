@@ -1,0 +1,480 @@
+"""The ServerApp: runs on the coordinator (in the simulation engine's server thread, or as a SuperLink's
+ServerApp) and owns the run's bookkeeping in the coordinator's SQLite database.
+
+A run: greet every node (device id, examples held), then `plan.rounds` rounds of FleetFedAvg — each round picks
+devices that still have privacy budget, trains, records each device's ε in the ledger and each failure or
+refusal with its device and round, aggregates in device order (so a seed gives one model), and evaluates the
+global model on the coordinator's held-out split — then computes the drift reference federatedly and registers
+the model version with its lineage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+import server
+from edge_agent.drift import DriftReference, histogram_quantile, proportions
+from server.datadir import DataDir
+from server.errors import CoordinatorError
+from server.fl.data import CLASSES, FEATURE_RANGE, FEATURES, held_out
+from server.fl.model import evaluate, initial_weights
+from server.fl.plan import TrainPlan
+from server.fl.privacy import epsilon_of, steps_per_round
+from server.fl.records import as_float, as_int, as_str
+from server.fl.registry import Ledger, Registry, TrainingRuns
+from server.store import Store
+
+__all__ = ["RoundProgress", "build_server_app"]
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_BINS = 10
+FINE_BINS = 100
+HELLO_TIMEOUT = 120.0
+
+
+class TrainingError(CoordinatorError):
+    """The run could not train (no nodes, every client failed)."""
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    run_id: str
+    round: int
+    rounds: int
+    selected: int
+    completed: int
+    refused: int
+    failed: int
+    train_loss: float | None
+    test_loss: float
+    test_accuracy: float
+    epsilon_max: float | None
+    seconds: float
+    incidents: list[dict[str, str]]
+
+
+@dataclass
+class _Device:
+    node_id: int
+    device_id: str
+    examples: int
+    noise: float | None = None  # learnt from its first reply
+    steps: int = 0  # accountant steps so far in this run
+    epsilon: float = 0.0
+    refused: bool = False
+    skipped: bool = False
+
+
+@dataclass
+class _Round:
+    started: float
+    selected: int = 0
+    completed: int = 0
+    refused: int = 0
+    failed: int = 0
+    train_loss: float | None = None
+    incidents: list[dict[str, str]] = field(default_factory=list)
+
+
+class _Run:
+    """One run's coordinator-side state: devices, ledger, per-round tallies."""
+
+    def __init__(self, run_id: str, plan: TrainPlan, store: Store, budget: float) -> None:
+        self.run_id, self.plan, self.store = run_id, plan, store
+        self.ledger = Ledger(store, budget)
+        self.runs = TrainingRuns(store)
+        self.devices: dict[int, _Device] = {}
+        self.round: _Round = _Round(time.monotonic())
+
+    def incident(self, server_round: int, device_id: str, kind: str, detail: str) -> None:
+        self.runs.incident(self.run_id, server_round, device_id, kind, detail)
+        self.round.incidents.append({"device": device_id, "kind": kind, "detail": detail})
+        logger.info("round %s: device %s %s: %s", server_round, device_id, kind, detail)
+
+    def base_config(self) -> ConfigRecord:
+        p = self.plan
+        return ConfigRecord(
+            {
+                "run-id": self.run_id,
+                "seed": p.seed,
+                "data-seed": p.seed,
+                "alpha": p.alpha,
+                "private": p.private,
+                "target-epsilon": p.target_epsilon if p.target_epsilon is not None else -1.0,
+                "noise-multiplier": p.noise_multiplier if p.noise_multiplier is not None else -1.0,
+                "delta": p.delta,
+                "max-grad-norm": p.max_grad_norm,
+                "planned-rounds": p.rounds,
+                "local-epochs": p.local_epochs,
+                "batch-size": p.batch_size,
+                "lr": p.lr,
+                "secure-mode": p.secure_mode,
+            }
+        )
+
+    def projected_epsilon(self, d: _Device) -> float:
+        """The run ε the device would report after one more round (what its own check computes). Before its
+        first reply under a target ε, the target itself: the device's noise is chosen to end the run there."""
+        p = self.plan
+        rate, steps = steps_per_round(d.examples, p.batch_size, p.local_epochs)
+        if d.noise is None and p.target_epsilon is not None:
+            return p.target_epsilon
+        noise = d.noise if d.noise is not None else p.noise_multiplier
+        assert noise is not None
+        return epsilon_of([(noise, rate, d.steps + steps)], p.delta)
+
+    def select(self, server_round: int) -> list[_Device]:
+        eligible = []
+        for d in sorted(self.devices.values(), key=lambda d: d.device_id):
+            if d.refused or d.skipped:
+                continue
+            if self.plan.private:
+                before = self.ledger.lifetime(d.device_id, excluding_run=self.run_id)
+                after = before + self.projected_epsilon(d)
+                budget = self.ledger.budget(d.device_id)
+                if after > budget + 1e-9:
+                    d.skipped = True
+                    self.incident(
+                        server_round,
+                        d.device_id,
+                        "skipped-budget",
+                        f"lifetime ε would reach {after:.3f} (spent before this run {before:.3f}), budget {budget:.3f}",
+                    )
+                    continue
+            eligible.append(d)
+        k = self.plan.clients_per_round
+        if k and len(eligible) > k:
+            rng = np.random.default_rng([self.plan.seed, server_round])
+            picked = sorted(rng.choice(len(eligible), size=k, replace=False).tolist())
+            eligible = [eligible[i] for i in picked]
+        return eligible
+
+
+class FleetFedAvg(FedAvg):
+    """FedAvg that picks devices by the privacy ledger, records every reply, and aggregates in device order."""
+
+    def __init__(self, run: _Run) -> None:
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+        self.run = run
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        run = self.run
+        run.round = _Round(time.monotonic())
+        chosen = run.select(server_round)
+        if not chosen and all(d.skipped or d.refused for d in run.devices.values()):
+            raise TrainingError(
+                f"no device can take part in round {server_round}: all {len(run.devices)} have too little privacy "
+                "budget left or refused; see `fedfleet privacy ledger`, raise budgets with `fedfleet privacy "
+                "budget`, or plan a smaller ε"
+            )
+        run.round.selected = len(chosen)
+        messages = []
+        for d in chosen:
+            cfg = ConfigRecord(
+                {
+                    **dict(config),
+                    "server-round": server_round,
+                    "lifetime-epsilon": run.ledger.lifetime(d.device_id, excluding_run=run.run_id),
+                    "epsilon-budget": run.ledger.budget(d.device_id),
+                }
+            )
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=d.node_id))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        run = self.run
+        ok: list[tuple[str, Message]] = []
+        losses: list[tuple[float, int]] = []
+        with run.store.transaction():
+            for msg in replies:
+                d = run.devices.get(msg.metadata.src_node_id)
+                device_id = d.device_id if d else f"node-{msg.metadata.src_node_id}"
+                if msg.has_error():
+                    run.round.failed += 1
+                    run.incident(server_round, device_id, "error", msg.error.reason or f"error code {msg.error.code}")
+                    continue
+                if "refusal" in msg.content:
+                    run.round.refused += 1
+                    if d:
+                        d.refused = True
+                    refusal = msg.content["refusal"]
+                    assert isinstance(refusal, ConfigRecord)
+                    run.incident(server_round, device_id, "refused", as_str(refusal, "reason"))
+                    continue
+                metrics = msg.content["metrics"]
+                assert isinstance(metrics, MetricRecord)
+                if run.plan.private and d is not None:
+                    d.noise = as_float(metrics, "noise-multiplier")
+                    d.steps = as_int(metrics, "history-steps")
+                    d.epsilon = as_float(metrics, "epsilon")
+                    run.ledger.record(run.run_id, device_id, server_round, d.epsilon, run.plan.delta)
+                losses.append((as_float(metrics, "train-loss"), as_int(metrics, "num-examples")))
+                ok.append((device_id, msg))
+        run.round.completed = len(ok)
+        if losses:
+            run.round.train_loss = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+        ok.sort(key=lambda pair: pair[0])  # device order: the same seed aggregates to the same bits
+        return super().aggregate_train(server_round, [msg for _, msg in ok])
+
+
+def _query(
+    grid: Grid, nodes: Iterable[int], config: dict[str, Any], timeout: float, arrays: ArrayRecord | None = None
+) -> list[Message]:
+    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {"config": ConfigRecord(config)}
+    if arrays is not None:
+        records["arrays"] = arrays
+    messages = [Message(content=RecordDict(records), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    return list(grid.send_and_receive(messages, timeout=timeout))
+
+
+def _greet(grid: Grid, run: _Run) -> None:
+    deadline = time.monotonic() + HELLO_TIMEOUT
+    while len(node_ids := list(grid.get_node_ids())) < run.plan.clients:
+        if time.monotonic() > deadline:
+            raise TrainingError(
+                f"only {len(node_ids)} of {run.plan.clients} nodes connected within {HELLO_TIMEOUT:.0f} s"
+            )
+        time.sleep(0.5)
+    config = {"task": "hello", "alpha": run.plan.alpha, "data-seed": run.plan.seed}
+    for msg in _query(grid, sorted(node_ids), config, run.plan.round_timeout):
+        if msg.has_error():
+            run.incident(
+                0, f"node-{msg.metadata.src_node_id}", "error", msg.error.reason or f"error code {msg.error.code}"
+            )
+            continue
+        info = msg.content["client"]
+        assert isinstance(info, ConfigRecord)
+        device = _Device(msg.metadata.src_node_id, as_str(info, "device-id"), as_int(info, "num-examples"))
+        run.devices[device.node_id] = device
+    if not run.devices:
+        raise TrainingError("no node answered the greeting")
+
+
+def _reference(grid: Grid, run: _Run, arrays: ArrayRecord) -> DriftReference:
+    """Drift reference from pooled bin counts: fine histograms give quantile edges, then counts over those edges
+    and over the top-class score. Clients send counts only, never samples."""
+    nodes = sorted(d.node_id for d in run.devices.values() if not d.refused)
+    lo, hi = FEATURE_RANGE
+    base = {"alpha": run.plan.alpha, "data-seed": run.plan.seed}
+    fine = np.zeros((FEATURES, FINE_BINS + 2))
+    for msg in _query(
+        grid,
+        nodes,
+        {**base, "task": "feature-histogram", "range-lo": lo, "range-hi": hi, "fine-bins": FINE_BINS},
+        run.plan.round_timeout,
+    ):
+        if not msg.has_error():
+            fine += msg.content["counts"].to_numpy_ndarrays()[0]  # type: ignore[union-attr]
+    if fine.sum() == 0:
+        raise TrainingError("no client sent feature histograms for the drift reference")
+    grid_edges = np.linspace(lo, hi, FINE_BINS + 1)
+    quantiles = np.linspace(0, 1, REFERENCE_BINS + 1)[1:-1]
+    feature_edges = np.array([[histogram_quantile(fine[j], grid_edges, q) for q in quantiles] for j in range(FEATURES)])
+    feature_edges = np.maximum.accumulate(feature_edges, axis=1)
+    ranges = []
+    for j in range(FEATURES):
+        nonzero = np.flatnonzero(fine[j])
+        first, last = int(nonzero[0]), int(nonzero[-1])
+        ranges.append((lo if first == 0 else grid_edges[first - 1], hi if last > FINE_BINS else grid_edges[last]))
+    score_edges = np.linspace(0, 1, 11)[1:-1]
+    payload = ArrayRecord(numpy_ndarrays=[feature_edges, score_edges, *arrays.to_numpy_ndarrays()])
+    counts = np.zeros((FEATURES, REFERENCE_BINS))
+    score_counts = np.zeros(len(score_edges) + 1)
+    for msg in _query(grid, nodes, {**base, "task": "reference-counts"}, run.plan.round_timeout, payload):
+        if not msg.has_error():
+            c, s = msg.content["counts"].to_numpy_ndarrays()  # type: ignore[union-attr]
+            counts += c
+            score_counts += s
+    return DriftReference(
+        feature_edges=feature_edges,
+        feature_proportions=proportions(counts),
+        feature_ranges=np.array(ranges, dtype=np.float64),
+        score_edges=score_edges,
+        score_proportions=proportions(score_counts),
+        n_classes=CLASSES,
+    )
+
+
+def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    p = run.plan
+    trained = (
+        sorted(
+            {
+                r["device_id"]
+                for r in run.store.db.query(
+                    "SELECT DISTINCT device_id FROM privacy_spend WHERE run_id = ?", [run.run_id]
+                )
+            }
+        )
+        if p.private
+        else sorted(d.device_id for d in run.devices.values() if not d.refused)
+    )
+    noises = [d.noise for d in run.devices.values() if d.noise is not None]
+    last = rounds[-1]
+    return {
+        "engine": engine,
+        "rounds": p.rounds,
+        "clients_per_round": p.clients_per_round or len(run.devices),
+        "devices": trained,
+        "data": {
+            "source": f"scikit-learn digits, non-IID Dirichlet(alpha={p.alpha}) split, seed {p.seed}",
+            "features": FEATURES,
+            "classes": CLASSES,
+            "feature_range": list(FEATURE_RANGE),
+            "schema": {"input": [1, FEATURES], "output": [1, CLASSES], "output_kind": "class probabilities"},
+        },
+        "code_version": f"fedfleet {server.__version__}",
+        "plan": p.to_dict(),
+        "privacy": {
+            "epsilon": max((d.epsilon for d in run.devices.values()), default=0.0) if p.private else None,
+            "delta": p.delta if p.private else None,
+            "accountant": "rdp (Opacus), history kept across rounds" if p.private else None,
+            "noise_multiplier_range": [min(noises), max(noises)] if noises else None,
+            "max_grad_norm": p.max_grad_norm if p.private else None,
+            "target_epsilon": p.target_epsilon,
+            "secure_mode": p.secure_mode,
+        },
+        "metrics": {
+            "test_accuracy": last["test_accuracy"],
+            "test_loss": last["test_loss"],
+            "per_round": [
+                {
+                    k: r[k]
+                    for k in (
+                        "round",
+                        "test_accuracy",
+                        "test_loss",
+                        "train_loss",
+                        "epsilon_max",
+                        "completed",
+                        "refused",
+                        "failed",
+                    )
+                }
+                for r in rounds
+            ],
+        },
+    }
+
+
+def build_server_app(
+    data_dir: Path | None = None,
+    plan: TrainPlan | None = None,
+    run_id: str | None = None,
+    engine: str = "simulation",
+    on_round: Callable[[RoundProgress], None] | None = None,
+) -> ServerApp:
+    """A ServerApp bound to a coordinator data directory and plan; without them (a SuperLink run) both come from
+    the run config: `data-dir` and `plan` (a JSON object of TrainPlan fields)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        d = DataDir(data_dir if data_dir is not None else Path(str(context.run_config["data-dir"])))
+        p = plan if plan is not None else TrainPlan.from_dict(json.loads(str(context.run_config.get("plan", "{}"))))
+        rid = run_id or f"run-{uuid.uuid4().hex[:12]}"
+        store = d.store()
+        try:
+            _train(grid, d, store, p, rid, engine if plan is not None else "deployment", on_round)
+        finally:
+            store.close()
+
+    return app
+
+
+def _train(
+    grid: Grid,
+    d: DataDir,
+    store: Store,
+    plan: TrainPlan,
+    run_id: str,
+    engine: str,
+    on_round: Callable[[RoundProgress], None] | None,
+) -> None:
+    run = _Run(run_id, plan, store, d.config().epsilon_budget)
+    run.runs.start(run_id, plan.model_name, engine, plan.to_dict())
+    try:
+        registry = Registry(store)
+        weights = registry.get(plan.parent).weights if plan.parent else initial_weights(plan.seed)
+        _greet(grid, run)
+        x_test, y_test = held_out(plan.seed)
+        rounds: list[dict[str, Any]] = []
+
+        def centralized(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            loss, accuracy = evaluate(arrays.to_numpy_ndarrays(), x_test, y_test)
+            r = run.round
+            eps = (
+                max((dev.epsilon for dev in run.devices.values()), default=0.0)
+                if plan.private and server_round
+                else None
+            )
+            row = {
+                "round": server_round,
+                "selected": r.selected,
+                "completed": r.completed,
+                "refused": r.refused,
+                "failed": r.failed,
+                "train_loss": r.train_loss,
+                "test_loss": loss,
+                "test_accuracy": accuracy,
+                "epsilon_max": eps,
+                "seconds": time.monotonic() - r.started,
+            }
+            run.runs.record_round(run_id, row)
+            rounds.append(row)
+            if on_round is not None:
+                on_round(RoundProgress(run_id=run_id, rounds=plan.rounds, incidents=list(r.incidents), **row))  # type: ignore[arg-type]
+            return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+        strategy = FleetFedAvg(run)
+        run.round = _Round(time.monotonic())  # round 0 (the initial evaluation) starts here, after the greeting
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(numpy_ndarrays=weights),
+            num_rounds=plan.rounds,
+            timeout=plan.round_timeout,
+            train_config=run.base_config(),
+            evaluate_fn=centralized,
+        )
+        if not any(r["completed"] for r in rounds):
+            raise TrainingError("no client completed a round; the incidents name each device's error")
+        final = result.arrays
+        reference = _reference(grid, run, final)
+        registry.register(
+            plan.model_name,
+            run_id,
+            plan.parent,
+            final.to_numpy_ndarrays(),
+            _lineage(run, engine, rounds),
+            reference.to_metadata(),
+        )
+    except TrainingError as e:
+        run.runs.finish(run_id, "failed", error=str(e))
+        raise
+    except BaseException as e:
+        run.runs.finish(run_id, "failed", error=f"{type(e).__name__}: {e}")
+        logger.error("training run %s failed: %s", run_id, traceback.format_exc())
+        raise
+
+
+# For Flower's deployment engine: `flwr run` with run config `data-dir` and `plan`.
+app = build_server_app()

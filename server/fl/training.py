@@ -1,0 +1,113 @@
+"""Start a training run in Flower's simulation engine (Ray; one CPU per virtual client) and report its outcome.
+
+The same ServerApp and ClientApp run on Flower's deployment engine (SuperLink + SuperNodes): see
+docs/training.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.datadir import DataDir
+from server.errors import CoordinatorError
+from server.fl.plan import TrainPlan
+from server.fl.server_app import RoundProgress
+
+__all__ = ["TrainOutcome", "run_training", "simulated_device_ids"]
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    run_id: str
+    status: str
+    model_version: str
+    error: str
+    rounds: list[dict[str, Any]]
+    incidents: list[dict[str, Any]]
+
+
+def simulated_device_ids(n: int) -> list[str]:
+    return [f"sim-{i:03d}" for i in range(n)]
+
+
+def _quiet_flower(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.ERROR
+    logging.getLogger("flwr").setLevel(level)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def run_training(
+    data_dir: Path,
+    plan: TrainPlan,
+    device_ids: Sequence[str] | None = None,
+    on_round: Callable[[RoundProgress], None] | None = None,
+    verbose: bool = False,
+) -> TrainOutcome:
+    """Run `plan` on `plan.clients` virtual clients, device i named device_ids[i] (default sim-000...).
+
+    Simulated devices keep their own privacy records under DATA/fl-devices/<device>/privacy.json.
+    """
+    from flwr.simulation import run_simulation
+
+    from server.fl.client_app import build_client_app
+    from server.fl.registry import TrainingRuns
+    from server.fl.server_app import build_server_app
+
+    d = DataDir(data_dir).require()
+    ids = list(device_ids) if device_ids is not None else simulated_device_ids(plan.clients)
+    if len(ids) != plan.clients or len(set(ids)) != len(ids):
+        raise CoordinatorError(f"{plan.clients} clients need {plan.clients} distinct device ids (got {len(ids)})")
+    run_id = f"run-{uuid.uuid4().hex[:12]}"
+    _quiet_flower(verbose)
+    cpus = os.cpu_count() or 1
+    backend_config: Any = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "logging_level": "INFO" if verbose else "ERROR",
+            "log_to_driver": verbose,
+        },
+    }
+    server_app = build_server_app(d.root, plan, run_id, "simulation", on_round)
+    client_app = build_client_app(tuple(ids), d.root / "fl-devices")
+    failure = ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # run_simulation is deprecated in favour of `flwr run`
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=plan.clients,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
+        except Exception as e:  # the ServerApp recorded what failed; keep the message for the outcome
+            failure = f"{type(e).__name__}: {e}"
+    store = d.store()
+    try:
+        runs = TrainingRuns(store)
+        try:
+            doc = runs.run(run_id)
+        except CoordinatorError:
+            raise CoordinatorError(
+                f"the training run never started: {failure or 'the simulation ended early'}"
+            ) from None
+        return TrainOutcome(
+            run_id,
+            doc["status"],
+            doc["model_version"],
+            doc["error"] or failure,
+            runs.rounds(run_id),
+            runs.incidents(run_id),
+        )
+    finally:
+        store.close()

@@ -81,7 +81,7 @@ def train(
         counts = "" if p.round == 0 else f"  clients {p.completed}/{p.selected}"
         out.print(f"{label}:{counts}{loss}  test accuracy {p.test_accuracy:.4f}{eps}  ({p.seconds:.1f} s)")
         for i in p.incidents:
-            out.print(f"  [yellow]{i['device']} {i['kind']}[/]: {i['detail']}")
+            out.print(f"  [yellow]{i['device']} {i['kind']}[/]: {i['detail'].splitlines()[0]}")
 
     if not as_json:
         mode = (

@@ -1,7 +1,7 @@
 """The ClientApp: what a device (a SuperNode, or a virtual client in the simulation engine) does when asked.
 
 Messages it answers (Flower Message API, flwr 1.41):
-- query `hello`: its device id, how many examples it holds, and the lifetime ε its own record shows.
+- query `hello`: its device id and how many examples it holds.
 - train: one round of local training — Opacus DP-SGD unless the run is non-private — from the global weights;
   replies with the new weights and metrics, among them the cumulative ε of this run after this round. Before
   training it checks its own privacy record: a round that would pass its lifetime budget is refused (a reply
@@ -126,15 +126,7 @@ def build_client_app(device_ids: Sequence[str] | None = None, state_dir: Path | 
         task = as_str(config, "task")
         x, _ = node.source(config).load()
         if task == "hello":
-            budget = node.budget(config)
-            info = ConfigRecord(
-                {
-                    "device-id": node.device_id,
-                    "num-examples": len(x),
-                    "lifetime-epsilon": budget.lifetime() if budget else -1.0,
-                }
-            )
-            return _reply(msg, {"client": info})
+            return _reply(msg, {"client": ConfigRecord({"device-id": node.device_id, "num-examples": len(x)})})
         if task == "feature-histogram":
             lo, hi, fine = as_float(config, "range-lo"), as_float(config, "range-hi"), as_int(config, "fine-bins")
             edges = np.linspace(lo, hi, fine + 1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import traceback
 import uuid
@@ -44,6 +45,23 @@ logger = logging.getLogger(__name__)
 REFERENCE_BINS = 10
 FINE_BINS = 100
 HELLO_TIMEOUT = 120.0
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^([\w.]+(?:Error|Exception|Exceeded)): (.+)$")
+
+
+def error_summary(reason: str) -> str:
+    """The client's own exception line out of the traceback Flower (and Ray) wrap around it, e.g.
+    "server.errors.CoordinatorError: device privacy record … is unreadable", followed by the traceback's tail."""
+    lines = [line.strip() for line in _ANSI.sub("", reason).splitlines() if line.strip()]
+    own = [
+        line
+        for line in lines
+        if _EXCEPTION_LINE.match(line) and not line.startswith(("ray.", "flwr.")) and "ClientAppException" not in line
+    ]
+    head = own[-1] if own else (lines[-1] if lines else "no reason given")
+    return head if len(head) > 1000 else f"{head}\n{reason[-1000:]}"
 
 
 class TrainingError(CoordinatorError):
@@ -210,7 +228,12 @@ class FleetFedAvg(FedAvg):
                 device_id = d.device_id if d else f"node-{msg.metadata.src_node_id}"
                 if msg.has_error():
                     run.round.failed += 1
-                    run.incident(server_round, device_id, "error", msg.error.reason or f"error code {msg.error.code}")
+                    run.incident(
+                        server_round,
+                        device_id,
+                        "error",
+                        error_summary(msg.error.reason or f"error code {msg.error.code}"),
+                    )
                     continue
                 if "refusal" in msg.content:
                     run.round.refused += 1

@@ -17,6 +17,7 @@ left out (Ray's workers import torch then). Targets: fedfleet / bare <= 1.10; dp
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import statistics
 import tempfile
@@ -81,7 +82,7 @@ def bare_flower(plan: TrainPlan) -> list[float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(server_app=server, client_app=client, num_supernodes=plan.clients, backend_config=backend)  # type: ignore[arg-type]
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(stamps)]
 
 
 def fedfleet(plan: TrainPlan) -> list[float]:
@@ -94,7 +95,7 @@ def fedfleet(plan: TrainPlan) -> list[float]:
         outcome = run_training(d.root, plan, on_round=lambda _: stamps.append(time.monotonic()))
     if outcome.status != "completed":
         raise SystemExit(f"fedfleet run failed: {outcome.error}")
-    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(stamps)]
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ import math
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -239,7 +238,8 @@ def test_ledger_skips_spent_devices_and_clients_refuse_or_fail_with_forensics(tm
     assert "budget" in refusal["detail"]
     assert "unreadable" in next(i["detail"] for i in outcome.incidents if i["kind"] == "error")
     assert sorted(_spend(d)) == ["sim-000"]  # only the device that trained spent ε
-    assert [r["selected"] for r in outcome.rounds[1:]] == [3, 2] and [r["completed"] for r in outcome.rounds[1:]] == [1, 1]
+    assert [r["selected"] for r in outcome.rounds[1:]] == [3, 2]
+    assert [r["completed"] for r in outcome.rounds[1:]] == [1, 1]
 
 
 def test_a_fleet_without_budget_fails_clearly_and_changes_nothing(tmp_path: Path) -> None:
@@ -256,5 +256,3 @@ def test_a_fleet_without_budget_fails_clearly_and_changes_nothing(tmp_path: Path
 
 def test_epsilon_of_an_empty_history_is_zero() -> None:
     assert epsilon_of([], 1e-5) == 0.0
-
-

@@ -25,7 +25,7 @@ python3 -m venv "$agent_venv"
 "$agent_venv/bin/python" - <<'PY'
 import importlib.util, sys
 import edge_agent.agent, edge_agent.cli  # the whole agent imports with the base dependencies only
-heavy = [m for m in ("torch", "flwr", "opacus", "sqlite_utils", "typer", "amqtt") if importlib.util.find_spec(m)]
+heavy = [m for m in ("torch", "flwr", "opacus", "sqlite_utils", "typer", "amqtt", "litert_torch", "sklearn") if importlib.util.find_spec(m)]
 if heavy:
     sys.exit(f"the agent-only install pulled in {heavy}")
 print("agent-only install: fedfleet-agent --help works, no server packages installed")

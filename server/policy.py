@@ -12,6 +12,13 @@ with every broken rule named. No file: the built-in defaults below, which refuse
     required_gates = ["class_mix_shift", "failure_rate"]         # metrics every rollout must gate on
     default_gates = ["input_max_psi<=0.2", "class_mix_shift<=0.2"]  # used when a rollout names none
     allowed_signers = ["<director key id>"]    # director keys allowed to sign assignments; empty: any
+
+    [retrain]                                  # what fleet-wide drift on the running release leads to
+    on_drift = "retrain"                       # off | alert (audit only) | retrain (train, release, roll out)
+    metric = "input_max_psi"                   # input_max_psi | input_mean_psi | score_psi
+    threshold = 0.25
+    window_seconds = 30                        # telemetry pooled over this much of the recent past
+    min_devices = 2                            # devices that must have reported in the window
 """
 
 from __future__ import annotations
@@ -52,6 +59,11 @@ class Policy:
     required_gates: tuple[str, ...] = ()
     default_gates: tuple[Gate, ...] | None = None
     allowed_signers: tuple[str, ...] = ()
+    retrain_on_drift: str = "off"
+    retrain_metric: str = "input_max_psi"
+    retrain_threshold: float = 0.25
+    retrain_window_seconds: float = 30.0
+    retrain_min_devices: int = 2
 
     def release_violations(self, length: int, custom: Mapping[str, Any]) -> list[str]:
         rules: list[str] = []
@@ -63,6 +75,11 @@ class Policy:
                 rules.append(f"required_card_fields: the model card has no {path!r}")
         if self.max_epsilon is not None:
             eps = _lookup(card, "privacy.epsilon")
+            if isinstance(eps, str):  # signed metadata carries numbers as decimal strings (canonical JSON)
+                try:
+                    eps = float(eps)
+                except ValueError:
+                    pass
             if not isinstance(eps, int | float) or isinstance(eps, bool):
                 rules.append("max_epsilon: the model card states no privacy.epsilon (a number)")
             elif not (math.isfinite(eps) and eps <= self.max_epsilon):
@@ -93,7 +110,10 @@ def _lookup(doc: Any, dotted: str) -> Any:
 _SECTIONS = {
     "release": {"max_epsilon", "required_card_fields", "max_model_bytes"},
     "rollout": {"min_canary", "required_gates", "default_gates", "allowed_signers"},
+    "retrain": {"on_drift", "metric", "threshold", "window_seconds", "min_devices"},
 }
+RETRAIN_ACTIONS = ("off", "alert", "retrain")
+DRIFT_METRICS = ("input_max_psi", "input_mean_psi", "score_psi")
 
 
 def load_policy(path: Path) -> Policy:
@@ -112,8 +132,14 @@ def load_policy(path: Path) -> Policy:
         problems += [f"unknown setting {section}.{k}" for k in table if k not in keys]
     if problems:
         raise PolicyError(f"policy {path}: " + "; ".join(problems))
-    release, rollout = doc.get("release", {}), doc.get("rollout", {})
+    release, rollout, retrain = doc.get("release", {}), doc.get("rollout", {}), doc.get("retrain", {})
     try:
+        on_drift, drift_metric = str(retrain.get("on_drift", "off")), str(retrain.get("metric", "input_max_psi"))
+        if on_drift not in RETRAIN_ACTIONS or drift_metric not in DRIFT_METRICS:
+            raise PolicyError(
+                f"policy {path}: retrain.on_drift must be one of {', '.join(RETRAIN_ACTIONS)} and retrain.metric "
+                f"one of {', '.join(DRIFT_METRICS)}"
+            )
         required_gates = tuple(str(m) for m in rollout.get("required_gates", ()))
         unknown = [m for m in required_gates if m not in METRICS]
         if unknown:
@@ -128,6 +154,11 @@ def load_policy(path: Path) -> Policy:
             required_gates=required_gates,
             default_gates=None if gates is None else tuple(parse_gate(str(g)) for g in gates),
             allowed_signers=tuple(str(k) for k in rollout.get("allowed_signers", ())),
+            retrain_on_drift=on_drift,
+            retrain_metric=drift_metric,
+            retrain_threshold=float(retrain.get("threshold", 0.25)),
+            retrain_window_seconds=float(retrain.get("window_seconds", 30.0)),
+            retrain_min_devices=int(retrain.get("min_devices", 2)),
         )
     except (TypeError, ValueError, RolloutSpecError) as e:
         raise PolicyError(f"policy {path}: {e}") from e

@@ -39,7 +39,11 @@ class SimulatedFleet:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def device_id(self, i: int) -> str:
-        return f"{self.fleet}-{i:05d}"
+        return self.device_id_of(self.fleet, i)
+
+    @staticmethod
+    def device_id_of(fleet: str, i: int) -> str:
+        return f"{fleet}-{i:05d}"
 
     def enroll(self) -> None:
         """Write every device's bundle and build its agent (idempotent: existing state is kept)."""

@@ -22,7 +22,7 @@ from server.store import Store
 from simulations.fleet import SimulatedFleet
 from simulations.models import ModelFamily, drift_reference, reference_inputs
 from simulations.processes import CoordinatorProcess, wait_for
-from simulations.workload import FleetThread
+from simulations.workload import FleetThread, InputStream
 
 __all__ = ["RELEASES", "Rig"]
 
@@ -40,6 +40,7 @@ class Rig:
     rollout_tick_seconds: float = 0.25
     seed: int = 0  # the devices' input streams
     fleet_name: str = field(default_factory=lambda: f"lab{uuid.uuid4().hex[:6]}")  # unique: brokers are shared
+    inputs: InputStream | None = None  # the devices' input streams; default uniform in [0, 1)
     coordinator: CoordinatorProcess | None = None
     fleet: FleetThread | None = None
     _store: Store | None = field(default=None, repr=False)
@@ -48,12 +49,11 @@ class Rig:
     def datadir(self) -> DataDir:
         return DataDir(self.root / "data")
 
-    def setup(self) -> Rig:
-        d, _ = DataDir.init(self.root / "data")
-        config = d.config_path.read_text().replace(
-            "rollout_tick_seconds = 1.0", f"rollout_tick_seconds = {self.rollout_tick_seconds}"
-        )
-        d.config_path.write_text(config)
+    def device_ids(self) -> list[str]:
+        return [SimulatedFleet.device_id_of(self.fleet_name, i) for i in range(self.devices)]
+
+    def publish(self, d: DataDir) -> str:
+        """Publish the rehearsal's releases; returns the one the fleet starts on."""
         family = ModelFamily()
         samples = reference_inputs(3000, seed=99)
         store = d.store()
@@ -68,6 +68,15 @@ class Rig:
                 publish_release(d.repository(), store, model, name, version, extra={"drift_reference": reference})
         finally:
             store.close()
+        return RELEASES["base"]
+
+    def setup(self) -> Rig:
+        d, _ = DataDir.init(self.root / "data")
+        config = d.config_path.read_text().replace(
+            "rollout_tick_seconds = 1.0", f"rollout_tick_seconds = {self.rollout_tick_seconds}"
+        )
+        d.config_path.write_text(config)
+        base = self.publish(d)
         self.start_coordinator()
         endpoints = self.coordinator.endpoints if self.coordinator else {}
         fleet = SimulatedFleet(
@@ -80,10 +89,10 @@ class Rig:
             labels=self.labels,
             agent_extra={"telemetry_every_seconds": self.window_seconds, "telemetry_every_inferences": 10_000},
         )
-        self.fleet = FleetThread(fleet, rate=self.rate, seed=self.seed).start()
+        self.fleet = FleetThread(fleet, rate=self.rate, seed=self.seed, inputs=self.inputs).start()
         wait_for(lambda: len(self.store_query("SELECT id FROM devices")) == self.devices, 60, what="registrations")
-        self.cli("assign", "--fleet", self.fleet_name, RELEASES["base"])
-        self.wait_running(RELEASES["base"], self.devices)
+        self.cli("assign", "--fleet", self.fleet_name, base)
+        self.wait_running(base, self.devices)
         return self
 
     def start_coordinator(self, env: dict[str, str] | None = None) -> CoordinatorProcess:

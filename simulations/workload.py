@@ -23,6 +23,7 @@ from simulations.models import FEATURES
 __all__ = ["FleetThread", "SensorFault", "Workload"]
 
 T = TypeVar("T")
+InputStream = Callable[[int, int, np.random.Generator], np.ndarray]  # (device index, n, rng) -> (n, FEATURES)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Workload:
     interval: float = 0.05
     faults: dict[str, SensorFault] = field(default_factory=dict)  # device id → fault; may change while running
     offline: set[str] = field(default_factory=set)  # devices switched off: they infer nothing
+    inputs: InputStream | None = None  # where device i's inputs come from; default: uniform in [0, 1)
     inferences: int = 0
     errors: int = 0
 
@@ -70,7 +72,7 @@ class Workload:
                 if not n:
                     continue
                 owed[i] -= n
-                x = rngs[i].random((n, FEATURES), dtype=np.float32)
+                x = self.inputs(i, n, rngs[i]) if self.inputs else rngs[i].random((n, FEATURES), dtype=np.float32)
                 fault = self.faults.get(agent.config.device_id)
                 if fault is not None:
                     x = fault.apply(x, rngs[i])
@@ -87,7 +89,10 @@ class FleetThread:
     """A simulated fleet and its workload on an event loop of their own thread, for tests and tools that keep
     the main thread for themselves (a coordinator process to kill, a CLI to drive)."""
 
-    def __init__(self, fleet: SimulatedFleet, rate: float = 20.0, seed: int = 0) -> None:
+    def __init__(
+        self, fleet: SimulatedFleet, rate: float = 20.0, seed: int = 0, inputs: InputStream | None = None
+    ) -> None:
+        self._inputs = inputs
         self.fleet = fleet
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="fleet-loop", daemon=True)
@@ -102,7 +107,7 @@ class FleetThread:
 
     async def _start(self) -> None:
         await self.fleet.start()
-        self.workload = Workload(self.fleet.agents, self._rate, self._seed)
+        self.workload = Workload(self.fleet.agents, self._rate, self._seed, inputs=self._inputs)
         self._task = asyncio.create_task(self.workload.run(), name="workload")
 
     def switch_off(self, indexes: Sequence[int]) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +44,16 @@ def client_seed(run_seed: int, server_round: int, device_id: str) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
+SourceFor = Callable[[int, int, float, int], DataSource]  # (partition, partitions, alpha, seed) -> data
+
+
 class _Node:
     """What a ClientApp knows about the node it runs on."""
 
-    def __init__(self, context: Context, device_ids: Sequence[str] | None, state_dir: Path | None) -> None:
+    def __init__(
+        self, context: Context, device_ids: Sequence[str] | None, state_dir: Path | None, source_for: SourceFor | None
+    ) -> None:
+        self.source_for = source_for
         cfg = context.node_config
         self.partition = int(cfg.get("partition-id", 0))
         self.partitions = int(cfg.get("num-partitions", 1))
@@ -63,9 +69,10 @@ class _Node:
         self.own_budget = as_float(cfg, "epsilon-budget") if "epsilon-budget" in cfg else None
 
     def source(self, config: ConfigRecord) -> DataSource:
-        return source_from_config(
-            self.data_spec, self.partition, self.partitions, as_float(config, "alpha"), as_int(config, "data-seed")
-        )
+        alpha, seed = as_float(config, "alpha"), as_int(config, "data-seed")
+        if self.source_for is not None:
+            return self.source_for(self.partition, self.partitions, alpha, seed)
+        return source_from_config(self.data_spec, self.partition, self.partitions, alpha, seed)
 
     def budget(self, config: ConfigRecord) -> DeviceBudget | None:
         if self.state_dir is None:
@@ -113,14 +120,17 @@ def _reply(msg: Message, records: dict[str, ArrayRecord | MetricRecord | ConfigR
     return Message(content=RecordDict(records), reply_to=msg)
 
 
-def build_client_app(device_ids: Sequence[str] | None = None, state_dir: Path | None = None) -> ClientApp:
+def build_client_app(
+    device_ids: Sequence[str] | None = None, state_dir: Path | None = None, source_for: SourceFor | None = None
+) -> ClientApp:
     """A ClientApp; `device_ids` names partition i's device in a simulation, `state_dir` holds simulated devices'
-    privacy records (a SuperNode names both in its node config instead)."""
+    privacy records, `source_for` gives simulated devices data other than the plain digits split (a rehearsal's
+    drifted sensors). A SuperNode names all three in its node config instead."""
     app = ClientApp()
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        node = _Node(context, device_ids, state_dir)
+        node = _Node(context, device_ids, state_dir, source_for)
         config = msg.content["config"]
         assert isinstance(config, ConfigRecord)
         task = as_str(config, "task")
@@ -150,7 +160,7 @@ def build_client_app(device_ids: Sequence[str] | None = None, state_dir: Path | 
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        node = _Node(context, device_ids, state_dir)
+        node = _Node(context, device_ids, state_dir, source_for)
         config = msg.content["config"]
         assert isinstance(config, ConfigRecord)
         arrays = msg.content["arrays"]

@@ -33,6 +33,7 @@ class TrainPlan:
     model_name: str = "digits"
     parent: str = ""  # a registered version to start from; empty: a seeded initialisation
     round_timeout: float = 600.0
+    data_label: str = ""  # said in the lineage after the data source, e.g. a rehearsal's sensor fault
 
     @property
     def private(self) -> bool:

@@ -359,7 +359,8 @@ def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, 
         "clients_per_round": p.clients_per_round or len(run.devices),
         "devices": trained,
         "data": {
-            "source": f"scikit-learn digits, non-IID Dirichlet(alpha={p.alpha}) split, seed {p.seed}",
+            "source": f"scikit-learn digits, non-IID Dirichlet(alpha={p.alpha}) split, seed {p.seed}"
+            + (f", {p.data_label}" if p.data_label else ""),
             "features": FEATURES,
             "classes": CLASSES,
             "feature_range": list(FEATURE_RANGE),

@@ -13,11 +13,14 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.fl.plan import TrainPlan
+
+if TYPE_CHECKING:
+    from server.fl.client_app import SourceFor
 from server.fl.server_app import RoundProgress
 
 __all__ = ["TrainOutcome", "run_training", "simulated_device_ids"]
@@ -50,6 +53,7 @@ def run_training(
     device_ids: Sequence[str] | None = None,
     on_round: Callable[[RoundProgress], None] | None = None,
     verbose: bool = False,
+    source_for: SourceFor | None = None,
 ) -> TrainOutcome:
     """Run `plan` on `plan.clients` virtual clients, device i named device_ids[i] (default sim-000...).
 
@@ -78,7 +82,7 @@ def run_training(
         },
     }
     server_app = build_server_app(d.root, plan, run_id, "simulation", on_round)
-    client_app = build_client_app(tuple(ids), d.root / "fl-devices")
+    client_app = build_client_app(tuple(ids), d.root / "fl-devices", source_for)
     failure = ""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # run_simulation is deprecated in favour of `flwr run`

@@ -23,6 +23,7 @@ with every broken rule named. No file: the built-in defaults below, which refuse
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tomllib
 from collections.abc import Mapping
@@ -76,10 +77,8 @@ class Policy:
         if self.max_epsilon is not None:
             eps = _lookup(card, "privacy.epsilon")
             if isinstance(eps, str):  # signed metadata carries numbers as decimal strings (canonical JSON)
-                try:
+                with contextlib.suppress(ValueError):
                     eps = float(eps)
-                except ValueError:
-                    pass
             if not isinstance(eps, int | float) or isinstance(eps, bool):
                 rules.append("max_epsilon: the model card states no privacy.epsilon (a number)")
             elif not (math.isfinite(eps) and eps <= self.max_epsilon):

@@ -8,6 +8,7 @@ drift returns below the threshold. Every decision lands in the coordinator's dat
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -17,6 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.drift import DriftReference, WindowCounts, score_window
+from edge_agent.telemetry import counts_from_proto
 from server.datadir import DataDir
 from server.drift_alarm import DriftAlarm, check_fleet_drift, raise_alarm
 from server.fl.data import DigitsPartition
@@ -25,9 +29,10 @@ from server.fl.plan import TrainPlan
 from server.fl.server_app import RoundProgress
 from server.fl.training import TrainOutcome, run_training
 from simulations.rig import Rig
+from simulations.scenario import drain_and_count_lost
 from simulations.workload import InputStream, SensorFault
 
-__all__ = ["ClosedLoopResult", "SensedDigits", "digits_stream", "run_closed_loop"]
+__all__ = ["ClosedLoopResult", "SensedDigits", "digits_stream", "drift_by_release", "run_closed_loop", "verdict"]
 
 Progress = Callable[[str], None]
 POLICY = """# fedfleet demo policy: what may be released, and what fleet-wide drift leads to
@@ -90,6 +95,7 @@ class ClosedLoopResult:
     max_lifetime_epsilon: float = 0.0
     budget: float = 0.0
     releases_over_time: list[tuple[float, dict[str, int]]] = field(default_factory=list)
+    lost_windows: int = -1  # telemetry windows a device sent that the coordinator lacks (-1: not counted)
 
 
 @dataclass
@@ -217,9 +223,9 @@ def run_closed_loop(
             "--bake",
             "3",
             "--min-samples",
-            "200",
+            "400",
             "--gate",
-            "input_max_psi<=0.25",
+            "input_mean_psi<=0.1",
             "--gate",
             "score_psi<=0.25",
             "--gate",
@@ -256,6 +262,7 @@ def run_closed_loop(
         finally:
             store.close()
         rig.note(f"drift on {retrained}: {_fmt(result.drift_after)}")
+        result.lost_windows = drain_and_count_lost(rig)
         result.final_releases = dict(
             Counter(r["running_release"] for r in rig.store_query("SELECT running_release FROM devices"))
         )
@@ -266,8 +273,56 @@ def run_closed_loop(
     return result
 
 
+def drift_by_release(rig: Rig, bucket_seconds: float = 2.0) -> dict[str, list[tuple[float, float]]]:
+    """Largest input PSI of the fleet's windows per release and time bucket, each against its own release's
+    reference (seconds since the first window)."""
+    references = {
+        r["id"]: DriftReference.from_metadata(json.loads(r["custom"])["drift_reference"])
+        for r in rig.store_query("SELECT id, custom FROM releases")
+        if "drift_reference" in json.loads(r["custom"])
+    }
+    rows = rig.store_query("SELECT release_id, end_ms, payload FROM telemetry ORDER BY end_ms")
+    if not rows:
+        return {}
+    t0 = int(rows[0]["end_ms"])
+    buckets: dict[tuple[str, int], WindowCounts] = {}
+    for r in rows:
+        if r["release_id"] not in references:
+            continue
+        key = (r["release_id"], int((r["end_ms"] - t0) / 1000 / bucket_seconds))
+        counts = counts_from_proto(pb.TelemetryWindow.FromString(r["payload"]))
+        buckets[key] = counts if key not in buckets else buckets[key].merge(counts)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for (release, b), counts in sorted(buckets.items()):
+        score = score_window(counts, references[release], min_samples=50)
+        if score is not None:
+            series.setdefault(release, []).append((b * bucket_seconds, score.max_psi))
+    return series
+
+
 def _fmt(alarm: DriftAlarm | None) -> str:
     if alarm is None or alarm.value is None:
         return "not enough telemetry yet"
     verdict = "over" if alarm.over else "within"
     return f"{alarm.metric} {alarm.value:.3f} ({verdict} {alarm.threshold}) over {alarm.devices} devices"
+
+
+def verdict(result: ClosedLoopResult) -> list[str]:
+    """What a closed loop must show, from the coordinator's state; empty when it did."""
+    failures = []
+    if result.alarm is None or not result.alarm.over:
+        failures.append("no drift alarm")
+    if len(result.releases) != 2:
+        failures.append("no retrained release")
+    elif result.final_releases != {result.releases[1]: sum(result.final_releases.values())}:
+        failures.append(f"devices do not all run {result.releases[1]}: {result.final_releases}")
+    if result.rollout.get("phase") != "completed":
+        failures.append(f"the rollout ended {result.rollout.get('phase')}")
+    after = result.drift_after
+    if after is None or after.value is None or after.over:
+        failures.append(f"drift did not return below the threshold ({after.value if after else None})")
+    if result.lost_windows != 0:
+        failures.append(f"{result.lost_windows} telemetry windows lost")
+    if result.max_lifetime_epsilon > result.budget:
+        failures.append(f"a device spent ε {result.max_lifetime_epsilon:.3f}, over its budget {result.budget}")
+    return failures

@@ -14,10 +14,11 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from simulations.closed_loop import ClosedLoopResult, drift_by_release
 from simulations.rig import Rig
 from simulations.scenario import Scenario, ScenarioResult, drift_by_site
 
-__all__ = ["write_report"]
+__all__ = ["write_loop_report", "write_report"]
 
 
 def write_report(scenario: Scenario, rig: Rig, result: ScenarioResult, out: Path) -> list[Path]:
@@ -65,13 +66,13 @@ def _finish(fig: Figure, ax: Axes, path: Path, title: str, xlabel: str, ylabel: 
     return path
 
 
-def _releases_plot(result: ScenarioResult, path: Path) -> Path:
+def _releases_plot(result: ScenarioResult | ClosedLoopResult, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     releases = sorted({k for _, counts in result.releases_over_time for k in counts if k})
     times = [t for t, _ in result.releases_over_time]
     for release in releases:
         ax.plot(times, [counts.get(release, 0) for _, counts in result.releases_over_time], label=release)
-    return _finish(fig, ax, path, "Devices per release", "seconds since the fleet started", "devices running")
+    return _finish(fig, ax, path, "Devices per release", "seconds since the run started", "devices running")
 
 
 def _drift_plot(rig: Rig, result: ScenarioResult, path: Path) -> Path:
@@ -87,3 +88,96 @@ def _drift_plot(rig: Rig, result: ScenarioResult, path: Path) -> Path:
             ax.axvline((d["at"] - t0) / 1000, color="grey", linestyle=":", linewidth=1)
     xlabel = "seconds since the first telemetry window (dotted: rollback or hold)"
     return _finish(fig, ax, path, "Input drift per site", xlabel, "largest feature PSI")
+
+
+def write_loop_report(result: ClosedLoopResult, rig: Rig, out: Path, passed: bool, failures: list[str]) -> list[Path]:
+    """The closed loop's report: summary.md (timeline, trainings, rollout, drift) and its PNG plots."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [
+        _training_plot(result, out / "accuracy-and-epsilon.png"),
+        _releases_plot(result, out / "devices-per-release.png"),
+        _loop_drift_plot(rig, result, out / "drift-over-time.png"),
+    ]
+    verdict = "**the loop closed**" if passed else "**FAILED**: " + "; ".join(failures)
+    lines = [
+        "# fedfleet demo: the closed loop",
+        "",
+        f"- verdict: {verdict}",
+        f"- releases: {', '.join(result.releases)}",
+    ]
+    for label, alarm in (
+        ("before the fault", result.drift_before),
+        ("alarm", result.alarm),
+        ("after", result.drift_after),
+    ):
+        if alarm is not None and alarm.value is not None:
+            lines.append(
+                f"- drift {label}: {alarm.metric} {alarm.value:.3f} on {alarm.release_id} (threshold {alarm.threshold})"
+            )
+    lines += [
+        f"- largest lifetime ε of a device: {result.max_lifetime_epsilon:.3f} (budget {result.budget:g})",
+        f"- telemetry windows lost: {result.lost_windows}",
+        "- accuracy below is on the coordinator's held-out split of clean digits (the devices' drifted data stays"
+        " on the devices)",
+        "",
+    ]
+    for outcome in result.trainings:
+        lines += [
+            f"## Training {outcome.model_version} ({outcome.run_id})",
+            "",
+            "| round | accuracy | ε (max) |",
+            "| --- | --- | --- |",
+        ]
+        for r in outcome.rounds:
+            eps = "-" if r["epsilon_max"] is None else f"{r['epsilon_max']:.3f}"
+            lines.append(f"| {r['round']} | {r['test_accuracy']:.4f} | {eps} |")
+        lines.append("")
+    if result.rollout:
+        r = result.rollout
+        lines += [
+            f"## {r['id']}: {r['release']} → {r['phase']}",
+            "",
+            "| wave | decision | reason |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {d['wave']} | {d['decision']} | {d['reason']} |" for d in r["decisions"]]
+        lines.append("")
+    lines += ["## Timeline", "", "| seconds | what |", "| --- | --- |"]
+    lines += [f"| {t:.1f} | {what} |" for t, what in result.timeline]
+    lines += ["", "## Plots", "", *[f"![{p.stem}]({p.name})" for p in written], ""]
+    summary = out / "summary.md"
+    summary.write_text("\n".join(lines))
+    return [summary, *written]
+
+
+def _training_plot(result: ClosedLoopResult, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    eps_ax = ax.twinx()
+    for outcome in result.trainings:
+        rounds = [r["round"] for r in outcome.rounds]
+        ax.plot(
+            rounds, [r["test_accuracy"] for r in outcome.rounds], marker="o", label=f"{outcome.model_version} accuracy"
+        )
+        private = [(r["round"], r["epsilon_max"]) for r in outcome.rounds if r["epsilon_max"] is not None]
+        eps_ax.plot(
+            [a for a, _ in private],
+            [b for _, b in private],
+            linestyle="--",
+            marker="x",
+            label=f"{outcome.model_version} ε",
+        )
+    eps_ax.set_ylabel("ε spent in the run (max over devices)")
+    eps_ax.legend(loc="lower right")
+    return _finish(fig, ax, path, "Held-out accuracy and ε per round", "round", "accuracy")
+
+
+def _loop_drift_plot(rig: Rig, result: ClosedLoopResult, path: Path) -> Path:
+    series = drift_by_release(rig)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for release, points in sorted(series.items()):
+        ax.plot([t for t, _ in points], [v for _, v in points], marker=".", label=f"windows on {release}")
+    if result.alarm is not None:
+        ax.axhline(result.alarm.threshold, color="red", linestyle="--", linewidth=1, label="retrain threshold")
+    ax.set_yscale("symlog", linthresh=0.1)  # a drifted sensor's PSI runs into the tens; the threshold is 0.25
+    title = "Fleet input drift against each release's reference"
+    return _finish(fig, ax, path, title, "seconds since the first window", "largest feature PSI")

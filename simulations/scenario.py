@@ -137,7 +137,7 @@ def run_scenario(
         note(f"{devices} devices on {RELEASES['base']}")
         for step in scenario.steps:
             result.rollouts.append(_run_rollout(rig, step, note, result, started, timeout))
-        result.lost_windows = _drain_and_count_lost(rig)
+        result.lost_windows = drain_and_count_lost(rig)
         _check(scenario.expect, rig, result)
         if after is not None:
             after(rig, result)
@@ -212,7 +212,7 @@ def _act(rig: Rig, action: dict[str, Any], off: list[int], note: Progress) -> No
         note("coordinator and its broker restarted")
 
 
-def _drain_and_count_lost(rig: Rig, timeout: float = 60) -> int:
+def drain_and_count_lost(rig: Rig, timeout: float = 60) -> int:
     """Stop inferring, let every device deliver its windows, then count windows the coordinator lacks."""
     assert rig.fleet is not None and rig.fleet.workload is not None
     rig.fleet.workload.rate = 0.0

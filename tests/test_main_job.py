@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from server.datadir import DataDir
 
 
@@ -41,3 +43,50 @@ def test_rollout_demo_promotes_the_healthy_update_and_reverts_the_broken_build(t
     store.close()
     assert phases == ["completed", "rolled_back"]
     assert running == {"digits@1.1.0"}  # the healthy update stayed; the broken build was reverted everywhere
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fedfleet_demo_closes_the_loop(tmp_path: Path) -> None:
+    """`fedfleet demo` small: train, release, install, drift, alarm, retrain within budget, gated rollout."""
+    keep, report = tmp_path / "keep", tmp_path / "report"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.cli",
+            "demo",
+            "--devices",
+            "6",
+            "--rounds",
+            "2",
+            "--report",
+            str(report),
+            "--keep",
+            str(keep),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert {p.name for p in report.iterdir()} >= {"summary.md", "accuracy-and-epsilon.png", "drift-over-time.png"}
+    d = DataDir(keep / "data")
+    store = d.store()
+    try:
+        running = {r["running_release"] for r in store.devices()}
+        actions = [r["action"] for r in store.db.query("SELECT action FROM audit ORDER BY seq")]
+        parent = store.db.execute("SELECT parent FROM models WHERE version = 'digits@2'").fetchone()[0]
+        lifetime = store.db.execute(
+            "SELECT MAX(total) FROM (SELECT device_id, SUM(eps) AS total FROM ("
+            "SELECT device_id, run_id, MAX(epsilon) AS eps FROM privacy_spend GROUP BY device_id, run_id)"
+            " GROUP BY device_id)"
+        ).fetchone()[0]
+        phase = store.db.execute("SELECT phase FROM rollouts").fetchone()[0]
+    finally:
+        store.close()
+    assert running == {"digits@2"} and phase == "completed" and parent == "digits@1"
+    assert "drift.alarm" in actions and "retrain.decided" in actions
+    assert actions.index("drift.alarm") < actions.index("retrain.decided") < len(actions) - 1
+    assert 0 < lifetime <= d.config().epsilon_budget  # two runs of target ε 3 each, within the budget of 10

@@ -40,7 +40,8 @@ def federation(tmp_path: Path) -> Iterator[tuple[dict[str, str], int]]:
     link_port = _free_port()
     (tmp_path / "flwr-home").mkdir()
     (tmp_path / "flwr-home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "fedfleet"\n\n[superlink.fedfleet]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+        '[superlink]\ndefault = "fedfleet"\n\n'
+        f'[superlink.fedfleet]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
     )
     procs: list[subprocess.Popen[bytes]] = []
     logs = []

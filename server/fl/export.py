@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import tempfile
 import warnings
@@ -44,6 +45,8 @@ class ExportReport:
 def export_tflite(weights: list[np.ndarray]) -> bytes:
     """The network with a softmax head (the agent reads class probabilities), converted by litert-torch."""
     os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the converter's C++ op-count notices
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # optional CUDA kernels it cannot load on a CPU machine
     import litert_torch
 
     net = DigitsNet()

@@ -86,6 +86,8 @@ def run_training(
     failure = ""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # run_simulation is deprecated in favour of `flwr run`
+        # JAX (loaded by a release's litert-torch export in this process) warns at any fork; Ray forks and execs.
+        warnings.filterwarnings("ignore", message="os.fork.. was called")
         try:
             run_simulation(
                 server_app=server_app,

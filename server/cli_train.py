@@ -8,9 +8,17 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from server.cli_common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, fmt, open_datadir, out, print_json
+from server.cli_common import (
+    DEFAULT_DATA_DIR,
+    DataDirOption,
+    JsonOption,
+    fmt,
+    open_datadir,
+    out,
+    print_json,
+    print_rows,
+)
 from server.errors import CoordinatorError
 
 __all__ = ["models_app", "privacy_app", "train"]
@@ -128,20 +136,20 @@ def models_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption 
         rows = Registry(store).list()
     finally:
         store.close()
-    if as_json:
-        print_json(rows)
-        return
-    table = Table("version", "run", "parent", "ε", "accuracy", "weights sha256")
-    for r in rows:
-        table.add_row(
+    print_rows(
+        rows,
+        as_json,
+        ["version", "run", "parent", "ε", "accuracy", "weights sha256"],
+        lambda r: [
             r["version"],
             r["run_id"],
             r["parent"] or "-",
             fmt(r["epsilon"]),
             fmt(r["accuracy"]),
             r["weights_sha256"][:12],
-        )
-    out.print(table if rows else "No model versions yet; run `fedfleet train`.")
+        ],
+        "No model versions yet; run `fedfleet train`.",
+    )
 
 
 @models_app.command("show")
@@ -190,12 +198,11 @@ def privacy_ledger(
         store.close()
     if device:
         rows = [r for r in rows if r["device"] == device]
-    if as_json:
-        print_json(rows)
-        return
-    table = Table("device", "run", "model version", "rounds", "ε", "δ", "lifetime ε", "budget")
-    for r in rows:
-        table.add_row(
+    print_rows(
+        rows,
+        as_json,
+        ["device", "run", "model version", "rounds", "ε", "δ", "lifetime ε", "budget"],
+        lambda r: [
             r["device"],
             r["run"],
             r["model_version"] or "-",
@@ -204,8 +211,9 @@ def privacy_ledger(
             f"{r['delta']:g}",
             fmt(r["lifetime_epsilon"]),
             fmt(r["budget"]),
-        )
-    out.print(table if rows else "The ledger is empty: no private training has run yet.")
+        ],
+        "The ledger is empty: no private training has run yet.",
+    )
 
 
 @privacy_app.command("budget")

@@ -47,12 +47,17 @@ def write_report(scenario: Scenario, rig: Rig, result: ScenarioResult, out: Path
         lines += ["", "| wave | decision | reason |", "| --- | --- | --- |"]
         lines += [f"| {d['wave']} | {d['decision']} | {d['reason']} |" for d in r["decisions"]]
         lines.append("")
-    lines += ["## Timeline", "", "| seconds | what |", "| --- | --- |"]
-    lines += [f"| {t:.1f} | {what} |" for t, what in result.timeline]
-    lines += ["", "## Plots", "", *[f"![{p.stem}]({p.name})" for p in written], ""]
+    return [_summary(out, lines, result.timeline, written), *written]
+
+
+def _summary(out: Path, lines: list[str], timeline: list[tuple[float, str]], plots: list[Path]) -> Path:
+    """summary.md: the report's own lines, then the timeline and the plots."""
+    lines = [*lines, "## Timeline", "", "| seconds | what |", "| --- | --- |"]
+    lines += [f"| {t:.1f} | {what} |" for t, what in timeline]
+    lines += ["", "## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
-    return [summary, *written]
+    return summary
 
 
 def _finish(fig: Figure, ax: Axes, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
@@ -142,12 +147,7 @@ def write_loop_report(result: ClosedLoopResult, rig: Rig, out: Path, passed: boo
         ]
         lines += [f"| {d['wave']} | {d['decision']} | {d['reason']} |" for d in r["decisions"]]
         lines.append("")
-    lines += ["## Timeline", "", "| seconds | what |", "| --- | --- |"]
-    lines += [f"| {t:.1f} | {what} |" for t, what in result.timeline]
-    lines += ["", "## Plots", "", *[f"![{p.stem}]({p.name})" for p in written], ""]
-    summary = out / "summary.md"
-    summary.write_text("\n".join(lines))
-    return [summary, *written]
+    return [_summary(out, lines, result.timeline, written), *written]
 
 
 def _training_plot(result: ClosedLoopResult, path: Path) -> Path:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from server.cli import app
 from server.cli import main as server_main
 from server.cli_common import out
+from simulations.workload import SensorFault
 
 __all__ = ["app", "main"]
 
@@ -19,7 +20,8 @@ __all__ = ["app", "main"]
 @app.command()
 def simulate(
     scenario: Annotated[
-        str, typer.Option(help="A scenario name (healthy, bad-release, cohort-drift, faults) or a .toml path.")
+        str,
+        typer.Option(help="A scenario name (healthy, bad-release, cohort-drift, faults, closed-loop) or a .toml path."),
     ],
     devices: Annotated[int, typer.Option(min=4, help="Simulated devices.")] = 20,
     seed: Annotated[int, typer.Option(help="Seed for the devices' input streams.")] = 0,
@@ -38,6 +40,9 @@ def simulate(
         out.print(f"[red]{e}[/]")
         raise typer.Exit(1) from e
     out.print(f"[bold]{plan.name}[/]: {plan.description}")
+    if plan.kind == "closed-loop":
+        _run_loop_scenario(plan.loop, devices, None, seed, report or Path("demo-out/report"), keep)
+        return
     with tempfile.TemporaryDirectory(prefix="fedfleet-sim-") as tmp:
         root = keep or Path(tmp)
 
@@ -57,7 +62,9 @@ def simulate(
 @app.command()
 def demo(
     devices: Annotated[int, typer.Option(min=4, max=200, help="Simulated devices (each a real agent).")] = 10,
-    rounds: Annotated[int, typer.Option(min=1, max=50, help="Federated rounds per training.")] = 3,
+    rounds: Annotated[
+        int | None, typer.Option(min=1, max=50, help="Federated rounds per training (default: the scenario's, 3).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the data split, training and input streams.")] = 0,
     report: Annotated[Path, typer.Option(help="Directory for summary.md and the PNG plots.")] = Path("demo-out/report"),
     keep: Annotated[Path | None, typer.Option(help="Keep the coordinator data and device state here.")] = None,
@@ -65,14 +72,30 @@ def demo(
     """The whole loop on this machine: train with Flower + Opacus on a simulated fleet, release, install; the
     fleet's sensors drift, the drift alarm fires, the policy says retrain, the fleet retrains on its fresh data
     within its privacy budget, and the new model goes out in gated waves until drift is back below threshold.
-    Exit 1 if any of that did not happen."""
+    Exit 1 if any of that did not happen. The settings are simulations/scenarios/closed-loop.toml's."""
+    from simulations.scenario import load_scenario
+
+    _run_loop_scenario(load_scenario("closed-loop").loop, devices, rounds, seed, report, keep)
+
+
+def _run_loop_scenario(
+    loop: dict[str, Any], devices: int, rounds: int | None, seed: int, report: Path, keep: Path | None
+) -> None:
+    fault = SensorFault(str(loop.get("fault", "contrast")), float(loop.get("strength", 0.5)))
+    rounds = rounds or int(loop.get("rounds", 3))
+    _closed_loop(devices, rounds, seed, report, keep, fault, float(loop.get("threshold", 0.25)))
+
+
+def _closed_loop(
+    devices: int, rounds: int, seed: int, report: Path, keep: Path | None, fault: SensorFault, threshold: float
+) -> None:
     import time
 
     from simulations.closed_loop import ClosedLoopRig, run_closed_loop, verdict
     from simulations.report import write_loop_report
 
     started = time.monotonic()
-    out.print(f"[bold]fedfleet demo[/]: {devices} devices, {rounds} rounds per training (a few minutes on 2 cores)")
+    out.print(f"[bold]closed loop[/]: {devices} devices, {rounds} rounds per training (a few minutes on 2 cores)")
     holder: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory(prefix="fedfleet-demo-") as tmp:
         root = keep or Path(tmp)
@@ -87,6 +110,8 @@ def demo(
             devices=devices,
             rounds=rounds,
             seed=seed,
+            fault=fault,
+            threshold=threshold,
             progress=lambda s: out.print(f"[{time.monotonic() - started:6.1f} s] {s}", markup=False),
             after=after,
         )

@@ -59,6 +59,8 @@ class Scenario:
     description: str
     steps: list[dict[str, Any]]
     expect: dict[str, Any]
+    kind: str = "rollouts"  # or "closed-loop": train, drift, alarm, retrain, roll out (simulations/closed_loop.py)
+    loop: dict[str, Any] = field(default_factory=dict)  # the closed loop's settings
 
 
 def load_scenario(name_or_path: str) -> Scenario:
@@ -72,6 +74,12 @@ def load_scenario(name_or_path: str) -> Scenario:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ScenarioError(f"{path} is not valid TOML: {e}") from e
+    if doc.get("kind") == "closed-loop":
+        loop = doc.get("loop", {})
+        unknown = set(loop) - {"rounds", "fault", "strength", "threshold"}
+        if unknown:
+            raise ScenarioError(f"{path}: unknown [loop] setting(s) {', '.join(sorted(unknown))}")
+        return Scenario(str(doc.get("name", path.stem)), str(doc.get("description", "")), [], {}, "closed-loop", loop)
     steps = doc.get("steps", [])
     if not steps:
         raise ScenarioError(f"{path}: a scenario needs at least one [[steps]]")

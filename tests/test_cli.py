@@ -49,6 +49,11 @@ def test_command_list_is_complete() -> None:
         *(("rollout", c) for c in ("start", "status", "pause", "resume", "abort", "rollback", "list")),
         ("audit", "list"),
         ("audit", "verify"),
+        ("train",),
+        ("models", "list"),
+        ("models", "show"),
+        ("privacy", "ledger"),
+        ("privacy", "budget"),
     } <= set(COMMANDS)
 
 

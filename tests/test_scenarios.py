@@ -14,15 +14,18 @@ from simulations.scenario import SCENARIOS, ScenarioError, load_scenario, run_sc
 pytestmark = pytest.mark.slow
 
 NAMES = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
+ROLLOUT_NAMES = [n for n in NAMES if n != "closed-loop"]  # the closed loop runs in test_main_job (`fedfleet demo`)
 
 
 def test_every_scenario_file_is_listed_and_loads() -> None:
-    assert NAMES == ["bad-release", "cohort-drift", "faults", "healthy"]
-    for name in NAMES:
+    assert NAMES == ["bad-release", "closed-loop", "cohort-drift", "faults", "healthy"]
+    for name in ROLLOUT_NAMES:
         assert load_scenario(name).steps
+    loop = load_scenario("closed-loop")
+    assert loop.kind == "closed-loop" and loop.loop["fault"] == "contrast"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ROLLOUT_NAMES)
 def test_scenario_ends_as_it_expects_with_no_window_lost(name: str, tmp_path: Path) -> None:
     scenario = load_scenario(name)
     result = run_scenario(scenario, tmp_path, devices=9, seed=1, progress=lambda s: None)

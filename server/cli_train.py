@@ -5,6 +5,7 @@ Torch, Flower and Opacus load only when a command needs them, so the rest of the
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Annotated, Any
 
 import typer
@@ -58,6 +59,12 @@ def train(
     ε per device in the privacy ledger and register the result as a model version."""
     from server.fl.plan import TrainPlan
 
+    if secure_mode and importlib.util.find_spec("torchcsprng") is None:
+        raise CoordinatorError(
+            "--secure-mode needs the torchcsprng package (Opacus' secure generator), which PyPI does not offer for "
+            "this torch; build it from https://github.com/pytorch/csprng on every training device, or train without "
+            "--secure-mode"
+        )
     if no_dp and (target_epsilon is not None or noise_multiplier is not None):
         raise CoordinatorError("--no-dp cannot be combined with --target-epsilon or --noise-multiplier")
     noise = None if no_dp or target_epsilon is not None else (noise_multiplier or 1.0)

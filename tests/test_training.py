@@ -254,5 +254,17 @@ def test_a_fleet_without_budget_fails_clearly_and_changes_nothing(tmp_path: Path
     assert json.loads(cli(d, "models", "list", "--json").stdout) == []
 
 
+def test_secure_mode_without_its_generator_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    d, _ = DataDir.init(tmp_path / "data")
+    out = cli(d, "train", "--rounds", "1", "--clients", "2", "--secure-mode", ok=False)
+    assert "torchcsprng" in out.stderr
+    assert json.loads(cli(d, "models", "list", "--json").stdout) == []
+    store = d.store()
+    try:
+        assert store.db.execute("SELECT COUNT(*) FROM fl_runs").fetchone()[0] == 0
+    finally:
+        store.close()
+
+
 def test_epsilon_of_an_empty_history_is_zero() -> None:
     assert epsilon_of([], 1e-5) == 0.0

@@ -46,7 +46,7 @@ _ROLLOUT_KEYS = {
     "gate_window_seconds": "--gate-window",
 }
 _ACTIONS = {"sensor_fault", "clear_faults", "switch_off", "switch_on", "restart_coordinator"}
-_EXPECT = {"outcome", "gate", "decision", "reason_contains", "final_release"}
+_EXPECT = {"outcome", "gate", "decision", "reason_contains", "final_release", "download_resumed"}
 
 
 class ScenarioError(ValueError):
@@ -86,7 +86,7 @@ def load_scenario(name_or_path: str) -> Scenario:
     for i, step in enumerate(steps):
         if step.get("action") != "rollout" or step.get("release") not in RELEASES:
             raise ScenarioError(f"{path}: step {i + 1} must be action = 'rollout' of one of {', '.join(RELEASES)}")
-        unknown = set(step) - set(_ROLLOUT_KEYS) - {"action", "release", "gates", "during"}
+        unknown = set(step) - set(_ROLLOUT_KEYS) - {"action", "release", "gates", "during", "cut_download"}
         if unknown:
             raise ScenarioError(f"{path}: step {i + 1} has unknown setting(s) {', '.join(sorted(unknown))}")
         for action in step.get("during", []):
@@ -169,6 +169,9 @@ def _run_rollout(
     rig: Rig, step: dict[str, Any], note: Progress, result: ScenarioResult, started: float, timeout: float
 ) -> dict[str, Any]:
     release = RELEASES[step["release"]]
+    if "cut_download" in step:
+        assert rig.fleet is not None
+        rig.fleet.cut_next_download(int(step["cut_download"]), note)
     rollout_id = rig.cli("rollout", "start", release, "--fleet", rig.fleet_name, *_rollout_args(step))["id"]
     note(f"{rollout_id}: rollout of {release} started")
     begun = time.monotonic()
@@ -252,6 +255,8 @@ def _check(expect: dict[str, Any], rig: Rig, result: ScenarioResult) -> None:
         release = RELEASES[expect["final_release"]]
         if rig.running(release) != result.devices:
             result.failures.append(f"final_release: {rig.running(release)} of {result.devices} devices on {release}")
+    if expect.get("download_resumed") and not any("resumed from byte" in what for _, what in result.timeline):
+        result.failures.append("download_resumed: the cut download was never resumed")
     if result.lost_windows:
         result.failures.append(f"telemetry: {result.lost_windows} windows never reached the coordinator")
 

@@ -8,15 +8,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.agent import Agent
-from edge_agent.errors import AgentError
+from edge_agent.errors import AgentError, TransientError
 from simulations.fleet import SimulatedFleet
 from simulations.models import FEATURES
 
@@ -131,6 +132,32 @@ class FleetThread:
                 self.workload.offline.discard(self.fleet.device_id(i))
 
         self.call(_on)
+
+    def cut_next_download(self, index: int, note: Callable[[str], None]) -> None:
+        """Cut device `index`'s next model download half way, as a dropped connection does (a fault injected
+        into its live gRPC transport); later fetches go through, so the agent must resume from its partial file."""
+        agent = self.fleet.agents[index]
+        transport = agent._transport  # the live transport its update worker holds
+        real = transport.fetch
+        cut = False
+
+        def fetch(kind: Literal["metadata", "target"], path: str, offset: int = 0) -> Iterator[pb.Chunk]:
+            nonlocal cut
+            if kind == "target" and not cut:
+                cut = True
+                for chunk in real(kind, path, offset):
+                    half = pb.Chunk(
+                        data=chunk.data[: len(chunk.data) // 2], offset=chunk.offset, total_size=chunk.total_size
+                    )
+                    size = f"{len(half.data)} of {chunk.total_size} bytes"
+                    note(f"{agent.config.device_id}: download of {path} cut after {size}")
+                    yield half
+                    raise TransientError("connection cut half way through the download (rehearsal fault)")
+            elif kind == "target" and offset:
+                note(f"{agent.config.device_id}: download of {path} resumed from byte {offset}")
+            yield from real(kind, path, offset)
+
+        transport.fetch = fetch  # type: ignore[method-assign]
 
     def call(self, coro: Callable[[], Coroutine[Any, Any, T]], timeout: float = 60.0) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro(), self.loop)

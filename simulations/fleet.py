@@ -35,11 +35,12 @@ class SimulatedFleet:
     labels: Callable[[int], Mapping[str, str]] = lambda i: {"site": f"site-{i % 3}"}
     workers: int = 8
     agent_extra: Mapping[str, Any] = field(default_factory=dict)  # agent.toml settings for every device
+    first: int = 0  # the first device's number: worker processes of one fleet take disjoint ranges
     agents: list[Agent] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def device_id(self, i: int) -> str:
-        return self.device_id_of(self.fleet, i)
+        return self.device_id_of(self.fleet, self.first + i)
 
     @staticmethod
     def device_id_of(fleet: str, i: int) -> str:
@@ -54,7 +55,7 @@ class SimulatedFleet:
                 device,
                 self.root / device,
                 self.fleet,
-                self.labels(i),
+                self.labels(self.first + i),
                 self.grpc,
                 self.mqtt,
                 extra={"retry_seconds": 0.5, "local_endpoint": "off", **self.agent_extra},

@@ -1,0 +1,60 @@
+"""One worker process of a large simulated fleet: devices FIRST .. FIRST+COUNT-1 as real agents on one event
+loop, inferring at RATE per second, until SIGTERM. Fleets of thousands run as several of these, so that both
+cores work and no process holds every device (simulations/fleet_scale.py starts them).
+
+    python -m simulations.fleet_worker --data-dir D --root R --fleet F --first 0 --count 1000 \
+        --grpc 127.0.0.1:50051 --mqtt mqtt://127.0.0.1:1883 [--rate 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+from server.datadir import DataDir
+from simulations.fleet import SimulatedFleet
+from simulations.workload import Workload
+
+
+async def _run(args: argparse.Namespace) -> None:
+    fleet = SimulatedFleet(
+        DataDir(Path(args.data_dir)),
+        Path(args.root),
+        args.count,
+        fleet=args.fleet,
+        grpc=args.grpc,
+        mqtt=args.mqtt,
+        first=args.first,
+        agent_extra={"telemetry_every_seconds": 5.0, "telemetry_every_inferences": 10_000},
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await fleet.start()
+    workload = asyncio.create_task(Workload(fleet.agents, args.rate, args.first).run())
+    await stop.wait()
+    workload.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await workload
+    await fleet.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", required=True, help="The coordinator's data directory (for enrollment).")
+    parser.add_argument("--root", required=True, help="Where the devices' state directories live.")
+    parser.add_argument("--fleet", required=True, help="Fleet name.")
+    parser.add_argument("--first", type=int, default=0, help="Number of this worker's first device.")
+    parser.add_argument("--count", type=int, required=True, help="Devices in this worker.")
+    parser.add_argument("--grpc", required=True, help="Coordinator gRPC address host:port.")
+    parser.add_argument("--mqtt", required=True, help="Broker URL mqtt://host:port.")
+    parser.add_argument("--rate", type=float, default=1.0, help="Inferences per device per second.")
+    asyncio.run(_run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,7 @@ def simulate(
         str,
         typer.Option(help="A scenario name (healthy, bad-release, cohort-drift, faults, closed-loop) or a .toml path."),
     ],
-    devices: Annotated[int, typer.Option(min=4, help="Simulated devices.")] = 20,
+    devices: Annotated[int, typer.Option(min=4, help="Simulated devices (each a real agent).")] = 100,
     seed: Annotated[int, typer.Option(help="Seed for the devices' input streams.")] = 0,
     report: Annotated[Path | None, typer.Option(help="Directory for summary.md and the PNG plots.")] = None,
     keep: Annotated[Path | None, typer.Option(help="Keep the coordinator data and device state here.")] = None,

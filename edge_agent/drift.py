@@ -202,10 +202,12 @@ class WindowCounts:
         latencies_ms: Sequence[float] | np.ndarray,
     ) -> None:
         """Account for a batch: inputs (n, n_features), output probabilities (n, n_classes)."""
-        x = np.asarray(inputs, dtype=np.float64).reshape(-1, reference.n_features)
-        p = np.asarray(probabilities, dtype=np.float64).reshape(len(x), -1)
-        if p.shape[1] != reference.n_classes:
-            raise ValueError(f"{p.shape[1]} outputs, the reference has {reference.n_classes} classes")
+        p = np.asarray(probabilities, dtype=np.float64).reshape(-1, reference.n_classes)
+        x = np.asarray(inputs, dtype=np.float64).reshape(len(p), -1)
+        if not reference.n_features:
+            x = x[:, :0]  # a release without a drift reference: no feature bins, the rest still counts
+        elif x.shape[1] != reference.n_features:
+            raise ValueError(f"{x.shape[1]} input features, the reference has {reference.n_features}")
         if reference.n_features:
             # All features at once: a value's bin is the number of inner edges <= it (open-ended outer bins).
             nan = np.isnan(x)

@@ -201,8 +201,8 @@ class TelemetryRecorder:
         if self._rows and self._counts is not None and self._reference is not None:
             rows, self._rows = self._rows, []
             n = len(rows)
-            x = np.concatenate([r[0].reshape(-1) for r in rows]).reshape(n, self._reference.n_features)
-            p = np.concatenate([r[1].reshape(-1) for r in rows]).reshape(n, self._reference.n_classes)
+            x = np.concatenate([r[0].reshape(-1) for r in rows]).reshape(n, -1)
+            p = np.concatenate([r[1].reshape(-1) for r in rows]).reshape(n, -1)
             self._counts.add(self._reference, x, p, np.fromiter((r[2] for r in rows), np.float64, n))
 
     def _close_locked(self) -> None:

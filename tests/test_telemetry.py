@@ -275,3 +275,20 @@ def test_windows_carry_device_scores_that_agree_with_the_coordinator(store: Stor
     )
     docs = json.loads(out.stdout)
     assert [(d["release"], d["devices"], d["inferences"]) for d in docs] == [("digits@1.0.0", 1, 30)]
+
+
+def test_a_release_without_drift_reference_still_counts_its_windows() -> None:
+    """Found by benchmarks/fleet_scale.py at 5,000 devices: a release published without a drift reference made
+    every window flush fail (inputs reshaped to zero features), killing the agent's window timer."""
+    closed: list[ClosedWindow] = []
+    recorder = TelemetryRecorder(closed.append, every_inferences=40, every_seconds=3600)
+    recorder.switch("plain@1", DriftReference.empty(CLASSES))
+    rng = np.random.default_rng(3)
+    for _ in range(30):  # the batched one-by-one path
+        recorder.record_one("plain@1", rng.random((1, FEATURES)), rng.dirichlet(np.ones(CLASSES), 1), 1.0)
+    recorder.record("plain@1", rng.random((10, FEATURES)), rng.dirichlet(np.ones(CLASSES), 10), [1.0] * 10)
+    assert len(closed) == 1 and closed[0].score is None
+    assert closed[0].counts.inferences == 40 and closed[0].counts.class_counts.sum() == 40
+    with pytest.raises(ValueError, match="input features"):
+        recorder.switch("digits@1.0.0", digits_reference())
+        recorder.record("digits@1.0.0", rng.random((2, 5)), rng.dirichlet(np.ones(CLASSES), 2), [1.0, 1.0])

@@ -61,11 +61,12 @@ def test_bad_scenario_files_are_refused_with_the_reason(tmp_path: Path) -> None:
             "during",
         ),
         ('[[steps]]\naction = "rollout"\nrelease = "healthy"\n[expect]\nmood = "good"\n', "unknown expectation"),
+        ('kind = "closed-loop"\n[loop]\nrounds = 2\nweather = "rain"\n', "unknown \\[loop\\] setting"),
     ):
         bad.write_text(text)
         with pytest.raises(ScenarioError, match=message):
             load_scenario(str(bad))
-    with pytest.raises(ScenarioError, match="known: bad-release, cohort-drift, faults, healthy"):
+    with pytest.raises(ScenarioError, match="known: bad-release, closed-loop, cohort-drift, faults, healthy"):
         load_scenario("nope")
 
 

@@ -87,10 +87,10 @@ def _tflite_outputs(model: bytes, x: np.ndarray) -> np.ndarray:
         return np.concatenate([m.predict(row[None]) for row in x])
 
 
-def parity(model: bytes, weights: list[np.ndarray], x: np.ndarray) -> tuple[float, np.ndarray]:
-    """(max |TFLite - PyTorch| over x, TFLite outputs), TFLite run in the interpreter the agent uses."""
-    tflite = _tflite_outputs(model, x)
-    return float(np.abs(tflite - predict_proba(weights, x)).max()), tflite
+def parity(model: bytes, weights: list[np.ndarray], x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """(max |TFLite - PyTorch| over x, TFLite outputs, PyTorch outputs), TFLite run in the agent's interpreter."""
+    tflite, torch_out = _tflite_outputs(model, x), predict_proba(weights, x)
+    return float(np.abs(tflite - torch_out).max()), tflite, torch_out
 
 
 def _release_extra(m: ModelVersion, report: dict[str, Any]) -> dict[str, Any]:
@@ -109,10 +109,10 @@ def release_model_version(d: DataDir, version: str, quantize: str = "", actor: s
         seed = int(m.lineage["plan"]["seed"])
         x_test, y_test = held_out(seed)
         float_model = export_tflite(m.weights)
-        diff, float_out = parity(float_model, m.weights, x_test)
+        diff, float_out, torch_out = parity(float_model, m.weights, x_test)
         if diff > PARITY_TOLERANCE:
             raise ReleaseError(f"parity check failed: TFLite and PyTorch differ by {diff:.2e} (> {PARITY_TOLERANCE:g})")
-        torch_accuracy = float((predict_proba(m.weights, x_test).argmax(1) == y_test).mean())
+        torch_accuracy = float((torch_out.argmax(1) == y_test).mean())
         float_accuracy = float((float_out.argmax(1) == y_test).mean())
         data, outputs, accuracy = float_model, float_out, float_accuracy
         if quantize:

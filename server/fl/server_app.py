@@ -93,6 +93,8 @@ class _Device:
     noise: float | None = None  # learnt from its first reply
     steps: int = 0  # accountant steps so far in this run
     epsilon: float = 0.0
+    spent_before: float = 0.0  # lifetime ε from earlier runs (the ledger, read once at the greeting)
+    budget: float = 0.0  # its lifetime budget (ditto)
     refused: bool = False
     skipped: bool = False
 
@@ -161,16 +163,12 @@ class _Run:
             if d.refused or d.skipped:
                 continue
             if self.plan.private:
-                before = self.ledger.lifetime(d.device_id, excluding_run=self.run_id)
-                after = before + self.projected_epsilon(d)
-                budget = self.ledger.budget(d.device_id)
-                if after > budget + 1e-9:
+                after = d.spent_before + self.projected_epsilon(d)
+                if after > d.budget + 1e-9:
                     d.skipped = True
+                    detail = f"(spent before this run {d.spent_before:.3f}), budget {d.budget:.3f}"
                     self.incident(
-                        server_round,
-                        d.device_id,
-                        "skipped-budget",
-                        f"lifetime ε would reach {after:.3f} (spent before this run {before:.3f}), budget {budget:.3f}",
+                        server_round, d.device_id, "skipped-budget", f"lifetime ε would reach {after:.3f} {detail}"
                     )
                     continue
             eligible.append(d)
@@ -208,8 +206,8 @@ class FleetFedAvg(FedAvg):
                 {
                     **dict(config),
                     "server-round": server_round,
-                    "lifetime-epsilon": run.ledger.lifetime(d.device_id, excluding_run=run.run_id),
-                    "epsilon-budget": run.ledger.budget(d.device_id),
+                    "lifetime-epsilon": d.spent_before,
+                    "epsilon-budget": d.budget,
                 }
             )
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
@@ -286,7 +284,14 @@ def _greet(grid: Grid, run: _Run) -> None:
             continue
         info = msg.content["client"]
         assert isinstance(info, ConfigRecord)
-        device = _Device(msg.metadata.src_node_id, as_str(info, "device-id"), as_int(info, "num-examples"))
+        device_id = as_str(info, "device-id")
+        device = _Device(
+            msg.metadata.src_node_id,
+            device_id,
+            as_int(info, "num-examples"),
+            spent_before=run.ledger.lifetime(device_id, excluding_run=run.run_id),
+            budget=run.ledger.budget(device_id),
+        )
         run.devices[device.node_id] = device
     if not run.devices:
         raise TrainingError("no node answered the greeting")

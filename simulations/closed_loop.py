@@ -26,10 +26,11 @@ from server.drift_alarm import DriftAlarm, check_fleet_drift, raise_alarm
 from server.fl.data import DigitsPartition
 from server.fl.export import release_model_version
 from server.fl.plan import TrainPlan
+from server.fl.registry import Ledger
 from server.fl.server_app import RoundProgress
 from server.fl.training import TrainOutcome, run_training
 from simulations.rig import Rig
-from simulations.scenario import drain_and_count_lost
+from simulations.scenario import FINAL_PHASES, RolloutWatch, drain_and_count_lost
 from simulations.workload import InputStream, SensorFault
 
 __all__ = ["ClosedLoopResult", "SensedDigits", "digits_stream", "drift_by_release", "run_closed_loop", "verdict"]
@@ -233,18 +234,10 @@ def run_closed_loop(
         )
         rollout_id = rollout["id"]
         rig.note(f"{rollout_id}: rolling out {retrained} (canary 2, then 50%, 100%)")
-        shown = 0
+        watch = RolloutWatch(rig, rollout_id, rig.note, result.releases_over_time, rig.started)
         while True:
-            rows = rig.store_query(
-                "SELECT wave, decision, reason FROM rollout_decisions WHERE rollout_id = ? ORDER BY id", [rollout_id]
-            )
-            for r in rows[shown:]:
-                rig.note(f"{rollout_id} wave {r['wave']}: {r['decision']} — {r['reason']}")
-            shown = len(rows)
-            counts = Counter(r["running_release"] for r in rig.store_query("SELECT running_release FROM devices"))
-            result.releases_over_time.append((time.monotonic() - rig.started, dict(counts)))
-            phase = rig.store_query("SELECT phase FROM rollouts WHERE id = ?", [rollout_id])[0]["phase"]
-            if phase in ("completed", "rolled_back", "aborted"):
+            phase = watch.poll()
+            if phase in FINAL_PHASES:
                 break
             if time.monotonic() > deadline + timeout:
                 raise TimeoutError(f"{rollout_id} still {phase}")
@@ -254,8 +247,6 @@ def run_closed_loop(
         store = d.store()
         try:
             result.drift_after = check_fleet_drift(store, rig.fleet_name, policy)
-            from server.fl.registry import Ledger
-
             ledger = Ledger(store, d.config().epsilon_budget)
             result.budget = d.config().epsilon_budget
             result.max_lifetime_epsilon = max((r["lifetime_epsilon"] for r in ledger.rows()), default=0.0)

@@ -165,6 +165,34 @@ def _rollout_args(step: dict[str, Any]) -> list[str]:
     return args
 
 
+FINAL_PHASES = ("completed", "rolled_back", "aborted")
+
+
+@dataclass
+class RolloutWatch:
+    """Follows one rollout in the coordinator's database: each poll notes the decisions recorded since the last
+    one, samples how many devices run each release, and returns the rollout's phase."""
+
+    rig: Rig
+    rollout_id: str
+    note: Progress
+    releases_over_time: list[tuple[float, dict[str, int]]]
+    started: float  # time.monotonic() that the samples count from
+    shown: int = 0
+
+    def poll(self) -> str:
+        rows = self.rig.store_query(
+            "SELECT wave, decision, reason FROM rollout_decisions WHERE rollout_id = ? ORDER BY id", [self.rollout_id]
+        )
+        for r in rows[self.shown :]:
+            self.note(f"{self.rollout_id} wave {r['wave']}: {r['decision']} — {r['reason']}")
+        self.shown = len(rows)
+        counts = Counter(r["running_release"] for r in self.rig.store_query("SELECT running_release FROM devices"))
+        self.releases_over_time.append((time.monotonic() - self.started, dict(counts)))
+        phase: str = self.rig.store_query("SELECT phase FROM rollouts WHERE id = ?", [self.rollout_id])[0]["phase"]
+        return phase
+
+
 def _run_rollout(
     rig: Rig, step: dict[str, Any], note: Progress, result: ScenarioResult, started: float, timeout: float
 ) -> dict[str, Any]:
@@ -177,21 +205,13 @@ def _run_rollout(
     begun = time.monotonic()
     pending = sorted(step.get("during", []), key=lambda a: a["after"])
     off: list[int] = []
-    shown = 0
+    watch = RolloutWatch(rig, rollout_id, note, result.releases_over_time, started)
     while True:
         elapsed = time.monotonic() - begun
         while pending and pending[0]["after"] <= elapsed:
             _act(rig, pending.pop(0), off, note)
-        rows = rig.store_query(
-            "SELECT wave, decision, reason FROM rollout_decisions WHERE rollout_id = ? ORDER BY id", [rollout_id]
-        )
-        for r in rows[shown:]:
-            note(f"{rollout_id} wave {r['wave']}: {r['decision']} — {r['reason']}")
-        shown = len(rows)
-        counts = Counter(r["running_release"] for r in rig.store_query("SELECT running_release FROM devices"))
-        result.releases_over_time.append((time.monotonic() - started, dict(counts)))
-        phase = rig.store_query("SELECT phase FROM rollouts WHERE id = ?", [rollout_id])[0]["phase"]
-        if phase in ("completed", "rolled_back", "aborted") and not pending:
+        phase = watch.poll()
+        if phase in FINAL_PHASES and not pending:
             return rig.status(rollout_id)
         if elapsed > timeout:
             raise TimeoutError(f"{rollout_id} still {phase} after {timeout:.0f} s")

@@ -10,11 +10,13 @@ cd "$(dirname "$0")/.."
 dev=false
 [ "${1:-}" = "--dev" ] && dev=true
 
-# Debian packages the tests use: mosquitto (a real broker) and systemd (systemd-analyze verify on the unit).
+# Debian packages the tests use: mosquitto (a real broker), systemd (systemd-analyze verify on the unit) and
+# chromium (the dashboard's browser tests, driven by Playwright).
 missing=()
 if $dev; then
   command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -83,15 +83,45 @@ def serve(
     grpc: Annotated[str | None, typer.Option(help="gRPC listen address host:port (port 0: any free port).")] = None,
     mqtt: Annotated[str | None, typer.Option(help="Broker URL mqtt://host:port; default: embedded broker.")] = None,
     broker_listen: Annotated[str | None, typer.Option(help="Embedded broker address (loopback only).")] = None,
+    dashboard: Annotated[
+        str | None, typer.Option(help="Dashboard, API and /metrics address host:port; '' turns it off.")
+    ] = None,
+    public_read: Annotated[
+        bool | None,
+        typer.Option("--public-read/--token-read", help="Open the read-only views without the operator token."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
-    """Run the coordinator: gRPC FleetService, MQTT control plane (embedded broker if none given)."""
+    """Run the coordinator: gRPC FleetService, MQTT control plane (embedded broker if none given), rollouts, and
+    the dashboard with its API and Prometheus /metrics (http://127.0.0.1:8080 by default)."""
     from server.coordinator import Coordinator, ServeOptions  # only `serve` needs gRPC, MQTT and the broker
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    coordinator = Coordinator(open_datadir(data_dir), ServeOptions(grpc, mqtt, broker_listen))
+    options = ServeOptions(grpc, mqtt, broker_listen, dashboard, public_read)
+    coordinator = Coordinator(open_datadir(data_dir), options)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(coordinator.run())
+
+
+@app.command("dashboard-token")
+def dashboard_token(
+    rotate: Annotated[bool, typer.Option(help="Issue a new token; the old one stops working at once.")] = False,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """Print the operator token the dashboard asks for (created on first use, kept in DATA/keys/operator.token)."""
+    d = open_datadir(data_dir)
+    token = d.operator_token(rotate=rotate)
+    if rotate:
+        audit_store = d.store()
+        try:
+            audit.append(audit_store, "dashboard.token-rotated", "operator", {}, actor="cli")
+        finally:
+            audit_store.close()
+    if as_json:
+        print_json({"token": token})
+        return
+    sys.stdout.write(token + "\n")
 
 
 def _release_doc(r: Release) -> dict[str, Any]:

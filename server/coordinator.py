@@ -6,16 +6,21 @@ expiring.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import uvicorn
 
 from edge_agent.contract import Topics
 from edge_agent.fsutil import atomic_write_bytes
 from server.broker import EmbeddedBroker, parse_host_port
 from server.datadir import DataDir
+from server.errors import CoordinatorError
 from server.grpc_service import FleetService, mutual_tls_credentials, start_grpc_server
 from server.mqtt_bridge import MqttBridge
 
@@ -31,6 +36,16 @@ class ServeOptions:
     grpc_listen: str | None = None  # None: from config.toml
     mqtt_url: str | None = None  # None: from config.toml; "" there: embedded broker
     broker_listen: str | None = None
+    dashboard_listen: str | None = None  # None: from config.toml; "": no dashboard
+    public_read: bool | None = None  # None: from config.toml
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the coordinator's event loop: the coordinator, not uvicorn, owns the process's signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class Coordinator:
@@ -57,6 +72,13 @@ class Coordinator:
         self._director_mtime = (datadir.keys / "director.pem").stat().st_mtime_ns
         self._announced_version = 0
         self.grpc_address = ""  # host:port once serving
+        self.dashboard_listen = (
+            self.config.dashboard_listen if options.dashboard_listen is None else options.dashboard_listen
+        )
+        if self.dashboard_listen:
+            parse_host_port(self.dashboard_listen)
+        self.public_read = self.config.dashboard_public_read if options.public_read is None else options.public_read
+        self.dashboard_url = ""  # http://host:port once serving
 
     async def run(self) -> None:
         if self.broker is not None:
@@ -69,6 +91,7 @@ class Coordinator:
             credentials = mutual_tls_credentials(ca, cert.read_bytes(), key.read_bytes())
         server, port = await start_grpc_server(service, self.grpc_listen, credentials)
         self.grpc_address = f"{parse_host_port(self.grpc_listen)[0]}:{port}"
+        dashboard = await self._start_dashboard() if self.dashboard_listen else None
         self._write_endpoints(self.grpc_address)
         self._announced_version = self.repository.timestamp_version()
         bridge = asyncio.create_task(self.bridge.run(), name="mqtt-bridge")
@@ -77,11 +100,39 @@ class Coordinator:
         finally:
             bridge.cancel()
             await asyncio.gather(bridge, return_exceptions=True)
+            if dashboard is not None:
+                dashboard[0].should_exit = True
+                await asyncio.gather(dashboard[1], return_exceptions=True)
             await server.stop(grace=1.0)
             if self.broker is not None:
                 await self.broker.stop()
             (self.datadir.root / "serve.json").unlink(missing_ok=True)
             self.store.close()
+
+    async def _start_dashboard(self) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+        from server.dashboard.api import DashboardOptions, create_app
+
+        host, port = parse_host_port(self.dashboard_listen)
+        app = create_app(
+            self.datadir,
+            DashboardOptions(self.datadir.operator_token(), self.public_read),
+            broker_connected=self.bridge.connected.is_set,
+        )
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
+        server = _EmbeddedServer(config)
+        task = asyncio.create_task(server.serve(), name="dashboard")
+        while not server.started:
+            if task.done():  # uvicorn exits when it cannot bind; it has logged why
+                with contextlib.suppress(SystemExit):
+                    task.result()
+                raise CoordinatorError(
+                    f"the dashboard could not listen on {self.dashboard_listen}; choose another with --dashboard"
+                )
+            await asyncio.sleep(0.02)
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        self.dashboard_url = f"http://{host}:{bound}"
+        logger.info("dashboard on %s", self.dashboard_url)
+        return server, task
 
     def _write_endpoints(self, grpc_address: str) -> None:
         """Tell other processes (CLI, tests, simulators) where this coordinator listens."""
@@ -90,6 +141,7 @@ class Coordinator:
             "grpc": grpc_address,
             "mqtt": self.mqtt_url,
             "embedded_broker": self.broker is not None,
+            "dashboard": self.dashboard_url,
         }
         atomic_write_bytes(self.datadir.root / "serve.json", json.dumps(doc, indent=1).encode())
         logger.info("coordinator ready: gRPC %s, MQTT %s", grpc_address, self.mqtt_url)

@@ -14,6 +14,7 @@ DATA/tls/                    the coordinator's own certificates (gRPC server, MQ
 from __future__ import annotations
 
 import json
+import secrets
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,8 @@ class CoordinatorConfig:
     grpc_tls: bool = False  # mutual TLS on gRPC: devices present certificates from the fleet CA
     tls_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")  # names in the gRPC server certificate
     epsilon_budget: float = 10.0  # each device's lifetime privacy budget (sum of ε over training runs)
+    dashboard_listen: str = "127.0.0.1:8080"  # the dashboard, its API and /metrics; "" turns it off
+    dashboard_public_read: bool = False  # read-only views without the operator token (actions always need it)
 
     def to_toml(self) -> str:
         return (
@@ -66,6 +69,10 @@ class CoordinatorConfig:
             f"tls_hosts = {json.dumps(list(self.tls_hosts))}\n"
             "# each device's lifetime privacy budget: the sum of ε over the training runs it took part in\n"
             f"epsilon_budget = {self.epsilon_budget}\n"
+            '# the dashboard, its HTTP API and Prometheus /metrics (loopback by default; "" turns it off)\n'
+            f'dashboard_listen = "{self.dashboard_listen}"\n'
+            "# read-only views without the operator token (`fedfleet dashboard-token`); actions always need it\n"
+            f"dashboard_public_read = {str(self.dashboard_public_read).lower()}\n"
         )
 
 
@@ -145,6 +152,13 @@ class DataDir:
             store, COORDINATOR_IDENTITY, "grpc-server", self.config().tls_hosts, *self.tls_files("grpc-server")
         )
         ca.ensure_files(store, COORDINATOR_IDENTITY, "coordinator", (), *self.tls_files("coordinator"))
+
+    def operator_token(self, rotate: bool = False) -> str:
+        """The dashboard's operator token (keys/operator.token, created on first use; `rotate`: a new one)."""
+        path = self.require().keys / "operator.token"
+        if rotate or not path.is_file():
+            atomic_write_bytes(path, secrets.token_urlsafe(32).encode())  # mkstemp: 0600
+        return path.read_text().strip()
 
     def policy(self) -> Policy:
         return load_policy(self.root / self.config().policy)

@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 # retries), so it is not here: such a device stays pending until it commits or counts as silent.
 FINAL_FAILURE_KINDS = ("probe_failed", "rejected", "reverted")
 
+# A baking or gating wave's gate values are kept at most this often, for the dashboard's charts over time.
+GATE_SAMPLE_MS = 2000
+
 
 @dataclass(frozen=True)
 class _Row:
@@ -63,6 +66,7 @@ class Rollouts:
         self.store = store
         self.director = director
         self.policy = policy or Policy()
+        self._sampled: dict[str, int] = {}  # rollout id → when its gate values were last kept
 
     # ----- starting -----
 
@@ -131,6 +135,8 @@ class Rollouts:
             now_at = now_ms() if now is None else now
             needs_obs = row.state.phase in (Phase.BAKING, Phase.GATING, Phase.ROLLING_BACK)
             obs = self.observe(row, now_at) if needs_obs else None
+            if obs is not None and row.state.phase in (Phase.BAKING, Phase.GATING):
+                self._sample_gates(row, obs, now_at)
             step = decide(row.spec, row.state, row.waves, now_at, obs)
             crash_point(f"rollout.{step.decision}:decided")
             if step.state != row.state and self._apply(row, step, "coordinator") and step.decision:
@@ -275,6 +281,17 @@ class Rollouts:
             crash_point(f"rollout.{step.decision}:in-transaction")
         crash_point(f"rollout.{step.decision}:committed")
         return True
+
+    def _sample_gates(self, row: _Row, obs: WaveObservation, now: int) -> None:
+        last = self._sampled.get(row.id, 0)
+        if now - last < GATE_SAMPLE_MS:
+            return
+        self._sampled[row.id] = now
+        gates = [g.to_json() for g in evaluate_gates(row.spec, obs)]
+        self.store.db.execute(
+            "INSERT INTO rollout_gate_samples (rollout_id, wave, at, gates) VALUES (?, ?, ?, ?)",
+            [row.id, row.state.wave, now, json.dumps(gates)],
+        )
 
     def _decide_row(self, rollout_id: str, wave: int, decision: str, reason: str, gates: Any) -> None:
         self.store.db.execute(

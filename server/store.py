@@ -251,7 +251,22 @@ def _v5(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+def _v6(db: sqlite_utils.Database) -> None:
+    """Gate values over time, so the dashboard can draw them against their thresholds (decisions alone are sparse)."""
+    db.executescript(
+        """
+        CREATE TABLE rollout_gate_samples (
+            rollout_id TEXT NOT NULL REFERENCES rollouts (id),
+            wave INTEGER NOT NULL,
+            at INTEGER NOT NULL,
+            gates TEXT NOT NULL                 -- each gate's value, threshold and verdict, as JSON
+        );
+        CREATE INDEX rollout_gate_samples_rollout ON rollout_gate_samples (rollout_id, at);
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

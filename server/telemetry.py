@@ -8,6 +8,7 @@ sequence up to which every sequence is stored, so a device never deletes a windo
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,20 @@ from server.errors import NotFoundError
 from server.events import EventRejected
 from server.store import Store, now_ms
 
-__all__ = ["IngestResult", "Pooled", "ingest_window", "ingest_windows", "parse_window", "pool", "watermark"]
+__all__ = [
+    "REJECTED",
+    "IngestResult",
+    "Pooled",
+    "ingest_window",
+    "ingest_windows",
+    "parse_window",
+    "pool",
+    "release_reference",
+    "watermark",
+]
+
+# Telemetry windows refused in this process, by transport (mqtt, grpc): exported on /metrics.
+REJECTED: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -32,17 +46,19 @@ class IngestResult:
 
 def parse_window(payload: bytes) -> pb.TelemetryWindow:
     if len(payload) > LIMITS.mqtt_telemetry_payload:
+        REJECTED["mqtt"] += 1
         raise EventRejected(f"telemetry window of {len(payload)} bytes exceeds {LIMITS.mqtt_telemetry_payload}")
     try:
         return pb.TelemetryWindow.FromString(payload)
     except DecodeError as e:
+        REJECTED["mqtt"] += 1
         raise EventRejected("not a valid TelemetryWindow message") from e
 
 
 _REFERENCES: dict[tuple[str, str], DriftReference | None] = {}
 
 
-def _reference(store: Store, release_id: str) -> DriftReference | None:
+def release_reference(store: Store, release_id: str) -> DriftReference | None:
     """The release's drift reference. Releases never change, so each is decoded once per store file."""
     key = (str(store.path), release_id)
     if key not in _REFERENCES:
@@ -65,7 +81,7 @@ def _check(store: Store, m: pb.TelemetryWindow, topic_device: str | None) -> Non
         counts = counts_from_proto(m)
     except ValueError as e:
         raise EventRejected(f"window counts rejected: {e}") from e
-    reference = _reference(store, m.release_id)
+    reference = release_reference(store, m.release_id)
     if reference is not None and counts.feature_counts.shape != (reference.n_features, reference.n_bins):
         raise EventRejected(
             f"window has {counts.feature_counts.shape} feature bins, release {m.release_id} has "
@@ -169,7 +185,9 @@ def ingest_windows(
             marks[device] = mark
     for i, new in stored:
         results[i] = IngestResult(new, marks[batch[i][0].device_id])
-    return [r for r in results if r is not None]
+    done = [r for r in results if r is not None]
+    REJECTED[via] += sum(1 for r in done if isinstance(r, EventRejected))
+    return done
 
 
 @dataclass(frozen=True)
@@ -228,7 +246,7 @@ def pool(
         total = counts if total is None else total.merge(counts)
         seen.add(device_id)
         windows += 1
-    reference = _reference(store, release_id)
+    reference = release_reference(store, release_id)
     if total is None:
         n_classes = reference.n_classes if reference else 2
         total = WindowCounts.empty(reference or DriftReference.empty(n_classes))

@@ -1,0 +1,368 @@
+"""The dashboard's HTTP API (FastAPI), the pages that use it, live updates (server-sent events) and /metrics.
+
+Reads need the operator token unless the coordinator was told to open them (`dashboard_public_read`); actions
+(pause, resume, abort, rollback) always need it, in an `Authorization: Bearer` header — never a cookie alone, so
+another site cannot make a browser act. The pages are static files bundled in this package: no CDN, nothing
+fetched from the internet. OpenAPI's interactive pages load from a CDN, so they are off; the schema is served at
+/api/openapi.json and the dashboard's API page lists it.
+"""
+
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
+
+from server.dashboard import views
+from server.dashboard.metrics import CoordinatorCollector
+from server.datadir import DataDir
+from server.errors import ConflictError, CoordinatorError, NotFoundError
+from server.store import Store, now_ms
+
+__all__ = ["COOKIE", "DashboardOptions", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+COOKIE = "fedfleet_token"
+STATIC = Path(__file__).parent / "static"
+FEED_SECONDS = 0.5  # how often the change feed looks at the store
+HEARTBEAT_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class DashboardOptions:
+    token: str
+    public_read: bool = False  # reads without the token (actions still need it)
+    feed_seconds: float = FEED_SECONDS
+
+
+class ActionBody(BaseModel):
+    """An operator action. `confirm` must repeat the rollout's id: the page asks before it sends."""
+
+    confirm: str = Field(description="The rollout id again, as a confirmation.")
+
+
+class SessionBody(BaseModel):
+    token: str = Field(min_length=1, max_length=200)
+
+
+class _Stores:
+    """One store connection per worker thread (SQLite connections are not shared across threads here)."""
+
+    def __init__(self, datadir: DataDir) -> None:
+        self.datadir = datadir
+        self._local = threading.local()
+        self._all: list[Store] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> Store:
+        store: Store | None = getattr(self._local, "store", None)
+        if store is None:
+            store = self.datadir.store()
+            self._local.store = store
+            with self._lock:
+                self._all.append(store)
+        return store
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._all:
+                s.close()
+            self._all.clear()
+
+
+class ChangeFeed:
+    """One poller for every live page: it reads a few cheap high-water marks and tells each subscriber which
+    parts of the state moved."""
+
+    QUERIES: ClassVar[dict[str, str]] = {
+        "rollouts": "SELECT (SELECT count(*) FROM rollouts), (SELECT max(updated_at) FROM rollouts),"
+        " (SELECT max(id) FROM rollout_decisions), (SELECT max(rowid) FROM rollout_gate_samples)",
+        "devices": "SELECT count(*), max(last_seen), sum(online), max(last_event_at) FROM devices",
+        "events": "SELECT max(id) FROM events",
+        "telemetry": "SELECT max(rowid) FROM telemetry",
+        "audit": "SELECT max(seq) FROM audit",
+        "training": "SELECT (SELECT count(*) FROM fl_rounds), (SELECT count(*) FROM fl_runs WHERE status != 'running')",
+    }
+
+    def __init__(self, stores: _Stores, seconds: float) -> None:
+        self.stores = stores
+        self.seconds = seconds
+        self.subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._marks: dict[str, Any] = {}
+
+    def marks(self) -> dict[str, Any]:
+        db = self.stores.get().db
+        return {topic: tuple(db.execute(sql).fetchone()) for topic, sql in self.QUERIES.items()}
+
+    def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=100)
+        self.subscribers.add(queue)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="dashboard-change-feed")
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        self.subscribers.discard(queue)
+
+    async def _run(self) -> None:
+        self._marks = await asyncio.to_thread(self.marks)
+        while self.subscribers:
+            await asyncio.sleep(self.seconds)
+            try:
+                marks = await asyncio.to_thread(self.marks)
+            except Exception:
+                logger.exception("dashboard change feed could not read the store; retrying")
+                continue
+            changed = sorted(t for t in marks if marks[t] != self._marks.get(t))
+            self._marks = marks
+            if changed:
+                message = {"changed": changed, "at": now_ms()}
+                for queue in list(self.subscribers):
+                    if queue.full():  # a stalled client: it will refetch everything on its next event anyway
+                        queue.get_nowait()
+                    queue.put_nowait(message)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def create_app(
+    datadir: DataDir, options: DashboardOptions, broker_connected: Callable[[], bool] | None = None
+) -> FastAPI:
+    """The dashboard over one data directory. `broker_connected` reports the coordinator's MQTT session for
+    /metrics (None: not exported)."""
+    if not options.token:
+        raise CoordinatorError("the dashboard needs an operator token")
+    config = datadir.config()
+    stores = _Stores(datadir)
+    feed = ChangeFeed(stores, options.feed_seconds)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CoordinatorCollector(stores.get, broker_connected))
+
+    def presented_token(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            return header[7:].strip()
+        return request.cookies.get(COOKIE, "")
+
+    def valid(token: str) -> bool:
+        return bool(token) and hmac.compare_digest(token.encode(), options.token.encode())
+
+    def reader(request: Request) -> None:
+        if options.public_read or valid(presented_token(request)):
+            return
+        raise HTTPException(
+            401,
+            "this view needs the operator token (`fedfleet dashboard-token` prints it)",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+    def operator(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        if not (header.lower().startswith("bearer ") and valid(header[7:].strip())):
+            raise HTTPException(
+                401,
+                "actions need the operator token in an Authorization: Bearer header",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        return "dashboard"
+
+    Read = Annotated[None, Depends(reader)]
+    Operator = Annotated[str, Depends(operator)]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await feed.stop()
+        stores.close()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        title="fedfleet coordinator",
+        version="1",
+        description="The API behind the fedfleet dashboard: fleet, rollouts, drift, training, privacy, audit.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+    )
+
+    @app.exception_handler(NotFoundError)
+    async def not_found(_: Request, e: NotFoundError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, 404)
+
+    @app.exception_handler(ConflictError)
+    async def conflict(_: Request, e: ConflictError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, 409)
+
+    @app.exception_handler(CoordinatorError)
+    async def refused(_: Request, e: CoordinatorError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, 400)
+
+    # ----- session -----
+
+    @app.get("/api/session", tags=["session"])
+    def session(request: Request) -> dict[str, Any]:
+        """Whether reads are open, and whether this browser holds the operator token."""
+        return {"public_read": options.public_read, "authenticated": valid(presented_token(request))}
+
+    @app.post("/api/session", tags=["session"])
+    def login(body: SessionBody, response: Response) -> dict[str, Any]:
+        """Check the operator token and keep it in an HttpOnly cookie for this browser's reads."""
+        if not valid(body.token):
+            raise HTTPException(401, "that is not the operator token")
+        response.set_cookie(COOKIE, body.token, httponly=True, samesite="strict")
+        return {"authenticated": True}
+
+    @app.delete("/api/session", tags=["session"])
+    def logout(response: Response) -> dict[str, Any]:
+        response.delete_cookie(COOKIE)
+        return {"authenticated": False}
+
+    # ----- fleet -----
+
+    @app.get("/api/fleet", tags=["fleet"])
+    def fleet(
+        _: Read,
+        q: str = "",
+        fleet: str = "",
+        release: str = "",
+        state: str = "",
+        online: bool | None = None,
+        label: Annotated[str, Query(description="key=value")] = "",
+        limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict[str, Any]:
+        """Devices by release, state, presence and cohort, and one page of those matching the filter."""
+        where_label = None
+        if label:
+            key, sep, value = label.partition("=")
+            if not sep or not key:
+                raise HTTPException(422, f"label {label!r} must look like key=value")
+            where_label = (key, value)
+        where = views.DeviceFilter(q, fleet, release, state, online, where_label)
+        return views.fleet_view(stores.get(), where, limit, offset)
+
+    @app.get("/api/devices/{device_id}", tags=["fleet"])
+    def device(_: Read, device_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+        """One device: its state and timeline of assignments, update events and telemetry windows."""
+        return views.device_view(stores.get(), device_id, limit)
+
+    # ----- rollouts -----
+
+    @app.get("/api/rollouts", tags=["rollouts"])
+    def rollouts(_: Read) -> list[dict[str, Any]]:
+        return views.rollouts_view(datadir.rollouts(stores.get()))
+
+    @app.get("/api/rollouts/{rollout_id}", tags=["rollouts"])
+    def rollout(_: Read, rollout_id: str) -> dict[str, Any]:
+        """Each wave's devices by state, the gates now and over time against their thresholds, every decision."""
+        return views.rollout_view(datadir.rollouts(stores.get()), rollout_id)
+
+    @app.post("/api/rollouts/{rollout_id}/{action}", tags=["rollouts"])
+    def act(
+        actor: Operator, rollout_id: str, action: Literal["pause", "resume", "abort", "rollback"], body: ActionBody
+    ) -> dict[str, Any]:
+        """Pause, resume, abort or roll back, with the same authority as `fedfleet rollout ACTION`."""
+        if body.confirm != rollout_id:
+            raise HTTPException(422, f"confirm must repeat the rollout id {rollout_id!r}")
+        step = datadir.rollouts(stores.get()).act(rollout_id, action, actor=actor)
+        return {"rollout": rollout_id, "phase": str(step.state.phase), "decision": step.decision, "reason": step.reason}
+
+    # ----- drift, training, privacy, models, audit -----
+
+    @app.get("/api/drift", tags=["drift"])
+    def drift(
+        _: Read,
+        cohort_by: Annotated[str, Query(max_length=100, description="'fleet' or a label key")] = "fleet",
+        minutes: Annotated[float, Query(gt=0, le=7 * 24 * 60)] = 30.0,
+        buckets: Annotated[int, Query(ge=1, le=200)] = 30,
+        release: str = "",
+    ) -> dict[str, Any]:
+        """PSI per cohort, release and feature over time, and the prediction-score PSI."""
+        store = stores.get()
+        views.require_release(store, release)
+        return views.drift_view(store, cohort_by, minutes, buckets, release)
+
+    @app.get("/api/training", tags=["training"])
+    def training(_: Read) -> list[dict[str, Any]]:
+        """Training runs, newest first, with their rounds (accuracy, loss, ε)."""
+        return views.training_view(stores.get())
+
+    @app.get("/api/training/{run_id}", tags=["training"])
+    def training_run(_: Read, run_id: str) -> dict[str, Any]:
+        return views.training_run_view(stores.get(), run_id)
+
+    @app.get("/api/privacy", tags=["training"])
+    def privacy(_: Read) -> dict[str, Any]:
+        """The privacy ledger: per device lifetime ε against its budget, and the spend per run."""
+        return views.ledger_view(stores.get(), config.epsilon_budget)
+
+    @app.get("/api/models", tags=["training"])
+    def models(_: Read) -> list[dict[str, Any]]:
+        return views.models_view(stores.get())
+
+    @app.get("/api/models/{version}", tags=["training"])
+    def model(_: Read, version: str) -> dict[str, Any]:
+        """A model version's card (JSON and Markdown), generated from its lineage."""
+        return views.model_view(stores.get(), version)
+
+    @app.get("/api/audit", tags=["audit"])
+    def audit_trail(
+        _: Read, limit: Annotated[int, Query(ge=1, le=5000)] = 200, action: Annotated[str, Query(max_length=100)] = ""
+    ) -> dict[str, Any]:
+        """The newest audit entries and whether the whole hash chain verifies."""
+        return views.audit_view(stores.get(), limit, action)
+
+    # ----- live updates and metrics -----
+
+    @app.get("/api/stream", tags=["live"])
+    async def stream(_: Read, request: Request) -> StreamingResponse:
+        """Server-sent events: `change` with the parts of the state that moved (rollouts, devices, events,
+        telemetry, audit, training); the page refetches what it shows."""
+
+        async def events() -> AsyncIterator[str]:
+            queue = feed.subscribe()
+            try:
+                yield f"event: hello\ndata: {json.dumps({'at': now_ms()})}\n\n"
+                while not await request.is_disconnected():
+                    try:
+                        message = await asyncio.wait_for(queue.get(), HEARTBEAT_SECONDS)
+                    except TimeoutError:
+                        yield ": heartbeat\n\n"
+                        continue
+                    yield f"event: change\ndata: {json.dumps(message)}\n\n"
+            finally:
+                feed.unsubscribe(queue)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    @app.get("/metrics", tags=["live"])
+    def metrics(_: Read) -> Response:
+        """Prometheus text format: devices, update events, telemetry, rollouts and gates, training, broker."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ----- pages -----
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

@@ -1,0 +1,273 @@
+"""What the dashboard shows, read from the coordinator's SQLite store: plain functions from a Store (and query
+parameters) to JSON-ready documents. The HTTP layer (`server.dashboard.api`) only parses, calls these and
+answers; the pages only draw what the API returns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.drift import DriftReference, WindowCounts, score_window
+from edge_agent.telemetry import counts_from_proto
+from server import audit
+from server.errors import NotFoundError
+from server.fl.registry import Ledger, Registry, TrainingRuns, model_card, model_card_markdown
+from server.rollouts import Rollouts
+from server.store import Store, now_ms
+from server.telemetry import release_reference
+
+__all__ = [
+    "DeviceFilter",
+    "audit_view",
+    "device_view",
+    "drift_view",
+    "fleet_view",
+    "ledger_view",
+    "model_view",
+    "models_view",
+    "rollout_view",
+    "rollouts_view",
+    "training_run_view",
+    "training_view",
+]
+
+MAX_DRIFT_WINDOWS = 20_000  # the newest windows a drift view pools; older ones are left out (and said so)
+DRIFT_MIN_SAMPLES = 50  # a time bucket with fewer inferences gets no PSI (it would be noise)
+
+
+@dataclass(frozen=True)
+class DeviceFilter:
+    """The fleet page's search: every field narrows the list; empty means any."""
+
+    q: str = ""  # substring of the device id
+    fleet: str = ""
+    release: str = ""  # running release id; "none" for devices running nothing yet
+    state: str = ""  # update state as the agent reports it
+    online: bool | None = None
+    label: tuple[str, str] | None = None  # key, value
+
+    def matches(self, d: dict[str, Any]) -> bool:
+        if self.q and self.q.lower() not in d["id"].lower():
+            return False
+        if self.fleet and d["fleet"] != self.fleet:
+            return False
+        if self.release and (d["running_release"] or "none") != self.release:
+            return False
+        if self.state and (d["update_state"] or "unknown") != self.state:
+            return False
+        if self.online is not None and d["online"] != self.online:
+            return False
+        return not (self.label and d["labels"].get(self.label[0]) != self.label[1])
+
+
+def _device_summary(d: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": d["id"],
+        "fleet": d["fleet"],
+        "labels": d["labels"],
+        "online": d["online"],
+        "running_release": d["running_release"] or None,
+        "update_state": d["update_state"] or "unknown",
+        "last_seen": d["last_seen"],
+        "last_event": d["last_event"] or None,
+        "last_error": d["last_error"] or None,
+    }
+
+
+def fleet_view(store: Store, where: DeviceFilter, limit: int = 200, offset: int = 0) -> dict[str, Any]:
+    """Counts over the whole fleet (by release, state, presence and label), and one page of the devices that match."""
+    devices = store.devices()
+    by_label: dict[str, Counter[str]] = {}
+    for d in devices:
+        for k, v in d["labels"].items():
+            by_label.setdefault(k, Counter())[v] += 1
+    matching = [d for d in devices if where.matches(d)]
+    return {
+        "total": len(devices),
+        "online": sum(1 for d in devices if d["online"]),
+        "by_release": dict(sorted(Counter(d["running_release"] or "none" for d in devices).items())),
+        "by_state": dict(sorted(Counter(d["update_state"] or "unknown" for d in devices).items())),
+        "by_fleet": dict(sorted(Counter(d["fleet"] for d in devices).items())),
+        "by_label": {k: dict(sorted(c.items())) for k, c in sorted(by_label.items())},
+        "matching": len(matching),
+        "devices": [_device_summary(d) for d in matching[offset : offset + limit]],
+    }
+
+
+def device_view(store: Store, device_id: str, limit: int = 100) -> dict[str, Any]:
+    """One device with its timeline: assignments, update events and telemetry windows, newest first."""
+    device = store.device(device_id)
+    assignments = [
+        {k: r[k] for k in ("counter", "release_id", "rollout_id", "created_at", "published_at")}
+        for r in store.db.query(
+            "SELECT * FROM assignments WHERE device_id = ? ORDER BY counter DESC LIMIT ?", [device_id, limit]
+        )
+    ]
+    events = [
+        {k: e[k] for k in ("id", "counter", "release_id", "kind", "reason", "detail", "received_at", "via")}
+        for e in store.events(device_id, limit)
+    ]
+    windows = []
+    references: dict[str, DriftReference | None] = {}
+    for r in store.db.query(
+        """SELECT sequence, first_sequence, release_id, start_ms, end_ms, inferences, errors, payload, via
+           FROM telemetry WHERE device_id = ? ORDER BY sequence DESC LIMIT ?""",
+        [device_id, limit],
+    ):
+        release = r["release_id"]
+        if release not in references:
+            references[release] = release_reference(store, release)
+        reference = references[release]
+        score = None
+        if reference is not None:
+            counts = counts_from_proto(pb.TelemetryWindow.FromString(r["payload"]))
+            score = score_window(counts, reference, min_samples=1)
+        windows.append(
+            {
+                **{k: r[k] for k in ("sequence", "first_sequence", "release_id", "start_ms", "end_ms", "via")},
+                "inferences": r["inferences"],
+                "errors": r["errors"],
+                "max_psi": score.max_psi if score else None,
+                "score_psi": score.score_psi if score else None,
+            }
+        )
+    rollouts = [
+        r["rollout_id"]
+        for r in store.db.query(
+            "SELECT rollout_id FROM rollout_devices WHERE device_id = ? ORDER BY rowid DESC", [device_id]
+        )
+    ]
+    return {
+        "device": {**_device_summary(device), "hardware": device["hardware"], "agent_version": device["agent_version"]},
+        "assigned_release": store.assignment_of(device_id) or None,
+        "rollouts": rollouts,
+        "assignments": assignments,
+        "events": events,
+        "telemetry": windows,
+    }
+
+
+def rollouts_view(rollouts: Rollouts) -> list[dict[str, Any]]:
+    return list(reversed(rollouts.list()))  # newest first
+
+
+def rollout_view(rollouts: Rollouts, rollout_id: str) -> dict[str, Any]:
+    """The rollout's status (waves, current gates, decisions) and its gate values over time."""
+    doc = rollouts.status(rollout_id)
+    doc["gate_history"] = [
+        {"at": r["at"], "wave": r["wave"], "gates": json.loads(r["gates"])}
+        for r in rollouts.store.db.query(
+            "SELECT wave, at, gates FROM rollout_gate_samples WHERE rollout_id = ? ORDER BY at", [rollout_id]
+        )
+    ]
+    return doc
+
+
+def drift_view(
+    store: Store, cohort_by: str = "fleet", minutes: float = 30.0, buckets: int = 30, release: str = ""
+) -> dict[str, Any]:
+    """Per cohort (a label's values, or fleets) and release: per-feature PSI, the prediction-score PSI and the
+    largest input PSI in each time bucket, each window scored against its own release's reference."""
+    until = now_ms()
+    since = until - int(minutes * 60_000)
+    labels = {d["id"]: d for d in store.devices()}
+    sql = "SELECT device_id, release_id, end_ms, payload FROM telemetry WHERE end_ms >= ?"
+    args: list[Any] = [since]
+    if release:
+        sql += " AND release_id = ?"
+        args.append(release)
+    rows = store.db.execute(sql + " ORDER BY end_ms DESC LIMIT ?", [*args, MAX_DRIFT_WINDOWS + 1]).fetchall()
+    truncated = len(rows) > MAX_DRIFT_WINDOWS
+    width = max(1, (until - since) // max(1, buckets))
+    references: dict[str, DriftReference | None] = {}
+    pooled: dict[tuple[str, str, int], WindowCounts] = {}
+    for device_id, release_id, end_ms, payload in rows[:MAX_DRIFT_WINDOWS]:
+        if release_id not in references:
+            references[release_id] = release_reference(store, release_id)
+        if references[release_id] is None:
+            continue
+        d = labels.get(device_id)
+        cohort = (d["fleet"] if cohort_by == "fleet" else d["labels"].get(cohort_by, "(none)")) if d else "(unknown)"
+        key = (cohort, release_id, int((end_ms - since) // width))
+        counts = counts_from_proto(pb.TelemetryWindow.FromString(payload))
+        pooled[key] = counts if key not in pooled else pooled[key].merge(counts)
+    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for (cohort, release_id, b), counts in sorted(pooled.items()):
+        reference = references[release_id]
+        assert reference is not None
+        score = score_window(counts, reference, min_samples=DRIFT_MIN_SAMPLES)
+        if score is None:
+            continue
+        series.setdefault((cohort, release_id), []).append(
+            {
+                "at": since + b * width + width // 2,
+                "inferences": counts.inferences,
+                "feature_psi": [round(float(v), 5) for v in score.feature_psi],
+                "max_psi": score.max_psi,
+                "score_psi": score.score_psi,
+            }
+        )
+    features = {r: int(ref.feature_edges.shape[0]) for r, ref in sorted(references.items()) if ref is not None}
+    return {
+        "cohort_by": cohort_by,
+        "since": since,
+        "until": until,
+        "bucket_ms": width,
+        "truncated": truncated,
+        "features": features,
+        "series": [
+            {"cohort": cohort, "release": release_id, "points": points}
+            for (cohort, release_id), points in sorted(series.items())
+        ],
+    }
+
+
+def training_view(store: Store) -> list[dict[str, Any]]:
+    runs = TrainingRuns(store)
+    return [{**r, "rounds": runs.rounds(r["id"])} for r in reversed(runs.list())]
+
+
+def training_run_view(store: Store, run_id: str) -> dict[str, Any]:
+    runs = TrainingRuns(store)
+    return {**runs.run(run_id), "rounds": runs.rounds(run_id), "incidents": runs.incidents(run_id)}
+
+
+def ledger_view(store: Store, default_budget: float) -> dict[str, Any]:
+    rows = Ledger(store, default_budget).rows()
+    devices: dict[str, dict[str, Any]] = {}
+    for r in rows:  # in run order per device: the last row holds the lifetime
+        devices[r["device"]] = {
+            "device": r["device"],
+            "lifetime_epsilon": r["lifetime_epsilon"],
+            "budget": r["budget"],
+            "runs": devices.get(r["device"], {}).get("runs", 0) + 1,
+        }
+    return {"default_budget": default_budget, "devices": list(devices.values()), "spend": rows}
+
+
+def models_view(store: Store) -> list[dict[str, Any]]:
+    return list(reversed(Registry(store).list()))
+
+
+def model_view(store: Store, version: str) -> dict[str, Any]:
+    m = Registry(store).get(version)
+    return {"version": version, "card": model_card(m), "card_markdown": model_card_markdown(m)}
+
+
+def audit_view(store: Store, limit: int = 200, action: str = "") -> dict[str, Any]:
+    checked, problems = audit.verify(store)
+    return {
+        "verified": not problems,
+        "checked": checked,
+        "problems": [str(p) for p in problems],
+        "entries": audit.entries(store, limit, action or None),
+    }
+
+
+def require_release(store: Store, release: str) -> None:
+    if release and not store.db.execute("SELECT 1 FROM releases WHERE id = ?", [release]).fetchone():
+        raise NotFoundError(f"no release {release!r}")

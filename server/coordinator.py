@@ -118,7 +118,7 @@ class Coordinator:
             DashboardOptions(self.datadir.operator_token(), self.public_read),
             broker_connected=self.bridge.connected.is_set,
         )
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", ws="none", timeout_graceful_shutdown=1)
         server = _EmbeddedServer(config)
         task = asyncio.create_task(server.serve(), name="dashboard")
         while not server.started:

@@ -125,6 +125,8 @@ class CoordinatorProcess:
             "--grpc",
             f"127.0.0.1:{self.endpoints.get('grpc', '127.0.0.1:0').rsplit(':', 1)[1]}",
         ]
+        dashboard = self.endpoints.get("dashboard") or "http://127.0.0.1:0"
+        args += ["--dashboard", dashboard.removeprefix("http://")]
         if self.mqtt_url:
             args += ["--mqtt", self.mqtt_url]
         else:

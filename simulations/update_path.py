@@ -69,7 +69,9 @@ async def run(devices: int, out: Path, timeout: float) -> dict[str, float]:
             d.repository(), store, build_dense_model(random_dense_layers([64, 32, 10], seed)), "digits", version
         ).release
         console.print(f"released [bold]{r.id}[/] ({r.length} bytes, sha256 {r.sha256[:12]}…)")
-    coordinator = Coordinator(d, ServeOptions(grpc_listen="127.0.0.1:0", broker_listen=f"127.0.0.1:{free_port()}"))
+    coordinator = Coordinator(
+        d, ServeOptions(grpc_listen="127.0.0.1:0", broker_listen=f"127.0.0.1:{free_port()}", dashboard_listen="")
+    )
     serving = asyncio.create_task(coordinator.run())
     await asyncio.sleep(0.5)
     if serving.done():

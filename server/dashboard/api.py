@@ -7,7 +7,6 @@ fetched from the internet. OpenAPI's interactive pages load from a CDN, so they 
 /api/openapi.json and the dashboard's API page lists it.
 """
 
-
 import asyncio
 import contextlib
 import hmac

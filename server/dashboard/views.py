@@ -182,10 +182,13 @@ def drift_view(
         args.append(release)
     rows = store.db.execute(sql + " ORDER BY end_ms DESC LIMIT ?", [*args, MAX_DRIFT_WINDOWS + 1]).fetchall()
     truncated = len(rows) > MAX_DRIFT_WINDOWS
-    width = max(1, (until - since) // max(1, buckets))
+    rows = rows[:MAX_DRIFT_WINDOWS]
+    if rows:  # the buckets cover the telemetry there is, not an empty stretch before it
+        since = max(since, min(r[2] for r in rows) - 1)
+    width = max(1, (until - since) // max(1, buckets) + 1)
     references: dict[str, DriftReference | None] = {}
     pooled: dict[tuple[str, str, int], WindowCounts] = {}
-    for device_id, release_id, end_ms, payload in rows[:MAX_DRIFT_WINDOWS]:
+    for device_id, release_id, end_ms, payload in rows:
         if release_id not in references:
             references[release_id] = release_reference(store, release_id)
         if references[release_id] is None:

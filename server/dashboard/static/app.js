@@ -20,6 +20,7 @@ async function api(path, options) {
   return body;
 }
 
+function waveName(k) { return k < 0 ? "plan" : k === 0 ? "canary" : `wave ${k}`; }
 function when(ms) { return ms ? new Date(ms).toLocaleString() : "–"; }
 function clock(ms) { return new Date(ms).toLocaleTimeString(); }
 function badge(text) { return `<span class="badge ${e(text)}">${e(text)}</span>`; }
@@ -105,7 +106,7 @@ async function rolloutsPage() {
   return {
     topics: ["rollouts"],
     html: `<h1>Rollouts</h1>` + table(["rollout", "release", "phase", "wave", "started", "updated"], rows.map(r => [
-      link(`rollout/${r.id}`, r.id), e(r.release), badge(r.phase), `${r.wave + 1} / ${r.waves}`, when(r.created_at), when(r.updated_at)])),
+      link(`rollout/${r.id}`, r.id), e(r.release), badge(r.phase), `${waveName(r.wave)} of ${r.waves}`, when(r.created_at), when(r.updated_at)])),
   };
 }
 
@@ -121,13 +122,13 @@ async function rolloutPage(id) {
   const metrics = [...new Set(doc.gate_history.flatMap(s => s.gates.map(g => g.metric)))];
   const decisions = doc.decisions.slice().reverse().map(d => {
     const fired = d.gates.filter(g => g.verdict === "fail").map(g => `${g.metric} = ${fmtNum(g.value)} (${g.op} ${fmtNum(g.threshold)})${g.cohort ? " in " + g.cohort : ""}`);
-    return [when(d.at), `wave ${d.wave + 1}`, badge(d.decision), e(d.reason) + (fired.length ? `<div class="error fired-gate">gate fired: ${e(fired.join("; "))}</div>` : "")];
+    return [when(d.at), waveName(d.wave), badge(d.decision), e(d.reason) + (fired.length ? `<div class="error fired-gate">gate fired: ${e(fired.join("; "))}</div>` : "")];
   });
   const actions = {pause: "Pause", resume: "Resume", abort: "Abort", rollback: "Roll back"};
   return {
     topics: ["rollouts", "devices", "events"],
     html: `<h1>Rollout ${e(doc.id)} <span id="phase">${badge(doc.phase)}</span></h1>
-      <p>Release <b>${e(doc.release)}</b> · wave <b id="wave">${doc.wave + 1}</b> of ${doc.waves.length}
+      <p>Release <b>${e(doc.release)}</b> · on <b id="wave">${waveName(doc.wave)}</b> of ${doc.waves.length} waves
         ${doc.bake_remaining_s !== null ? ` · baking, ${Math.round(doc.bake_remaining_s)} s left` : ""}</p>
       <div class="actions">${Object.entries(actions).map(([a, label]) => `<button data-action="${a}">${label}</button>`).join("")}</div>
       <p id="action-result" class="muted"></p>
@@ -202,7 +203,7 @@ async function driftPage(params) {
         const n = doc.features[s.release] || 0;
         const rows = Array.from({length: n}, (_, i) => `f${i}`);
         const values = rows.map((_, i) => s.points.map(p => p.feature_psi[i]));
-        charts.appendChild(heatmap(`PSI per feature over time`, rows, s.points.map(p => clock(p.at)), values, {cell: Math.max(6, Math.min(14, Math.floor(420 / Math.max(1, s.points.length))))}));
+        charts.appendChild(heatmap("PSI per feature over time", rows, s.points.map(p => clock(p.at)), values));
         charts.appendChild(lineChart("largest input PSI and prediction-score PSI", [
           {name: "max input PSI", points: s.points.map(p => [p.at, p.max_psi])},
           {name: "score PSI", points: s.points.map(p => [p.at, p.score_psi])}], {xLabel: clock, thresholds: [{name: "0.25", value: 0.25}]}));

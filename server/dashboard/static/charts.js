@@ -82,8 +82,10 @@ function lineChart(title, series, opts) {
 // rows: labels (features); cols: x labels; values[r][c] (null: no data). Colour from white (0) to red (>= max).
 function heatmap(title, rows, cols, values, opts) {
   opts = opts || {};
-  const cell = opts.cell || 12, max = opts.max || 0.25, padL = 40, padT = 4;
-  const w = padL + cols.length * cell + 4, h = padT + rows.length * cell + 20;
+  const max = opts.max || 0.25, padL = 40, padT = 4;
+  const cw = Math.max(6, Math.min(24, Math.floor(480 / Math.max(1, cols.length))));
+  const ch = Math.max(4, Math.min(14, Math.floor(320 / Math.max(1, rows.length))));
+  const w = padL + cols.length * cw + 4, h = padT + rows.length * ch + 20;
   const box = document.createElement("div");
   box.className = "chart";
   box.dataset.chart = title;
@@ -91,14 +93,14 @@ function heatmap(title, rows, cols, values, opts) {
   const svg = svgEl("svg", {width: w, height: h, role: "img", "aria-label": title});
   rows.forEach((r, i) => {
     if (rows.length <= 16 || i % Math.ceil(rows.length / 16) === 0) {
-      svg.appendChild(svgEl("text", {x: padL - 3, y: padT + i * cell + cell - 2, "text-anchor": "end", "font-size": 9,
+      svg.appendChild(svgEl("text", {x: padL - 3, y: padT + i * ch + ch - 1, "text-anchor": "end", "font-size": 9,
         fill: "#6b7383"}, r));
     }
     cols.forEach((c, j) => {
       const v = values[i][j];
       const t = v === null || v === undefined ? null : Math.min(1, v / max);
       const fill = t === null ? "#f0f0f0" : `rgb(255,${Math.round(255 * (1 - t))},${Math.round(255 * (1 - t))})`;
-      const rect = svgEl("rect", {x: padL + j * cell, y: padT + i * cell, width: cell - 1, height: cell - 1, fill});
+      const rect = svgEl("rect", {x: padL + j * cw, y: padT + i * ch, width: cw - 1, height: Math.max(1, ch - 1), fill});
       rect.appendChild(svgEl("title", {}, `${r} @ ${c}: PSI ${fmtNum(v)}`));
       svg.appendChild(rect);
     });

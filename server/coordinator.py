@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,7 @@ class Coordinator:
         self.dashboard_url = ""  # http://host:port once serving
 
     async def run(self) -> None:
+        listening = self._bind_dashboard() if self.dashboard_listen else None  # first: a taken port stops nothing
         if self.broker is not None:
             await self.broker.start()
         service = FleetService(self.store, self.repository, self.topics.prefix, mutual_tls=self.config.grpc_tls)
@@ -91,7 +93,7 @@ class Coordinator:
             credentials = mutual_tls_credentials(ca, cert.read_bytes(), key.read_bytes())
         server, port = await start_grpc_server(service, self.grpc_listen, credentials)
         self.grpc_address = f"{parse_host_port(self.grpc_listen)[0]}:{port}"
-        dashboard = await self._start_dashboard() if self.dashboard_listen else None
+        dashboard = await self._start_dashboard(listening) if listening is not None else None
         self._write_endpoints(self.grpc_address)
         self._announced_version = self.repository.timestamp_version()
         bridge = asyncio.create_task(self.bridge.run(), name="mqtt-bridge")
@@ -109,28 +111,37 @@ class Coordinator:
             (self.datadir.root / "serve.json").unlink(missing_ok=True)
             self.store.close()
 
-    async def _start_dashboard(self) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    def _bind_dashboard(self) -> socket.socket:
+        host, port = parse_host_port(self.dashboard_listen)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise CoordinatorError(
+                f"the dashboard cannot listen on {self.dashboard_listen} ({e.strerror}); pick another: --dashboard"
+            ) from e
+        return sock
+
+    async def _start_dashboard(self, sock: socket.socket) -> tuple[uvicorn.Server, asyncio.Task[None]]:
         from server.dashboard.api import DashboardOptions, create_app
 
-        host, port = parse_host_port(self.dashboard_listen)
         app = create_app(
             self.datadir,
             DashboardOptions(self.datadir.operator_token(), self.public_read),
             broker_connected=self.bridge.connected.is_set,
         )
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", ws="none", timeout_graceful_shutdown=1)
+        config = uvicorn.Config(app, log_level="warning", ws="none", timeout_graceful_shutdown=1)
         server = _EmbeddedServer(config)
-        task = asyncio.create_task(server.serve(), name="dashboard")
+        task = asyncio.create_task(server.serve(sockets=[sock]), name="dashboard")
         while not server.started:
-            if task.done():  # uvicorn exits when it cannot bind; it has logged why
-                with contextlib.suppress(SystemExit):
-                    task.result()
-                raise CoordinatorError(
-                    f"the dashboard could not listen on {self.dashboard_listen}; choose another with --dashboard"
-                )
+            if task.done():
+                task.result()  # raises why it stopped
+                raise CoordinatorError("the dashboard stopped while starting")
             await asyncio.sleep(0.02)
-        bound = server.servers[0].sockets[0].getsockname()[1]
-        self.dashboard_url = f"http://{host}:{bound}"
+        host, bound = sock.getsockname()[:2]
+        self.dashboard_url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}"
         logger.info("dashboard on %s", self.dashboard_url)
         return server, task
 

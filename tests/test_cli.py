@@ -4,6 +4,7 @@ and bad input changes nothing."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,7 @@ def test_command_list_is_complete() -> None:
         ("models", "show"),
         ("privacy", "ledger"),
         ("privacy", "budget"),
+        ("dashboard-token",),
     } <= set(COMMANDS)
 
 
@@ -224,3 +226,37 @@ def test_rollout_commands_refuse_bad_input_and_change_nothing(datadir: DataDir, 
         assert message in out.stderr and out.stderr.startswith("fedfleet: "), (args, out.stderr)
     assert _digest(datadir) == before
     assert json.loads(run("rollout", "list", "--data-dir", root, "--json").stdout) == []
+
+
+def test_dashboard_token_is_kept_until_rotated_and_rotation_is_audited(datadir: DataDir) -> None:
+    first = run("dashboard-token", "--data-dir", str(datadir.root))
+    assert first.returncode == 0 and len(first.stdout.strip()) >= 40
+    assert run("dashboard-token", "--data-dir", str(datadir.root)).stdout == first.stdout
+    assert (datadir.keys / "operator.token").stat().st_mode & 0o077 == 0  # readable by its owner only
+    rotated = run("dashboard-token", "--rotate", "--json", "--data-dir", str(datadir.root))
+    assert json.loads(rotated.stdout)["token"] != first.stdout.strip()
+    trail = json.loads(run("audit", "list", "--json", "--data-dir", str(datadir.root)).stdout)
+    assert [a["action"] for a in trail] == ["dashboard.token-rotated"]
+
+
+def test_serve_refuses_a_taken_dashboard_port_before_starting_anything(datadir: DataDir) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run(
+            "serve",
+            "--data-dir",
+            str(datadir.root),
+            "--grpc",
+            "127.0.0.1:0",
+            "--broker-listen",
+            "127.0.0.1:0",
+            "--dashboard",
+            f"127.0.0.1:{port}",
+        )
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        f"fedfleet: the dashboard cannot listen on 127.0.0.1:{port} (Address already in use); pick another: --dashboard"
+    )
+    assert not (datadir.root / "serve.json").exists()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from server.datadir import DataDir
 from server.releases import publish_release
+from simulations.fleet_worker import spawn_workers, stop_workers
 from simulations.models import ModelFamily
 from simulations.processes import CoordinatorProcess, Mosquitto, wait_for
 
@@ -37,37 +38,8 @@ def _fleet_run(
     d: DataDir, root: Path, broker: Mosquitto, coordinator: CoordinatorProcess, n: int, workers: int
 ) -> dict[str, float]:
     fleet = f"scale{uuid.uuid4().hex[:6]}"
-    per = -(-n // workers)
-    procs = []
     t0 = time.monotonic()
-    for w in range(workers):
-        count = min(per, n - w * per)
-        log = (root / f"{fleet}-worker-{w}.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "simulations.fleet_worker",
-                    "--data-dir",
-                    str(d.root),
-                    "--root",
-                    str(root / fleet),
-                    "--fleet",
-                    fleet,
-                    "--first",
-                    str(w * per),
-                    "--count",
-                    str(count),
-                    "--grpc",
-                    coordinator.endpoints["grpc"],
-                    "--mqtt",
-                    broker.url,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
+    procs = spawn_workers(d, root, fleet, n, workers, coordinator.endpoints["grpc"], broker.url)
     try:
         online = "SELECT COUNT(*) FROM devices WHERE fleet = ? AND online = 1"
         wait_for(lambda: _count(d, online, fleet) == n, 120 + n * 0.2, 1.0, what=f"{n} devices online")
@@ -107,14 +79,7 @@ def _fleet_run(
             "rss_per_device_mb": rss / 1024 / n,
         }
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_workers(procs)
 
 
 def main() -> None:

@@ -335,8 +335,9 @@ class Rollouts:
             for row in self._rows()
         ]
 
-    def status(self, rollout_id: str) -> dict[str, Any]:
-        """Each wave with its devices by state, the current gate values against thresholds, every decision."""
+    def status(self, rollout_id: str, observe: bool = True) -> dict[str, Any]:
+        """Each wave with its devices by state, the current gate values against thresholds, every decision.
+        `observe=False` leaves the gates out (observing pools the wave's telemetry: the costly part)."""
         row = self._row(rollout_id)
         store = self.store
         now = now_ms()
@@ -354,7 +355,7 @@ class Rollouts:
                 {"wave": k, "name": "canary" if k == 0 else f"wave {k}", "devices": dict(sorted(counts.items()))}
             )
         gates: list[dict[str, Any]] = []
-        if row.state.phase in (Phase.BAKING, Phase.GATING, Phase.PAUSED):
+        if observe and row.state.phase in (Phase.BAKING, Phase.GATING, Phase.PAUSED):
             gates = [g.to_json() for g in evaluate_gates(row.spec, self.observe(row, now))]
         decisions = [
             {**d, "gates": json.loads(d["gates"])}

@@ -12,6 +12,8 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from server.datadir import DataDir
@@ -41,6 +43,34 @@ async def _run(args: argparse.Namespace) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await workload
     await fleet.stop()
+
+
+def spawn_workers(
+    d: DataDir, root: Path, fleet: str, devices: int, workers: int, grpc: str, mqtt: str, rate: float = 1.0
+) -> list[subprocess.Popen[bytes]]:
+    """Start `workers` worker processes that together run `devices` devices of `fleet` (logs under root)."""
+    per = -(-devices // workers)
+    procs = []
+    for w in range(workers):
+        count = min(per, devices - w * per)
+        args = ["--data-dir", str(d.root), "--root", str(root / fleet), "--fleet", fleet, "--first", str(w * per)]
+        args += ["--count", str(count), "--grpc", grpc, "--mqtt", mqtt, "--rate", str(rate)]
+        with (root / f"{fleet}-worker-{w}.log").open("wb") as log:  # the worker keeps its own descriptor
+            procs.append(
+                subprocess.Popen([sys.executable, "-m", "simulations.fleet_worker", *args], stdout=log, stderr=log)
+            )
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.telemetry import window_to_proto
+from server.dashboard import views
 from server.dashboard.api import COOKIE, DashboardOptions, create_app
 from server.datadir import DataDir
 from server.dense_tflite import build_dense_model, random_dense_layers
@@ -217,6 +218,7 @@ def test_rollout_view_and_actions_with_refusals_that_change_nothing(
     doc = client.get(f"/api/rollouts/{rollout_id}", headers=h).json()
     assert sum(doc["waves"][0]["devices"].values()) == 2  # the canary
     assert doc["gate_history"] and {g["metric"] for g in doc["gate_history"][0]["gates"]} >= {"input_max_psi"}
+    assert doc["gates"] == doc["gate_history"][-1]["gates"] and doc["gates_at"] == doc["gate_history"][-1]["at"]
     assert [x["decision"] for x in doc["decisions"]][:2] == ["created", "start"]
     assert client.get("/api/rollouts/rollout-99", headers=h).status_code == 404
 
@@ -418,3 +420,27 @@ def test_tampered_audit_trail_shows_as_broken(coordinator: tuple[DataDir, str], 
     with TestClient(create_app(d, DashboardOptions(d.operator_token()))) as c:
         trail = c.get("/api/audit", headers=_auth(d)).json()
     assert not trail["verified"] and any("entry 1: edited" in p for p in trail["problems"])
+
+
+def test_drift_buckets_are_reused_only_while_their_windows_are_the_same(
+    coordinator: tuple[DataDir, str], tmp_path: Path
+) -> None:
+    shutil.copytree(coordinator[0].root, tmp_path / "copy")
+    d = DataDir(tmp_path / "copy")
+    store = d.store()
+    try:
+        first = views.drift_view(store, "site", minutes=10)
+        again = views.drift_view(store, "site", minutes=10)
+        assert again["series"] == first["series"]
+        ref = digits_reference()
+        newest = max(p["at"] for s in first["series"] for p in s["points"])  # a bucket already pooled and kept
+        late = window(ref, 333, 77)
+        late = type(late)(late.release_id, newest - 500, newest, late.counts)
+        assert not isinstance(
+            ingest_windows(store, [(window_to_proto(late, "pi-1", 3, 3), "pi-1")], "grpc")[0], Exception
+        )
+        after = views.drift_view(store, "site", minutes=10)
+        total = {s["cohort"]: sum(p["inferences"] for p in s["points"]) for s in after["series"]}
+        assert total == {"site-0": 3 * 2 * 400, "site-1": 3 * 2 * 400 + 333}  # pi-1 is at site-1
+    finally:
+        store.close()

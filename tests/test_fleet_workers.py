@@ -11,6 +11,7 @@ import pytest
 
 from server.datadir import DataDir
 from server.releases import publish_release
+from simulations.fleet_worker import spawn_workers, stop_workers
 from simulations.models import ModelFamily
 from tests.support import CoordinatorProcess, wait_for
 
@@ -22,32 +23,9 @@ def test_two_workers_make_one_fleet(datadir: DataDir, tmp_path: Path) -> None:
     publish_release(datadir.repository(), store, ModelFamily().base(), "digits", "1.0.0")
     store.close()
     coordinator = CoordinatorProcess(datadir, None).start()
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "simulations.fleet_worker",
-                "--data-dir",
-                str(datadir.root),
-                "--root",
-                str(tmp_path / "fleet"),
-                "--fleet",
-                "big",
-                "--first",
-                str(first),
-                "--count",
-                "4",
-                "--grpc",
-                coordinator.endpoints["grpc"],
-                "--mqtt",
-                coordinator.endpoints["mqtt"],
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for first in (0, 4)
-    ]
+    workers = spawn_workers(
+        datadir, tmp_path, "big", 8, 2, coordinator.endpoints["grpc"], coordinator.endpoints["mqtt"]
+    )
     store = datadir.store()
     try:
         online = "SELECT id FROM devices WHERE fleet = 'big' AND online = 1 ORDER BY id"
@@ -77,8 +55,5 @@ def test_two_workers_make_one_fleet(datadir: DataDir, tmp_path: Path) -> None:
         assert [r[0] for r in store.db.execute(offline)] == [f"big-{i:05d}" for i in range(4, 8)]
     finally:
         store.close()
-        for w in workers:
-            if w.poll() is None:
-                w.terminate()
-                w.wait(30)
+        stop_workers(workers)
         coordinator.kill()

@@ -6,7 +6,8 @@ answers; the pages only draw what the API returns.
 from __future__ import annotations
 
 import json
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,27 +156,88 @@ def rollouts_view(rollouts: Rollouts) -> list[dict[str, Any]]:
     return list(reversed(rollouts.list()))  # newest first
 
 
+GATE_HISTORY_POINTS = 300  # a long bake's gate samples are thinned to about this many, evenly
+
+
 def rollout_view(rollouts: Rollouts, rollout_id: str) -> dict[str, Any]:
-    """The rollout's status (waves, current gates, decisions) and its gate values over time."""
-    doc = rollouts.status(rollout_id)
+    """The rollout's status (waves, decisions), its gate values over time, and the gates now: the newest value
+    the coordinator kept (at most a few seconds old while a wave bakes), so that a page view never pools
+    telemetry itself."""
+    doc = rollouts.status(rollout_id, observe=False)
     doc["gate_history"] = [
         {"at": r["at"], "wave": r["wave"], "gates": json.loads(r["gates"])}
         for r in rollouts.store.db.query(
-            "SELECT wave, at, gates FROM rollout_gate_samples WHERE rollout_id = ? ORDER BY at", [rollout_id]
+            """SELECT wave, at, gates FROM (
+                 SELECT wave, at, gates, row_number() OVER (ORDER BY at) AS rn, count(*) OVER () AS n
+                 FROM rollout_gate_samples WHERE rollout_id = ?)
+               WHERE (rn - 1) % max(1, n / ?) = 0 OR rn = n ORDER BY at""",
+            [rollout_id, GATE_HISTORY_POINTS],
         )
     ]
+    history = doc["gate_history"]
+    fresh = history and doc["phase"] in ("baking", "gating", "paused") and history[-1]["wave"] == doc["wave"]
+    doc["gates"] = history[-1]["gates"] if fresh else []
+    doc["gates_at"] = history[-1]["at"] if fresh else None
     return doc
+
+
+# Bucket widths the drift view chooses from (seconds): fixed steps, so buckets line up from one request to the
+# next and a closed bucket's pooled counts can be reused.
+BUCKET_LADDER_S = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400)
+_BUCKET_CACHE_SIZE = 4000  # pooled buckets kept (each a few KB)
+
+
+class _BucketCache:
+    """Pooled counts per (store, cohort, release, bucket), with the set of windows they pooled (as a count and a
+    sum of rowids): a bucket whose windows did not change is not decoded again. Stored windows never change."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple[Any, ...], tuple[tuple[int, int], WindowCounts]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...], fingerprint: tuple[int, int]) -> WindowCounts | None:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None or hit[0] != fingerprint:
+                return None
+            self._entries.move_to_end(key)
+            return hit[1]
+
+    def put(self, key: tuple[Any, ...], fingerprint: tuple[int, int], counts: WindowCounts) -> None:
+        with self._lock:
+            self._entries[key] = (fingerprint, counts)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+
+_BUCKETS = _BucketCache(_BUCKET_CACHE_SIZE)
+
+
+def _pool_rows(store: Store, rowids: list[int]) -> WindowCounts:
+    total: WindowCounts | None = None
+    for chunk in range(0, len(rowids), 500):
+        part = rowids[chunk : chunk + 500]
+        for (payload,) in store.db.execute(
+            f"SELECT payload FROM telemetry WHERE rowid IN ({','.join('?' * len(part))})", part
+        ):
+            counts = counts_from_proto(pb.TelemetryWindow.FromString(payload))
+            total = counts if total is None else total.merge(counts)
+    assert total is not None
+    return total
 
 
 def drift_view(
     store: Store, cohort_by: str = "fleet", minutes: float = 30.0, buckets: int = 30, release: str = ""
 ) -> dict[str, Any]:
     """Per cohort (a label's values, or fleets) and release: per-feature PSI, the prediction-score PSI and the
-    largest input PSI in each time bucket, each window scored against its own release's reference."""
+    largest input PSI in each time bucket, each bucket's windows pooled and scored against the reference of the
+    release they ran."""
     until = now_ms()
     since = until - int(minutes * 60_000)
-    labels = {d["id"]: d for d in store.devices()}
-    sql = "SELECT device_id, release_id, end_ms, payload FROM telemetry WHERE end_ms >= ?"
+    devices = {d["id"]: d for d in store.devices()}
+    sql = "SELECT rowid, device_id, release_id, end_ms FROM telemetry WHERE end_ms >= ?"
     args: list[Any] = [since]
     if release:
         sql += " AND release_id = ?"
@@ -184,22 +246,27 @@ def drift_view(
     truncated = len(rows) > MAX_DRIFT_WINDOWS
     rows = rows[:MAX_DRIFT_WINDOWS]
     if rows:  # the buckets cover the telemetry there is, not an empty stretch before it
-        since = max(since, min(r[2] for r in rows) - 1)
-    width = max(1, (until - since) // max(1, buckets) + 1)
+        since = max(since, min(r[3] for r in rows))
+    span = max(1, until - since)
+    width = next((w * 1000 for w in BUCKET_LADDER_S if w * 1000 * max(1, buckets) >= span), BUCKET_LADDER_S[-1] * 1000)
     references: dict[str, DriftReference | None] = {}
-    pooled: dict[tuple[str, str, int], WindowCounts] = {}
-    for device_id, release_id, end_ms, payload in rows:
+    groups: dict[tuple[str, str, int], list[int]] = {}
+    for rowid, device_id, release_id, end_ms in rows:
         if release_id not in references:
             references[release_id] = release_reference(store, release_id)
         if references[release_id] is None:
             continue
-        d = labels.get(device_id)
+        d = devices.get(device_id)
         cohort = (d["fleet"] if cohort_by == "fleet" else d["labels"].get(cohort_by, "(none)")) if d else "(unknown)"
-        key = (cohort, release_id, int((end_ms - since) // width))
-        counts = counts_from_proto(pb.TelemetryWindow.FromString(payload))
-        pooled[key] = counts if key not in pooled else pooled[key].merge(counts)
+        groups.setdefault((cohort, release_id, end_ms // width), []).append(rowid)
     series: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for (cohort, release_id, b), counts in sorted(pooled.items()):
+    for (cohort, release_id, b), rowids in sorted(groups.items()):
+        key = (str(store.path), cohort_by, width, cohort, release_id, b)
+        fingerprint = (len(rowids), sum(rowids))
+        counts = _BUCKETS.get(key, fingerprint)
+        if counts is None:
+            counts = _pool_rows(store, rowids)
+            _BUCKETS.put(key, fingerprint, counts)
         reference = references[release_id]
         assert reference is not None
         score = score_window(counts, reference, min_samples=DRIFT_MIN_SAMPLES)
@@ -207,7 +274,8 @@ def drift_view(
             continue
         series.setdefault((cohort, release_id), []).append(
             {
-                "at": since + b * width + width // 2,
+                "at": b * width + width // 2,
+                "windows": len(rowids),
                 "inferences": counts.inferences,
                 "feature_psi": [round(float(v), 5) for v in score.feature_psi],
                 "max_psi": score.max_psi,

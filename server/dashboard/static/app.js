@@ -133,7 +133,7 @@ async function rolloutPage(id) {
       <div class="actions">${Object.entries(actions).map(([a, label]) => `<button data-action="${a}">${label}</button>`).join("")}</div>
       <p id="action-result" class="muted"></p>
       <h2>Waves</h2>${table(["wave", "progress", "devices"], waves)}
-      <h2>Gates now</h2>${table(["metric", "value", "threshold", "verdict", "note"], gates, i => doc.gates[i].verdict === "fail" ? "fail" : "")}
+      <h2>Gates now${doc.gates_at ? ` <span class="muted">(as of ${clock(doc.gates_at)})</span>` : ""}</h2>${table(["metric", "value", "threshold", "verdict", "note"], gates, i => doc.gates[i].verdict === "fail" ? "fail" : "")}
       <h2>Gates over time</h2><div class="charts" id="gate-charts"></div>
       <h2>Decisions</h2><div id="decisions">${table(["time", "wave", "decision", "reason"], decisions)}</div>`,
     after() {

@@ -68,7 +68,9 @@ class Coordinator:
         client_cert, client_key = datadir.tls_files("coordinator")
         tls_files = (datadir.trust / "ca.pem", client_cert, client_key) if tls else None
         self.bridge = MqttBridge(self.store, self.mqtt_url, self.topics, tls_files=tls_files)
-        self.rollouts = datadir.rollouts(self.store)
+        # Rollouts are judged in a worker thread on their own connection (observing a wave pools its telemetry,
+        # which takes a while on a large fleet), so MQTT, gRPC and the dashboard keep being served meanwhile.
+        self.rollouts = datadir.rollouts(datadir.store())
         self._next_rollout_tick = 0.0
         self._director_mtime = (datadir.keys / "director.pem").stat().st_mtime_ns
         self._announced_version = 0
@@ -110,6 +112,7 @@ class Coordinator:
                 await self.broker.stop()
             (self.datadir.root / "serve.json").unlink(missing_ok=True)
             self.store.close()
+            self.rollouts.store.close()
 
     def _bind_dashboard(self) -> socket.socket:
         host, port = parse_host_port(self.dashboard_listen)
@@ -166,11 +169,7 @@ class Coordinator:
         await self.bridge.publish_acks()
         loop = asyncio.get_running_loop()
         if loop.time() >= self._next_rollout_tick:
-            director_mtime = (self.datadir.keys / "director.pem").stat().st_mtime_ns
-            if director_mtime != self._director_mtime:  # `fedfleet keys rotate-director` ran: sign with the new key
-                self.rollouts.director = self.datadir.director()
-                self._director_mtime = director_mtime
-            self.rollouts.tick()
+            await asyncio.to_thread(self._judge_rollouts)
             self._next_rollout_tick = loop.time() + self.config.rollout_tick_seconds
         published = await self.bridge.publish_assignments()
         if published:
@@ -180,6 +179,13 @@ class Coordinator:
             fleets = sorted({d["fleet"] for d in self.store.devices()})
             await self.bridge.announce(fleets, version)
             self._announced_version = version
+
+    def _judge_rollouts(self) -> None:
+        director_mtime = (self.datadir.keys / "director.pem").stat().st_mtime_ns
+        if director_mtime != self._director_mtime:  # `fedfleet keys rotate-director` ran: sign with the new key
+            self.rollouts.director = self.datadir.director()
+            self._director_mtime = director_mtime
+        self.rollouts.tick()
 
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()

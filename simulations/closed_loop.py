@@ -185,6 +185,11 @@ def run_closed_loop(
         rig.setup()
         first = result.releases[0]
         rig.note(f"fleet of {devices} devices running {first}, inferring on their digits")
+        if rig.coordinator is not None and rig.coordinator.endpoints.get("dashboard"):
+            rig.note(
+                f"watch it on the dashboard: {rig.coordinator.endpoints['dashboard']} "
+                f"(operator token: {d.operator_token()})"
+            )
         policy = d.policy()
         time.sleep(window_seconds * 2)
         store = d.store()

@@ -65,9 +65,9 @@ def _open(browser: Browser, rig: Rig) -> Page:
     return page
 
 
-def _shot(page: Page, name: str) -> None:
+def _shot(page: Page, name: str, full_page: bool = False) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
 
 
 def _phase(rig: Rig, rollout_id: str) -> str:
@@ -96,7 +96,7 @@ def test_dashboard_follows_rollouts_live_and_its_pause_button_pauses_the_coordin
     assert page.evaluate("window.__notReloaded") is True
     expect(page.locator("#decisions")).to_contain_text("advance")
     expect(page.locator("#gate-charts [data-chart=input_max_psi] svg")).to_be_visible()
-    _shot(page, "rollout-completed")
+    _shot(page, "rollout-completed", full_page=True)
 
     # A broken build: its page names the gate that fired.
     bad = rig.cli("rollout", "start", RELEASES["scrambled"], "--fleet", rig.fleet_name, *WAVES)["id"]
@@ -110,7 +110,7 @@ def test_dashboard_follows_rollouts_live_and_its_pause_button_pauses_the_coordin
         if g["verdict"] == "fail"
     ]
     assert "class_mix_shift" in fired
-    _shot(page, "rollout-rolled-back")
+    _shot(page, "rollout-rolled-back", full_page=True)
 
     # The pause button pauses the rollout in the coordinator's state.
     slow = rig.cli("rollout", "start", RELEASES["scrambled"], "--fleet", rig.fleet_name, "--bake", "600")["id"]

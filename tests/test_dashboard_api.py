@@ -442,5 +442,9 @@ def test_drift_buckets_are_reused_only_while_their_windows_are_the_same(
         after = views.drift_view(store, "site", minutes=10)
         total = {s["cohort"]: sum(p["inferences"] for p in s["points"]) for s in after["series"]}
         assert total == {"site-0": 3 * 2 * 400, "site-1": 3 * 2 * 400 + 333}  # pi-1 is at site-1
+        store.register_device("pi-1", "lab", {"site": "site-0"}, {}, "0.1")  # moved: its windows change cohort
+        moved = views.drift_view(store, "site", minutes=10)
+        total = {s["cohort"]: sum(p["inferences"] for p in s["points"]) for s in moved["series"]}
+        assert total == {"site-0": 4 * 2 * 400 + 333, "site-1": 2 * 2 * 400}
     finally:
         store.close()

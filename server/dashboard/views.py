@@ -188,28 +188,35 @@ _BUCKET_CACHE_SIZE = 4000  # pooled buckets kept (each a few KB)
 
 
 class _BucketCache:
-    """Pooled counts per (store, cohort, release, bucket), with the set of windows they pooled (as a count and a
-    sum of rowids): a bucket whose windows did not change is not decoded again. Stored windows never change."""
+    """Pooled counts per (store, cohort, release, bucket) with the windows they pooled, as (count, sum of
+    rowids, largest rowid). Stored windows never change and new ones get larger rowids, so a bucket is decoded
+    once, and afterwards only the windows that arrived since are decoded and added."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._entries: OrderedDict[tuple[Any, ...], tuple[tuple[int, int], WindowCounts]] = OrderedDict()
+        self._entries: OrderedDict[tuple[Any, ...], tuple[tuple[int, int, int], WindowCounts]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[Any, ...], fingerprint: tuple[int, int]) -> WindowCounts | None:
+    def pooled(self, store: Store, key: tuple[Any, ...], rowids: list[int]) -> WindowCounts:
         with self._lock:
             hit = self._entries.get(key)
-            if hit is None or hit[0] != fingerprint:
-                return None
-            self._entries.move_to_end(key)
-            return hit[1]
-
-    def put(self, key: tuple[Any, ...], fingerprint: tuple[int, int], counts: WindowCounts) -> None:
+        counts: WindowCounts | None = None
+        new = rowids
+        if hit is not None:
+            (n, total, last), cached = hit
+            old = [r for r in rowids if r <= last]
+            if len(old) == n and sum(old) == total:  # the same windows as before, and maybe some new ones
+                counts, new = cached, [r for r in rowids if r > last]
+        if new:
+            more = _pool_rows(store, new)
+            counts = more if counts is None else counts.merge(more)
+        assert counts is not None
         with self._lock:
-            self._entries[key] = (fingerprint, counts)
+            self._entries[key] = ((len(rowids), sum(rowids), max(rowids)), counts)
             self._entries.move_to_end(key)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
+        return counts
 
 
 _BUCKETS = _BucketCache(_BUCKET_CACHE_SIZE)
@@ -261,12 +268,7 @@ def drift_view(
         groups.setdefault((cohort, release_id, end_ms // width), []).append(rowid)
     series: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for (cohort, release_id, b), rowids in sorted(groups.items()):
-        key = (str(store.path), cohort_by, width, cohort, release_id, b)
-        fingerprint = (len(rowids), sum(rowids))
-        counts = _BUCKETS.get(key, fingerprint)
-        if counts is None:
-            counts = _pool_rows(store, rowids)
-            _BUCKETS.put(key, fingerprint, counts)
+        counts = _BUCKETS.pooled(store, (str(store.path), cohort_by, width, cohort, release_id, b), rowids)
         reference = references[release_id]
         assert reference is not None
         score = score_window(counts, reference, min_samples=DRIFT_MIN_SAMPLES)

@@ -61,7 +61,7 @@ def _latency_and_drift_cost(model_path: Path, n: int) -> dict[str, float]:
         predict_ns[i] = time.perf_counter_ns() - t
     t = time.perf_counter_ns()
     for x, y, ns in zip(xs, outputs, predict_ns, strict=True):
-        recorder.record_one("bench@1", np.array(x, dtype=np.float64), y, ns / 1e6)  # as Agent.run_inference does
+        recorder.record_one("bench@1", x, y, ns / 1e6)  # as Agent.run_inference does
     recorder.close()  # the last rows' folding counts too
     record_ns = time.perf_counter_ns() - t
     return {

@@ -141,8 +141,7 @@ class Agent:
                 self.recorder.record_error()
                 raise
             latency = (time.perf_counter() - start) * 1000.0
-            # A private copy of the input (the caller may reuse its buffer); y is the interpreter's fresh copy.
-            self.recorder.record_one(release, np.array(x, dtype=np.float64), y, latency)
+            self.recorder.record_one(release, x, y, latency)  # copied into the recorder's buffer
         return Inference(y, release, latency)
 
     def _activate(self, model: Model, info: SlotInfo | None) -> None:

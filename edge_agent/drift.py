@@ -209,14 +209,20 @@ class WindowCounts:
         elif x.shape[1] != reference.n_features:
             raise ValueError(f"{x.shape[1]} input features, the reference has {reference.n_features}")
         if reference.n_features:
-            # All features at once: a value's bin is the number of inner edges <= it (open-ended outer bins).
+            # All features at once: a value's bin is the number of inner edges <= it (open-ended outer bins),
+            # counted one edge column at a time (faster than one 3-D comparison reduced over its short axis).
             nan = np.isnan(x)
-            idx = (x[:, :, None] >= reference.feature_edges[None, :, :]).sum(axis=2)
+            edges = reference.feature_edges
+            idx = np.zeros(x.shape, np.uint8 if edges.shape[1] < 255 else np.intp)
+            for k in range(edges.shape[1]):
+                idx += x >= edges[:, k]
             flat = (np.arange(reference.n_features) * reference.n_bins)[None, :] + idx
-            self.feature_counts += np.bincount(flat[~nan], minlength=self.feature_counts.size).reshape(
+            if nan.any():
+                self.nan_counts += nan.sum(axis=0)
+                flat = flat[~nan]
+            self.feature_counts += np.bincount(flat.ravel(), minlength=self.feature_counts.size).reshape(
                 self.feature_counts.shape
             )
-            self.nan_counts += nan.sum(axis=0)
         lo, hi = reference.feature_ranges[:, 0], reference.feature_ranges[:, 1]
         with np.errstate(invalid="ignore"):
             self.out_of_range += ((x < lo) | (x > hi)).sum(axis=0)
@@ -270,8 +276,9 @@ def score_window(window: WindowCounts, reference: DriftReference, min_samples: i
         return None
     cur = proportions(window.feature_counts)
     ref = np.maximum(reference.feature_proportions, MIN_PROPORTION)
-    feature_psi = np.array([psi(r, c) for r, c in zip(ref, cur, strict=True)])
-    feature_kl = np.array([kl(c, r) for r, c in zip(ref, cur, strict=True)])
+    log_ratio = np.log(cur / ref)  # every feature at once: psi() and kl() row by row, without the loop
+    feature_psi = ((cur - ref) * log_ratio).sum(axis=1)
+    feature_kl = (cur * log_ratio).sum(axis=1)
     score_psi = psi(np.maximum(reference.score_proportions, MIN_PROPORTION), proportions(window.score_counts))
     return WindowScore(
         feature_psi=feature_psi,

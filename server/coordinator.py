@@ -135,7 +135,7 @@ class Coordinator:
 
         app = create_app(
             self.datadir,
-            DashboardOptions(self.datadir.operator_token(), self.public_read),
+            DashboardOptions(self.datadir.operator_token, self.public_read),  # read per request: rotation applies
             broker_connected=self.bridge.connected.is_set,
         )
         config = uvicorn.Config(app, log_level="warning", ws="none", timeout_graceful_shutdown=1)

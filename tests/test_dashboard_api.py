@@ -448,3 +448,17 @@ def test_drift_buckets_are_reused_only_while_their_windows_are_the_same(
         assert total == {"site-0": 4 * 2 * 400 + 333, "site-1": 2 * 2 * 400}
     finally:
         store.close()
+
+
+def test_a_rotated_token_applies_at_once_to_a_running_dashboard(
+    coordinator: tuple[DataDir, str], tmp_path: Path
+) -> None:
+    shutil.copytree(coordinator[0].root, tmp_path / "copy")
+    d = DataDir(tmp_path / "copy")
+    old = d.operator_token()
+    with TestClient(create_app(d, DashboardOptions(d.operator_token))) as c:
+        assert c.get("/api/fleet", headers={"Authorization": f"Bearer {old}"}).status_code == 200
+        new = d.operator_token(rotate=True)
+        assert new != old
+        assert c.get("/api/fleet", headers={"Authorization": f"Bearer {old}"}).status_code == 401
+        assert c.get("/api/fleet", headers={"Authorization": f"Bearer {new}"}).status_code == 200

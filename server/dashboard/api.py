@@ -7,6 +7,8 @@ fetched from the internet. OpenAPI's interactive pages load from a CDN, so they 
 /api/openapi.json and the dashboard's API page lists it.
 """
 
+# No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime, and
+# the `Read` and `Operator` aliases are local to create_app.
 import asyncio
 import contextlib
 import hmac
@@ -43,7 +45,7 @@ HEARTBEAT_SECONDS = 15.0
 
 @dataclass(frozen=True)
 class DashboardOptions:
-    token: str
+    token: str | Callable[[], str]  # the operator token, or how to read it (so a rotation applies at once)
     public_read: bool = False  # reads without the token (actions still need it)
     feed_seconds: float = FEED_SECONDS
 
@@ -147,7 +149,8 @@ def create_app(
 ) -> FastAPI:
     """The dashboard over one data directory. `broker_connected` reports the coordinator's MQTT session for
     /metrics (None: not exported)."""
-    if not options.token:
+    token_source = options.token if callable(options.token) else (lambda: str(options.token))
+    if not token_source():
         raise CoordinatorError("the dashboard needs an operator token")
     config = datadir.config()
     stores = _Stores(datadir)
@@ -162,7 +165,7 @@ def create_app(
         return request.cookies.get(COOKIE, "")
 
     def valid(token: str) -> bool:
-        return bool(token) and hmac.compare_digest(token.encode(), options.token.encode())
+        return bool(token) and hmac.compare_digest(token.encode(), token_source().encode())
 
     def reader(request: Request) -> None:
         if options.public_read or valid(presented_token(request)):

@@ -79,6 +79,11 @@ def test_dashboard_follows_rollouts_live_and_its_pause_button_pauses_the_coordin
 ) -> None:
     page = _open(browser, rig)
     _shot(page, "fleet")
+    page.select_option("select[name=label]", "site=site-1")  # filter by cohort: the devices the store says
+    page.click("#filters button")
+    site1 = rig.store_query("SELECT id FROM devices WHERE json_extract(labels, '$.site') = 'site-1' ORDER BY id")
+    expect(page.locator("#main table tbody tr")).to_have_count(len(site1))
+    expect(page.locator("#main table tbody")).to_contain_text(site1[0]["id"])
 
     # A healthy rollout: its page advances through the waves while it is open, without a reload.
     healthy = rig.cli("rollout", "start", RELEASES["healthy"], "--fleet", rig.fleet_name, *WAVES)["id"]

@@ -38,7 +38,7 @@ function counts(obj) { return Object.entries(obj).map(([k, v]) => `<li>${e(k)}: 
 async function fleetPage(params) {
   const q = new URLSearchParams(params);
   const doc = await api(`/api/fleet?${q}`);
-  const opts = (values, chosen) => ["", ...values].map(v => `<option value="${e(v)}" ${v === chosen ? "selected" : ""}>${e(v || "any")}</option>`).join("");
+  const opts = (values, chosen, any) => ["", ...values].map(v => `<option value="${e(v)}" ${v === chosen ? "selected" : ""}>${e(v || any)}</option>`).join("");
   const labels = Object.entries(doc.by_label).flatMap(([k, vs]) => Object.keys(vs).map(v => `${k}=${v}`));
   const rows = doc.devices.map(d => [
     link(`device/${encodeURIComponent(d.id)}`, d.id), e(d.fleet), e(Object.entries(d.labels).map(([k, v]) => `${k}=${v}`).join(", ")),
@@ -56,10 +56,10 @@ async function fleetPage(params) {
       </div>
       <form class="filters" id="filters">
         <input name="q" placeholder="search device id" value="${e(params.q || "")}">
-        <select name="release">${opts(Object.keys(doc.by_release), params.release || "")}</select>
-        <select name="state">${opts(Object.keys(doc.by_state), params.state || "")}</select>
-        <select name="online">${opts(["true", "false"], params.online || "")}</select>
-        <select name="label">${opts(labels, params.label || "")}</select>
+        <select name="release" title="running release">${opts(Object.keys(doc.by_release), params.release || "", "any release")}</select>
+        <select name="state" title="update state">${opts(Object.keys(doc.by_state), params.state || "", "any state")}</select>
+        <select name="online" title="presence">${opts(["true", "false"], params.online || "", "online or not")}</select>
+        <select name="label" title="cohort (label)">${opts(labels, params.label || "", "any cohort")}</select>
         <button>Filter</button>
       </form>
       <p class="muted">${doc.matching} matching${doc.matching > doc.devices.length ? `, first ${doc.devices.length} shown` : ""}</p>
@@ -81,8 +81,8 @@ async function devicePage(id) {
   const timeline = [
     ...doc.assignments.map(a => ({at: a.created_at, kind: "assignment", text: `counter ${a.counter} → ${a.release_id}${a.rollout_id ? " (" + a.rollout_id + ")" : ""}${a.published_at ? "" : ", not yet published"}`})),
     ...doc.events.map(v => ({at: v.received_at, kind: "event", text: `${v.kind}${v.reason ? ": " + v.reason : ""} (${v.release_id}, counter ${v.counter}, via ${v.via})`, bad: ["probe_failed", "rejected", "reverted", "failed"].includes(v.kind)})),
-    ...doc.telemetry.map(t => ({at: t.end_ms, kind: "telemetry", text: `window ${t.first_sequence}..${t.sequence} on ${t.release_id}: ${t.inferences} inferences, ${t.errors} errors, max PSI ${fmtNum(t.max_psi)}, score PSI ${fmtNum(t.score_psi)}`})),
   ].sort((a, b) => b.at - a.at);
+  const windows = doc.telemetry;
   return {
     topics: ["devices", "events", "telemetry"],
     html: `<h1>Device ${e(d.id)} ${badge(d.online ? "online" : "offline")}</h1>
@@ -96,8 +96,19 @@ async function devicePage(id) {
       <p>Labels: ${e(Object.entries(d.labels).map(([k, v]) => `${k}=${v}`).join(", ") || "none")} ·
          last seen ${when(d.last_seen)} · rollouts: ${doc.rollouts.map(r => link(`rollout/${r}`, r)).join(", ") || "none"}</p>
       <p>Last error: ${d.last_error ? `<span class="error" id="last-error">${e(d.last_error)}</span>` : "none"}</p>
-      <h2>Timeline</h2>
-      <div id="timeline">${table(["time", "kind", "what"], timeline.map(t => [when(t.at), badge(t.kind), e(t.text)]), i => timeline[i].bad ? "fail" : "")}</div>`,
+      <h2>Updates: assignments and events</h2>
+      <div id="timeline">${table(["time", "kind", "what"], timeline.map(t => [when(t.at), badge(t.kind), e(t.text)]), i => timeline[i].bad ? "fail" : "")}</div>
+      <h2>Telemetry windows</h2>
+      <div class="charts" id="device-charts"></div>
+      <div id="windows">${table(["ended", "sequence", "release", "inferences", "errors", "max input PSI", "score PSI", "via"],
+        windows.slice(0, 20).map(t => [when(t.end_ms), t.first_sequence === t.sequence ? String(t.sequence) : `${t.first_sequence}..${t.sequence}`, e(t.release_id), String(t.inferences), String(t.errors), fmtNum(t.max_psi), fmtNum(t.score_psi), e(t.via)]))}
+        ${windows.length > 20 ? `<p class="muted">newest 20 of the last ${windows.length} shown; a window's PSI over few inferences is noisy, the Drift page pools them.</p>` : ""}</div>`,
+    after() {
+      if (!windows.length) return;
+      const points = key => windows.map(t => [t.end_ms, t[key]]).reverse();
+      document.getElementById("device-charts").appendChild(lineChart("this device's windows: PSI against its release's reference", [
+        {name: "max input PSI", points: points("max_psi")}, {name: "score PSI", points: points("score_psi")}], {xLabel: clock, width: 560}));
+    },
   };
 }
 

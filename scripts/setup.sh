@@ -16,7 +16,7 @@ missing=()
 if $dev; then
   command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
-  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  [ -x /usr/bin/chromium ] || missing+=(chromium fonts-dejavu-core)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -36,13 +36,16 @@ from server.rollout_spec import DEFAULT_GATES, RolloutSpec, RolloutSpecError, pl
 from server.store import Store, now_ms
 from server.telemetry import Pooled, pool
 
-__all__ = ["FINAL_FAILURE_KINDS", "Rollouts"]
+__all__ = ["ACTIVE_SQL", "FINAL_FAILURE_KINDS", "Rollouts"]
 
 logger = logging.getLogger(__name__)
 
 # Update events that end an assignment without the release running. A "failed" event is transient (the agent
 # retries), so it is not here: such a device stays pending until it commits or counts as silent.
 FINAL_FAILURE_KINDS = ("probe_failed", "rejected", "reverted")
+
+# The active phases as an SQL list, for `phase IN (...)`.
+ACTIVE_SQL = ",".join(repr(str(p)) for p in sorted(ACTIVE))
 
 # A baking or gating wave's gate values are kept at most this often, for the dashboard's charts over time.
 GATE_SAMPLE_MS = 2000
@@ -304,7 +307,7 @@ class Rollouts:
     def _rows(self, active_only: bool = False) -> list[_Row]:
         sql = "SELECT * FROM rollouts"
         if active_only:
-            sql += f" WHERE phase IN ({','.join(repr(str(p)) for p in sorted(ACTIVE))})"
+            sql += f" WHERE phase IN ({ACTIVE_SQL})"
         return [self._to_row(r) for r in self.store.db.query(sql + " ORDER BY created_at, id")]
 
     def _row(self, rollout_id: str) -> _Row:
@@ -401,13 +404,12 @@ def _device_state(r: dict[str, Any], release_id: str) -> str:
 
 def _busy(store: Store, device_ids: list[str]) -> dict[str, str]:
     """Devices already in an active rollout → that rollout's id."""
-    active = ",".join(repr(str(p)) for p in sorted(ACTIVE))
     busy: dict[str, str] = {}
     for chunk in range(0, len(device_ids), 500):
         part = device_ids[chunk : chunk + 500]
         for r in store.db.query(
             f"""SELECT rd.device_id, rd.rollout_id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
-                WHERE r.phase IN ({active}) AND rd.device_id IN ({",".join("?" * len(part))})""",
+                WHERE r.phase IN ({ACTIVE_SQL}) AND rd.device_id IN ({",".join("?" * len(part))})""",
             part,
         ):
             busy[r["device_id"]] = r["rollout_id"]

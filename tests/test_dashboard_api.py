@@ -96,6 +96,12 @@ def client(coordinator: tuple[DataDir, str]) -> Iterator[TestClient]:
         yield c
 
 
+def _copy(d: DataDir, tmp_path: Path) -> DataDir:
+    """A copy of the module's data directory, for a test that changes it."""
+    shutil.copytree(d.root, tmp_path / "copy")
+    return DataDir(tmp_path / "copy")
+
+
 def _auth(d: DataDir) -> dict[str, str]:
     return {"Authorization": f"Bearer {d.operator_token()}"}
 
@@ -412,8 +418,7 @@ def test_live_feed_reports_a_change_within_a_second(coordinator: tuple[DataDir, 
 
 
 def test_tampered_audit_trail_shows_as_broken(coordinator: tuple[DataDir, str], tmp_path: Path) -> None:
-    shutil.copytree(coordinator[0].root, tmp_path / "copy")
-    d = DataDir(tmp_path / "copy")
+    d = _copy(coordinator[0], tmp_path)
     store = Store(d.db_path)
     store.db.execute("UPDATE audit SET detail = ? WHERE seq = 1", [json.dumps({"edited": True})])
     store.close()
@@ -425,8 +430,7 @@ def test_tampered_audit_trail_shows_as_broken(coordinator: tuple[DataDir, str], 
 def test_drift_buckets_are_reused_only_while_their_windows_are_the_same(
     coordinator: tuple[DataDir, str], tmp_path: Path
 ) -> None:
-    shutil.copytree(coordinator[0].root, tmp_path / "copy")
-    d = DataDir(tmp_path / "copy")
+    d = _copy(coordinator[0], tmp_path)
     store = d.store()
     try:
         first = views.drift_view(store, "site", minutes=10)
@@ -453,8 +457,7 @@ def test_drift_buckets_are_reused_only_while_their_windows_are_the_same(
 def test_a_rotated_token_applies_at_once_to_a_running_dashboard(
     coordinator: tuple[DataDir, str], tmp_path: Path
 ) -> None:
-    shutil.copytree(coordinator[0].root, tmp_path / "copy")
-    d = DataDir(tmp_path / "copy")
+    d = _copy(coordinator[0], tmp_path)
     old = d.operator_token()
     with TestClient(create_app(d, DashboardOptions(d.operator_token))) as c:
         assert c.get("/api/fleet", headers={"Authorization": f"Bearer {old}"}).status_code == 200

@@ -158,11 +158,12 @@ def create_app(
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CoordinatorCollector(stores.get, broker_connected))
 
-    def presented_token(request: Request) -> str:
+    def bearer(request: Request) -> str:
         header = request.headers.get("authorization", "")
-        if header.lower().startswith("bearer "):
-            return header[7:].strip()
-        return request.cookies.get(COOKIE, "")
+        return header[7:].strip() if header.lower().startswith("bearer ") else ""
+
+    def presented_token(request: Request) -> str:
+        return bearer(request) or request.cookies.get(COOKIE, "")
 
     def valid(token: str) -> bool:
         return bool(token) and hmac.compare_digest(token.encode(), token_source().encode())
@@ -177,8 +178,7 @@ def create_app(
         )
 
     def operator(request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        if not (header.lower().startswith("bearer ") and valid(header[7:].strip())):
+        if not valid(bearer(request)):
             raise HTTPException(
                 401,
                 "actions need the operator token in an Authorization: Bearer header",
@@ -299,7 +299,8 @@ def create_app(
     ) -> dict[str, Any]:
         """PSI per cohort, release and feature over time, and the prediction-score PSI."""
         store = stores.get()
-        views.require_release(store, release)
+        if release:
+            store.release(release)  # an unknown release is a 404, not an empty chart
         return views.drift_view(store, cohort_by, minutes, buckets, release)
 
     @app.get("/api/training", tags=["training"])

@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from server.rollout_engine import ACTIVE
+from server.rollouts import ACTIVE_SQL
 from server.store import Store
 from server.telemetry import REJECTED
 
@@ -84,7 +85,7 @@ def _rollouts(db: sqlite_utils.Database) -> Iterator[Metric]:
     for rid, release, ph, w in execute("SELECT id, release_id, phase, wave FROM rollouts"):
         phase.add_metric([rid, release, ph], 1)
         wave.add_metric([rid], w)
-        n_active += ph in {str(p) for p in ACTIVE}
+        n_active += ph in ACTIVE
     active.add_metric([], n_active)
     yield from (phase, wave, active)
 
@@ -97,10 +98,9 @@ def _rollouts(db: sqlite_utils.Database) -> Iterator[Metric]:
     failing = GaugeMetricFamily(
         "fedfleet_rollout_gate_failing", "1 when a gate's latest verdict is fail.", labels=["rollout", "metric"]
     )
-    active_sql = ",".join(repr(str(p)) for p in sorted(ACTIVE))
     for rid, gates in execute(
         f"""SELECT s.rollout_id, s.gates FROM rollout_gate_samples s JOIN rollouts r ON r.id = s.rollout_id
-            WHERE r.phase IN ({active_sql})
+            WHERE r.phase IN ({ACTIVE_SQL})
               AND s.at = (SELECT max(at) FROM rollout_gate_samples WHERE rollout_id = s.rollout_id)"""
     ):
         for g in json.loads(gates):

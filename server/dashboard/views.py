@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.drift import DriftReference, WindowCounts, score_window
+from edge_agent.drift import WindowCounts, score_window
 from edge_agent.telemetry import counts_from_proto
 from server import audit
-from server.errors import NotFoundError
 from server.fl.registry import Ledger, Registry, TrainingRuns, model_card, model_card_markdown
 from server.rollouts import Rollouts
 from server.store import Store, now_ms
@@ -113,16 +112,12 @@ def device_view(store: Store, device_id: str, limit: int = 100) -> dict[str, Any
         for e in store.events(device_id, limit)
     ]
     windows = []
-    references: dict[str, DriftReference | None] = {}
     for r in store.db.query(
         """SELECT sequence, first_sequence, release_id, start_ms, end_ms, inferences, errors, payload, via
            FROM telemetry WHERE device_id = ? ORDER BY sequence DESC LIMIT ?""",
         [device_id, limit],
     ):
-        release = r["release_id"]
-        if release not in references:
-            references[release] = release_reference(store, release)
-        reference = references[release]
+        reference = release_reference(store, r["release_id"])
         score = None
         if reference is not None:
             counts = counts_from_proto(pb.TelemetryWindow.FromString(r["payload"]))
@@ -256,12 +251,9 @@ def drift_view(
         since = max(since, min(r[3] for r in rows))
     span = max(1, until - since)
     width = next((w * 1000 for w in BUCKET_LADDER_S if w * 1000 * max(1, buckets) >= span), BUCKET_LADDER_S[-1] * 1000)
-    references: dict[str, DriftReference | None] = {}
     groups: dict[tuple[str, str, int], list[int]] = {}
     for rowid, device_id, release_id, end_ms in rows:
-        if release_id not in references:
-            references[release_id] = release_reference(store, release_id)
-        if references[release_id] is None:
+        if release_reference(store, release_id) is None:
             continue
         d = devices.get(device_id)
         cohort = (d["fleet"] if cohort_by == "fleet" else d["labels"].get(cohort_by, "(none)")) if d else "(unknown)"
@@ -269,7 +261,7 @@ def drift_view(
     series: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for (cohort, release_id, b), rowids in sorted(groups.items()):
         counts = _BUCKETS.pooled(store, (str(store.path), cohort_by, width, cohort, release_id, b), rowids)
-        reference = references[release_id]
+        reference = release_reference(store, release_id)
         assert reference is not None
         score = score_window(counts, reference, min_samples=DRIFT_MIN_SAMPLES)
         if score is None:
@@ -284,7 +276,8 @@ def drift_view(
                 "score_psi": score.score_psi,
             }
         )
-    features = {r: int(ref.feature_edges.shape[0]) for r, ref in sorted(references.items()) if ref is not None}
+    scored = sorted({release_id for _, release_id, _ in groups})
+    features = {r: int(ref.feature_edges.shape[0]) for r in scored if (ref := release_reference(store, r))}
     return {
         "cohort_by": cohort_by,
         "since": since,
@@ -339,8 +332,3 @@ def audit_view(store: Store, limit: int = 200, action: str = "") -> dict[str, An
         "problems": [str(p) for p in problems],
         "entries": audit.entries(store, limit, action or None),
     }
-
-
-def require_release(store: Store, release: str) -> None:
-    if release and not store.db.execute("SELECT 1 FROM releases WHERE id = ?", [release]).fetchone():
-        raise NotFoundError(f"no release {release!r}")

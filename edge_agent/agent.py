@@ -88,6 +88,7 @@ class Agent:
         self.config = config
         self.topics = Topics(config.topic_prefix)
         self.store = StateStore(config.state_dir)
+        self.store.remove_stale_temp_files()
         self.store.seed_trust_root(config.trust_root)
         self.director_keys = self._trusted_director_keys()
         self.interpreter = interpreter_name(config.interpreter)

@@ -72,8 +72,12 @@ class StateStore:
         self.director_keys_path = root / "director_keys.json"  # newer than the bundle's, learned through TUF
         for d in (root, self.downloads, self.tuf_dir, self.slot_dir("a"), self.slot_dir("b")):
             d.mkdir(parents=True, exist_ok=True)
-        for d in (root, self.slot_dir("a"), self.slot_dir("b")):
-            remove_stale_temp_files(d)
+
+    def remove_stale_temp_files(self) -> int:
+        """Delete the temp files a killed writer left behind. Only the agent that owns this state calls it, at
+        its start: to any other reader (`fedfleet-agent status`) a temp file may be the live agent's write in
+        progress, and removing it would fail that write."""
+        return sum(remove_stale_temp_files(d) for d in (self.root, self.slot_dir("a"), self.slot_dir("b")))
 
     def seed_trust_root(self, trust_root: Path) -> None:
         """Install the enrollment bundle's root.json as the first trusted TUF root, once; rotations advance it."""

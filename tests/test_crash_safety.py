@@ -91,3 +91,13 @@ def test_kill_at_each_update_step(step: str, crash_fleet: tuple[DataDir, Coordin
     finally:
         for agent in processes:
             agent.kill()
+
+
+def test_reading_the_agent_state_never_removes_a_write_in_progress(tmp_path: Path) -> None:
+    """`fedfleet-agent status` reads the state while the agent may be writing it: a temp file there may be that
+    write in progress (only the agent itself, at its start, clears what a killed writer left)."""
+    (tmp_path / ".tmp-live").write_bytes(b"{}")
+    StateStore(tmp_path).load()
+    assert (tmp_path / ".tmp-live").exists()
+    assert StateStore(tmp_path).remove_stale_temp_files() == 1
+    assert not (tmp_path / ".tmp-live").exists()

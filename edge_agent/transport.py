@@ -20,7 +20,7 @@ from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.contract import LIMITS
 from edge_agent.errors import AgentError, TransientError
 
-__all__ = ["FileMissing", "GrpcTransport", "hardware_facts"]
+__all__ = ["FileMissing", "GrpcTransport", "Unimplemented", "hardware_facts"]
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", LIMITS.grpc_message),
@@ -30,6 +30,12 @@ _CHANNEL_OPTIONS = [
 
 class FileMissing(AgentError):
     reason = "not_found"
+
+
+class Unimplemented(AgentError):
+    """The coordinator is older than this agent and lacks the call."""
+
+    reason = "unimplemented"
 
 
 def hardware_facts(interpreter: str) -> pb.Hardware:
@@ -86,6 +92,13 @@ class GrpcTransport:
         except grpc.RpcError as e:
             raise _wrap(e, f"fetch {path}") from e
 
+    def fetch_metadata_bundle(self, root_version: int) -> Iterator[pb.MetadataPart]:
+        request = pb.MetadataBundleRequest(device_id=self.device_id, root_version=root_version)
+        try:
+            yield from self._stub.FetchMetadataBundle(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _wrap(e, "fetch metadata bundle") from e
+
     def report_events(self, events: Iterable[pb.UpdateEvent]) -> int:
         try:
             response = self._stub.ReportEvents(pb.ReportEventsRequest(events=list(events)), timeout=self.timeout)
@@ -108,6 +121,8 @@ def _wrap(e: grpc.RpcError, what: str) -> AgentError:
     details = e.details() if isinstance(e, grpc.Call) else str(e)
     if code == grpc.StatusCode.NOT_FOUND:
         return FileMissing(f"{what}: not found ({details})")
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return Unimplemented(f"{what}: the coordinator does not offer this call ({details})")
     if code in (
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.PERMISSION_DENIED,

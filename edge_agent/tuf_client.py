@@ -8,7 +8,9 @@ download resumes from where it stopped; the bytes are checked against the verifi
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,23 +22,44 @@ from tuf.ngclient.fetcher import FetcherInterface
 from edge_agent.contract import LIMITS
 from edge_agent.errors import AgentError, TransientError, UpdateRefused
 from edge_agent.fsutil import sha256_of
-from edge_agent.transport import FileMissing, GrpcTransport
+from edge_agent.transport import FileMissing, GrpcTransport, Unimplemented
 
 __all__ = ["GrpcFetcher", "download_target", "refresh_and_get_target", "repository_file_name"]
 
 _METADATA_URL = "fedfleet-grpc://metadata/"
 
+logger = logging.getLogger(__name__)
+
+
+_ROOT_NAME = re.compile(r"^(\d{1,10})\.root\.json$")
+_BUNDLE_FILES = 32 + 3  # roots, timestamp, snapshot, targets
+
 
 class GrpcFetcher(FetcherInterface):
-    """Serves ngclient's metadata URLs from the coordinator's FetchMetadata stream."""
+    """Serves ngclient's metadata URLs over gRPC.
+
+    A refresh starts by asking for the next root version; at that point the fetcher takes the whole refresh
+    (next roots, timestamp, snapshot, targets) in one FetchMetadataBundle stream and serves ngclient's next
+    requests from it, each file once. Anything the bundle lacks, or all of it when the bundle is refused or
+    malformed, is fetched by name from FetchMetadata. ngclient verifies every file either way.
+    """
 
     def __init__(self, transport: GrpcTransport) -> None:
         self._transport = transport
+        self._bundle: dict[str, bytes] | None = None
+        self._newest_root = 0
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         if not url.startswith(_METADATA_URL):
             raise tuf_errors.DownloadError(f"unexpected URL {url}")
         name = url[len(_METADATA_URL) :]
+        root = _ROOT_NAME.match(name)
+        if self._bundle is None and root is not None:
+            self._bundle = self._take_bundle(int(root.group(1)) - 1)
+        if self._bundle and name in self._bundle:
+            return iter([self._bundle.pop(name)])
+        if root is not None and 0 < self._newest_root < int(root.group(1)):
+            raise tuf_errors.DownloadHTTPError(f"{name}: no such root version (newest is {self._newest_root})", 404)
         try:
             # Materialise the first chunk now so that NOT_FOUND surfaces here, where ngclient expects it.
             chunks = self._transport.fetch("metadata", name)
@@ -44,6 +67,33 @@ class GrpcFetcher(FetcherInterface):
         except FileMissing as e:
             raise tuf_errors.DownloadHTTPError(str(e), 404) from e
         return self._iterate(first, chunks)
+
+    def _take_bundle(self, root_version: int) -> dict[str, bytes]:
+        """The refresh's files by name; empty when the coordinator lacks the call or sends something off (a
+        file over the metadata cap, too many files, a gap): then every file is fetched by name instead."""
+        files: dict[str, bytearray] = {}
+        sizes: dict[str, int] = {}
+        newest = 0
+        try:
+            for part in self._transport.fetch_metadata_bundle(root_version):
+                data = files.setdefault(part.name, bytearray())
+                sizes.setdefault(part.name, part.total_size)
+                if (
+                    len(files) > _BUNDLE_FILES
+                    or part.total_size != sizes[part.name]
+                    or part.total_size > LIMITS.metadata_file
+                    or part.offset != len(data)
+                    or len(data) + len(part.data) > part.total_size
+                ):
+                    logger.warning("metadata bundle refused at %s; fetching files by name", part.name[:80])
+                    return {}
+                data += part.data
+                newest = part.root_version
+        except (Unimplemented, TransientError) as e:
+            logger.info("no metadata bundle (%s); fetching files by name", e)
+            return {}
+        self._newest_root = newest
+        return {name: bytes(data) for name, data in files.items() if len(data) == sizes[name]}
 
     @staticmethod
     def _iterate(first: object, rest: Iterator[object]) -> Iterator[bytes]:

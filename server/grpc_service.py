@@ -101,6 +101,21 @@ class FleetService(pb_grpc.FleetServiceServicer):
         async for chunk in self._stream(self.repository.target_path(request.path), request, context):
             yield chunk
 
+    async def FetchMetadataBundle(
+        self, request: pb.MetadataBundleRequest, context: Context
+    ) -> AsyncIterator[pb.MetadataPart]:
+        await self._authorize(context, request.device_id)
+        files, newest = self.repository.refresh_files(min(request.root_version, 2**31))
+        for name, data in files:
+            for offset in range(0, max(len(data), 1), LIMITS.grpc_chunk):
+                yield pb.MetadataPart(
+                    name=name,
+                    data=data[offset : offset + LIMITS.grpc_chunk],
+                    offset=offset,
+                    total_size=len(data),
+                    root_version=newest,
+                )
+
     async def _stream(self, path: Path | None, request: pb.FetchRequest, context: Context) -> AsyncIterator[pb.Chunk]:
         if path is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no file {request.path[:200]!r}")

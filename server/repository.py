@@ -15,6 +15,8 @@ Every writer holds an exclusive lock on repository/.lock, so `fedfleet release` 
 from __future__ import annotations
 
 import fcntl
+import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -42,6 +44,8 @@ from tuf.api.serialization.json import JSONSerializer
 
 from edge_agent.fsutil import atomic_write_bytes
 from server.errors import ConflictError, DataDirError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Expiry", "Repository", "load_private_key", "write_private_key"]
 
@@ -146,6 +150,32 @@ class Repository:
     def timestamp_version(self) -> int:
         ts: Timestamp = self._load(Timestamp.type).signed
         return ts.version
+
+    def refresh_files(self, after_root: int, max_roots: int = 32) -> tuple[list[tuple[str, bytes]], int]:
+        """What a client trusting root `after_root` fetches in one refresh, as (name, bytes) in TUF's order:
+        the next root versions (at most `max_roots`), timestamp.json, the snapshot it names, the targets that
+        snapshot names; and the newest root version. Read fresh on every call (timestamp.json changes in
+        place); consistent snapshots are never overwritten, so the three always belong together. Nothing here
+        is trusted by the client: it verifies each file as if fetched by name."""
+        files: list[tuple[str, bytes]] = []
+        version = after_root + 1
+        while len(files) < max_roots and (path := self.metadata_dir / f"{version}.root.json").is_file():
+            files.append((path.name, path.read_bytes()))
+            version += 1
+        known = files or (self.metadata_dir / f"{after_root}.root.json").is_file()
+        # Capped, or the client names a root we do not have: look the newest up.
+        newest = version - 1 if known and len(files) < max_roots else self._latest_version(Root.type)
+        timestamp = (self.metadata_dir / "timestamp.json").read_bytes()
+        files.append(("timestamp.json", timestamp))
+        try:
+            snapshot_name = f"{json.loads(timestamp)['signed']['meta']['snapshot.json']['version']}.snapshot.json"
+            snapshot = (self.metadata_dir / snapshot_name).read_bytes()
+            files.append((snapshot_name, snapshot))
+            targets_name = f"{json.loads(snapshot)['signed']['meta']['targets.json']['version']}.targets.json"
+            files.append((targets_name, (self.metadata_dir / targets_name).read_bytes()))
+        except (ValueError, KeyError, TypeError, OSError) as e:  # the client fetches what is missing by name
+            logger.warning("metadata bundle cut short after %s: %s", files[-1][0], e)
+        return files, newest
 
     def metadata_path(self, name: str) -> Path | None:
         """The file behind a metadata name a client may ask for, or None if the name is not one."""

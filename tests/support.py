@@ -47,11 +47,17 @@ def enroll_agent(
 class GrpcServerThread:
     """The real FleetService on a free port, served from a thread with its own event loop."""
 
-    def __init__(self, store: Store, repository: Repository, upload_seconds: float | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        repository: Repository,
+        upload_seconds: float | None = None,
+        service_class: type[FleetService] = FleetService,
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        service = FleetService(store, repository, Topics().prefix)
+        service = service_class(store, repository, Topics().prefix)
         if upload_seconds is not None:
             service.upload_seconds = upload_seconds
         future = asyncio.run_coroutine_threadsafe(start_grpc_server(service, "127.0.0.1:0"), self.loop)

@@ -154,6 +154,9 @@ def test_grpc_handlers_answer_random_requests_with_clear_codes(server: GrpcServe
         st.builds(pb.FetchRequest, device_id=ids, path=st.text(max_size=300), offset=st.integers(0, 2**63 - 1)).map(
             lambda r: ("FetchTarget", r)
         ),
+        st.builds(pb.MetadataBundleRequest, device_id=ids, root_version=st.integers(0, 2**64 - 1)).map(
+            lambda r: ("FetchMetadataBundle", r)
+        ),
         st.lists(st.builds(pb.UpdateEvent, device_id=ids, kind=st.integers(0, 30)), max_size=3).map(
             lambda e: ("ReportEvents", pb.ReportEventsRequest(events=e))
         ),

@@ -173,6 +173,8 @@ def test_grpc_takes_identity_from_the_certificate_and_refuses_strangers(fleet: S
     event = pb.UpdateEvent(device_id="pi-b", kind=pb.EVENT_KIND_COMMITTED, release_id="digits@1.0.0")
     with pytest.raises(AgentError, match="cannot speak for 'pi-b'"):
         impostor.report_events([event])
+    with pytest.raises(AgentError, match="cannot speak for 'pi-b'"):
+        list(impostor.fetch_metadata_bundle(1))
     impostor.close()
     assert fleet.store_rows("SELECT id FROM devices WHERE id = 'pi-b'", []) == []
     assert fleet.store_rows("SELECT id FROM events WHERE device_id = 'pi-b'", []) == []

@@ -7,11 +7,15 @@ repository on disk with python-tuf's own Metadata API, as an attacker who contro
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+import json
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, Literal
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner
@@ -20,11 +24,13 @@ from tuf.api.serialization.json import JSONSerializer
 
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.assignment import load_director_keys
+from edge_agent.contract import LIMITS
 from edge_agent.state import StateStore
 from edge_agent.transport import GrpcTransport
 from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment
 from server.datadir import DataDir
 from server.director import Director
+from server.grpc_service import FleetService
 from server.releases import publish_release
 from server.repository import load_private_key
 from tests.support import GrpcServerThread
@@ -253,6 +259,87 @@ def test_valid_root_rotation_is_followed(env: Env) -> None:
     assert result.outcome is Outcome.COMMITTED, result
     cached = Metadata.from_file(str(env.ctx.store.tuf_dir / "root.json"))
     assert cached.signed.version == 3
+
+
+def test_metadata_larger_than_the_cap_is_refused(env: Env) -> None:
+    """Endless data on the metadata side: a targets file past the agent's cap, in the bundle or by name."""
+    n = env.latest("targets")
+    (env.meta / f"{n + 1}.targets.json").write_bytes(b" " * (LIMITS.metadata_file + 1))
+    env.serve_targets_version(n + 1)
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_too_large")
+
+
+class CountingTransport(GrpcTransport):
+    """The real transport, counting the calls an update makes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: Counter[str] = Counter()
+
+    def fetch(self, kind: Literal["metadata", "target"], path: str, offset: int = 0) -> Iterator[pb.Chunk]:
+        self.calls[kind] += 1
+        return super().fetch(kind, path, offset)
+
+    def fetch_metadata_bundle(self, root_version: int) -> Iterator[pb.MetadataPart]:
+        self.calls["bundle"] += 1
+        return super().fetch_metadata_bundle(root_version)
+
+
+class CoordinatorWithoutBundles(FleetService):
+    """An older coordinator: no FetchMetadataBundle."""
+
+    async def FetchMetadataBundle(self, request: Any, context: Any) -> AsyncIterator[pb.MetadataPart]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        yield pb.MetadataPart()
+
+
+class CoordinatorWithBrokenBundles(FleetService):
+    """A bundle whose second chunk skips bytes: the agent must not use any of it."""
+
+    async def FetchMetadataBundle(self, request: Any, context: Any) -> AsyncIterator[pb.MetadataPart]:
+        async for part in super().FetchMetadataBundle(request, context):
+            if part.name == "timestamp.json":
+                part.offset += 1
+            yield part
+
+
+@pytest.mark.parametrize(
+    ("service", "expected"),
+    [
+        (FleetService, {"bundle": 1, "target": 1}),  # root, timestamp, snapshot, targets in one stream
+        (CoordinatorWithoutBundles, {"bundle": 1, "metadata": 4, "target": 1}),
+        (CoordinatorWithBrokenBundles, {"bundle": 1, "metadata": 4, "target": 1}),
+    ],
+    ids=["bundle", "older-coordinator", "broken-bundle"],
+)
+def test_an_update_fetches_its_metadata_in_one_call_or_file_by_file(
+    datadir: DataDir,
+    model_bytes: dict[str, bytes],
+    tmp_path: Path,
+    service: type[FleetService],
+    expected: dict[str, int],
+) -> None:
+    store = datadir.store()
+    store.register_device(DEVICE, "lab", {}, {}, "test")
+    publish_release(datadir.repository(), store, model_bytes["1.0.0"], "digits", "1.0.0")
+    server = GrpcServerThread(store, datadir.repository(), service_class=service)
+    state = StateStore(tmp_path / "agent")
+    state.seed_trust_root(datadir.trust / "root.json")
+    transport = CountingTransport(server.address, DEVICE, timeout=10)
+    keys = load_director_keys(json.loads((datadir.trust / "director_keys.json").read_text()))
+    try:
+        datadir.director().assign(store, [DEVICE], store.release("digits@1.0.0"))
+        row = store.current_assignment(DEVICE)
+        assert row is not None
+        result = apply_assignment(row["signed"], UpdateContext(DEVICE, state, transport, keys, lambda e: None))
+        assert result.outcome is Outcome.COMMITTED, result
+        assert dict(transport.calls) == expected
+        active = state.load().active_info
+        assert active is not None and active.release_id == "digits@1.0.0"
+    finally:
+        transport.close()
+        server.stop()
+        store.close()
 
 
 @pytest.mark.parametrize(

@@ -570,6 +570,66 @@ class Chunk(google.protobuf.message.Message):
 Global___Chunk: typing_extensions.TypeAlias = Chunk
 
 @typing.final
+class MetadataBundleRequest(google.protobuf.message.Message):
+    """A refresh's metadata in one stream, so an update costs one metadata call instead of four. Only a transport
+    shortcut: the agent verifies every file exactly as if fetched by name, and fetches by name what is missing.
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: builtins.int
+    ROOT_VERSION_FIELD_NUMBER: builtins.int
+    device_id: builtins.str
+    root_version: builtins.int
+    """the device's trusted root version: the bundle starts with the next one"""
+    def __init__(
+        self,
+        *,
+        device_id: builtins.str = ...,
+        root_version: builtins.int = ...,
+    ) -> None: ...
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["device_id", b"device_id", "root_version", b"root_version"]
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+
+Global___MetadataBundleRequest: typing_extensions.TypeAlias = MetadataBundleRequest
+
+@typing.final
+class MetadataPart(google.protobuf.message.Message):
+    """Files in order: root versions after the device's (at most 32), timestamp.json, the snapshot it names, the
+    targets that snapshot names. A file larger than one chunk continues in the next chunks under the same name.
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    DATA_FIELD_NUMBER: builtins.int
+    OFFSET_FIELD_NUMBER: builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: builtins.int
+    ROOT_VERSION_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    """as in FetchRequest.path, e.g. "3.snapshot.json" """
+    data: builtins.bytes
+    offset: builtins.int
+    """offset of data[0] in the file"""
+    total_size: builtins.int
+    """size of the whole file"""
+    root_version: builtins.int
+    """the repository's newest root version: higher ones do not exist"""
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+        data: builtins.bytes = ...,
+        offset: builtins.int = ...,
+        total_size: builtins.int = ...,
+        root_version: builtins.int = ...,
+    ) -> None: ...
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["data", b"data", "name", b"name", "offset", b"offset", "root_version", b"root_version", "total_size", b"total_size"]
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+
+Global___MetadataPart: typing_extensions.TypeAlias = MetadataPart
+
+@typing.final
 class ReportEventsRequest(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 

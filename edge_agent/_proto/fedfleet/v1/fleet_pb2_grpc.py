@@ -49,6 +49,11 @@ class FleetServiceStub:
                 request_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.SerializeToString,
                 response_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.FetchMetadataBundle = channel.unary_stream(
+                '/fedfleet.v1.FleetService/FetchMetadataBundle',
+                request_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataBundleRequest.SerializeToString,
+                response_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataPart.FromString,
+                _registered_method=True)
         self.ReportEvents = channel.unary_unary(
                 '/fedfleet.v1.FleetService/ReportEvents',
                 request_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsRequest.SerializeToString,
@@ -78,6 +83,12 @@ class FleetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchTarget(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchMetadataBundle(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +124,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.FetchTarget,
                     request_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.FromString,
                     response_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.SerializeToString,
+            ),
+            'FetchMetadataBundle': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchMetadataBundle,
+                    request_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataBundleRequest.FromString,
+                    response_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataPart.SerializeToString,
             ),
             'ReportEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportEvents,
@@ -206,6 +222,33 @@ class FleetService:
             '/fedfleet.v1.FleetService/FetchTarget',
             edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.SerializeToString,
             edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchMetadataBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedfleet.v1.FleetService/FetchMetadataBundle',
+            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataBundleRequest.SerializeToString,
+            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataPart.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,7 @@ class FleetServiceStub:
     FetchMetadata: grpc.UnaryStreamMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.FetchRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.Chunk]
     """Missing files answer NOT_FOUND (TUF clients probe for the next root version that way)."""
     FetchTarget: grpc.UnaryStreamMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.FetchRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.Chunk]
+    FetchMetadataBundle: grpc.UnaryStreamMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.MetadataBundleRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.MetadataPart]
     ReportEvents: grpc.UnaryUnaryMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.ReportEventsRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.ReportEventsResponse]
     UploadTelemetry: grpc.StreamUnaryMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.TelemetryWindow, edge_agent._proto.fedfleet.v1.fleet_pb2.TelemetryAck]
     """A backlog after time offline, in bulk; answers the stored watermark."""
@@ -45,6 +46,7 @@ class FleetServiceAsyncStub(FleetServiceStub):
     FetchMetadata: grpc.aio.UnaryStreamMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.FetchRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.Chunk]  # type: ignore[assignment]
     """Missing files answer NOT_FOUND (TUF clients probe for the next root version that way)."""
     FetchTarget: grpc.aio.UnaryStreamMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.FetchRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.Chunk]  # type: ignore[assignment]
+    FetchMetadataBundle: grpc.aio.UnaryStreamMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.MetadataBundleRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.MetadataPart]  # type: ignore[assignment]
     ReportEvents: grpc.aio.UnaryUnaryMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.ReportEventsRequest, edge_agent._proto.fedfleet.v1.fleet_pb2.ReportEventsResponse]  # type: ignore[assignment]
     UploadTelemetry: grpc.aio.StreamUnaryMultiCallable[edge_agent._proto.fedfleet.v1.fleet_pb2.TelemetryWindow, edge_agent._proto.fedfleet.v1.fleet_pb2.TelemetryAck]  # type: ignore[assignment]
     """A backlog after time offline, in bulk; answers the stored watermark."""
@@ -71,6 +73,13 @@ class FleetServiceServicer(metaclass=abc.ABCMeta):
         request: edge_agent._proto.fedfleet.v1.fleet_pb2.FetchRequest,
         context: _ServicerContext,
     ) -> typing.Union[collections.abc.Iterator[edge_agent._proto.fedfleet.v1.fleet_pb2.Chunk], collections.abc.AsyncIterator[edge_agent._proto.fedfleet.v1.fleet_pb2.Chunk]]: ...
+
+    @abc.abstractmethod
+    def FetchMetadataBundle(
+        self,
+        request: edge_agent._proto.fedfleet.v1.fleet_pb2.MetadataBundleRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[collections.abc.Iterator[edge_agent._proto.fedfleet.v1.fleet_pb2.MetadataPart], collections.abc.AsyncIterator[edge_agent._proto.fedfleet.v1.fleet_pb2.MetadataPart]]: ...
 
     @abc.abstractmethod
     def ReportEvents(

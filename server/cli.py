@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -524,6 +526,8 @@ def version() -> None:
 
 
 def main() -> None:
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how a stuck coordinator or demo tells where.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app()
     except CoordinatorError as e:

@@ -124,6 +124,7 @@ class ClosedLoopRig(Rig):
             seed=self.seed,
             parent=parent,
             data_label=f"sensors with {fault.kind} {fault.strength}" if fault else "",
+            round_timeout=240.0,  # a demo round takes seconds: a lost client fails it in minutes, not ten
         )
 
         def shown(p: RoundProgress) -> None:

@@ -7,10 +7,15 @@ import json
 import math
 import subprocess
 import sys
+import threading
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from flwr.app import Message
+from flwr.serverapp import Grid
 from opacus.accountants import RDPAccountant
 
 from edge_agent.drift import DriftReference
@@ -21,6 +26,7 @@ from server.fl.export import PARITY_TOLERANCE, export_tflite, release_model_vers
 from server.fl.plan import PlanError, TrainPlan
 from server.fl.privacy import BudgetExceeded, DeviceBudget, epsilon_of, steps_per_round
 from server.fl.registry import Ledger, Registry
+from server.fl.server_app import TrainingError, _StoppableGrid
 from server.fl.training import TrainOutcome, run_training
 from tests.support import CoordinatorProcess, enroll_agent, wait_for
 
@@ -268,3 +274,44 @@ def test_secure_mode_without_its_generator_is_refused_before_anything_runs(tmp_p
 
 def test_epsilon_of_an_empty_history_is_zero() -> None:
     assert epsilon_of([], 1e-5) == 0.0
+
+
+class _SilentGrid(Grid):
+    """Flower's Grid interface over nodes that never answer (an engine that died under the ServerApp)."""
+
+    def __init__(self) -> None:
+        self.pushed: list[Message] = []
+
+    def set_run(self, run: Any) -> None:
+        pass
+
+    @property
+    def run(self) -> Any:
+        return None
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> list[int]:
+        return [1]
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        self.pushed.extend(messages)
+        return ["m1"]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        raise AssertionError("the stoppable grid must not delegate the wait")
+
+
+def test_a_server_waiting_for_clients_gives_up_when_the_engine_stops() -> None:
+    stopped = threading.Event()
+    grid = _StoppableGrid(_SilentGrid(), stopped)
+    assert list(grid.send_and_receive([], timeout=0.3)) == []  # engine alive: waits out its timeout, no replies
+    threading.Timer(0.3, stopped.set).start()
+    with pytest.raises(TrainingError, match="simulation engine stopped"):
+        grid.send_and_receive([], timeout=None)  # would wait forever without the engine's stop
+    with pytest.raises(TrainingError):
+        grid.get_node_ids()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 import traceback
 import uuid
@@ -405,19 +406,74 @@ def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, 
     }
 
 
+class _StoppableGrid(Grid):
+    """A grid that stops waiting for replies once the simulation engine has ended.
+
+    Flower runs the ServerApp in a thread of its own and, if its engine fails, leaves that thread waiting for
+    replies until the round timeout; the process cannot exit meanwhile. This grid gives up at once instead, so
+    the run is recorded as failed with the reason and the caller gets control back.
+    """
+
+    def __init__(self, grid: Grid, stopped: threading.Event) -> None:
+        self._grid = grid
+        self._stopped = stopped
+
+    def set_run(self, run: Any) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._check()
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self._check()
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (deadline is None or time.monotonic() < deadline):
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if pending:
+                self._check()
+                time.sleep(0.1)
+        return replies
+
+    def _check(self) -> None:
+        if self._stopped.is_set():
+            raise TrainingError("the simulation engine stopped while the server waited for its clients")
+
+
 def build_server_app(
     data_dir: Path | None = None,
     plan: TrainPlan | None = None,
     run_id: str | None = None,
     engine: str = "simulation",
     on_round: Callable[[RoundProgress], None] | None = None,
+    engine_stopped: threading.Event | None = None,
 ) -> ServerApp:
     """A ServerApp bound to a coordinator data directory and plan; without them (a SuperLink run) both come from
-    the run config: `data-dir` and `plan` (a JSON object of TrainPlan fields)."""
+    the run config: `data-dir` and `plan` (a JSON object of TrainPlan fields). `engine_stopped`: set by the
+    caller when the simulation engine has ended; the app then stops waiting for replies."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if engine_stopped is not None:
+            grid = _StoppableGrid(grid, engine_stopped)
         d = DataDir(data_dir if data_dir is not None else Path(str(context.run_config["data-dir"])))
         p = plan if plan is not None else TrainPlan.from_dict(json.loads(str(context.run_config.get("plan", "{}"))))
         rid = run_id or f"run-{uuid.uuid4().hex[:12]}"

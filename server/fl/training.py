@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -21,6 +23,7 @@ from server.fl.plan import TrainPlan
 
 if TYPE_CHECKING:
     from server.fl.client_app import SourceFor
+    from server.fl.registry import TrainingRuns
 from server.fl.server_app import RoundProgress
 
 __all__ = ["TrainOutcome", "run_training", "simulated_device_ids"]
@@ -45,6 +48,16 @@ def _quiet_flower(verbose: bool) -> None:
     logging.getLogger("flwr").setLevel(level)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def _settled_run(runs: TrainingRuns, run_id: str, seconds: float = 10.0) -> dict[str, Any]:
+    """The run's record once the ServerApp has finished it (it may still be giving up when the engine ended)."""
+    deadline = time.monotonic() + seconds
+    doc = runs.run(run_id)
+    while doc["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        doc = runs.run(run_id)
+    return doc
 
 
 def run_training(
@@ -81,7 +94,8 @@ def run_training(
             "log_to_driver": verbose,
         },
     }
-    server_app = build_server_app(d.root, plan, run_id, "simulation", on_round)
+    engine_stopped = threading.Event()
+    server_app = build_server_app(d.root, plan, run_id, "simulation", on_round, engine_stopped)
     client_app = build_client_app(tuple(ids), d.root / "fl-devices", source_for)
     failure = ""
     with warnings.catch_warnings():
@@ -98,11 +112,13 @@ def run_training(
             )
         except Exception as e:  # the ServerApp recorded what failed; keep the message for the outcome
             failure = f"{type(e).__name__}: {e}"
+        finally:
+            engine_stopped.set()  # a ServerApp thread still waiting for clients gives up now
     store = d.store()
     try:
         runs = TrainingRuns(store)
         try:
-            doc = runs.run(run_id)
+            doc = _settled_run(runs, run_id)
         except CoordinatorError:
             raise CoordinatorError(
                 f"the training run never started: {failure or 'the simulation ended early'}"

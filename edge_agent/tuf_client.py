@@ -22,7 +22,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 from edge_agent.contract import LIMITS
 from edge_agent.errors import AgentError, TransientError, UpdateRefused
 from edge_agent.fsutil import sha256_of
-from edge_agent.transport import FileMissing, GrpcTransport, Unimplemented
+from edge_agent.transport import FileMissing, GrpcTransport
 
 __all__ = ["GrpcFetcher", "download_target", "refresh_and_get_target", "repository_file_name"]
 
@@ -89,7 +89,7 @@ class GrpcFetcher(FetcherInterface):
                     return {}
                 data += part.data
                 newest = part.root_version
-        except (Unimplemented, TransientError) as e:
+        except AgentError as e:  # an older coordinator (Unimplemented), a refusal, the network: by name then
             logger.info("no metadata bundle (%s); fetching files by name", e)
             return {}
         self._newest_root = newest

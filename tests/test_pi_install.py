@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from server.datadir import DataDir
+from server.dense_tflite import build_dense_model, random_dense_layers
 from server.enrollment import write_bundle
 from simulations.processes import wait_for
 from tests.support import enroll_agent
@@ -78,6 +79,24 @@ def test_install_and_uninstall_in_a_fresh_root_prefix(datadir: DataDir, tmp_path
         if list((venv / "lib").glob(f"python3*/site-packages/{m}"))
     ]
     assert heavy == [], f"the agent-only install pulled in {heavy}"
+    # Slimmed (no pip, no test suites, no accelerators a Pi cannot use), and the interpreter still runs a model.
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    assert not (site / "pip").exists() and not list(site.glob("numpy/**/tests"))
+    model = tmp_path / "model.tflite"
+    model.write_bytes(build_dense_model(random_dense_layers([64, 16, 10], seed=3)))
+    run = subprocess.run(
+        [
+            str(venv / "bin/python"),
+            "-c",
+            "import sys, numpy as np, pathlib; from edge_agent.runtime import load_model;"
+            "print(load_model(pathlib.Path(sys.argv[1])).predict(np.ones(64, np.float32)).sum())",
+            str(model),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0 and abs(float(run.stdout.split()[-1]) - 1.0) < 1e-4, run.stderr[-2000:]
     unit = root / "etc/systemd/system/fedfleet-agent.service"
     text = unit.read_text()
     assert "@" not in text.split("[Service]")[1].split("#")[0] and f"ExecStart={venv}/bin/fedfleet-agent run" in text

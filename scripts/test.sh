@@ -30,7 +30,7 @@ if heavy:
     sys.exit(f"the agent-only install pulled in {heavy}")
 print("agent-only install: fedfleet-agent --help works, no server packages installed")
 PY
-echo "agent-only venv: $(du -sm "$agent_venv" | cut -f1) MB"
+echo "agent-only venv (plain pip install; install.sh slims it further): $(du -sm "$agent_venv" | cut -f1) MB"
 rm -rf "$(dirname "$agent_venv")"
 
 echo "== tests"

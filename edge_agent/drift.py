@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,14 @@ def histogram_quantile(counts: np.ndarray, inner_edges: np.ndarray, q: float) ->
     return float(lo + frac * (hi - lo))
 
 
+def _float32_toward(values: np.ndarray, direction: float) -> np.ndarray:
+    """Each value as the nearest float32 on the side of `direction` (itself when it is a float32)."""
+    v = np.asarray(values, np.float64)
+    f = v.astype(np.float32)
+    off = f.astype(np.float64) < v if direction > 0 else f.astype(np.float64) > v
+    return np.where(off, np.nextafter(f, np.float32(direction)), f)
+
+
 @dataclass(frozen=True)
 class DriftReference:
     """What the release's signed metadata says "normal" looks like (from federated bin counts)."""
@@ -104,6 +113,17 @@ class DriftReference:
             raise ValueError("score histogram or class count malformed")
         if np.any(np.diff(self.feature_edges, axis=1) < 0) or np.any(np.diff(self.score_edges) < 0):
             raise ValueError("bin edges must be non-decreasing")
+
+    @cached_property
+    def float32_bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The edges and range as float32 bounds that compare float32 inputs exactly as float64 would:
+        (inner edges (k, n_features) rounded up, range low rounded up, range high rounded down). For a float32
+        x, x >= e exactly when x >= the smallest float32 >= e; likewise for the range's ends."""
+        return (
+            np.ascontiguousarray(_float32_toward(self.feature_edges, np.inf).T),
+            _float32_toward(self.feature_ranges[:, 0], np.inf),
+            _float32_toward(self.feature_ranges[:, 1], -np.inf),
+        )
 
     @classmethod
     def from_samples(
@@ -203,19 +223,24 @@ class WindowCounts:
     ) -> None:
         """Account for a batch: inputs (n, n_features), output probabilities (n, n_classes)."""
         p = np.asarray(probabilities, dtype=np.float64).reshape(-1, reference.n_classes)
-        x = np.asarray(inputs, dtype=np.float64).reshape(len(p), -1)
+        x = np.asarray(inputs).reshape(len(p), -1)
+        if x.dtype != np.float32:  # float32 (a TFLite model's input) is compared as is, exactly; others in float64
+            x = x.astype(np.float64, copy=False)
         if not reference.n_features:
             x = x[:, :0]  # a release without a drift reference: no feature bins, the rest still counts
         elif x.shape[1] != reference.n_features:
             raise ValueError(f"{x.shape[1]} input features, the reference has {reference.n_features}")
+        if x.dtype == np.float32:
+            edges, lo, hi = reference.float32_bounds
+        else:
+            edges, lo, hi = reference.feature_edges.T, reference.feature_ranges[:, 0], reference.feature_ranges[:, 1]
         if reference.n_features:
             # All features at once: a value's bin is the number of inner edges <= it (open-ended outer bins),
-            # counted one edge column at a time (faster than one 3-D comparison reduced over its short axis).
+            # counted one edge row at a time (faster than one 3-D comparison reduced over its short axis).
             nan = np.isnan(x)
-            edges = reference.feature_edges
-            idx = np.zeros(x.shape, np.uint8 if edges.shape[1] < 255 else np.intp)
-            for k in range(edges.shape[1]):
-                idx += x >= edges[:, k]
+            idx = np.zeros(x.shape, np.uint8 if len(edges) < 255 else np.intp)
+            for row in edges:
+                idx += x >= row
             flat = (np.arange(reference.n_features) * reference.n_bins)[None, :] + idx
             if nan.any():
                 self.nan_counts += nan.sum(axis=0)
@@ -223,7 +248,6 @@ class WindowCounts:
             self.feature_counts += np.bincount(flat.ravel(), minlength=self.feature_counts.size).reshape(
                 self.feature_counts.shape
             )
-        lo, hi = reference.feature_ranges[:, 0], reference.feature_ranges[:, 1]
         with np.errstate(invalid="ignore"):
             self.out_of_range += ((x < lo) | (x > hi)).sum(axis=0)
         top = p.max(axis=1)

@@ -136,11 +136,13 @@ class TelemetryRecorder:
         self._reference: DriftReference | None = None
         self._counts: WindowCounts | None = None
         self._start = 0.0
-        # Inferences not yet folded into the counts, as raw bytes (appending bytes is the cheapest copy Python
-        # has: a fifth of a numpy row assignment), with the dtype and width they were recorded with.
-        self._x_bytes, self._p_bytes = bytearray(), bytearray()
+        # Inferences not yet folded into the counts, each input and output as the bytes of its array (tobytes is
+        # the cheapest copy numpy has: a sixth of np.array), with the dtype and byte size they were recorded with.
+        self._xs: list[bytes] = []
+        self._ps: list[bytes] = []
         self._latencies: list[float] = []
         self._layout: tuple[np.dtype[Any], int, np.dtype[Any], int] | None = None
+        self._fold_at = _BATCH  # fold when this many are pending (fewer when the window is nearly full)
 
     def switch(self, release_id: str, reference: DriftReference) -> None:
         """A new model is active: close the old release's window, start counting for the new one."""
@@ -148,22 +150,23 @@ class TelemetryRecorder:
             self._close_locked()
             self._release, self._reference = release_id, reference
             self._counts, self._start = WindowCounts.empty(reference), self._clock()
+            self._fold_at = min(_BATCH, self.every_inferences)
 
     def record_one(self, release_id: str, x: np.ndarray, y: np.ndarray, latency_ms: float) -> None:
         """Account for one inference. Its input and output are copied (the caller may reuse its arrays) and
         folded into the counts with others in batches, so an inference costs two small copies here."""
+        xb, yb = x.tobytes(), y.tobytes()
         with self._lock:
             if release_id != self._release or self._counts is None:
                 return  # not the current release's (the agent's serving lock makes this not happen)
-            layout = (x.dtype, x.size, y.dtype, y.size)
+            layout = (x.dtype, len(xb), y.dtype, len(yb))
             if layout != self._layout:
                 self._flush_locked()
                 self._layout = layout
-            self._x_bytes += x.tobytes()
-            self._p_bytes += y.tobytes()
+            self._xs.append(xb)
+            self._ps.append(yb)
             self._latencies.append(latency_ms)
-            pending = len(self._latencies)
-            if pending >= _BATCH or self._counts.inferences + pending >= self.every_inferences:
+            if len(self._latencies) >= self._fold_at:
                 self._flush_locked()
                 if self._counts.inferences >= self.every_inferences:
                     self._close_locked()
@@ -208,16 +211,15 @@ class TelemetryRecorder:
 
     def _flush_locked(self) -> None:
         n = len(self._latencies)
-        if not n:
-            return
-        x_bytes, p_bytes, latencies = self._x_bytes, self._p_bytes, self._latencies
-        self._x_bytes, self._p_bytes, self._latencies = bytearray(), bytearray(), []
-        if self._counts is None or self._reference is None or self._layout is None:
-            return
-        x_dtype, x_width, p_dtype, p_width = self._layout
-        x = np.frombuffer(x_bytes, x_dtype).reshape(n, x_width)
-        p = np.frombuffer(p_bytes, p_dtype).reshape(n, p_width)
-        self._counts.add(self._reference, x, p, np.array(latencies))
+        xs, ps, latencies = self._xs, self._ps, self._latencies
+        self._xs, self._ps, self._latencies = [], [], []
+        if n and self._counts is not None and self._reference is not None and self._layout is not None:
+            x_dtype, x_size, p_dtype, p_size = self._layout
+            x = np.frombuffer(b"".join(xs), x_dtype).reshape(n, x_size // x_dtype.itemsize)
+            p = np.frombuffer(b"".join(ps), p_dtype).reshape(n, p_size // p_dtype.itemsize)
+            self._counts.add(self._reference, x, p, np.array(latencies))
+        if self._counts is not None:
+            self._fold_at = max(1, min(_BATCH, self.every_inferences - self._counts.inferences))
 
     def _close_locked(self) -> None:
         if self._counts is None or self._reference is None:
@@ -228,3 +230,4 @@ class TelemetryRecorder:
             score = score_window(self._counts, self._reference) if self._reference.n_features else None
             self._on_close(ClosedWindow(self._release, int(self._start * 1000), int(now * 1000), self._counts, score))
         self._counts, self._start = WindowCounts.empty(self._reference), self._clock()
+        self._fold_at = min(_BATCH, self.every_inferences)

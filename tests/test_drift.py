@@ -113,3 +113,25 @@ def test_reference_round_trips_through_signed_metadata_and_refuses_garbage() -> 
         DriftReference.from_metadata(bad)
     with pytest.raises(ValueError):
         DriftReference.from_metadata({"n_classes": 3})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 200))
+def test_float32_inputs_are_counted_exactly_as_their_float64_values(seed: int, n: int) -> None:
+    """A TFLite model's float32 inputs are compared in float32 against edges rounded the right way; the counts
+    must be those of the same values in float64, also for values on, or one float32 step beside, an edge."""
+    ref = reference()
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1.5, (n, 3)).astype(np.float32)
+    which = rng.integers(0, ref.feature_edges.shape[1], (n, 3))
+    on_edges = ref.feature_edges.astype(np.float32)[np.arange(3)[None, :], which]
+    pick = rng.random((n, 3))
+    x = np.where(pick < 0.2, on_edges, x)
+    x = np.where((pick >= 0.2) & (pick < 0.3), np.nextafter(on_edges, np.float32(-np.inf)), x)
+    x = np.where((pick >= 0.3) & (pick < 0.35), np.float32(np.nan), x)
+    x[rng.random(n) < 0.05] = ref.feature_ranges[:, 1].astype(np.float32)  # the range's end, rounded either way
+    p = _softmax(rng.normal(0, 1, (n, 4)))
+    lat = np.ones(n)
+    single, double = _window(ref, x, np.log(p), lat), _window(ref, x.astype(np.float64), np.log(p), lat)
+    for name in ("feature_counts", "nan_counts", "out_of_range"):
+        assert np.array_equal(getattr(single, name), getattr(double, name)), name

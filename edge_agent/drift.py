@@ -89,7 +89,8 @@ def histogram_quantile(counts: np.ndarray, inner_edges: np.ndarray, q: float) ->
 def _float32_toward(values: np.ndarray, direction: float) -> np.ndarray:
     """Each value as the nearest float32 on the side of `direction` (itself when it is a float32)."""
     v = np.asarray(values, np.float64)
-    f = v.astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range: ±inf, still on the right side
+        f = v.astype(np.float32)
     off = f.astype(np.float64) < v if direction > 0 else f.astype(np.float64) > v
     return np.where(off, np.nextafter(f, np.float32(direction)), f)
 

@@ -168,10 +168,10 @@ class Repository:
         timestamp = (self.metadata_dir / "timestamp.json").read_bytes()
         files.append(("timestamp.json", timestamp))
         try:
-            snapshot_name = f"{json.loads(timestamp)['signed']['meta']['snapshot.json']['version']}.snapshot.json"
+            snapshot_name = f"{int(json.loads(timestamp)['signed']['meta']['snapshot.json']['version'])}.snapshot.json"
             snapshot = (self.metadata_dir / snapshot_name).read_bytes()
             files.append((snapshot_name, snapshot))
-            targets_name = f"{json.loads(snapshot)['signed']['meta']['targets.json']['version']}.targets.json"
+            targets_name = f"{int(json.loads(snapshot)['signed']['meta']['targets.json']['version'])}.targets.json"
             files.append((targets_name, (self.metadata_dir / targets_name).read_bytes()))
         except (ValueError, KeyError, TypeError, OSError) as e:  # the client fetches what is missing by name
             logger.warning("metadata bundle cut short after %s: %s", files[-1][0], e)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Literal
 
 import grpc
+import grpc.experimental
 
 from edge_agent import __version__
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
@@ -22,9 +23,14 @@ from edge_agent.errors import AgentError, TransientError
 
 __all__ = ["FileMissing", "GrpcTransport", "Unimplemented", "hardware_facts"]
 
+# Metadata and target streams are read by the calling thread itself, not handed over from a polling thread that
+# gRPC starts for every call: about 8% less CPU per update in benchmarks/fanout.py. gRPC Python's own channel
+# option, marked experimental; a gRPC without it simply runs the streams the usual way.
+_SINGLE_THREADED_STREAMS = getattr(getattr(grpc.experimental, "ChannelOptions", None), "SingleThreadedUnaryStream", "")
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", LIMITS.grpc_message),
     ("grpc.max_send_message_length", LIMITS.grpc_message),
+    *([(_SINGLE_THREADED_STREAMS, 1)] if _SINGLE_THREADED_STREAMS else []),
 ]
 
 

@@ -62,8 +62,11 @@ echo "== slimming the virtualenv"
 # What the running agent never loads: pip and setuptools (running install.sh again brings pip back for an
 # upgrade), numpy's test suites, and LiteRT's WebGPU accelerator, NPU compiler plugins and command-line tools
 # (the agent runs models on the CPU through the Interpreter API). About 70 MB of 200.
-"$venv/bin/python" -m pip uninstall -q -y pip setuptools
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+"$venv/bin/python" -m pip uninstall -q -y pip setuptools || true
+# Whatever pip's own uninstall leaves behind (files missing from its RECORD) goes too.
+rm -rf "$site"/pip "$site"/pip-*.dist-info "$site"/setuptools "$site"/setuptools-*.dist-info \
+  "$site"/pkg_resources "$site"/_distutils_hack "$site"/distutils-precedence.pth
 if [ -d "$site/numpy" ]; then find "$site/numpy" -depth -type d -name tests -exec rm -rf {} +; fi
 rm -rf "$site/ai_edge_litert/libLiteRtWebGpuAccelerator.so" "$site/ai_edge_litert/vendors" "$site/ai_edge_litert/tools"
 "$venv/bin/python" -c 'from edge_agent.runtime import interpreter_name; print("   interpreter:", interpreter_name())'

@@ -10,7 +10,7 @@ import contextlib
 import os
 import platform
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 import grpc.experimental
@@ -93,17 +93,18 @@ class GrpcTransport:
     def fetch(self, kind: Literal["metadata", "target"], path: str, offset: int = 0) -> Iterator[pb.Chunk]:
         request = pb.FetchRequest(device_id=self.device_id, path=path, offset=offset)
         call = self._stub.FetchMetadata if kind == "metadata" else self._stub.FetchTarget
-        try:
-            yield from call(request, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise _wrap(e, f"fetch {path}") from e
+        return self._stream(call, request, f"fetch {path}")
 
     def fetch_metadata_bundle(self, root_version: int) -> Iterator[pb.MetadataPart]:
         request = pb.MetadataBundleRequest(device_id=self.device_id, root_version=root_version)
+        return self._stream(self._stub.FetchMetadataBundle, request, "fetch metadata bundle")
+
+    def _stream(self, call: Any, request: Any, what: str) -> Iterator[Any]:
+        """A server stream's messages; a gRPC failure, raised when reached, wrapped once (see _wrap)."""
         try:
-            yield from self._stub.FetchMetadataBundle(request, timeout=self.timeout)
+            yield from call(request, timeout=self.timeout)
         except grpc.RpcError as e:
-            raise _wrap(e, "fetch metadata bundle") from e
+            raise _wrap(e, what) from e
 
     def report_events(self, events: Iterable[pb.UpdateEvent]) -> int:
         try:

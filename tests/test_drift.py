@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge_agent.arrays import decode_array, encode_array
 from edge_agent.drift import (
     LATENCY_EDGES_MS,
     DriftReference,
@@ -135,3 +136,42 @@ def test_float32_inputs_are_counted_exactly_as_their_float64_values(seed: int, n
     single, double = _window(ref, x, np.log(p), lat), _window(ref, x.astype(np.float64), np.log(p), lat)
     for name in ("feature_counts", "nan_counts", "out_of_range"):
         assert np.array_equal(getattr(single, name), getattr(double, name)), name
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 700), st.sampled_from([np.float32, np.float64]))
+def test_window_counts_match_a_plain_count_per_feature(seed: int, n: int, dtype: type) -> None:
+    """The counts come from one comparison of whole batches against all bounds at once; they must equal a plain
+    per-feature count (np.searchsorted, then the range by hand), also across batch chunks, for repeated edges,
+    infinite edges and values, values on edges and on the range's ends, and NaN."""
+    rng = np.random.default_rng(seed)
+    edges = np.sort(rng.normal(0, 1, (4, 5)), axis=1)
+    edges[0, 1:3] = edges[0, 1]  # repeated edges: an empty bin between them
+    edges[1, -1] = np.inf  # nothing but +inf reaches the last edge
+    ranges = np.stack([edges[:, 0] - 0.5, edges[:, -2] + 0.5], axis=1)
+    ranges[2] = [-np.inf, np.inf]  # a feature nothing is out of range for
+    props = np.full((4, 6), 1 / 6)
+    ref = DriftReference(edges, props, ranges, np.linspace(0, 1, 11)[1:-1], np.full(10, 0.1), 3)
+    x = rng.normal(0, 1.5, (n, 4))
+    pick = rng.random((n, 4))
+    specials = np.array([np.nan, np.inf, -np.inf])
+    x = np.where(pick < 0.1, edges[np.arange(4), rng.integers(0, 5, (n, 4))], x)
+    x = np.where((pick >= 0.1) & (pick < 0.15), ranges[np.arange(4), rng.integers(0, 2, (n, 4))], x)
+    x = np.where((pick >= 0.15) & (pick < 0.2), specials[rng.integers(0, 3, (n, 4))], x)
+    x = x.astype(dtype)
+    counts = _window(ref, x, rng.normal(0, 1, (n, 3)), np.ones(n))
+    values = x.astype(np.float64)
+    for j in range(4):
+        assert counts.feature_counts[j].tolist() == bin_counts(values[:, j], edges[j]).tolist(), j
+        with np.errstate(invalid="ignore"):
+            outside = (values[:, j] < ranges[j, 0]) | (values[:, j] > ranges[j, 1])
+        assert counts.out_of_range[j] == outside.sum() and counts.nan_counts[j] == np.isnan(values[:, j]).sum()
+
+
+def test_a_reference_with_nan_edges_or_ranges_is_refused() -> None:
+    good = reference().to_metadata()
+    for name in ("feature_edges", "feature_ranges", "score_edges"):
+        array = decode_array(good[name])
+        array.flat[0] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            DriftReference.from_metadata({**good, name: encode_array(array)})

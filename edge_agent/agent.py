@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -110,7 +109,9 @@ class Agent:
         self._telemetry_ready = asyncio.Event()
         self._sent_at: dict[int, float] = {}  # sequence -> when it went out over MQTT in this session
         self._model_release = ""
-        self._serving = threading.Lock()
+        # One lock per inference: it serializes the served interpreter (not thread-safe), keeps a model swap from
+        # splitting an inference from its record, and guards the recorder's counts.
+        self._serving = self.recorder.lock
         self._load_committed_model()
 
     # ----- what applications use -----
@@ -127,9 +128,9 @@ class Agent:
     def run_inference(self, x: np.ndarray) -> Inference:
         """Run the committed model; every inference feeds the current telemetry window.
 
-        Inference and its record happen under the serving lock that a model swap also takes, so an inference
-        in flight finishes on the model it started with and is counted in that release's window. The
-        interpreter serializes calls anyway, so the lock costs no throughput.
+        Inference and its record happen under the serving lock (the recorder's) that a model swap also takes, so
+        an inference in flight finishes on the model it started with and is counted in that release's window.
+        The interpreter must serialize calls anyway, so the lock costs no throughput.
         """
         with self._serving:
             model, release = self.model, self._model_release
@@ -137,7 +138,7 @@ class Agent:
                 raise InterpreterError("no committed model yet", "no_model")
             start = time.perf_counter()
             try:
-                y = model.predict(x)
+                y = model.predict_serialized(x)
             except Exception:
                 self.recorder.record_error()
                 raise

@@ -59,7 +59,8 @@ class ProbeFailed(InterpreterError):
 
 @dataclass(frozen=True)
 class Model:
-    """A loaded model. `predict` is thread-safe; the interpreter itself is not, so calls are serialized."""
+    """A loaded model. `predict` is thread-safe; the interpreter itself is not, so calls are serialized by `lock`,
+    or by the caller of `predict_serialized` (the agent, whose serving lock already keeps inferences apart)."""
 
     path: Path
     interpreter: _Interpreter
@@ -70,11 +71,15 @@ class Model:
     lock: threading.Lock
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        arr = np.asarray(x, dtype=self.input_dtype).reshape(self.input_shape)
         with self.lock:
-            self.interpreter.set_tensor(self.input_index, arr)
-            self.interpreter.invoke()
-            return np.array(self.interpreter.get_tensor(self.output_index))
+            return self.predict_serialized(x)
+
+    def predict_serialized(self, x: np.ndarray) -> np.ndarray:
+        """`predict` for a caller that itself keeps calls to this model from overlapping; takes no lock."""
+        arr = np.asarray(x, dtype=self.input_dtype).reshape(self.input_shape)
+        self.interpreter.set_tensor(self.input_index, arr)
+        self.interpreter.invoke()
+        return np.array(self.interpreter.get_tensor(self.output_index))
 
     def run_probe(self, probe: Mapping[str, Any]) -> float:
         """Run the release's probe set; return the max abs difference, raise ProbeFailed past tolerance.

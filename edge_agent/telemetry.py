@@ -21,7 +21,7 @@ from edge_agent.drift import LATENCY_EDGES_MS, DriftReference, WindowCounts, Win
 __all__ = ["ClosedWindow", "TelemetryRecorder", "counts_from_proto", "window_to_proto"]
 
 _MAX_COUNT = 2**53  # far beyond any real window; bigger is garbage
-_BATCH = 256  # inferences kept before they are folded into the window's counts
+_BATCH = 1024  # inferences kept before they are folded into the window's counts
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,11 @@ def counts_from_proto(m: pb.TelemetryWindow) -> WindowCounts:
 
 
 class TelemetryRecorder:
-    """Accumulates inferences into windows; thread-safe (applications may infer from several threads)."""
+    """Accumulates inferences into windows; thread-safe (applications may infer from several threads).
+
+    Every method takes `lock` (re-entrant) itself except `record_one`, the per-inference call, whose caller holds
+    it: the agent holds it for the whole inference anyway, to serialize the interpreter and keep a model swap
+    from splitting an inference from its record, so a second lock per inference would only cost time."""
 
     def __init__(
         self,
@@ -131,8 +135,8 @@ class TelemetryRecorder:
         self.every_inferences = every_inferences
         self.every_seconds = every_seconds
         self._clock = clock
-        self._lock = threading.Lock()
-        self._release = ""
+        self.lock = threading.RLock()
+        self._release: str | None = None  # none before the first switch: no record_one matches
         self._reference: DriftReference | None = None
         self._counts: WindowCounts | None = None
         self._start = 0.0
@@ -146,30 +150,30 @@ class TelemetryRecorder:
 
     def switch(self, release_id: str, reference: DriftReference) -> None:
         """A new model is active: close the old release's window, start counting for the new one."""
-        with self._lock:
+        with self.lock:
             self._close_locked()
             self._release, self._reference = release_id, reference
             self._counts, self._start = WindowCounts.empty(reference), self._clock()
             self._fold_at = min(_BATCH, self.every_inferences)
 
     def record_one(self, release_id: str, x: np.ndarray, y: np.ndarray, latency_ms: float) -> None:
-        """Account for one inference. Its input and output are copied (the caller may reuse its arrays) and
-        folded into the counts with others in batches, so an inference costs two small copies here."""
+        """Account for one inference; the caller holds `lock`. Its input and output are copied (the caller may
+        reuse its arrays) and folded into the counts with others in batches, so an inference costs two small
+        copies here."""
+        if release_id != self._release:
+            return  # not the current release's (the agent's serving lock makes this not happen)
         xb, yb = x.tobytes(), y.tobytes()
-        with self._lock:
-            if release_id != self._release or self._counts is None:
-                return  # not the current release's (the agent's serving lock makes this not happen)
-            layout = (x.dtype, len(xb), y.dtype, len(yb))
-            if layout != self._layout:
-                self._flush_locked()
-                self._layout = layout
-            self._xs.append(xb)
-            self._ps.append(yb)
-            self._latencies.append(latency_ms)
-            if len(self._latencies) >= self._fold_at:
-                self._flush_locked()
-                if self._counts.inferences >= self.every_inferences:
-                    self._close_locked()
+        layout = (x.dtype, len(xb), y.dtype, len(yb))
+        if layout != self._layout:
+            self._flush_locked()
+            self._layout = layout
+        self._xs.append(xb)
+        self._ps.append(yb)
+        self._latencies.append(latency_ms)
+        if len(self._latencies) >= self._fold_at:
+            self._flush_locked()
+            if self._counts is not None and self._counts.inferences >= self.every_inferences:
+                self._close_locked()
 
     def record(
         self,
@@ -180,7 +184,7 @@ class TelemetryRecorder:
         errors: int = 0,
     ) -> None:
         """Account for a batch of inferences: inputs (n, n_features), probabilities (n, n_classes)."""
-        with self._lock:
+        with self.lock:
             if release_id != self._release or self._counts is None or self._reference is None:
                 return
             self._flush_locked()
@@ -190,7 +194,7 @@ class TelemetryRecorder:
                 self._close_locked()
 
     def record_error(self) -> None:
-        with self._lock:
+        with self.lock:
             if self._counts is not None:
                 self._counts.errors += 1
 
@@ -200,13 +204,13 @@ class TelemetryRecorder:
 
     def tick(self) -> None:
         """Close the window if its time is up (called periodically)."""
-        with self._lock:
+        with self.lock:
             if self._counts is not None and self._clock() - self._start >= self.every_seconds:
                 self._close_locked()
 
     def close(self) -> None:
         """Close the open window now (a graceful stop: its counts go to the outbox instead of being lost)."""
-        with self._lock:
+        with self.lock:
             self._close_locked()
 
     def _flush_locked(self) -> None:
@@ -222,7 +226,7 @@ class TelemetryRecorder:
             self._fold_at = max(1, min(_BATCH, self.every_inferences - self._counts.inferences))
 
     def _close_locked(self) -> None:
-        if self._counts is None or self._reference is None:
+        if self._counts is None or self._reference is None or self._release is None:
             return
         self._flush_locked()
         if self._counts.inferences or self._counts.errors:

@@ -284,8 +284,9 @@ def test_a_release_without_drift_reference_still_counts_its_windows() -> None:
     recorder = TelemetryRecorder(closed.append, every_inferences=40, every_seconds=3600)
     recorder.switch("plain@1", DriftReference.empty(CLASSES))
     rng = np.random.default_rng(3)
-    for _ in range(30):  # the batched one-by-one path
-        recorder.record_one("plain@1", rng.random((1, FEATURES)), rng.dirichlet(np.ones(CLASSES), 1), 1.0)
+    for _ in range(30):  # the batched one-by-one path (its caller holds the lock, as the agent's serving does)
+        with recorder.lock:
+            recorder.record_one("plain@1", rng.random((1, FEATURES)), rng.dirichlet(np.ones(CLASSES), 1), 1.0)
     recorder.record("plain@1", rng.random((10, FEATURES)), rng.dirichlet(np.ones(CLASSES), 10), [1.0] * 10)
     assert len(closed) == 1 and closed[0].score is None
     assert closed[0].counts.inferences == 40 and closed[0].counts.class_counts.sum() == 40

@@ -46,29 +46,37 @@ def _reference() -> DriftReference:
     return DriftReference.from_samples(np.random.default_rng(0).random((4000, FEATURES)), CLASSES)
 
 
-def _latency_and_drift_cost(model_path: Path, n: int) -> dict[str, float]:
+def _latency_and_drift_cost(model_path: Path, n: int, passes: int = 5) -> dict[str, float]:
+    """Inference latency, and the drift update's cost per inference as a ratio to the inference: the best of
+    `passes` passes over the same inputs for each (best-of, as timeit does: this machine's noise only ever adds)."""
     model = load_model(model_path)
     reference = _reference()
-    recorder = TelemetryRecorder(lambda w: None, every_inferences=500, every_seconds=3600)
-    recorder.switch("bench@1", reference)
     xs = np.random.default_rng(1).random((n, FEATURES), dtype=np.float32)
     for x in xs[:200]:
         model.predict(x)  # warm up
     predict_ns = np.empty(n, np.int64)
-    outputs = []
-    for i, x in enumerate(xs):
-        t = time.perf_counter_ns()
-        outputs.append(model.predict(x))
-        predict_ns[i] = time.perf_counter_ns() - t
-    t = time.perf_counter_ns()
-    for x, y, ns in zip(xs, outputs, predict_ns, strict=True):
-        recorder.record_one("bench@1", x, y, ns / 1e6)  # as Agent.run_inference does
-    recorder.close()  # the last rows' folding counts too
-    record_ns = time.perf_counter_ns() - t
+    predict_total, record_total = [], []
+    for _ in range(passes):
+        outputs = []
+        for i, x in enumerate(xs):
+            t = time.perf_counter_ns()
+            outputs.append(model.predict(x))
+            predict_ns[i] = time.perf_counter_ns() - t
+        predict_total.append(int(predict_ns.sum()))
+        latencies = (predict_ns / 1e6).tolist()  # the agent measures latency as a float, outside the recorder
+        recorder = TelemetryRecorder(lambda w: None, every_inferences=500, every_seconds=3600)
+        recorder.switch("bench@1", reference)
+        start = time.perf_counter_ns()
+        for x, y, latency in zip(xs, outputs, latencies, strict=True):
+            # As Agent.run_inference does, which holds one lock per inference: the serving lock, which is both the
+            # interpreter's (model.predict takes its own here) and the recorder's.
+            recorder.record_one("bench@1", x, y, latency)
+        recorder.close()  # the last rows' folding counts too
+        record_total.append(time.perf_counter_ns() - start)
     return {
         "inference_p50_ms": round(float(np.percentile(predict_ns, 50)) / 1e6, 4),
         "inference_p99_ms": round(float(np.percentile(predict_ns, 99)) / 1e6, 4),
-        "drift_cost_ratio": round(record_ns / float(predict_ns.sum()), 3),
+        "drift_cost_ratio": round(min(record_total) / min(predict_total), 3),
     }
 
 

@@ -64,6 +64,10 @@ class AgentState:
 
 
 class StateStore:
+    """state.json and the directories beside it. An instance keeps the state it last read or wrote: the agent that
+    owns the directory is state.json's only writer, so its reads (a status for every update step) need not touch
+    the disk; any other reader (`fedfleet-agent status`) makes its own instance and reads the file."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.path = root / "state.json"
@@ -72,6 +76,7 @@ class StateStore:
         self.director_keys_path = root / "director_keys.json"  # newer than the bundle's, learned through TUF
         for d in (root, self.downloads, self.tuf_dir, self.slot_dir("a"), self.slot_dir("b")):
             d.mkdir(parents=True, exist_ok=True)
+        self._state: AgentState | None = None
 
     def remove_stale_temp_files(self) -> int:
         """Delete the temp files a killed writer left behind. Only the agent that owns this state calls it, at
@@ -96,6 +101,11 @@ class StateStore:
         return self.slot_dir(slot) / "model.tflite"
 
     def load(self) -> AgentState:
+        if self._state is None:
+            self._state = self._read()
+        return self._state
+
+    def _read(self) -> AgentState:
         if not self.path.exists():
             return AgentState()
         try:
@@ -107,6 +117,7 @@ class StateStore:
 
     def save(self, state: AgentState) -> AgentState:
         atomic_write_bytes(self.path, json.dumps(state.to_json(), indent=1, sort_keys=True).encode())
+        self._state = state
         return state
 
     def update(self, **changes: Any) -> AgentState:

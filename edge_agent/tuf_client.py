@@ -8,6 +8,7 @@ download resumes from where it stopped; the bytes are checked against the verifi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -21,7 +22,6 @@ from tuf.ngclient.fetcher import FetcherInterface
 
 from edge_agent.contract import LIMITS
 from edge_agent.errors import AgentError, TransientError, UpdateRefused
-from edge_agent.fsutil import sha256_of
 from edge_agent.transport import FileMissing, GrpcTransport
 
 __all__ = ["GrpcFetcher", "download_target", "refresh_and_get_target", "repository_file_name"]
@@ -95,6 +95,18 @@ class GrpcFetcher(FetcherInterface):
         self._newest_root = newest
         return {name: bytes(data) for name, data in files.items() if len(data) == sizes[name]}
 
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        """As FetcherInterface.download_bytes, but gathered in memory instead of through a temporary file per
+        metadata file: each is capped by max_length (at most LIMITS.metadata_file), and a refresh reads four."""
+        received = bytearray()
+        for chunk in self.fetch(url):
+            if len(received) + len(chunk) > max_length:
+                raise tuf_errors.DownloadLengthMismatchError(
+                    f"Downloaded more than the maximum allowed length of {max_length} bytes"
+                )
+            received += chunk
+        return bytes(received)
+
     @staticmethod
     def _iterate(first: object, rest: Iterator[object]) -> Iterator[bytes]:
         if first is not None:
@@ -163,8 +175,12 @@ def download_target(
     if offset > info.length:
         part.unlink()
         offset = 0
+    digest = hashlib.sha256()
     try:
-        with part.open("ab") as f:
+        with part.open("a+b") as f:
+            if offset:  # resuming: what is already there counts toward the hash
+                f.seek(0)
+                digest = hashlib.file_digest(f, "sha256")
             if offset < info.length:
                 for chunk in transport.fetch("target", repository_file_name(info), offset):
                     if chunk.offset != offset or len(chunk.data) > LIMITS.grpc_chunk:
@@ -175,6 +191,7 @@ def download_target(
                             f"target exceeds its signed length of {info.length} bytes", "target_too_large"
                         )
                     f.write(chunk.data)
+                    digest.update(chunk.data)  # hashed as it arrives, not read back afterwards
                     offset += len(chunk.data)
                     if on_progress is not None:
                         on_progress(offset, info.length)
@@ -185,7 +202,7 @@ def download_target(
     if offset != info.length:
         part.unlink()
         raise UpdateRefused(f"target is {offset} bytes, signed length is {info.length}", "target_length_mismatch")
-    if sha256_of(part) != sha:
+    if digest.hexdigest() != sha:
         part.unlink()
         raise UpdateRefused("target bytes do not match the signed sha256", "target_hash_mismatch")
     return part

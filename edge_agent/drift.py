@@ -12,9 +12,9 @@ Conventions (shared with the coordinator, which pools windows across devices):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -147,11 +147,11 @@ class DriftReference:
         above = np.where(np.isposinf(high), kind(np.nan), np.nextafter(high, kind(np.inf)))  # nothing is above +inf
         return np.vstack([edges, low[None, :], above[None, :]])
 
-    @cached_property
+    @functools.cached_property
     def _tile32(self) -> np.ndarray:
         return _tile(self.lower_bounds(np.dtype(np.float32)))
 
-    @cached_property
+    @functools.cached_property
     def _tile64(self) -> np.ndarray:
         return _tile(self.lower_bounds(np.dtype(np.float64)))
 
@@ -171,6 +171,7 @@ class DriftReference:
         return cls(edges, props, np.stack([x.min(0), x.max(0)], axis=1), score_edges, score_props, n_classes)
 
     @classmethod
+    @functools.cache  # one per class count: a fleet simulated in one process activates thousands of them
     def empty(cls, n_classes: int) -> DriftReference:
         """For a release without a drift reference: windows still count classes, scores, latency, errors."""
         return cls(

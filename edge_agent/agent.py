@@ -421,8 +421,10 @@ class Agent:
     # ----- telemetry -----
 
     async def _window_timer(self) -> None:
+        """Close each window when its time is up: asleep until then (a window closed early by its inference
+        count only makes the timer wake, find nothing due and sleep the rest of the new window's time)."""
         while True:
-            await asyncio.sleep(min(1.0, self.config.telemetry_every_seconds))
+            await asyncio.sleep(self.recorder.seconds_until_due())
             if self.recorder.due():
                 await asyncio.to_thread(self.recorder.tick)
 
@@ -431,8 +433,11 @@ class Agent:
         the watermark directly) for a backlog, while MQTT is down, or when MQTT sends go unconfirmed."""
         loop = asyncio.get_running_loop()
         while True:
+            # Woken by a closed window or a confirmation; with windows unconfirmed, also every few seconds to
+            # resend the ones whose confirmation is overdue. An empty outbox has nothing to time out.
+            timeout = min(5.0, self.config.ack_timeout / 2) if len(self.outbox) else None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._telemetry_ready.wait(), min(5.0, self.config.ack_timeout / 2))
+                await asyncio.wait_for(self._telemetry_ready.wait(), timeout)
             self._telemetry_ready.clear()
             if not len(self.outbox):
                 continue

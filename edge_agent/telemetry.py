@@ -202,6 +202,12 @@ class TelemetryRecorder:
         """Whether tick() would close the window now (a cheap check, no lock)."""
         return self._counts is not None and self._clock() - self._start >= self.every_seconds
 
+    def seconds_until_due(self) -> float:
+        """How long until the open window's time is up (a full window's time when none is open)."""
+        if self._counts is None:
+            return self.every_seconds
+        return max(0.0, min(self.every_seconds, self._start + self.every_seconds - self._clock()))
+
     def tick(self) -> None:
         """Close the window if its time is up (called periodically)."""
         with self.lock:

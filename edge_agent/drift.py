@@ -95,8 +95,18 @@ _ONES = np.ones(_CHUNK, np.float32)
 
 
 def _tile(bounds: np.ndarray) -> np.ndarray:
-    """(n_bounds, n_features) -> (n_bounds, _CHUNK, n_features), each bound row repeated for every input row."""
-    return np.ascontiguousarray(np.broadcast_to(bounds[:, None, :], (bounds.shape[0], _CHUNK, bounds.shape[1])))
+    """(n_bounds, n_features) -> (n_bounds, _CHUNK, n_features), each bound row repeated for every input row.
+    Shared, read-only, by every reference with the same bounds (a fleet simulated in one process holds one
+    reference per device, all of the same release)."""
+    return _shared_tile(bounds.tobytes(), bounds.dtype.str, *bounds.shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_tile(data: bytes, dtype: str, n_bounds: int, n_features: int) -> np.ndarray:
+    bounds = np.frombuffer(data, dtype).reshape(n_bounds, n_features)
+    tile = np.ascontiguousarray(np.broadcast_to(bounds[:, None, :], (n_bounds, _CHUNK, n_features)))
+    tile.setflags(write=False)
+    return tile
 
 
 def _float32_toward(values: np.ndarray, direction: float) -> np.ndarray:

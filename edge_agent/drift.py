@@ -282,10 +282,11 @@ class WindowCounts:
                 reach += _ONES[: len(rows)] @ (rows >= tile[:, : len(rows)]).astype(np.float32)
             reached = np.rint(reach).astype(np.int64)
             valid = np.full(reference.n_features, len(x), np.int64)
-            if np.isnan(x).any():
-                nan = np.isnan(x).sum(axis=0)
-                self.nan_counts += nan
-                valid -= nan
+            nan = np.isnan(x)
+            if nan.any():
+                per_feature = nan.sum(axis=0)
+                self.nan_counts += per_feature
+                valid -= per_feature
             k = reference.n_bins - 1
             # A bin holds the values that reach its lower edge but not its upper one (edges are non-decreasing).
             at_least = np.vstack([valid[None, :], reached[:k], np.zeros((1, reference.n_features), np.int64)])

@@ -211,7 +211,7 @@ class TelemetryRecorder:
     def tick(self) -> None:
         """Close the window if its time is up (called periodically)."""
         with self.lock:
-            if self._counts is not None and self._clock() - self._start >= self.every_seconds:
+            if self.due():
                 self._close_locked()
 
     def close(self) -> None:

@@ -21,12 +21,13 @@ from opacus.accountants import RDPAccountant
 from edge_agent.drift import DriftReference
 from edge_agent.runtime import load_model
 from server.datadir import DataDir
+from server.fl import training
 from server.fl.data import DigitsPartition, digits_split, held_out
 from server.fl.export import PARITY_TOLERANCE, export_tflite, release_model_version
 from server.fl.plan import PlanError, TrainPlan
 from server.fl.privacy import BudgetExceeded, DeviceBudget, epsilon_of, steps_per_round
-from server.fl.registry import Ledger, Registry
-from server.fl.server_app import TrainingError, _StoppableGrid
+from server.fl.registry import Ledger, Registry, TrainingRuns
+from server.fl.server_app import ENGINE_STOPPED, TrainingError, _StoppableGrid
 from server.fl.training import TrainOutcome, run_training
 from tests.support import CoordinatorProcess, enroll_agent, wait_for
 
@@ -315,3 +316,37 @@ def test_a_server_waiting_for_clients_gives_up_when_the_engine_stops() -> None:
         grid.send_and_receive([], timeout=None)  # would wait forever without the engine's stop
     with pytest.raises(TrainingError):
         grid.get_node_ids()
+
+
+def test_a_run_whose_engine_fails_before_any_round_is_tried_once_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's start-up can outlast its fixed 30 s wait on a loaded machine (seen once in CI): the ServerApp then
+    fails with ENGINE_STOPPED before any round. The first attempt here is that failure as the registry records
+    it; the second is a real Flower run."""
+    d, _ = DataDir.init(tmp_path / "data")
+    real = training._simulate
+    attempts: list[str] = []
+
+    def failing_once(*args: Any, **kwargs: Any) -> tuple[str, str]:
+        if attempts:
+            run_id, failure = real(*args, **kwargs)
+        else:
+            run_id, failure = "run-engine-died", "RuntimeError: Simulation Runtime crashed."
+            store = d.store()
+            runs = TrainingRuns(store)
+            runs.start(run_id, "digits", "simulation", {})
+            runs.finish(run_id, "failed", ENGINE_STOPPED)
+            store.close()
+        attempts.append(run_id)
+        return run_id, failure
+
+    monkeypatch.setattr(training, "_simulate", failing_once)
+    outcome = run_training(d.root, TrainPlan(rounds=1, clients=2, noise_multiplier=1.5, seed=7))
+    assert outcome.status == "completed", outcome.error
+    assert len(attempts) == 2 and outcome.run_id == attempts[1] != "run-engine-died"
+    store = d.store()
+    try:
+        assert TrainingRuns(store).run("run-engine-died")["status"] == "failed"  # kept as it happened
+    finally:
+        store.close()

@@ -406,6 +406,9 @@ def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, 
     }
 
 
+ENGINE_STOPPED = "the simulation engine stopped while the server waited for its clients"
+
+
 class _StoppableGrid(Grid):
     """A grid that stops waiting for replies once the simulation engine has ended.
 
@@ -454,7 +457,7 @@ class _StoppableGrid(Grid):
 
     def _check(self) -> None:
         if self._stopped.is_set():
-            raise TrainingError("the simulation engine stopped while the server waited for its clients")
+            raise TrainingError(ENGINE_STOPPED)
 
 
 def build_server_app(

@@ -24,9 +24,11 @@ from server.fl.plan import TrainPlan
 if TYPE_CHECKING:
     from server.fl.client_app import SourceFor
     from server.fl.registry import TrainingRuns
-from server.fl.server_app import RoundProgress
+from server.fl.server_app import ENGINE_STOPPED, RoundProgress
 
 __all__ = ["TrainOutcome", "run_training", "simulated_device_ids"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,30 +62,21 @@ def _settled_run(runs: TrainingRuns, run_id: str, seconds: float = 10.0) -> dict
     return doc
 
 
-def run_training(
-    data_dir: Path,
+def _simulate(
+    d: DataDir,
     plan: TrainPlan,
-    device_ids: Sequence[str] | None = None,
-    on_round: Callable[[RoundProgress], None] | None = None,
-    verbose: bool = False,
-    source_for: SourceFor | None = None,
-) -> TrainOutcome:
-    """Run `plan` on `plan.clients` virtual clients, device i named device_ids[i] (default sim-000...).
-
-    Simulated devices keep their own privacy records under DATA/fl-devices/<device>/privacy.json.
-    """
+    ids: Sequence[str],
+    on_round: Callable[[RoundProgress], None] | None,
+    verbose: bool,
+    source_for: SourceFor | None,
+) -> tuple[str, str]:
+    """One run in Flower's simulation engine: its id, and what the engine raised ("" when nothing)."""
     from flwr.simulation import run_simulation
 
     from server.fl.client_app import build_client_app
-    from server.fl.registry import TrainingRuns
     from server.fl.server_app import build_server_app
 
-    d = DataDir(data_dir).require()
-    ids = list(device_ids) if device_ids is not None else simulated_device_ids(plan.clients)
-    if len(ids) != plan.clients or len(set(ids)) != len(ids):
-        raise CoordinatorError(f"{plan.clients} clients need {plan.clients} distinct device ids (got {len(ids)})")
     run_id = f"run-{uuid.uuid4().hex[:12]}"
-    _quiet_flower(verbose)
     cpus = os.cpu_count() or 1
     backend_config: Any = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -114,15 +107,56 @@ def run_training(
             failure = f"{type(e).__name__}: {e}"
         finally:
             engine_stopped.set()  # a ServerApp thread still waiting for clients gives up now
+    return run_id, failure
+
+
+def _shutdown_ray() -> None:
+    """Whatever a failed engine left of Ray in this process, so that the next run starts its own."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def run_training(
+    data_dir: Path,
+    plan: TrainPlan,
+    device_ids: Sequence[str] | None = None,
+    on_round: Callable[[RoundProgress], None] | None = None,
+    verbose: bool = False,
+    source_for: SourceFor | None = None,
+) -> TrainOutcome:
+    """Run `plan` on `plan.clients` virtual clients, device i named device_ids[i] (default sim-000...).
+
+    Simulated devices keep their own privacy records under DATA/fl-devices/<device>/privacy.json.
+    """
+    from server.fl.registry import TrainingRuns
+
+    d = DataDir(data_dir).require()
+    ids = list(device_ids) if device_ids is not None else simulated_device_ids(plan.clients)
+    if len(ids) != plan.clients or len(set(ids)) != len(ids):
+        raise CoordinatorError(f"{plan.clients} clients need {plan.clients} distinct device ids (got {len(ids)})")
+    _quiet_flower(verbose)
     store = d.store()
     try:
         runs = TrainingRuns(store)
-        try:
-            doc = _settled_run(runs, run_id)
-        except CoordinatorError:
-            raise CoordinatorError(
-                f"the training run never started: {failure or 'the simulation ended early'}"
-            ) from None
+        for attempt in (1, 2):
+            run_id, failure = _simulate(d, plan, ids, on_round, verbose, source_for)
+            try:
+                doc = _settled_run(runs, run_id)
+            except CoordinatorError:
+                raise CoordinatorError(
+                    f"the training run never started: {failure or 'the simulation ended early'}"
+                ) from None
+            if attempt == 2 or doc["error"] != ENGINE_STOPPED or runs.rounds(run_id):
+                break
+            # The engine failed before a single round was done: on a loaded machine Ray's start-up can outlast
+            # its fixed 30 s wait. Once more, as a new run (the failed one stays recorded as failed). Devices that
+            # trained already counted their privacy spending in their own accountants.
+            logger.warning(
+                "training run %s: the engine failed before any round (%s); trying once more", run_id, failure
+            )
+            _shutdown_ray()
         return TrainOutcome(
             run_id,
             doc["status"],

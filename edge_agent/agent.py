@@ -35,7 +35,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.contract import LIMITS, Topics
 from edge_agent.drift import DriftReference
 from edge_agent.errors import AgentError, InterpreterError
-from edge_agent.mqtt_session import keep_session
+from edge_agent.mqtt_session import keep_session, publish, raise_lost_cancel
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import Model, interpreter_name, load_model
 from edge_agent.state import SlotInfo, StateStore
@@ -282,7 +282,7 @@ class Agent:
         if client is not None and self.connected.is_set():
             with contextlib.suppress(aiomqtt.MqttError):
                 payload = self._status(online).SerializeToString()
-                await client.publish(self.topics.status(self.config.device_id), payload, qos=1, retain=True)
+                await publish(client, self.topics.status(self.config.device_id), payload, qos=1, retain=True)
 
     async def _mqtt_loop(self) -> None:
         device = self.config.device_id
@@ -409,7 +409,7 @@ class Agent:
                 try:
                     if client is not None and self.connected.is_set():
                         topic = self.topics.events(self.config.device_id)
-                        await client.publish(topic, event.SerializeToString(), qos=1)
+                        await publish(client, topic, event.SerializeToString(), qos=1)
                     else:
                         await asyncio.to_thread(self._transport.report_events, [event])
                 except (aiomqtt.MqttError, AgentError) as e:
@@ -438,6 +438,7 @@ class Agent:
             timeout = min(5.0, self.config.ack_timeout / 2) if len(self.outbox) else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._telemetry_ready.wait(), timeout)
+            raise_lost_cancel()
             self._telemetry_ready.clear()
             if not len(self.outbox):
                 continue
@@ -459,7 +460,7 @@ class Agent:
                 assert client is not None
                 fresh = [(s, p) for s, p in pending if s not in self._sent_at]
                 for seq, payload in fresh:
-                    await client.publish(self.topics.telemetry(self.config.device_id), payload, qos=1)
+                    await publish(client, self.topics.telemetry(self.config.device_id), payload, qos=1)
                     self._sent_at[seq] = loop.time()
                 await asyncio.to_thread(self.outbox.mark_sent, [s for s, _ in fresh])
             except (aiomqtt.MqttError, AgentError) as e:

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiomqtt
 
-__all__ = ["keep_session"]
+__all__ = ["keep_session", "publish", "raise_lost_cancel"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,3 +40,19 @@ async def keep_session(
             connected.clear()
         await asyncio.sleep(delay)
         delay = min(delay * 2, max_delay)
+
+
+def raise_lost_cancel() -> None:
+    """Raise CancelledError if the current task was cancelled but is still running. Python 3.11's
+    asyncio.wait_for drops a cancellation that arrives in the same loop turn as its awaitable's result, and the
+    task runs on; call this after such an await (aiomqtt awaits every PUBACK through wait_for), so that a stopping
+    agent's tasks do stop instead of outliving the transport they use."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def publish(client: aiomqtt.Client, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
+    """client.publish (QoS 1: until the broker's PUBACK), without losing a cancellation on the way."""
+    await client.publish(topic, payload, qos=qos, retain=retain)
+    raise_lost_cancel()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sqlite3
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from edge_agent.arrays import decode_array, encode_array
 from edge_agent.config import config_from_dict
 from edge_agent.contract import Topics, device_id_is_valid
 from edge_agent.errors import ConfigError
+from edge_agent.mqtt_session import raise_lost_cancel
 from server.datadir import DataDir
 from server.errors import DataDirError
 from server.store import SCHEMA_VERSION, Store
@@ -121,3 +125,37 @@ def test_online_roles_are_re_signed_before_they_expire(datadir: DataDir) -> None
     assert ts.signed.version == ts_version + 1
     much_later = datetime.now(UTC) + timedelta(days=50)
     assert repo.refresh_expiring(now=much_later) == ["targets", "snapshot", "timestamp"]
+
+
+def test_a_cancel_that_meets_a_result_still_stops_the_task() -> None:
+    """aiomqtt awaits each PUBACK through asyncio.wait_for, which on Python 3.11 drops a cancellation arriving in
+    the same loop turn as the result: a stopping agent's event sender then ran on and used its closed gRPC channel.
+    The agent calls raise_lost_cancel after such awaits."""
+
+    async def scenario(guarded: bool) -> bool:
+        """Whether the task went on running after being cancelled."""
+        puback: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ran_on = asyncio.Event()
+
+        async def sender() -> None:
+            await asyncio.wait_for(puback, 10)
+            if guarded:
+                raise_lost_cancel()
+            ran_on.set()
+            await asyncio.sleep(3600)
+
+        task = asyncio.create_task(sender())
+        await asyncio.sleep(0)  # the sender now waits for its PUBACK
+        puback.set_result(None)
+        task.cancel()  # the stop, in the same loop turn
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), 1.0)
+        went_on = ran_on.is_set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return went_on
+
+    assert asyncio.run(scenario(guarded=True)) is False
+    if sys.version_info < (3, 12):  # the race this guards against; later Pythons keep the cancel themselves
+        assert asyncio.run(scenario(guarded=False)) is True

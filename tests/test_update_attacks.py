@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -259,6 +260,28 @@ def test_valid_root_rotation_is_followed(env: Env) -> None:
     assert result.outcome is Outcome.COMMITTED, result
     cached = Metadata.from_file(str(env.ctx.store.tuf_dir / "root.json"))
     assert cached.signed.version == 3
+
+
+def test_an_unchanged_root_is_not_written_again_but_a_rotated_one_is(env: Env) -> None:
+    tuf_dir = env.ctx.store.tuf_dir
+
+    def cached_root() -> tuple[str, int, int]:
+        """Where root.json links, the link's inode and its target's inode (a rewrite makes new inodes)."""
+        link = tuf_dir / "root.json"
+        return os.readlink(link), link.lstat().st_ino, link.stat().st_ino
+
+    before = cached_root()
+    assert before[0] == "root_history/1.root.json"
+    assert env.apply(env.assign("digits@2.0.0")).outcome is Outcome.COMMITTED
+    assert cached_root() == before  # ngclient alone unlinks and re-creates both at every refresh
+
+    env.d.repository().rotate_root()
+    assert env.apply(env.assign("digits@1.0.0")).outcome is Outcome.COMMITTED
+    after = cached_root()
+    assert after[0] == "root_history/2.root.json" and after[1:] != before[1:]
+    rotated: Metadata[Root] = Metadata.from_file(str(tuf_dir / "root.json"))
+    assert rotated.signed.version == 2
+    assert (tuf_dir / "root_history" / "1.root.json").read_bytes() == (env.meta / "1.root.json").read_bytes()
 
 
 def test_metadata_larger_than_the_cap_is_refused(env: Env) -> None:

@@ -95,8 +95,8 @@ class GrpcTransport:
         call = self._stub.FetchMetadata if kind == "metadata" else self._stub.FetchTarget
         return self._stream(call, request, f"fetch {path}")
 
-    def fetch_metadata_bundle(self, root_version: int) -> Iterator[pb.MetadataPart]:
-        request = pb.MetadataBundleRequest(device_id=self.device_id, root_version=root_version)
+    def fetch_metadata_bundle(self, root_version: int, target_path: str = "") -> Iterator[pb.MetadataPart]:
+        request = pb.MetadataBundleRequest(device_id=self.device_id, root_version=root_version, target_path=target_path)
         return self._stream(self._stub.FetchMetadataBundle, request, "fetch metadata bundle")
 
     def _stream(self, call: Any, request: Any, what: str) -> Iterator[Any]:

@@ -33,20 +33,22 @@ logger = logging.getLogger(__name__)
 
 
 _ROOT_NAME = re.compile(r"^(\d{1,10})\.root\.json$")
-_BUNDLE_FILES = 32 + 3  # roots, timestamp, snapshot, targets
+_BUNDLE_FILES = 32 + 4  # roots, timestamp, snapshot, targets, a release's role
 
 
 class GrpcFetcher(FetcherInterface):
     """Serves ngclient's metadata URLs over gRPC.
 
     A refresh starts by asking for the next root version; at that point the fetcher takes the whole refresh
-    (next roots, timestamp, snapshot, targets) in one FetchMetadataBundle stream and serves ngclient's next
-    requests from it, each file once. Anything the bundle lacks, or all of it when the bundle is refused or
-    malformed, is fetched by name from FetchMetadata. ngclient verifies every file either way.
+    (next roots, timestamp, snapshot, targets, and the role of the release being updated to) in one
+    FetchMetadataBundle stream and serves ngclient's next requests from it, each file once. Anything the bundle
+    lacks, or all of it when the bundle is refused or malformed, is fetched by name from FetchMetadata. ngclient
+    verifies every file either way.
     """
 
-    def __init__(self, transport: GrpcTransport) -> None:
+    def __init__(self, transport: GrpcTransport, target_path: str = "") -> None:
         self._transport = transport
+        self._target_path = target_path
         self._bundle: dict[str, bytes] | None = None
         self._newest_root = 0
 
@@ -76,7 +78,7 @@ class GrpcFetcher(FetcherInterface):
         sizes: dict[str, int] = {}
         newest = 0
         try:
-            for part in self._transport.fetch_metadata_bundle(root_version):
+            for part in self._transport.fetch_metadata_bundle(root_version, self._target_path):
                 data = files.setdefault(part.name, bytearray())
                 sizes.setdefault(part.name, part.total_size)
                 if (
@@ -167,7 +169,7 @@ def refresh_and_get_target(tuf_dir: Path, transport: GrpcTransport, target_path:
     updater = _Updater(
         metadata_dir=str(tuf_dir),
         metadata_base_url=_METADATA_URL,
-        fetcher=GrpcFetcher(transport),
+        fetcher=GrpcFetcher(transport, target_path),
         config=UpdaterConfig(max_root_rotations=32, targets_max_length=LIMITS.metadata_file),
         bootstrap=None,  # the cached root: seeded from the enrollment bundle, advanced by rotations
     )

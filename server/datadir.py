@@ -2,7 +2,7 @@
 
 DATA/config.toml             coordinator settings (addresses, topic prefix)
 DATA/fedfleet.db             SQLite (WAL)
-DATA/keys/                   TUF role keys and the director key (0600)
+DATA/keys/                   TUF role keys, the releases' delegation key and the director key (0600)
 DATA/repository/             the TUF repository served to devices
 DATA/trust/root.json         the root devices start from (enrollment bundle)
 DATA/trust/director_keys.json

@@ -105,7 +105,8 @@ class FleetService(pb_grpc.FleetServiceServicer):
         self, request: pb.MetadataBundleRequest, context: Context
     ) -> AsyncIterator[pb.MetadataPart]:
         await self._authorize(context, request.device_id)
-        files, newest = self.repository.refresh_files(min(request.root_version, 2**31))
+        # The target path is only hashed into a role name and looked up in the snapshot: any string is harmless.
+        files, newest = self.repository.refresh_files(min(request.root_version, 2**31), target_path=request.target_path)
         for name, data in files:
             for offset in range(0, max(len(data), 1), LIMITS.grpc_chunk):
                 yield pb.MetadataPart(

@@ -131,7 +131,7 @@ def publish_release(
         raise PolicyViolation(f"release {release_id}", rules, (policy or Policy()).source)
     custom = _canonical(custom)
     target_path = f"{name}/{version}/model.tflite"
-    info = repository.add_target(target_path, data, custom)
+    info = repository.add_target(target_path, data, custom, delegate=True)
     release = Release(release_id, name, version, target_path, info.hashes["sha256"], info.length, custom, now_ms())
     with store.transaction():
         store.add_release(release)

@@ -4,17 +4,27 @@ Files (served to devices by name through gRPC FetchMetadata / FetchTarget):
 
     repository/metadata/1.root.json, 2.root.json, ...   every root version, for clients that rotate through them
     repository/metadata/N.targets.json, N.snapshot.json  consistent snapshots: never overwritten
+    repository/metadata/N.r-<hash>.json                  one delegated targets role per release (see below)
     repository/metadata/timestamp.json                   the only file that changes in place
     repository/targets/<dir>/<sha256>.<basename>          target bytes, content-addressed
     keys/<role>.pem                                      private keys (0600); keys/retired/ after a rotation
 
 Every writer holds an exclusive lock on repository/.lock, so `fedfleet release` and the timestamp refresh in
 `fedfleet serve` never interleave.
+
+Releases are not listed in the top-level targets role but each in a role of its own, delegated by targets (one
+online key, keys/releases.pem; the role's only path is the release's target). A release carries its drift
+reference, probe set and model card in its custom metadata (about 17 KB); in one targets file every update
+would download and verify all of them, and past about 120 releases that file would outgrow what agents accept
+(LIMITS.metadata_file). With a role each, an agent loads targets (about 200 bytes per release) and the
+one role its assignment names. fedfleet's own files (the director keys) stay in the top-level role, and so do
+releases published before this layout.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +40,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
     Metadata,
     MetaFile,
     Root,
@@ -47,10 +59,11 @@ from server.errors import ConflictError, DataDirError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Expiry", "Repository", "load_private_key", "write_private_key"]
+__all__ = ["Expiry", "Repository", "load_private_key", "release_role", "write_private_key"]
 
 _SERIALIZER = JSONSerializer(compact=False)
-_META_NAME = re.compile(r"^(timestamp|(\d{1,10})\.(root|snapshot|targets))\.json$")
+_META_NAME = re.compile(r"^(timestamp|(\d{1,10})\.(root|snapshot|targets|r-[0-9a-f]{16}))\.json$")
+RELEASES_KEY = "releases"  # keys/releases.pem signs every release's delegated role
 _TARGET_NAME = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
 TOP_LEVEL = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 
@@ -86,6 +99,11 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+def release_role(target_path: str) -> str:
+    """The name of the delegated role that holds a release's target (file-name safe, fixed length)."""
+    return "r-" + hashlib.sha256(target_path.encode()).hexdigest()[:16]
+
+
 def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
@@ -97,6 +115,7 @@ class Repository:
         self.targets_dir = repo_dir / "targets"
         self.keys_dir = keys_dir
         self.expiry = expiry or Expiry()
+        self._role_expiry: dict[tuple[str, int], datetime] = {}  # (release role, version) -> its expiry
 
     # ----- creation -----
 
@@ -151,12 +170,15 @@ class Repository:
         ts: Timestamp = self._load(Timestamp.type).signed
         return ts.version
 
-    def refresh_files(self, after_root: int, max_roots: int = 32) -> tuple[list[tuple[str, bytes]], int]:
+    def refresh_files(
+        self, after_root: int, max_roots: int = 32, target_path: str = ""
+    ) -> tuple[list[tuple[str, bytes]], int]:
         """What a client trusting root `after_root` fetches in one refresh, as (name, bytes) in TUF's order:
         the next root versions (at most `max_roots`), timestamp.json, the snapshot it names, the targets that
-        snapshot names; and the newest root version. Read fresh on every call (timestamp.json changes in
-        place); consistent snapshots are never overwritten, so the three always belong together. Nothing here
-        is trusted by the client: it verifies each file as if fetched by name."""
+        snapshot names, and with a `target_path` the role the snapshot names for that release (if there is
+        one); and the newest root version. Read fresh on every call (timestamp.json changes in place);
+        consistent snapshots are never overwritten, so the files always belong together. Nothing here is
+        trusted by the client: it verifies each file as if fetched by name."""
         files: list[tuple[str, bytes]] = []
         version = after_root + 1
         while len(files) < max_roots and (path := self.metadata_dir / f"{version}.root.json").is_file():
@@ -171,8 +193,13 @@ class Repository:
             snapshot_name = f"{int(json.loads(timestamp)['signed']['meta']['snapshot.json']['version'])}.snapshot.json"
             snapshot = (self.metadata_dir / snapshot_name).read_bytes()
             files.append((snapshot_name, snapshot))
-            targets_name = f"{int(json.loads(snapshot)['signed']['meta']['targets.json']['version'])}.targets.json"
+            meta = json.loads(snapshot)["signed"]["meta"]
+            targets_name = f"{int(meta['targets.json']['version'])}.targets.json"
             files.append((targets_name, (self.metadata_dir / targets_name).read_bytes()))
+            role = release_role(target_path) if target_path else None
+            if role is not None and f"{role}.json" in meta:
+                role_name = f"{int(meta[f'{role}.json']['version'])}.{role}.json"
+                files.append((role_name, (self.metadata_dir / role_name).read_bytes()))
         except (ValueError, KeyError, TypeError, OSError) as e:  # the client fetches what is missing by name
             logger.warning("metadata bundle cut short after %s: %s", files[-1][0], e)
         return files, newest
@@ -205,26 +232,38 @@ class Repository:
     def _signer(self, role: str) -> CryptoSigner:
         return CryptoSigner(load_private_key(self.keys_dir / f"{role}.pem"))
 
-    def _write(self, md: Metadata[Any], signers: list[CryptoSigner]) -> None:
+    def _write(self, md: Metadata[Any], signers: list[CryptoSigner], role: str | None = None) -> None:
+        """Sign and write; `role` names a delegated role (its type is "targets" too)."""
         md.signatures.clear()
         for signer in signers:
             md.sign(signer, append=True)
-        name = "timestamp.json" if md.signed.type == Timestamp.type else f"{md.signed.version}.{md.signed.type}.json"
+        role = role or md.signed.type
+        name = "timestamp.json" if role == Timestamp.type else f"{md.signed.version}.{role}.json"
         atomic_write_bytes(self.metadata_dir / name, md.to_bytes(_SERIALIZER))
+
+    def _releases_signer(self) -> CryptoSigner:
+        """The online key of the releases' delegated roles, made on first use (data dirs from before it too)."""
+        path = self.keys_dir / f"{RELEASES_KEY}.pem"
+        if not path.exists():
+            write_private_key(path, Ed25519PrivateKey.generate())
+        return self._signer(RELEASES_KEY)
 
     def _bump(self, signed: Signed) -> None:
         signed.version += 1
         signed.expires = _now() + self.expiry.of(signed.type)
 
-    def _write_snapshot_and_timestamp(self) -> None:
-        """New snapshot over the latest targets, new timestamp over that snapshot."""
+    def _write_snapshot_and_timestamp(self, roles: dict[str, int] | None = None) -> None:
+        """New snapshot over the latest targets and the delegated roles' versions (those in `roles` changed, the
+        others are as the previous snapshot has them), new timestamp over that snapshot."""
         targets_version = self._latest_version(Targets.type)
         try:
             snapshot: Metadata[Snapshot] = self._load(Snapshot.type)
             self._bump(snapshot.signed)
         except DataDirError:
             snapshot = Metadata(Snapshot(expires=_now() + self.expiry.snapshot))
-        snapshot.signed.meta = {"targets.json": MetaFile(version=targets_version)}
+        snapshot.signed.meta["targets.json"] = MetaFile(version=targets_version)
+        for role, version in (roles or {}).items():
+            snapshot.signed.meta[f"{role}.json"] = MetaFile(version=version)
         self._write(snapshot, [self._signer(Snapshot.type)])
         try:
             timestamp: Metadata[Timestamp] = self._load(Timestamp.type)
@@ -234,16 +273,24 @@ class Repository:
         timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
         self._write(timestamp, [self._signer(Timestamp.type)])
 
-    def add_target(self, target_path: str, data: bytes, custom: dict[str, Any], replace: bool = False) -> TargetFile:
-        """Publish bytes as a target. Re-adding identical bytes and metadata changes nothing; other bytes under
-        the same path are refused unless `replace` (for fedfleet's own files, such as the director keys)."""
+    def add_target(
+        self, target_path: str, data: bytes, custom: dict[str, Any], replace: bool = False, delegate: bool = False
+    ) -> TargetFile:
+        """Publish bytes as a target: in the top-level targets role, or with `delegate` in a role of its own (a
+        release). Re-adding identical bytes and metadata changes nothing, wherever the target is; other bytes
+        under the same path are refused unless `replace` (for fedfleet's own files, such as the director keys)."""
         if not _TARGET_NAME.match(target_path):
             raise ConflictError(f"target path {target_path!r} may hold only letters, digits, '.', '_', '-', '/'")
         with self._lock():
             targets: Metadata[Targets] = self._load(Targets.type)
             new = TargetFile.from_data(target_path, data, ["sha256"])
             new.unrecognized_fields["custom"] = custom
+            role = release_role(target_path)
+            delegations = targets.signed.delegations
             existing = targets.signed.targets.get(target_path)
+            if existing is None and delegations is not None and delegations.roles and role in delegations.roles:
+                version = self._load(Snapshot.type).signed.meta[f"{role}.json"].version
+                existing = self._load(role, version).signed.targets.get(target_path)
             if existing is not None:
                 if existing.hashes == new.hashes and existing.custom == custom:
                     return existing
@@ -253,10 +300,27 @@ class Repository:
             stored = self.targets_dir / f"{directory}{sep}{new.hashes['sha256']}.{base}"
             stored.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(stored, data)
-            targets.signed.targets[target_path] = new
-            self._bump(targets.signed)
-            self._write(targets, [self._signer(Targets.type)])
-            self._write_snapshot_and_timestamp()
+            if not delegate or target_path in targets.signed.targets:
+                targets.signed.targets[target_path] = new
+                self._bump(targets.signed)
+                self._write(targets, [self._signer(Targets.type)])
+                self._write_snapshot_and_timestamp()
+                return new
+            signer = self._releases_signer()
+            version = 1
+            if delegations is not None and delegations.roles and role in delegations.roles:
+                version = self._load(Snapshot.type).signed.meta[f"{role}.json"].version + 1
+            else:  # a new release: targets delegates its path to a new role
+                if delegations is None or delegations.roles is None:
+                    delegations = targets.signed.delegations = Delegations(keys={}, roles={})
+                assert delegations.roles is not None
+                delegations.keys[signer.public_key.keyid] = signer.public_key
+                delegations.roles[role] = DelegatedRole(role, [signer.public_key.keyid], 1, True, [target_path])
+                self._bump(targets.signed)
+                self._write(targets, [self._signer(Targets.type)])
+            release = Targets(version=version, expires=_now() + self.expiry.targets, targets={target_path: new})
+            self._write(Metadata(release), [signer], role)
+            self._write_snapshot_and_timestamp({role: version})
             return new
 
     def refresh_expiring(self, now: datetime | None = None) -> list[str]:
@@ -269,16 +333,43 @@ class Repository:
                 self._bump(targets.signed)
                 self._write(targets, [self._signer(Targets.type)])
                 renewed.append(Targets.type)
+            roles = self._renew_release_roles(targets.signed, now)
+            if roles:
+                renewed.append(f"{len(roles)} release role(s)")
             snapshot: Snapshot = self._load(Snapshot.type).signed
             timestamp: Timestamp = self._load(Timestamp.type).signed
             if renewed or snapshot.expires - now < self.expiry.snapshot / 2:
-                self._write_snapshot_and_timestamp()
+                self._write_snapshot_and_timestamp(roles)
                 renewed += [Snapshot.type, Timestamp.type]
             elif timestamp.expires - now < self.expiry.timestamp / 2:
                 ts: Metadata[Timestamp] = self._load(Timestamp.type)
                 self._bump(ts.signed)
                 self._write(ts, [self._signer(Timestamp.type)])
                 renewed.append(Timestamp.type)
+        return renewed
+
+    def _renew_release_roles(self, targets: Targets, now: datetime) -> dict[str, int]:
+        """Re-sign the release roles past half their validity; returns their new versions. Each role version's
+        expiry is read once per Repository (its file never changes: consistent snapshots), so `serve`'s check
+        every minute does not parse every release's metadata again."""
+        roles = targets.delegations.roles if targets.delegations is not None else None
+        if not roles:
+            return {}
+        versions = self._load(Snapshot.type).signed.meta
+        renewed: dict[str, int] = {}
+        half = self.expiry.targets / 2
+        for role in roles:
+            version = versions[f"{role}.json"].version
+            expires = self._role_expiry.get((role, version))
+            if expires is None:
+                md: Metadata[Targets] = self._load(role, version)
+                expires = self._role_expiry[(role, version)] = md.signed.expires
+            if expires - now < half:
+                md = self._load(role, version)
+                self._bump(md.signed)
+                self._write(md, [self._releases_signer()], role)
+                renewed[role] = md.signed.version
+                self._role_expiry[(role, md.signed.version)] = md.signed.expires
         return renewed
 
     def rotate_root(self, roles: tuple[str, ...] = (Root.type,)) -> int:

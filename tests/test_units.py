@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from tuf.api.metadata import Metadata
+from tuf.api.metadata import Metadata, Targets
 
 from edge_agent.arrays import decode_array, encode_array
 from edge_agent.config import config_from_dict
@@ -23,7 +23,8 @@ from edge_agent.contract import Topics, device_id_is_valid
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt_session import raise_lost_cancel
 from server.datadir import DataDir
-from server.errors import DataDirError
+from server.errors import ConflictError, DataDirError
+from server.repository import release_role
 from server.store import SCHEMA_VERSION, Store
 
 
@@ -125,6 +126,35 @@ def test_online_roles_are_re_signed_before_they_expire(datadir: DataDir) -> None
     assert ts.signed.version == ts_version + 1
     much_later = datetime.now(UTC) + timedelta(days=50)
     assert repo.refresh_expiring(now=much_later) == ["targets", "snapshot", "timestamp"]
+
+
+def test_release_roles_are_re_signed_before_they_expire(datadir: DataDir) -> None:
+    repo = datadir.repository()
+    repo.add_target("digits/1.0.0/model.tflite", b"model", {"model": "digits"}, delegate=True)
+    role = release_role("digits/1.0.0/model.tflite")
+    meta = datadir.repository_dir / "metadata"
+    assert (meta / f"1.{role}.json").is_file()
+    assert repo.refresh_expiring(now=datetime.now(UTC) + timedelta(days=30)) == ["snapshot", "timestamp"]
+    assert not (meta / f"2.{role}.json").exists()  # 60 of 90 days left
+    renewed = repo.refresh_expiring(now=datetime.now(UTC) + timedelta(days=50))
+    assert renewed == ["targets", "1 release role(s)", "snapshot", "timestamp"]
+    again: Metadata[Targets] = Metadata.from_file(str(meta / f"2.{role}.json"))
+    assert again.signed.expires > datetime.now(UTC) + timedelta(days=89)
+    snapshot = max(meta.glob("*.snapshot.json"), key=lambda p: int(p.name.split(".")[0]))
+    assert Metadata.from_file(str(snapshot)).signed.meta[f"{role}.json"].version == 2
+
+
+def test_a_release_published_before_release_roles_stays_in_the_top_level_role(datadir: DataDir) -> None:
+    repo = datadir.repository()
+    old = repo.add_target("digits/0.9.0/model.tflite", b"old", {"model": "digits"})  # the layout before roles
+    assert repo.add_target("digits/0.9.0/model.tflite", b"old", {"model": "digits"}, delegate=True) == old
+    meta = datadir.repository_dir / "metadata"
+    assert not list(meta.glob("*.r-*.json"))
+    with pytest.raises(ConflictError):
+        repo.add_target("digits/0.9.0/model.tflite", b"other bytes", {"model": "digits"}, delegate=True)
+    repo.add_target("digits/1.0.0/model.tflite", b"new", {"model": "digits"}, delegate=True)
+    with pytest.raises(ConflictError):  # a path taken in a release role is refused the same way
+        repo.add_target("digits/1.0.0/model.tflite", b"other bytes", {"model": "digits"}, delegate=True)
 
 
 def test_a_cancel_that_meets_a_result_still_stops_the_task() -> None:

@@ -33,7 +33,7 @@ from server.datadir import DataDir
 from server.director import Director
 from server.grpc_service import FleetService
 from server.releases import publish_release
-from server.repository import load_private_key
+from server.repository import load_private_key, release_role
 from tests.support import GrpcServerThread
 
 DEVICE = "dev-1"
@@ -91,12 +91,29 @@ class Env:
         s = self.latest("snapshot")
         snapshot = Metadata.from_file(str(self.meta / f"{s}.snapshot.json"))
         snapshot.signed.version = s + 1
-        snapshot.signed.meta = {"targets.json": MetaFile(version=n)}
+        snapshot.signed.meta["targets.json"] = MetaFile(version=n)  # the releases' roles as they were
         self.write(snapshot, f"{s + 1}.snapshot.json", [self.signer("snapshot")])
         ts = Metadata.from_file(str(self.meta / "timestamp.json"))
         ts.signed.version += 1
         ts.signed.snapshot_meta = MetaFile(version=s + 1)
         self.write(ts, "timestamp.json", [self.signer("timestamp")])
+
+    def serve_role_version(self, role: str, n: int) -> None:
+        """Sign a new snapshot naming version n of a release's role, and a new timestamp over it."""
+        s = self.latest("snapshot")
+        snapshot = Metadata.from_file(str(self.meta / f"{s}.snapshot.json"))
+        snapshot.signed.version = s + 1
+        snapshot.signed.meta[f"{role}.json"] = MetaFile(version=n)
+        self.write(snapshot, f"{s + 1}.snapshot.json", [self.signer("snapshot")])
+        ts = Metadata.from_file(str(self.meta / "timestamp.json"))
+        ts.signed.version += 1
+        ts.signed.snapshot_meta = MetaFile(version=s + 1)
+        self.write(ts, "timestamp.json", [self.signer("timestamp")])
+
+    def release_role(self, release: str) -> tuple[str, Metadata]:  # type: ignore[type-arg]
+        """A release's delegated role name and its latest metadata."""
+        role = release_role(f"digits/{release}/model.tflite")
+        return role, Metadata.from_file(str(self.meta / f"{self.latest(role)}.{role}.json"))
 
     def target_file(self, release: str) -> Path:
         return next((self.d.repository_dir / "targets" / "digits" / release).glob("*.model.tflite"))
@@ -284,6 +301,56 @@ def test_an_unchanged_root_is_not_written_again_but_a_rotated_one_is(env: Env) -
     assert (tuf_dir / "root_history" / "1.root.json").read_bytes() == (env.meta / "1.root.json").read_bytes()
 
 
+def test_each_release_is_in_a_role_of_its_own_and_an_update_loads_only_its_own(env: Env) -> None:
+    targets = Metadata.from_file(str(env.meta / f"{env.latest('targets')}.targets.json")).signed
+    assert not [p for p in targets.targets if p.startswith("digits/")]  # only fedfleet's own files stay on top
+    roles = {release_role(f"digits/{v}/model.tflite") for v in ("1.0.0", "2.0.0")}
+    assert targets.delegations is not None and set(targets.delegations.roles or {}) == roles
+    cached = {p.name for p in env.ctx.store.tuf_dir.glob("r-*.json")}
+    assert cached == {f"{env.release_role('1.0.0')[0]}.json"}  # the fixture's update to 1.0.0: not 2.0.0's role
+
+
+def test_a_release_role_signed_by_another_key_is_refused(env: Env) -> None:
+    role, md = env.release_role("2.0.0")
+    md.signed.version += 1
+    env.write(md, f"{md.signed.version}.{role}.json", [CryptoSigner.generate_ed25519()])
+    env.serve_role_version(role, md.signed.version)
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_bad_signature")
+
+
+def test_an_expired_release_role_is_refused(env: Env) -> None:
+    role, md = env.release_role("2.0.0")
+    md.signed.version += 1
+    md.signed.expires = _past()
+    env.write(md, f"{md.signed.version}.{role}.json", [CryptoSigner(load_private_key(env.d.keys / "releases.pem"))])
+    env.serve_role_version(role, md.signed.version)
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_expired")
+
+
+def test_a_release_role_of_another_version_than_the_snapshot_names_is_refused(env: Env) -> None:
+    role, md = env.release_role("2.0.0")
+    n = md.signed.version
+    (env.meta / f"{n + 1}.{role}.json").write_bytes((env.meta / f"{n}.{role}.json").read_bytes())  # still says n
+    env.serve_role_version(role, n + 1)
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_mismatch")
+
+
+def test_many_releases_keep_what_an_update_verifies_small(env: Env) -> None:
+    """150 releases whose custom metadata (like a drift reference) add up past what an agent accepts in one
+    metadata file: in one targets role no device could update any more; with a role each, an update reads a
+    targets file of about 200 bytes per release and its own role."""
+    repo = env.d.repository()
+    bulk = {"drift_reference": {"b64": "A" * 16_000}}
+    for i in range(150):
+        repo.add_target(f"old/{i}/model.tflite", str(i).encode(), bulk, delegate=True)
+    assert 150 * len(json.dumps(bulk)) > LIMITS.metadata_file
+    result = env.apply(env.assign("digits@2.0.0"))
+    assert result.outcome is Outcome.COMMITTED, result
+    sizes = {p.name: p.stat().st_size for p in env.ctx.store.tuf_dir.glob("*.json") if not p.is_symlink()}
+    assert sizes["targets.json"] < 150 * 400, sizes  # delegations only
+    assert max(sizes.values()) < 64 * 1024, sizes
+
+
 def test_metadata_larger_than_the_cap_is_refused(env: Env) -> None:
     """Endless data on the metadata side: a targets file past the agent's cap, in the bundle or by name."""
     n = env.latest("targets")
@@ -303,9 +370,9 @@ class CountingTransport(GrpcTransport):
         self.calls[kind] += 1
         return super().fetch(kind, path, offset)
 
-    def fetch_metadata_bundle(self, root_version: int) -> Iterator[pb.MetadataPart]:
+    def fetch_metadata_bundle(self, root_version: int, target_path: str = "") -> Iterator[pb.MetadataPart]:
         self.calls["bundle"] += 1
-        return super().fetch_metadata_bundle(root_version)
+        return super().fetch_metadata_bundle(root_version, target_path)
 
 
 class CoordinatorWithoutBundles(FleetService):
@@ -329,9 +396,9 @@ class CoordinatorWithBrokenBundles(FleetService):
 @pytest.mark.parametrize(
     ("service", "expected"),
     [
-        (FleetService, {"bundle": 1, "target": 1}),  # root, timestamp, snapshot, targets in one stream
-        (CoordinatorWithoutBundles, {"bundle": 1, "metadata": 4, "target": 1}),
-        (CoordinatorWithBrokenBundles, {"bundle": 1, "metadata": 4, "target": 1}),
+        (FleetService, {"bundle": 1, "target": 1}),  # root, timestamp, snapshot, targets, the role: one stream
+        (CoordinatorWithoutBundles, {"bundle": 1, "metadata": 5, "target": 1}),
+        (CoordinatorWithBrokenBundles, {"bundle": 1, "metadata": 5, "target": 1}),
     ],
     ids=["bundle", "older-coordinator", "broken-bundle"],
 )

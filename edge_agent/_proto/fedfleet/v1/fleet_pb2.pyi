@@ -579,16 +579,20 @@ class MetadataBundleRequest(google.protobuf.message.Message):
 
     DEVICE_ID_FIELD_NUMBER: builtins.int
     ROOT_VERSION_FIELD_NUMBER: builtins.int
+    TARGET_PATH_FIELD_NUMBER: builtins.int
     device_id: builtins.str
     root_version: builtins.int
     """the device's trusted root version: the bundle starts with the next one"""
+    target_path: builtins.str
+    """optional: the target being updated to; its release's delegated role is added"""
     def __init__(
         self,
         *,
         device_id: builtins.str = ...,
         root_version: builtins.int = ...,
+        target_path: builtins.str = ...,
     ) -> None: ...
-    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["device_id", b"device_id", "root_version", b"root_version"]
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["device_id", b"device_id", "root_version", b"root_version", "target_path", b"target_path"]
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
 
 Global___MetadataBundleRequest: typing_extensions.TypeAlias = MetadataBundleRequest
@@ -596,7 +600,7 @@ Global___MetadataBundleRequest: typing_extensions.TypeAlias = MetadataBundleRequ
 @typing.final
 class MetadataPart(google.protobuf.message.Message):
     """Files in order: root versions after the device's (at most 32), timestamp.json, the snapshot it names, the
-    targets that snapshot names. A file larger than one chunk continues in the next chunks under the same name.
+    targets that snapshot names, and (given a target_path) the version of that release's role the snapshot names. A file larger than one chunk continues in the next chunks under the same name.
     """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor

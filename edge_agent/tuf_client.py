@@ -123,10 +123,11 @@ class _Updater(Updater):
 
     Every Updater writes the root it starts from into root_history/ again and re-creates the root.json symlink,
     twice (when created, and after looking for a newer root), even when no root changed: a new file, two
-    unlinks and two symlinks per refresh, where ext4's inode allocation was the costliest part of a file
-    system's work in benchmarks/fanout.py. These two overrides skip only a write that would leave the same bytes
-    or the same link behind; a new root (a rotation) is written and linked exactly as ngclient does. What is
-    read or trusted is not touched: ngclient verifies the cached root as before.
+    unlinks and two symlinks per refresh, wear on a device's flash for nothing (benchmarks/fanout.py, whose
+    agents are all on their first update, did not measurably change). These two overrides skip only a write
+    that would leave the same bytes or the same link behind; a new root (a rotation) is written and linked
+    exactly as ngclient does. What is read or trusted is not touched: ngclient verifies the cached root as
+    before.
     """
 
     def _persist_file(self, filename: str, data: bytes) -> None:

@@ -287,10 +287,11 @@ class Repository:
             new.unrecognized_fields["custom"] = custom
             role = release_role(target_path)
             delegations = targets.signed.delegations
+            delegated = delegations is not None and role in (delegations.roles or {})
+            role_version = self._load(Snapshot.type).signed.meta[f"{role}.json"].version if delegated else 0
             existing = targets.signed.targets.get(target_path)
-            if existing is None and delegations is not None and delegations.roles and role in delegations.roles:
-                version = self._load(Snapshot.type).signed.meta[f"{role}.json"].version
-                existing = self._load(role, version).signed.targets.get(target_path)
+            if existing is None and role_version:
+                existing = self._load(role, role_version).signed.targets.get(target_path)
             if existing is not None:
                 if existing.hashes == new.hashes and existing.custom == custom:
                     return existing
@@ -307,10 +308,7 @@ class Repository:
                 self._write_snapshot_and_timestamp()
                 return new
             signer = self._releases_signer()
-            version = 1
-            if delegations is not None and delegations.roles and role in delegations.roles:
-                version = self._load(Snapshot.type).signed.meta[f"{role}.json"].version + 1
-            else:  # a new release: targets delegates its path to a new role
+            if not role_version:  # a new release: targets delegates its path to a new role
                 if delegations is None or delegations.roles is None:
                     delegations = targets.signed.delegations = Delegations(keys={}, roles={})
                 assert delegations.roles is not None
@@ -318,6 +316,7 @@ class Repository:
                 delegations.roles[role] = DelegatedRole(role, [signer.public_key.keyid], 1, True, [target_path])
                 self._bump(targets.signed)
                 self._write(targets, [self._signer(Targets.type)])
+            version = role_version + 1
             release = Targets(version=version, expires=_now() + self.expiry.targets, targets={target_path: new})
             self._write(Metadata(release), [signer], role)
             self._write_snapshot_and_timestamp({role: version})
@@ -360,12 +359,13 @@ class Repository:
         half = self.expiry.targets / 2
         for role in roles:
             version = versions[f"{role}.json"].version
+            md: Metadata[Targets] | None = None
             expires = self._role_expiry.get((role, version))
             if expires is None:
-                md: Metadata[Targets] = self._load(role, version)
+                md = self._load(role, version)
                 expires = self._role_expiry[(role, version)] = md.signed.expires
             if expires - now < half:
-                md = self._load(role, version)
+                md = md or self._load(role, version)
                 self._bump(md.signed)
                 self._write(md, [self._releases_signer()], role)
                 renewed[role] = md.signed.version

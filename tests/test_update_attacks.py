@@ -86,29 +86,25 @@ class Env:
     def latest(self, role: str) -> int:
         return max(int(p.name.split(".")[0]) for p in self.meta.glob(f"*.{role}.json"))
 
-    def serve_targets_version(self, n: int) -> None:
-        """Sign a new snapshot naming targets version n, and a new timestamp over it."""
+    def serve_snapshot(self, **versions: int) -> None:
+        """Sign a new snapshot naming these versions ("targets", or a release's role), the other roles as they
+        were, and a new timestamp over it."""
         s = self.latest("snapshot")
         snapshot = Metadata.from_file(str(self.meta / f"{s}.snapshot.json"))
         snapshot.signed.version = s + 1
-        snapshot.signed.meta["targets.json"] = MetaFile(version=n)  # the releases' roles as they were
+        for role, n in versions.items():
+            snapshot.signed.meta[f"{role}.json"] = MetaFile(version=n)
         self.write(snapshot, f"{s + 1}.snapshot.json", [self.signer("snapshot")])
         ts = Metadata.from_file(str(self.meta / "timestamp.json"))
         ts.signed.version += 1
         ts.signed.snapshot_meta = MetaFile(version=s + 1)
         self.write(ts, "timestamp.json", [self.signer("timestamp")])
 
+    def serve_targets_version(self, n: int) -> None:
+        self.serve_snapshot(targets=n)
+
     def serve_role_version(self, role: str, n: int) -> None:
-        """Sign a new snapshot naming version n of a release's role, and a new timestamp over it."""
-        s = self.latest("snapshot")
-        snapshot = Metadata.from_file(str(self.meta / f"{s}.snapshot.json"))
-        snapshot.signed.version = s + 1
-        snapshot.signed.meta[f"{role}.json"] = MetaFile(version=n)
-        self.write(snapshot, f"{s + 1}.snapshot.json", [self.signer("snapshot")])
-        ts = Metadata.from_file(str(self.meta / "timestamp.json"))
-        ts.signed.version += 1
-        ts.signed.snapshot_meta = MetaFile(version=s + 1)
-        self.write(ts, "timestamp.json", [self.signer("timestamp")])
+        self.serve_snapshot(**{role: n})
 
     def release_role(self, release: str) -> tuple[str, Metadata]:  # type: ignore[type-arg]
         """A release's delegated role name and its latest metadata."""

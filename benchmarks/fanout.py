@@ -11,10 +11,18 @@ the inactive slot, interpreter load and probe, atomic slot switch.
 
 Floor: the same bytes published by another process to N plain MQTT subscribers in this process, each of which
 hashes what it got and writes it to a file with fsync (the least any safe update must do). The clock starts
-when the publisher is told to go and stops when the last file is fsynced.
+when the publisher is told to go and stops when the last file is fsynced. It runs once before and once after
+the fedfleet path and the ratio is taken against their mean.
+
+Fair phases: on these VMs, writing files gets slower as the page cache grows (the same 1,000-subscriber floor,
+repeated in one process, took 3.3, 3.9, 6.4, 6.8 s, the extra all kernel time; with the page cache dropped
+before each, 3.2-3.6 s). So every timed phase starts after `sync` and, where allowed (root on Linux), after
+dropping the clean page cache; and besides wall time each phase reports the CPU seconds of every process in
+it (this one, the coordinator or the publisher, the broker), a figure less at the mercy of scheduling.
 
 The last line is one JSON object: {"benchmark": "fanout", "devices", "size_mb", "seconds", "floor_seconds",
-"ratio", ...}. Absolute times mean little on a shared machine; the ratio is the figure.
+"ratio", "floor_before_seconds", "floor_after_seconds", "cpu_seconds", "floor_cpu_seconds", "cpu_ratio",
+"page_cache_dropped", ...}. Absolute times mean little on a shared machine; the ratios are the figures.
 """
 
 from __future__ import annotations
@@ -26,10 +34,12 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiomqtt
@@ -69,13 +79,32 @@ def _own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _settle_page_cache() -> bool:
+    """Write back and drop the clean page cache, so that each timed phase starts from the same memory state.
+    Returns whether it could (root on Linux only); without it the phases still run, less comparably."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1")
+    except OSError:
+        return False
+    return True
+
+
+def _machine_cpu_seconds(*pids: int) -> float:
+    """CPU of this process, its finished children (the publisher, `fedfleet assign`) and the given processes."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return _own_cpu_seconds() + children.ru_utime + children.ru_stime + sum(_cpu_seconds(p) for p in pids)
+
+
 def _model_of_size(size_mb: float) -> bytes:
     """A digits-shaped dense model (64 -> H -> 10) whose file is about size_mb."""
     hidden = max(8, int(size_mb * 1_000_000 / 4 / (64 + 10 + 1)))
     return build_dense_model(random_dense_layers([64, hidden, 10], seed=7))
 
 
-async def _floor(broker: Mosquitto, n: int, size: int, out: Path, timeout: float) -> float:
+async def _floor(broker: Mosquitto, n: int, size: int, out: Path, timeout: float) -> tuple[float, float]:
+    """Seconds until the last subscriber fsynced, and the CPU seconds this took in all processes involved."""
     prefix = f"floor/{os.getpid()}"
     out.mkdir(parents=True, exist_ok=True)
     done = 0
@@ -114,18 +143,22 @@ async def _floor(broker: Mosquitto, n: int, size: int, out: Path, timeout: float
     )
     assert publisher.stdout is not None and publisher.stdin is not None
     assert (await asyncio.to_thread(publisher.stdout.readline)).strip() == "ready"
+    assert broker.proc is not None
+    _settle_page_cache()
+    cpu0 = _machine_cpu_seconds(broker.proc.pid)
     start = time.monotonic()
     publisher.stdin.write("go\n")
     publisher.stdin.flush()
     await asyncio.wait_for(all_done.wait(), timeout)
     elapsed = time.monotonic() - start
     publisher.wait(60)
+    cpu = _machine_cpu_seconds(broker.proc.pid) - cpu0
     await asyncio.gather(*tasks)
-    return elapsed
+    return elapsed, cpu
 
 
 async def _fedfleet(
-    d: DataDir, coordinator: CoordinatorProcess, n: int, root: Path, timeout: float, workers: int
+    d: DataDir, coordinator: CoordinatorProcess, broker: Mosquitto, n: int, root: Path, timeout: float, workers: int
 ) -> tuple[float, dict[str, float]]:
     fleet = SimulatedFleet(
         d,
@@ -147,8 +180,10 @@ async def _fedfleet(
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)  # let retained status and subscriptions settle
         connect_seconds = time.monotonic() - t0
-        assert coordinator.proc is not None
-        cpu0 = (_cpu_seconds(coordinator.proc.pid), _own_cpu_seconds())
+        assert coordinator.proc is not None and broker.proc is not None
+        pids = (coordinator.proc.pid, broker.proc.pid)
+        _settle_page_cache()
+        cpu0 = (_cpu_seconds(coordinator.proc.pid), _own_cpu_seconds(), _machine_cpu_seconds(*pids))
         start = time.monotonic()
         assign = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -171,6 +206,7 @@ async def _fedfleet(
         elapsed = time.monotonic() - start
         cpu = (_cpu_seconds(coordinator.proc.pid) - cpu0[0], _own_cpu_seconds() - cpu0[1])
         assert await assign.wait() == 0
+        machine_cpu = _machine_cpu_seconds(*pids) - cpu0[2]
         failures = [e for e in store.events(limit=100_000) if e["kind"] in ("rejected", "failed", "probe_failed")]
         if failures:
             raise RuntimeError(f"{len(failures)} update failures, first: {failures[0]}")
@@ -181,12 +217,16 @@ async def _fedfleet(
         "connect_seconds": round(connect_seconds, 2),
         "coordinator_cpu_seconds": round(cpu[0], 2),
         "fleet_process_cpu_seconds": round(cpu[1], 2),
+        "cpu_seconds": round(machine_cpu, 2),
     }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # The floor's subscribers hash and fsync on the default executor: the same size before as after the fleet.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(args.workers, thread_name_prefix="floor"))
+    page_cache_dropped = _settle_page_cache()
     with tempfile.TemporaryDirectory(prefix="fanout-", dir=args.workdir) as tmp:
         root = Path(tmp)
         broker = Mosquitto(root / "broker")
@@ -198,15 +238,34 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             publish_release(d.repository(), store, model, "digits", "1.0.0")
             store.close()
             print(f"release: {len(model) / 1e6:.2f} MB; broker: mosquitto :{broker.port}", flush=True)
+
+            async def floor(when: str) -> tuple[float, float]:
+                if args.skip_floor:
+                    return float("nan"), float("nan")
+                seconds, cpu = await _floor(broker, args.devices, len(model), root / f"floor-{when}", args.timeout)
+                shutil.rmtree(root / f"floor-{when}")
+                print(
+                    f"floor ({when}): {args.devices} subscribers hashed and fsynced in {seconds:.2f} s "
+                    f"({cpu:.2f} CPU seconds in all processes)",
+                    flush=True,
+                )
+                return seconds, cpu
+
+            floors = [await floor("before")]
             coordinator = CoordinatorProcess(d, broker.url).start()
-            seconds, extra = await _fedfleet(d, coordinator, args.devices, root / "devices", args.timeout, args.workers)
-            print(f"fedfleet: {args.devices} devices committed in {seconds:.2f} s", flush=True)
+            seconds, extra = await _fedfleet(
+                d, coordinator, broker, args.devices, root / "devices", args.timeout, args.workers
+            )
+            print(
+                f"fedfleet: {args.devices} devices committed in {seconds:.2f} s "
+                f"({extra['cpu_seconds']:.2f} CPU seconds in all processes)",
+                flush=True,
+            )
             coordinator.kill()
             coordinator = None
-            floor = float("nan")
-            if not args.skip_floor:
-                floor = await _floor(broker, args.devices, len(model), root / "floor", args.timeout)
-                print(f"floor:    {args.devices} subscribers hashed and fsynced in {floor:.2f} s", flush=True)
+            floors.append(await floor("after"))
+            floor_mean = (floors[0][0] + floors[1][0]) / 2
+            floor_cpu = (floors[0][1] + floors[1][1]) / 2
         finally:
             if coordinator is not None:
                 coordinator.kill()
@@ -215,9 +274,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "benchmark": "fanout",
         "devices": args.devices,
         "size_mb": round(len(model) / 1e6, 3),
-        "seconds": round(seconds, 2),
-        "floor_seconds": round(floor, 2),
-        "ratio": None if math.isnan(floor) else round(seconds / floor, 2),
+        "seconds": round(seconds, 3),
+        "floor_seconds": round(floor_mean, 3),
+        "ratio": None if math.isnan(floor_mean) else round(seconds / floor_mean, 2),
+        "floor_before_seconds": round(floors[0][0], 3),
+        "floor_after_seconds": round(floors[1][0], 3),
+        "floor_cpu_seconds": round(floor_cpu, 2),
+        "cpu_ratio": None if math.isnan(floor_cpu) else round(extra["cpu_seconds"] / floor_cpu, 2),
+        "page_cache_dropped": page_cache_dropped,
         **extra,
     }
 

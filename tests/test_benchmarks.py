@@ -1,0 +1,54 @@
+"""The fan-out benchmark at a toy size: it runs both paths through a real broker and coordinator and reports them.
+
+No timing is asserted (these machines are too noisy for that); what is checked is that the figures it prints
+are there, belong together, and that bad arguments are refused before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FANOUT = Path(__file__).resolve().parents[1] / "benchmarks" / "fanout.py"
+
+
+def _fanout(*args: str, workdir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(FANOUT), *args, "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_fanout_measures_the_floor_before_and_after_and_reports_their_mean(tmp_path: Path) -> None:
+    out = _fanout("--devices", "3", "--size-mb", "0.05", "--workers", "2", workdir=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "fanout" and result["devices"] == 3
+    assert 0.04 < result["size_mb"] < 0.06
+    before, after = result["floor_before_seconds"], result["floor_after_seconds"]
+    assert before > 0 and after > 0 and result["seconds"] > 0
+    assert result["floor_seconds"] == pytest.approx((before + after) / 2, abs=0.0011)
+    assert result["ratio"] == pytest.approx(result["seconds"] / result["floor_seconds"], rel=0.1)
+    assert result["cpu_seconds"] >= result["fleet_process_cpu_seconds"] > 0
+    assert result["cpu_ratio"] == pytest.approx(result["cpu_seconds"] / result["floor_cpu_seconds"], rel=0.05)
+    assert isinstance(result["page_cache_dropped"], bool)
+    assert "floor (before): 3 subscribers" in out.stdout and "floor (after): 3 subscribers" in out.stdout
+    assert "fedfleet: 3 devices committed" in out.stdout
+    assert list(tmp_path.iterdir()) == []  # the temporary tree, floors' files included, is gone
+
+
+@pytest.mark.parametrize("args", [("--devices", "0"), ("--size-mb", "-1")])
+def test_fanout_refuses_sizes_that_are_not_positive_before_starting_anything(
+    tmp_path: Path, args: tuple[str, str]
+) -> None:
+    out = _fanout(*args, workdir=tmp_path)
+    assert out.returncode == 2
+    assert "--devices and --size-mb must be positive" in out.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -39,6 +39,7 @@ from server.datadir import DataDir
 from server.enrollment import write_bundle
 from server.errors import CoordinatorError
 from server.releases import publish_release
+from server.repository import RELEASES_KEY
 from server.store import Release, now_ms
 from server.telemetry import pool
 
@@ -496,6 +497,23 @@ def keys_rotate_root(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOp
         print_json({"root_version": version})
     else:
         out.print(f"Root rotated: root version {version} is signed by the old and the new root key.")
+
+
+@keys_app.command("rotate-releases")
+def keys_rotate_releases(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
+    """Replace the online key that signs each release's TUF role (keys/releases.pem); every release role is
+    re-signed with the new key and devices follow at their next update. If it is interrupted, run it again."""
+    d = open_datadir(data_dir)
+    roles = d.repository().rotate_releases_key()
+    store = d.store()
+    try:
+        audit.append(store, "keys.rotate_releases", RELEASES_KEY, {"roles_resigned": roles}, "cli")
+    finally:
+        store.close()
+    if as_json:
+        print_json({"roles_resigned": roles})
+    else:
+        out.print(f"Releases key rotated: {roles} release role(s) re-signed with the new key; the old key is retired.")
 
 
 @keys_app.command("rotate-director")

@@ -59,7 +59,7 @@ from server.errors import ConflictError, DataDirError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Expiry", "Repository", "load_private_key", "release_role", "write_private_key"]
+__all__ = ["RELEASES_KEY", "Expiry", "Repository", "load_private_key", "release_role", "write_private_key"]
 
 _SERIALIZER = JSONSerializer(compact=False)
 _META_NAME = re.compile(r"^(timestamp|(\d{1,10})\.(root|snapshot|targets|r-[0-9a-f]{16}))\.json$")
@@ -371,6 +371,38 @@ class Repository:
                 renewed[role] = md.signed.version
                 self._role_expiry[(role, md.signed.version)] = md.signed.expires
         return renewed
+
+    def rotate_releases_key(self) -> int:
+        """Replace the online key that signs the releases' roles (keys/releases.pem; the old one goes to
+        keys/retired/). Targets delegates every release role to the new key and each role is re-signed with it
+        as a new version, named by a new snapshot and timestamp: devices follow at their next refresh (targets
+        is verified with the targets key, which stays), and a role signed by the old key is refused from then
+        on. An interrupted rotation is finished by running it again. Returns how many roles were re-signed."""
+        with self._lock():
+            targets: Metadata[Targets] = self._load(Targets.type)
+            path = self.keys_dir / f"{RELEASES_KEY}.pem"
+            if path.exists():
+                retired = self.keys_dir / "retired"
+                retired.mkdir(exist_ok=True)
+                os.replace(path, retired / f"{RELEASES_KEY}-targets-v{targets.signed.version}.pem")
+            signer = self._releases_signer()  # a new key, made on first use
+            delegations = targets.signed.delegations
+            if delegations is None or not delegations.roles:
+                return 0
+            for role in delegations.roles.values():
+                role.keyids = [signer.public_key.keyid]
+            delegations.keys = {signer.public_key.keyid: signer.public_key}  # release roles are all it delegates
+            self._bump(targets.signed)
+            self._write(targets, [self._signer(Targets.type)])
+            versions = self._load(Snapshot.type).signed.meta
+            resigned: dict[str, int] = {}
+            for role in delegations.roles:
+                md: Metadata[Targets] = self._load(role, versions[f"{role}.json"].version)
+                self._bump(md.signed)
+                self._write(md, [signer], role)
+                resigned[role] = md.signed.version
+            self._write_snapshot_and_timestamp(resigned)
+            return len(resigned)
 
     def rotate_root(self, roles: tuple[str, ...] = (Root.type,)) -> int:
         """Replace the keys of `roles` (root by default) with new ones.

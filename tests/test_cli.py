@@ -46,6 +46,7 @@ def test_command_list_is_complete() -> None:
         ("devices", "show"),
         ("devices", "enroll"),
         ("keys", "rotate-root"),
+        ("keys", "rotate-releases"),
         ("releases", "list"),
         *(("rollout", c) for c in ("start", "status", "pause", "resume", "abort", "rollback", "list")),
         ("audit", "list"),

@@ -283,9 +283,12 @@ def test_rotations_keep_running_agents_working_and_updating(fleet: SecureFleet) 
         assign("digits@1.0.0")
         assert not set(first_key) & set(json.loads((agents[0].config.state_dir / "director_keys.json").read_text()))
 
-        # 2. The TUF root.
+        # 2. The TUF root, and the online key that signs each release's role.
         assert fedfleet(d, "keys", "rotate-root").returncode == 0
         assign("digits@2.0.0")
+        rotated = fedfleet(d, "keys", "rotate-releases", "--json")
+        assert rotated.returncode == 0 and json.loads(rotated.stdout) == {"roles_resigned": 2}, rotated.stderr
+        assign("digits@1.0.0")
 
         # 3. The gRPC server certificate and the broker certificate (devices trust the CA, not the leaves).
         for name in ("grpc-server",):
@@ -306,9 +309,9 @@ def test_rotations_keep_running_agents_working_and_updating(fleet: SecureFleet) 
         assert fedfleet(d, "broker", "config", "--out", str(fleet.broker_dir), *port_args).returncode == 0
         fleet.broker.stop()
         fleet.broker.start()
-        assign("digits@1.0.0")
+        assign("digits@2.0.0")
         actions = {e["action"] for e in json.loads(fedfleet(d, "audit", "list", "--limit", "500", "--json").stdout)}
-        assert {"keys.rotate_director", "keys.rotate_root"} <= actions
+        assert {"keys.rotate_director", "keys.rotate_root", "keys.rotate_releases"} <= actions
     finally:
         for agent in agents:
             agent.kill()

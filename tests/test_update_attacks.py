@@ -323,6 +323,40 @@ def test_an_expired_release_role_is_refused(env: Env) -> None:
     assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_expired")
 
 
+def test_a_rotated_releases_key_is_followed_and_a_role_signed_by_the_retired_key_refused(env: Env) -> None:
+    old = env.signer("releases")
+    _, cached = env.release_role("1.0.0")  # the version the agent verified and cached in the fixture
+    assert env.d.repository().rotate_releases_key() == 2
+    new = env.signer("releases")
+    assert new.public_key.keyid != old.public_key.keyid
+    assert [p.name for p in (env.d.keys / "retired").glob("releases-*.pem")]
+    targets = Metadata.from_file(str(env.meta / f"{env.latest('targets')}.targets.json")).signed
+    assert targets.delegations is not None and set(targets.delegations.keys) == {new.public_key.keyid}
+    assert {r.keyids[0] for r in (targets.delegations.roles or {}).values()} == {new.public_key.keyid}
+
+    # The agent follows: 2.0.0's role and 1.0.0's (cached under the old key) verify with the new key.
+    assert env.apply(env.assign("digits@2.0.0")).outcome is Outcome.COMMITTED
+    assert env.apply(env.assign("digits@1.0.0")).outcome is Outcome.COMMITTED
+    assert env.release_role("1.0.0")[1].signed.version == cached.signed.version + 1
+
+    # Whoever still holds the retired key can no longer sign a release.
+    role, md = env.release_role("2.0.0")
+    md.signed.version += 1
+    env.write(md, f"{md.signed.version}.{role}.json", [old])
+    env.serve_role_version(role, md.signed.version)
+    result = env.apply(env.assign("digits@2.0.0"))
+    assert result.outcome is Outcome.REJECTED and result.reason == "metadata_bad_signature", result
+    assert env.active_sha() == env.sha["1.0.0"]
+
+
+def test_rotating_the_releases_key_of_a_repository_without_releases_re_signs_nothing(tmp_path: Path) -> None:
+    d, _ = DataDir.init(tmp_path / "data")
+    repository = d.repository()
+    snapshot = repository.timestamp_version()
+    assert repository.rotate_releases_key() == 0
+    assert (d.keys / "releases.pem").is_file() and repository.timestamp_version() == snapshot
+
+
 def test_a_release_role_of_another_version_than_the_snapshot_names_is_refused(env: Env) -> None:
     role, md = env.release_role("2.0.0")
     n = md.signed.version

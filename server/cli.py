@@ -484,19 +484,35 @@ def telemetry(
 
 
 @keys_app.command("rotate-root")
-def keys_rotate_root(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
-    """Replace the TUF root key; devices with any earlier root follow the signed chain to the new one."""
+def keys_rotate_root(
+    role: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--role",
+            help="Also replace this online role's key: targets, snapshot or timestamp (repeat for several), "
+            "for instance after the coordinator's disk was exposed.",
+        ),
+    ] = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """Replace the TUF root key (and with --role online roles' keys); devices with any earlier root follow the
+    signed chain to the new one, and metadata signed by a replaced key is refused from then on."""
+    roles = ("root", *sorted(set(role or []) - {"root"}))
     d = open_datadir(data_dir)
-    version = d.repository().rotate_root()
+    version = d.repository().rotate_root(roles)
     store = d.store()
     try:
-        audit.append(store, "keys.rotate_root", "root", {"root_version": version}, "cli")
+        audit.append(store, "keys.rotate_root", "root", {"root_version": version, "roles": list(roles)}, "cli")
     finally:
         store.close()
     if as_json:
-        print_json({"root_version": version})
+        print_json({"root_version": version, "roles": list(roles)})
     else:
-        out.print(f"Root rotated: root version {version} is signed by the old and the new root key.")
+        out.print(
+            f"Root rotated: root version {version} is signed by the old and the new root key; "
+            f"new keys for {', '.join(roles)}."
+        )
 
 
 @keys_app.command("rotate-releases")

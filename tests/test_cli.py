@@ -141,6 +141,7 @@ def test_release_is_byte_identical_when_repeated_and_bad_input_changes_nothing(
         (["assign", "--fleet", "empty", "digits@1.0.0"], "no registered devices"),
         (["devices", "show", "ghost"], "no device"),
         (["devices", "enroll", "bad id!", "--out", str(tmp_path / "b")], "device_id"),
+        (["keys", "rotate-root", "--role", "timestamp", "--role", "mirror"], "unknown role(s) mirror"),
     ]
     for args, message in refusals:
         out = run(*args, "--data-dir", root)

@@ -275,6 +275,23 @@ def test_valid_root_rotation_is_followed(env: Env) -> None:
     assert cached.signed.version == 3
 
 
+def test_online_keys_rotated_with_the_root_are_followed_and_the_replaced_ones_refused(env: Env) -> None:
+    assert env.d.repository().rotate_root(("root", "targets", "snapshot", "timestamp")) == 2
+    assert sorted(p.name for p in (env.d.keys / "retired").iterdir()) == [
+        f"{role}-v1.pem" for role in ("root", "snapshot", "targets", "timestamp")
+    ]
+    assert env.apply(env.assign("digits@2.0.0")).outcome is Outcome.COMMITTED
+
+    # A timestamp signed with the replaced key (whoever copied the coordinator's disk before) is refused.
+    old_timestamp_key = CryptoSigner(load_private_key(env.d.keys / "retired" / "timestamp-v1.pem"))
+    ts = Metadata.from_file(str(env.meta / "timestamp.json"))
+    ts.signed.version += 1
+    env.write(ts, "timestamp.json", [old_timestamp_key])
+    result = env.apply(env.assign("digits@1.0.0"))
+    assert result.outcome is Outcome.REJECTED and result.reason == "metadata_bad_signature", result
+    assert env.active_sha() == env.sha["2.0.0"]
+
+
 def test_an_unchanged_root_is_not_written_again_but_a_rotated_one_is(env: Env) -> None:
     tuf_dir = env.ctx.store.tuf_dir
 

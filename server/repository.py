@@ -389,8 +389,8 @@ class Repository:
             delegations = targets.signed.delegations
             if delegations is None or not delegations.roles:
                 return 0
-            for role in delegations.roles.values():
-                role.keyids = [signer.public_key.keyid]
+            for delegated in delegations.roles.values():
+                delegated.keyids = [signer.public_key.keyid]
             delegations.keys = {signer.public_key.keyid: signer.public_key}  # release roles are all it delegates
             self._bump(targets.signed)
             self._write(targets, [self._signer(Targets.type)])

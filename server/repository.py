@@ -381,10 +381,10 @@ class Repository:
         with self._lock():
             targets: Metadata[Targets] = self._load(Targets.type)
             path = self.keys_dir / f"{RELEASES_KEY}.pem"
-            if path.exists():
+            if path.exists():  # kept, numbered: a rotation without releases leaves targets' version as it was
                 retired = self.keys_dir / "retired"
                 retired.mkdir(exist_ok=True)
-                os.replace(path, retired / f"{RELEASES_KEY}-targets-v{targets.signed.version}.pem")
+                os.replace(path, retired / f"{RELEASES_KEY}-{len(list(retired.glob(f'{RELEASES_KEY}-*.pem'))) + 1}.pem")
             signer = self._releases_signer()  # a new key, made on first use
             delegations = targets.signed.delegations
             if delegations is None or not delegations.roles:

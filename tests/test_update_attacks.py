@@ -372,6 +372,9 @@ def test_rotating_the_releases_key_of_a_repository_without_releases_re_signs_not
     snapshot = repository.timestamp_version()
     assert repository.rotate_releases_key() == 0
     assert (d.keys / "releases.pem").is_file() and repository.timestamp_version() == snapshot
+    key = (d.keys / "releases.pem").read_bytes()
+    assert repository.rotate_releases_key() == 0  # again: the first new key is retired, not overwritten
+    assert (d.keys / "retired" / "releases-1.pem").read_bytes() == key
 
 
 def test_a_release_role_of_another_version_than_the_snapshot_names_is_refused(env: Env) -> None:

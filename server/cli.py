@@ -367,11 +367,7 @@ def devices_enroll(
     d = open_datadir(data_dir)
     labels = parse_labels(label or [])
     write_bundle(d, device_id, out_dir, fleet, labels, grpc, mqtt, state_dir)
-    store = d.store()
-    try:
-        audit.append(store, "device.enroll", device_id, {"fleet": fleet, "labels": labels, "bundle": str(out_dir)})
-    finally:
-        store.close()
+    _audit(d, "device.enroll", device_id, {"fleet": fleet, "labels": labels, "bundle": str(out_dir)}, "coordinator")
     if as_json:
         print_json({"device": device_id, "bundle": str(out_dir), "config": str(out_dir / "agent.toml")})
     else:
@@ -483,6 +479,15 @@ def telemetry(
     out.print(table)
 
 
+def _audit(d: DataDir, action: str, subject: str, detail: dict[str, Any], actor: str = "cli") -> None:
+    """One audit entry for a command whose change lies outside the database (keys, files)."""
+    store = d.store()
+    try:
+        audit.append(store, action, subject, detail, actor)
+    finally:
+        store.close()
+
+
 @keys_app.command("rotate-root")
 def keys_rotate_root(
     role: Annotated[
@@ -501,11 +506,7 @@ def keys_rotate_root(
     roles = ("root", *sorted(set(role or []) - {"root"}))
     d = open_datadir(data_dir)
     version = d.repository().rotate_root(roles)
-    store = d.store()
-    try:
-        audit.append(store, "keys.rotate_root", "root", {"root_version": version, "roles": list(roles)}, "cli")
-    finally:
-        store.close()
+    _audit(d, "keys.rotate_root", "root", {"root_version": version, "roles": list(roles)})
     if as_json:
         print_json({"root_version": version, "roles": list(roles)})
     else:
@@ -521,11 +522,7 @@ def keys_rotate_releases(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: Js
     re-signed with the new key and devices follow at their next update. If it is interrupted, run it again."""
     d = open_datadir(data_dir)
     roles = d.repository().rotate_releases_key()
-    store = d.store()
-    try:
-        audit.append(store, "keys.rotate_releases", RELEASES_KEY, {"roles_resigned": roles}, "cli")
-    finally:
-        store.close()
+    _audit(d, "keys.rotate_releases", RELEASES_KEY, {"roles_resigned": roles})
     if as_json:
         print_json({"roles_resigned": roles})
     else:
@@ -540,11 +537,7 @@ def keys_rotate_director(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: Js
 
     d = open_datadir(data_dir)
     old, new = Director.rotate(d.keys, d.trust, d.repository())
-    store = d.store()
-    try:
-        audit.append(store, "keys.rotate_director", "director", {"old": old.key_id, "new": new.key_id}, "cli")
-    finally:
-        store.close()
+    _audit(d, "keys.rotate_director", "director", {"old": old.key_id, "new": new.key_id})
     if as_json:
         print_json({"old_key_id": old.key_id, "new_key_id": new.key_id})
     else:

@@ -356,6 +356,7 @@ class Repository:
             return {}
         versions = self._load(Snapshot.type).signed.meta
         renewed: dict[str, int] = {}
+        signer: CryptoSigner | None = None
         half = self.expiry.targets / 2
         for role in roles:
             version = versions[f"{role}.json"].version
@@ -365,12 +366,22 @@ class Repository:
                 md = self._load(role, version)
                 expires = self._role_expiry[(role, version)] = md.signed.expires
             if expires - now < half:
-                md = md or self._load(role, version)
-                self._bump(md.signed)
-                self._write(md, [self._releases_signer()], role)
-                renewed[role] = md.signed.version
-                self._role_expiry[(role, md.signed.version)] = md.signed.expires
+                signer = signer or self._releases_signer()
+                renewed[role] = self._resign_release_role(role, md or self._load(role, version), signer)
         return renewed
+
+    def _resign_release_role(self, role: str, md: Metadata[Targets], signer: CryptoSigner) -> int:
+        """Write the next version of a release role, signed by `signer`; returns that version."""
+        self._bump(md.signed)
+        self._write(md, [signer], role)
+        self._role_expiry[(role, md.signed.version)] = md.signed.expires
+        return md.signed.version
+
+    def _retire_key(self, role: str, retired_name: str) -> None:
+        """Move keys/<role>.pem to keys/retired/<retired_name> (kept, never overwritten by a later rotation)."""
+        retired = self.keys_dir / "retired"
+        retired.mkdir(exist_ok=True)
+        os.replace(self.keys_dir / f"{role}.pem", retired / retired_name)
 
     def rotate_releases_key(self) -> int:
         """Replace the online key that signs the releases' roles (keys/releases.pem; the old one goes to
@@ -380,11 +391,10 @@ class Repository:
         on. An interrupted rotation is finished by running it again. Returns how many roles were re-signed."""
         with self._lock():
             targets: Metadata[Targets] = self._load(Targets.type)
-            path = self.keys_dir / f"{RELEASES_KEY}.pem"
-            if path.exists():  # kept, numbered: a rotation without releases leaves targets' version as it was
-                retired = self.keys_dir / "retired"
-                retired.mkdir(exist_ok=True)
-                os.replace(path, retired / f"{RELEASES_KEY}-{len(list(retired.glob(f'{RELEASES_KEY}-*.pem'))) + 1}.pem")
+            if (self.keys_dir / f"{RELEASES_KEY}.pem").exists():
+                # Numbered: a rotation without releases leaves targets' version, which could name it, as it was.
+                n = len(list(self.keys_dir.glob(f"retired/{RELEASES_KEY}-*.pem"))) + 1
+                self._retire_key(RELEASES_KEY, f"{RELEASES_KEY}-{n}.pem")
             signer = self._releases_signer()  # a new key, made on first use
             delegations = targets.signed.delegations
             if delegations is None or not delegations.roles:
@@ -395,12 +405,10 @@ class Repository:
             self._bump(targets.signed)
             self._write(targets, [self._signer(Targets.type)])
             versions = self._load(Snapshot.type).signed.meta
-            resigned: dict[str, int] = {}
-            for role in delegations.roles:
-                md: Metadata[Targets] = self._load(role, versions[f"{role}.json"].version)
-                self._bump(md.signed)
-                self._write(md, [signer], role)
-                resigned[role] = md.signed.version
+            resigned = {
+                role: self._resign_release_role(role, self._load(role, versions[f"{role}.json"].version), signer)
+                for role in delegations.roles
+            }
             self._write_snapshot_and_timestamp(resigned)
             return len(resigned)
 
@@ -417,16 +425,13 @@ class Repository:
             root_md: Metadata[Root] = self._load(Root.type)
             old_root_signer = self._signer(Root.type)
             root = root_md.signed
-            retired = self.keys_dir / "retired"
-            retired.mkdir(exist_ok=True)
             new_signers: dict[str, CryptoSigner] = {}
             for role in roles:
                 for keyid in list(root.roles[role].keyids):
                     root.revoke_key(keyid, role)
                 key = Ed25519PrivateKey.generate()
-                old_path = self.keys_dir / f"{role}.pem"
-                os.replace(old_path, retired / f"{role}-v{root.version}.pem")
-                write_private_key(old_path, key)
+                self._retire_key(role, f"{role}-v{root.version}.pem")
+                write_private_key(self.keys_dir / f"{role}.pem", key)
                 new_signers[role] = CryptoSigner(key)
                 root.add_key(new_signers[role].public_key, role)
             self._bump(root)

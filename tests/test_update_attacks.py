@@ -335,7 +335,7 @@ def test_an_expired_release_role_is_refused(env: Env) -> None:
     role, md = env.release_role("2.0.0")
     md.signed.version += 1
     md.signed.expires = _past()
-    env.write(md, f"{md.signed.version}.{role}.json", [CryptoSigner(load_private_key(env.d.keys / "releases.pem"))])
+    env.write(md, f"{md.signed.version}.{role}.json", [env.signer("releases")])
     env.serve_role_version(role, md.signed.version)
     assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_expired")
 

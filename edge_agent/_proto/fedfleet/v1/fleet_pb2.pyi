@@ -600,7 +600,8 @@ Global___MetadataBundleRequest: typing_extensions.TypeAlias = MetadataBundleRequ
 @typing.final
 class MetadataPart(google.protobuf.message.Message):
     """Files in order: root versions after the device's (at most 32), timestamp.json, the snapshot it names, the
-    targets that snapshot names, and (given a target_path) the version of that release's role the snapshot names. A file larger than one chunk continues in the next chunks under the same name.
+    targets that snapshot names, and (given a target_path) the version of that release's role the snapshot names.
+    A file larger than one chunk continues in the next chunks under the same name.
     """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor

@@ -1,11 +1,17 @@
 """Real parts as processes: a private Mosquitto, a coordinator (`fedfleet serve`) and agents
 (`fedfleet-agent run`), each started on free loopback ports and stopped by SIGKILL when asked.
 
+Every process starts in a process group of its own, so stopping it stops whatever it started; `run_bounded`
+runs a command to completion the same way and kills its whole process tree (other sessions included) if the
+command overruns or the caller is interrupted. A coordinator writes `serve.log` and an agent `agent.log`
+(`LOG_NAMES`); `tracebacks_in` finds the Python tracebacks they logged.
+
 Used by simulations that restart parts (faults), by benchmarks, and by the tests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,17 +19,36 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import AgentConfig
 from server.broker import free_port
 from server.datadir import DataDir
 
-__all__ = ["AgentProcess", "CoordinatorProcess", "Mosquitto", "wait_for"]
+__all__ = [
+    "LOG_NAMES",
+    "TRACEBACK",
+    "AgentProcess",
+    "CoordinatorProcess",
+    "Mosquitto",
+    "descendants",
+    "kill_tree",
+    "run_bounded",
+    "tracebacks_in",
+    "wait_for",
+]
+
+LOG_NAMES = ("serve.log", "agent.log")  # CoordinatorProcess.log and AgentProcess.log
+TRACEBACK = "Traceback (most recent call last)"
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
@@ -36,6 +61,83 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def tracebacks_in(log: Path, offset: int = 0) -> list[str]:
+    """The Python tracebacks written to `log` after byte `offset`, each with the lines that follow it."""
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    found = []
+    start = text.find(TRACEBACK)
+    while start != -1:
+        following = text.find(TRACEBACK, start + 1)
+        found.append(text[start : following if following != -1 else start + 4000][:4000])
+        start = following
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children first found, whatever their session), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid`, every process below it and their process groups (a coordinator started by a demo runs
+    in a session of its own). The tree is read before anything is killed, so orphans are not lost."""
+    victims = [pid, *descendants(pid)]
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)  # its group, even when it has exited and left members behind
+    for p in victims:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpgid(p), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def run_bounded(
+    args: Sequence[str],
+    timeout: float,
+    env: dict[str, str] | None = None,
+    on_timeout: Callable[[subprocess.Popen[str]], None] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command in a process group of its own, its output captured as text. If it runs past `timeout`
+    (or the caller is interrupted, e.g. by pytest's timeout), `on_timeout` may look at it first, then it and
+    everything it started are killed; an overrun raises subprocess.TimeoutExpired."""
+    proc = subprocess.Popen(
+        list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if on_timeout is not None:
+            on_timeout(proc)
+        kill_tree(proc.pid)
+        stdout, stderr = proc.communicate()
+        raise subprocess.TimeoutExpired(list(args), timeout, stdout, stderr) from None
+    except BaseException:
+        kill_tree(proc.pid)
+        proc.communicate()
+        raise
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait()
+    return subprocess.CompletedProcess(list(args), proc.returncode, stdout, stderr)
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -67,7 +169,9 @@ class Mosquitto:
 
     def start(self) -> None:
         with (self.workdir / "mosquitto.log").open("ab") as log:
-            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", str(self.conf)], stdout=log, stderr=log, start_new_session=True
+            )
         proc = self.proc
         wait_for(lambda: _port_open("127.0.0.1", self.port) or proc.poll() is not None, 10, what="mosquitto")
         if proc.poll() is not None:
@@ -79,9 +183,45 @@ class Mosquitto:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(10)
             self.proc = None
+
+    def clear_retained(self, timeout: float = 10.0) -> int:
+        """Delete every retained message on this (plain loopback) broker; returns how many there were.
+
+        Subscribing to `#` delivers the retained messages first; a marker published after the subscription
+        is acknowledged arrives after all of them, so when it is back the set is complete."""
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"clear-retained-{uuid.uuid4().hex}")
+        marker = f"fedfleet-test/marker/{uuid.uuid4().hex}"
+        retained: set[str] = set()
+        subscribed, marked = threading.Event(), threading.Event()
+
+        def on_message(c: paho.Client, u: object, m: paho.MQTTMessage) -> None:
+            if m.topic == marker:
+                marked.set()
+            elif m.retain and m.payload:
+                retained.add(m.topic)
+
+        client.on_message = on_message
+        client.on_subscribe = lambda *_: subscribed.set()
+        client.connect("127.0.0.1", self.port)
+        client.loop_start()
+        try:
+            client.subscribe("#", qos=1)
+            if not subscribed.wait(timeout):
+                raise RuntimeError(f"mosquitto on port {self.port} did not acknowledge a subscription")
+            client.publish(marker, b"marker", qos=1).wait_for_publish(timeout)
+            if not marked.wait(timeout):
+                raise RuntimeError(f"mosquitto on port {self.port} did not deliver a marker message")
+            client.unsubscribe("#")
+            for topic in retained:
+                client.publish(topic, b"", qos=1, retain=True).wait_for_publish(timeout)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        return len(retained)
 
 
 def _spawn(args: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

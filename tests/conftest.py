@@ -9,7 +9,8 @@ from hypothesis import settings
 
 from server.datadir import DataDir
 from server.dense_tflite import build_dense_model, random_dense_layers
-from tests.support import Mosquitto
+from simulations.processes import LOG_NAMES, tracebacks_in
+from tests.support import Mosquitto, own_topic_prefix
 
 # CI runs the property and fuzz tests on a fixed example sequence so a landing never hinges on a random draw;
 # locally each run explores new examples (HYPOTHESIS_PROFILE=ci reproduces CI).
@@ -19,10 +20,18 @@ if os.environ.get("CI") or os.environ.get("HYPOTHESIS_PROFILE") == "ci":
 
 
 @pytest.fixture(scope="session")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+def session_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def mosquitto(session_mosquitto: Mosquitto) -> Mosquitto:
+    """The session's Mosquitto, with no retained message left by an earlier test (a coordinator subscribing
+    to `+/status` would replay earlier tests' last wills)."""
+    session_mosquitto.clear_retained()
+    return session_mosquitto
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +42,37 @@ def model_bytes() -> dict[str, bytes]:
 
 @pytest.fixture
 def datadir(tmp_path: Path) -> DataDir:
+    """A fresh data directory whose coordinator and agents use an MQTT topic prefix of their own."""
     d, created = DataDir.init(tmp_path / "data")
     assert created
+    own_topic_prefix(d)
     return d
+
+
+def _process_logs(root: Path) -> Iterator[Path]:
+    """Coordinator and agent logs under pytest's temporary directory (virtualenvs there are not searched)."""
+    for directory, dirs, files in os.walk(root):
+        if "pyvenv.cfg" in files:
+            dirs[:] = []
+            continue
+        for name in files:
+            if name in LOG_NAMES:
+                yield Path(directory) / name
+
+
+@pytest.fixture(autouse=True)
+def no_tracebacks_in_process_logs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Fail a test whose coordinators or agents logged a Python traceback while it ran: the coordinator's
+    tick logs an exception and carries on, so without this check a broken tick would pass unnoticed.
+    A test that provokes one on purpose says so with `@pytest.mark.tracebacks_expected("why")`."""
+    root = tmp_path_factory.getbasetemp()
+    before = {log: log.stat().st_size for log in _process_logs(root)}
+    yield
+    if request.node.get_closest_marker("tracebacks_expected"):
+        return
+    found = [(log, tb) for log in _process_logs(root) for tb in tracebacks_in(log, before.get(log, 0))]
+    if found:
+        shown = "\n".join(f"--- {log}\n{tb}" for log, tb in found[:3])
+        pytest.fail(f"{len(found)} traceback(s) in coordinator/agent logs during this test:\n{shown}", pytrace=False)

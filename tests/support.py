@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,15 @@ from server.repository import Repository
 from server.store import Store
 from simulations.processes import AgentProcess, CoordinatorProcess, Mosquitto, wait_for
 
-__all__ = ["AgentProcess", "CoordinatorProcess", "GrpcServerThread", "Mosquitto", "enroll_agent", "wait_for"]
+__all__ = [
+    "AgentProcess",
+    "CoordinatorProcess",
+    "GrpcServerThread",
+    "Mosquitto",
+    "enroll_agent",
+    "own_topic_prefix",
+    "wait_for",
+]
 
 
 def enroll_agent(
@@ -75,3 +84,15 @@ class GrpcServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+def own_topic_prefix(d: DataDir) -> Topics:
+    """Give this data directory's coordinator (and the agents it enrolls) an MQTT topic prefix no other test
+    uses, so nothing retained or in flight from another test reaches them on a shared broker."""
+    prefix = f"fedfleet-test/{uuid.uuid4().hex[:12]}"
+    current = d.config().topic_prefix
+    d.config_path.write_text(
+        d.config_path.read_text().replace(f'topic_prefix = "{current}"', f'topic_prefix = "{prefix}"')
+    )
+    assert d.config().topic_prefix == prefix
+    return Topics(prefix)

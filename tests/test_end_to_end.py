@@ -41,7 +41,7 @@ def device(d: DataDir, device_id: str) -> dict[str, Any]:
     return next((r for r in rows if r["id"] == device_id), {})
 
 
-@pytest.fixture(params=["embedded", "mosquitto"])
+@pytest.fixture(params=["embedded", pytest.param("mosquitto", marks=pytest.mark.broker)])
 def fleet(
     request: pytest.FixtureRequest, datadir: DataDir, model_bytes: dict[str, bytes], tmp_path: Path
 ) -> Iterator[tuple[CoordinatorProcess, list[AgentProcess]]]:
@@ -114,16 +114,21 @@ def _publish(url: str, messages: list[tuple[str, bytes]]) -> None:
     client.disconnect()
 
 
+@pytest.mark.broker
 def test_malformed_mqtt_payloads_change_nothing(datadir: DataDir, mosquitto: Mosquitto, tmp_path: Path) -> None:
     coordinator = CoordinatorProcess(datadir, mosquitto.url).start()
     agent = enroll_agent(datadir, tmp_path, "pi-9", coordinator=coordinator).start()
     try:
         wait_for(lambda: device(datadir, "pi-9").get("online"), 30, what="pi-9 online")
         before = device(datadir, "pi-9")
-        t = Topics()
+        t = Topics(datadir.config().topic_prefix)  # this test's own prefix: nothing else arrives on it
         forged_status = pb.DeviceStatus(device_id="pi-other", online=True, running_release="evil@1").SerializeToString()
         forged_event = pb.UpdateEvent(device_id="pi-other", kind=pb.EVENT_KIND_COMMITTED).SerializeToString()
         unknown = pb.UpdateEvent(device_id="ghost", kind=pb.EVENT_KIND_COMMITTED).SerializeToString()
+        # The control, sent last on the same connection: a valid event, stored only after the coordinator has
+        # handled every message before it (and proof that the handler accepts what is valid).
+        control = pb.UpdateEvent(device_id="pi-9", kind=pb.EVENT_KIND_DOWNLOADING, reason="control")
+        log_start = coordinator.log.stat().st_size
         _publish(
             mosquitto.url,
             [
@@ -133,23 +138,29 @@ def test_malformed_mqtt_payloads_change_nothing(datadir: DataDir, mosquitto: Mos
                 (t.events("ghost"), unknown),  # never registered
                 (t.events("pi-9"), pb.UpdateEvent(device_id="pi-9", kind=99).SerializeToString()),
                 (t.events("pi-9"), b"x" * 100_000),  # absurd size
+                (t.events("pi-9"), control.SerializeToString()),
             ],
         )
-        wait_for(lambda: coordinator.log.read_text().count("rejected message") >= 6, 20, what="6 rejections")
-        after = device(datadir, "pi-9")
-        assert {k: v for k, v in after.items() if k != "last_seen"} == {
-            k: v for k, v in before.items() if k != "last_seen"
-        }
         store = datadir.store()
-        assert store.events() == [] and not store.is_device("ghost") and not store.is_device("pi-other")
-        store.close()
-        log = coordinator.log.read_text()
+        try:
+            events = wait_for(store.events, 20, what="the control event stored")
+            assert [(e["device_id"], e["kind"], e["reason"]) for e in events] == [("pi-9", "downloading", "control")]
+            assert not store.is_device("ghost") and not store.is_device("pi-other")
+        finally:
+            store.close()
+        log = coordinator.log.read_bytes()[log_start:].decode()
+        assert log.count("rejected message") == 6, log
         assert "names device 'pi-other' but was sent on 'pi-9'" in log and "has not registered" in log
+        after = device(datadir, "pi-9")
+        unchanged = {k: v for k, v in after.items() if k not in ("last_seen", "last_event")}
+        assert unchanged == {k: v for k, v in before.items() if k not in ("last_seen", "last_event")}
+        assert after["last_event"] == "downloading: control"  # the control's
     finally:
         agent.kill()
         coordinator.kill()
 
 
+@pytest.mark.broker
 def test_malformed_grpc_requests_get_clear_errors(datadir: DataDir, mosquitto: Mosquitto) -> None:
     coordinator = CoordinatorProcess(datadir, mosquitto.url).start()
     channel = grpc.insecure_channel(coordinator.endpoints["grpc"])

@@ -17,21 +17,27 @@ from server.releases import publish_release
 from tests.support import AgentProcess, CoordinatorProcess, Mosquitto, enroll_agent, wait_for
 from tests.test_end_to_end import fedfleet, running
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
+def crash_models() -> dict[str, bytes]:
+    return {
+        "1.0.0": build_dense_model(random_dense_layers([64, 32, 10], 1)),
+        # A larger second model (~1.3 MB) so the download spans several chunks and can be cut in the middle.
+        "2.0.0": build_dense_model(random_dense_layers([64, 4000, 10], 2)),
+    }
+
+
+@pytest.fixture
 def crash_fleet(
-    tmp_path_factory: pytest.TempPathFactory, mosquitto: Mosquitto
+    datadir: DataDir, mosquitto: Mosquitto, crash_models: dict[str, bytes]
 ) -> Iterator[tuple[DataDir, CoordinatorProcess]]:
-    d, _ = DataDir.init(tmp_path_factory.mktemp("crash") / "data")
-    store = d.store()
-    publish_release(d.repository(), store, build_dense_model(random_dense_layers([64, 32, 10], 1)), "digits", "1.0.0")
-    # A larger second model (~1.3 MB) so the download spans several chunks and can be cut in the middle.
-    publish_release(d.repository(), store, build_dense_model(random_dense_layers([64, 4000, 10], 2)), "digits", "2.0.0")
+    """A coordinator of each case's own: a case's devices, assignments and events never meet another's."""
+    store = datadir.store()
+    for version, model in crash_models.items():
+        publish_release(datadir.repository(), store, model, "digits", version)
     store.close()
-    coordinator = CoordinatorProcess(d, mosquitto.url).start()
-    yield d, coordinator
+    coordinator = CoordinatorProcess(datadir, mosquitto.url).start()
+    yield datadir, coordinator
     coordinator.kill()
 
 
@@ -52,6 +58,8 @@ def registered(d: DataDir, device_id: str) -> bool:
         store.close()
 
 
+@pytest.mark.slow
+@pytest.mark.broker
 @pytest.mark.parametrize("step", STEPS)
 def test_kill_at_each_update_step(step: str, crash_fleet: tuple[DataDir, CoordinatorProcess], tmp_path: Path) -> None:
     d, coordinator = crash_fleet

@@ -12,6 +12,7 @@ from server.broker import EmbeddedBroker, free_port
 from server.errors import CoordinatorError
 
 T = Topics()
+MARKER = b"live marker"
 
 
 def test_refuses_to_listen_beyond_loopback() -> None:
@@ -46,7 +47,16 @@ def test_each_client_receives_only_its_own_retained_state_during_a_connect_storm
                     asyncio.create_task(_device(broker.port, d, got, r)) for d, r in zip(devices, readies, strict=True)
                 ]
                 await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 20)
-                await asyncio.sleep(1.0)
+                # Then a live (not retained) marker to every device: it arrives after anything retained for
+                # that device, so once every device has its marker, every delivery is in.
+                for d in devices:
+                    await c.publish(T.desired(d), MARKER, qos=1)
+
+                async def all_marked() -> None:
+                    while not all(got[d] and got[d][-1][1] == MARKER for d in devices):
+                        await asyncio.sleep(0.02)
+
+                await asyncio.wait_for(all_marked(), 30)
                 for t in tasks:
                     assert not t.done(), t  # no client was dropped
                     t.cancel()
@@ -58,4 +68,4 @@ def test_each_client_receives_only_its_own_retained_state_during_a_connect_storm
     got = asyncio.run(scenario())
     for i, d in enumerate(devices):
         expected = [(T.desired(d), f"for {d}".encode())] if i < 30 else []
-        assert got[d] == expected, d
+        assert got[d] == [*expected, (T.desired(d), MARKER)], d

@@ -15,6 +15,7 @@ from edge_agent.arrays import decode_array, encode_array
 from edge_agent.runtime import ProbeFailed, interpreter_name, load_model
 from server.dense_tflite import build_dense_model, random_dense_layers
 from server.releases import auto_probe
+from simulations.processes import run_bounded
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,15 +34,13 @@ print(json.dumps({"interpreter": interpreter_name(), "numpy": np.__version__, "w
 
 
 @pytest.mark.slow
+@pytest.mark.network
+@pytest.mark.timeout(900)  # the install gets 600 s (below this) on a slow index
 def test_tflite_runtime_runs_the_same_model_and_probe(tmp_path: Path) -> None:
     venv = tmp_path / "old-pi"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    install = subprocess.run(
-        [str(venv / "bin/python"), "-m", "pip", "install", "-q", "numpy<2", "tflite-runtime==2.14.0"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    install = run_bounded(
+        [str(venv / "bin/python"), "-m", "pip", "install", "-q", "numpy<2", "tflite-runtime==2.14.0"], timeout=600
     )
     assert install.returncode == 0, install.stderr[-2000:]
     model_path = tmp_path / "m.tflite"

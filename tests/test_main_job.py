@@ -13,16 +13,13 @@ from pathlib import Path
 import pytest
 
 from server.datadir import DataDir
+from simulations.processes import descendants, run_bounded
 
 
+@pytest.mark.slow
 def test_update_path_demo_completes(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "simulations.update_path", "--devices", "6", "--out", str(tmp_path / "demo")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    cmd = [sys.executable, "-m", "simulations.update_path", "--devices", "6", "--out", str(tmp_path / "demo")]
+    out = run_bounded(cmd, timeout=240)  # below pytest's 300 s; an overrun kills the demo and its coordinator
     assert out.returncode == 0, out.stdout + out.stderr
     assert "events stored: 60, refusals or failures: 0" in out.stdout
     store = DataDir(tmp_path / "demo" / "data").store()
@@ -32,14 +29,10 @@ def test_update_path_demo_completes(tmp_path: Path) -> None:
     assert all(r["running_counter"] == 3 for r in rows)
 
 
+@pytest.mark.slow
 def test_rollout_demo_promotes_the_healthy_update_and_reverts_the_broken_build(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "simulations.rollout_demo", "--devices", "6", "--out", str(tmp_path / "demo")],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
-    )
+    cmd = [sys.executable, "-m", "simulations.rollout_demo", "--devices", "6", "--out", str(tmp_path / "demo")]
+    out = run_bounded(cmd, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
     store = DataDir(tmp_path / "demo" / "data").store()
     phases = [r["phase"] for r in store.db.query("SELECT phase FROM rollouts ORDER BY id")]
@@ -49,43 +42,30 @@ def test_rollout_demo_promotes_the_healthy_update_and_reverts_the_broken_build(t
     assert running == {"digits@1.1.0"}  # the healthy update stayed; the broken build was reverted everywhere
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
-
-
 def _run_or_dump_stacks(cmd: list[str], keep: Path, timeout: float) -> subprocess.CompletedProcess[str]:
     """Run the demo; if it overruns, have it and its coordinator print every thread's stack (SIGUSR1, see
-    server.cli.main) and fail with those, so a hang says where it hung."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        children = _children(proc.pid)
-        for pid in [proc.pid, *children]:
+    server.cli.main) and fail with those, so a hang says where it hung. Either way nothing is left running."""
+
+    def dump_stacks(proc: subprocess.Popen[str]) -> None:
+        for pid in [proc.pid, *descendants(proc.pid)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGUSR1)
-        time.sleep(3)
-        proc.kill()
-        for pid in children:  # the coordinator runs in a process group of its own
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+        time.sleep(3)  # only on the way to failing: time for the stacks to be written
+
+    try:
+        return run_bounded(cmd, timeout, on_timeout=dump_stacks)
+    except subprocess.TimeoutExpired as e:
         serve_log = keep / "data" / "serve.log"
         coordinator = serve_log.read_text()[-6000:] if serve_log.exists() else "(no serve.log)"
         pytest.fail(
-            f"the demo ran past {timeout:.0f} s\n--- stdout\n{stdout[-3000:]}\n--- stderr (stacks)\n"
-            f"{stderr[-12000:]}\n--- coordinator log (stacks)\n{coordinator}"
+            f"the demo ran past {timeout:.0f} s\n--- stdout\n{str(e.stdout)[-3000:]}\n--- stderr (stacks)\n"
+            f"{str(e.stderr)[-12000:]}\n--- coordinator log (stacks)\n{coordinator}"
         )
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.ray
+@pytest.mark.timeout(900)  # the demo gets 600 s (below this) to finish on a slow machine
 def test_fedfleet_demo_closes_the_loop(tmp_path: Path) -> None:
     """`fedfleet demo` small: train, release, install, drift, alarm, retrain within budget, gated rollout."""
     keep, report = tmp_path / "keep", tmp_path / "report"

@@ -17,7 +17,7 @@ import pytest
 from server.datadir import DataDir
 from server.dense_tflite import build_dense_model, random_dense_layers
 from server.enrollment import write_bundle
-from simulations.processes import wait_for
+from simulations.processes import run_bounded, wait_for
 from tests.support import enroll_agent
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,9 +43,11 @@ def test_install_refuses_an_incomplete_bundle(datadir: DataDir, tmp_path: Path) 
 
 
 @pytest.mark.slow
+@pytest.mark.network
+@pytest.mark.timeout(900)  # install.sh gets 600 s (below this) to build the agent's virtualenv
 def test_install_and_uninstall_in_a_fresh_root_prefix(datadir: DataDir, tmp_path: Path) -> None:
     root = tmp_path / "root"
-    out = subprocess.run(
+    out = run_bounded(
         [
             "bash",
             str(KIT / "install.sh"),
@@ -56,10 +58,7 @@ def test_install_and_uninstall_in_a_fresh_root_prefix(datadir: DataDir, tmp_path
             "--package",
             str(REPO),
         ],
-        capture_output=True,
-        text=True,
         timeout=600,
-        check=False,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     venv, conf = root / "opt/fedfleet-agent/venv", root / "etc/fedfleet-agent"
@@ -118,6 +117,7 @@ def test_install_and_uninstall_in_a_fresh_root_prefix(datadir: DataDir, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_every_agent_dependency_has_an_aarch64_wheel_for_cpython_311(tmp_path: Path) -> None:
     """Raspberry Pi OS 12 is glibc 2.36: any manylinux tag up to that, for cp311, abi3 or pure Python."""
     deps = [
@@ -146,7 +146,7 @@ def test_every_agent_dependency_has_an_aarch64_wheel_for_cpython_311(tmp_path: P
     ]
     for tag in tags:
         cmd += ["--platform", tag]
-    out = subprocess.run([*cmd, *deps], capture_output=True, text=True, timeout=600, check=False)
+    out = run_bounded([*cmd, *deps], timeout=240)  # below pytest's 300 s
     assert out.returncode == 0, out.stderr[-3000:]
     wheels = sorted(p.name for p in tmp_path.glob("*.whl"))
     assert any(w.startswith("ai_edge_litert") and "aarch64" in w for w in wheels), wheels

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from simulations.processes import run_bounded
 from simulations.scenario import SCENARIOS, ScenarioError, load_scenario, run_scenario
-
-pytestmark = pytest.mark.slow
 
 NAMES = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
 ROLLOUT_NAMES = [n for n in NAMES if n != "closed-loop"]  # the closed loop runs in test_main_job (`fedfleet demo`)
@@ -25,6 +24,7 @@ def test_every_scenario_file_is_listed_and_loads() -> None:
     assert loop.kind == "closed-loop" and loop.loop["fault"] == "contrast"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ROLLOUT_NAMES)
 def test_scenario_ends_as_it_expects_with_no_window_lost(name: str, tmp_path: Path) -> None:
     scenario = load_scenario(name)
@@ -34,6 +34,7 @@ def test_scenario_ends_as_it_expects_with_no_window_lost(name: str, tmp_path: Pa
     assert result.rollouts[-1]["phase"] == scenario.expect["outcome"]
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_decisions(tmp_path: Path) -> None:
     scenario = load_scenario("bad-release")
 
@@ -70,16 +71,11 @@ def test_bad_scenario_files_are_refused_with_the_reason(tmp_path: Path) -> None:
         load_scenario("nope")
 
 
+@pytest.mark.slow
 def test_simulate_command_leaves_a_report(tmp_path: Path) -> None:
     report = tmp_path / "report"
     args = ["simulate", "--scenario", "bad-release", "--devices", "6", "--report", str(report)]
-    out = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    out = run_bounded([sys.executable, "-m", "simulations.cli", *args], timeout=240)  # below pytest's 300 s
     assert out.returncode == 0, out.stdout + out.stderr
     assert "bad-release: passed" in out.stdout
     summary = (report / "summary.md").read_text()

@@ -15,9 +15,10 @@ import pytest
 
 from server.datadir import DataDir
 from server.fl.registry import Ledger, Registry, TrainingRuns
+from simulations.processes import kill_tree, run_bounded
 from tests.support import wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 APP = Path(__file__).resolve().parent.parent / "deploy" / "flower-app"
 
@@ -51,7 +52,11 @@ def federation(tmp_path: Path) -> Iterator[tuple[dict[str, str], int]]:
         logs.append(log)
         procs.append(
             subprocess.Popen(
-                [shutil.which(args[0], path=bin_dir) or args[0], *args[1:]], env=env, stdout=log, stderr=log
+                [shutil.which(args[0], path=bin_dir) or args[0], *args[1:]],
+                env=env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # stopped with whatever it starts (the SuperLink's SuperExec)
             )
         )
 
@@ -90,21 +95,22 @@ def federation(tmp_path: Path) -> Iterator[tuple[dict[str, str], int]]:
         for p in procs:
             try:
                 p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            finally:
+                kill_tree(p.pid)  # what it left behind, or all of it if it did not stop
                 p.wait()
         for log in logs:
             log.close()
         # The SuperLink's SuperExec watches its parent's pid and exits on its own.
 
 
+@pytest.mark.timeout(900)  # `flwr run` gets 600 s (below this) on a slow machine
 def test_a_superlink_and_two_supernodes_train_and_register(
     federation: tuple[dict[str, str], int], tmp_path: Path
 ) -> None:
     env, _ = federation
     d, _ = DataDir.init(tmp_path / "data")
     plan = '{"rounds": 2, "clients": 2, "noise_multiplier": 1.0, "seed": 5}'
-    run = subprocess.run(
+    run = run_bounded(
         [
             str(Path(sys.executable).parent / "flwr"),
             "run",
@@ -114,11 +120,8 @@ def test_a_superlink_and_two_supernodes_train_and_register(
             "--run-config",
             f"data-dir='{d.root}' plan='{plan}'",
         ],
-        env=env,
-        capture_output=True,
-        text=True,
         timeout=600,
-        check=False,
+        env=env,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     store = d.store()

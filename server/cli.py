@@ -33,6 +33,7 @@ from server.cli_common import (
     parse_labels,
     print_json,
 )
+from server.cli_loop import alerts_app, loop_app
 from server.cli_rollout import audit_app, rollout_app
 from server.cli_train import models_app, privacy_app, train
 from server.datadir import DataDir
@@ -65,6 +66,8 @@ app.add_typer(rollout_app, name="rollout")
 app.add_typer(audit_app, name="audit")
 app.add_typer(models_app, name="models")
 app.add_typer(privacy_app, name="privacy")
+app.add_typer(alerts_app, name="alerts")
+app.add_typer(loop_app, name="loop")
 app.command()(train)
 
 

@@ -1,6 +1,7 @@
 """`fedfleet serve`: the coordinator process. gRPC FleetService, MQTT bridge (embedded broker if no URL), and a
-tick that drives rollouts, publishes new assignments, announces new metadata and keeps online TUF roles from
-expiring.
+tick that drives rollouts and the closed loop (drift alarms, retraining, alerts: server.loop), publishes new
+assignments, announces new metadata and keeps online TUF roles from expiring. Alert webhooks are delivered from
+threads of their own.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from server.broker import EmbeddedBroker, parse_host_port
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.grpc_service import FleetService, mutual_tls_credentials, start_grpc_server
+from server.loop.alerts import WebhookSender
+from server.loop.controller import LoopController
 from server.mqtt_bridge import MqttBridge
 
 __all__ = ["Coordinator", "ServeOptions"]
@@ -71,6 +74,11 @@ class Coordinator:
         # Rollouts are judged in a worker thread on their own connection (observing a wave pools its telemetry,
         # which takes a while on a large fleet), so MQTT, gRPC and the dashboard keep being served meanwhile.
         self.rollouts = datadir.rollouts(datadir.store())
+        # The loop runs in the same thread, on the same connection: drift, retrain jobs, alerts.
+        self.closed_loop = LoopController(
+            datadir, self.rollouts.store, self.rollouts, self.rollouts.policy, self.config.epsilon_budget
+        )
+        self.webhooks = WebhookSender(datadir.store, self.rollouts.policy.webhooks)
         self._next_rollout_tick = 0.0
         self._director_mtime = (datadir.keys / "director.pem").stat().st_mtime_ns
         self._announced_version = 0
@@ -99,9 +107,11 @@ class Coordinator:
         self._write_endpoints(self.grpc_address)
         self._announced_version = self.repository.timestamp_version()
         bridge = asyncio.create_task(self.bridge.run(), name="mqtt-bridge")
+        self.webhooks.start()
         try:
             await self._tick_loop()
         finally:
+            self.webhooks.stop()
             bridge.cancel()
             await asyncio.gather(bridge, return_exceptions=True)
             if dashboard is not None:
@@ -186,6 +196,10 @@ class Coordinator:
             self.rollouts.director = self.datadir.director()
             self._director_mtime = director_mtime
         self.rollouts.tick()
+        try:
+            self.closed_loop.tick()
+        except Exception:  # the loop's failure must not stop rollouts from being judged
+            logger.exception("the loop's tick failed; retrying")
 
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()

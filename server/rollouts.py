@@ -34,7 +34,7 @@ from server.rollout_engine import (
 )
 from server.rollout_spec import DEFAULT_GATES, RolloutSpec, RolloutSpecError, plan_waves
 from server.store import Store, now_ms
-from server.telemetry import Pooled, pool
+from server.telemetry import SCORE_METRICS, Pooled, pool
 
 __all__ = ["ACTIVE_SQL", "FINAL_FAILURE_KINDS", "Rollouts"]
 
@@ -207,11 +207,7 @@ class Rollouts:
             "class_mix_shift": _class_mix_shift(wave.counts, control.counts),
             "latency_p95_ratio": _latency_ratio(wave.counts, control.counts),
         }
-        s = wave.score
-        values["input_max_psi"] = s.max_psi if s and s.feature_psi.size else None
-        values["input_mean_psi"] = s.mean_psi if s and s.feature_psi.size else None
-        values["input_max_kl"] = float(s.feature_kl.max()) if s and s.feature_kl.size else None
-        values["score_psi"] = s.score_psi if s else None
+        values.update({name: wave.metric(name) for name in SCORE_METRICS})
         return WaveObservation(
             treated=n,
             committed=committed,
@@ -332,11 +328,15 @@ class Rollouts:
                 "phase": str(row.state.phase),
                 "wave": row.state.wave,
                 "waves": row.waves,
+                "last_decision": row.state.last_decision,
                 "created_at": row.created_at,
                 "updated_at": row.updated_at,
             }
             for row in self._rows()
         ]
+
+    def phase(self, rollout_id: str) -> Phase:
+        return self._row(rollout_id).state.phase
 
     def status(self, rollout_id: str, observe: bool = True) -> dict[str, Any]:
         """Each wave with its devices by state, the current gate values against thresholds, every decision.

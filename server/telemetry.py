@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,6 +191,16 @@ def ingest_windows(
     return done
 
 
+# The telemetry metrics of a pooled window against its release's reference, each defined once: rollout gates
+# (server.rollout_spec.METRICS says what each means), the drift watch and reports read them from here.
+SCORE_METRICS: dict[str, Callable[[WindowScore], float | None]] = {
+    "input_max_psi": lambda s: s.max_psi if s.feature_psi.size else None,
+    "input_mean_psi": lambda s: s.mean_psi if s.feature_psi.size else None,
+    "input_max_kl": lambda s: float(s.feature_kl.max()) if s.feature_kl.size else None,
+    "score_psi": lambda s: s.score_psi,
+}
+
+
 @dataclass(frozen=True)
 class Pooled:
     release_id: str
@@ -197,6 +208,10 @@ class Pooled:
     devices: int
     counts: WindowCounts
     score: WindowScore | None  # None: too few samples, or the release has no drift reference
+
+    def metric(self, name: str) -> float | None:
+        """One of SCORE_METRICS, or None when the pool has no score (too few samples, no reference)."""
+        return None if self.score is None else SCORE_METRICS[name](self.score)
 
     def to_json(self) -> dict[str, Any]:
         s = self.score
@@ -207,10 +222,10 @@ class Pooled:
             "inferences": self.counts.inferences,
             "errors": self.counts.errors,
             "scored": s is not None,
-            "max_psi": s.max_psi if s else None,
-            "mean_psi": s.mean_psi if s else None,
-            "max_kl": float(s.feature_kl.max()) if s and s.feature_kl.size else None,
-            "score_psi": s.score_psi if s else None,
+            "max_psi": self.metric("input_max_psi"),
+            "mean_psi": self.metric("input_mean_psi"),
+            "max_kl": self.metric("input_max_kl"),
+            "score_psi": self.metric("score_psi"),
             "latency_p50_ms": s.latency_p50_ms if s else None,
             "latency_p95_ms": s.latency_p95_ms if s else None,
             "latency_max_ms": self.counts.latency_max_ms,

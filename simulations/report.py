@@ -110,15 +110,21 @@ def write_loop_report(result: ClosedLoopResult, rig: Rig, out: Path, passed: boo
         f"- verdict: {verdict}",
         f"- releases: {', '.join(result.releases)}",
     ]
-    for label, alarm in (
-        ("before the fault", result.drift_before),
-        ("alarm", result.alarm),
-        ("after", result.drift_after),
-    ):
-        if alarm is not None and alarm.value is not None:
-            lines.append(
-                f"- drift {label}: {alarm.metric} {alarm.value:.3f} on {alarm.release_id} (threshold {alarm.threshold})"
-            )
+    for label, reading in (("before the fault", result.drift_before), ("after", result.drift_after)):
+        if reading is not None and reading.value is not None:
+            lines.append(f"- drift {label}: {reading.describe()}")
+    if result.alarm is not None:
+        a = result.alarm
+        lines.append(
+            f"- the coordinator's drift alarm {a['id']}: {a['metric']} {a['value']:.3f} > {a['threshold']:g} on "
+            f"{a['release_id']} ({a['state']}{': ' + a['resolution'] if a['resolution'] else ''})"
+        )
+    if result.job is not None:
+        j = result.job
+        lines.append(
+            f"- retrain job {j['id']} ({j['state']}): {j['cause']}; trained {j['model_version'] or '-'} in run "
+            f"{j['run_id'] or '-'}, released {j['release_id'] or '-'}, rolled out as {j['rollout_id'] or '-'}"
+        )
     lines += [
         f"- largest lifetime ε of a device: {result.max_lifetime_epsilon:.3f} (budget {result.budget:g})",
         f"- telemetry windows lost: {result.lost_windows}",
@@ -177,7 +183,7 @@ def _loop_drift_plot(rig: Rig, result: ClosedLoopResult, path: Path) -> Path:
     for release, points in sorted(series.items()):
         ax.plot([t for t, _ in points], [v for _, v in points], marker=".", label=f"windows on {release}")
     if result.alarm is not None:
-        ax.axhline(result.alarm.threshold, color="red", linestyle="--", linewidth=1, label="retrain threshold")
+        ax.axhline(result.alarm["threshold"], color="red", linestyle="--", linewidth=1, label="retrain threshold")
     ax.set_yscale("symlog", linthresh=0.1)  # a drifted sensor's PSI runs into the tens; the threshold is 0.25
     title = "Fleet input drift against each release's reference"
     return _finish(fig, ax, path, title, "seconds since the first window", "largest feature PSI")

@@ -31,7 +31,10 @@ from server.dashboard import views
 from server.dashboard.metrics import CoordinatorCollector
 from server.datadir import DataDir
 from server.errors import ConflictError, CoordinatorError, NotFoundError
+from server.loop.alerts import Alerts
+from server.loop.retrain import answer_proposal
 from server.store import Store, now_ms
+from server.store.loop import AlarmRecords, AlertRecords, JobRecords
 
 __all__ = ["COOKIE", "DashboardOptions", "create_app"]
 
@@ -286,6 +289,34 @@ def create_app(
             raise HTTPException(422, f"confirm must repeat the rollout id {rollout_id!r}")
         step = datadir.rollouts(stores.get()).act(rollout_id, action, actor=actor)
         return {"rollout": rollout_id, "phase": str(step.state.phase), "decision": step.decision, "reason": step.reason}
+
+    # ----- the loop: alerts, drift alarms, retrain jobs -----
+
+    @app.get("/api/alerts", tags=["loop"])
+    def alerts_list(
+        _: Read,
+        state: Literal["open", "acknowledged", "resolved", ""] = "",
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[dict[str, Any]]:
+        """Alerts, newest first (the same as `fedfleet alerts list`)."""
+        return AlertRecords(stores.get()).recent(state or None, limit)
+
+    @app.post("/api/alerts/{alert_id}/ack", tags=["loop"])
+    def alerts_ack(actor: Operator, alert_id: int) -> dict[str, Any]:
+        """Acknowledge an open alert (`fedfleet alerts ack`)."""
+        return Alerts(stores.get()).acknowledge(alert_id, actor)
+
+    @app.get("/api/loop", tags=["loop"])
+    def loop_state(_: Read) -> dict[str, Any]:
+        """Drift alarms and retrain jobs, newest first (`fedfleet loop status`)."""
+        store = stores.get()
+        return {"alarms": AlarmRecords(store).recent(50), "jobs": JobRecords(store).recent(50)}
+
+    @app.post("/api/loop/{job_id}/{answer}", tags=["loop"])
+    def loop_answer(actor: Operator, job_id: int, answer: Literal["approve", "reject"]) -> dict[str, Any]:
+        """Approve or reject a proposed retraining (`fedfleet loop approve|reject`)."""
+        store = stores.get()
+        return answer_proposal(store, Alerts(store, datadir.policy().webhooks), job_id, answer == "approve", actor)
 
     # ----- drift, training, privacy, models, audit -----
 

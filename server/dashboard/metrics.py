@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from server.rollout_engine import ACTIVE
 from server.rollouts import ACTIVE_SQL
 from server.store import Store
+from server.store.loop import AlarmRecords, AlertRecords, DeliveryRecords, JobRecords
 from server.telemetry import REJECTED
 
 __all__ = ["CoordinatorCollector"]
@@ -63,6 +64,7 @@ class CoordinatorCollector(Collector):
 
         yield from _rollouts(db)
         yield from _training(db)
+        yield from _loop(self._store())
 
         if self._broker_connected is not None:
             yield GaugeMetricFamily(
@@ -70,6 +72,28 @@ class CoordinatorCollector(Collector):
                 "1 while the coordinator holds a session with the MQTT broker.",
                 value=1 if self._broker_connected() else 0,
             )
+
+
+def _loop(store: Store) -> Iterator[Metric]:
+    alerts = GaugeMetricFamily("fedfleet_alerts", "Alerts by kind and state.", labels=["kind", "state"])
+    for kind, state, n in AlertRecords(store).counts():
+        alerts.add_metric([kind, state], n)
+    yield alerts
+    deliveries = CounterMetricFamily(
+        "fedfleet_alert_deliveries", "Webhook deliveries of alerts, by state.", labels=["state"]
+    )
+    for state, n in DeliveryRecords(store).counts():
+        deliveries.add_metric([state], n)
+    yield deliveries
+    jobs = GaugeMetricFamily("fedfleet_retrain_jobs", "Retrain jobs by state.", labels=["state"])
+    for state, n in JobRecords(store).counts():
+        jobs.add_metric([state], n)
+    yield jobs
+    yield GaugeMetricFamily(
+        "fedfleet_drift_alarms_open",
+        "Open drift alarms (a fleet's drift over the policy's threshold).",
+        value=len(AlarmRecords(store).open_alarms()),
+    )
 
 
 def _rollouts(db: sqlite_utils.Database) -> Iterator[Metric]:

@@ -34,6 +34,7 @@ class TrainPlan:
     parent: str = ""  # a registered version to start from; empty: a seeded initialisation
     round_timeout: float = 600.0
     data_label: str = ""  # said in the lineage after the data source, e.g. a rehearsal's sensor fault
+    cause: str = ""  # why this run happened, e.g. the drift alarm a retraining answers (lineage, model card)
 
     @property
     def private(self) -> bool:

@@ -267,6 +267,7 @@ def model_card(m: ModelVersion) -> dict[str, Any]:
         "training": {
             "run_id": m.run_id,
             "parent": m.parent or None,
+            "cause": lin.get("cause") or None,
             "engine": lin["engine"],
             "rounds": lin["rounds"],
             "clients_per_round": lin["clients_per_round"],
@@ -297,6 +298,7 @@ def model_card_markdown(m: ModelVersion) -> str:
         f"{t['clients_per_round']} clients per round",
         f"- {len(t['participating_devices'])} participating devices; data: {t['data']['source']}",
         f"- Parent version: {t['parent'] or 'none (trained from a seeded initialisation)'}; code {t['code_version']}",
+        *([f"- Why: {t['cause']}"] if t["cause"] else []),
         "",
         "## Privacy",
         f"- {eps}; accountant: {p.get('accountant', '-')}, noise multiplier {p.get('noise_multiplier_range', '-')}, "

@@ -373,6 +373,7 @@ def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, 
             "schema": {"input": [1, FEATURES], "output": [1, CLASSES], "output_kind": "class probabilities"},
         },
         "code_version": f"fedfleet {server.__version__}",
+        "cause": p.cause,
         "plan": p.to_dict(),
         "privacy": {
             "epsilon": max((d.epsilon for d in run.devices.values()), default=0.0) if p.private else None,

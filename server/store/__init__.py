@@ -266,7 +266,75 @@ def _v6(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+def _v7(db: sqlite_utils.Database) -> None:
+    """The closed loop: fleet drift alarms, the retraining they lead to, alerts and their webhook deliveries."""
+    db.executescript(
+        """
+        CREATE TABLE drift_alarms (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            fleet TEXT NOT NULL,
+            release_id TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            threshold REAL NOT NULL,
+            value REAL NOT NULL,                -- when it opened
+            peak REAL NOT NULL,
+            last_value REAL,
+            devices INTEGER NOT NULL,
+            decision TEXT NOT NULL,             -- the policy's retrain.on_drift when it opened
+            state TEXT NOT NULL,                -- open, resolved
+            resolution TEXT NOT NULL DEFAULT '',
+            opened_at INTEGER NOT NULL,
+            resolved_at INTEGER
+        );
+        CREATE UNIQUE INDEX drift_alarms_open ON drift_alarms (fleet, release_id) WHERE state = 'open';
+        CREATE TABLE retrain_jobs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            alarm_id INTEGER NOT NULL UNIQUE REFERENCES drift_alarms (id),  -- one retraining per alarm, ever
+            fleet TEXT NOT NULL,
+            from_release TEXT NOT NULL,
+            cause TEXT NOT NULL,                -- "retrained because ..." (lineage)
+            engine TEXT NOT NULL,
+            state TEXT NOT NULL,                -- see server.loop.retrain.JobState
+            run_id TEXT NOT NULL DEFAULT '',
+            model_version TEXT NOT NULL DEFAULT '',
+            release_id TEXT NOT NULL DEFAULT '',
+            rollout_id TEXT NOT NULL DEFAULT '',
+            error TEXT NOT NULL DEFAULT '',
+            decided_by TEXT NOT NULL DEFAULT '',
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE TABLE alerts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL,                 -- see server.loop.alerts.AlertKind
+            subject TEXT NOT NULL,              -- a fleet, a rollout, a device, a retrain job
+            key TEXT NOT NULL,                  -- one alert that is not resolved per key
+            state TEXT NOT NULL,                -- open, acknowledged, resolved
+            summary TEXT NOT NULL,
+            detail TEXT NOT NULL,               -- JSON
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            acknowledged_by TEXT NOT NULL DEFAULT '',
+            resolved_at INTEGER
+        );
+        CREATE UNIQUE INDEX alerts_live_key ON alerts (key) WHERE state != 'resolved';
+        CREATE TABLE alert_deliveries (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            alert_id INTEGER NOT NULL REFERENCES alerts (id),
+            event TEXT NOT NULL,                -- alert.opened, alert.resolved
+            url TEXT NOT NULL,
+            state TEXT NOT NULL,                -- pending, delivered, failed (retries used up), dropped (queue full)
+            attempts INTEGER NOT NULL DEFAULT 0,
+            last_result TEXT NOT NULL DEFAULT '',
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL
+        );
+        CREATE INDEX alert_deliveries_pending ON alert_deliveries (state) WHERE state = 'pending';
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -366,6 +434,9 @@ class Store:
     def devices_with_labels(self, labels: dict[str, str], fleet: str | None = None) -> list[str]:
         """Ids of the devices (of a fleet) whose labels include all of `labels`: a cohort."""
         return [d["id"] for d in self.devices(fleet) if all(d["labels"].get(k) == v for k, v in labels.items())]
+
+    def fleets(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT fleet FROM devices ORDER BY fleet")]
 
     def device_ids(self, fleet: str) -> list[str]:
         return [r["id"] for r in self.db.query("SELECT id FROM devices WHERE fleet = ? ORDER BY id", [fleet])]

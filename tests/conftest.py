@@ -27,9 +27,11 @@ def session_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosq
 
 
 @pytest.fixture
-def mosquitto(session_mosquitto: Mosquitto) -> Mosquitto:
+def mosquitto(session_mosquitto: Mosquitto, request: pytest.FixtureRequest) -> Mosquitto:
     """The session's Mosquitto, with no retained message left by an earlier test (a coordinator subscribing
-    to `+/status` would replay earlier tests' last wills)."""
+    to `+/status` would replay earlier tests' last wills). Only for tests marked `broker`."""
+    if request.node.get_closest_marker("broker") is None:
+        pytest.fail(f"{request.node.nodeid} uses Mosquitto: mark it @pytest.mark.broker", pytrace=False)
     session_mosquitto.clear_retained()
     return session_mosquitto
 

@@ -15,7 +15,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from simulations.rig import RELEASES, Rig
 from tests.support import Mosquitto, wait_for
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+pytestmark = [pytest.mark.broker, pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = Path(os.environ.get("FEDFLEET_CHROMIUM", "/usr/bin/chromium"))
 # As root and on a machine with no route out: no sandbox, and no background calls home.

@@ -63,6 +63,7 @@ def running(d: DataDir, device_id: str, release: str) -> bool:
     return row.get("running_release") == release and row.get("last_event") == "committed"
 
 
+@pytest.mark.slow
 def test_release_reaches_agents_and_fleet_rollback(
     fleet: tuple[CoordinatorProcess, list[AgentProcess]], datadir: DataDir
 ) -> None:

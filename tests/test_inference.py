@@ -25,7 +25,7 @@ from simulations.processes import CoordinatorProcess, Mosquitto, wait_for
 from tests.support import enroll_agent
 from tests.test_telemetry import FEATURES, digits_reference
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
 def _releases(d: DataDir) -> dict[str, Release]:

@@ -136,6 +136,7 @@ def test_malformed_windows_are_rejected_and_stored_nowhere(store: Store, payload
 
 
 @pytest.mark.slow
+@pytest.mark.broker
 def test_every_window_is_stored_exactly_once_through_outages(datadir: DataDir, tmp_path: Path) -> None:
     """Broker stopped while inferring, the coordinator SIGKILLed and restarted, the agent stopped mid-send and
     restarted: at the end every window the agent made is stored exactly once, and every inference is counted."""

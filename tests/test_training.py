@@ -31,8 +31,6 @@ from server.fl.server_app import ENGINE_STOPPED, TrainingError, _StoppableGrid
 from server.fl.training import TrainOutcome, run_training
 from tests.support import CoordinatorProcess, enroll_agent, wait_for
 
-pytestmark = pytest.mark.slow
-
 PLAN = TrainPlan(rounds=3, clients=4, noise_multiplier=1.5, seed=7)
 
 
@@ -110,6 +108,8 @@ def _spend(d: DataDir) -> dict[str, list[float]]:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_epsilon_is_cumulative_and_matches_opacus_own_accountant(trained: tuple[DataDir, TrainOutcome]) -> None:
     d, outcome = trained
     spend = _spend(d)
@@ -129,6 +129,8 @@ def test_epsilon_is_cumulative_and_matches_opacus_own_accountant(trained: tuple[
     assert accuracy[-1] > 0.6 > accuracy[0]  # a DP run that learnt (0.1 is chance)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_same_seed_same_model_through_the_cli(trained: tuple[DataDir, TrainOutcome], tmp_path: Path) -> None:
     d, outcome = trained
     other, _ = DataDir.init(tmp_path / "again")
@@ -146,6 +148,8 @@ def test_same_seed_same_model_through_the_cli(trained: tuple[DataDir, TrainOutco
     assert [r["test_accuracy"] for r in doc["rounds"]] == [r["test_accuracy"] for r in outcome.rounds]
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_registry_lineage_card_and_ledger_views(trained: tuple[DataDir, TrainOutcome]) -> None:
     d, outcome = trained
     listed = json.loads(cli(d, "models", "list", "--json").stdout)
@@ -163,6 +167,8 @@ def test_registry_lineage_card_and_ledger_views(trained: tuple[DataDir, TrainOut
     cli(d, "models", "show", "digits@99", ok=False)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_release_is_byte_identical_parity_checked_and_carries_its_metadata(
     trained: tuple[DataDir, TrainOutcome],
 ) -> None:
@@ -190,6 +196,8 @@ def test_release_is_byte_identical_parity_checked_and_carries_its_metadata(
     assert abs(quantized["export"]["accuracy_tflite"] - quantized["export"]["accuracy_float_tflite"]) < 0.05
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_bad_release_requests_change_nothing(trained: tuple[DataDir, TrainOutcome], tmp_path: Path) -> None:
     d, outcome = trained
     before = cli(d, "releases", "list", "--json").stdout
@@ -199,6 +207,8 @@ def test_bad_release_requests_change_nothing(trained: tuple[DataDir, TrainOutcom
     assert cli(d, "releases", "list", "--json").stdout == before
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_an_agent_installs_and_runs_the_trained_release(trained: tuple[DataDir, TrainOutcome], tmp_path: Path) -> None:
     d, outcome = trained
     release = release_model_version(d, outcome.model_version).release.release
@@ -221,6 +231,8 @@ def test_an_agent_installs_and_runs_the_trained_release(trained: tuple[DataDir, 
 # ----- the ledger's refusals -----
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_ledger_skips_spent_devices_and_clients_refuse_or_fail_with_forensics(tmp_path: Path) -> None:
     d, _ = DataDir.init(tmp_path / "data")
     store = d.store()
@@ -249,6 +261,7 @@ def test_ledger_skips_spent_devices_and_clients_refuse_or_fail_with_forensics(tm
     assert [r["completed"] for r in outcome.rounds[1:]] == [1, 1]
 
 
+@pytest.mark.slow  # `fedfleet train` imports torch and Flower
 def test_a_fleet_without_budget_fails_clearly_and_changes_nothing(tmp_path: Path) -> None:
     d, _ = DataDir.init(tmp_path / "data")
     store = d.store()
@@ -261,6 +274,7 @@ def test_a_fleet_without_budget_fails_clearly_and_changes_nothing(tmp_path: Path
     assert json.loads(cli(d, "models", "list", "--json").stdout) == []
 
 
+@pytest.mark.slow  # `fedfleet train` imports torch and Flower
 def test_secure_mode_without_its_generator_is_refused_before_anything_runs(tmp_path: Path) -> None:
     d, _ = DataDir.init(tmp_path / "data")
     out = cli(d, "train", "--rounds", "1", "--clients", "2", "--secure-mode", ok=False)
@@ -318,6 +332,8 @@ def test_a_server_waiting_for_clients_gives_up_when_the_engine_stops() -> None:
         grid.get_node_ids()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_run_whose_engine_fails_before_any_round_is_tried_once_more(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

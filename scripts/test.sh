@@ -34,4 +34,5 @@ echo "agent-only venv (plain pip install; install.sh slims it further): $(du -sm
 rm -rf "$(dirname "$agent_venv")"
 
 echo "== tests"
-$py -m pytest "$@"
+# The slowest 30 tests are listed at the end of every run, so a test that grows slow shows in CI.
+$py -m pytest --durations=30 "$@"

@@ -16,6 +16,8 @@ import typer.main
 from server.cli import app
 from server.datadir import DataDir
 from server.dense_tflite import build_dense_model, random_dense_layers
+from server.fl.registry import Ledger
+from server.releases import publish_release
 
 
 def run(*args: str, module: str = "server.cli") -> subprocess.CompletedProcess[str]:
@@ -228,6 +230,103 @@ def test_rollout_commands_refuse_bad_input_and_change_nothing(datadir: DataDir, 
         assert message in out.stderr and out.stderr.startswith("fedfleet: "), (args, out.stderr)
     assert _digest(datadir) == before
     assert json.loads(run("rollout", "list", "--data-dir", root, "--json").stdout) == []
+
+
+def _fleet_on(d: DataDir, model_bytes: dict[str, bytes], devices: int) -> list[str]:
+    """Both releases published and `devices` registered devices of fleet lab assigned 1.0.0."""
+    names = [f"pi-{i}" for i in range(devices)]
+    store = d.store()
+    try:
+        for version, data in model_bytes.items():
+            publish_release(d.repository(), store, data, "digits", version)
+        for name in names:
+            store.register_device(name, "lab", {}, {}, "t")
+        d.director().assign(store, names, store.release("digits@1.0.0"))
+    finally:
+        store.close()
+    return names
+
+
+def _assignments(d: DataDir) -> list[tuple[str, str, int]]:
+    store = d.store()
+    try:
+        return [
+            (r["device_id"], r["release_id"], r["counter"])
+            for r in store.db.query(
+                "SELECT device_id, release_id, counter FROM assignments ORDER BY device_id, counter"
+            )
+        ]
+    finally:
+        store.close()
+
+
+def test_rollout_pause_resume_and_abort_through_the_cli(datadir: DataDir, model_bytes: dict[str, bytes]) -> None:
+    root = str(datadir.root)
+    _fleet_on(datadir, model_bytes, 4)
+
+    def cli(*args: str) -> dict[str, object]:
+        out = run("rollout", *args, "--data-dir", root, "--json")
+        assert out.returncode == 0, (args, out.stderr)
+        doc: dict[str, object] = json.loads(out.stdout)
+        return doc
+
+    rollout_id = str(cli("start", "digits@2.0.0", "--fleet", "lab", "--canary", "1", "--bake", "600")["id"])
+    store = datadir.store()
+    try:
+        datadir.rollouts(store).tick()  # what a running `fedfleet serve` does next: the canary is assigned
+    finally:
+        store.close()
+    assert cli("status", rollout_id)["phase"] == "baking"
+    on_canary = [a for a in _assignments(datadir) if a[1] == "digits@2.0.0"]
+    assert len(on_canary) == 1
+
+    assert cli("pause", rollout_id) == {"rollout": rollout_id, "phase": "paused", "decision": "pause"}
+    assert cli("resume", rollout_id) == {"rollout": rollout_id, "phase": "baking", "decision": "resume"}
+    again = run("rollout", "resume", rollout_id, "--data-dir", root)
+    assert again.returncode == 1 and "not paused" in again.stderr and again.stderr.startswith("fedfleet: ")
+
+    before = _assignments(datadir)
+    assert cli("abort", rollout_id) == {"rollout": rollout_id, "phase": "aborted", "decision": "abort"}
+    store = datadir.store()
+    try:
+        datadir.rollouts(store).tick()  # an aborted rollout is not driven any further
+    finally:
+        store.close()
+    assert cli("status", rollout_id)["phase"] == "aborted"
+    assert _assignments(datadir) == before  # devices keep what they were given: nothing issued, nothing reverted
+    for action in ("abort", "resume", "pause", "rollback"):
+        refused = run("rollout", action, rollout_id, "--data-dir", root)
+        assert refused.returncode == 1 and "nothing more can be done" in refused.stderr, (action, refused.stderr)
+    decisions = [str(x["decision"]) for x in cli("status", rollout_id)["decisions"]]  # type: ignore[attr-defined]
+    assert [x for x in decisions if x in ("pause", "resume", "abort")] == ["pause", "resume", "abort"]
+    actions = [e["action"] for e in json.loads(run("audit", "list", "--data-dir", root, "--json").stdout)]
+    assert {"rollout.pause", "rollout.resume", "rollout.abort"} <= set(actions)
+    assert json.loads(run("audit", "verify", "--data-dir", root, "--json").stdout)["intact"]
+
+
+def test_privacy_budget_sets_one_devices_budget_and_refuses_nonsense(datadir: DataDir) -> None:
+    root = str(datadir.root)
+    default = datadir.config().epsilon_budget
+    out = run("privacy", "budget", "sim-001", "2.5", "--data-dir", root)
+    assert out.returncode == 0, out.stderr
+    assert "sim-001: lifetime budget ε 2.5 (spent so far 0.000)" in out.stdout
+    store = datadir.store()
+    try:
+        ledger = Ledger(store, default)
+        assert ledger.budget("sim-001") == 2.5 and ledger.budget("sim-002") == default  # only that device
+    finally:
+        store.close()
+    before = _digest(datadir)
+    for bad in ("-1", "nan"):
+        refused = run("privacy", "budget", "sim-001", "--data-dir", root, "--", bad)
+        assert refused.returncode == 1, (bad, refused.stdout, refused.stderr)
+        assert "a budget must be a number >= 0" in refused.stderr and refused.stderr.startswith("fedfleet: ")
+    assert _digest(datadir) == before
+    store = datadir.store()
+    try:
+        assert Ledger(store, default).budget("sim-001") == 2.5
+    finally:
+        store.close()
 
 
 def test_dashboard_token_is_kept_until_rotated_and_rotation_is_audited(datadir: DataDir) -> None:

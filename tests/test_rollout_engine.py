@@ -132,6 +132,26 @@ def test_operator_actions_and_their_refusals() -> None:
         operator_action("explode", baking(), 1)
 
 
+def test_abort_stops_a_rollout_where_it_is_and_leaves_devices_as_they_are() -> None:
+    for state in (
+        RolloutState(Phase.PENDING, -1, 0),
+        baking(1, 7),
+        RolloutState(Phase.GATING, 1, 7),
+        operator_action("pause", baking(1, 7), 100).state,
+        RolloutState(Phase.ROLLING_BACK, 1, 7),
+    ):
+        step = operator_action("abort", state, 200)
+        assert (step.state.phase, step.decision) == (Phase.ABORTED, "abort"), state
+        assert step.assign_wave is None and not step.rollback, state  # no wave issued, nothing reverted
+        assert step.state.wave == state.wave
+        # The engine never moves an aborted rollout again, whatever the telemetry says.
+        for observed in (obs(), obs(class_mix_shift=0.9), None):
+            assert decide(SPEC, step.state, 3, 10**9, observed).state == step.state
+        for action in ("pause", "resume", "abort", "rollback"):
+            with pytest.raises(ConflictError, match="aborted; nothing more"):
+                operator_action(action, step.state, 300)
+
+
 def test_gate_verdicts_name_values_and_thresholds() -> None:
     results = evaluate_gates(SPEC, obs(latency_p95_ratio=2.5))
     failed = [r for r in results if r.verdict is Verdict.FAIL]

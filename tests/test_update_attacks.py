@@ -247,6 +247,27 @@ def test_freeze_expired_targets(env: Env) -> None:
     assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_expired")
 
 
+def test_a_timestamp_version_rollback_is_refused(env: Env) -> None:
+    """A validly signed, unexpired timestamp older than the one the device already trusts."""
+    ts = Metadata.from_file(str(env.meta / "timestamp.json"))
+    trusted = ts.signed.version
+    assert trusted >= 2
+    ts.signed.version = trusted - 1
+    env.write(ts, "timestamp.json", [env.signer("timestamp")])
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_mismatch")
+
+
+def test_a_snapshot_version_rollback_is_refused(env: Env) -> None:
+    """A new, validly signed timestamp that names a snapshot older than the one the device already trusts."""
+    s = env.latest("snapshot")
+    assert (env.meta / f"{s - 1}.snapshot.json").exists()
+    ts = Metadata.from_file(str(env.meta / "timestamp.json"))
+    ts.signed.version += 1
+    ts.signed.snapshot_meta = MetaFile(version=s - 1)
+    env.write(ts, "timestamp.json", [env.signer("timestamp")])
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_mismatch")
+
+
 def test_mix_and_match_snapshot_and_targets(env: Env) -> None:
     """Serve an older (validly signed) targets file where the snapshot names the current version."""
     n = env.latest("targets")  # the device already trusts targets n: name n + 1, serve n - 1's content

@@ -4,7 +4,6 @@ the `fedfleet rollout` CLI. Outcomes are read from the coordinator's database, n
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,18 +105,30 @@ def _advances(rig: Rig) -> int:
     return len(rig.store_query("SELECT id FROM rollout_decisions WHERE decision = 'advance'"))
 
 
+def _gate_samples(rig: Rig, rollout_id: str | None = None) -> int:
+    """How many times a coordinator has judged a rollout's gates (it records a sample when it does)."""
+    sql = "SELECT count(*) AS n FROM rollout_gate_samples" + (" WHERE rollout_id = ?" if rollout_id else "")
+    return int(rig.store_query(sql, [rollout_id] if rollout_id else [])[0]["n"])
+
+
 def _crash_through(rig: Rig, points: list[str]) -> None:
     coordinator = rig.coordinator
     assert coordinator is not None
     advanced_meanwhile = False
     for point in points:
         if point.startswith("SIGKILL"):
-            before = _advances(rig)
+            before, judged = _advances(rig), _gate_samples(rig)
             coordinator.env = {}
             coordinator.start()
-            time.sleep(1.0)
+            # Killed once the restarted coordinator has judged the baking wave (a gate sample is its mark).
+            wait_for(
+                lambda judged=judged: _gate_samples(rig) > judged,  # type: ignore[misc]
+                60,
+                0.05,
+                what="the restarted coordinator to judge the wave",
+            )
             coordinator.kill()
-            # A fast machine may judge the wave within that second: then the advance the next crash point
+            # The wave may have been judged ready within that tick: then the advance the next crash point
             # waits for has happened already (and the outcome checks below still hold).
             advanced_meanwhile = _advances(rig) > before
             continue
@@ -192,7 +203,9 @@ def test_thin_evidence_never_fires_and_operators_pause_and_roll_back(rig: Rig) -
     args = ["--canary", "2", "--bake", "0.5", "--min-samples", "1000000", "--silent-after", "60"]
     rollout = rig.cli("rollout", "start", RELEASES["scrambled"], "--fleet", rig.fleet_name, *args)["id"]
     wait_for(lambda: rig.running(RELEASES["scrambled"]) == 2, 60, what="canary installed")
-    time.sleep(3)  # many gate ticks on a scrambled model, each with too few samples
+    judged = _gate_samples(rig, rollout)
+    # Several judgements of the scrambled canary (a gate sample each), each with too few samples.
+    wait_for(lambda: _gate_samples(rig, rollout) >= judged + 2, 60, 0.2, what="two more gate samples")
     status = rig.status(rollout)
     assert status["phase"] == "gating" and "rollback" not in _decisions(status)
     waiting = [d for d in status["decisions"] if d["decision"] == "waiting"]

@@ -10,13 +10,15 @@ cd "$(dirname "$0")/.."
 dev=false
 [ "${1:-}" = "--dev" ] && dev=true
 
-# Debian packages the tests use: mosquitto (a real broker), systemd (systemd-analyze verify on the unit) and
-# chromium (the dashboard's browser tests, driven by Playwright).
+# Debian packages the tests use: mosquitto (a real broker), systemd (systemd-analyze verify on the unit),
+# chromium (the dashboard's browser tests, driven by Playwright) and prometheus (promtool checks and unit-tests
+# the compose kit's alerting rules; its server is never started).
 missing=()
 if $dev; then
   command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
   [ -x /usr/bin/chromium ] || missing+=(chromium fonts-dejavu-core)
+  command -v promtool >/dev/null || missing+=(prometheus)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

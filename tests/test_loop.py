@@ -186,7 +186,7 @@ def test_review_proposes_and_nothing_trains_until_a_person_approves(fleet: tuple
     (alarm_id,) = watch.tick(p, T0)
     (job,) = JobRecords(store).recent()
     assert (job["state"], job["alarm_id"], job["from_release"]) == (JobState.PROPOSED, alarm_id, RELEASE)
-    assert job["cause"].startswith(f"retrained because input_max_psi ") and f"alarm {alarm_id}" in job["cause"]
+    assert job["cause"].startswith("retrained because input_max_psi ") and f"alarm {alarm_id}" in job["cause"]
     kinds = sorted(a["kind"] for a in AlertRecords(store).recent("open"))
     assert kinds == [AlertKind.DRIFT_ALARM, AlertKind.RETRAIN_PROPOSED]
     retrain.tick()
@@ -436,3 +436,45 @@ def test_loop_policy_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     ]
     assert "inline" not in repr(p.webhooks[1])  # secrets stay out of logs
     assert p.webhooks[0].wants("drift_alarm") and not p.webhooks[0].wants("devices_silent")
+
+
+# ----- the dashboard's API and /metrics -----
+
+
+def test_dashboard_api_shows_the_loop_and_takes_answers_only_from_an_operator(
+    fleet: tuple[DataDir, Store, Telemetry],
+) -> None:
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.dashboard.api import DashboardOptions, create_app
+
+    d, store, telemetry = fleet
+    p = policy(retrain_on_drift="review")
+    _, watch = _controller(d, store, p)
+    telemetry.send(T0, contrast=0.3)
+    (alarm_id,) = watch.tick(p, T0)
+    (job,) = JobRecords(store).recent()
+    auth = {"Authorization": f"Bearer {d.operator_token()}"}
+    with TestClient(create_app(d, DashboardOptions(d.operator_token()))) as c:
+        assert c.get("/api/alerts").status_code == 401  # reads need the token too (public_read is off)
+        alerts = c.get("/api/alerts", headers=auth).json()
+        assert sorted(a["kind"] for a in alerts) == [AlertKind.DRIFT_ALARM, AlertKind.RETRAIN_PROPOSED]
+        loop = c.get("/api/loop", headers=auth).json()
+        assert [a["id"] for a in loop["alarms"]] == [alarm_id] and loop["jobs"][0]["state"] == "proposed"
+        assert c.post(f"/api/loop/{job['id']}/approve").status_code == 401
+        assert c.post(f"/api/loop/{job['id']}/retrain", headers=auth).status_code == 422
+        assert JobRecords(store).get(job["id"])["state"] == JobState.PROPOSED  # refused requests changed nothing
+        approved = c.post(f"/api/loop/{job['id']}/approve", headers=auth)
+        assert approved.status_code == 200 and approved.json()["state"] == "approved"
+        assert c.post(f"/api/loop/{job['id']}/reject", headers=auth).status_code == 409  # decided already
+        drift_alert = next(a for a in alerts if a["kind"] == AlertKind.DRIFT_ALARM)
+        acked = c.post(f"/api/alerts/{drift_alert['id']}/ack", headers=auth).json()
+        assert acked["state"] == "acknowledged" and acked["acknowledged_by"]
+        assert c.post("/api/alerts/999/ack", headers=auth).status_code == 404
+        text = c.get("/metrics", headers=auth).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    alerts_now = {(s.labels["kind"], s.labels["state"]): s.value for s in families["fedfleet_alerts"].samples}
+    assert alerts_now == {("drift_alarm", "acknowledged"): 1, ("retrain_proposed", "resolved"): 1}
+    assert [s.value for s in families["fedfleet_drift_alarms_open"].samples] == [1]
+    assert {s.labels["state"]: s.value for s in families["fedfleet_retrain_jobs"].samples} == {"approved": 1}

@@ -163,14 +163,19 @@ async function rolloutPage(id) {
   };
 }
 
-async function act(id, action) {
-  if (!confirm(`${action} rollout ${id}? This acts on the fleet, as \`fedfleet rollout ${action}\` would.`)) return;
+function operatorToken() {
   let t = token();
   if (!t) {
     t = prompt("Operator token (`fedfleet dashboard-token` prints it):") || "";
-    if (!t) return;
-    sessionStorage.setItem("fedfleet-token", t);
+    if (t) sessionStorage.setItem("fedfleet-token", t);
   }
+  return t;
+}
+
+async function act(id, action) {
+  if (!confirm(`${action} rollout ${id}? This acts on the fleet, as \`fedfleet rollout ${action}\` would.`)) return;
+  const t = operatorToken();
+  if (!t) return;
   const out = document.getElementById("action-result");
   try {
     const r = await api(`/api/rollouts/${encodeURIComponent(id)}/${action}`, {
@@ -183,6 +188,46 @@ async function act(id, action) {
   } catch (err) {
     if (err.status === 401) sessionStorage.removeItem("fedfleet-token");
     out.textContent = `${action} refused: ${err.message}`;
+    out.className = "error";
+  }
+}
+
+async function alertsPage() {
+  const [alerts, loop] = await Promise.all([api("/api/alerts"), api("/api/loop")]);
+  const alertRows = alerts.map(a => [String(a.id), when(a.created_at), e(a.kind), badge(a.state), e(a.summary),
+    a.state === "open" ? `<button data-ack="${a.id}">Acknowledge</button>` : e(a.acknowledged_by || "")]);
+  const alarmRows = loop.alarms.map(a => [String(a.id), when(a.opened_at), e(a.fleet), e(a.release_id),
+    `${e(a.metric)} ${fmtNum(a.value)} &gt; ${fmtNum(a.threshold)}`, fmtNum(a.peak), badge(a.state), e(a.resolution)]);
+  const jobRows = loop.jobs.map(j => [String(j.id), String(j.alarm_id), e(j.fleet), badge(j.state), e(j.cause),
+    e(j.model_version || "–"), j.rollout_id ? link(`rollout/${j.rollout_id}`, j.rollout_id) : "–",
+    j.state === "proposed" ? `<button data-answer="approve" data-job="${j.id}">Approve</button> <button data-answer="reject" data-job="${j.id}">Reject</button>` : e(j.error || j.decided_by || "")]);
+  return {
+    topics: ["audit", "rollouts"],
+    html: `<h1>Alerts and the loop</h1><p class="muted">Drift alarms, the retrainings they lead to, and every alert the coordinator raised (\`fedfleet alerts list\`, \`fedfleet loop status\`).</p>
+      <p id="action-result" class="muted"></p>
+      <h2>Alerts</h2><div id="alerts">${table(["#", "opened", "kind", "state", "summary", ""], alertRows)}</div>
+      <h2>Retrain jobs</h2><div id="jobs">${table(["job", "alarm", "fleet", "state", "cause", "model", "rollout", ""], jobRows)}</div>
+      <h2>Drift alarms</h2>${table(["alarm", "opened", "fleet", "release", "value", "peak", "state", "resolution"], alarmRows)}`,
+    after() {
+      document.querySelectorAll("[data-ack]").forEach(b => b.addEventListener("click", () => operate(`/api/alerts/${b.dataset.ack}/ack`, `acknowledge alert ${b.dataset.ack}`)));
+      document.querySelectorAll("[data-answer]").forEach(b => b.addEventListener("click", () => operate(`/api/loop/${b.dataset.job}/${b.dataset.answer}`, `${b.dataset.answer} retrain job ${b.dataset.job}`)));
+    },
+  };
+}
+
+async function operate(path, what) {
+  if (!confirm(`${what}?`)) return;
+  const t = operatorToken();
+  if (!t) return;
+  const out = document.getElementById("action-result");
+  try {
+    const r = await api(path, {method: "POST", headers: {"Authorization": `Bearer ${t}`}});
+    out.textContent = `${what}: now ${r.state}`;
+    out.className = "";
+    render();
+  } catch (err) {
+    if (err.status === 401) sessionStorage.removeItem("fedfleet-token");
+    out.textContent = `${what} refused: ${err.message}`;
     out.className = "error";
   }
 }
@@ -305,7 +350,7 @@ function parseRoute() {
 const PAGES = {
   fleet: r => fleetPage(r.params), device: r => devicePage(r.arg), rollouts: rolloutsPage, rollout: r => rolloutPage(r.arg),
   drift: r => driftPage(r.params), training: r => (r.arg ? trainingRunPage(r.arg) : trainingPage()), privacy: privacyPage,
-  model: r => modelPage(r.arg), audit: auditPage, api: apiPage,
+  model: r => modelPage(r.arg), audit: auditPage, api: apiPage, alerts: alertsPage,
 };
 
 async function render() {

@@ -188,7 +188,7 @@ def test_every_window_is_stored_exactly_once_through_outages(datadir: DataDir, t
 
         broker.stop()  # the broker goes away while the device keeps inferring
         await infer(agent, 200)
-        await asyncio.sleep(1.0)
+        await until(lambda: not agent.connected.is_set(), "the agent to notice the outage")
         broker.start()
         await infer(agent, 60)
         await until(lambda: len(agent.outbox) == 0, "backlog confirmed after the outage")

@@ -29,19 +29,15 @@ from server.fl.privacy import BudgetExceeded, DeviceBudget, epsilon_of, steps_pe
 from server.fl.registry import Ledger, Registry, TrainingRuns
 from server.fl.server_app import ENGINE_STOPPED, TrainingError, _StoppableGrid
 from server.fl.training import TrainOutcome, run_training
+from simulations.processes import run_bounded
 from tests.support import CoordinatorProcess, enroll_agent, wait_for
 
 PLAN = TrainPlan(rounds=3, clients=4, noise_multiplier=1.5, seed=7)
 
 
 def cli(d: DataDir, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(
-        [sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    # Below pytest's 300 s; an overrun kills the command with whatever it started (Ray's processes).
+    out = run_bounded([sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)], timeout=240)
     assert (out.returncode == 0) == ok, out.stdout + out.stderr
     return out
 

@@ -33,9 +33,9 @@ from edge_agent.drift import DriftReference
 from edge_agent.runtime import load_model
 from edge_agent.telemetry import TelemetryRecorder
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
-from server.enrollment import write_bundle
-from server.releases import publish_release
+from server.trust.enrollment import write_bundle
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import AgentProcess, CoordinatorProcess, wait_for
 
 REPO = Path(__file__).resolve().parent.parent

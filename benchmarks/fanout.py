@@ -45,8 +45,8 @@ from pathlib import Path
 import aiomqtt
 
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
-from server.releases import publish_release
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.fleet import SimulatedFleet
 from simulations.processes import CoordinatorProcess, Mosquitto
 

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from server.datadir import DataDir
-from server.releases import publish_release
+from server.trust.releases import publish_release
 from simulations.fleet_worker import spawn_workers, stop_workers
 from simulations.models import ModelFamily
 from simulations.processes import CoordinatorProcess, Mosquitto, wait_for

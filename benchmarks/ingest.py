@@ -29,8 +29,8 @@ from edge_agent.contract import Topics
 from edge_agent.drift import DriftReference, WindowCounts
 from edge_agent.telemetry import ClosedWindow, window_to_proto
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
-from server.releases import publish_release
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import CoordinatorProcess, Mosquitto
 
 FEATURES, CLASSES = 64, 10

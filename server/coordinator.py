@@ -20,13 +20,13 @@ import uvicorn
 
 from edge_agent.contract import Topics
 from edge_agent.fsutil import atomic_write_bytes
-from server.broker import EmbeddedBroker, parse_host_port
 from server.datadir import DataDir
 from server.errors import CoordinatorError
-from server.grpc_service import FleetService, mutual_tls_credentials, start_grpc_server
+from server.ingest.broker import EmbeddedBroker, parse_host_port
+from server.ingest.grpc_service import FleetService, mutual_tls_credentials, start_grpc_server
+from server.ingest.mqtt_bridge import MqttBridge
 from server.loop.alerts import WebhookSender
 from server.loop.controller import LoopController
-from server.mqtt_bridge import MqttBridge
 
 __all__ = ["Coordinator", "ServeOptions"]
 

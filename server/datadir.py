@@ -22,13 +22,13 @@ from typing import Any
 
 from edge_agent.contract import DEFAULT_TOPIC_PREFIX
 from edge_agent.fsutil import atomic_write_bytes
-from server.director import Director
 from server.errors import DataDirError
-from server.pki import COORDINATOR_IDENTITY, FleetCA
 from server.policy import Policy, load_policy
-from server.repository import Repository
-from server.rollouts import Rollouts
+from server.rollout.driver import Rollouts
 from server.store import Store
+from server.trust.director import Director
+from server.trust.pki import COORDINATOR_IDENTITY, FleetCA
+from server.trust.repository import Repository
 
 __all__ = ["DEFAULT_DATA_DIR", "ENV_DATA_DIR", "CoordinatorConfig", "DataDir"]
 

@@ -27,7 +27,7 @@ with every broken rule named. No file: the built-in defaults below, which refuse
     target_epsilon = 3.0
     data_source = ""                           # "module:callable" giving each simulated client's data; "":
                                                # each device's digits share
-    rollout_spec = ""                          # a rollout spec file (see server/rollout_spec.py) for the
+    rollout_spec = ""                          # a rollout spec file (see server/rollout/spec.py) for the
                                                # retrained release; "": defaults and the policy's default gates
 
     [alerts]
@@ -59,7 +59,7 @@ from typing import Any
 from edge_agent.contract import LIMITS
 from server.errors import CoordinatorError
 from server.loop.kinds import AlertKind
-from server.rollout_spec import METRICS, Gate, RolloutSpec, RolloutSpecError, parse_gate
+from server.rollout.spec import METRICS, Gate, RolloutSpec, RolloutSpecError, parse_gate
 
 __all__ = ["DRIFT_METRICS", "RETRAIN_ACTIONS", "Policy", "PolicyError", "PolicyViolation", "Webhook", "load_policy"]
 

@@ -1,5 +1,6 @@
-"""The `fedfleet` command: the coordinator's commands (server.cli) plus those that run simulated fleets on this
-machine, which live here because `simulations` builds on `server` and never the other way round."""
+"""`fedfleet simulate` and `fedfleet demo`: the commands that run simulated fleets on this machine. They join the
+coordinator's `fedfleet` (server.cli) through the entry-point group `fedfleet.commands` (see pyproject.toml), so
+`simulations` builds on `server` and never the other way round."""
 
 from __future__ import annotations
 
@@ -9,15 +10,13 @@ from typing import Annotated, Any
 
 import typer
 
-from server.cli import app
 from server.cli import main as server_main
-from server.cli_common import out
+from server.cli.common import out
 from simulations.workload import SensorFault
 
-__all__ = ["app", "main"]
+__all__ = ["main", "register"]
 
 
-@app.command()
 def simulate(
     scenario: Annotated[
         str,
@@ -59,7 +58,6 @@ def simulate(
         raise typer.Exit(1)
 
 
-@app.command()
 def demo(
     devices: Annotated[int, typer.Option(min=4, max=200, help="Simulated devices (each a real agent).")] = 10,
     rounds: Annotated[
@@ -120,6 +118,12 @@ def _closed_loop(
         out.print("[red]the loop did not close[/]: " + "; ".join(failures))
         raise typer.Exit(1)
     out.print(f"[green]the loop closed[/] in {time.monotonic() - started:.0f} s; report: {report / 'summary.md'}")
+
+
+def register(app: typer.Typer) -> None:
+    """The `fedfleet.commands` entry point: add these commands to the coordinator's `fedfleet`."""
+    app.command()(simulate)
+    app.command()(demo)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from edge_agent.agent import Agent
 from server.datadir import DataDir
-from server.enrollment import write_bundle
+from server.trust.enrollment import write_bundle
 
 __all__ = ["SimulatedFleet"]
 

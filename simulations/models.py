@@ -13,7 +13,7 @@ import numpy as np
 
 from edge_agent.drift import DriftReference
 from edge_agent.runtime import load_model
-from server.dense_tflite import DenseLayer, build_dense_model, random_dense_layers
+from simulations.dense_tflite import DenseLayer, build_dense_model, random_dense_layers
 
 __all__ = ["CLASSES", "FEATURES", "ModelFamily", "drift_reference", "reference_inputs"]
 

@@ -31,7 +31,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import AgentConfig
-from server.broker import free_port
+from server.ingest.broker import free_port
 from server.datadir import DataDir
 
 __all__ = [

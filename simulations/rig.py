@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from server.datadir import DataDir
-from server.releases import publish_release
 from server.store import Store
+from server.trust.releases import publish_release
 from simulations.fleet import SimulatedFleet
 from simulations.models import ModelFamily, drift_reference, reference_inputs
 from simulations.processes import CoordinatorProcess, wait_for

@@ -21,12 +21,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from server.broker import free_port
 from server.coordinator import Coordinator, ServeOptions
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
-from server.releases import publish_release
+from server.ingest.broker import free_port
 from server.store import Store
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.fleet import SimulatedFleet
 
 console = Console(soft_wrap=True)

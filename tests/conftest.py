@@ -8,7 +8,7 @@ import pytest
 from hypothesis import settings
 
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import LOG_NAMES, tracebacks_in
 from tests.support import Mosquitto, own_topic_prefix
 

@@ -12,10 +12,10 @@ import grpc
 
 from edge_agent.contract import Topics
 from server.datadir import DataDir
-from server.enrollment import write_bundle
-from server.grpc_service import FleetService, start_grpc_server
-from server.repository import Repository
+from server.ingest.grpc_service import FleetService, start_grpc_server
 from server.store import Store
+from server.trust.enrollment import write_bundle
+from server.trust.repository import Repository
 from simulations.processes import AgentProcess, CoordinatorProcess, Mosquitto, wait_for
 
 __all__ = [

@@ -15,9 +15,9 @@ import typer.main
 
 from server.cli import app
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
 from server.fl.registry import Ledger
-from server.releases import publish_release
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 
 
 def run(*args: str, module: str = "server.cli") -> subprocess.CompletedProcess[str]:

@@ -12,8 +12,8 @@ from edge_agent.runtime import load_model
 from edge_agent.state import StateStore
 from edge_agent.steps import STEPS
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
-from server.releases import publish_release
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from tests.support import AgentProcess, CoordinatorProcess, Mosquitto, enroll_agent, wait_for
 from tests.test_end_to_end import fedfleet, running
 

@@ -27,15 +27,15 @@ from edge_agent.telemetry import window_to_proto
 from server.dashboard import views
 from server.dashboard.api import COOKIE, DashboardOptions, create_app
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
-from server.events import EventRejected
 from server.fl.plan import TrainPlan
 from server.fl.registry import Ledger
 from server.fl.training import run_training
-from server.releases import publish_release
-from server.rollout_spec import RolloutSpec
+from server.ingest.events import EventRejected
+from server.ingest.telemetry import REJECTED, ingest_windows
+from server.rollout.spec import RolloutSpec
 from server.store import Store, now_ms
-from server.telemetry import REJECTED, ingest_windows
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from tests.test_telemetry import digits_reference, window
 
 DEVICES = [f"pi-{i}" for i in range(6)]

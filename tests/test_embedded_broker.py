@@ -8,8 +8,8 @@ import aiomqtt
 import pytest
 
 from edge_agent.contract import Topics
-from server.broker import EmbeddedBroker, free_port
 from server.errors import CoordinatorError
+from server.ingest.broker import EmbeddedBroker, free_port
 
 T = Topics()
 MARKER = b"live marker"

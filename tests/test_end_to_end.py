@@ -20,7 +20,7 @@ from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.contract import Topics
 from edge_agent.runtime import load_model
 from server.datadir import DataDir
-from server.releases import publish_release
+from server.trust.releases import publish_release
 from tests.support import AgentProcess, CoordinatorProcess, Mosquitto, enroll_agent, wait_for
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from server.datadir import DataDir
-from server.releases import publish_release
+from server.trust.releases import publish_release
 from simulations.fleet_worker import spawn_workers, stop_workers
 from simulations.models import ModelFamily
 from tests.support import CoordinatorProcess, wait_for

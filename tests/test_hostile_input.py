@@ -20,11 +20,11 @@ from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.contract import LIMITS, Topics
 from edge_agent.telemetry import counts_from_proto, window_to_proto
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
-from server.events import EventRejected, event_row
-from server.mqtt_bridge import MqttBridge
-from server.releases import publish_release
+from server.ingest.events import EventRejected, event_row
+from server.ingest.mqtt_bridge import MqttBridge
 from server.store import Store
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from tests.support import GrpcServerThread
 from tests.test_telemetry import digits_reference, window
 

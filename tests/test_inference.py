@@ -18,9 +18,9 @@ import pytest
 
 from edge_agent.agent import Agent, Inference
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
-from server.releases import publish_release
 from server.store import Release
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import CoordinatorProcess, Mosquitto, wait_for
 from tests.support import enroll_agent
 from tests.test_telemetry import FEATURES, digits_reference

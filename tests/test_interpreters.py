@@ -13,8 +13,8 @@ import pytest
 
 from edge_agent.arrays import decode_array, encode_array
 from edge_agent.runtime import ProbeFailed, interpreter_name, load_model
-from server.dense_tflite import build_dense_model, random_dense_layers
-from server.releases import auto_probe
+from server.trust.releases import auto_probe
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import run_bounded
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,16 +23,16 @@ from edge_agent.drift import DriftReference, WindowCounts
 from edge_agent.telemetry import ClosedWindow, window_to_proto
 from server import audit
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
+from server.ingest.telemetry import ingest_window
 from server.loop.alerts import SIGNATURE_HEADER, Alerts, WebhookSender
 from server.loop.drift_watch import DriftWatch, read_fleet_drift
 from server.loop.kinds import AlertKind
 from server.loop.retrain import JobState, RetrainController, job_lock_path
 from server.policy import Policy, PolicyError, Webhook, load_policy
-from server.releases import publish_release
 from server.store import Store
 from server.store.loop import AlarmRecords, AlertRecords, DeliveryRecords, JobRecords
-from server.telemetry import ingest_window
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from tests.support import wait_for
 
 FEATURES, CLASSES = 64, 10

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
-from server.enrollment import write_bundle
+from server.trust.enrollment import write_bundle
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import run_bounded, wait_for
 from tests.support import enroll_agent
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from server import audit
 from server.errors import ConflictError
 from server.policy import Policy, PolicyError, load_policy
-from server.rollout_engine import Phase, RolloutState, Verdict, WaveObservation, decide, evaluate_gates, operator_action
-from server.rollout_spec import OnFail, RolloutSpec, RolloutSpecError, load_spec, parse_gate, plan_waves
+from server.rollout.engine import Phase, RolloutState, Verdict, WaveObservation, decide, evaluate_gates, operator_action
+from server.rollout.spec import OnFail, RolloutSpec, RolloutSpecError, load_spec, parse_gate, plan_waves
 from server.store import Store
 
 SPEC = RolloutSpec("digits@2.0.0", canary=2, bake_seconds=10, min_samples=100, min_devices=2)
@@ -316,7 +316,7 @@ def test_drift_in_one_cohort_fails_the_gate_naming_the_cohort() -> None:
 
 def test_latency_ratio_ignores_sub_millisecond_jitter_but_sees_real_regressions() -> None:
     from edge_agent.drift import LATENCY_EDGES_MS, DriftReference, WindowCounts
-    from server.rollouts import _latency_ratio
+    from server.rollout.driver import _latency_ratio
 
     def counts(ms: float) -> WindowCounts:
         c = WindowCounts.empty(DriftReference.empty(10))

@@ -20,11 +20,11 @@ from edge_agent.drift import DriftReference, WindowCounts
 from edge_agent.outbox import Outbox
 from edge_agent.telemetry import ClosedWindow, TelemetryRecorder, window_to_proto
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
-from server.events import EventRejected
-from server.releases import publish_release
+from server.ingest.events import EventRejected
+from server.ingest.telemetry import ingest_window, parse_window, pool, watermark
 from server.store import Store
-from server.telemetry import ingest_window, parse_window, pool, watermark
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import CoordinatorProcess, Mosquitto
 from tests.support import enroll_agent
 

@@ -22,11 +22,11 @@ from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract import LIMITS, Topics
 from edge_agent.errors import AgentError
 from edge_agent.transport import GrpcTransport
-from server.broker import free_port
 from server.datadir import DataDir
-from server.dense_tflite import build_dense_model, random_dense_layers
-from server.pki import FleetCA
-from server.releases import publish_release
+from server.ingest.broker import free_port
+from server.trust.pki import FleetCA
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from tests.support import AgentProcess, CoordinatorProcess, Mosquitto, enroll_agent, own_topic_prefix, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

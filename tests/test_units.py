@@ -24,8 +24,8 @@ from edge_agent.errors import ConfigError
 from edge_agent.mqtt_session import raise_lost_cancel
 from server.datadir import DataDir
 from server.errors import ConflictError, DataDirError
-from server.repository import release_role
 from server.store import SCHEMA_VERSION, Store
+from server.trust.repository import release_role
 
 
 @settings(max_examples=200, deadline=None)

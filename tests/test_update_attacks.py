@@ -30,10 +30,10 @@ from edge_agent.state import StateStore
 from edge_agent.transport import GrpcTransport
 from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment
 from server.datadir import DataDir
-from server.director import Director
-from server.grpc_service import FleetService
-from server.releases import publish_release
-from server.repository import load_private_key, release_role
+from server.ingest.grpc_service import FleetService
+from server.trust.director import Director
+from server.trust.releases import publish_release
+from server.trust.repository import load_private_key, release_role
 from tests.support import GrpcServerThread
 
 DEVICE = "dev-1"

@@ -11,11 +11,11 @@ import sqlite_utils
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
-from server.rollout_engine import ACTIVE
-from server.rollouts import ACTIVE_SQL
+from server.ingest.telemetry import REJECTED
+from server.rollout.driver import ACTIVE_SQL
+from server.rollout.engine import ACTIVE
 from server.store import Store
 from server.store.loop import AlarmRecords, AlertRecords, DeliveryRecords, JobRecords
-from server.telemetry import REJECTED
 
 __all__ = ["CoordinatorCollector"]
 

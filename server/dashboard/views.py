@@ -16,9 +16,9 @@ from edge_agent.drift import WindowCounts, score_window
 from edge_agent.telemetry import counts_from_proto
 from server import audit
 from server.fl.registry import Ledger, Registry, TrainingRuns, model_card, model_card_markdown
-from server.rollouts import Rollouts
+from server.ingest.telemetry import release_reference
+from server.rollout.driver import Rollouts
 from server.store import Store, now_ms
-from server.telemetry import release_reference
 
 __all__ = [
     "DeviceFilter",

@@ -27,7 +27,7 @@ from server.errors import ReleaseError
 from server.fl.data import FEATURES, held_out
 from server.fl.model import DigitsNet, predict_proba, set_weights
 from server.fl.registry import ModelVersion, Registry, model_card, model_card_markdown
-from server.releases import PublishResult, publish_release
+from server.trust.releases import PublishResult, publish_release
 
 __all__ = ["PARITY_TOLERANCE", "ExportReport", "export_tflite", "parity", "release_model_version"]
 

@@ -12,8 +12,8 @@ from server.loop.drift_watch import DriftWatch
 from server.loop.kinds import AlertKind
 from server.loop.retrain import RetrainController
 from server.policy import Policy
-from server.rollout_engine import Phase
-from server.rollouts import Rollouts
+from server.rollout.driver import Rollouts
+from server.rollout.engine import Phase
 from server.store import Store, now_ms
 
 __all__ = ["LoopController"]

@@ -1,7 +1,7 @@
 """Fleet-wide drift on the running release, judged against the policy's [retrain] section, as alarms with a life.
 
 `read_fleet_drift` pools the recent telemetry of a fleet's devices on the release most of them run and reads the
-policy's metric (server.telemetry.SCORE_METRICS). `DriftWatch.tick` turns readings into alarms:
+policy's metric (server.ingest.telemetry.SCORE_METRICS). `DriftWatch.tick` turns readings into alarms:
 
     none ─(value > threshold, enough evidence, cool-down over)─► open ─(value < RESOLVE_FRACTION * threshold)─► resolved
                                                                  └─(the fleet runs another release)──────► resolved
@@ -26,13 +26,13 @@ from typing import Any
 
 from server import audit
 from server.crashpoints import crash_point
-from server.events import EventRejected
+from server.ingest.events import EventRejected
+from server.ingest.telemetry import pool, release_reference
 from server.loop.alerts import Alerts
 from server.loop.kinds import AlertKind
 from server.policy import Policy
 from server.store import Store, now_ms
 from server.store.loop import AlarmRecords
-from server.telemetry import pool, release_reference
 
 __all__ = ["RESOLVE_FRACTION", "DriftReading", "DriftWatch", "read_fleet_drift"]
 

@@ -37,9 +37,9 @@ from server.loop.alerts import Alerts
 from server.loop.drift_watch import DriftReading
 from server.loop.kinds import AlertKind
 from server.policy import Policy
-from server.rollout_engine import ACTIVE, Phase
-from server.rollout_spec import RolloutSpec, load_spec
-from server.rollouts import Rollouts
+from server.rollout.driver import Rollouts
+from server.rollout.engine import ACTIVE, Phase
+from server.rollout.spec import RolloutSpec, load_spec
 from server.store import Store
 from server.store.loop import JobRecords
 

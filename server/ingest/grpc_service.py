@@ -18,11 +18,11 @@ from google.protobuf.json_format import MessageToDict
 from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.contract import LIMITS, device_id_is_valid
-from server.events import EventRejected, event_row
-from server.pki import serial_of
-from server.repository import Repository
+from server.ingest.events import EventRejected, event_row
+from server.ingest.telemetry import ingest_windows, watermark
 from server.store import Store
-from server.telemetry import ingest_windows, watermark
+from server.trust.pki import serial_of
+from server.trust.repository import Repository
 
 __all__ = ["FleetService", "mutual_tls_credentials", "start_grpc_server"]
 

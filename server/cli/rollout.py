@@ -1,4 +1,4 @@
-"""`fedfleet rollout …` and `fedfleet audit …`: thin commands over `server.rollouts` and `server.audit`.
+"""`fedfleet rollout …` and `fedfleet audit …`: thin commands over `server.rollout.driver` and `server.audit`.
 
 A rollout is stored by these commands and driven by a running `fedfleet serve`; operator actions (pause, resume,
 abort, rollback) change the stored state with the same authority as the engine, and the next tick acts on them.
@@ -17,10 +17,10 @@ from rich.live import Live
 from rich.table import Table
 
 from server import audit
-from server.cli_common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, open_datadir, out, parse_labels, print_json
+from server.cli.common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, open_datadir, out, parse_labels, print_json
 from server.errors import CoordinatorError
-from server.rollout_engine import ACTIVE, Phase
-from server.rollout_spec import OnFail, load_spec, parse_gate
+from server.rollout.engine import ACTIVE, Phase
+from server.rollout.spec import OnFail, load_spec, parse_gate
 
 __all__ = ["audit_app", "rollout_app"]
 

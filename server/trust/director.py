@@ -19,8 +19,8 @@ from edge_agent.assignment import director_key_id
 from edge_agent.contract import DIRECTOR_KEYS_TARGET
 from edge_agent.fsutil import atomic_write_bytes
 from server import audit
-from server.repository import Repository, load_private_key, write_private_key
 from server.store import Release, Store, now_ms
+from server.trust.repository import Repository, load_private_key, write_private_key
 
 __all__ = ["Director", "IssuedAssignment"]
 

@@ -1,5 +1,5 @@
 """The rollout state machine, with no I/O: given a rollout's state, what the coordinator observed of its current
-wave and the time, say what happens next. `server.rollouts` reads SQLite, calls `decide`, and applies the
+wave and the time, say what happens next. `server.rollout.driver` reads SQLite, calls `decide`, and applies the
 returned transition (assignments, state, decision, audit entry) in one transaction, so a crash at any point
 leaves either the whole step or none of it.
 
@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from server.errors import ConflictError
-from server.rollout_spec import METRICS, Gate, MetricKind, OnFail, RolloutSpec
+from server.rollout.spec import METRICS, Gate, MetricKind, OnFail, RolloutSpec
 
 __all__ = [
     "ACTIVE",

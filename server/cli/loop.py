@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from server.cli_common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, open_datadir, out, print_json, print_rows
+from server.cli.common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, open_datadir, out, print_json, print_rows
 from server.loop.alerts import Alerts
 from server.loop.kinds import AlertState
 from server.loop.retrain import answer_proposal

@@ -16,7 +16,7 @@ from edge_agent.contract import LIMITS, Topics
 from edge_agent.fsutil import atomic_write_bytes
 from server.datadir import DataDir
 from server.errors import CoordinatorError
-from server.pki import COORDINATOR_IDENTITY
+from server.trust.pki import COORDINATOR_IDENTITY
 
 __all__ = ["BrokerConfig", "acl_text", "write_broker_config"]
 

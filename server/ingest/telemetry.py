@@ -20,7 +20,7 @@ from edge_agent.contract import LIMITS, device_id_is_valid
 from edge_agent.drift import DriftReference, WindowCounts, WindowScore, score_window
 from edge_agent.telemetry import counts_from_proto
 from server.errors import NotFoundError
-from server.events import EventRejected
+from server.ingest.events import EventRejected
 from server.store import Store, now_ms
 
 __all__ = [
@@ -192,7 +192,7 @@ def ingest_windows(
 
 
 # The telemetry metrics of a pooled window against its release's reference, each defined once: rollout gates
-# (server.rollout_spec.METRICS says what each means), the drift watch and reports read them from here.
+# (server.rollout.spec.METRICS says what each means), the drift watch and reports read them from here.
 SCORE_METRICS: dict[str, Callable[[WindowScore], float | None]] = {
     "input_max_psi": lambda s: s.max_psi if s.feature_psi.size else None,
     "input_mean_psi": lambda s: s.mean_psi if s.feature_psi.size else None,

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from server.cli_common import (
+from server.cli.common import (
     DEFAULT_DATA_DIR,
     DataDirOption,
     JsonOption,

@@ -15,9 +15,9 @@ from edge_agent.contract import Topics
 from edge_agent.mqtt_session import keep_session
 from server.crashpoints import crash_point
 from server.errors import CoordinatorError
-from server.events import EventRejected, parse_event, parse_status
+from server.ingest.events import EventRejected, parse_event, parse_status
+from server.ingest.telemetry import ingest_windows, parse_window
 from server.store import Store, now_ms
-from server.telemetry import ingest_windows, parse_window
 
 __all__ = ["MqttBridge", "parse_mqtt_url"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import importlib.metadata
 import json
 import logging
 import signal
@@ -23,7 +24,7 @@ from rich.table import Table
 
 from edge_agent.arrays import encode_array
 from server import __version__, audit
-from server.cli_common import (
+from server.cli.common import (
     DEFAULT_DATA_DIR,
     DataDirOption,
     JsonOption,
@@ -33,16 +34,16 @@ from server.cli_common import (
     parse_labels,
     print_json,
 )
-from server.cli_loop import alerts_app, loop_app
-from server.cli_rollout import audit_app, rollout_app
-from server.cli_train import models_app, privacy_app, train
+from server.cli.loop import alerts_app, loop_app
+from server.cli.rollout import audit_app, rollout_app
+from server.cli.train import models_app, privacy_app, train
 from server.datadir import DataDir
-from server.enrollment import write_bundle
 from server.errors import CoordinatorError
-from server.releases import publish_release
-from server.repository import RELEASES_KEY
+from server.ingest.telemetry import pool
 from server.store import Release, now_ms
-from server.telemetry import pool
+from server.trust.enrollment import write_bundle
+from server.trust.releases import publish_release
+from server.trust.repository import RELEASES_KEY
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -422,7 +423,7 @@ def broker_config(
 ) -> None:
     """Write a Mosquitto configuration: TLS with client certificates from the fleet CA, the certificate name as
     username, the CRL, and an ACL that lets each device write only its own topics and read only its own state."""
-    from server.broker_config import BrokerConfig, write_broker_config
+    from server.trust.broker_config import BrokerConfig, write_broker_config
 
     hosts = tuple(host) if host else ("127.0.0.1", "localhost")
     written = write_broker_config(open_datadir(data_dir), BrokerConfig(out_dir, port, bind, hosts, run_as))
@@ -536,7 +537,7 @@ def keys_rotate_releases(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: Js
 def keys_rotate_director(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
     """Replace the key that signs assignments; running devices learn the new key through signed TUF metadata.
     A running `fedfleet serve` signs with the new key from its next tick."""
-    from server.director import Director
+    from server.trust.director import Director
 
     d = open_datadir(data_dir)
     old, new = Director.rotate(d.keys, d.trust, d.repository())
@@ -555,15 +556,24 @@ def version() -> None:
     out.print(f"fedfleet {__version__}")
 
 
+PLUGINS = "fedfleet.commands"  # entry points: callables that add commands to `app` (e.g. simulate, demo)
+
+
+def load_plugins() -> None:
+    """Add the commands other installed packages offer (`fedfleet simulate`, `fedfleet demo` from simulations)."""
+    for entry in importlib.metadata.entry_points(group=PLUGINS):
+        try:
+            entry.load()(app)
+        except Exception as e:  # a broken plugin must not take the coordinator's own commands with it
+            sys.stderr.write(f"fedfleet: commands from {entry.value} are unavailable ({type(e).__name__}: {e})\n")
+
+
 def main() -> None:
     # `kill -USR1 <pid>` prints every thread's stack to stderr: how a stuck coordinator or demo tells where.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    load_plugins()
     try:
         app()
     except CoordinatorError as e:
         sys.stderr.write(f"fedfleet: {e}\n")
         sys.exit(EXIT_FAILURE)
-
-
-if __name__ == "__main__":
-    main()

@@ -19,8 +19,8 @@ from edge_agent.runtime import Model, load_model
 from server import audit
 from server.errors import ConflictError, NotFoundError, ReleaseError
 from server.policy import Policy, PolicyViolation
-from server.repository import Repository
 from server.store import Release, Store, now_ms
+from server.trust.repository import Repository
 
 __all__ = ["PublishResult", "auto_probe", "publish_release"]
 

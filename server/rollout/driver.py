@@ -1,5 +1,5 @@
 """Rollouts on the coordinator: start one, drive it with `tick` (called by `fedfleet serve`), act on it as an
-operator, report on it. The decisions come from `server.rollout_engine`; this module reads SQLite to observe a
+operator, report on it. The decisions come from `server.rollout.engine`; this module reads SQLite to observe a
 wave and applies each transition — assignments, new state, the decision and its audit entry — in one
 transaction. A coordinator killed at any point restarts on a state where the step happened entirely or not at
 all, and the next tick carries on from there.
@@ -19,10 +19,10 @@ import numpy as np
 from edge_agent.drift import LATENCY_EDGES_MS, WindowCounts, histogram_quantile
 from server import audit
 from server.crashpoints import crash_point
-from server.director import Director
 from server.errors import ConflictError, NotFoundError
+from server.ingest.telemetry import SCORE_METRICS, Pooled, pool
 from server.policy import Policy, PolicyViolation
-from server.rollout_engine import (
+from server.rollout.engine import (
     ACTIVE,
     Phase,
     RolloutState,
@@ -32,9 +32,9 @@ from server.rollout_engine import (
     evaluate_gates,
     operator_action,
 )
-from server.rollout_spec import DEFAULT_GATES, RolloutSpec, RolloutSpecError, plan_waves
+from server.rollout.spec import DEFAULT_GATES, RolloutSpec, RolloutSpecError, plan_waves
 from server.store import Store, now_ms
-from server.telemetry import SCORE_METRICS, Pooled, pool
+from server.trust.director import Director
 
 __all__ = ["ACTIVE_SQL", "FINAL_FAILURE_KINDS", "Rollouts"]
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
-from edge_agent.drift import DriftReference
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
+from edge_agent.contract.drift import DriftReference
 from edge_agent.runtime import load_model
 from edge_agent.telemetry import TelemetryRecorder
 from server.datadir import DataDir

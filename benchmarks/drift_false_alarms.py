@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 
-from edge_agent.drift import DriftReference, WindowCounts, score_window
+from edge_agent.contract.drift import DriftReference, WindowCounts, score_window
 
 FEATURES, CLASSES = 64, 10
 

@@ -26,8 +26,8 @@ import aiomqtt
 import numpy as np
 
 from edge_agent.contract import Topics
-from edge_agent.drift import DriftReference, WindowCounts
-from edge_agent.telemetry import ClosedWindow, window_to_proto
+from edge_agent.contract.drift import DriftReference, WindowCounts
+from edge_agent.contract.windows import ClosedWindow, window_to_proto
 from server.datadir import DataDir
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers

@@ -28,20 +28,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
 from edge_agent import __version__
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.assignment import load_director_keys
 from edge_agent.config import AgentConfig
 from edge_agent.contract import LIMITS, Topics
-from edge_agent.drift import DriftReference
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
+from edge_agent.contract.drift import DriftReference
+from edge_agent.contract.mqtt_session import keep_session, publish, raise_lost_cancel
+from edge_agent.contract.windows import ClosedWindow
 from edge_agent.errors import AgentError, InterpreterError
-from edge_agent.mqtt_session import keep_session, publish, raise_lost_cancel
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import Model, interpreter_name, load_model
 from edge_agent.state import SlotInfo, StateStore
 from edge_agent.systemd import notify as systemd_notify
 from edge_agent.systemd import watchdog_interval
-from edge_agent.telemetry import ClosedWindow, TelemetryRecorder
+from edge_agent.telemetry import TelemetryRecorder
 from edge_agent.transport import GrpcTransport
 from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment
 

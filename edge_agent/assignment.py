@@ -7,7 +7,6 @@ assignment or raises `AssignmentError` with a reason code.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,17 +15,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract import LIMITS
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract.keys import director_key_id
 from edge_agent.errors import AssignmentError
 
-__all__ = ["VerifiedAssignment", "director_key_id", "load_director_keys", "parse_signed", "verify_assignment"]
+__all__ = ["VerifiedAssignment", "load_director_keys", "parse_signed", "verify_assignment"]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def director_key_id(raw_public_key: bytes) -> str:
-    return hashlib.sha256(raw_public_key).hexdigest()
 
 
 def load_director_keys(hex_keys: Mapping[str, str]) -> dict[str, Ed25519PublicKey]:

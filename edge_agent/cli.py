@@ -60,8 +60,8 @@ def _infer(config_path: Path, text: str | None, file: Path | None, as_json: bool
     import grpc
     import numpy as np
 
-    from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-    from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
+    from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+    from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 
     config = load_config(config_path)
     if config.local_endpoint == "off":

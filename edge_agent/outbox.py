@@ -17,8 +17,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.telemetry import ClosedWindow, counts_from_proto, window_to_proto
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract.windows import ClosedWindow, counts_from_proto, window_to_proto
 
 __all__ = ["Outbox"]
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edge_agent.arrays import decode_array
+from edge_agent.contract.arrays import decode_array
 from edge_agent.errors import InterpreterError
 
 __all__ = ["Model", "ProbeFailed", "interpreter_name", "load_model"]
@@ -85,7 +85,7 @@ class Model:
         """Run the release's probe set; return the max abs difference, raise ProbeFailed past tolerance.
 
         The probe is {"inputs": encoded array [n, *input_shape], "outputs": encoded array [n, ...],
-        "atol": "1e-4"} (see edge_agent.arrays).
+        "atol": "1e-4"} (see edge_agent.contract.arrays).
         """
         try:
             inputs = decode_array(probe.get("inputs"))

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from edge_agent.contract.files import atomic_write_bytes, remove_stale_temp_files
 from edge_agent.errors import AgentError
-from edge_agent.fsutil import atomic_write_bytes, remove_stale_temp_files
 
 __all__ = ["AgentState", "SlotInfo", "StateStore"]
 

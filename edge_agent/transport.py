@@ -16,9 +16,9 @@ import grpc
 import grpc.experimental
 
 from edge_agent import __version__
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.contract import LIMITS
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.errors import AgentError, TransientError
 
 __all__ = ["FileMissing", "GrpcTransport", "Unimplemented", "hardware_facts"]

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.assignment import VerifiedAssignment, load_director_keys, verify_assignment
 from edge_agent.contract import DIRECTOR_KEYS_TARGET
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract.files import atomic_write_bytes, fsync_dir, sha256_of
 from edge_agent.errors import AssignmentError, InterpreterError, TransientError, UpdateRefused
-from edge_agent.fsutil import atomic_write_bytes, fsync_dir, sha256_of
 from edge_agent.runtime import Model, load_model
 from edge_agent.state import SlotInfo, StateStore
 from edge_agent.steps import STEPS

@@ -1,9 +1,9 @@
-"""Regenerate the committed protobuf/gRPC code under edge_agent/_proto from protos/.
+"""Regenerate the committed protobuf/gRPC code under edge_agent/contract/_proto from protos/.
 
     python scripts/gen_protos.py          # write the generated files
     python scripts/gen_protos.py --check  # fail (exit 1) if the committed files differ
 
-The .proto files are mapped into the virtual path edge_agent/_proto/ so that the generated gRPC module
+The .proto files are mapped into the virtual path edge_agent/contract/_proto/ so that the generated gRPC module
 imports its message module by an absolute path inside the agent package.
 """
 
@@ -20,7 +20,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-OUT_PACKAGE = "edge_agent/_proto"
+OUT_PACKAGE = "edge_agent/contract/_proto"
 
 
 def _mypy_plugin(name: str) -> str:
@@ -52,7 +52,7 @@ def generate(out_root: Path) -> list[Path]:
     generated = sorted(p for p in (out_root / OUT_PACKAGE).rglob("*") if p.suffix in {".py", ".pyi"})
     for directory in {p.parent for p in generated} | {out_root / OUT_PACKAGE}:
         current = directory
-        while current != out_root and current != out_root / "edge_agent":
+        while current != out_root and current != out_root / "edge_agent" / "contract":
             init = current / "__init__.py"
             if not init.exists():
                 init.write_text('"""Generated protobuf code; regenerate with scripts/gen_protos.py."""\n')

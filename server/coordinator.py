@@ -19,7 +19,7 @@ from typing import Any
 import uvicorn
 
 from edge_agent.contract import Topics
-from edge_agent.fsutil import atomic_write_bytes
+from edge_agent.contract.files import atomic_write_bytes
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.ingest.broker import EmbeddedBroker, parse_host_port

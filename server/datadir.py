@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.contract import DEFAULT_TOPIC_PREFIX
-from edge_agent.fsutil import atomic_write_bytes
+from edge_agent.contract.files import atomic_write_bytes
 from server.errors import DataDirError
 from server.policy import Policy, load_policy
 from server.rollout.driver import Rollouts

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.drift import DriftReference, WindowCounts, score_window
-from edge_agent.fsutil import atomic_write_bytes
-from edge_agent.telemetry import counts_from_proto
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract.drift import DriftReference, WindowCounts, score_window
+from edge_agent.contract.files import atomic_write_bytes
+from edge_agent.contract.windows import counts_from_proto
 from server.crashpoints import ENV as CRASH_ENV
 from server.datadir import DataDir
 from server.fl.client_app import SourceFor

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.drift import DriftReference
+from edge_agent.contract.drift import DriftReference
 from edge_agent.runtime import load_model
 from simulations.dense_tflite import DenseLayer, build_dense_model, random_dense_layers
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.drift import DriftReference, WindowCounts, score_window
-from edge_agent.telemetry import counts_from_proto
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract.drift import DriftReference, WindowCounts, score_window
+from edge_agent.contract.windows import counts_from_proto
 from simulations.rig import RELEASES, Rig
 from simulations.workload import SensorFault
 

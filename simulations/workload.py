@@ -15,8 +15,8 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.agent import Agent
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.errors import AgentError, TransientError
 from simulations.fleet import SimulatedFleet
 from simulations.models import FEATURES

@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.telemetry import window_to_proto
+from edge_agent.contract.windows import window_to_proto
 from server.dashboard import views
 from server.dashboard.api import COOKIE, DashboardOptions, create_app
 from server.datadir import DataDir

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.arrays import decode_array, encode_array
-from edge_agent.drift import (
+from edge_agent.contract.arrays import decode_array, encode_array
+from edge_agent.contract.drift import (
     LATENCY_EDGES_MS,
     DriftReference,
     WindowCounts,

@@ -15,9 +15,9 @@ import numpy as np
 import paho.mqtt.client as paho
 import pytest
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.contract import Topics
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.runtime import load_model
 from server.datadir import DataDir
 from server.trust.releases import publish_release

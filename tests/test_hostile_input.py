@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.contract import LIMITS, Topics
-from edge_agent.telemetry import counts_from_proto, window_to_proto
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
+from edge_agent.contract.windows import counts_from_proto, window_to_proto
 from server.datadir import DataDir
 from server.ingest.events import EventRejected, event_row
 from server.ingest.mqtt_bridge import MqttBridge

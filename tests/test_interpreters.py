@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.arrays import decode_array, encode_array
+from edge_agent.contract.arrays import decode_array, encode_array
 from edge_agent.runtime import ProbeFailed, interpreter_name, load_model
 from server.trust.releases import auto_probe
 from simulations.dense_tflite import build_dense_model, random_dense_layers
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = """
 import json, sys
 import numpy as np
-from edge_agent.arrays import decode_array
+from edge_agent.contract.arrays import decode_array
 from edge_agent.runtime import interpreter_name, load_model
 model = load_model(__import__("pathlib").Path(sys.argv[1]))
 probe = json.loads(open(sys.argv[2]).read())

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.drift import DriftReference, WindowCounts
-from edge_agent.telemetry import ClosedWindow, window_to_proto
+from edge_agent.contract.drift import DriftReference, WindowCounts
+from edge_agent.contract.windows import ClosedWindow, window_to_proto
 from server import audit
 from server.datadir import DataDir
 from server.ingest.telemetry import ingest_window

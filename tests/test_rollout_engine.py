@@ -315,7 +315,7 @@ def test_drift_in_one_cohort_fails_the_gate_naming_the_cohort() -> None:
 
 
 def test_latency_ratio_ignores_sub_millisecond_jitter_but_sees_real_regressions() -> None:
-    from edge_agent.drift import LATENCY_EDGES_MS, DriftReference, WindowCounts
+    from edge_agent.contract.drift import LATENCY_EDGES_MS, DriftReference, WindowCounts
     from server.rollout.driver import _latency_ratio
 
     def counts(ms: float) -> WindowCounts:

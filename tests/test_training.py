@@ -18,7 +18,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from opacus.accountants import RDPAccountant
 
-from edge_agent.drift import DriftReference
+from edge_agent.contract.drift import DriftReference
 from edge_agent.runtime import load_model
 from server.datadir import DataDir
 from server.fl import training

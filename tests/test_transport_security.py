@@ -18,8 +18,8 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract import LIMITS, Topics
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.errors import AgentError
 from edge_agent.transport import GrpcTransport
 from server.datadir import DataDir

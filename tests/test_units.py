@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from tuf.api.metadata import Metadata, Targets
 
-from edge_agent.arrays import decode_array, encode_array
 from edge_agent.config import config_from_dict
 from edge_agent.contract import Topics, device_id_is_valid
+from edge_agent.contract.arrays import decode_array, encode_array
+from edge_agent.contract.mqtt_session import raise_lost_cancel
 from edge_agent.errors import ConfigError
-from edge_agent.mqtt_session import raise_lost_cancel
 from server.datadir import DataDir
 from server.errors import ConflictError, DataDirError
 from server.store import SCHEMA_VERSION, Store

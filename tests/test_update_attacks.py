@@ -23,9 +23,9 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile, Root
 from tuf.api.serialization.json import JSONSerializer
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.assignment import load_director_keys
 from edge_agent.contract import LIMITS
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.state import StateStore
 from edge_agent.transport import GrpcTransport
 from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment

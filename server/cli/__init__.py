@@ -22,7 +22,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from edge_agent.arrays import encode_array
+from edge_agent.contract.arrays import encode_array
 from server import __version__, audit
 from server.cli.common import (
     DEFAULT_DATA_DIR,

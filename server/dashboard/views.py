@@ -11,9 +11,9 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.drift import WindowCounts, score_window
-from edge_agent.telemetry import counts_from_proto
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract.drift import WindowCounts, score_window
+from edge_agent.contract.windows import counts_from_proto
 from server import audit
 from server.fl.registry import Ledger, Registry, TrainingRuns, model_card, model_card_markdown
 from server.ingest.telemetry import release_reference

@@ -26,7 +26,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from edge_agent.drift import bin_counts
+from edge_agent.contract.drift import bin_counts
 from server.fl.data import DataSource, source_from_config
 from server.fl.model import predict_proba, train_plain
 from server.fl.privacy import BudgetExceeded, DeviceBudget, History, epsilon_of, noise_for_target, steps_per_round

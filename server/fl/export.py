@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_agent.arrays import encode_array
+from edge_agent.contract.arrays import encode_array
 from edge_agent.runtime import load_model
 from server.datadir import DataDir
 from server.errors import ReleaseError

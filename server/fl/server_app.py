@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 import server
-from edge_agent.drift import DriftReference, histogram_quantile, proportions
+from edge_agent.contract.drift import DriftReference, histogram_quantile, proportions
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.fl.data import CLASSES, FEATURE_RANGE, FEATURES, held_out

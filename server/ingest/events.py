@@ -6,8 +6,8 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract import LIMITS, device_id_is_valid
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from server.store import Store
 
 __all__ = ["EventRejected", "event_row", "parse_event", "parse_status"]

@@ -15,9 +15,9 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.contract import LIMITS, device_id_is_valid
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from server.ingest.events import EventRejected, event_row
 from server.ingest.telemetry import ingest_windows, watermark
 from server.store import Store

@@ -10,9 +10,9 @@ from urllib.parse import urlparse
 
 import aiomqtt
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract import Topics
-from edge_agent.mqtt_session import keep_session
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract.mqtt_session import keep_session
 from server.crashpoints import crash_point
 from server.errors import CoordinatorError
 from server.ingest.events import EventRejected, parse_event, parse_status

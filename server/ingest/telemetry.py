@@ -7,7 +7,6 @@ sequence up to which every sequence is stored, so a device never deletes a windo
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,10 +14,10 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract import LIMITS, device_id_is_valid
-from edge_agent.drift import DriftReference, WindowCounts, WindowScore, score_window
-from edge_agent.telemetry import counts_from_proto
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract.drift import DriftReference, WindowCounts, WindowScore, score_window
+from edge_agent.contract.windows import counts_from_proto
 from server.errors import NotFoundError
 from server.ingest.events import EventRejected
 from server.store import Store, now_ms
@@ -88,13 +87,6 @@ def _check(store: Store, m: pb.TelemetryWindow, topic_device: str | None) -> Non
             f"window has {counts.feature_counts.shape} feature bins, release {m.release_id} has "
             f"{(reference.n_features, reference.n_bins)}"
         )
-    if m.HasField("scores"):
-        sc = m.scores
-        values = [*sc.feature_psi, *sc.feature_kl, sc.max_psi, sc.mean_psi, sc.score_psi, sc.latency_p95_ms]
-        if len(sc.feature_psi) != len(m.feature_nan) or len(sc.feature_kl) != len(m.feature_nan):
-            raise EventRejected("window scores do not match its features")
-        if not all(math.isfinite(v) and v >= 0 for v in values):
-            raise EventRejected("window scores must be finite and non-negative")
     if m.sequence - m.first_sequence > 1_000_000:
         raise EventRejected("window claims to summarize an absurd number of windows")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.drift import LATENCY_EDGES_MS, WindowCounts, histogram_quantile
+from edge_agent.contract.drift import LATENCY_EDGES_MS, WindowCounts, histogram_quantile
 from server import audit
 from server.crashpoints import crash_point
 from server.errors import ConflictError, NotFoundError

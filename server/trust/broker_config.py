@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.contract import LIMITS, Topics
-from edge_agent.fsutil import atomic_write_bytes
+from edge_agent.contract.files import atomic_write_bytes
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.trust.pki import COORDINATOR_IDENTITY

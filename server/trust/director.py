@@ -14,10 +14,10 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.assignment import director_key_id
 from edge_agent.contract import DIRECTOR_KEYS_TARGET
-from edge_agent.fsutil import atomic_write_bytes
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract.files import atomic_write_bytes
+from edge_agent.contract.keys import director_key_id
 from server import audit
 from server.store import Release, Store, now_ms
 from server.trust.repository import Repository, load_private_key, write_private_key

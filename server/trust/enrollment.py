@@ -11,8 +11,8 @@ from typing import Any
 
 from edge_agent.config import AgentConfig, config_from_dict
 from edge_agent.contract import device_id_is_valid
+from edge_agent.contract.files import atomic_write_bytes
 from edge_agent.errors import ConfigError
-from edge_agent.fsutil import atomic_write_bytes
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 

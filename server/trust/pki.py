@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge_agent.fsutil import atomic_write_bytes
+from edge_agent.contract.files import atomic_write_bytes
 from server.errors import CoordinatorError
 from server.store import Store
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.arrays import encode_array
 from edge_agent.contract import LIMITS
+from edge_agent.contract.arrays import encode_array
 from edge_agent.errors import InterpreterError
 from edge_agent.runtime import Model, load_model
 from server import audit

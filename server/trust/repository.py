@@ -54,7 +54,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
-from edge_agent.fsutil import atomic_write_bytes
+from edge_agent.contract.files import atomic_write_bytes
 from server.errors import ConflictError, DataDirError
 
 logger = logging.getLogger(__name__)

@@ -279,7 +279,6 @@ class TelemetryWindow(google.protobuf.message.Message):
     LATENCY_COUNTS_FIELD_NUMBER: builtins.int
     ENTROPY_SUM_FIELD_NUMBER: builtins.int
     LATENCY_MAX_MS_FIELD_NUMBER: builtins.int
-    SCORES_FIELD_NUMBER: builtins.int
     device_id: builtins.str
     sequence: builtins.int
     release_id: builtins.str
@@ -314,13 +313,7 @@ class TelemetryWindow(google.protobuf.message.Message):
 
     @property
     def latency_counts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]:
-        """over edge_agent.drift.LATENCY_EDGES_MS"""
-
-    @property
-    def scores(self) -> Global___WindowScores:
-        """The device's own scores of this window against the release's drift reference (the coordinator pools
-        the counts and scores cohorts itself). Unset when the window had too few samples to be scored.
-        """
+        """over edge_agent.contract.drift.LATENCY_EDGES_MS"""
 
     def __init__(
         self,
@@ -342,55 +335,11 @@ class TelemetryWindow(google.protobuf.message.Message):
         latency_counts: collections.abc.Iterable[builtins.int] | None = ...,
         entropy_sum: builtins.float = ...,
         latency_max_ms: builtins.float = ...,
-        scores: Global___WindowScores | None = ...,
     ) -> None: ...
-    _HasFieldArgType: typing_extensions.TypeAlias = typing.Literal["scores", b"scores"]
-    def HasField(self, field_name: _HasFieldArgType) -> builtins.bool: ...
-    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["bins_per_feature", b"bins_per_feature", "class_counts", b"class_counts", "device_id", b"device_id", "end_ms", b"end_ms", "entropy_sum", b"entropy_sum", "errors", b"errors", "feature_bins", b"feature_bins", "feature_nan", b"feature_nan", "feature_out_of_range", b"feature_out_of_range", "first_sequence", b"first_sequence", "inferences", b"inferences", "latency_counts", b"latency_counts", "latency_max_ms", b"latency_max_ms", "release_id", b"release_id", "score_counts", b"score_counts", "scores", b"scores", "sequence", b"sequence", "start_ms", b"start_ms"]
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["bins_per_feature", b"bins_per_feature", "class_counts", b"class_counts", "device_id", b"device_id", "end_ms", b"end_ms", "entropy_sum", b"entropy_sum", "errors", b"errors", "feature_bins", b"feature_bins", "feature_nan", b"feature_nan", "feature_out_of_range", b"feature_out_of_range", "first_sequence", b"first_sequence", "inferences", b"inferences", "latency_counts", b"latency_counts", "latency_max_ms", b"latency_max_ms", "release_id", b"release_id", "score_counts", b"score_counts", "sequence", b"sequence", "start_ms", b"start_ms"]
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
 
 Global___TelemetryWindow: typing_extensions.TypeAlias = TelemetryWindow
-
-@typing.final
-class WindowScores(google.protobuf.message.Message):
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
-
-    FEATURE_PSI_FIELD_NUMBER: builtins.int
-    FEATURE_KL_FIELD_NUMBER: builtins.int
-    MAX_PSI_FIELD_NUMBER: builtins.int
-    MEAN_PSI_FIELD_NUMBER: builtins.int
-    SCORE_PSI_FIELD_NUMBER: builtins.int
-    MEAN_ENTROPY_FIELD_NUMBER: builtins.int
-    LATENCY_P50_MS_FIELD_NUMBER: builtins.int
-    LATENCY_P95_MS_FIELD_NUMBER: builtins.int
-    max_psi: builtins.float
-    mean_psi: builtins.float
-    score_psi: builtins.float
-    mean_entropy: builtins.float
-    latency_p50_ms: builtins.float
-    latency_p95_ms: builtins.float
-    @property
-    def feature_psi(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.float]: ...
-    @property
-    def feature_kl(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.float]:
-        """KL(window || reference)"""
-
-    def __init__(
-        self,
-        *,
-        feature_psi: collections.abc.Iterable[builtins.float] | None = ...,
-        feature_kl: collections.abc.Iterable[builtins.float] | None = ...,
-        max_psi: builtins.float = ...,
-        mean_psi: builtins.float = ...,
-        score_psi: builtins.float = ...,
-        mean_entropy: builtins.float = ...,
-        latency_p50_ms: builtins.float = ...,
-        latency_p95_ms: builtins.float = ...,
-    ) -> None: ...
-    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["feature_kl", b"feature_kl", "feature_psi", b"feature_psi", "latency_p50_ms", b"latency_p50_ms", "latency_p95_ms", b"latency_p95_ms", "max_psi", b"max_psi", "mean_entropy", b"mean_entropy", "mean_psi", b"mean_psi", "score_psi", b"score_psi"]
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-
-Global___WindowScores: typing_extensions.TypeAlias = WindowScores
 
 @typing.final
 class TelemetryAck(google.protobuf.message.Message):

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from edge_agent._proto.fedfleet.v1 import fleet_pb2 as edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in edge_agent/_proto/fedfleet/v1/fleet_pb2_grpc.py depends on'
+        + ' but the generated code in edge_agent/contract/_proto/fedfleet/v1/fleet_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,33 +36,33 @@ class FleetServiceStub:
         """
         self.Register = channel.unary_unary(
                 '/fedfleet.v1.FleetService/Register',
-                request_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.RegisterResponse.FromString,
+                request_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.RegisterResponse.FromString,
                 _registered_method=True)
         self.FetchMetadata = channel.unary_stream(
                 '/fedfleet.v1.FleetService/FetchMetadata',
-                request_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.SerializeToString,
-                response_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.FromString,
+                request_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.SerializeToString,
+                response_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.FromString,
                 _registered_method=True)
         self.FetchTarget = channel.unary_stream(
                 '/fedfleet.v1.FleetService/FetchTarget',
-                request_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.SerializeToString,
-                response_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.FromString,
+                request_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.SerializeToString,
+                response_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.FromString,
                 _registered_method=True)
         self.FetchMetadataBundle = channel.unary_stream(
                 '/fedfleet.v1.FleetService/FetchMetadataBundle',
-                request_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataBundleRequest.SerializeToString,
-                response_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataPart.FromString,
+                request_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataBundleRequest.SerializeToString,
+                response_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataPart.FromString,
                 _registered_method=True)
         self.ReportEvents = channel.unary_unary(
                 '/fedfleet.v1.FleetService/ReportEvents',
-                request_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsRequest.SerializeToString,
-                response_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsResponse.FromString,
+                request_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsRequest.SerializeToString,
+                response_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsResponse.FromString,
                 _registered_method=True)
         self.UploadTelemetry = channel.stream_unary(
                 '/fedfleet.v1.FleetService/UploadTelemetry',
-                request_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryWindow.SerializeToString,
-                response_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryAck.FromString,
+                request_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryWindow.SerializeToString,
+                response_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryAck.FromString,
                 _registered_method=True)
 
 
@@ -112,33 +112,33 @@ def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.RegisterRequest.FromString,
-                    response_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.RegisterResponse.SerializeToString,
+                    request_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.RegisterRequest.FromString,
+                    response_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.RegisterResponse.SerializeToString,
             ),
             'FetchMetadata': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchMetadata,
-                    request_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.FromString,
-                    response_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.SerializeToString,
+                    request_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.FromString,
+                    response_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.SerializeToString,
             ),
             'FetchTarget': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchTarget,
-                    request_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.FromString,
-                    response_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.SerializeToString,
+                    request_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.FromString,
+                    response_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.SerializeToString,
             ),
             'FetchMetadataBundle': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchMetadataBundle,
-                    request_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataBundleRequest.FromString,
-                    response_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataPart.SerializeToString,
+                    request_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataBundleRequest.FromString,
+                    response_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataPart.SerializeToString,
             ),
             'ReportEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportEvents,
-                    request_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsRequest.FromString,
-                    response_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsResponse.SerializeToString,
+                    request_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsRequest.FromString,
+                    response_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsResponse.SerializeToString,
             ),
             'UploadTelemetry': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadTelemetry,
-                    request_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryWindow.FromString,
-                    response_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryAck.SerializeToString,
+                    request_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryWindow.FromString,
+                    response_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -166,8 +166,8 @@ class FleetService:
             request,
             target,
             '/fedfleet.v1.FleetService/Register',
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.RegisterRequest.SerializeToString,
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.RegisterResponse.FromString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.RegisterRequest.SerializeToString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.RegisterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -193,8 +193,8 @@ class FleetService:
             request,
             target,
             '/fedfleet.v1.FleetService/FetchMetadata',
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.SerializeToString,
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.FromString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.SerializeToString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -220,8 +220,8 @@ class FleetService:
             request,
             target,
             '/fedfleet.v1.FleetService/FetchTarget',
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.SerializeToString,
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.FromString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.FetchRequest.SerializeToString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -247,8 +247,8 @@ class FleetService:
             request,
             target,
             '/fedfleet.v1.FleetService/FetchMetadataBundle',
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataBundleRequest.SerializeToString,
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataPart.FromString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataBundleRequest.SerializeToString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.MetadataPart.FromString,
             options,
             channel_credentials,
             insecure,
@@ -274,8 +274,8 @@ class FleetService:
             request,
             target,
             '/fedfleet.v1.FleetService/ReportEvents',
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsRequest.SerializeToString,
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsResponse.FromString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsRequest.SerializeToString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.ReportEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -301,8 +301,8 @@ class FleetService:
             request_iterator,
             target,
             '/fedfleet.v1.FleetService/UploadTelemetry',
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryWindow.SerializeToString,
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryAck.FromString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryWindow.SerializeToString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -325,8 +325,8 @@ class AgentLocalStub:
         """
         self.Infer = channel.unary_unary(
                 '/fedfleet.v1.AgentLocal/Infer',
-                request_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferRequest.SerializeToString,
-                response_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferResponse.FromString,
+                request_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferRequest.SerializeToString,
+                response_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferResponse.FromString,
                 _registered_method=True)
 
 
@@ -344,8 +344,8 @@ def add_AgentLocalServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
-                    request_deserializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferRequest.FromString,
-                    response_serializer=edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferResponse.SerializeToString,
+                    request_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferRequest.FromString,
+                    response_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -373,8 +373,8 @@ class AgentLocal:
             request,
             target,
             '/fedfleet.v1.AgentLocal/Infer',
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferRequest.SerializeToString,
-            edge__agent_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferResponse.FromString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferRequest.SerializeToString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.InferResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.arrays import decode_array, encode_array
+from edge_agent.contract.arrays import decode_array, encode_array
 
 __all__ = [
     "LATENCY_EDGES_MS",

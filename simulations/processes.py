@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,8 +31,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import AgentConfig
-from server.ingest.broker import free_port
 from server.datadir import DataDir
+from server.ingest.broker import free_port
 
 __all__ = [
     "LOG_NAMES",
@@ -81,17 +81,22 @@ def tracebacks_in(log: Path, offset: int = 0) -> list[str]:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (children first found, whatever their session), from /proc."""
+    """Every process below `pid` that has not exited (zombies left out), whatever its session, from /proc."""
     parents: dict[int, list[int]] = {}
+    exited: set[int] = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            parents.setdefault(ppid, []).append(int(stat.parent.name))
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            child = int(stat.parent.name)
+            parents.setdefault(int(fields[1]), []).append(child)
+            if fields[0] in ("Z", "X"):
+                exited.add(child)
     found: list[int] = []
     todo = [pid]
     while todo:
         for child in parents.get(todo.pop(), []):
-            found.append(child)
+            if child not in exited:
+                found.append(child)
             todo.append(child)
     return found
 
@@ -140,42 +145,57 @@ def run_bounded(
     return subprocess.CompletedProcess(list(args), proc.returncode, stdout, stderr)
 
 
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
-
-
 class Mosquitto:
     """A private Mosquitto on a free loopback port, never the system's. stop() and start() keep the port."""
 
+    RUNNING = re.compile(r"mosquitto version \S+ running")  # logged once every listener is bound
+
     def __init__(self, workdir: Path, conf: Path | None = None, port: int | None = None) -> None:
         """A plain loopback broker, or one from a given configuration (e.g. `fedfleet broker config`) that
-        listens on `port`."""
+        listens on `port`. Without a given port, a free one is picked; if another process binds it before
+        Mosquitto does, another is picked (a few times)."""
         self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(self.binary).exists():
             raise RuntimeError("mosquitto is not installed: apt-get install -y mosquitto (.ci/run does this)")
-        self.port = port or free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = conf or workdir / "mosquitto.conf"
-        if conf is None:
-            self.conf.write_text(
-                f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                "log_dest stderr\nuser root\nmax_queued_messages 100000\n"
-            )
         self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+        for attempt in range(5):
+            self.port = port or free_port()
+            if conf is None:
+                self.conf.write_text(
+                    f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "log_dest stderr\nuser root\nmax_queued_messages 100000\n"
+                )
+            try:
+                self.start()
+                return
+            except RuntimeError as e:
+                if port is not None or "Address already in use" not in str(e) or attempt == 4:
+                    raise
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "mosquitto.log"
 
     def start(self) -> None:
-        with (self.workdir / "mosquitto.log").open("ab") as log:
+        """Start on the configured port; returns once Mosquitto says it is running (its own log line, not an
+        open port, which could be another process's)."""
+        started = len(self.RUNNING.findall(self.log.read_text(errors="replace"))) if self.log.exists() else 0
+        with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "-c", str(self.conf)], stdout=log, stderr=log, start_new_session=True
             )
         proc = self.proc
-        wait_for(lambda: _port_open("127.0.0.1", self.port) or proc.poll() is not None, 10, what="mosquitto")
+
+        def running() -> bool:
+            return len(self.RUNNING.findall(self.log.read_text(errors="replace"))) > started
+
+        wait_for(lambda: proc.poll() is not None or running(), 10, what="mosquitto running")
         if proc.poll() is not None:
-            raise RuntimeError(f"mosquitto exited: {(self.workdir / 'mosquitto.log').read_text()[-2000:]}")
+            self.proc = None
+            raise RuntimeError(f"mosquitto exited ({proc.returncode}): {self.log.read_text()[-2000:]}")
 
     @property
     def url(self) -> str:
@@ -290,7 +310,11 @@ class CoordinatorProcess:
             self.endpoints = doc
             return "connected to MQTT broker" in self.log.read_text()
 
-        wait_for(ready, 30, what="coordinator ready")
+        try:
+            wait_for(ready, 30, what="coordinator ready")
+        except BaseException:
+            self.kill()  # a coordinator that never got ready is not left running
+            raise
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

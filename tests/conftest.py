@@ -9,7 +9,7 @@ from hypothesis import settings
 
 from server.datadir import DataDir
 from simulations.dense_tflite import build_dense_model, random_dense_layers
-from simulations.processes import LOG_NAMES, tracebacks_in
+from simulations.processes import LOG_NAMES, descendants, kill_tree, tracebacks_in
 from tests.support import Mosquitto, own_topic_prefix
 
 # CI runs the property and fuzz tests on a fixed example sequence so a landing never hinges on a random draw;
@@ -19,9 +19,15 @@ if os.environ.get("CI") or os.environ.get("HYPOTHESIS_PROFILE") == "ci":
     settings.load_profile("ci")
 
 
+# Processes that outlive the test which first asked for them (the session's Mosquitto): not leaks.
+LONG_LIVED = pytest.StashKey[set[int]]()
+
+
 @pytest.fixture(scope="session")
-def session_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+def session_mosquitto(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Mosquitto]:
     broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    assert broker.proc is not None
+    pytestconfig.stash.setdefault(LONG_LIVED, set()).add(broker.proc.pid)
     yield broker
     broker.stop()
 
@@ -34,6 +40,17 @@ def mosquitto(session_mosquitto: Mosquitto, request: pytest.FixtureRequest) -> M
         pytest.fail(f"{request.node.nodeid} uses Mosquitto: mark it @pytest.mark.broker", pytrace=False)
     session_mosquitto.clear_retained()
     return session_mosquitto
+
+
+@pytest.fixture
+def private_mosquitto(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mosquitto]:
+    """A Mosquitto of this test's own, for a test that stops and restarts its broker; stopped at the end
+    whatever happened. Only for tests marked `broker`."""
+    if request.node.get_closest_marker("broker") is None:
+        pytest.fail(f"{request.node.nodeid} uses Mosquitto: mark it @pytest.mark.broker", pytrace=False)
+    broker = Mosquitto(tmp_path / "broker")
+    yield broker
+    broker.stop()
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +95,27 @@ def no_tracebacks_in_process_logs(
     if found:
         shown = "\n".join(f"--- {log}\n{tb}" for log, tb in found[:3])
         pytest.fail(f"{len(found)} traceback(s) in coordinator/agent logs during this test:\n{shown}", pytrace=False)
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "(gone)"
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a process running that it started (its fixtures' teardowns included: this
+    check is torn down after them), and kill it with everything it started, so it cannot disturb later tests.
+    Processes of wider-scoped fixtures (the session's Mosquitto) were there before the test and stay."""
+    before = set(descendants(os.getpid()))
+    yield
+    kept = request.config.stash.get(LONG_LIVED, set())
+    left = [pid for pid in descendants(os.getpid()) if pid not in before and pid not in kept]
+    if not left:
+        return
+    shown = "\n".join(f"  {pid}: {_command_line(pid)}" for pid in left[:10])
+    for pid in left:
+        kill_tree(pid)
+    pytest.fail(f"{len(left)} process(es) left running by this test (now killed):\n{shown}", pytrace=False)

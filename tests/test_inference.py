@@ -124,8 +124,10 @@ def test_swap_under_load_fails_no_inference_and_keeps_releases_apart(
     assert _stored_inferences(datadir) == served  # every inference counted, in its own release's windows
 
 
-def test_local_endpoint_and_agent_killed_mid_send(datadir: DataDir, tmp_path: Path) -> None:
-    broker = Mosquitto(tmp_path / "broker")
+def test_local_endpoint_and_agent_killed_mid_send(
+    datadir: DataDir, tmp_path: Path, private_mosquitto: Mosquitto
+) -> None:
+    broker = private_mosquitto  # stopped and started by the test, stopped at the end whatever happens
     releases = _releases(datadir)
     coordinator = CoordinatorProcess(datadir, broker.url).start()
     agent = enroll_agent(

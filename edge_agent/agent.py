@@ -1,7 +1,7 @@
 """The running agent: one asyncio task set per device, so one process can hold many simulated devices.
 
-- MQTT: retained status (last will: offline), subscribes to its retained desired state and its fleet's
-  announce topic, publishes update events (QoS 1).
+- MQTT: retained status (last will: offline), subscribes to its retained desired state and its telemetry
+  acknowledgements, publishes update events (QoS 1).
 - gRPC: registration (which also returns the current assignment), TUF metadata, target bytes, and events
   when MQTT is down.
 - Updates run one at a time in a worker thread; a newer assignment that arrives meanwhile replaces any
@@ -35,6 +35,7 @@ from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.contract.drift import DriftReference
 from edge_agent.contract.mqtt_session import keep_session, publish, raise_lost_cancel
+from edge_agent.contract.reasons import Reason
 from edge_agent.contract.windows import ClosedWindow
 from edge_agent.errors import AgentError, InterpreterError
 from edge_agent.outbox import Outbox
@@ -136,7 +137,7 @@ class Agent:
         with self._serving:
             model, release = self.model, self._model_release
             if model is None:
-                raise InterpreterError("no committed model yet", "no_model")
+                raise InterpreterError("no committed model yet", Reason.NO_MODEL)
             start = time.perf_counter()
             try:
                 y = model.predict_serialized(x)
@@ -292,7 +293,6 @@ class Agent:
         async def on_connected(client: aiomqtt.Client) -> None:
             self._client = client
             await client.subscribe(self.topics.desired(device), qos=1)
-            await client.subscribe(self.topics.announce(self.config.fleet), qos=0)
             await client.subscribe(self.topics.ack(device), qos=1)
             self._sent_at.clear()  # unconfirmed windows are sent again on a new session
             self._telemetry_ready.set()
@@ -343,7 +343,6 @@ class Agent:
                 logger.warning("ignoring a malformed telemetry ack")
                 return
             self.outbox.acknowledge(watermark)
-        # An announce needs no action: metadata is refreshed with every assignment.
 
     # ----- updates -----
 

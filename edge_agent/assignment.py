@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from edge_agent.contract import LIMITS
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.keys import director_key_id
+from edge_agent.contract.reasons import Reason
 from edge_agent.errors import AssignmentError
 
 __all__ = ["VerifiedAssignment", "load_director_keys", "parse_signed", "verify_assignment"]
@@ -33,12 +34,12 @@ def load_director_keys(hex_keys: Mapping[str, str]) -> dict[str, Ed25519PublicKe
             raw = bytes.fromhex(hex_key)
             key = Ed25519PublicKey.from_public_bytes(raw)
         except ValueError as e:
-            raise AssignmentError(f"director key {key_id} is not an Ed25519 public key", "trust_invalid") from e
+            raise AssignmentError(f"director key {key_id} is not an Ed25519 public key", Reason.TRUST_INVALID) from e
         if director_key_id(raw) != key_id:
-            raise AssignmentError(f"director key id {key_id} does not match its key", "trust_invalid")
+            raise AssignmentError(f"director key id {key_id} does not match its key", Reason.TRUST_INVALID)
         keys[key_id] = key
     if not keys:
-        raise AssignmentError("no trusted director keys", "trust_invalid")
+        raise AssignmentError("no trusted director keys", Reason.TRUST_INVALID)
     return keys
 
 
@@ -57,12 +58,12 @@ class VerifiedAssignment:
 
 def parse_signed(payload: bytes) -> pb.SignedAssignment:
     if len(payload) > LIMITS.mqtt_control_payload:
-        raise AssignmentError(f"assignment of {len(payload)} bytes exceeds the limit", "assignment_too_large")
+        raise AssignmentError(f"assignment of {len(payload)} bytes exceeds the limit", Reason.ASSIGNMENT_TOO_LARGE)
     signed = pb.SignedAssignment()
     try:
         signed.ParseFromString(payload)
     except DecodeError as e:
-        raise AssignmentError("assignment is not a valid SignedAssignment message", "assignment_malformed") from e
+        raise AssignmentError("assignment is not a valid SignedAssignment message", Reason.ASSIGNMENT_MALFORMED) from e
     return signed
 
 
@@ -75,20 +76,22 @@ def verify_assignment(
     signed = parse_signed(payload)
     key = trusted.get(signed.key_id)
     if key is None:
-        raise AssignmentError(f"assignment signed by unknown key {signed.key_id[:16]!r}", "assignment_unknown_key")
+        raise AssignmentError(f"assignment signed by unknown key {signed.key_id[:16]!r}", Reason.ASSIGNMENT_UNKNOWN_KEY)
     try:
         key.verify(signed.signature, signed.assignment)
     except InvalidSignature as e:
-        raise AssignmentError("assignment signature does not verify", "assignment_bad_signature") from e
+        raise AssignmentError("assignment signature does not verify", Reason.ASSIGNMENT_BAD_SIGNATURE) from e
     a = pb.Assignment()
     try:
         a.ParseFromString(signed.assignment)
     except DecodeError as e:
-        raise AssignmentError("signed assignment body is malformed", "assignment_malformed") from e
+        raise AssignmentError("signed assignment body is malformed", Reason.ASSIGNMENT_MALFORMED) from e
     if a.device_id != device_id:
-        raise AssignmentError(f"assignment is for device {a.device_id!r}, not {device_id!r}", "assignment_wrong_device")
+        raise AssignmentError(
+            f"assignment is for device {a.device_id!r}, not {device_id!r}", Reason.ASSIGNMENT_WRONG_DEVICE
+        )
     if not a.target_path or not _SHA256.match(a.target_sha256) or a.target_length <= 0 or a.counter <= 0:
-        raise AssignmentError("assignment lacks a target path, sha256, length or counter", "assignment_malformed")
+        raise AssignmentError("assignment lacks a target path, sha256, length or counter", Reason.ASSIGNMENT_MALFORMED)
     return VerifiedAssignment(
         device_id=a.device_id,
         target_path=a.target_path,

@@ -1,6 +1,8 @@
-"""The agent's error family. Every refusal carries a stable machine-readable reason code."""
+"""The agent's error family. Every refusal carries a stable machine-readable reason code (contract.reasons)."""
 
 from __future__ import annotations
+
+from edge_agent.contract.reasons import Reason
 
 __all__ = [
     "AgentError",
@@ -15,33 +17,33 @@ __all__ = [
 class AgentError(Exception):
     """Base of all errors the agent raises on purpose."""
 
-    reason = "agent_error"
+    reason = Reason.AGENT_ERROR
 
-    def __init__(self, message: str, reason: str | None = None) -> None:
+    def __init__(self, message: str, reason: Reason | None = None) -> None:
         super().__init__(message)
         if reason is not None:
             self.reason = reason
 
 
 class ConfigError(AgentError):
-    reason = "config_invalid"
+    reason = Reason.CONFIG_INVALID
 
 
 class UpdateRefused(AgentError):
     """An update was refused for a security reason; the previous model stays active. Not retried."""
 
-    reason = "refused"
+    reason = Reason.REFUSED
 
 
 class AssignmentError(UpdateRefused):
-    reason = "assignment_invalid"
+    reason = Reason.ASSIGNMENT_INVALID
 
 
 class InterpreterError(AgentError):
-    reason = "interpreter_failed"
+    reason = Reason.INTERPRETER_FAILED
 
 
 class TransientError(AgentError):
     """Could not complete for now (network, coordinator unavailable); the update is retried."""
 
-    reason = "transient"
+    reason = Reason.TRANSIENT

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_agent.contract.arrays import decode_array
+from edge_agent.contract.reasons import Reason
 from edge_agent.errors import InterpreterError
 
 __all__ = ["Model", "ProbeFailed", "interpreter_name", "load_model"]
@@ -46,7 +47,7 @@ def _backend(preferred: str | None = None) -> tuple[Any, str]:
             continue
         return module.Interpreter, f"{dist} {metadata.version(dist)}"
     wanted = preferred or " or ".join(d for _, d in _BACKENDS)
-    raise InterpreterError(f"no TFLite interpreter installed; pip install {wanted}", "interpreter_missing")
+    raise InterpreterError(f"no TFLite interpreter installed; pip install {wanted}", Reason.INTERPRETER_MISSING)
 
 
 def interpreter_name(preferred: str | None = None) -> str:
@@ -54,7 +55,7 @@ def interpreter_name(preferred: str | None = None) -> str:
 
 
 class ProbeFailed(InterpreterError):
-    reason = "probe_failed"
+    reason = Reason.PROBE_FAILED
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,9 @@ def load_model(path: Path, preferred: str | None = None) -> Model:
         inp = interpreter.get_input_details()[0]
         out = interpreter.get_output_details()[0]
     except (ValueError, RuntimeError, IndexError) as e:
-        raise InterpreterError(f"model {path.name} does not load in the TFLite interpreter: {e}", "load_failed") from e
+        raise InterpreterError(
+            f"model {path.name} does not load in the TFLite interpreter: {e}", Reason.LOAD_FAILED
+        ) from e
     return Model(
         path=path,
         interpreter=interpreter,

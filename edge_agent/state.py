@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_agent.contract.files import atomic_write_bytes, remove_stale_temp_files
+from edge_agent.contract.reasons import Reason
 from edge_agent.errors import AgentError
 
 __all__ = ["AgentState", "SlotInfo", "StateStore"]
@@ -95,7 +96,7 @@ class StateStore:
         if not cached.exists():
             if not trust_root.is_file():
                 raise AgentError(
-                    f"trust root {trust_root} not found; it comes with the enrollment bundle", "trust_invalid"
+                    f"trust root {trust_root} not found; it comes with the enrollment bundle", Reason.TRUST_INVALID
                 )
             atomic_write_bytes(cached, trust_root.read_bytes())
 

@@ -19,6 +19,7 @@ from edge_agent import __version__
 from edge_agent.contract import LIMITS
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
+from edge_agent.contract.reasons import Reason
 from edge_agent.errors import AgentError, TransientError
 
 __all__ = ["FileMissing", "GrpcTransport", "Unimplemented", "hardware_facts"]
@@ -35,13 +36,13 @@ _CHANNEL_OPTIONS = [
 
 
 class FileMissing(AgentError):
-    reason = "not_found"
+    reason = Reason.NOT_FOUND
 
 
 class Unimplemented(AgentError):
     """The coordinator is older than this agent and lacks the call."""
 
-    reason = "unimplemented"
+    reason = Reason.UNIMPLEMENTED
 
 
 def hardware_facts(interpreter: str) -> pb.Hardware:
@@ -135,5 +136,5 @@ def _wrap(e: grpc.RpcError, what: str) -> AgentError:
         grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     ):
-        return AgentError(f"{what}: coordinator refused: {details}", "coordinator_refused")
+        return AgentError(f"{what}: coordinator refused: {details}", Reason.COORDINATOR_REFUSED)
     return TransientError(f"{what}: {code.name if code else 'error'}: {details}")

@@ -22,6 +22,7 @@ from tuf.ngclient import Updater, UpdaterConfig
 from tuf.ngclient.fetcher import FetcherInterface
 
 from edge_agent.contract import LIMITS
+from edge_agent.contract.reasons import Reason
 from edge_agent.errors import AgentError, TransientError, UpdateRefused
 from edge_agent.transport import FileMissing, GrpcTransport
 
@@ -153,16 +154,16 @@ def _holds(path: str, data: bytes) -> bool:
         return False
 
 
-def _reason_for(e: Exception) -> str:
+def _reason_for(e: Exception) -> Reason:
     if isinstance(e, tuf_errors.ExpiredMetadataError):
-        return "metadata_expired"
+        return Reason.METADATA_EXPIRED
     if isinstance(e, tuf_errors.UnsignedMetadataError):
-        return "root_rotation_invalid" if str(e).startswith("root ") else "metadata_bad_signature"
+        return Reason.ROOT_ROTATION_INVALID if str(e).startswith("root ") else Reason.METADATA_BAD_SIGNATURE
     if isinstance(e, (tuf_errors.BadVersionNumberError, tuf_errors.LengthOrHashMismatchError)):
-        return "metadata_mismatch"
+        return Reason.METADATA_MISMATCH
     if isinstance(e, tuf_errors.DownloadLengthMismatchError):
-        return "metadata_too_large"
-    return "metadata_invalid"
+        return Reason.METADATA_TOO_LARGE
+    return Reason.METADATA_INVALID
 
 
 def refresh_and_get_target(tuf_dir: Path, transport: GrpcTransport, target_path: str) -> TargetFile:
@@ -178,7 +179,7 @@ def refresh_and_get_target(tuf_dir: Path, transport: GrpcTransport, target_path:
         updater.refresh()
         info = updater.get_targetinfo(target_path)
     except tuf_errors.DownloadLengthMismatchError as e:
-        raise UpdateRefused(f"metadata larger than allowed: {e}", "metadata_too_large") from e
+        raise UpdateRefused(f"metadata larger than allowed: {e}", Reason.METADATA_TOO_LARGE) from e
     except tuf_errors.DownloadError as e:
         cause = e.__cause__
         if isinstance(cause, AgentError) and not isinstance(cause, TransientError):
@@ -187,7 +188,7 @@ def refresh_and_get_target(tuf_dir: Path, transport: GrpcTransport, target_path:
     except tuf_errors.RepositoryError as e:
         raise UpdateRefused(f"TUF metadata refused: {e}", _reason_for(e)) from e
     if info is None:
-        raise UpdateRefused(f"target {target_path} is not in the signed targets metadata", "target_unknown")
+        raise UpdateRefused(f"target {target_path} is not in the signed targets metadata", Reason.TARGET_UNKNOWN)
     return info
 
 
@@ -207,7 +208,7 @@ def download_target(
     file (on the same filesystem as the slots, so it can be renamed into one)."""
     sha = info.hashes.get("sha256")
     if sha is None:
-        raise UpdateRefused("target metadata has no sha256 hash", "target_unknown")
+        raise UpdateRefused("target metadata has no sha256 hash", Reason.TARGET_UNKNOWN)
     part = downloads / f"{sha}.part"
     offset = part.stat().st_size if part.exists() else 0
     if offset > info.length:
@@ -226,7 +227,7 @@ def download_target(
                     if offset + len(chunk.data) > info.length:
                         part.unlink()
                         raise UpdateRefused(
-                            f"target exceeds its signed length of {info.length} bytes", "target_too_large"
+                            f"target exceeds its signed length of {info.length} bytes", Reason.TARGET_TOO_LARGE
                         )
                     f.write(chunk.data)
                     digest.update(chunk.data)  # hashed as it arrives, not read back afterwards
@@ -239,8 +240,8 @@ def download_target(
         raise TransientError(f"target file missing on the coordinator: {e}") from e
     if offset != info.length:
         part.unlink()
-        raise UpdateRefused(f"target is {offset} bytes, signed length is {info.length}", "target_length_mismatch")
+        raise UpdateRefused(f"target is {offset} bytes, signed length is {info.length}", Reason.TARGET_LENGTH_MISMATCH)
     if digest.hexdigest() != sha:
         part.unlink()
-        raise UpdateRefused("target bytes do not match the signed sha256", "target_hash_mismatch")
+        raise UpdateRefused("target bytes do not match the signed sha256", Reason.TARGET_HASH_MISMATCH)
     return part

@@ -22,6 +22,7 @@ from edge_agent.assignment import VerifiedAssignment, load_director_keys, verify
 from edge_agent.contract import DIRECTOR_KEYS_TARGET
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.files import atomic_write_bytes, fsync_dir, sha256_of
+from edge_agent.contract.reasons import Reason
 from edge_agent.errors import AssignmentError, InterpreterError, TransientError, UpdateRefused
 from edge_agent.runtime import Model, load_model
 from edge_agent.state import SlotInfo, StateStore
@@ -80,7 +81,7 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
         try:
             a = verify_assignment(payload, ctx.director_keys, ctx.device_id)
         except AssignmentError as e:
-            if e.reason != "assignment_unknown_key" or not _learn_director_keys(ctx):
+            if e.reason != Reason.ASSIGNMENT_UNKNOWN_KEY or not _learn_director_keys(ctx):
                 raise
             a = verify_assignment(payload, ctx.director_keys, ctx.device_id)  # once more, with the rotated keys
     except AssignmentError as e:
@@ -91,7 +92,7 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
     state = store.load()
     if a.counter < state.highest_counter:
         detail = f"assignment counter {a.counter} is below {state.highest_counter} already seen (replay or downgrade)"
-        return _refuse(ctx, a, AssignmentError(detail, "assignment_replay"))
+        return _refuse(ctx, a, AssignmentError(detail, Reason.ASSIGNMENT_REPLAY))
     if a.counter == state.highest_counter and state.pending != payload.hex():
         return UpdateResult(Outcome.UNCHANGED)
     state = store.update(highest_counter=a.counter, pending=payload.hex())
@@ -112,8 +113,8 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
                 last_error="",
                 last_reason="",
             )
-            ctx.event(a, pb.EVENT_KIND_COMMITTED, "already_running")
-            return UpdateResult(Outcome.COMMITTED, "already_running")
+            ctx.event(a, pb.EVENT_KIND_COMMITTED, Reason.ALREADY_RUNNING)
+            return UpdateResult(Outcome.COMMITTED, Reason.ALREADY_RUNNING)
 
         # python-tuf is imported on the first update, not at start: an idle agent does not carry it.
         from edge_agent.tuf_client import download_target, refresh_and_get_target
@@ -121,7 +122,7 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
         info = refresh_and_get_target(store.tuf_dir, ctx.transport, a.target_path)
         if info.length != a.target_length or info.hashes.get("sha256") != a.target_sha256:
             raise UpdateRefused(
-                "assignment and signed targets metadata disagree on the target's length or hash", "target_mismatch"
+                "assignment and signed targets metadata disagree on the target's length or hash", Reason.TARGET_MISMATCH
             )
         ctx.step("metadata_verified")
 

@@ -1,6 +1,6 @@
 """`fedfleet serve`: the coordinator process. gRPC FleetService, MQTT bridge (embedded broker if no URL), and a
 tick that drives rollouts and the closed loop (drift alarms, retraining, alerts: server.loop), publishes new
-assignments, announces new metadata and keeps online TUF roles from expiring. Alert webhooks are delivered from
+assignments and keeps online TUF roles from expiring. Alert webhooks are delivered from
 threads of their own.
 """
 
@@ -81,7 +81,6 @@ class Coordinator:
         self.webhooks = WebhookSender(datadir.store, self.rollouts.policy.webhooks)
         self._next_rollout_tick = 0.0
         self._director_mtime = (datadir.keys / "director.pem").stat().st_mtime_ns
-        self._announced_version = 0
         self.grpc_address = ""  # host:port once serving
         self.dashboard_listen = (
             self.config.dashboard_listen if options.dashboard_listen is None else options.dashboard_listen
@@ -105,7 +104,6 @@ class Coordinator:
         self.grpc_address = f"{parse_host_port(self.grpc_listen)[0]}:{port}"
         dashboard = await self._start_dashboard(listening) if listening is not None else None
         self._write_endpoints(self.grpc_address)
-        self._announced_version = self.repository.timestamp_version()
         bridge = asyncio.create_task(self.bridge.run(), name="mqtt-bridge")
         self.webhooks.start()
         try:
@@ -184,11 +182,6 @@ class Coordinator:
         published = await self.bridge.publish_assignments()
         if published:
             logger.info("published %d assignment(s)", published)
-        version = self.repository.timestamp_version()
-        if version != self._announced_version and self.bridge.connected.is_set():
-            fleets = sorted({d["fleet"] for d in self.store.devices()})
-            await self.bridge.announce(fleets, version)
-            self._announced_version = version
 
     def _judge_rollouts(self) -> None:
         director_mtime = (self.datadir.keys / "director.pem").stat().st_mtime_ns

@@ -16,7 +16,7 @@ DIRECTOR_KEYS_TARGET = "fedfleet/director_keys.json"
 class Limits:
     """Upper bounds on every payload either side accepts. Anything larger is refused unread."""
 
-    mqtt_control_payload: int = 16 * 1024  # desired state, status, events, announce
+    mqtt_control_payload: int = 16 * 1024  # desired state, status, events
     mqtt_telemetry_payload: int = 256 * 1024
     grpc_request: int = 64 * 1024
     grpc_chunk: int = 256 * 1024  # one streamed chunk of metadata or target bytes
@@ -60,9 +60,6 @@ class Topics:
 
     def ack(self, device: str) -> str:
         return f"{self.prefix}/devices/{device}/ack"
-
-    def announce(self, fleet: str) -> str:
-        return f"{self.prefix}/fleets/{fleet}/announce"
 
     def device_of(self, topic: str, kind: str) -> str | None:
         """The device id in `{prefix}/devices/{device}/{kind}`, or None if the topic is not of that form."""

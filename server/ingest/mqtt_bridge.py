@@ -1,4 +1,4 @@
-"""The coordinator's MQTT side: publishes desired state and announces, ingests status and update events."""
+"""The coordinator's MQTT side: publishes desired state, ingests status and update events."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from server.crashpoints import crash_point
 from server.errors import CoordinatorError
 from server.ingest.events import EventRejected, parse_event, parse_status
 from server.ingest.telemetry import ingest_windows, parse_window
-from server.store import Store, now_ms
+from server.store import Store
 
 __all__ = ["MqttBridge", "parse_mqtt_url"]
 
@@ -143,11 +143,3 @@ class MqttBridge:
         crash_point("publish:sent")
         self.store.mark_published([(r["device_id"], r["counter"]) for r in rows])
         return len(rows)
-
-    async def announce(self, fleets: list[str], timestamp_version: int) -> None:
-        client = self._client
-        if client is None or not self.connected.is_set():
-            return
-        for fleet in fleets:
-            payload = pb.Announce(fleet=fleet, timestamp_version=timestamp_version, timestamp_ms=now_ms())
-            await client.publish(self.topics.announce(fleet), payload.SerializeToString(), qos=0)

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 # Update events that end an assignment without the release running. A "failed" event is transient (the agent
 # retries), so it is not here: such a device stays pending until it commits or counts as silent.
-FINAL_FAILURE_KINDS = ("probe_failed", "rejected", "reverted")
+FINAL_FAILURE_KINDS = ("probe_failed", "rejected")
 
 # The active phases as an SQL list, for `phase IN (...)`.
 ACTIVE_SQL = ",".join(repr(str(p)) for p in sorted(ACTIVE))

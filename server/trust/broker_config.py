@@ -50,10 +50,9 @@ def acl_text(prefix: str) -> str:
             f"pattern write {t.status(device)}",
             f"pattern write {t.events(device)}",
             f"pattern write {t.telemetry(device)}",
-            "# ... and reads only its own desired state and telemetry acknowledgements, and fleet announcements",
+            "# ... and reads only its own desired state and telemetry acknowledgements",
             f"pattern read {t.desired(device)}",
             f"pattern read {t.ack(device)}",
-            f"pattern read {t.announce('+')}",
             "",
         ]
     )

@@ -80,7 +80,7 @@ async function devicePage(id) {
   const d = doc.device;
   const timeline = [
     ...doc.assignments.map(a => ({at: a.created_at, kind: "assignment", text: `counter ${a.counter} → ${a.release_id}${a.rollout_id ? " (" + a.rollout_id + ")" : ""}${a.published_at ? "" : ", not yet published"}`})),
-    ...doc.events.map(v => ({at: v.received_at, kind: "event", text: `${v.kind}${v.reason ? ": " + v.reason : ""} (${v.release_id}, counter ${v.counter}, via ${v.via})`, bad: ["probe_failed", "rejected", "reverted", "failed"].includes(v.kind)})),
+    ...doc.events.map(v => ({at: v.received_at, kind: "event", text: `${v.kind}${v.reason ? ": " + v.reason : ""} (${v.release_id}, counter ${v.counter}, via ${v.via})`, bad: ["probe_failed", "rejected", "failed"].includes(v.kind)})),
   ].sort((a, b) => b.at - a.at);
   const windows = doc.telemetry;
   return {

@@ -55,7 +55,6 @@ class _EventKindEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._Enum
     EVENT_KIND_INSTALLED: _EventKind.ValueType  # 3
     EVENT_KIND_PROBE_FAILED: _EventKind.ValueType  # 4
     EVENT_KIND_COMMITTED: _EventKind.ValueType  # 5
-    EVENT_KIND_REVERTED: _EventKind.ValueType  # 6
     EVENT_KIND_REJECTED: _EventKind.ValueType  # 7
     """refused for a security reason (signature, replay, hash, expiry, ...)"""
     EVENT_KIND_FAILED: _EventKind.ValueType  # 8
@@ -69,7 +68,6 @@ EVENT_KIND_VERIFIED: EventKind.ValueType  # 2
 EVENT_KIND_INSTALLED: EventKind.ValueType  # 3
 EVENT_KIND_PROBE_FAILED: EventKind.ValueType  # 4
 EVENT_KIND_COMMITTED: EventKind.ValueType  # 5
-EVENT_KIND_REVERTED: EventKind.ValueType  # 6
 EVENT_KIND_REJECTED: EventKind.ValueType  # 7
 """refused for a security reason (signature, replay, hash, expiry, ...)"""
 EVENT_KIND_FAILED: EventKind.ValueType  # 8
@@ -228,30 +226,6 @@ class UpdateEvent(google.protobuf.message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
 
 Global___UpdateEvent: typing_extensions.TypeAlias = UpdateEvent
-
-@typing.final
-class Announce(google.protobuf.message.Message):
-    """A nudge on …/fleets/{fleet}/announce that new metadata exists."""
-
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
-
-    FLEET_FIELD_NUMBER: builtins.int
-    TIMESTAMP_VERSION_FIELD_NUMBER: builtins.int
-    TIMESTAMP_MS_FIELD_NUMBER: builtins.int
-    fleet: builtins.str
-    timestamp_version: builtins.int
-    timestamp_ms: builtins.int
-    def __init__(
-        self,
-        *,
-        fleet: builtins.str = ...,
-        timestamp_version: builtins.int = ...,
-        timestamp_ms: builtins.int = ...,
-    ) -> None: ...
-    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["fleet", b"fleet", "timestamp_ms", b"timestamp_ms", "timestamp_version", b"timestamp_version"]
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-
-Global___Announce: typing_extensions.TypeAlias = Announce
 
 @typing.final
 class TelemetryWindow(google.protobuf.message.Message):

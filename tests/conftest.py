@@ -23,6 +23,14 @@ if os.environ.get("CI") or os.environ.get("HYPOTHESIS_PROFILE") == "ci":
 LONG_LIVED = pytest.StashKey[set[int]]()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`scripts/test.sh -n 2 --dist loadgroup`), every test that starts Flower runs on the
+    same worker, so two workers never start Ray at once (each start takes every core, and its own 30 s wait)."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(scope="session")
 def session_mosquitto(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Mosquitto]:
     broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))

@@ -23,9 +23,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from edge_agent.contract import DEFAULT_TOPIC_PREFIX, LIMITS, device_id_is_valid
+from edge_agent.contract.addresses import parse_mqtt_url
 from edge_agent.errors import ConfigError
 from edge_agent.steps import STEPS
 
@@ -78,11 +78,10 @@ class TlsFiles:
 
 
 def _mqtt_address(url: str) -> tuple[str, int, bool]:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-        raise ConfigError(f"mqtt_url must look like mqtt://host:port or mqtts://host:port, got {url!r}")
-    tls = parsed.scheme == "mqtts"
-    return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
+    try:
+        return parse_mqtt_url(url)
+    except ValueError as e:
+        raise ConfigError(f"mqtt_url: {e}") from e
 
 
 def load_config(path: Path) -> AgentConfig:

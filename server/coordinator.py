@@ -110,6 +110,8 @@ class Coordinator:
             await self._tick_loop()
         finally:
             self.webhooks.stop()
+            for job_id, pid in self.closed_loop.retrain.running_workers().items():
+                logger.info("retrain job %d goes on in worker process %d; the next serve follows it", job_id, pid)
             bridge.cancel()
             await asyncio.gather(bridge, return_exceptions=True)
             if dashboard is not None:

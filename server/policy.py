@@ -22,7 +22,12 @@ with every broken rule named. No file: the built-in defaults below, which refuse
     min_devices = 2                            # devices that must have reported in the window
     min_samples_per_bin = 30                   # evidence: pooled inferences per feature bin before any verdict
     cooldown_seconds = 600                     # after an alarm resolves, none for the same release this long
-    engine = "simulation"                      # Flower's engine for the retraining run
+    engine = "simulation"                      # Flower's engine for the retraining run: simulation (virtual
+                                               # clients on this machine) or deployment (the devices' SuperNodes)
+    superlink = "127.0.0.1:9093"               # deployment: the SuperLink's Control API address (`flwr run`)
+    superlink_root_certificates = ""           # deployment: its CA certificate (PEM); "" (plaintext) only on
+                                               # loopback
+    clients = 0                                # deployment: SuperNodes a round waits for; 0: the fleet's size
     rounds = 3                                 # the retraining run's rounds and per-device target ε
     target_epsilon = 3.0
     data_source = ""                           # "module:callable" giving each simulated client's data; "":
@@ -46,7 +51,6 @@ P(max PSI > 0.25) is 0.43 at 10 samples per bin, 0.01 at 15, 0.001 at 20 and 0 i
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import math
 import os
 import tomllib
@@ -57,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.contract import LIMITS
+from edge_agent.contract.addresses import is_loopback
 from server.errors import CoordinatorError
 from server.loop.kinds import AlertKind
 from server.rollout.spec import METRICS, Gate, RolloutSpec, RolloutSpecError, parse_gate
@@ -105,6 +110,9 @@ class Policy:
     retrain_min_samples_per_bin: int = 30
     retrain_cooldown_seconds: float = 600.0
     retrain_engine: str = "simulation"
+    retrain_superlink: str = ""
+    retrain_superlink_root_certificates: str = ""
+    retrain_clients: int = 0
     retrain_rounds: int = 3
     retrain_target_epsilon: float = 3.0
     retrain_data_source: str = ""
@@ -165,6 +173,9 @@ _SECTIONS = {
         "min_samples_per_bin",
         "cooldown_seconds",
         "engine",
+        "superlink",
+        "superlink_root_certificates",
+        "clients",
         "rounds",
         "target_epsilon",
         "data_source",
@@ -174,9 +185,9 @@ _SECTIONS = {
 }
 _WEBHOOK_KEYS = {"url", "events", "secret", "secret_env", "max_attempts"}
 RETRAIN_ACTIONS = ("off", "alert", "review", "retrain")
-# Engines `fedfleet serve` can retrain on by itself. Flower's deployment engine (SuperLink + SuperNodes) runs the
-# same app from `flwr run` (docs/training.md); serve does not submit such runs yet.
-RETRAIN_ENGINES = ("simulation",)
+# Engines `fedfleet serve` retrains on: Flower's simulation engine on this machine, or its deployment engine (a
+# SuperLink given by address, the devices' SuperNodes), to which the retrain worker submits the run.
+RETRAIN_ENGINES = ("simulation", "deployment")
 DRIFT_METRICS = ("input_max_psi", "input_mean_psi", "score_psi")
 
 
@@ -212,10 +223,17 @@ def load_policy(path: Path) -> Policy:
         gates = rollout.get("default_gates")
         engine = str(retrain.get("engine", "simulation"))
         if engine not in RETRAIN_ENGINES:
-            raise PolicyError(
-                f"policy {path}: retrain.engine {engine!r} cannot be run by serve (it runs: "
-                f"{', '.join(RETRAIN_ENGINES)}); submit deployment runs with `flwr run` (docs/training.md)"
-            )
+            raise PolicyError(f"policy {path}: retrain.engine must be one of {', '.join(RETRAIN_ENGINES)}")
+        superlink = str(retrain.get("superlink", ""))
+        root_certificates = str(retrain.get("superlink_root_certificates", ""))
+        if engine == "deployment":
+            if not superlink:
+                raise PolicyError(f"policy {path}: retrain.engine = 'deployment' needs retrain.superlink (host:port)")
+            if not root_certificates and not is_loopback(superlink.rpartition(":")[0]):
+                raise PolicyError(
+                    f"policy {path}: the SuperLink {superlink} is not on loopback: give its CA certificate as "
+                    "retrain.superlink_root_certificates (plaintext only on loopback)"
+                )
         numbers = {
             "retrain.threshold": float(retrain.get("threshold", 0.25)),
             "retrain.window_seconds": float(retrain.get("window_seconds", 30.0)),
@@ -231,6 +249,7 @@ def load_policy(path: Path) -> Policy:
             ("retrain.min_devices", retrain.get("min_devices", 2)),
             ("retrain.min_samples_per_bin", retrain.get("min_samples_per_bin", 30)),
             ("retrain.rounds", retrain.get("rounds", 3)),
+            ("retrain.clients", retrain.get("clients", 0) or 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad.append(f"{name} (a whole number of at least 1)")
@@ -253,6 +272,9 @@ def load_policy(path: Path) -> Policy:
             retrain_min_samples_per_bin=int(retrain.get("min_samples_per_bin", 30)),
             retrain_cooldown_seconds=numbers["retrain.cooldown_seconds"],
             retrain_engine=engine,
+            retrain_superlink=superlink,
+            retrain_superlink_root_certificates=root_certificates,
+            retrain_clients=int(retrain.get("clients", 0)),
             retrain_rounds=int(retrain.get("rounds", 3)),
             retrain_target_epsilon=numbers["retrain.target_epsilon"],
             retrain_data_source=str(retrain.get("data_source", "")),
@@ -277,7 +299,7 @@ def _webhook(path: Path, index: int, doc: Any) -> Webhook:
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise PolicyError(f"{where}: url {url!r} must be an http(s) URL")
-    if parsed.scheme == "http" and not _loopback(parsed.hostname):
+    if parsed.scheme == "http" and not is_loopback(parsed.hostname):
         raise PolicyError(f"{where}: alerts leave this machine only over https (plain http only to loopback)")
     if ("secret" in doc) == ("secret_env" in doc):
         raise PolicyError(f"{where}: give exactly one of secret and secret_env (the HMAC key that signs each body)")
@@ -292,12 +314,3 @@ def _webhook(path: Path, index: int, doc: Any) -> Webhook:
     if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 20:
         raise PolicyError(f"{where}: max_attempts must be a whole number from 1 to 20")
     return Webhook(url, secret, tuple(events), attempts)
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -48,15 +48,15 @@ def reference() -> DriftReference:
 class Telemetry:
     """Windows from the fleet's devices, as their agents would send them, stored through the real ingest path."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, devices: list[str] = DEVICES) -> None:
         self.store = store
         self.ref = reference()
-        self.sequence = dict.fromkeys(DEVICES, 0)
+        self.sequence = dict.fromkeys(devices, 0)
         self.rng = np.random.default_rng(7)
 
     def send(self, end_ms: int, contrast: float = 1.0, n: int = 150) -> None:
         """One window per device ending at `end_ms`; inputs squeezed towards 0.5 by `contrast` < 1 (a fault)."""
-        for device in DEVICES:
+        for device in self.sequence:
             counts = WindowCounts.empty(self.ref)
             x = 0.5 + (self.rng.random((n, FEATURES)) - 0.5) * contrast
             logits = self.rng.normal(0, 1, (n, CLASSES))
@@ -405,7 +405,10 @@ def test_a_full_webhook_queue_drops_the_oldest_and_says_so(datadir: DataDir, end
         ('[[alerts.webhooks]]\nurl = "https://h/x"\nsecret_env = "FEDFLEET_TEST_UNSET_SECRET"', "secret is empty"),
         ('[[alerts.webhooks]]\nurl = "https://h/x"\nsecret = "k"\nmax_attempts = 0', "max_attempts"),
         ('[retrain]\non_drift = "sometimes"', "retrain.on_drift must be one of"),
-        ('[retrain]\nengine = "deployment"', "cannot be run by serve"),
+        ('[retrain]\nengine = "ray"', "retrain.engine must be one of simulation, deployment"),
+        ('[retrain]\nengine = "deployment"', "needs retrain.superlink"),
+        ('[retrain]\nengine = "deployment"\nsuperlink = "10.1.2.3:9093"', "not on loopback"),
+        ("[retrain]\nclients = -2", "retrain.clients"),
         ("[retrain]\nmin_samples_per_bin = 0", "min_samples_per_bin"),
         ("[retrain]\nthreshold = -1", "retrain.threshold"),
         ("[alerts]\nprivacy_budget_fraction = 1.5", "privacy_budget_fraction"),
@@ -436,6 +439,13 @@ def test_loop_policy_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     ]
     assert "inline" not in repr(p.webhooks[1])  # secrets stay out of logs
     assert p.webhooks[0].wants("drift_alarm") and not p.webhooks[0].wants("devices_silent")
+    path.write_text('[retrain]\nengine = "deployment"\nsuperlink = "[::1]:9093"\n')
+    assert (load_policy(path).retrain_engine, load_policy(path).retrain_clients) == ("deployment", 0)
+    path.write_text(
+        '[retrain]\nengine = "deployment"\nsuperlink = "link.example.org:9093"\n'
+        'superlink_root_certificates = "/etc/fedfleet/superlink-ca.pem"\nclients = 40\n'
+    )
+    assert load_policy(path).retrain_clients == 40
 
 
 # ----- the dashboard's API and /metrics -----

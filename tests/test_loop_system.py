@@ -79,25 +79,16 @@ def test_serve_closes_the_loop_and_tells_a_webhook(tmp_path: Path, receiver: Rec
         release = store.release("digits@2")
     finally:
         store.close()
-    assert loop_steps == [
+    assert loop_steps[:6] == [
         "drift.alarm",
         "retrain.decided",
         "retrain.training",
         "retrain.trained",
         "retrain.released",
         "retrain.rollout",
-        "drift.resolved",
-        "retrain.completed",
-    ] or loop_steps == [  # the alarm resolves when most devices run digits@2: before or after the last wave
-        "drift.alarm",
-        "retrain.decided",
-        "retrain.training",
-        "retrain.trained",
-        "retrain.released",
-        "retrain.rollout",
-        "retrain.completed",
-        "drift.resolved",
     ]
+    # The alarm resolves once most devices run digits@2: before or after the rollout's last wave completes.
+    assert sorted(loop_steps[6:]) == ["drift.resolved", "retrain.completed"]
     starts = [
         a for a in audit if a["action"] == "rollout.start" and json.loads(a["detail"]).get("release") == "digits@2"
     ]

@@ -5,11 +5,11 @@ It is for one machine only: it binds loopback. A fleet on a network uses Mosquit
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 from typing import Any
 
+from edge_agent.contract.addresses import is_loopback
 from server.errors import CoordinatorError
 
 __all__ = ["EmbeddedBroker", "free_port", "parse_host_port"]
@@ -28,15 +28,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _own_subscriptions_only(broker_cls: Any) -> Any:
@@ -59,7 +50,7 @@ def _own_subscriptions_only(broker_cls: Any) -> Any:
 class EmbeddedBroker:
     def __init__(self, listen: str) -> None:
         host, port = parse_host_port(listen)
-        if not _is_loopback(host):
+        if not is_loopback(host):
             raise CoordinatorError(
                 f"the embedded broker only binds loopback, not {host}; for a network use Mosquitto "
                 "(`fedfleet serve --mqtt mqtt://host:port`)"

@@ -6,11 +6,10 @@ import asyncio
 import logging
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import aiomqtt
 
-from edge_agent.contract import Topics
+from edge_agent.contract import Topics, addresses
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.mqtt_session import keep_session
 from server.crashpoints import crash_point
@@ -26,11 +25,10 @@ logger = logging.getLogger(__name__)
 
 def parse_mqtt_url(url: str) -> tuple[str, int, bool]:
     """(host, port, tls) of mqtt://host:port or mqtts://host:port."""
-    parsed = urlparse(url)
-    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
-        raise CoordinatorError(f"broker URL must look like mqtt://host:port or mqtts://host:port, got {url!r}")
-    tls = parsed.scheme == "mqtts"
-    return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
+    try:
+        return addresses.parse_mqtt_url(url)
+    except ValueError as e:
+        raise CoordinatorError(str(e)) from e
 
 
 class MqttBridge:

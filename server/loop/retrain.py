@@ -156,7 +156,15 @@ class RetrainController:
 
     # ----- driving -----
 
+    def running_workers(self) -> dict[int, int]:
+        """Job id → pid of the workers this coordinator started that still run (finished ones are reaped)."""
+        for job_id, proc in list(self._workers.items()):
+            if proc.poll() is not None:
+                del self._workers[job_id]
+        return {job_id: proc.pid for job_id, proc in self._workers.items()}
+
     def tick(self) -> None:
+        self.running_workers()
         for job in self.jobs.in_states(*_WORKER_STATES):
             if self._worker_alive(job["id"]):
                 if job["state"] == JobState.TRAINING:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import fcntl
 import importlib
+import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,7 @@ def _train(d: DataDir, store: Store, policy: Policy, job: dict[str, Any]) -> tup
     ids = store.device_ids(job["fleet"])
     plan = TrainPlan(
         rounds=policy.retrain_rounds,
-        clients=len(ids),
+        clients=policy.retrain_clients or len(ids),
         target_epsilon=policy.retrain_target_epsilon,
         noise_multiplier=None,
         seed=int(job["id"]),
@@ -67,10 +69,79 @@ def _train(d: DataDir, store: Store, policy: Policy, job: dict[str, Any]) -> tup
         cause=job["cause"],
         round_timeout=240.0,
     )
+    if job["engine"] == "deployment":
+        return _train_on_superlink(d, store, policy, plan.to_dict())
     outcome = run_training(d.root, plan, device_ids=ids, source_for=_source_for(d, policy))
     if outcome.status != "completed":
         return outcome.run_id, "", outcome.error or f"the run ended {outcome.status}"
     return outcome.run_id, outcome.model_version, ""
+
+
+# The Flower App that `flwr run` submits: the installed fedfleet's ServerApp and ClientApp (as deploy/flower-app).
+_FLOWER_APP = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedfleet-training"
+version = "0.1.0"
+dependencies = ["fedfleet[server]"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedfleet"
+
+[tool.flwr.app.components]
+serverapp = "server.fl.server_app:app"
+clientapp = "server.fl.client_app:app"
+
+[tool.flwr.app.config]
+data-dir = ""
+plan = "{}"
+"""
+
+
+def _train_on_superlink(d: DataDir, store: Store, policy: Policy, plan: dict[str, Any]) -> tuple[str, str, str]:
+    """Submit the run to the policy's SuperLink with `flwr run` and wait for it; the devices' SuperNodes train.
+    The ServerApp records the run in this data directory, where it is found again by its plan."""
+    from server.fl.registry import TrainingRuns
+
+    home = d.root / "loop" / "flwr"
+    (home / "app").mkdir(mode=0o700, parents=True, exist_ok=True)
+    (home / "app" / "pyproject.toml").write_text(_FLOWER_APP)
+    link = f'address = "{policy.retrain_superlink}"\n' + (
+        f'root-certificates = "{policy.retrain_superlink_root_certificates}"\n'
+        if policy.retrain_superlink_root_certificates
+        else "insecure = true\n"
+    )
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "fedfleet"\n\n[superlink.fedfleet]\n{link}')
+    flwr = Path(sys.executable).parent / "flwr"
+    config = f"data-dir='{d.root}' plan='{json.dumps(plan)}'"
+    timeout = 120 + plan["rounds"] * plan["round_timeout"]
+    logger.info("submitting the run to the SuperLink at %s", policy.retrain_superlink)
+    try:
+        done = subprocess.run(
+            [str(flwr), "run", str(home / "app"), "fedfleet", "--stream", "--run-config", config],
+            env={**os.environ, "FLWR_HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return "", "", f"the run on the SuperLink did not end within {timeout:.0f} s"
+    sys.stdout.write(done.stdout[-20_000:])
+    runs = TrainingRuns(store)
+    mine = [r for r in reversed(runs.list()) if runs.run(r["id"])["plan"] == plan]
+    if not mine:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        return "", "", f"`flwr run` exited {done.returncode} and no run was recorded: {' / '.join(tail)}"
+    run = runs.run(mine[0]["id"])
+    if run["status"] != "completed":
+        return run["id"], "", run["error"] or f"the run ended {run['status']}"
+    return run["id"], run["model_version"], ""
 
 
 def _release(d: DataDir, store: Store, model_version: str) -> str:

@@ -174,22 +174,8 @@ function operatorToken() {
 
 async function act(id, action) {
   if (!confirm(`${action} rollout ${id}? This acts on the fleet, as \`fedfleet rollout ${action}\` would.`)) return;
-  const t = operatorToken();
-  if (!t) return;
-  const out = document.getElementById("action-result");
-  try {
-    const r = await api(`/api/rollouts/${encodeURIComponent(id)}/${action}`, {
-      method: "POST", headers: {"Content-Type": "application/json", "Authorization": `Bearer ${t}`},
-      body: JSON.stringify({confirm: id}),
-    });
-    out.textContent = `${action}: now ${r.phase}${r.reason ? " (" + r.reason + ")" : ""}`;
-    out.className = "";
-    render();
-  } catch (err) {
-    if (err.status === 401) sessionStorage.removeItem("fedfleet-token");
-    out.textContent = `${action} refused: ${err.message}`;
-    out.className = "error";
-  }
+  await operate(`/api/rollouts/${encodeURIComponent(id)}/${action}`, action, {confirm: id},
+    r => `${action}: now ${r.phase}${r.reason ? " (" + r.reason + ")" : ""}`);
 }
 
 async function alertsPage() {
@@ -209,20 +195,24 @@ async function alertsPage() {
       <h2>Retrain jobs</h2><div id="jobs">${table(["job", "alarm", "fleet", "state", "cause", "model", "rollout", ""], jobRows)}</div>
       <h2>Drift alarms</h2>${table(["alarm", "opened", "fleet", "release", "value", "peak", "state", "resolution"], alarmRows)}`,
     after() {
-      document.querySelectorAll("[data-ack]").forEach(b => b.addEventListener("click", () => operate(`/api/alerts/${b.dataset.ack}/ack`, `acknowledge alert ${b.dataset.ack}`)));
-      document.querySelectorAll("[data-answer]").forEach(b => b.addEventListener("click", () => operate(`/api/loop/${b.dataset.job}/${b.dataset.answer}`, `${b.dataset.answer} retrain job ${b.dataset.job}`)));
+      const confirmed = (what, path) => { if (confirm(`${what}?`)) operate(path, what); };
+      document.querySelectorAll("[data-ack]").forEach(b => b.addEventListener("click", () => confirmed(`acknowledge alert ${b.dataset.ack}`, `/api/alerts/${b.dataset.ack}/ack`)));
+      document.querySelectorAll("[data-answer]").forEach(b => b.addEventListener("click", () => confirmed(`${b.dataset.answer} retrain job ${b.dataset.job}`, `/api/loop/${b.dataset.job}/${b.dataset.answer}`)));
     },
   };
 }
 
-async function operate(path, what) {
-  if (!confirm(`${what}?`)) return;
+// POST an operator action (the operator token as a Bearer header), say what came of it, redraw.
+async function operate(path, what, body, said) {
   const t = operatorToken();
   if (!t) return;
   const out = document.getElementById("action-result");
   try {
-    const r = await api(path, {method: "POST", headers: {"Authorization": `Bearer ${t}`}});
-    out.textContent = `${what}: now ${r.state}`;
+    const r = await api(path, {
+      method: "POST", headers: {"Content-Type": "application/json", "Authorization": `Bearer ${t}`},
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    out.textContent = said ? said(r) : `${what}: now ${r.state}`;
     out.className = "";
     render();
   } catch (err) {

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.store import Store, now_ms
+from server.store.audit import AuditRecords
 
 __all__ = ["AuditProblem", "append", "entries", "verify"]
 
@@ -27,30 +28,20 @@ def _digest(seq: int, at: int, actor: str, action: str, subject: str, detail: st
 
 def append(store: Store, action: str, subject: str, detail: dict[str, Any], actor: str = "coordinator") -> int:
     """Append one entry (inside the caller's transaction if one is open); returns its sequence number."""
-    with store.transaction() as db:
-        row = db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-        seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+    records = AuditRecords(store)
+    with store.transaction():
+        head = records.head()
+        seq, prev = (head[0] + 1, head[1]) if head else (1, GENESIS)
         at = now_ms()
         text = json.dumps(detail, sort_keys=True, separators=(",", ":"), default=str)
         digest = _digest(seq, at, actor, action, subject, text, prev)
-        db.execute(
-            "INSERT INTO audit (seq, at, actor, action, subject, detail, prev_hash, hash)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [seq, at, actor, action, subject, text, prev, digest],
-        )
-        db.execute(
-            "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?)"
-            " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-            [seq, digest],
-        )
+        records.write(seq, at, actor, action, subject, text, prev, digest)
     return seq
 
 
 def entries(store: Store, limit: int = 100, action: str | None = None) -> list[dict[str, Any]]:
     """The newest entries first."""
-    sql = "SELECT * FROM audit" + (" WHERE action = ?" if action else "") + " ORDER BY seq DESC LIMIT ?"
-    rows = store.db.query(sql, ([action] if action else []) + [limit])
-    return [{**r, "detail": json.loads(r["detail"])} for r in rows]
+    return [{**r, "detail": json.loads(r["detail"])} for r in AuditRecords(store).newest(limit, action)]
 
 
 @dataclass(frozen=True)
@@ -67,7 +58,8 @@ def verify(store: Store) -> tuple[int, list[AuditProblem]]:
     problems: list[AuditProblem] = []
     expected_seq, prev = 1, GENESIS
     checked = 0
-    for r in store.db.query("SELECT * FROM audit ORDER BY seq"):
+    records = AuditRecords(store)
+    for r in records.in_order():
         checked += 1
         seq = r["seq"]
         if seq != expected_seq:
@@ -78,7 +70,7 @@ def verify(store: Store) -> tuple[int, list[AuditProblem]]:
         if _digest(seq, r["at"], r["actor"], r["action"], r["subject"], r["detail"], r["prev_hash"]) != r["hash"]:
             problems.append(AuditProblem(seq, f"edited: {r['action']} {r['subject']} no longer matches its hash"))
         expected_seq, prev = seq + 1, r["hash"]
-    head = store.db.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+    head = records.head()
     if head is not None and head[0] >= expected_seq:
         problems.append(
             AuditProblem(

@@ -41,6 +41,7 @@ from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.ingest.telemetry import pool
 from server.store import Release, now_ms
+from server.store.telemetry import TelemetryRecords
 from server.trust.enrollment import write_bundle
 from server.trust.releases import publish_release
 from server.trust.repository import RELEASES_KEY
@@ -455,13 +456,7 @@ def telemetry(
         if release_id:
             store.release(release_id)
         since = 0 if last is None else now_ms() - int(last * 60_000)
-        releases = (
-            [release_id]
-            if release_id
-            else [
-                r[0] for r in store.db.execute("SELECT DISTINCT release_id FROM telemetry WHERE end_ms >= ?", [since])
-            ]
-        )
+        releases = [release_id] if release_id else TelemetryRecords(store).releases_since(since)
         docs = [pool(store, r, cohort, since_ms=since).to_json() for r in sorted(releases)]
     finally:
         store.close()

@@ -21,6 +21,7 @@ from edge_agent.contract.windows import counts_from_proto
 from server.errors import NotFoundError
 from server.ingest.events import EventRejected
 from server.store import Store, now_ms
+from server.store.telemetry import TelemetryRecords
 
 __all__ = [
     "REJECTED",
@@ -92,8 +93,7 @@ def _check(store: Store, m: pb.TelemetryWindow, topic_device: str | None) -> Non
 
 
 def watermark(store: Store, device_id: str) -> int:
-    row = store.db.execute("SELECT watermark FROM telemetry_watermarks WHERE device_id = ?", [device_id]).fetchone()
-    return int(row[0]) if row else 0
+    return TelemetryRecords(store).watermark(device_id)
 
 
 def ingest_window(store: Store, m: pb.TelemetryWindow, topic_device: str | None, via: str) -> IngestResult:
@@ -126,55 +126,29 @@ def ingest_windows(
     marks: dict[str, int] = {}
     stored: list[tuple[int, bool]] = []
     received = now_ms()
-    with store.transaction() as db:
+    records = TelemetryRecords(store)
+    with store.transaction():
         for i in checked:
             m = batch[i][0]
             if m.device_id not in marks:
-                marks[m.device_id] = watermark(store, m.device_id)
-            overlapping = db.execute(
-                "SELECT first_sequence, sequence FROM telemetry"
-                " WHERE device_id = ? AND sequence >= ? AND first_sequence <= ?",
-                [m.device_id, m.first_sequence, m.sequence],
-            ).fetchall()
+                marks[m.device_id] = records.watermark(m.device_id)
+            overlapping = records.overlapping(m.device_id, m.first_sequence, m.sequence)
             if overlapping == [(m.first_sequence, m.sequence)]:
                 stored.append((i, False))
                 continue
             if overlapping or m.sequence <= marks[m.device_id]:
                 results[i] = EventRejected(f"window {m.first_sequence}..{m.sequence} overlaps windows already stored")
                 continue
-            db.execute(
-                """INSERT INTO telemetry (device_id, sequence, first_sequence, release_id, start_ms, end_ms,
-                     inferences, errors, payload, received_at, via) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                [
-                    m.device_id,
-                    m.sequence,
-                    m.first_sequence,
-                    m.release_id,
-                    m.start_ms,
-                    m.end_ms,
-                    m.inferences,
-                    m.errors,
-                    m.SerializeToString(),
-                    received,
-                    via,
-                ],
-            )
+            records.insert(m, received, via)
             stored.append((i, True))
         for device, current in marks.items():
             mark = current
-            for first, last in db.execute(
-                "SELECT first_sequence, sequence FROM telemetry WHERE device_id = ? AND sequence > ? ORDER BY sequence",
-                [device, current],
-            ):
+            for first, last in records.ranges_after(device, current):
                 if first != mark + 1:
                     break
                 mark = last
             if mark != current:
-                db.execute(
-                    """INSERT INTO telemetry_watermarks (device_id, watermark) VALUES (?, ?)
-                       ON CONFLICT (device_id) DO UPDATE SET watermark = excluded.watermark""",
-                    [device, mark],
-                )
+                records.set_watermark(device, mark)
             marks[device] = mark
     for i, new in stored:
         results[i] = IngestResult(new, marks[batch[i][0].device_id])
@@ -237,18 +211,10 @@ def pool(
 ) -> Pooled:
     """Add up the windows of one release (optionally a cohort of devices and a time range) and score them
     (`min_samples`: fewer inferences give no score; default ten per bin)."""
-    sql = "SELECT device_id, payload FROM telemetry WHERE release_id = ? AND end_ms >= ?"
-    args: list[Any] = [release_id, since_ms]
-    if until_ms is not None:
-        sql += " AND end_ms <= ?"
-        args.append(until_ms)
-    if devices is not None:
-        sql += f" AND device_id IN ({','.join('?' * len(devices))})"
-        args += devices
     total: WindowCounts | None = None
     seen: set[str] = set()
     windows = 0
-    for device_id, payload in store.db.execute(sql, args):
+    for device_id, payload in TelemetryRecords(store).payloads(release_id, devices, since_ms, until_ms):
         counts = counts_from_proto(pb.TelemetryWindow.FromString(payload))
         total = counts if total is None else total.merge(counts)
         seen.add(device_id)

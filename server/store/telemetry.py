@@ -1,0 +1,91 @@
+"""Telemetry's records: the windows devices sent, each stored once under (device, sequence), and each device's
+watermark. `server.ingest.telemetry` checks, confirms and pools; this module reads and writes. Writes join the
+caller's transaction (`Store.transaction` nests), so a batch of windows and the watermarks they move commit
+together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from server.store import Store
+
+__all__ = ["TelemetryRecords"]
+
+
+class TelemetryRecords:
+    """telemetry and telemetry_watermarks."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def watermark(self, device_id: str) -> int:
+        row = self.store.db.execute(
+            "SELECT watermark FROM telemetry_watermarks WHERE device_id = ?", [device_id]
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def set_watermark(self, device_id: str, watermark: int) -> None:
+        self.store.db.execute(
+            """INSERT INTO telemetry_watermarks (device_id, watermark) VALUES (?, ?)
+               ON CONFLICT (device_id) DO UPDATE SET watermark = excluded.watermark""",
+            [device_id, watermark],
+        )
+
+    def overlapping(self, device_id: str, first_sequence: int, sequence: int) -> list[tuple[int, int]]:
+        """(first_sequence, sequence) of the stored windows of a device that overlap the range given."""
+        rows = self.store.db.execute(
+            "SELECT first_sequence, sequence FROM telemetry"
+            " WHERE device_id = ? AND sequence >= ? AND first_sequence <= ?",
+            [device_id, first_sequence, sequence],
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def insert(self, m: pb.TelemetryWindow, received_at: int, via: str) -> None:
+        self.store.db.execute(
+            """INSERT INTO telemetry (device_id, sequence, first_sequence, release_id, start_ms, end_ms,
+                 inferences, errors, payload, received_at, via) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            [
+                m.device_id,
+                m.sequence,
+                m.first_sequence,
+                m.release_id,
+                m.start_ms,
+                m.end_ms,
+                m.inferences,
+                m.errors,
+                m.SerializeToString(),
+                received_at,
+                via,
+            ],
+        )
+
+    def ranges_after(self, device_id: str, sequence: int) -> Iterator[tuple[int, int]]:
+        """(first_sequence, sequence) of a device's windows past a sequence, in order."""
+        return self.store.db.execute(
+            "SELECT first_sequence, sequence FROM telemetry WHERE device_id = ? AND sequence > ? ORDER BY sequence",
+            [device_id, sequence],
+        )
+
+    def payloads(
+        self, release_id: str, devices: list[str] | None = None, since_ms: int = 0, until_ms: int | None = None
+    ) -> Iterator[tuple[str, bytes]]:
+        """(device id, window as received) of one release's windows ending in a time range, of some devices."""
+        sql = "SELECT device_id, payload FROM telemetry WHERE release_id = ? AND end_ms >= ?"
+        args: list[Any] = [release_id, since_ms]
+        if until_ms is not None:
+            sql += " AND end_ms <= ?"
+            args.append(until_ms)
+        if devices is not None:
+            sql += f" AND device_id IN ({','.join('?' * len(devices))})"
+            args += devices
+        return self.store.db.execute(sql, args)
+
+    def releases_since(self, since_ms: int) -> list[str]:
+        """The releases with windows that ended at or after a time."""
+        return [
+            r[0]
+            for r in self.store.db.execute("SELECT DISTINCT release_id FROM telemetry WHERE end_ms >= ?", [since_ms])
+        ]

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import sqlite_utils
 
@@ -351,6 +352,8 @@ class Release:
 
 
 class Store:
+    """The coordinator's database. A context manager: `with Store(path) as store:` closes it on the way out."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -363,6 +366,14 @@ class Store:
 
     def close(self) -> None:
         self.db.conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite_utils.Database]:
@@ -532,10 +543,37 @@ class Store:
     # ----- assignments -----
 
     def current_assignment(self, device_id: str) -> dict[str, Any] | None:
-        rows = list(
-            self.db.query("SELECT * FROM assignments WHERE device_id = ? ORDER BY counter DESC LIMIT 1", [device_id])
-        )
+        rows = self.assignments(device_id, limit=1)
         return rows[0] if rows else None
+
+    def assignments(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        """A device's assignments, newest (highest counter) first."""
+        return list(
+            self.db.query(
+                "SELECT * FROM assignments WHERE device_id = ? ORDER BY counter DESC LIMIT ?", [device_id, limit]
+            )
+        )
+
+    def highest_counters(self, device_ids: Sequence[str]) -> dict[str, int]:
+        """Each device's highest assignment counter (0: none yet)."""
+        highest = {d: 0 for d in device_ids}
+        placeholders = ",".join("?" * len(device_ids))
+        for row in self.db.query(
+            "SELECT device_id, max(counter) AS c FROM assignments"
+            f" WHERE device_id IN ({placeholders}) GROUP BY device_id",
+            list(device_ids),
+        ):
+            highest[row["device_id"]] = row["c"]
+        return highest
+
+    def add_assignment(
+        self, device_id: str, counter: int, release_id: str, rollout_id: str, signed: bytes, created_at: int
+    ) -> None:
+        self.db.execute(
+            """INSERT INTO assignments (device_id, counter, release_id, rollout_id, signed, created_at)
+               VALUES (?, ?, ?, ?, ?, ?)""",
+            [device_id, counter, release_id, rollout_id, signed, created_at],
+        )
 
     def unpublished_assignments(self, limit: int = 5000) -> list[dict[str, Any]]:
         """The newest unpublished assignment per device (older ones are superseded by it)."""

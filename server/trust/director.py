@@ -86,15 +86,8 @@ class Director:
         for device_id in device_ids:
             store.device(device_id)  # raises NotFoundError with a clear message
         issued: list[IssuedAssignment] = []
-        with store.transaction() as db:
-            highest = {d: 0 for d in device_ids}
-            placeholders = ",".join("?" * len(device_ids))
-            for row in db.query(
-                "SELECT device_id, max(counter) AS c FROM assignments"
-                f" WHERE device_id IN ({placeholders}) GROUP BY device_id",
-                list(device_ids),
-            ):
-                highest[row["device_id"]] = row["c"]
+        with store.transaction():
+            highest = store.highest_counters(device_ids)
             issued_at = now_ms()
             for device_id in device_ids:
                 counter = highest[device_id] + 1
@@ -110,11 +103,7 @@ class Director:
                         rollout_id=rollout_id,
                     )
                 )
-                db.execute(
-                    """INSERT INTO assignments (device_id, counter, release_id, rollout_id, signed, created_at)
-                       VALUES (?, ?, ?, ?, ?, ?)""",
-                    [device_id, counter, release.id, rollout_id, signed.SerializeToString(), issued_at],
-                )
+                store.add_assignment(device_id, counter, release.id, rollout_id, signed.SerializeToString(), issued_at)
                 issued.append(IssuedAssignment(device_id, counter, release.id))
             detail = {
                 "release": release.id,

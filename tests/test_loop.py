@@ -488,3 +488,65 @@ def test_dashboard_api_shows_the_loop_and_takes_answers_only_from_an_operator(
     assert alerts_now == {("drift_alarm", "acknowledged"): 1, ("retrain_proposed", "resolved"): 1}
     assert [s.value for s in families["fedfleet_drift_alarms_open"].samples] == [1]
     assert {s.labels["state"]: s.value for s in families["fedfleet_retrain_jobs"].samples} == {"approved": 1}
+
+
+# ----- retraining that fails -----
+
+
+def _approved_job(d: DataDir, store: Store, telemetry: Telemetry, **changes: Any) -> dict[str, Any]:
+    p = policy(retrain_on_drift="retrain", **changes)
+    _, watch = _controller(d, store, p)
+    telemetry.send(T0, contrast=0.3)
+    watch.tick(p, T0)
+    (job,) = JobRecords(store).recent()
+    assert job["state"] == JobState.APPROVED
+    return job
+
+
+def test_a_training_that_fails_alerts_and_releases_nothing(fleet: tuple[DataDir, Store, Telemetry]) -> None:
+    d, store, telemetry = fleet
+    (d.root / "policy.toml").write_text('[retrain]\non_drift = "retrain"\ndata_source = "no_such_module:data"\n')
+    job = _approved_job(d, store, telemetry)
+    worker = subprocess.run(
+        [sys.executable, "-m", "server.loop.worker", "--data-dir", str(d.root), str(job["id"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert worker.returncode == 0, worker.stderr
+    failed = JobRecords(store).get(job["id"])
+    assert failed["state"] == JobState.FAILED and "no_such_module" in failed["error"]
+    alerts = [a for a in AlertRecords(store).recent("open") if a["kind"] == AlertKind.TRAINING_FAILED]
+    assert len(alerts) == 1 and "no_such_module" in alerts[0]["summary"]
+    assert [r.id for r in store.releases()] == [RELEASE]  # nothing released
+    assert [e["action"] for e in audit.entries(store, action="retrain.failed")] == ["retrain.failed"]
+
+
+def test_a_job_whose_worker_died_mid_training_fails_instead_of_training_again(
+    fleet: tuple[DataDir, Store, Telemetry],
+) -> None:
+    d, store, telemetry = fleet
+    job = _approved_job(d, store, telemetry)
+    JobRecords(store).update(job["id"], JobState.APPROVED, state=str(JobState.TRAINING))  # as a worker would
+    retrain, _ = _controller(d, store, policy(retrain_on_drift="retrain"))
+    retrain.tick()  # no worker holds the job's lock: its run is lost
+    failed = JobRecords(store).get(job["id"])
+    assert failed["state"] == JobState.FAILED and "ended before it recorded a model" in failed["error"]
+    assert retrain.running_workers() == {}  # and none was started to train it again
+    assert not job_lock_path(d, job["id"]).exists()
+
+
+def test_a_second_worker_for_the_same_job_leaves_it_alone(fleet: tuple[DataDir, Store, Telemetry]) -> None:
+    import fcntl
+
+    from server.loop.worker import run_job
+
+    d, store, telemetry = fleet
+    job = _approved_job(d, store, telemetry)
+    lock = job_lock_path(d, job["id"])
+    lock.parent.mkdir(mode=0o700, exist_ok=True)
+    with lock.open("a+b") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a first worker holds the job
+        assert run_job(d, job["id"]) == "busy"
+    assert JobRecords(store).get(job["id"])["state"] == JobState.APPROVED

@@ -366,6 +366,15 @@ def test_deliveries_queued_before_a_restart_are_delivered_after_it(datadir: Data
             wait_for(lambda: len(good.received) == 1, 20, what="the queued delivery")
         finally:
             sender.stop()
+        Alerts(store, hooks).raise_alert(AlertKind.TRAINING_FAILED, "home", "retrain:2:failed", "it failed again")
+        sender = WebhookSender(datadir.store, (), backoff_seconds=0.05).start()  # the policy dropped the endpoint
+        try:
+            wait_for(lambda: DeliveryRecords(store).pending_count() == 0, 20, what="the orphaned delivery closed")
+        finally:
+            sender.stop()
+        orphan = DeliveryRecords(store).recent()[0]
+        assert (orphan["state"], orphan["last_result"]) == ("failed", "the webhook is no longer in the policy")
+        assert len(good.received) == 1
     finally:
         store.close()
 

@@ -129,8 +129,7 @@ class WebhookSender:
         self._retries: list[tuple[float, _Attempt]] = []  # (due monotonic time, attempt)
 
     def start(self) -> WebhookSender:
-        if self.webhooks:
-            self._thread.start()
+        self._thread.start()  # also without webhooks: deliveries queued for endpoints since removed are closed
         return self
 
     def stop(self) -> None:
@@ -160,12 +159,13 @@ class WebhookSender:
         with self._lock:
             due = [a for t, a in self._retries if t <= now]
             self._retries = [(t, a) for t, a in self._retries if t > now]
-            busy = set(self._in_flight) | {a.delivery["id"] for _, a in self._retries}
-        fresh = [
-            _Attempt(d, self.webhooks[d["url"]], d["attempts"] + 1)
-            for d in records.pending(self.max_pending)
-            if d["id"] not in busy and d["id"] not in {a.delivery["id"] for a in due} and d["url"] in self.webhooks
-        ]
+            busy = self._in_flight | {a.delivery["id"] for _, a in self._retries} | {a.delivery["id"] for a in due}
+        fresh: list[_Attempt] = []
+        for d in records.pending(self.max_pending):
+            if d["url"] not in self.webhooks:  # queued before the policy dropped this endpoint
+                records.attempted(d["id"], "failed", "the webhook is no longer in the policy")
+            elif d["id"] not in busy:
+                fresh.append(_Attempt(d, self.webhooks[d["url"]], d["attempts"] + 1))
         for attempt in [*due, *fresh]:
             with self._lock:
                 self._in_flight.add(attempt.delivery["id"])

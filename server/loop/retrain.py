@@ -63,6 +63,8 @@ class JobState(StrEnum):
 
 
 FINAL = frozenset({JobState.REJECTED, JobState.COMPLETED, JobState.FAILED})
+# The audit action that records what the policy's retrain.on_drift made of a new alarm.
+_DECISION_AUDIT = {"alert": "retrain.not-decided", "review": "retrain.proposed", "retrain": "retrain.decided"}
 _WORKER_STATES = (JobState.APPROVED, JobState.TRAINING, JobState.TRAINED)
 
 
@@ -146,9 +148,8 @@ class RetrainController:
                 )
             else:
                 decision = f"retrain started as job {job_id}"
-        action_name = {"alert": "retrain.not-decided"}.get(
-            action, "retrain.decided" if action == "retrain" else "retrain.proposed"
-        )
+        action_name = _DECISION_AUDIT[action]
+
         audit.append(
             self.store, action_name, reading.fleet, {"alarm": alarm_id, "decision": decision, "cause": cause}, ACTOR
         )

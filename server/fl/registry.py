@@ -21,6 +21,7 @@ import numpy as np
 
 from server.errors import NotFoundError
 from server.store import Store, now_ms
+from server.store.training import LedgerRecords, ModelRecords, RunRecords
 
 __all__ = ["Ledger", "ModelVersion", "Registry", "TrainingRuns", "model_card", "model_card_markdown"]
 
@@ -31,41 +32,27 @@ class Ledger:
         self.default_budget = default_budget
 
     def budget(self, device_id: str) -> float:
-        row = self.store.db.execute("SELECT budget FROM privacy_budgets WHERE device_id = ?", [device_id]).fetchone()
-        return float(row[0]) if row else self.default_budget
+        own = LedgerRecords(self.store).budget(device_id)
+        return self.default_budget if own is None else own
 
     def set_budget(self, device_id: str, budget: float) -> None:
         if not budget >= 0:
             raise ValueError(f"a budget must be a number >= 0 (got {budget})")
-        with self.store.transaction() as db:
-            db.execute(
-                "INSERT INTO privacy_budgets (device_id, budget) VALUES (?, ?) "
-                "ON CONFLICT(device_id) DO UPDATE SET budget = excluded.budget",
-                [device_id, budget],
-            )
+        LedgerRecords(self.store).set_budget(device_id, budget)
 
     def lifetime(self, device_id: str, excluding_run: str = "") -> float:
-        row = self.store.db.execute(
-            """SELECT COALESCE(SUM(eps), 0) FROM (
-                 SELECT run_id, epsilon AS eps, MAX(round) FROM privacy_spend
-                 WHERE device_id = ? AND run_id != ? GROUP BY run_id)""",
-            [device_id, excluding_run],
-        ).fetchone()
-        return float(row[0])
+        return LedgerRecords(self.store).lifetime(device_id, excluding_run)
 
     def record(self, run_id: str, device_id: str, server_round: int, epsilon: float, delta: float) -> None:
-        self.store.db.execute(
-            "INSERT OR REPLACE INTO privacy_spend (run_id, device_id, round, epsilon, delta, at) VALUES (?,?,?,?,?,?)",
-            [run_id, device_id, server_round, epsilon, delta, now_ms()],
-        )
+        LedgerRecords(self.store).record(run_id, device_id, server_round, epsilon, delta, now_ms())
+
+    def devices(self, run_id: str) -> set[str]:
+        """The devices that reported ε in a run."""
+        return set(LedgerRecords(self.store).devices(run_id))
 
     def rows(self) -> list[dict[str, Any]]:
         """Per device and run: ε and δ of the run, the model version it produced, and the device's lifetime."""
-        runs = self.store.db.execute(
-            """SELECT p.device_id, p.run_id, p.epsilon, p.delta, MAX(p.round) AS rounds, r.model_version
-               FROM privacy_spend p JOIN fl_runs r ON r.id = p.run_id
-               GROUP BY p.device_id, p.run_id ORDER BY p.device_id, r.started_at"""
-        ).fetchall()
+        runs = LedgerRecords(self.store).by_run()
         out: list[dict[str, Any]] = []
         lifetime: dict[str, float] = {}
         for device_id, run_id, eps, delta, rounds, version in runs:
@@ -92,54 +79,33 @@ class TrainingRuns:
         self.store = store
 
     def start(self, run_id: str, model_name: str, engine: str, plan: dict[str, Any]) -> None:
-        with self.store.transaction() as db:
-            db.execute(
-                "INSERT INTO fl_runs (id, model_name, engine, plan, status, started_at) VALUES (?,?,?,?,?,?)",
-                [run_id, model_name, engine, json.dumps(plan, sort_keys=True), "running", now_ms()],
-            )
+        RunRecords(self.store).insert(run_id, model_name, engine, json.dumps(plan, sort_keys=True), "running", now_ms())
 
     def finish(self, run_id: str, status: str, error: str = "", model_version: str = "") -> None:
-        with self.store.transaction() as db:
-            db.execute(
-                "UPDATE fl_runs SET status = ?, error = ?, model_version = ?, finished_at = ? WHERE id = ?",
-                [status, error, model_version, now_ms(), run_id],
-            )
+        RunRecords(self.store).finish(run_id, status, error, model_version, now_ms())
 
     def record_round(self, run_id: str, row: dict[str, Any]) -> None:
         """One fl_rounds row; `row` holds its columns (round, selected, ..., seconds)."""
-        cols = ["run_id", *row]
-        self.store.db.execute(
-            f"INSERT OR REPLACE INTO fl_rounds ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-            [run_id, *row.values()],
-        )
+        RunRecords(self.store).record_round(run_id, row)
 
     def incident(self, run_id: str, server_round: int, device_id: str, kind: str, detail: str) -> None:
-        self.store.db.execute(
-            "INSERT INTO fl_incidents (run_id, round, device_id, kind, detail, at) VALUES (?,?,?,?,?,?)",
-            [run_id, server_round, device_id, kind, detail[:2000], now_ms()],
-        )
+        RunRecords(self.store).add_incident(run_id, server_round, device_id, kind, detail[:2000], now_ms())
 
     def run(self, run_id: str) -> dict[str, Any]:
-        row = self.store.db.execute("SELECT * FROM fl_runs WHERE id = ?", [run_id]).fetchone()
-        if row is None:
+        doc = RunRecords(self.store).get(run_id)
+        if doc is None:
             raise NotFoundError(f"no training run {run_id}")
-        cols = [d[0] for d in self.store.db.execute("SELECT * FROM fl_runs LIMIT 0").description]
-        doc = dict(zip(cols, row, strict=True))
         doc["plan"] = json.loads(doc["plan"])
         return doc
 
     def rounds(self, run_id: str) -> list[dict[str, Any]]:
-        return list(self.store.db.query("SELECT * FROM fl_rounds WHERE run_id = ? ORDER BY round", [run_id]))
+        return RunRecords(self.store).rounds(run_id)
 
     def incidents(self, run_id: str) -> list[dict[str, Any]]:
-        return list(self.store.db.query("SELECT * FROM fl_incidents WHERE run_id = ? ORDER BY rowid", [run_id]))
+        return RunRecords(self.store).incidents(run_id)
 
     def list(self) -> list[dict[str, Any]]:
-        return list(
-            self.store.db.query(
-                "SELECT id, model_name, status, model_version, started_at FROM fl_runs ORDER BY started_at"
-            )
-        )
+        return RunRecords(self.store).all()
 
 
 def weights_to_bytes(weights: list[np.ndarray]) -> bytes:
@@ -191,38 +157,27 @@ class Registry:
         reference: dict[str, Any],
     ) -> str:
         """Store a new version `name@seq` (seq one above the name's last) and mark the run completed."""
-        with self.store.transaction() as db:
-            row = db.execute("SELECT COALESCE(MAX(seq), 0) FROM models WHERE name = ?", [name]).fetchone()
-            seq = int(row[0]) + 1
+        models = ModelRecords(self.store)
+        with self.store.transaction():
+            seq = models.last_seq(name) + 1
             version = f"{name}@{seq}"
-            db.execute(
-                "INSERT INTO models (version, name, seq, run_id, parent, weights, weights_sha256, lineage, reference,"
-                " created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [
-                    version,
-                    name,
-                    seq,
-                    run_id,
-                    parent,
-                    weights_to_bytes(weights),
-                    weights_digest(weights),
-                    json.dumps(lineage, sort_keys=True),
-                    json.dumps(reference, sort_keys=True),
-                    now_ms(),
-                ],
+            models.insert(
+                version,
+                name,
+                seq,
+                run_id,
+                parent,
+                weights_to_bytes(weights),
+                weights_digest(weights),
+                json.dumps(lineage, sort_keys=True),
+                json.dumps(reference, sort_keys=True),
+                now_ms(),
             )
-            db.execute(
-                "UPDATE fl_runs SET status = 'completed', model_version = ?, finished_at = ? WHERE id = ?",
-                [version, now_ms(), run_id],
-            )
+            RunRecords(self.store).completed(run_id, version, now_ms())
         return version
 
     def get(self, version: str) -> ModelVersion:
-        row = self.store.db.execute(
-            "SELECT version, name, seq, run_id, parent, weights, weights_sha256, lineage, reference, created_at"
-            " FROM models WHERE version = ?",
-            [version],
-        ).fetchone()
+        row = ModelRecords(self.store).get(version)
         if row is None:
             known = ", ".join(m["version"] for m in self.list()[-5:]) or "none yet; run `fedfleet train`"
             raise NotFoundError(f"no model version {version!r} (latest: {known})")
@@ -241,18 +196,11 @@ class Registry:
         )
 
     def latest(self, name: str) -> str | None:
-        row = self.store.db.execute(
-            "SELECT version FROM models WHERE name = ? ORDER BY seq DESC LIMIT 1", [name]
-        ).fetchone()
-        return str(row[0]) if row else None
+        return ModelRecords(self.store).latest(name)
 
     def list(self) -> list[dict[str, Any]]:
-        rows = self.store.db.query(
-            "SELECT version, name, seq, run_id, parent, weights_sha256, lineage, created_at FROM models"
-            " ORDER BY created_at, seq"
-        )
         out = []
-        for r in rows:
+        for r in ModelRecords(self.store).all():
             lineage = json.loads(r.pop("lineage"))
             out.append({**r, "epsilon": lineage["privacy"]["epsilon"], "accuracy": lineage["metrics"]["test_accuracy"]})
         return out

@@ -346,14 +346,7 @@ def _reference(grid: Grid, run: _Run, arrays: ArrayRecord) -> DriftReference:
 def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     p = run.plan
     trained = (
-        sorted(
-            {
-                r["device_id"]
-                for r in run.store.db.query(
-                    "SELECT DISTINCT device_id FROM privacy_spend WHERE run_id = ?", [run.run_id]
-                )
-            }
-        )
+        sorted(run.ledger.devices(run.run_id))
         if p.private
         else sorted(d.device_id for d in run.devices.values() if not d.refused)
     )

@@ -1,0 +1,185 @@
+"""Federated training's records: runs, their rounds and incidents, the privacy ledger and the model registry.
+`server.fl` trains, accounts and registers; this module reads and writes. Writes join the caller's transaction
+(`Store.transaction` nests), so a model version and its run's completion commit together.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.store import Store
+
+__all__ = ["LedgerRecords", "ModelRecords", "RunRecords"]
+
+
+class RunRecords:
+    """fl_runs, fl_rounds and fl_incidents."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def insert(self, run_id: str, model_name: str, engine: str, plan: str, status: str, started_at: int) -> None:
+        """A new run, its plan as JSON."""
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO fl_runs (id, model_name, engine, plan, status, started_at) VALUES (?,?,?,?,?,?)",
+                [run_id, model_name, engine, plan, status, started_at],
+            )
+
+    def finish(self, run_id: str, status: str, error: str, model_version: str, finished_at: int) -> None:
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE fl_runs SET status = ?, error = ?, model_version = ?, finished_at = ? WHERE id = ?",
+                [status, error, model_version, finished_at, run_id],
+            )
+
+    def completed(self, run_id: str, model_version: str, finished_at: int) -> None:
+        """The run produced `model_version` (its error, if any, stays)."""
+        self.store.db.execute(
+            "UPDATE fl_runs SET status = 'completed', model_version = ?, finished_at = ? WHERE id = ?",
+            [model_version, finished_at, run_id],
+        )
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        """The run's row, its plan still JSON text; None when there is no such run."""
+        row = self.store.db.execute("SELECT * FROM fl_runs WHERE id = ?", [run_id]).fetchone()
+        if row is None:
+            return None
+        cols = [d[0] for d in self.store.db.execute("SELECT * FROM fl_runs LIMIT 0").description]
+        return dict(zip(cols, row, strict=True))
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every run (id, model, status, version, start), oldest first."""
+        return list(
+            self.store.db.query(
+                "SELECT id, model_name, status, model_version, started_at FROM fl_runs ORDER BY started_at"
+            )
+        )
+
+    def record_round(self, run_id: str, row: dict[str, Any]) -> None:
+        """One fl_rounds row (replacing one of the same round); `row` holds its columns (round, ..., seconds)."""
+        cols = ["run_id", *row]
+        self.store.db.execute(
+            f"INSERT OR REPLACE INTO fl_rounds ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            [run_id, *row.values()],
+        )
+
+    def rounds(self, run_id: str) -> list[dict[str, Any]]:
+        return list(self.store.db.query("SELECT * FROM fl_rounds WHERE run_id = ? ORDER BY round", [run_id]))
+
+    def add_incident(self, run_id: str, server_round: int, device_id: str, kind: str, detail: str, at: int) -> None:
+        self.store.db.execute(
+            "INSERT INTO fl_incidents (run_id, round, device_id, kind, detail, at) VALUES (?,?,?,?,?,?)",
+            [run_id, server_round, device_id, kind, detail, at],
+        )
+
+    def incidents(self, run_id: str) -> list[dict[str, Any]]:
+        return list(self.store.db.query("SELECT * FROM fl_incidents WHERE run_id = ? ORDER BY rowid", [run_id]))
+
+
+class LedgerRecords:
+    """privacy_spend (the ε each device reported after each round, cumulative in its run) and privacy_budgets."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def budget(self, device_id: str) -> float | None:
+        """The device's own budget; None: it has none (the data directory's default applies)."""
+        row = self.store.db.execute("SELECT budget FROM privacy_budgets WHERE device_id = ?", [device_id]).fetchone()
+        return float(row[0]) if row else None
+
+    def set_budget(self, device_id: str, budget: float) -> None:
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO privacy_budgets (device_id, budget) VALUES (?, ?) "
+                "ON CONFLICT(device_id) DO UPDATE SET budget = excluded.budget",
+                [device_id, budget],
+            )
+
+    def record(self, run_id: str, device_id: str, server_round: int, epsilon: float, delta: float, at: int) -> None:
+        self.store.db.execute(
+            "INSERT OR REPLACE INTO privacy_spend (run_id, device_id, round, epsilon, delta, at) VALUES (?,?,?,?,?,?)",
+            [run_id, device_id, server_round, epsilon, delta, at],
+        )
+
+    def lifetime(self, device_id: str, excluding_run: str = "") -> float:
+        """The sum over the device's runs (but one) of its last ε in each."""
+        row = self.store.db.execute(
+            """SELECT COALESCE(SUM(eps), 0) FROM (
+                 SELECT run_id, epsilon AS eps, MAX(round) FROM privacy_spend
+                 WHERE device_id = ? AND run_id != ? GROUP BY run_id)""",
+            [device_id, excluding_run],
+        ).fetchone()
+        return float(row[0])
+
+    def by_run(self) -> list[tuple[Any, ...]]:
+        """Per device and run, in the order the runs started: (device, run, ε, δ, rounds, model version)."""
+        rows = self.store.db.execute(
+            """SELECT p.device_id, p.run_id, p.epsilon, p.delta, MAX(p.round) AS rounds, r.model_version
+               FROM privacy_spend p JOIN fl_runs r ON r.id = p.run_id
+               GROUP BY p.device_id, p.run_id ORDER BY p.device_id, r.started_at"""
+        ).fetchall()
+        return [tuple(r) for r in rows]
+
+    def devices(self, run_id: str) -> list[str]:
+        """The devices that reported ε in a run."""
+        return [
+            r["device_id"]
+            for r in self.store.db.query("SELECT DISTINCT device_id FROM privacy_spend WHERE run_id = ?", [run_id])
+        ]
+
+
+class ModelRecords:
+    """models: the registry's versions `name@seq` with their weights, lineage and drift reference."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def last_seq(self, name: str) -> int:
+        """The name's highest sequence number (0: none yet)."""
+        row = self.store.db.execute("SELECT COALESCE(MAX(seq), 0) FROM models WHERE name = ?", [name]).fetchone()
+        return int(row[0])
+
+    def insert(
+        self,
+        version: str,
+        name: str,
+        seq: int,
+        run_id: str,
+        parent: str,
+        weights: bytes,
+        weights_sha256: str,
+        lineage: str,
+        reference: str,
+        created_at: int,
+    ) -> None:
+        """One version; lineage and reference as JSON."""
+        self.store.db.execute(
+            "INSERT INTO models (version, name, seq, run_id, parent, weights, weights_sha256, lineage, reference,"
+            " created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            [version, name, seq, run_id, parent, weights, weights_sha256, lineage, reference, created_at],
+        )
+
+    def get(self, version: str) -> tuple[Any, ...] | None:
+        """(version, name, seq, run_id, parent, weights, weights_sha256, lineage, reference, created_at)."""
+        row = self.store.db.execute(
+            "SELECT version, name, seq, run_id, parent, weights, weights_sha256, lineage, reference, created_at"
+            " FROM models WHERE version = ?",
+            [version],
+        ).fetchone()
+        return None if row is None else tuple(row)
+
+    def latest(self, name: str) -> str | None:
+        row = self.store.db.execute(
+            "SELECT version FROM models WHERE name = ? ORDER BY seq DESC LIMIT 1", [name]
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every version without its weights and reference, oldest first; lineage as JSON text."""
+        return list(
+            self.store.db.query(
+                "SELECT version, name, seq, run_id, parent, weights_sha256, lineage, created_at FROM models"
+                " ORDER BY created_at, seq"
+            )
+        )

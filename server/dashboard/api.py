@@ -34,6 +34,7 @@ from server.errors import ConflictError, CoordinatorError, NotFoundError
 from server.loop.alerts import Alerts
 from server.loop.retrain import answer_proposal
 from server.store import Store, now_ms
+from server.store.dashboard import CHANGE_MARKS, DashboardReads
 from server.store.loop import AlarmRecords, AlertRecords, JobRecords
 
 __all__ = ["COOKIE", "DashboardOptions", "create_app"]
@@ -92,15 +93,7 @@ class ChangeFeed:
     """One poller for every live page: it reads a few cheap high-water marks and tells each subscriber which
     parts of the state moved."""
 
-    QUERIES: ClassVar[dict[str, str]] = {
-        "rollouts": "SELECT (SELECT count(*) FROM rollouts), (SELECT max(updated_at) FROM rollouts),"
-        " (SELECT max(id) FROM rollout_decisions), (SELECT max(rowid) FROM rollout_gate_samples)",
-        "devices": "SELECT count(*), max(last_seen), sum(online), max(last_event_at) FROM devices",
-        "events": "SELECT max(id) FROM events",
-        "telemetry": "SELECT max(rowid) FROM telemetry",
-        "audit": "SELECT max(seq) FROM audit",
-        "training": "SELECT (SELECT count(*) FROM fl_rounds), (SELECT count(*) FROM fl_runs WHERE status != 'running')",
-    }
+    QUERIES: ClassVar[dict[str, str]] = CHANGE_MARKS  # the topics and their marks' queries, kept by the store
 
     def __init__(self, stores: _Stores, seconds: float) -> None:
         self.stores = stores
@@ -110,8 +103,7 @@ class ChangeFeed:
         self._marks: dict[str, Any] = {}
 
     def marks(self) -> dict[str, Any]:
-        db = self.stores.get().db
-        return {topic: tuple(db.execute(sql).fetchone()) for topic, sql in self.QUERIES.items()}
+        return DashboardReads(self.stores.get()).change_marks()
 
     def subscribe(self) -> asyncio.Queue[dict[str, Any]]:
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=100)

@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 
-import sqlite_utils
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from server.ingest.telemetry import REJECTED
-from server.rollout.driver import ACTIVE_SQL
+from server.rollout.driver import ACTIVE_PHASES
 from server.rollout.engine import ACTIVE
 from server.store import Store
+from server.store.dashboard import DashboardReads
 from server.store.loop import AlarmRecords, AlertRecords, DeliveryRecords, JobRecords
 
 __all__ = ["CoordinatorCollector"]
@@ -28,29 +28,28 @@ class CoordinatorCollector(Collector):
         self._broker_connected = broker_connected
 
     def collect(self) -> Iterator[Metric]:
-        db = self._store().db
+        store = self._store()
+        reads = DashboardReads(store)
         devices = GaugeMetricFamily(
             "fedfleet_devices",
             "Devices by update state, running release and presence.",
             labels=["state", "release", "online"],
         )
-        for state, release, online, n in db.execute(
-            "SELECT update_state, running_release, online, count(*) FROM devices GROUP BY 1, 2, 3"
-        ):
+        for state, release, online, n in reads.devices_by_state():
             devices.add_metric([state or "unknown", release or "none", "true" if online else "false"], n)
         yield devices
 
         events = CounterMetricFamily(
             "fedfleet_update_events", "Update events devices reported, by kind.", labels=["kind"]
         )
-        for kind, n in db.execute("SELECT kind, count(*) FROM events GROUP BY kind"):
+        for kind, n in reads.events_by_kind():
             events.add_metric([kind], n)
         yield events
 
         ingested = CounterMetricFamily(
             "fedfleet_telemetry_windows_ingested", "Telemetry windows stored, by transport.", labels=["via"]
         )
-        for via, n in db.execute("SELECT via, count(*) FROM telemetry GROUP BY via"):
+        for via, n in reads.windows_by_transport():
             ingested.add_metric([via], n)
         yield ingested
         rejected = CounterMetricFamily(
@@ -62,9 +61,9 @@ class CoordinatorCollector(Collector):
             rejected.add_metric([via], REJECTED[via])
         yield rejected
 
-        yield from _rollouts(db)
-        yield from _training(db)
-        yield from _loop(self._store())
+        yield from _rollouts(reads)
+        yield from _training(reads)
+        yield from _loop(store)
 
         if self._broker_connected is not None:
             yield GaugeMetricFamily(
@@ -96,8 +95,7 @@ def _loop(store: Store) -> Iterator[Metric]:
     )
 
 
-def _rollouts(db: sqlite_utils.Database) -> Iterator[Metric]:
-    execute = db.execute
+def _rollouts(reads: DashboardReads) -> Iterator[Metric]:
     phase = GaugeMetricFamily(
         "fedfleet_rollout_phase", "1 for each rollout's current phase.", labels=["rollout", "release", "phase"]
     )
@@ -106,7 +104,7 @@ def _rollouts(db: sqlite_utils.Database) -> Iterator[Metric]:
     )
     active = GaugeMetricFamily("fedfleet_rollouts_active", "Rollouts not yet finished.")
     n_active = 0
-    for rid, release, ph, w in execute("SELECT id, release_id, phase, wave FROM rollouts"):
+    for rid, release, ph, w in reads.rollout_phases():
         phase.add_metric([rid, release, ph], 1)
         wave.add_metric([rid], w)
         n_active += ph in ACTIVE
@@ -122,11 +120,7 @@ def _rollouts(db: sqlite_utils.Database) -> Iterator[Metric]:
     failing = GaugeMetricFamily(
         "fedfleet_rollout_gate_failing", "1 when a gate's latest verdict is fail.", labels=["rollout", "metric"]
     )
-    for rid, gates in execute(
-        f"""SELECT s.rollout_id, s.gates FROM rollout_gate_samples s JOIN rollouts r ON r.id = s.rollout_id
-            WHERE r.phase IN ({ACTIVE_SQL})
-              AND s.at = (SELECT max(at) FROM rollout_gate_samples WHERE rollout_id = s.rollout_id)"""
-    ):
+    for rid, gates in reads.latest_gates(ACTIVE_PHASES):
         for g in json.loads(gates):
             labels = [rid, g["metric"]]
             threshold.add_metric(labels, g["threshold"])
@@ -136,9 +130,8 @@ def _rollouts(db: sqlite_utils.Database) -> Iterator[Metric]:
     yield from (value, threshold, failing)
 
 
-def _training(db: sqlite_utils.Database) -> Iterator[Metric]:
-    execute = db.execute
-    count, total = execute("SELECT count(*), COALESCE(sum(seconds), 0) FROM fl_rounds WHERE round > 0").fetchone()
+def _training(reads: DashboardReads) -> Iterator[Metric]:
+    count, total = reads.round_totals()
     yield SummaryMetricFamily(
         "fedfleet_fl_round_duration_seconds",
         "Federated training rounds: how long each took.",
@@ -152,20 +145,13 @@ def _training(db: sqlite_utils.Database) -> Iterator[Metric]:
         "fedfleet_fl_epsilon", "The largest ε a client reported by the latest round, per training run.", labels=["run"]
     )
     rounds = GaugeMetricFamily("fedfleet_fl_rounds", "Rounds completed, per training run.", labels=["run"])
-    for run, rnd, seconds, eps in execute(
-        """SELECT run_id, round, seconds, epsilon_max FROM fl_rounds f
-           WHERE round = (SELECT max(round) FROM fl_rounds WHERE run_id = f.run_id)"""
-    ):
+    for run, rnd, seconds, eps in reads.last_rounds():
         last.add_metric([run], seconds)
         rounds.add_metric([run], rnd)
         if eps is not None:
             epsilon.add_metric([run], eps)
     yield from (last, epsilon, rounds)
-    (lifetime,) = execute(
-        """SELECT COALESCE(max(total), 0) FROM (SELECT device_id, sum(eps) AS total FROM (
-             SELECT device_id, run_id, epsilon AS eps, MAX(round) FROM privacy_spend GROUP BY device_id, run_id)
-           GROUP BY device_id)"""
-    ).fetchone()
+    lifetime = reads.max_lifetime_epsilon()
     yield GaugeMetricFamily(
         "fedfleet_privacy_lifetime_epsilon_max", "The largest lifetime ε any device has spent.", value=lifetime
     )

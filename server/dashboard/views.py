@@ -19,6 +19,7 @@ from server.fl.registry import Ledger, Registry, TrainingRuns, model_card, model
 from server.ingest.telemetry import release_reference
 from server.rollout.driver import Rollouts
 from server.store import Store, now_ms
+from server.store.dashboard import DashboardReads
 
 __all__ = [
     "DeviceFilter",
@@ -103,20 +104,15 @@ def device_view(store: Store, device_id: str, limit: int = 100) -> dict[str, Any
     device = store.device(device_id)
     assignments = [
         {k: r[k] for k in ("counter", "release_id", "rollout_id", "created_at", "published_at")}
-        for r in store.db.query(
-            "SELECT * FROM assignments WHERE device_id = ? ORDER BY counter DESC LIMIT ?", [device_id, limit]
-        )
+        for r in store.assignments(device_id, limit)
     ]
     events = [
         {k: e[k] for k in ("id", "counter", "release_id", "kind", "reason", "detail", "received_at", "via")}
         for e in store.events(device_id, limit)
     ]
     windows = []
-    for r in store.db.query(
-        """SELECT sequence, first_sequence, release_id, start_ms, end_ms, inferences, errors, payload, via
-           FROM telemetry WHERE device_id = ? ORDER BY sequence DESC LIMIT ?""",
-        [device_id, limit],
-    ):
+    reads = DashboardReads(store)
+    for r in reads.device_windows(device_id, limit):
         reference = release_reference(store, r["release_id"])
         score = None
         if reference is not None:
@@ -131,12 +127,7 @@ def device_view(store: Store, device_id: str, limit: int = 100) -> dict[str, Any
                 "score_psi": score.score_psi if score else None,
             }
         )
-    rollouts = [
-        r["rollout_id"]
-        for r in store.db.query(
-            "SELECT rollout_id FROM rollout_devices WHERE device_id = ? ORDER BY rowid DESC", [device_id]
-        )
-    ]
+    rollouts = reads.device_rollouts(device_id)
     return {
         "device": {**_device_summary(device), "hardware": device["hardware"], "agent_version": device["agent_version"]},
         "assigned_release": store.assignment_of(device_id) or None,
@@ -161,13 +152,7 @@ def rollout_view(rollouts: Rollouts, rollout_id: str) -> dict[str, Any]:
     doc = rollouts.status(rollout_id, observe=False)
     doc["gate_history"] = [
         {"at": r["at"], "wave": r["wave"], "gates": json.loads(r["gates"])}
-        for r in rollouts.store.db.query(
-            """SELECT wave, at, gates FROM (
-                 SELECT wave, at, gates, row_number() OVER (ORDER BY at) AS rn, count(*) OVER () AS n
-                 FROM rollout_gate_samples WHERE rollout_id = ?)
-               WHERE (rn - 1) % max(1, n / ?) = 0 OR rn = n ORDER BY at""",
-            [rollout_id, GATE_HISTORY_POINTS],
-        )
+        for r in DashboardReads(rollouts.store).gate_history(rollout_id, GATE_HISTORY_POINTS)
     ]
     history = doc["gate_history"]
     fresh = history and doc["phase"] in ("baking", "gating", "paused") and history[-1]["wave"] == doc["wave"]
@@ -219,13 +204,9 @@ _BUCKETS = _BucketCache(_BUCKET_CACHE_SIZE)
 
 def _pool_rows(store: Store, rowids: list[int]) -> WindowCounts:
     total: WindowCounts | None = None
-    for chunk in range(0, len(rowids), 500):
-        part = rowids[chunk : chunk + 500]
-        for (payload,) in store.db.execute(
-            f"SELECT payload FROM telemetry WHERE rowid IN ({','.join('?' * len(part))})", part
-        ):
-            counts = counts_from_proto(pb.TelemetryWindow.FromString(payload))
-            total = counts if total is None else total.merge(counts)
+    for payload in DashboardReads(store).payloads(rowids):
+        counts = counts_from_proto(pb.TelemetryWindow.FromString(payload))
+        total = counts if total is None else total.merge(counts)
     assert total is not None
     return total
 
@@ -239,12 +220,7 @@ def drift_view(
     until = now_ms()
     since = until - int(minutes * 60_000)
     devices = {d["id"]: d for d in store.devices()}
-    sql = "SELECT rowid, device_id, release_id, end_ms FROM telemetry WHERE end_ms >= ?"
-    args: list[Any] = [since]
-    if release:
-        sql += " AND release_id = ?"
-        args.append(release)
-    rows = store.db.execute(sql + " ORDER BY end_ms DESC LIMIT ?", [*args, MAX_DRIFT_WINDOWS + 1]).fetchall()
+    rows = DashboardReads(store).recent_windows(since, release, MAX_DRIFT_WINDOWS + 1)
     truncated = len(rows) > MAX_DRIFT_WINDOWS
     rows = rows[:MAX_DRIFT_WINDOWS]
     if rows:  # the buckets cover the telemetry there is, not an empty stretch before it

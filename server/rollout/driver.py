@@ -34,9 +34,10 @@ from server.rollout.engine import (
 )
 from server.rollout.spec import DEFAULT_GATES, RolloutSpec, RolloutSpecError, plan_waves
 from server.store import Store, now_ms
+from server.store.rollouts import RolloutRecords
 from server.trust.director import Director
 
-__all__ = ["ACTIVE_SQL", "FINAL_FAILURE_KINDS", "Rollouts"]
+__all__ = ["ACTIVE_PHASES", "FINAL_FAILURE_KINDS", "Rollouts"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,8 @@ logger = logging.getLogger(__name__)
 # retries), so it is not here: such a device stays pending until it commits or counts as silent.
 FINAL_FAILURE_KINDS = ("probe_failed", "rejected")
 
-# The active phases as an SQL list, for `phase IN (...)`.
-ACTIVE_SQL = ",".join(repr(str(p)) for p in sorted(ACTIVE))
+# The active phases as strings, for the store's `phase IN (...)` queries.
+ACTIVE_PHASES = tuple(str(p) for p in sorted(ACTIVE))
 
 # A baking or gating wave's gate values are kept at most this often, for the dashboard's charts over time.
 GATE_SAMPLE_MS = 2000
@@ -67,6 +68,7 @@ class Rollouts:
 
     def __init__(self, store: Store, director: Director, policy: Policy | None = None) -> None:
         self.store = store
+        self.records = RolloutRecords(store)
         self.director = director
         self.policy = policy or Policy()
         self._sampled: dict[str, int] = {}  # rollout id → when its gate values were last kept
@@ -94,7 +96,7 @@ class Rollouts:
                 f"no registered device matches fleet {spec.fleet!r} and selector {dict(spec.selector)}"
             )
         plan = plan_waves(spec, devices)
-        with self.store.transaction() as db:
+        with self.store.transaction():
             previous: dict[str, str] = {}
             for device_id, _ in devices:
                 current = self.store.current_assignment(device_id)
@@ -115,15 +117,8 @@ class Rollouts:
                 )
             rollout_id = _next_id(self.store)
             now = now_ms()
-            db.execute(
-                """INSERT INTO rollouts (id, release_id, spec, phase, wave, wave_started_ms, created_at, updated_at)
-                   VALUES (?, ?, ?, ?, -1, ?, ?, ?)""",
-                [rollout_id, release.id, json.dumps(spec.to_json()), str(Phase.PENDING), now, now, now],
-            )
-            db.conn.executemany(
-                "INSERT INTO rollout_devices (rollout_id, device_id, wave, previous_release) VALUES (?, ?, ?, ?)",
-                [(rollout_id, d, k, previous[d]) for k, wave in enumerate(plan) for d in wave],
-            )
+            self.records.insert(rollout_id, release.id, json.dumps(spec.to_json()), str(Phase.PENDING), now)
+            self.records.add_devices(rollout_id, [(d, k, previous[d]) for k, wave in enumerate(plan) for d in wave])
             detail = {"release": release.id, "devices": len(devices), "waves": [len(w) for w in plan]}
             self._decide_row(rollout_id, -1, "created", f"plan: {detail['waves']} devices per wave", ())
             audit.append(self.store, "rollout.start", rollout_id, {**detail, "spec": spec.to_json()}, actor)
@@ -158,17 +153,7 @@ class Rollouts:
     def observe(self, row: _Row, now: int) -> WaveObservation:
         """What the coordinator knows of the assigned devices and of the telemetry since the wave began; with a
         cohort label (`cohort_by`, else `canary_by`), the same for each of its values as well."""
-        outcomes = list(
-            self.store.db.query(
-                f"""SELECT rd.device_id, rd.counter, rd.assigned_at, rd.rollback_counter, rd.previous_release,
-                      d.running_release, d.running_counter, d.labels,
-                      EXISTS (SELECT 1 FROM events e WHERE e.device_id = rd.device_id AND e.counter = rd.counter
-                              AND e.kind IN ({",".join("?" * len(FINAL_FAILURE_KINDS))})) AS failed
-                    FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id
-                    WHERE rd.rollout_id = ?""",
-                [*FINAL_FAILURE_KINDS, row.id],
-            )
-        )
+        outcomes = self.records.outcomes(row.id, FINAL_FAILURE_KINDS)
         if row.state.phase is Phase.ROLLING_BACK:
             pending = sum(1 for o in outcomes if o["rollback_counter"] is not None and not _rolled_back(o))
             return WaveObservation(0, 0, 0, 0, 0, 0, 0, {}, pending)
@@ -231,46 +216,26 @@ class Rollouts:
 
     def _apply(self, row: _Row, step: Transition, actor: str) -> bool:
         """Apply one transition atomically, unless the rollout changed since it was read (then nothing)."""
-        with self.store.transaction() as db:
-            current = db.execute("SELECT phase, wave, updated_at FROM rollouts WHERE id = ?", [row.id]).fetchone()
-            if tuple(current) != (str(row.state.phase), row.state.wave, row.updated_at):
+        with self.store.transaction():
+            if self.records.version(row.id) != (str(row.state.phase), row.state.wave, row.updated_at):
                 return False
             release = self.store.release(row.release_id)
             if step.assign_wave is not None:
-                devices = [
-                    r["device_id"]
-                    for r in db.query(
-                        "SELECT device_id FROM rollout_devices WHERE rollout_id = ? AND wave = ? AND counter IS NULL",
-                        [row.id, step.assign_wave],
-                    )
-                ]
+                devices = self.records.unassigned(row.id, step.assign_wave)
                 issued = self.director.assign(self.store, devices, release, rollout_id=row.id, actor=actor)
-                now = now_ms()
-                db.conn.executemany(
-                    "UPDATE rollout_devices SET counter = ?, assigned_at = ? WHERE rollout_id = ? AND device_id = ?",
-                    [(a.counter, now, row.id, a.device_id) for a in issued],
-                )
+                self.records.mark_assigned(row.id, [(a.device_id, a.counter) for a in issued], now_ms())
             if step.rollback:
                 back: dict[str, list[str]] = {}
-                for r in db.query(
-                    "SELECT device_id, previous_release FROM rollout_devices"
-                    " WHERE rollout_id = ? AND counter IS NOT NULL AND rollback_counter IS NULL",
-                    [row.id],
-                ):
-                    back.setdefault(r["previous_release"], []).append(r["device_id"])
+                for device_id, previous_release in self.records.to_roll_back(row.id):
+                    back.setdefault(previous_release, []).append(device_id)
                 for previous, devices in sorted(back.items()):
                     issued = self.director.assign(
                         self.store, devices, self.store.release(previous), rollout_id=row.id, actor=actor
                     )
-                    db.conn.executemany(
-                        "UPDATE rollout_devices SET rollback_counter = ? WHERE rollout_id = ? AND device_id = ?",
-                        [(a.counter, row.id, a.device_id) for a in issued],
-                    )
+                    self.records.mark_rolled_back(row.id, [(a.device_id, a.counter) for a in issued])
             s = step.state
-            db.execute(
-                """UPDATE rollouts SET phase = ?, wave = ?, wave_started_ms = ?, paused_from = ?, last_decision = ?,
-                     updated_at = ? WHERE id = ?""",
-                [str(s.phase), s.wave, s.wave_started_ms, s.paused_from, s.last_decision, now_ms(), row.id],
+            self.records.set_state(
+                row.id, str(s.phase), s.wave, s.wave_started_ms, s.paused_from, s.last_decision, now_ms()
             )
             if step.decision:
                 gates = [g.to_json() for g in step.gates]
@@ -287,35 +252,24 @@ class Rollouts:
             return
         self._sampled[row.id] = now
         gates = [g.to_json() for g in evaluate_gates(row.spec, obs)]
-        self.store.db.execute(
-            "INSERT INTO rollout_gate_samples (rollout_id, wave, at, gates) VALUES (?, ?, ?, ?)",
-            [row.id, row.state.wave, now, json.dumps(gates)],
-        )
+        self.records.add_gate_sample(row.id, row.state.wave, now, json.dumps(gates))
 
     def _decide_row(self, rollout_id: str, wave: int, decision: str, reason: str, gates: Any) -> None:
-        self.store.db.execute(
-            "INSERT INTO rollout_decisions (rollout_id, wave, at, decision, reason, gates) VALUES (?, ?, ?, ?, ?, ?)",
-            [rollout_id, wave, now_ms(), decision, reason, json.dumps(list(gates))],
-        )
+        self.records.add_decision(rollout_id, wave, now_ms(), decision, reason, json.dumps(list(gates)))
 
     # ----- reading -----
 
     def _rows(self, active_only: bool = False) -> list[_Row]:
-        sql = "SELECT * FROM rollouts"
-        if active_only:
-            sql += f" WHERE phase IN ({ACTIVE_SQL})"
-        return [self._to_row(r) for r in self.store.db.query(sql + " ORDER BY created_at, id")]
+        return [self._to_row(r) for r in self.records.all(ACTIVE_PHASES if active_only else None)]
 
     def _row(self, rollout_id: str) -> _Row:
-        rows = list(self.store.db.query("SELECT * FROM rollouts WHERE id = ?", [rollout_id]))
-        if not rows:
+        found = self.records.get(rollout_id)
+        if found is None:
             raise NotFoundError(f"no rollout {rollout_id!r}; `fedfleet rollout list` shows them")
-        return self._to_row(rows[0])
+        return self._to_row(found)
 
     def _to_row(self, r: dict[str, Any]) -> _Row:
-        waves = self.store.db.execute(
-            "SELECT count(DISTINCT wave) FROM rollout_devices WHERE rollout_id = ?", [r["id"]]
-        ).fetchone()[0]
+        waves = self.records.wave_count(r["id"])
         state = RolloutState(Phase(r["phase"]), r["wave"], r["wave_started_ms"], r["paused_from"], r["last_decision"])
         spec = RolloutSpec.from_json(json.loads(r["spec"]))
         return _Row(r["id"], r["release_id"], spec, state, int(waves), r["created_at"], r["updated_at"])
@@ -342,17 +296,11 @@ class Rollouts:
         """Each wave with its devices by state, the current gate values against thresholds, every decision.
         `observe=False` leaves the gates out (observing pools the wave's telemetry: the costly part)."""
         row = self._row(rollout_id)
-        store = self.store
         now = now_ms()
         waves: list[dict[str, Any]] = []
         for k in range(row.waves):
             counts: Counter[str] = Counter()
-            for r in store.db.query(
-                """SELECT rd.counter, rd.rollback_counter, rd.previous_release, d.running_release, d.running_counter,
-                          d.online FROM rollout_devices rd JOIN devices d ON d.id = rd.device_id
-                   WHERE rd.rollout_id = ? AND rd.wave = ?""",
-                [row.id, k],
-            ):
+            for r in self.records.wave_devices(row.id, k):
                 counts[_device_state(r, row.release_id)] += 1
             waves.append(
                 {"wave": k, "name": "canary" if k == 0 else f"wave {k}", "devices": dict(sorted(counts.items()))}
@@ -360,13 +308,7 @@ class Rollouts:
         gates: list[dict[str, Any]] = []
         if observe and row.state.phase in (Phase.BAKING, Phase.GATING, Phase.PAUSED):
             gates = [g.to_json() for g in evaluate_gates(row.spec, self.observe(row, now))]
-        decisions = [
-            {**d, "gates": json.loads(d["gates"])}
-            for d in store.db.query(
-                "SELECT wave, at, decision, reason, gates FROM rollout_decisions WHERE rollout_id = ? ORDER BY id",
-                [row.id],
-            )
-        ]
+        decisions = [{**d, "gates": json.loads(d["gates"])} for d in self.records.decisions(row.id)]
         return {
             "id": row.id,
             "release": row.release_id,
@@ -404,21 +346,11 @@ def _device_state(r: dict[str, Any], release_id: str) -> str:
 
 def _busy(store: Store, device_ids: list[str]) -> dict[str, str]:
     """Devices already in an active rollout → that rollout's id."""
-    busy: dict[str, str] = {}
-    for chunk in range(0, len(device_ids), 500):
-        part = device_ids[chunk : chunk + 500]
-        for r in store.db.query(
-            f"""SELECT rd.device_id, rd.rollout_id FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id
-                WHERE r.phase IN ({ACTIVE_SQL}) AND rd.device_id IN ({",".join("?" * len(part))})""",
-            part,
-        ):
-            busy[r["device_id"]] = r["rollout_id"]
-    return busy
+    return RolloutRecords(store).busy(device_ids, ACTIVE_PHASES)
 
 
 def _next_id(store: Store) -> str:
-    n = store.db.execute("SELECT count(*) FROM rollouts").fetchone()[0]
-    return f"rollout-{n + 1}"
+    return f"rollout-{RolloutRecords(store).count() + 1}"
 
 
 def _class_mix_shift(wave: WindowCounts, control: WindowCounts) -> float | None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import uvicorn
 
@@ -52,9 +53,30 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+def _hold_serve_lock(datadir: DataDir) -> IO[bytes]:
+    """DATA/serve.lock, held for the coordinator's life: two coordinators on one data directory would both sign,
+    assign and judge rollouts. The kernel drops the lock with the process, however it ends."""
+    path = datadir.root / "serve.lock"
+    lock = path.open("a+b")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().decode(errors="replace").strip() or "another process"
+        lock.close()
+        raise CoordinatorError(
+            f"a coordinator (pid {holder}) already serves {datadir.root}; stop it first (one serve per data directory)"
+        ) from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()).encode())
+    lock.flush()
+    return lock
+
+
 class Coordinator:
     def __init__(self, datadir: DataDir, options: ServeOptions | None = None) -> None:
         self.datadir = datadir.require()
+        self._serve_lock = _hold_serve_lock(self.datadir)
         self.config = datadir.config()
         options = options or ServeOptions()
         self.grpc_listen = options.grpc_listen or self.config.grpc_listen
@@ -123,6 +145,7 @@ class Coordinator:
             (self.datadir.root / "serve.json").unlink(missing_ok=True)
             self.store.close()
             self.rollouts.store.close()
+            self._serve_lock.close()
 
     def _bind_dashboard(self) -> socket.socket:
         host, port = parse_host_port(self.dashboard_listen)

@@ -1,18 +1,25 @@
-"""One MQTT session kept alive: connect, run, and on loss reconnect with doubling back-off. Used by the agent
-and by the coordinator's bridge."""
+"""One MQTT session kept alive: connect, run, and on loss reconnect with doubling, jittered back-off. Used by the
+agent and by the coordinator's bridge."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiomqtt
 
-__all__ = ["keep_session", "publish", "raise_lost_cancel"]
+__all__ = ["jittered", "keep_session", "publish", "raise_lost_cancel"]
 
 logger = logging.getLogger(__name__)
+
+
+def jittered(delay: float, rng: random.Random | None = None) -> float:
+    """A wait between half `delay` and `delay` ("equal jitter"): a fleet that lost its broker at one instant does
+    not come back in lockstep, and no device waits less than half its back-off."""
+    return delay / 2 + (rng or random).uniform(0, delay / 2)
 
 
 async def keep_session(
@@ -35,10 +42,10 @@ async def keep_session(
                 async for message in client.messages:
                     on_message(message.topic.value, message.payload)
         except aiomqtt.MqttError as e:
-            logger.warning("%s: MQTT connection lost (%s); reconnecting in %.1f s", what, e, delay)
+            logger.warning("%s: MQTT connection lost (%s); reconnecting within %.1f s", what, e, delay)
         finally:
             connected.clear()
-        await asyncio.sleep(delay)
+        await asyncio.sleep(jittered(delay))
         delay = min(delay * 2, max_delay)
 
 

@@ -16,7 +16,9 @@ from edge_agent.errors import ConfigError
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 
-__all__ = ["running_endpoints", "write_bundle"]
+__all__ = ["RESERVED_PREFIX", "running_endpoints", "write_bundle"]
+
+RESERVED_PREFIX = "fedfleet-"  # names of fedfleet's own identities (server.trust.pki.COORDINATOR_IDENTITY)
 
 
 def running_endpoints(d: DataDir) -> dict[str, Any]:
@@ -42,6 +44,9 @@ def write_bundle(
     """Write the bundle into out_dir and return the agent configuration it holds (checked before writing)."""
     if not device_id_is_valid(device_id):
         raise CoordinatorError(f"cannot enroll {device_id!r}: device_id must be letters, digits, '-', '_', '.'")
+    if device_id.startswith(RESERVED_PREFIX):
+        # The coordinator's own identity (fedfleet-coordinator) carries its broker rights: no device may hold it.
+        raise CoordinatorError(f"cannot enroll {device_id!r}: names starting {RESERVED_PREFIX!r} are fedfleet's own")
     endpoints = running_endpoints(d)
     config = d.config()
     fields: dict[str, Any] = {
@@ -64,20 +69,17 @@ def write_bundle(
     toml = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "root.json", d.repository().root_bytes())
+    atomic_write_bytes(out_dir / "director_keys.json", (d.trust / "director_keys.json").read_bytes())
+    try:  # checked with the agent's own parser before anything is minted: a refusal issues no identity
+        agent_config = config_from_dict(tomllib.loads(toml), out_dir)
+    except (ConfigError, tomllib.TOMLDecodeError) as e:
+        raise CoordinatorError(f"cannot enroll {device_id!r}: {e}") from e
     ca = d.ca()
     issued = ca.issue(device_id, client=True)
     atomic_write_bytes(out_dir / "ca.pem", ca.cert_pem)
     atomic_write_bytes(out_dir / "device-key.pem", issued.key_pem)
     atomic_write_bytes(out_dir / "device.pem", issued.cert_pem)
-    store = d.store()
-    try:
+    with d.store() as store:
         store.record_certificate(issued.serial, device_id, "device", int(issued.not_after.timestamp() * 1000))
-    finally:
-        store.close()
-    atomic_write_bytes(out_dir / "director_keys.json", (d.trust / "director_keys.json").read_bytes())
-    try:
-        agent_config = config_from_dict(tomllib.loads(toml), out_dir)
-    except (ConfigError, tomllib.TOMLDecodeError) as e:
-        raise CoordinatorError(f"cannot enroll {device_id!r}: {e}") from e
     atomic_write_bytes(out_dir / "agent.toml", toml.encode())
     return agent_config

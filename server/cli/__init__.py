@@ -121,11 +121,8 @@ def dashboard_token(
     d = open_datadir(data_dir)
     token = d.operator_token(rotate=rotate)
     if rotate:
-        audit_store = d.store()
-        try:
+        with d.store() as audit_store:
             audit.append(audit_store, "dashboard.token-rotated", "operator", {}, actor="cli")
-        finally:
-            audit_store.close()
     if as_json:
         print_json({"token": token})
         return
@@ -219,13 +216,10 @@ def _release_file(d: DataDir, model_file: Path, name: str, version: str, probe: 
             raise CoordinatorError(
                 f"probe file {probe} must be an .npz with arrays 'inputs' and 'outputs' ({e})"
             ) from e
-    store = d.store()
-    try:
+    with d.store() as store:
         return publish_release(
             d.repository(), store, model_file.read_bytes(), name, version, probe_doc, extra, d.policy()
         )
-    finally:
-        store.close()
 
 
 @releases_app.command("list")
@@ -267,15 +261,12 @@ def assign(
         raise CoordinatorError("with --fleet give only the RELEASE")
     *device, release_id = args
     d = open_datadir(data_dir)
-    store = d.store()
-    try:
+    with d.store() as store:
         rel = store.release(release_id)
         targets = device or store.device_ids(str(fleet))
         if not targets:
             raise CoordinatorError(f"fleet {fleet!r} has no registered devices; agents register when they start")
         issued = d.director().assign(store, targets, rel)
-    finally:
-        store.close()
     if as_json:
         print_json({"release": rel.id, "assignments": [{"device": a.device_id, "counter": a.counter} for a in issued]})
     else:
@@ -333,8 +324,7 @@ def devices_show(
     as_json: JsonOption = False,
 ) -> None:
     """One device with its hardware and its latest update events."""
-    store = open_datadir(data_dir).store()
-    try:
+    with open_datadir(data_dir).store() as store:
         row = store.device(device_id)
         doc = {
             **_device_doc(row, store.assignment_of(device_id)),
@@ -342,8 +332,6 @@ def devices_show(
             "agent_version": row["agent_version"],
             "events": store.events(device_id, limit=20),
         }
-    finally:
-        store.close()
     if as_json:
         print_json(doc)
         return
@@ -391,15 +379,12 @@ def devices_revoke(
     """Revoke a device's certificates: the gRPC server refuses it at once; the broker after `fedfleet broker config`
     rewrites its CRL and Mosquitto reloads. Recorded in the audit trail."""
     d = open_datadir(data_dir)
-    store = d.store()
-    try:
+    with d.store() as store:
         serials = store.revoke_certificates(device_id)
         if not serials:
             raise CoordinatorError(f"{device_id!r} has no live certificate (never enrolled, or already revoked)")
         d.ca().write_crl(store.revoked_certificates())
         audit.append(store, "device.revoke", device_id, {"serials": serials}, "cli")
-    finally:
-        store.close()
     if as_json:
         print_json({"device": device_id, "revoked": serials, "crl": str(d.trust / "crl.pem")})
     else:
@@ -444,8 +429,7 @@ def telemetry(
     as_json: JsonOption = False,
 ) -> None:
     """Pooled drift and health statistics per release: PSI/KL against the release's reference, latency, errors."""
-    store = open_datadir(data_dir).store()
-    try:
+    with open_datadir(data_dir).store() as store:
         cohort: list[str] | None = None
         if device is not None:
             store.device(device)
@@ -458,8 +442,6 @@ def telemetry(
         since = 0 if last is None else now_ms() - int(last * 60_000)
         releases = [release_id] if release_id else TelemetryRecords(store).releases_since(since)
         docs = [pool(store, r, cohort, since_ms=since).to_json() for r in sorted(releases)]
-    finally:
-        store.close()
     if as_json:
         print_json(docs)
         return
@@ -480,11 +462,8 @@ def telemetry(
 
 def _audit(d: DataDir, action: str, subject: str, detail: dict[str, Any], actor: str = "cli") -> None:
     """One audit entry for a command whose change lies outside the database (keys, files)."""
-    store = d.store()
-    try:
+    with d.store() as store:
         audit.append(store, action, subject, detail, actor)
-    finally:
-        store.close()
 
 
 @keys_app.command("rotate-root")

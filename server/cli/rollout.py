@@ -100,13 +100,10 @@ def rollout_start(
         gate_window_seconds=gate_window,
     )
     d = open_datadir(data_dir)
-    store = d.store()
-    try:
+    with d.store() as store:
         rollouts = d.rollouts(store)
         rollout_id = rollouts.start(spec)
         status = rollouts.status(rollout_id)
-    finally:
-        store.close()
     if as_json and not follow:
         print_json(status)
         return
@@ -139,11 +136,8 @@ def rollout_status(
 
 def _status(data_dir: Path, rollout_id: str) -> dict[str, Any]:
     d = open_datadir(data_dir)
-    store = d.store()
-    try:
+    with d.store() as store:
         return d.rollouts(store).status(rollout_id)
-    finally:
-        store.close()
 
 
 def _follow(data_dir: Path, rollout_id: str, as_json: bool) -> None:
@@ -190,11 +184,8 @@ def _render(status: dict[str, Any]) -> Group:
 
 def _act(action: str, rollout_id: str, data_dir: Path, as_json: bool) -> None:
     d = open_datadir(data_dir)
-    store = d.store()
-    try:
+    with d.store() as store:
         step = d.rollouts(store).act(rollout_id, action)
-    finally:
-        store.close()
     if as_json:
         print_json({"rollout": rollout_id, "phase": str(step.state.phase), "decision": step.decision})
     else:
@@ -240,11 +231,8 @@ def rollout_rollback(
 def rollout_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
     """Every rollout with its release, phase and wave."""
     d = open_datadir(data_dir)
-    store = d.store()
-    try:
+    with d.store() as store:
         rows = d.rollouts(store).list()
-    finally:
-        store.close()
     if as_json:
         print_json(rows)
         return
@@ -263,11 +251,8 @@ def audit_list(
     as_json: JsonOption = False,
 ) -> None:
     """Audit entries, newest first: releases, assignment batches, rollout decisions, policy refusals, keys, devices."""
-    store = open_datadir(data_dir).store()
-    try:
+    with open_datadir(data_dir).store() as store:
         rows = audit.entries(store, limit, action)
-    finally:
-        store.close()
     if as_json:
         print_json(rows)
         return
@@ -281,11 +266,8 @@ def audit_list(
 @audit_app.command("verify")
 def audit_verify(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
     """Check the hash chain; names every edited or deleted entry. Exit 1 if the trail was tampered with."""
-    store = open_datadir(data_dir).store()
-    try:
+    with open_datadir(data_dir).store() as store:
         checked, problems = audit.verify(store)
-    finally:
-        store.close()
     if as_json:
         print_json({"entries": checked, "intact": not problems, "problems": [p.__dict__ for p in problems]})
     elif not problems:

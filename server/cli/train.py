@@ -138,11 +138,8 @@ def models_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption 
     """Registered model versions with their run, ε and test accuracy."""
     from server.fl.registry import Registry
 
-    store = open_datadir(data_dir).store()
-    try:
+    with open_datadir(data_dir).store() as store:
         rows = Registry(store).list()
-    finally:
-        store.close()
     print_rows(
         rows,
         as_json,
@@ -169,12 +166,9 @@ def models_show(
     """A version's lineage (run, parent, rounds, devices, data, ε and δ, metrics per round) and model card."""
     from server.fl.registry import Registry, TrainingRuns, model_card, model_card_markdown
 
-    store = open_datadir(data_dir).store()
-    try:
+    with open_datadir(data_dir).store() as store:
         m = Registry(store).get(version)
         incidents = TrainingRuns(store).incidents(m.run_id)
-    finally:
-        store.close()
     if as_json:
         print_json({"version": m.version, "card": model_card(m), "lineage": m.lineage, "incidents": incidents})
         return
@@ -198,11 +192,8 @@ def privacy_ledger(
     from server.fl.registry import Ledger
 
     d = open_datadir(data_dir)
-    store = d.store()
-    try:
+    with d.store() as store:
         rows: list[dict[str, Any]] = Ledger(store, d.config().epsilon_budget).rows()
-    finally:
-        store.close()
     if device:
         rows = [r for r in rows if r["device"] == device]
     print_rows(
@@ -233,14 +224,11 @@ def privacy_budget(
     from server.fl.registry import Ledger
 
     d = open_datadir(data_dir)
-    store = d.store()
-    try:
+    with d.store() as store:
         ledger = Ledger(store, d.config().epsilon_budget)
         try:
             ledger.set_budget(device, epsilon)
         except ValueError as e:
             raise CoordinatorError(str(e)) from e
         spent = ledger.lifetime(device)
-    finally:
-        store.close()
     out.print(f"{device}: lifetime budget ε {epsilon:g} (spent so far {spent:.3f}).")

@@ -103,8 +103,7 @@ def release_model_version(d: DataDir, version: str, quantize: str = "", actor: s
     """Export, check, describe, sign and publish `version` as release `name@seq` (`name@seq-int8` quantized)."""
     if quantize and quantize not in QUANTIZATIONS:
         raise ReleaseError(f"unknown quantization {quantize!r}; choose from {', '.join(QUANTIZATIONS)}")
-    store = d.store()
-    try:
+    with d.store() as store:
         m = Registry(store).get(version)
         seed = int(m.lineage["plan"]["seed"])
         x_test, y_test = held_out(seed)
@@ -148,5 +147,3 @@ def release_model_version(d: DataDir, version: str, quantize: str = "", actor: s
             actor=actor,
         )
         return ExportReport(result, report)
-    finally:
-        store.close()

@@ -474,11 +474,8 @@ def build_server_app(
         d = DataDir(data_dir if data_dir is not None else Path(str(context.run_config["data-dir"])))
         p = plan if plan is not None else TrainPlan.from_dict(json.loads(str(context.run_config.get("plan", "{}"))))
         rid = run_id or f"run-{uuid.uuid4().hex[:12]}"
-        store = d.store()
-        try:
+        with d.store() as store:
             _train(grid, d, store, p, rid, engine if plan is not None else "deployment", on_round)
-        finally:
-            store.close()
 
     return app
 

@@ -137,8 +137,7 @@ def run_training(
     if len(ids) != plan.clients or len(set(ids)) != len(ids):
         raise CoordinatorError(f"{plan.clients} clients need {plan.clients} distinct device ids (got {len(ids)})")
     _quiet_flower(verbose)
-    store = d.store()
-    try:
+    with d.store() as store:
         runs = TrainingRuns(store)
         for attempt in (1, 2):
             run_id, failure = _simulate(d, plan, ids, on_round, verbose, source_for)
@@ -165,5 +164,3 @@ def run_training(
             runs.rounds(run_id),
             runs.incidents(run_id),
         )
-    finally:
-        store.close()

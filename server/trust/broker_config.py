@@ -67,13 +67,10 @@ def write_broker_config(d: DataDir, config: BrokerConfig) -> list[Path]:
     out = config.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     ca = d.ca()
-    store = d.store()
-    try:
+    with d.store() as store:
         cert, key = out / "broker.pem", out / "broker-key.pem"
         ca.ensure_files(store, BROKER_IDENTITY, "broker", config.hosts, cert, key)
         crl = ca.write_crl(store.revoked_certificates())
-    finally:
-        store.close()
     atomic_write_bytes(out / "ca.pem", ca.cert_pem)
     atomic_write_bytes(out / "crl.pem", crl.read_bytes())
     atomic_write_bytes(out / "acl", acl_text(d.config().topic_prefix).encode())

@@ -452,6 +452,7 @@ class Agent:
             unconfirmed = any(now - self._sent_at.get(s, now) > self.config.ack_timeout for s, _ in pending)
             try:
                 if len(pending) >= self.config.bulk_upload_after or not online or unconfirmed:
+                    await asyncio.to_thread(self.outbox.mark_sent, [s for s, _ in pending])
                     watermark = await asyncio.to_thread(self._transport.upload_telemetry, [p for _, p in pending])
                     await asyncio.to_thread(self.outbox.acknowledge, watermark)
                     if len(pending) == 1000:

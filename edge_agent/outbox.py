@@ -2,7 +2,9 @@
 
 - Each window gets the next per-device sequence number when it is stored, before anything is sent.
 - Only an acknowledgement (the coordinator's stored watermark) deletes windows: nothing is lost to a broker
-  outage, a coordinator restart or an agent killed mid-send.
+  outage, a coordinator restart or an agent killed mid-send. An acknowledgement counts only up to the highest
+  sequence this device has sent: one beyond it (a forged or stale retained ack) cannot delete windows that never
+  left the device.
 - Size cap policy: past `cap` windows, the two oldest adjacent windows of one release that were never sent are
   summarized into one (counts added, covering both sequence numbers; time resolution is lost, no count is).
   Sent windows are never merged, so a resend is byte-identical and the coordinator's idempotence holds. If no
@@ -119,6 +121,13 @@ class Outbox:
     def acknowledge(self, watermark: int) -> int:
         """The coordinator has stored everything up to `watermark`: forget it. Returns windows deleted."""
         with self._lock:
+            row = self._db.execute("SELECT max(sequence) FROM windows WHERE sent = 1").fetchone()
+            sent = max(self._counter("acknowledged"), int(row[0] or 0))
+            if watermark > sent:
+                logger.warning(
+                    "acknowledgement of %d is beyond the last window sent (%d): counted up to it", watermark, sent
+                )
+                watermark = sent
             deleted = self._db.execute("DELETE FROM windows WHERE sequence <= ?", [watermark]).rowcount
             self._count -= deleted
             self._db.execute("UPDATE counters SET value = max(value, ?) WHERE name = 'acknowledged'", [watermark])

@@ -24,6 +24,7 @@ import httpx
 
 from server import audit
 from server.datadir import DataDir
+from server.store.rollouts import RolloutRecords
 from simulations.fleet_worker import spawn_workers, stop_workers
 from simulations.processes import CoordinatorProcess, Mosquitto, wait_for
 from simulations.rig import RELEASES, Rig
@@ -35,12 +36,16 @@ def _quantiles(samples: list[float]) -> dict[str, float]:
     return {"p50_ms": round(statistics.median(ordered) * 1000, 2), "p95_ms": round(p95 * 1000, 2)}
 
 
-def _scalar(d: DataDir, sql: str, args: list[Any]) -> Any:
-    store = d.store()
-    try:
-        return store.db.execute(sql, args).fetchone()[0]
-    finally:
-        store.close()
+def _count(d: DataDir, fleet: str, online: bool | None = None, running_release: str | None = None) -> int:
+    with d.store() as store:
+        return store.count_devices(fleet=fleet, online=online, running_release=running_release)
+
+
+def _rollout(d: DataDir, rollout_id: str) -> dict[str, Any]:
+    with d.store() as store:
+        row = RolloutRecords(store).get(rollout_id)
+    assert row is not None, f"no rollout {rollout_id}"
+    return row
 
 
 async def _latencies(http: httpx.AsyncClient, paths: list[str], requests: int) -> dict[str, dict[str, float]]:
@@ -108,12 +113,10 @@ def main() -> None:
         procs = spawn_workers(d, root, fleet, args.devices, args.workers, grpc, broker.url, rate=2.0)
         try:
             n = args.devices
-            online = "SELECT count(*) FROM devices WHERE fleet = ? AND online = 1"
-            wait_for(lambda: _scalar(d, online, [fleet]) == n, 120 + n * 0.2, 1.0, what=f"{n} devices online")
+            wait_for(lambda: _count(d, fleet, online=True) == n, 120 + n * 0.2, 1.0, what=f"{n} devices online")
             cli = rig.cli
             cli("assign", "--fleet", fleet, base)
-            on_base = "SELECT count(*) FROM devices WHERE fleet = ? AND running_release = ?"
-            wait_for(lambda: _scalar(d, on_base, [fleet, base]) == n, 120 + n * 0.2, 1.0, what="fleet on the base")
+            wait_for(lambda: _count(d, fleet, running_release=base) == n, 120 + n * 0.2, 1.0, what="fleet on the base")
             waves = ["--canary", str(max(1, n // 20)), "--waves", "0.25,0.5,0.75,1.0", "--bake", "15"]
             rollout = cli("rollout", "start", RELEASES["healthy"], "--fleet", fleet, *waves, "--min-samples", "300")
             rollout_id = rollout["id"]
@@ -136,7 +139,7 @@ def main() -> None:
             cli("rollout", "resume", rollout_id)
             try:
                 wait_for(
-                    lambda: _scalar(d, "SELECT wave FROM rollouts WHERE id = ?", [rollout_id]) >= 1,
+                    lambda: _rollout(d, rollout_id)["wave"] >= 1,
                     300,
                     0.5,
                     what="the rollout past its canary",
@@ -145,8 +148,8 @@ def main() -> None:
                 print(json.dumps(rig.status(rollout_id), indent=1)[:4000], file=sys.stderr)
                 raise
             running = asyncio.run(_measure(url, token, d, paths, args.requests))
-            phase = _scalar(d, "SELECT phase FROM rollouts WHERE id = ?", [rollout_id])
-            wave = _scalar(d, "SELECT wave FROM rollouts WHERE id = ?", [rollout_id])
+            now = _rollout(d, rollout_id)
+            phase, wave = now["phase"], now["wave"]
             print(f"running (rollout now {phase}, wave {wave}): {json.dumps(running)}", flush=True)
         finally:
             stop_workers(procs)

@@ -26,12 +26,9 @@ from simulations.models import ModelFamily
 from simulations.processes import CoordinatorProcess, Mosquitto, wait_for
 
 
-def _count(d: DataDir, sql: str, fleet: str) -> int:
-    store = d.store()
-    try:
-        return int(store.db.execute(sql, [fleet]).fetchone()[0])
-    finally:
-        store.close()
+def _count(d: DataDir, fleet: str, online: bool | None = None, running_release: str | None = None) -> int:
+    with d.store() as store:
+        return store.count_devices(fleet=fleet, online=online, running_release=running_release)
 
 
 def _fleet_run(
@@ -41,8 +38,7 @@ def _fleet_run(
     t0 = time.monotonic()
     procs = spawn_workers(d, root, fleet, n, workers, coordinator.endpoints["grpc"], broker.url)
     try:
-        online = "SELECT COUNT(*) FROM devices WHERE fleet = ? AND online = 1"
-        wait_for(lambda: _count(d, online, fleet) == n, 120 + n * 0.2, 1.0, what=f"{n} devices online")
+        wait_for(lambda: _count(d, fleet, online=True) == n, 120 + n * 0.2, 1.0, what=f"{n} devices online")
         t_online = time.monotonic() - t0
         t1 = time.monotonic()
         out = subprocess.run(
@@ -63,8 +59,12 @@ def _fleet_run(
             check=True,
         )
         assert json.loads(out.stdout)["assignments"], out.stdout
-        running = "SELECT COUNT(*) FROM devices WHERE fleet = ? AND running_release = 'digits@1.0.0'"
-        wait_for(lambda: _count(d, running, fleet) == n, 120 + n * 0.2, 1.0, what=f"{n} devices committed")
+        wait_for(
+            lambda: _count(d, fleet, running_release="digits@1.0.0") == n,
+            120 + n * 0.2,
+            1.0,
+            what=f"{n} devices committed",
+        )
         t_commit = time.monotonic() - t1
         rss = 0
         for p in procs:

@@ -18,6 +18,7 @@ from typing import Any
 
 from server.datadir import DataDir
 from server.store import Store
+from server.store.rollouts import RolloutRecords
 from server.trust.releases import publish_release
 from simulations.fleet import SimulatedFleet
 from simulations.models import ModelFamily, drift_reference, reference_inputs
@@ -90,7 +91,7 @@ class Rig:
             agent_extra={"telemetry_every_seconds": self.window_seconds, "telemetry_every_inferences": 10_000},
         )
         self.fleet = FleetThread(fleet, rate=self.rate, seed=self.seed, inputs=self.inputs).start()
-        wait_for(lambda: len(self.store_query("SELECT id FROM devices")) == self.devices, 60, what="registrations")
+        wait_for(lambda: self.store().count_devices() == self.devices, 60, what="registrations")
         self.cli("assign", "--fleet", self.fleet_name, base)
         self.wait_running(base, self.devices)
         return self
@@ -114,14 +115,27 @@ class Rig:
 
     # ----- reading the coordinator's state -----
 
-    def store_query(self, sql: str, args: list[Any] | None = None) -> list[dict[str, Any]]:
-        """Read the coordinator's database (one connection for the rig's life: polling loops call this often)."""
+    def store(self) -> Store:
+        """The coordinator's database (one connection for the rig's life: polling loops read it often)."""
         if self._store is None:
             self._store = Store(self.datadir.db_path)
-        return list(self._store.db.query(sql, args or []))
+        return self._store
+
+    def store_query(self, sql: str, args: list[Any] | None = None) -> list[dict[str, Any]]:
+        """Read the coordinator's database with a query of the caller's; prefer the store's own methods."""
+        return list(self.store().db.query(sql, args or []))
 
     def running(self, release: str) -> int:
-        return len(self.store_query("SELECT id FROM devices WHERE running_release = ?", [release]))
+        return self.store().count_devices(running_release=release)
+
+    def phase(self, rollout_id: str) -> str | None:
+        """The rollout's phase as stored (None before it exists)."""
+        row = RolloutRecords(self.store()).get(rollout_id)
+        return None if row is None else str(row["phase"])
+
+    def decisions(self, rollout_id: str) -> list[dict[str, Any]]:
+        """The rollout's decisions so far, oldest first (wave, at, decision, reason, gates as JSON text)."""
+        return RolloutRecords(self.store()).decisions(rollout_id)
 
     def wait_running(self, release: str, count: int, timeout: float = 90.0) -> None:
         wait_for(lambda: self.running(release) == count, timeout, 0.2, what=f"{count} devices running {release}")
@@ -146,8 +160,7 @@ class Rig:
     def wait_phase(self, rollout_id: str, phases: set[str], timeout: float = 120.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            rows = self.store_query("SELECT phase FROM rollouts WHERE id = ?", [rollout_id])
-            if rows and rows[0]["phase"] in phases:
+            if self.phase(rollout_id) in phases:
                 return self.status(rollout_id)
             time.sleep(0.2)
         raise AssertionError(f"{rollout_id} never reached {phases}: {json.dumps(self.status(rollout_id))[:3000]}")

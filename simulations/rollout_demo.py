@@ -36,15 +36,13 @@ def _follow(rig: Rig, rollout_id: str, timeout: float) -> dict[str, Any]:
     shown = 0
     deadline = time.monotonic() + timeout
     while True:
-        rows = rig.store_query(
-            "SELECT wave, decision, reason FROM rollout_decisions WHERE rollout_id = ? ORDER BY id", [rollout_id]
-        )
+        rows = rig.decisions(rollout_id)
         for r in rows[shown:]:
             wave = "canary" if r["wave"] == 0 else ("plan" if r["wave"] < 0 else f"wave {r['wave']}")
             colour = {"rollback": "red", "completed": "green", "rolled_back": "green"}.get(r["decision"], "cyan")
             console.print(f"  [{colour}]{r['decision']:>11}[/] {wave:>7}  {r['reason']}")
         shown = len(rows)
-        phase = rig.store_query("SELECT phase FROM rollouts WHERE id = ?", [rollout_id])[0]["phase"]
+        phase = rig.phase(rollout_id)
         if phase in ("completed", "rolled_back", "aborted"):
             return rig.status(rollout_id)
         if time.monotonic() > deadline:

@@ -13,7 +13,6 @@ was lost.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import tomllib
@@ -28,6 +27,7 @@ import numpy as np
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.drift import DriftReference, WindowCounts, score_window
 from edge_agent.contract.windows import counts_from_proto
+from server.store.telemetry import TelemetryRecords
 from simulations.rig import RELEASES, Rig
 from simulations.workload import SensorFault
 
@@ -166,6 +166,7 @@ def _rollout_args(step: dict[str, Any]) -> list[str]:
 
 
 FINAL_PHASES = ("completed", "rolled_back", "aborted")
+EVENTS_CHECKED = 10_000  # a rehearsal's device reports a few dozen update events; the checks read them all
 
 
 @dataclass
@@ -181,15 +182,14 @@ class RolloutWatch:
     shown: int = 0
 
     def poll(self) -> str:
-        rows = self.rig.store_query(
-            "SELECT wave, decision, reason FROM rollout_decisions WHERE rollout_id = ? ORDER BY id", [self.rollout_id]
-        )
+        rows = self.rig.decisions(self.rollout_id)
         for r in rows[self.shown :]:
             self.note(f"{self.rollout_id} wave {r['wave']}: {r['decision']} — {r['reason']}")
         self.shown = len(rows)
-        counts = Counter(r["running_release"] for r in self.rig.store_query("SELECT running_release FROM devices"))
+        counts = Counter(d["running_release"] for d in self.rig.store().devices())
         self.releases_over_time.append((time.monotonic() - self.started, dict(counts)))
-        phase: str = self.rig.store_query("SELECT phase FROM rollouts WHERE id = ?", [self.rollout_id])[0]["phase"]
+        phase = self.rig.phase(self.rollout_id)
+        assert phase is not None, f"{self.rollout_id} is not in the store"
         return phase
 
 
@@ -253,8 +253,8 @@ def drain_and_count_lost(rig: Rig, timeout: float = 60) -> int:
         time.sleep(0.5)
     lost = 0
     for a in agents:
-        stored = rig.store_query("SELECT watermark FROM telemetry_watermarks WHERE device_id = ?", [a.config.device_id])
-        lost += max(0, a.outbox.acknowledged - (stored[0]["watermark"] if stored else 0)) + len(a.outbox)
+        stored = TelemetryRecords(rig.store()).watermark(a.config.device_id)
+        lost += max(0, a.outbox.acknowledged - stored) + len(a.outbox)
     return lost
 
 
@@ -283,7 +283,7 @@ def _check(scenario: Scenario, rig: Rig, result: ScenarioResult) -> None:
         device = rig.fleet.fleet.device_id(int(cut[0])) if cut and rig.fleet else ""
         kinds = [
             e["kind"]
-            for e in rig.store_query("SELECT kind, detail FROM events WHERE device_id = ? ORDER BY id", [device])
+            for e in reversed(rig.store().events(device, limit=EVENTS_CHECKED))
             if e["kind"] == "committed" or "cut half way" in e["detail"]
         ]
         resumed = any("resumed from byte" in what for _, what in result.timeline)
@@ -296,12 +296,10 @@ def _check(scenario: Scenario, rig: Rig, result: ScenarioResult) -> None:
 def drift_by_site(rig: Rig, bucket_seconds: float = 2.0) -> tuple[int, dict[str, list[tuple[float, float]]]]:
     """Largest input PSI per site per time bucket from the stored windows, and the time origin (ms) of the
     buckets. Every rehearsal release's reference shares the base release's feature bins, so one scores all."""
-    custom = rig.store_query("SELECT custom FROM releases WHERE id = ?", [RELEASES["base"]])[0]["custom"]
-    reference = DriftReference.from_metadata(json.loads(custom)["drift_reference"])
-    sites = {
-        r["id"]: json.loads(r["labels"]).get("site", "?") for r in rig.store_query("SELECT id, labels FROM devices")
-    }
-    rows = rig.store_query("SELECT device_id, end_ms, payload FROM telemetry ORDER BY end_ms")
+    store = rig.store()
+    reference = DriftReference.from_metadata(store.release(RELEASES["base"]).custom["drift_reference"])
+    sites = {d["id"]: d["labels"].get("site", "?") for d in store.devices()}
+    rows = TelemetryRecords(store).windows()
     if not rows:
         return 0, {}
     t0 = int(rows[0]["end_ms"])

@@ -54,10 +54,7 @@ async def _until(store: Store, devices: list[str], release: str, label: str, tim
 
 
 def _committed(store: Store, release: str) -> int:
-    row = store.db.execute(
-        "SELECT count(*) FROM devices WHERE running_release = ? AND last_event = 'committed'", [release]
-    ).fetchone()
-    return int(row[0])
+    return store.count_devices(running_release=release, last_event="committed")
 
 
 async def run(devices: int, out: Path, timeout: float) -> dict[str, float]:

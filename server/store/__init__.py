@@ -481,6 +481,21 @@ class Store:
     def set_offline(self, device_id: str) -> None:
         self.db.execute("UPDATE devices SET online = 0 WHERE id = ?", [device_id])
 
+    def count_devices(
+        self,
+        fleet: str | None = None,
+        running_release: str | None = None,
+        online: bool | None = None,
+        last_event: str | None = None,
+    ) -> int:
+        """How many devices match every condition given (all of them, with none)."""
+        conditions = {"fleet": fleet, "running_release": running_release, "last_event": last_event}
+        where: list[tuple[str, str | int]] = [(f"{name} = ?", v) for name, v in conditions.items() if v is not None]
+        if online is not None:
+            where.append(("online = ?", int(online)))
+        sql = "SELECT count(*) FROM devices" + (" WHERE " + " AND ".join(w for w, _ in where) if where else "")
+        return int(self.db.execute(sql, [v for _, v in where]).fetchone()[0])
+
     def is_device(self, device_id: str) -> bool:
         """Whether the device has registered. Known ids are remembered (devices are never deleted; revocation
         is a state of the row), which keeps telemetry ingestion off the database for this check."""

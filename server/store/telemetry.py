@@ -83,6 +83,10 @@ class TelemetryRecords:
             args += devices
         return self.store.db.execute(sql, args)
 
+    def windows(self) -> list[dict[str, Any]]:
+        """Every stored window's device, end and payload (as received), oldest end first."""
+        return list(self.store.db.query("SELECT device_id, end_ms, payload FROM telemetry ORDER BY end_ms"))
+
     def releases_since(self, since_ms: int) -> list[str]:
         """The releases with windows that ended at or after a time."""
         return [

@@ -49,6 +49,13 @@ def train(
     secure_mode: Annotated[
         bool, typer.Option(help="Opacus secure RNG for noise and sampling (production; runs no longer repeat).")
     ] = False,
+    seeded_noise: Annotated[
+        bool,
+        typer.Option(
+            help="Lab only: seed each device's DP noise from --seed so runs repeat. The coordinator, which knows "
+            "the seed, could then remove the noise: the model card says so."
+        ),
+    ] = False,
     name: Annotated[str, typer.Option(help="Model name in the registry.")] = "digits",
     parent: Annotated[str, typer.Option(help="Start from this registered version (fine-tune); default: fresh.")] = "",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
@@ -80,6 +87,7 @@ def train(
         alpha=alpha,
         seed=seed,
         secure_mode=secure_mode,
+        seeded_noise=seeded_noise,
         model_name=name,
         parent=parent,
     )

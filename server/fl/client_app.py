@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,9 +34,18 @@ from server.fl.privacy import BudgetExceeded, DeviceBudget, History, epsilon_of,
 from server.fl.privacy import train_private as dp_train
 from server.fl.records import as_bool, as_float, as_int, as_str
 
-__all__ = ["build_client_app", "client_seed"]
+__all__ = ["build_client_app", "client_seed", "noise_seed"]
 
 STATE_KEY = "fedfleet-dp"
+
+
+def noise_seed(run_seed: int, server_round: int, device_id: str, seeded: bool) -> int:
+    """The seed of a round's DP noise and Poisson masks: from this device's own entropy, which the coordinator
+    never learns, unless the plan asks for seeded noise (a lab setting: the coordinator could replay the noise
+    from the plan and subtract it)."""
+    if seeded:
+        return client_seed(run_seed, server_round, device_id)
+    return int.from_bytes(os.urandom(8), "big") >> 1
 
 
 def client_seed(run_seed: int, server_round: int, device_id: str) -> int:
@@ -196,6 +206,12 @@ def build_client_app(
             except BudgetExceeded as e:
                 refusal = ConfigRecord({"device-id": node.device_id, "reason": str(e)})
                 return _reply(msg, {"refusal": refusal, "client": ConfigRecord({"device-id": node.device_id})})
+            seed = noise_seed(
+                as_int(config, "seed"),
+                server_round,
+                node.device_id,
+                "seeded-noise" in config and as_bool(config, "seeded-noise"),
+            )
             result, history = dp_train(
                 weights,
                 x,

@@ -30,6 +30,9 @@ class TrainPlan:
     alpha: float = 0.5  # Dirichlet concentration of the non-IID split
     seed: int = 0
     secure_mode: bool = False
+    # Lab only: DP noise and Poisson masks seeded from (seed, round, device), so a run repeats. Whoever knows the
+    # plan (the coordinator) can then replay the noise and remove it: not private against the coordinator.
+    seeded_noise: bool = False
     model_name: str = "digits"
     parent: str = ""  # a registered version to start from; empty: a seeded initialisation
     round_timeout: float = 600.0

@@ -120,12 +120,13 @@ def train_private(
     data = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     loader = torch.utils.data.DataLoader(data, batch_size=min(batch_size, len(x)))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
-    engine.accountant.history = list(history)
     with warnings.catch_warnings():
-        # Opacus warns that secure_mode=False is not for production; the caller chose it (see the CLI's help).
+        # Opacus warns that secure_mode=False is not for production; the caller chose it (see the CLI's help), and
+        # the noise's seed comes from the device's own entropy unless a lab plan asked otherwise.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*secure_mode.*")
+        engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
+        engine.accountant.history = list(history)
         private_model, private_optimizer, private_loader = engine.make_private(
             module=model,
             optimizer=optimizer,

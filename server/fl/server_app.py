@@ -144,6 +144,7 @@ class _Run:
                 "batch-size": p.batch_size,
                 "lr": p.lr,
                 "secure-mode": p.secure_mode,
+                "seeded-noise": p.seeded_noise,
             }
         )
 
@@ -376,6 +377,13 @@ def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, 
             "max_grad_norm": p.max_grad_norm if p.private else None,
             "target_epsilon": p.target_epsilon,
             "secure_mode": p.secure_mode,
+            "noise_source": (
+                "seeded from the plan (lab): not private against the coordinator"
+                if p.seeded_noise
+                else "device-local entropy"
+            )
+            if p.private
+            else None,
         },
         "metrics": {
             "test_accuracy": last["test_accuracy"],

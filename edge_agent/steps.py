@@ -1,8 +1,8 @@
 """The steps of an update, in order: where a fault-injection hook may stop (AgentConfig.debug_pause_at)."""
 
 STEPS = (
-    "assignment_accepted",
     "metadata_verified",
+    "assignment_accepted",
     "download_started",
     "download_verified",
     "slot_written",

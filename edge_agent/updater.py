@@ -1,8 +1,12 @@
-"""The update sequence, in one function: verify, refresh, download, verify, install, probe, commit.
+"""The update sequence, in one function: verify, refresh, accept, download, verify, install, probe, commit.
 
 `apply_assignment` is blocking (network, fsync, interpreter) and runs off the agent's event loop. It never
 touches the active slot; the only commit point is one atomic replace of state.json, so whatever step a crash
 interrupts, the agent restarts on a committed model and, if the assignment was accepted, resumes it.
+
+Order of checks: the director's signature, then the counter (no replay, no jump past LIMITS.counter_step), then
+the target in verified TUF metadata; only then is the counter persisted (the assignment accepted). An assignment
+that names a target the image repository does not sign is refused without burning a counter.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.assignment import VerifiedAssignment, load_director_keys, verify_assignment
-from edge_agent.contract import DIRECTOR_KEYS_TARGET
+from edge_agent.contract import DIRECTOR_KEYS_TARGET, LIMITS
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.files import atomic_write_bytes, fsync_dir, sha256_of
 from edge_agent.contract.reasons import Reason
@@ -93,10 +97,11 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
     if a.counter < state.highest_counter:
         detail = f"assignment counter {a.counter} is below {state.highest_counter} already seen (replay or downgrade)"
         return _refuse(ctx, a, AssignmentError(detail, Reason.ASSIGNMENT_REPLAY))
+    if a.counter > state.highest_counter + LIMITS.counter_step:
+        detail = f"assignment counter {a.counter} jumps more than {LIMITS.counter_step} past {state.highest_counter}"
+        return _refuse(ctx, a, AssignmentError(detail, Reason.ASSIGNMENT_COUNTER_JUMP))
     if a.counter == state.highest_counter and state.pending != payload.hex():
         return UpdateResult(Outcome.UNCHANGED)
-    state = store.update(highest_counter=a.counter, pending=payload.hex())
-    ctx.step("assignment_accepted")
     try:
         active = state.active_info
         if (
@@ -107,6 +112,7 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
             # The same target, verified when it was installed, is running (a re-issued assignment).
             running = replace(active, counter=a.counter, release_id=a.release_id)
             store.update(
+                highest_counter=a.counter,
                 slots={**state.slots, state.active: running},
                 committed_counter=a.counter,
                 pending=None,
@@ -125,6 +131,8 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
                 "assignment and signed targets metadata disagree on the target's length or hash", Reason.TARGET_MISMATCH
             )
         ctx.step("metadata_verified")
+        state = store.update(highest_counter=a.counter, pending=payload.hex())
+        ctx.step("assignment_accepted")
 
         slot = state.inactive
         slot_path = store.model_path(slot)

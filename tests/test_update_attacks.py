@@ -225,6 +225,36 @@ def test_director_and_repository_disagree(env: Env) -> None:
     assert_refused(env, env.apply(payload), "target_mismatch")
 
 
+def _forged(env: Env, counter: int, target_path: str | None = None) -> bytes:
+    """An assignment the director signed (its key is the attacker's here) for 2.0.0's bytes, at `counter`."""
+    store = env.d.store()
+    v2 = store.release("digits@2.0.0")
+    store.close()
+    forged = pb.Assignment(
+        device_id=DEVICE,
+        target_path=target_path or v2.target_path,
+        target_length=v2.length,
+        target_sha256=v2.sha256,
+        counter=counter,
+        release_id=v2.id,
+    )
+    return env.d.director().sign(forged).SerializeToString()
+
+
+def test_an_assignment_for_a_target_the_repository_does_not_sign_burns_no_counter(env: Env) -> None:
+    before = env.ctx.store.load().highest_counter
+    assert_refused(env, env.apply(_forged(env, 50, "digits/9.9.9/model.tflite")), "target_unknown")
+    assert env.ctx.store.load().highest_counter == before  # the counter is persisted only after TUF agrees
+    assert env.apply(env.assign("digits@2.0.0")).outcome is Outcome.COMMITTED  # its counter (2) is below 50
+
+
+def test_a_counter_jump_that_would_freeze_the_device_is_refused(env: Env) -> None:
+    before = env.ctx.store.load().highest_counter
+    assert_refused(env, env.apply(_forged(env, 2**64 - 1)), "assignment_counter_jump")
+    assert env.ctx.store.load().highest_counter == before
+    assert env.apply(env.assign("digits@2.0.0")).outcome is Outcome.COMMITTED
+
+
 def _past() -> datetime:
     return datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
 

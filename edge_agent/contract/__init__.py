@@ -27,6 +27,7 @@ class Limits:
     telemetry_windows_per_upload: int = 5000
     grpc_upload_seconds: float = 120.0  # one telemetry upload stream must finish within this (slow clients)
     id_length: int = 128
+    counter_step: int = 1_000_000  # how far one assignment's counter may jump past the last (2^64-1 would freeze)
     labels: int = 32
 
 

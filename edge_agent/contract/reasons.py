@@ -22,6 +22,7 @@ class Reason(StrEnum):
     ASSIGNMENT_BAD_SIGNATURE = "assignment_bad_signature"
     ASSIGNMENT_WRONG_DEVICE = "assignment_wrong_device"
     ASSIGNMENT_REPLAY = "assignment_replay"  # a counter not above the last accepted one
+    ASSIGNMENT_COUNTER_JUMP = "assignment_counter_jump"  # a counter far beyond the last: it would freeze the device
     TRUST_INVALID = "trust_invalid"  # the trusted director keys themselves are unusable
     ALREADY_RUNNING = "already_running"  # committed without work: the device runs this target already
     # the TUF metadata and target (the image repository's side)

@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.dashboard import views
 from server.dashboard.metrics import CoordinatorCollector
@@ -139,6 +140,58 @@ class ChangeFeed:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
+MAX_BODY_BYTES = 64 * 1024  # every request body the API takes is a small JSON object
+
+
+class _BodyLimit:
+    """Refuse (413) any request body over `limit` bytes, declared or streamed, before the app reads it: the
+    session endpoint takes requests from anyone, and a 50 MB body used to be held in memory. A body without a
+    declared length is read here, up to the limit, and handed on whole."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.limit:
+                await self._refuse(send)
+                return
+            await self.app(scope, receive, send)  # the server holds the client to its declared length
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                await self._refuse(send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def whole() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, whole, send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps({"detail": f"request bodies are limited to {self.limit} bytes"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(
     datadir: DataDir, options: DashboardOptions, broker_connected: Callable[[], bool] | None = None
 ) -> FastAPI:
@@ -199,6 +252,8 @@ def create_app(
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
+
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
 
     @app.exception_handler(NotFoundError)
     async def not_found(_: Request, e: NotFoundError) -> JSONResponse:

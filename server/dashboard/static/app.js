@@ -202,23 +202,28 @@ async function alertsPage() {
   };
 }
 
-// POST an operator action (the operator token as a Bearer header), say what came of it, redraw.
+// POST an operator action (the operator token as a Bearer header), redraw, then say what came of it (after the
+// redraw, which replaces the page and the line that says it).
 async function operate(path, what, body, said) {
   const t = operatorToken();
   if (!t) return;
-  const out = document.getElementById("action-result");
+  let message, failed = false;
   try {
     const r = await api(path, {
       method: "POST", headers: {"Content-Type": "application/json", "Authorization": `Bearer ${t}`},
       body: body === undefined ? undefined : JSON.stringify(body),
     });
-    out.textContent = said ? said(r) : `${what}: now ${r.state}`;
-    out.className = "";
-    render();
+    message = said ? said(r) : `${what}: now ${r.state}`;
+    await render();
   } catch (err) {
     if (err.status === 401) sessionStorage.removeItem("fedfleet-token");
-    out.textContent = `${what} refused: ${err.message}`;
-    out.className = "error";
+    message = `${what} refused: ${err.message}`;
+    failed = true;
+  }
+  const out = document.getElementById("action-result");
+  if (out) {
+    out.textContent = message;
+    out.className = failed ? "error" : "";
   }
 }
 

@@ -343,6 +343,25 @@ def test_online_keys_rotated_with_the_root_are_followed_and_the_replaced_ones_re
     assert env.active_sha() == env.sha["2.0.0"]
 
 
+def test_a_role_with_a_threshold_above_one_needs_that_many_signatures(env: Env) -> None:
+    """A (validly rotated) root asks for two timestamp signatures: one alone is refused, two are accepted."""
+    n = env.latest("root")
+    root: Metadata[Root] = Metadata.from_file(str(env.meta / f"{n}.root.json"))
+    second = CryptoSigner.generate_ed25519()
+    root.signed.add_key(second.public_key, "timestamp")
+    root.signed.roles["timestamp"].threshold = 2
+    root.signed.version = n + 1
+    env.write(root, f"{n + 1}.root.json", [env.signer("root")])
+    ts = Metadata.from_file(str(env.meta / "timestamp.json"))
+    ts.signed.version += 1
+    env.write(ts, "timestamp.json", [env.signer("timestamp")])  # the usual key alone: one of two
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_bad_signature")
+    env.write(ts, "timestamp.json", [env.signer("timestamp"), second])  # the control: both keys
+    result = env.apply(env.assign("digits@2.0.0"))
+    assert result.outcome is Outcome.COMMITTED, result
+    assert env.active_sha() == env.sha["2.0.0"]
+
+
 def test_an_unchanged_root_is_not_written_again_but_a_rotated_one_is(env: Env) -> None:
     tuf_dir = env.ctx.store.tuf_dir
 

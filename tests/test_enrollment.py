@@ -9,12 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from server import audit
 from server.datadir import DataDir
 
 
 def _enroll(d: DataDir, *args: str) -> subprocess.CompletedProcess[str]:
+    return _fedfleet(d, "devices", "enroll", *args)
+
+
+def _fedfleet(d: DataDir, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", "devices", "enroll", *args, "--data-dir", str(d.root)],
+        [sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -47,3 +52,40 @@ def test_a_refused_enrollment_mints_nothing(
     granted = _enroll(datadir, "pi-2", "--fleet", "home", "--out", str(tmp_path / "ok"))
     assert granted.returncode == 0, granted.stderr
     assert _certificates(datadir) == ["pi-2"] and (tmp_path / "ok" / "device-key.pem").is_file()
+
+
+def test_a_device_cannot_move_itself_to_another_fleet_but_the_operator_can(datadir: DataDir) -> None:
+    import grpc
+
+    from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+    from edge_agent.contract._proto.fedfleet.v1.fleet_pb2_grpc import FleetServiceStub
+    from tests.support import GrpcServerThread
+
+    with datadir.store() as store:
+        server = GrpcServerThread(store, datadir.repository())
+        try:
+            with grpc.insecure_channel(server.address) as channel:
+                stub = FleetServiceStub(channel)
+                stub.Register(
+                    pb.RegisterRequest(device_id="pi-1", fleet="home", labels={"site": "kitchen"}), timeout=10
+                )
+                claim = pb.RegisterRequest(device_id="pi-1", fleet="lab", labels={"site": "vault"}, agent_version="2")
+                stub.Register(claim, timeout=10)  # the device claims another fleet and labels
+            row = store.device("pi-1")
+            assert (row["fleet"], row["labels"], row["agent_version"]) == ("home", {"site": "kitchen"}, "2")
+        finally:
+            server.stop()
+    moved = _label(datadir, "pi-1", "--fleet", "lab", "--label", "site=roof", "--json")
+    assert moved.returncode == 0, moved.stderr
+    with datadir.store() as store:
+        row = store.device("pi-1")
+        (entry,) = audit.entries(store, action="device.label")
+    assert (row["fleet"], row["labels"]) == ("lab", {"site": "roof"})
+    assert entry["detail"]["fleet"] == ["home", "lab"]
+    refused = _label(datadir, "pi-1", "--fleet", "bad fleet!")
+    assert refused.returncode == 1 and "must be letters" in refused.stderr
+    assert _label(datadir, "pi-9", "--fleet", "lab").returncode == 1  # no such device
+
+
+def _label(d: DataDir, *args: str) -> subprocess.CompletedProcess[str]:
+    return _fedfleet(d, "devices", "label", *args)

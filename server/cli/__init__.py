@@ -22,6 +22,7 @@ import numpy as np
 import typer
 from rich.table import Table
 
+from edge_agent.contract import device_id_is_valid
 from edge_agent.contract.arrays import encode_array
 from server import __version__, audit
 from server.cli.common import (
@@ -342,6 +343,33 @@ def devices_show(
     for e in doc["events"]:
         table.add_row(e["kind"], str(e["counter"]), e["release_id"], e["reason"], e["detail"][:80])
     out.print(table)
+
+
+@devices_app.command("label")
+def devices_label(
+    device_id: Annotated[str, typer.Argument(metavar="NAME", help="The device id.")],
+    fleet: Annotated[str | None, typer.Option(help="Move the device to this fleet.")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="A label k=v; repeat for more. Replaces all labels.")] = None,
+    clear_labels: Annotated[bool, typer.Option("--clear-labels", help="Remove every label.")] = False,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """Set a device's fleet or labels. They are the coordinator's: what a device claims when it registers again
+    is ignored. Rollouts already planned keep their waves. Recorded in the audit trail."""
+    if fleet is None and label is None and not clear_labels:
+        raise typer.BadParameter("give --fleet, --label or --clear-labels")
+    if fleet is not None and not device_id_is_valid(fleet):
+        raise CoordinatorError(f"fleet {fleet!r} must be letters, digits, '-', '_', '.'")
+    labels = {} if clear_labels else (parse_labels(label) if label is not None else None)
+    with open_datadir(data_dir).store() as store, store.transaction():
+        before = store.device(device_id)
+        row = store.place_device(device_id, fleet, labels)
+        change = {"fleet": [before["fleet"], row["fleet"]], "labels": [before["labels"], row["labels"]]}
+        audit.append(store, "device.label", device_id, change, "cli")
+    if as_json:
+        print_json({"device": device_id, "fleet": row["fleet"], "labels": row["labels"]})
+    else:
+        out.print(f"[bold]{device_id}[/]: fleet {row['fleet']}, labels {row['labels'] or '{}'}.")
 
 
 @devices_app.command("enroll")

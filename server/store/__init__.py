@@ -413,14 +413,15 @@ class Store:
     def register_device(
         self, device_id: str, fleet: str, labels: dict[str, str], hardware: dict[str, Any], agent_version: str
     ) -> None:
+        """A device's registration. Its fleet and labels are taken once, at its first registration (its enrollment
+        bundle says them); after that they are the coordinator's (`place_device`), whatever the device claims."""
         now = now_ms()
         with self.transaction() as db:
             db.execute(
                 """INSERT INTO devices (id, fleet, labels, hardware, agent_version, registered_at, last_seen)
                    VALUES (?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (id) DO UPDATE SET fleet = excluded.fleet, labels = excluded.labels,
-                     hardware = excluded.hardware, agent_version = excluded.agent_version,
-                     last_seen = excluded.last_seen""",
+                   ON CONFLICT (id) DO UPDATE SET hardware = excluded.hardware,
+                     agent_version = excluded.agent_version, last_seen = excluded.last_seen""",
                 [
                     device_id,
                     fleet,
@@ -431,6 +432,20 @@ class Store:
                     now,
                 ],
             )
+
+    def place_device(self, device_id: str, fleet: str | None, labels: dict[str, str] | None) -> dict[str, Any]:
+        """Move a registered device to another fleet and/or give it these labels (the operator's word)."""
+        with self.transaction() as db:
+            before = self.device(device_id)
+            db.execute(
+                "UPDATE devices SET fleet = ?, labels = ? WHERE id = ?",
+                [
+                    before["fleet"] if fleet is None else fleet,
+                    json.dumps(before["labels"] if labels is None else labels, sort_keys=True),
+                    device_id,
+                ],
+            )
+        return self.device(device_id)
 
     def device(self, device_id: str) -> dict[str, Any]:
         rows = list(self.db.query("SELECT * FROM devices WHERE id = ?", [device_id]))

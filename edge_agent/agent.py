@@ -34,7 +34,7 @@ from edge_agent.contract import LIMITS, Topics
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.contract.drift import DriftReference
-from edge_agent.contract.mqtt_session import keep_session, publish, raise_lost_cancel
+from edge_agent.contract.mqtt_session import jittered, keep_session, publish, raise_lost_cancel
 from edge_agent.contract.reasons import Reason
 from edge_agent.contract.windows import ClosedWindow
 from edge_agent.errors import AgentError, InterpreterError
@@ -245,8 +245,8 @@ class Agent:
                     self._transport.register, self.config.fleet, self.config.labels, self.interpreter
                 )
             except AgentError as e:
-                logger.warning("registration failed, retrying in %.0f s: %s", delay, e)
-                await asyncio.sleep(delay)
+                logger.warning("registration failed, retrying within %.0f s: %s", delay, e)
+                await asyncio.sleep(jittered(delay))
                 delay = min(delay * 2, _MAX_BACKOFF)
                 continue
             if response.HasField("assignment"):
@@ -391,7 +391,7 @@ class Agent:
                 self._activate(result.model, info)
             await self.publish_status()
             if result.outcome is Outcome.RETRY:
-                await asyncio.sleep(delay)
+                await asyncio.sleep(jittered(delay))
                 delay = min(delay * 2, _MAX_BACKOFF)
                 if self._desired is None:
                     self._offer(payload)

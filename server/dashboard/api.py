@@ -250,10 +250,15 @@ def create_app(
         description="The API behind the fedfleet dashboard: fleet, rollouts, drift, training, privacy, audit.",
         docs_url=None,
         redoc_url=None,
-        openapi_url="/api/openapi.json",
+        openapi_url=None,  # served below, behind the same token as every read
     )
 
     app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
+
+    @app.get("/api/openapi.json", include_in_schema=False)
+    def openapi(_: Read) -> dict[str, Any]:
+        """The API's OpenAPI document: what a reader may call (needs the token unless public read is on)."""
+        return app.openapi()
 
     @app.exception_handler(NotFoundError)
     async def not_found(_: Request, e: NotFoundError) -> JSONResponse:

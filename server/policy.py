@@ -64,7 +64,8 @@ from edge_agent.contract import LIMITS
 from edge_agent.contract.addresses import is_loopback
 from server.errors import CoordinatorError
 from server.loop.kinds import AlertKind
-from server.rollout.spec import METRICS, Gate, RolloutSpec, RolloutSpecError, parse_gate
+from server.rollout.metrics import METRICS, SCORE_METRICS
+from server.rollout.spec import Gate, RolloutSpec, RolloutSpecError, parse_gate
 
 __all__ = ["DRIFT_METRICS", "RETRAIN_ACTIONS", "Policy", "PolicyError", "PolicyViolation", "Webhook", "load_policy"]
 
@@ -188,7 +189,7 @@ RETRAIN_ACTIONS = ("off", "alert", "review", "retrain")
 # Engines `fedfleet serve` retrains on: Flower's simulation engine on this machine, or its deployment engine (a
 # SuperLink given by address, the devices' SuperNodes), to which the retrain worker submits the run.
 RETRAIN_ENGINES = ("simulation", "deployment")
-DRIFT_METRICS = ("input_max_psi", "input_mean_psi", "score_psi")
+DRIFT_METRICS = SCORE_METRICS  # what a fleet's pooled telemetry against its release's reference gives
 
 
 def load_policy(path: Path) -> Policy:

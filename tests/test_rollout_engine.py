@@ -316,12 +316,29 @@ def test_drift_in_one_cohort_fails_the_gate_naming_the_cohort() -> None:
 
 def test_latency_ratio_ignores_sub_millisecond_jitter_but_sees_real_regressions() -> None:
     from edge_agent.contract.drift import LATENCY_EDGES_MS, DriftReference, WindowCounts
-    from server.rollout.driver import _latency_ratio
+    from server.rollout.metrics import METRICS
+
+    ratio = METRICS["latency_p95_ratio"].versus
+    assert ratio is not None
 
     def counts(ms: float) -> WindowCounts:
         c = WindowCounts.empty(DriftReference.empty(10))
         c.latency_counts[int(np.searchsorted(LATENCY_EDGES_MS, ms))] = 100
         return c
 
-    assert _latency_ratio(counts(0.15), counts(0.06)) == pytest.approx(1.0)  # 2.5x of microseconds: noise
-    assert _latency_ratio(counts(30.0), counts(3.0)) > 2.0  # a real regression still fails the default gate
+    assert ratio(counts(0.15), counts(0.06)) == pytest.approx(1.0)  # 2.5x of microseconds: noise
+    assert ratio(counts(30.0), counts(3.0)) > 2.0  # a real regression still fails the default gate
+
+
+@pytest.mark.parametrize(
+    "text", ["failure_rate<=1.5", "silent_fraction<=2", "class_mix_shift<=-0.1", "error_rate<1.01"]
+)
+def test_a_fraction_gate_whose_threshold_could_never_fail_is_refused(text: str) -> None:
+    with pytest.raises(RolloutSpecError, match=r"a fraction, so its threshold must lie in \[0, 1\]"):
+        parse_gate(text)
+
+
+def test_ratio_and_drift_gates_take_thresholds_above_one() -> None:
+    assert parse_gate("latency_p95_ratio<=2.0").threshold == 2.0
+    assert parse_gate("input_max_psi<=1.5").threshold == 1.5
+    assert parse_gate("failure_rate<=1").threshold == 1.0  # a fraction's bounds themselves are allowed

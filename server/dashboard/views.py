@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.contract.drift import WindowCounts, score_window
+from edge_agent.contract.drift import WindowCounts, WindowScore, score_window
 from edge_agent.contract.windows import counts_from_proto
 from server import audit
 from server.fl.registry import Ledger, Registry, TrainingRuns, model_card, model_card_markdown
 from server.ingest.telemetry import release_reference
 from server.rollout.driver import Rollouts
+from server.rollout.metrics import METRICS
 from server.store import Store, now_ms
 from server.store.dashboard import DashboardReads
 
@@ -123,8 +124,7 @@ def device_view(store: Store, device_id: str, limit: int = 100) -> dict[str, Any
                 **{k: r[k] for k in ("sequence", "first_sequence", "release_id", "start_ms", "end_ms", "via")},
                 "inferences": r["inferences"],
                 "errors": r["errors"],
-                "max_psi": score.max_psi if score else None,
-                "score_psi": score.score_psi if score else None,
+                **_drift_of(score),
             }
         )
     rollouts = reads.device_rollouts(device_id)
@@ -248,8 +248,7 @@ def drift_view(
                 "windows": len(rowids),
                 "inferences": counts.inferences,
                 "feature_psi": [round(float(v), 5) for v in score.feature_psi],
-                "max_psi": score.max_psi,
-                "score_psi": score.score_psi,
+                **_drift_of(score),
             }
         )
     scored = sorted({release_id for _, release_id, _ in groups})
@@ -307,4 +306,12 @@ def audit_view(store: Store, limit: int = 200, action: str = "") -> dict[str, An
         "checked": checked,
         "problems": [str(p) for p in problems],
         "entries": audit.entries(store, limit, action or None),
+    }
+
+
+def _drift_of(score: WindowScore | None) -> dict[str, float | None]:
+    """A window's drift figures as the pages show them, from the metric registry."""
+    return {
+        key: None if score is None or (of_score := METRICS[metric].of_score) is None else of_score(score)
+        for key, metric in (("max_psi", "input_max_psi"), ("score_psi", "score_psi"))
     }

@@ -8,7 +8,6 @@ sequence up to which every sequence is stored, so a device never deletes a windo
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from edge_agent.contract.drift import DriftReference, WindowCounts, WindowScore,
 from edge_agent.contract.windows import counts_from_proto
 from server.errors import NotFoundError
 from server.ingest.events import EventRejected
+from server.rollout.metrics import METRICS
 from server.store import Store, now_ms
 from server.store.telemetry import TelemetryRecords
 
@@ -157,16 +157,6 @@ def ingest_windows(
     return done
 
 
-# The telemetry metrics of a pooled window against its release's reference, each defined once: rollout gates
-# (server.rollout.spec.METRICS says what each means), the drift watch and reports read them from here.
-SCORE_METRICS: dict[str, Callable[[WindowScore], float | None]] = {
-    "input_max_psi": lambda s: s.max_psi if s.feature_psi.size else None,
-    "input_mean_psi": lambda s: s.mean_psi if s.feature_psi.size else None,
-    "input_max_kl": lambda s: float(s.feature_kl.max()) if s.feature_kl.size else None,
-    "score_psi": lambda s: s.score_psi,
-}
-
-
 @dataclass(frozen=True)
 class Pooled:
     release_id: str
@@ -176,8 +166,11 @@ class Pooled:
     score: WindowScore | None  # None: too few samples, or the release has no drift reference
 
     def metric(self, name: str) -> float | None:
-        """One of SCORE_METRICS, or None when the pool has no score (too few samples, no reference)."""
-        return None if self.score is None else SCORE_METRICS[name](self.score)
+        """One of server.rollout.metrics.SCORE_METRICS, or None when the pool has no score (too few samples, no
+        reference)."""
+        of_score = METRICS[name].of_score
+        assert of_score is not None, f"{name} is not read from a score"
+        return None if self.score is None else of_score(self.score)
 
     def to_json(self) -> dict[str, Any]:
         s = self.score

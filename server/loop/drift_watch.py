@@ -1,7 +1,7 @@
 """Fleet-wide drift on the running release, judged against the policy's [retrain] section, as alarms with a life.
 
 `read_fleet_drift` pools the recent telemetry of a fleet's devices on the release most of them run and reads the
-policy's metric (server.ingest.telemetry.SCORE_METRICS). `DriftWatch.tick` turns readings into alarms:
+policy's metric (server.rollout.metrics, one of SCORE_METRICS). `DriftWatch.tick` turns readings into alarms:
 
     none ─(value > threshold, enough evidence, cool-down over)─► open ─(value < RESOLVE_FRACTION * threshold)─► resolved
                                                                  └─(the fleet runs another release)──────► resolved

@@ -14,13 +14,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from edge_agent.contract.drift import LATENCY_EDGES_MS, WindowCounts, histogram_quantile
 from server import audit
 from server.crashpoints import crash_point
 from server.errors import ConflictError, NotFoundError
-from server.ingest.telemetry import SCORE_METRICS, Pooled, pool
+from server.ingest.telemetry import Pooled, pool
 from server.policy import Policy, PolicyViolation
 from server.rollout.engine import (
     ACTIVE,
@@ -32,6 +29,7 @@ from server.rollout.engine import (
     evaluate_gates,
     operator_action,
 )
+from server.rollout.metrics import telemetry_values
 from server.rollout.spec import DEFAULT_GATES, RolloutSpec, RolloutSpecError, plan_waves
 from server.store import Store, now_ms
 from server.store.rollouts import RolloutRecords
@@ -188,11 +186,8 @@ class Rollouts:
         values: dict[str, float | None] = {
             "failure_rate": failed / n if n else None,
             "silent_fraction": silent / n if n else None,
-            "error_rate": wave.counts.errors / max(1, wave.counts.errors + wave.counts.inferences),
-            "class_mix_shift": _class_mix_shift(wave.counts, control.counts),
-            "latency_p95_ratio": _latency_ratio(wave.counts, control.counts),
+            **telemetry_values(wave.counts, wave.score, control.counts),
         }
-        values.update({name: wave.metric(name) for name in SCORE_METRICS})
         return WaveObservation(
             treated=n,
             committed=committed,
@@ -351,29 +346,3 @@ def _busy(store: Store, device_ids: list[str]) -> dict[str, str]:
 
 def _next_id(store: Store) -> str:
     return f"rollout-{RolloutRecords(store).count() + 1}"
-
-
-def _class_mix_shift(wave: WindowCounts, control: WindowCounts) -> float | None:
-    """Total variation distance between the predicted-class proportions of the wave and of the control."""
-    if (
-        wave.class_counts.shape != control.class_counts.shape
-        or not wave.class_counts.sum()
-        or not control.class_counts.sum()
-    ):
-        return None
-    p = wave.class_counts / wave.class_counts.sum()
-    q = control.class_counts / control.class_counts.sum()
-    return float(0.5 * np.abs(p - q).sum())
-
-
-# Latencies below this count as this much when comparing p95s: on a busy device a sub-millisecond inference
-# doubles with scheduling noise alone, and no user notices it; a regression past a millisecond still shows.
-LATENCY_FLOOR_MS = 1.0
-
-
-def _latency_ratio(wave: WindowCounts, control: WindowCounts) -> float | None:
-    if not wave.latency_counts.sum() or not control.latency_counts.sum():
-        return None
-    ours = histogram_quantile(wave.latency_counts, LATENCY_EDGES_MS, 0.95)
-    theirs = histogram_quantile(control.latency_counts, LATENCY_EDGES_MS, 0.95)
-    return max(ours, LATENCY_FLOOR_MS) / max(theirs, LATENCY_FLOOR_MS)

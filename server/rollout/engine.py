@@ -19,7 +19,8 @@ from enum import StrEnum
 from typing import Any
 
 from server.errors import ConflictError
-from server.rollout.spec import METRICS, Gate, MetricKind, OnFail, RolloutSpec
+from server.rollout.metrics import METRICS, MetricKind
+from server.rollout.spec import Gate, OnFail, RolloutSpec
 
 __all__ = [
     "ACTIVE",

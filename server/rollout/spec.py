@@ -38,12 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from server.errors import CoordinatorError
+from server.rollout.metrics import METRICS
 
 __all__ = [
     "DEFAULT_GATES",
-    "METRICS",
     "Gate",
-    "MetricKind",
     "OnFail",
     "RolloutSpec",
     "RolloutSpecError",
@@ -62,39 +61,6 @@ class OnFail(StrEnum):
     HOLD = "hold"
     PAUSE = "pause"
 
-
-class MetricKind(StrEnum):
-    DEVICES = "devices"  # judged from device outcomes (install events, silence); needs no samples
-    WAVE = "wave"  # judged from the wave's pooled telemetry; needs min_samples
-    VERSUS_CONTROL = "versus-control"  # the wave against the control cohort; both need min_samples
-
-
-@dataclass(frozen=True)
-class Metric:
-    kind: MetricKind
-    meaning: str
-
-
-METRICS: dict[str, Metric] = {
-    "input_max_psi": Metric(MetricKind.WAVE, "largest per-feature PSI of the wave's inputs vs the release reference"),
-    "input_mean_psi": Metric(MetricKind.WAVE, "mean per-feature PSI of the wave's inputs vs the release reference"),
-    "input_max_kl": Metric(MetricKind.WAVE, "largest per-feature KL(wave || reference) of the inputs"),
-    "score_psi": Metric(MetricKind.WAVE, "PSI of the wave's top-class score vs the release reference"),
-    "class_mix_shift": Metric(
-        MetricKind.VERSUS_CONTROL, "total variation distance between the wave's and the control's predicted classes"
-    ),
-    "latency_p95_ratio": Metric(
-        MetricKind.VERSUS_CONTROL, "the wave's p95 inference latency over the control's (each at least 1 ms)"
-    ),
-    "error_rate": Metric(MetricKind.WAVE, "failed inferences over all inferences in the wave"),
-    "failure_rate": Metric(
-        MetricKind.DEVICES, "wave devices whose install failed, was refused or failed its probe, over wave devices"
-    ),
-    "silent_fraction": Metric(
-        MetricKind.DEVICES,
-        "wave devices with no outcome silent_after_seconds after their assignment, over wave devices",
-    ),
-}
 
 _OPS = ("<=", ">=", "<", ">")
 _SECONDS = ("bake_seconds", "silent_after_seconds", "control_lookback_seconds", "gate_window_seconds")
@@ -116,6 +82,11 @@ class Gate:
             raise RolloutSpecError(f"gate {self.metric}: comparison {self.op!r} must be one of {', '.join(_OPS)}")
         if not math.isfinite(self.threshold):
             raise RolloutSpecError(f"gate {self.metric}: threshold must be a finite number")
+        if METRICS[self.metric].fraction and not 0 <= self.threshold <= 1:
+            raise RolloutSpecError(
+                f"gate {self.metric}: a fraction, so its threshold must lie in [0, 1] (got {self.threshold:g}): "
+                "beyond that the gate could never fail"
+            )
 
     def holds(self, value: float) -> bool:
         return {

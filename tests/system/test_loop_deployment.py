@@ -18,9 +18,9 @@ from server.store import now_ms
 from server.store.loop import JobRecords
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
+from tests.server.test_loop import CLASSES, FEATURES, Telemetry, reference
+from tests.server.test_training_deployment import federation  # noqa: F401 (the SuperLink and two SuperNodes)
 from tests.support import wait_for
-from tests.test_loop import CLASSES, FEATURES, Telemetry, reference
-from tests.test_training_deployment import federation  # noqa: F401 (the SuperLink and two SuperNodes)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
 

@@ -14,7 +14,7 @@ from server.datadir import DataDir
 from simulations.rig import Rig
 from simulations.workload import SensorFault
 from tests.support import Mosquitto, wait_for
-from tests.test_dashboard_browser import _open, _shot, browser  # noqa: F401 (the Chromium fixture)
+from tests.system.test_dashboard_browser import _open, _shot, browser  # noqa: F401 (the Chromium fixture)
 
 pytestmark = [pytest.mark.broker, pytest.mark.browser, pytest.mark.slow]
 

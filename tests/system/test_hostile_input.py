@@ -25,8 +25,8 @@ from server.ingest.mqtt_bridge import MqttBridge
 from server.store import Store
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
+from tests.agent.test_telemetry import digits_reference, window
 from tests.support import GrpcServerThread
-from tests.test_telemetry import digits_reference, window
 
 TOPICS = Topics()
 UPLOAD_SECONDS = 2.0  # the server's limit on one telemetry upload, short here

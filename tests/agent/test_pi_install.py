@@ -20,7 +20,7 @@ from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import run_bounded, wait_for
 from tests.support import enroll_agent
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KIT = REPO / "deploy" / "raspberry-pi"
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from simulations.processes import run_bounded
 
-FANOUT = Path(__file__).resolve().parents[1] / "benchmarks" / "fanout.py"
+FANOUT = Path(__file__).resolve().parents[2] / "benchmarks" / "fanout.py"
 
 
 def _fanout(*args: str, workdir: Path) -> subprocess.CompletedProcess[str]:

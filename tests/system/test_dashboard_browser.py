@@ -30,7 +30,10 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 WAVES = ["--canary", "2", "--waves", "0.5,1.0", "--bake", "3", "--min-samples", "150", "--silent-after", "60"]
-SHOTS = Path(os.environ.get("FEDFLEET_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts")) / "screenshots"
+SHOTS = (
+    Path(os.environ.get("FEDFLEET_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
+    / "screenshots"
+)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from server.datadir import DataDir
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
 from tests.support import AgentProcess, CoordinatorProcess, Mosquitto, enroll_agent, wait_for
-from tests.test_end_to_end import fedfleet, running
+from tests.system.test_end_to_end import fedfleet, running
 
 
 @pytest.fixture(scope="module")

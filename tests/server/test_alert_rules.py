@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.test_deploy_kit import KIT, _exported_metrics
+from tests.server.test_deploy_kit import KIT, _exported_metrics
 
 RULES = KIT / "alert-rules.yml"
 

@@ -20,7 +20,7 @@ from tests.support import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-APP = Path(__file__).resolve().parent.parent / "deploy" / "flower-app"
+APP = Path(__file__).resolve().parents[2] / "deploy" / "flower-app"
 
 
 def _free_port() -> int:

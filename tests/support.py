@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -27,6 +29,17 @@ __all__ = [
     "own_topic_prefix",
     "wait_for",
 ]
+
+
+def fedfleet(d: DataDir, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`fedfleet ARGS --data-dir D` in a process of its own (as a person would type it), output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def enroll_agent(

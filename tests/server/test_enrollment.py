@@ -4,27 +4,17 @@ and a refused enrollment (here a bad fleet name) leaves no certificate, key or r
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from server import audit
 from server.datadir import DataDir
+from tests.support import fedfleet
 
 
 def _enroll(d: DataDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return _fedfleet(d, "devices", "enroll", *args)
-
-
-def _fedfleet(d: DataDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return fedfleet(d, "devices", "enroll", *args)
 
 
 def _certificates(d: DataDir) -> list[str]:
@@ -88,4 +78,4 @@ def test_a_device_cannot_move_itself_to_another_fleet_but_the_operator_can(datad
 
 
 def _label(d: DataDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return _fedfleet(d, "devices", "label", *args)
+    return fedfleet(d, "devices", "label", *args)

@@ -33,7 +33,7 @@ from server.store import Store
 from server.store.loop import AlarmRecords, AlertRecords, DeliveryRecords, JobRecords
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
-from tests.support import wait_for
+from tests.support import fedfleet, wait_for
 
 FEATURES, CLASSES = 64, 10
 RELEASE = "digits@1.0.0"
@@ -168,16 +168,6 @@ def _controller(d: DataDir, store: Store, p: Policy) -> tuple[RetrainController,
     return retrain, DriftWatch(store, alerts, retrain.decide)
 
 
-def _fedfleet(d: DataDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_review_proposes_and_nothing_trains_until_a_person_approves(fleet: tuple[DataDir, Store, Telemetry]) -> None:
     d, store, telemetry = fleet
     p = policy(retrain_on_drift="review")
@@ -192,16 +182,16 @@ def test_review_proposes_and_nothing_trains_until_a_person_approves(fleet: tuple
     retrain.tick()
     assert not job_lock_path(d, job["id"]).parent.exists()  # no worker was started for a proposal
 
-    rejected = _fedfleet(d, "loop", "reject", str(job["id"]), "--json")
+    rejected = fedfleet(d, "loop", "reject", str(job["id"]), "--json")
     assert rejected.returncode == 0, rejected.stderr
     assert json.loads(rejected.stdout)["state"] == JobState.REJECTED
-    again = _fedfleet(d, "loop", "approve", str(job["id"]))
+    again = fedfleet(d, "loop", "approve", str(job["id"]))
     assert again.returncode == 1 and "not proposed" in again.stderr  # a decided job cannot be decided again
     assert JobRecords(store).get(job["id"])["state"] == JobState.REJECTED
     assert [a["kind"] for a in AlertRecords(store).recent("open")] == [AlertKind.DRIFT_ALARM]
     retrain.tick()
     assert not job_lock_path(d, job["id"]).parent.exists()
-    assert _fedfleet(d, "loop", "approve", "99").returncode == 1  # no such job: a clear error, nothing changes
+    assert fedfleet(d, "loop", "approve", "99").returncode == 1  # no such job: a clear error, nothing changes
     entries = [e["action"] for e in audit.entries(store)]
     assert "retrain.proposed" in entries and "retrain.rejected" in entries and "retrain.approved" not in entries
 
@@ -213,12 +203,12 @@ def test_an_approved_proposal_becomes_a_job_for_the_worker(fleet: tuple[DataDir,
     telemetry.send(T0, contrast=0.3)
     watch.tick(p, T0)
     (job,) = JobRecords(store).recent()
-    approved = _fedfleet(d, "loop", "approve", str(job["id"]), "--json")
+    approved = fedfleet(d, "loop", "approve", str(job["id"]), "--json")
     assert approved.returncode == 0, approved.stderr
     doc = json.loads(approved.stdout)
     assert (doc["state"], doc["decided_by"]) == (JobState.APPROVED, "cli")
     assert AlertRecords(store).recent("open")[0]["kind"] == AlertKind.DRIFT_ALARM  # the proposal alert resolved
-    status = json.loads(_fedfleet(d, "loop", "status", "--json").stdout)
+    status = json.loads(fedfleet(d, "loop", "status", "--json").stdout)
     assert [j["state"] for j in status["jobs"]] == ["approved"] and status["alarms"][0]["state"] == "open"
 
 
@@ -243,12 +233,12 @@ def test_alerts_cli_lists_and_acknowledges(fleet: tuple[DataDir, Store, Telemetr
     first = alerts.raise_alert(AlertKind.DEVICES_SILENT, "home", "silent:home", "2 devices silent")
     assert first is not None
     assert alerts.raise_alert(AlertKind.DEVICES_SILENT, "home", "silent:home", "3 devices silent") is None
-    listed = json.loads(_fedfleet(d, "alerts", "list", "--json").stdout)
+    listed = json.loads(fedfleet(d, "alerts", "list", "--json").stdout)
     assert [(a["id"], a["state"], a["summary"]) for a in listed] == [(first, "open", "2 devices silent")]
-    acked = _fedfleet(d, "alerts", "ack", str(first), "--json")
+    acked = fedfleet(d, "alerts", "ack", str(first), "--json")
     assert acked.returncode == 0 and json.loads(acked.stdout)["state"] == "acknowledged"
-    assert json.loads(_fedfleet(d, "alerts", "list", "--state", "open", "--json").stdout) == []
-    missing = _fedfleet(d, "alerts", "ack", "42")
+    assert json.loads(fedfleet(d, "alerts", "list", "--state", "open", "--json").stdout) == []
+    missing = fedfleet(d, "alerts", "ack", "42")
     assert missing.returncode == 1 and "no alert 42" in missing.stderr
     assert alerts.resolve("silent:home", "heard again") == first  # an acknowledged alert still resolves
     assert AlertRecords(store).get(first)["state"] == "resolved"

@@ -7,8 +7,6 @@ import json
 import queue
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,19 +25,17 @@ from server.ingest.broker import free_port
 from server.trust.pki import FleetCA
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
-from tests.support import AgentProcess, CoordinatorProcess, Mosquitto, enroll_agent, own_topic_prefix, wait_for
+from tests.support import (
+    AgentProcess,
+    CoordinatorProcess,
+    Mosquitto,
+    enroll_agent,
+    fedfleet,
+    own_topic_prefix,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
-
-def fedfleet(d: DataDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @dataclass

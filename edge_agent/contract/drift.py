@@ -28,6 +28,7 @@ __all__ = [
     "WindowCounts",
     "WindowScore",
     "bin_counts",
+    "edges_from_fine_histograms",
     "histogram_quantile",
     "kl",
     "proportions",
@@ -116,6 +117,26 @@ def _float32_toward(values: np.ndarray, direction: float) -> np.ndarray:
         f = v.astype(np.float32)
     off = f.astype(np.float64) < v if direction > 0 else f.astype(np.float64) > v
     return np.where(off, np.nextafter(f, np.float32(direction)), f)
+
+
+def edges_from_fine_histograms(fine: np.ndarray, lo: float, hi: float, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """A reference's bin edges and ranges from pooled fine histograms, so a federation never pools samples.
+
+    `fine` is (n_features, m + 2): m equal bins over [lo, hi], with the first and last column counting values
+    below lo and above hi. Returns the inner edges of `bins` quantile bins per feature, (n_features, bins - 1),
+    never decreasing, and each feature's observed range, (n_features, 2), to the fine grid's resolution.
+    """
+    m = fine.shape[1] - 2
+    grid_edges = np.linspace(lo, hi, m + 1)
+    quantiles = np.linspace(0, 1, bins + 1)[1:-1]
+    edges = np.array([[histogram_quantile(row, grid_edges, q) for q in quantiles] for row in fine])
+    edges = np.maximum.accumulate(edges, axis=1)
+    ranges = []
+    for row in fine:
+        nonzero = np.flatnonzero(row)
+        first, last = int(nonzero[0]), int(nonzero[-1])
+        ranges.append((lo if first == 0 else grid_edges[first - 1], hi if last > m else grid_edges[last]))
+    return edges, np.array(ranges, dtype=np.float64)
 
 
 @dataclass(frozen=True)

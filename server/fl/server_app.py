@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 import server
-from edge_agent.contract.drift import DriftReference, histogram_quantile, proportions
+from edge_agent.contract.drift import DriftReference, edges_from_fine_histograms, proportions
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.fl.data import CLASSES, FEATURE_RANGE, FEATURES, held_out
@@ -316,15 +316,7 @@ def _reference(grid: Grid, run: _Run, arrays: ArrayRecord) -> DriftReference:
             fine += msg.content["counts"].to_numpy_ndarrays()[0]  # type: ignore[union-attr]
     if fine.sum() == 0:
         raise TrainingError("no client sent feature histograms for the drift reference")
-    grid_edges = np.linspace(lo, hi, FINE_BINS + 1)
-    quantiles = np.linspace(0, 1, REFERENCE_BINS + 1)[1:-1]
-    feature_edges = np.array([[histogram_quantile(fine[j], grid_edges, q) for q in quantiles] for j in range(FEATURES)])
-    feature_edges = np.maximum.accumulate(feature_edges, axis=1)
-    ranges = []
-    for j in range(FEATURES):
-        nonzero = np.flatnonzero(fine[j])
-        first, last = int(nonzero[0]), int(nonzero[-1])
-        ranges.append((lo if first == 0 else grid_edges[first - 1], hi if last > FINE_BINS else grid_edges[last]))
+    feature_edges, ranges = edges_from_fine_histograms(fine, lo, hi, REFERENCE_BINS)
     score_edges = np.linspace(0, 1, 11)[1:-1]
     payload = ArrayRecord(numpy_ndarrays=[feature_edges, score_edges, *arrays.to_numpy_ndarrays()])
     counts = np.zeros((FEATURES, REFERENCE_BINS))
@@ -337,7 +329,7 @@ def _reference(grid: Grid, run: _Run, arrays: ArrayRecord) -> DriftReference:
     return DriftReference(
         feature_edges=feature_edges,
         feature_proportions=proportions(counts),
-        feature_ranges=np.array(ranges, dtype=np.float64),
+        feature_ranges=ranges,
         score_edges=score_edges,
         score_proportions=proportions(score_counts),
         n_classes=CLASSES,

@@ -175,3 +175,24 @@ def test_a_reference_with_nan_edges_or_ranges_is_refused() -> None:
         array.flat[0] = np.nan
         with pytest.raises(ValueError, match="NaN"):
             DriftReference.from_metadata({**good, name: encode_array(array)})
+
+
+def test_reference_edges_from_pooled_fine_histograms_match_the_samples_quantiles() -> None:
+    """What federated training does: clients send fine histograms, never samples; the edges and ranges built from
+    the pooled counts are the samples' own quantiles and extremes, to the fine grid's resolution."""
+    from edge_agent.contract.drift import bin_counts, edges_from_fine_histograms
+
+    rng = np.random.default_rng(3)
+    samples = np.clip(rng.beta(2, 5, size=(20_000, 4)), 0, 1)
+    samples[:, 3] = np.clip(samples[:, 3] * 0.5 + 0.25, 0, 1)  # a feature that never reaches 0 or 1
+    m = 200
+    grid = np.linspace(0, 1, m + 1)[1:-1]
+    # m fine bins plus one below 0 and one above 1 (empty here): as a client counts them
+    fine = np.stack([np.concatenate([[0], bin_counts(samples[:, j], grid), [0]]) for j in range(4)])
+    edges, ranges = edges_from_fine_histograms(fine, 0.0, 1.0, 10)
+    assert edges.shape == (4, 9) and ranges.shape == (4, 2)
+    expected = np.quantile(samples, np.linspace(0, 1, 11)[1:-1], axis=0).T
+    assert np.abs(edges - expected).max() <= 1 / m + 1e-9
+    assert np.all(np.diff(edges, axis=1) >= 0)
+    assert np.all(ranges[:, 0] <= samples.min(axis=0)) and np.all(ranges[:, 1] >= samples.max(axis=0))
+    assert np.all(samples.min(axis=0) - ranges[:, 0] <= 1 / m) and np.all(ranges[:, 1] - samples.max(axis=0) <= 1 / m)

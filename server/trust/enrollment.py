@@ -13,6 +13,7 @@ from edge_agent.config import AgentConfig, config_from_dict
 from edge_agent.contract import device_id_is_valid
 from edge_agent.contract.files import atomic_write_bytes
 from edge_agent.errors import ConfigError
+from server import audit
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 
@@ -79,7 +80,14 @@ def write_bundle(
     atomic_write_bytes(out_dir / "ca.pem", ca.cert_pem)
     atomic_write_bytes(out_dir / "device-key.pem", issued.key_pem)
     atomic_write_bytes(out_dir / "device.pem", issued.cert_pem)
-    with d.store() as store:
+    with d.store() as store, store.transaction():
+        # One live identity per name: enrolling it again (a replaced device, a lost key) revokes the previous one.
+        previous = store.revoke_certificates(device_id)
         store.record_certificate(issued.serial, device_id, "device", int(issued.not_after.timestamp() * 1000))
+        if previous:
+            audit.append(store, "device.revoke", device_id, {"serials": previous, "why": "enrolled again"})
+    if previous:
+        with d.store() as store:
+            ca.write_crl(store.revoked_certificates())
     atomic_write_bytes(out_dir / "agent.toml", toml.encode())
     return agent_config

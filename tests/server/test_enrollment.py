@@ -79,3 +79,18 @@ def test_a_device_cannot_move_itself_to_another_fleet_but_the_operator_can(datad
 
 def _label(d: DataDir, *args: str) -> subprocess.CompletedProcess[str]:
     return fedfleet(d, "devices", "label", *args)
+
+
+def test_enrolling_a_name_again_revokes_its_previous_identity(datadir: DataDir, tmp_path: Path) -> None:
+    assert _enroll(datadir, "pi-3", "--fleet", "home", "--out", str(tmp_path / "first")).returncode == 0
+    with datadir.store() as store:
+        (first,) = [r[0] for r in store.db.execute("SELECT serial FROM certificates WHERE subject = 'pi-3'")]
+        assert not store.certificate_revoked(first)
+    assert _enroll(datadir, "pi-3", "--fleet", "home", "--out", str(tmp_path / "second")).returncode == 0
+    with datadir.store() as store:
+        serials = [r[0] for r in store.db.execute("SELECT serial FROM certificates WHERE subject = 'pi-3'")]
+        assert len(serials) == 2 and store.certificate_revoked(first)
+        assert not store.certificate_revoked(next(s for s in serials if s != first))
+        (revoke,) = audit.entries(store, action="device.revoke")
+    assert revoke["detail"] == {"serials": [first], "why": "enrolled again"}
+    assert (datadir.trust / "crl.pem").is_file()  # the broker's CRL names the old certificate

@@ -51,3 +51,32 @@ def test_fanout_refuses_sizes_that_are_not_positive_before_starting_anything(
     assert out.returncode == 2
     assert "--devices and --size-mb must be positive" in out.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+@pytest.mark.parametrize(
+    ("script", "args", "figures"),
+    [
+        ("drift_false_alarms.py", ["--trials", "20", "--per-bin", "10,30"], ["p_false_alarm", "threshold"]),
+        ("ingest.py", ["--devices", "3", "--seconds", "2"], ["windows_per_second", "bare_windows_per_second", "lost"]),
+        ("rollback.py", ["--devices", "4", "--rate", "100"], ["rollback_seconds", "bare_fanout_seconds", "met"]),
+        ("agent_footprint.py", ["--inferences", "200", "--skip-venv"], ["rss_mb", "drift_cost_ratio"]),
+        ("fleet_scale.py", ["--devices", "4", "--workers", "1", "--baseline", "2"], ["baseline", "scale"]),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_each_benchmark_runs_small_and_ends_with_its_figures(
+    script: str, args: list[str], figures: list[str], tmp_path: Path
+) -> None:
+    """Every benchmark, at a toy size: it finishes and its last line is one JSON object with its figures (the
+    figures themselves are measured by hand: no timing is asserted here)."""
+    out = run_bounded([sys.executable, str(BENCHMARKS / script), *args], timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == script.removesuffix(".py")
+    assert all(key in result for key in figures), result
+    assert result.get("lost", 0) == 0  # where a benchmark counts lost telemetry, none is lost

@@ -26,6 +26,7 @@ from tuf.api.serialization.json import JSONSerializer
 from edge_agent.assignment import load_director_keys
 from edge_agent.contract import LIMITS
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.errors import AgentError, AssignmentError
 from edge_agent.state import StateStore
 from edge_agent.transport import GrpcTransport
 from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment
@@ -253,6 +254,22 @@ def test_a_counter_jump_that_would_freeze_the_device_is_refused(env: Env) -> Non
     assert_refused(env, env.apply(_forged(env, 2**64 - 1)), "assignment_counter_jump")
     assert env.ctx.store.load().highest_counter == before
     assert env.apply(env.assign("digits@2.0.0")).outcome is Outcome.COMMITTED
+
+
+def test_metadata_that_is_not_tuf_metadata_is_refused(env: Env) -> None:
+    (env.meta / "timestamp.json").write_bytes(b'{"signed": "not a timestamp"}')
+    assert_refused(env, env.apply(env.assign("digits@2.0.0")), "metadata_invalid")
+
+
+def test_unusable_trusted_director_keys_are_refused_as_trust_invalid(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate().public_key().public_bytes_raw().hex()
+    with pytest.raises(AssignmentError) as wrong_id:
+        load_director_keys({"0" * 64: key})  # the id does not name this key
+    with pytest.raises(AssignmentError) as no_keys:
+        load_director_keys({})
+    with pytest.raises(AgentError) as no_root:
+        StateStore(tmp_path / "agent").seed_trust_root(tmp_path / "missing-root.json")
+    assert {wrong_id.value.reason, no_keys.value.reason, no_root.value.reason} == {"trust_invalid"}
 
 
 def _past() -> datetime:

@@ -83,6 +83,9 @@ def write_broker_config(d: DataDir, config: BrokerConfig) -> list[Path]:
         f"crlfile {out / 'crl.pem'}",
         "require_certificate true",
         "use_identity_as_username true",
+        # the client id is the certificate's name too: Mosquitto ends the older session of a client id that
+        # connects again, so a device claiming another's id (or the coordinator's) used to disconnect it
+        "use_username_as_clientid true",
         "tls_version tlsv1.2",
         "allow_anonymous false",
         f"acl_file {out / 'acl'}",

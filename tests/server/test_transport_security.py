@@ -91,10 +91,13 @@ class Refused(Exception):
     before accepting it."""
 
 
-def _mqtt_session(port: int, ca: Path, cert: Path | None, key: Path | None, name: str) -> paho.Client:
+def _mqtt_session(
+    port: int, ca: Path, cert: Path | None, key: Path | None, name: str, client_id: str | None = None
+) -> paho.Client:
     """A connected paho client with these credentials. Raises Refused when the broker refuses them; fails the
     test when the broker neither accepts nor refuses within 10 s (a hang is not a refusal)."""
-    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"test-{name}-{time.monotonic_ns()}")
+    client_id = client_id or f"test-{name}-{time.monotonic_ns()}"
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
     client.tls_set(ca_certs=str(ca), certfile=str(cert) if cert else None, keyfile=str(key) if key else None)
     outcome: queue.Queue[str] = queue.Queue()
     client.on_connect = lambda c, u, f, rc, p: outcome.put("accepted" if rc == 0 else f"CONNACK {rc}")
@@ -227,21 +230,16 @@ def test_acl_a_device_speaks_and_listens_only_for_itself(fleet: SecureFleet) -> 
         t.register("lab", {}, "ai-edge-litert")
         t.close()
         assert fedfleet(fleet.d, "assign", config.device_id, "digits@1.0.0").returncode == 0
-    coordinator_cert, coordinator_key = fleet.d.tls_files("coordinator")
     topics = fleet.topics
-    watcher = _mqtt_session(fleet.broker.port, a.tls.ca, coordinator_cert, coordinator_key, "coordinator-view")
+    # Only the coordinator's identity reads every topic, and its session is the coordinator's own (client id =
+    # certificate name): what A did is judged from A's own desired state and from the coordinator's database.
     mallory = _mqtt_session(fleet.broker.port, a.tls.ca, a.tls.cert, a.tls.key, "pi-acl-a")
-    seen: dict[str, list[tuple[str, bytes]]] = {"watcher": [], "mallory": []}
-    watcher.on_message = lambda c, u, m: seen["watcher"].append((m.topic, m.payload))
-    mallory.on_message = lambda c, u, m: seen["mallory"].append((m.topic, m.payload))
-    watcher.subscribe(topics.desired("pi-acl-a"), qos=1)
-    watcher.subscribe(topics.status("pi-acl-a"), qos=1)
-    wait_for(lambda: seen["watcher"], 10, what="A's retained desired state")
-    [(_, signed)] = seen["watcher"]
-
+    seen: list[tuple[str, bytes]] = []
+    mallory.on_message = lambda c, u, m: seen.append((m.topic, m.payload))
     mallory.subscribe(topics.desired("pi-acl-b"), qos=1)  # B's desired state: not A's to read
     mallory.subscribe(topics.desired("pi-acl-a"), qos=1)  # its own: allowed (the control), retained after B's
-    wait_for(lambda: seen["mallory"], 10, what="A's own desired state")
+    wait_for(lambda: seen, 10, what="A's own desired state")
+    [(_, signed)] = seen
     forged_status = pb.DeviceStatus(device_id="pi-acl-b", online=True, running_release="evil@6.6.6")
     forged_window = pb.TelemetryWindow(device_id="pi-acl-b", sequence=1, first_sequence=1, release_id="digits@1.0.0")
     for topic, payload in (
@@ -269,18 +267,51 @@ def test_acl_a_device_speaks_and_listens_only_for_itself(fleet: SecureFleet) -> 
         10,
         what="A's own telemetry window handled",
     )
-    wait_for(lambda: len(seen["watcher"]) > 1, 10, what="the watcher to see A's own status")
-    # ... and nothing A said as B was stored, nor did A's desired state change, nor did A hear B's.
+    # ... and nothing A said as B was stored, nor did A hear B's desired state.
     b_row = fleet.store_rows("SELECT running_release, online FROM devices WHERE id = 'pi-acl-b'", [])
     assert b_row == [{"running_release": "", "online": 0}]
     assert fleet.store_rows("SELECT * FROM telemetry WHERE device_id = 'pi-acl-b'", []) == []
     assert fleet.store_rows("SELECT * FROM events WHERE device_id = 'pi-acl-b'", []) == []
-    assert [topic for topic, _ in seen["mallory"]] == [topics.desired("pi-acl-a")]
-    assert seen["watcher"] == [
-        (topics.desired("pi-acl-a"), signed),
-        (topics.status("pi-acl-a"), own.SerializeToString()),
-    ]
-    for client in (watcher, mallory):
+    assert [topic for topic, _ in seen] == [topics.desired("pi-acl-a")]
+    mallory.disconnect()
+    mallory.loop_stop()
+    # A's retained desired state is still the coordinator's signed one: the forged one was dropped.
+    again = _mqtt_session(fleet.broker.port, a.tls.ca, a.tls.cert, a.tls.key, "pi-acl-a again")
+    retained: list[bytes] = []
+    again.on_message = lambda c, u, m: retained.append(m.payload)
+    again.subscribe(topics.desired("pi-acl-a"), qos=1)
+    wait_for(lambda: retained, 10, what="A's retained desired state")
+    assert retained == [signed]
+    again.disconnect()
+    again.loop_stop()
+
+
+def test_a_device_cannot_take_over_another_clients_session(fleet: SecureFleet) -> None:
+    """Mosquitto ends the older session of a client id that connects again; the client id is the certificate's
+    name, so A claiming B's id (or the coordinator's) gets a session of its own and B's goes on."""
+    a, b = fleet.enroll("pi-take-a").config, fleet.enroll("pi-take-b").config
+    assert a.tls is not None and b.tls is not None
+    t = _transport(fleet, "pi-take-a", a.tls.read())
+    t.register("lab", {}, "ai-edge-litert")  # known to the coordinator, so its status is taken in
+    t.close()
+    port, topics = fleet.broker.port, fleet.topics
+    lost: list[str] = []
+    victim = _mqtt_session(port, b.tls.ca, b.tls.cert, b.tls.key, "victim", client_id="pi-take-b")
+    victim.on_disconnect = lambda c, u, f, rc, p: lost.append(str(rc))
+    connected_before = fleet.coordinator.log.read_text().count("connected to MQTT broker")
+    thief = _mqtt_session(port, a.tls.ca, a.tls.cert, a.tls.key, "thief", client_id="pi-take-b")
+    status = pb.DeviceStatus(device_id="pi-take-b").SerializeToString()
+    victim.publish(topics.status("pi-take-b"), status, qos=1).wait_for_publish(5)  # B's session still works
+    assert lost == []
+    thief.disconnect()
+    thief.loop_stop()
+    thief = _mqtt_session(port, a.tls.ca, a.tls.cert, a.tls.key, "thief", client_id="fedfleet-coordinator")
+    own = pb.DeviceStatus(device_id="pi-take-a", online=True)
+    thief.publish(topics.status("pi-take-a"), own.SerializeToString(), qos=1, retain=True).wait_for_publish(5)
+    # The coordinator kept its session: it hears A's own status, and never had to connect again.
+    wait_for(lambda: fleet.store_rows("SELECT id FROM devices WHERE id = 'pi-take-a' AND online = 1", []), 10)
+    assert fleet.coordinator.log.read_text().count("connected to MQTT broker") == connected_before
+    for client in (victim, thief):
         client.disconnect()
         client.loop_stop()
 

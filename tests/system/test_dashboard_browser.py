@@ -42,6 +42,11 @@ def browser() -> Iterator[Browser]:
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (scripts/setup.sh --dev does this)")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        # Chromium starts its network, storage and GPU services with the first page: start them here, so they
+        # belong to this fixture and not to the first test that opens a page (which would "leave" them running).
+        warm = b.new_page()
+        warm.goto("about:blank")
+        warm.close()
         yield b
         b.close()
 

@@ -103,13 +103,19 @@ def descendants(pid: int) -> list[int]:
 
 def kill_tree(pid: int) -> None:
     """SIGKILL `pid`, every process below it and their process groups (a coordinator started by a demo runs
-    in a session of its own). The tree is read before anything is killed, so orphans are not lost."""
+    in a session of its own), except the caller's own group: a process the caller started without a session of
+    its own (Ray's, from an in-process training run) shares it. The tree is read before anything is killed, so
+    orphans are not lost."""
     victims = [pid, *descendants(pid)]
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)  # its group, even when it has exited and left members behind
+    own = os.getpgrp()  # never this process's own group: that would kill the caller (and a CI run's shell)
+    if pid != own:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # its group, even when it has exited and left members behind
     for p in victims:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(os.getpgid(p), signal.SIGKILL)
+            group = os.getpgid(p)
+            if group != own:
+                os.killpg(group, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
 

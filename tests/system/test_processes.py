@@ -3,6 +3,8 @@ command leaves nothing behind; tracebacks are found in logs from a given offset.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +81,12 @@ def test_tracebacks_are_found_after_the_offset_only(tmp_path: Path) -> None:
     found = tracebacks_in(log, len(first) + 5)
     assert len(found) == 2 and "KeyError: new" in found[0] and "OSError" in found[1]
     assert tracebacks_in(tmp_path / "absent.log") == []
+
+
+def test_kill_tree_spares_the_callers_own_process_group() -> None:
+    """A child started without a session of its own (as Ray's are by an in-process training run) shares the
+    caller's process group; killing it must not kill that group, which holds pytest and CI's shell."""
+    child = subprocess.Popen(["sleep", "60"])
+    assert os.getpgid(child.pid) == os.getpgrp()
+    kill_tree(child.pid)
+    assert child.wait(10) == -signal.SIGKILL  # the child is gone, and this test still runs

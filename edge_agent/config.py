@@ -4,7 +4,7 @@ device_id = "pi-kitchen-01"
 fleet = "default"
 state_dir = "/var/lib/fedfleet-agent"     # relative paths are relative to this file
 grpc_target = "coordinator.lan:50051"
-mqtt_url = "mqtt://coordinator.lan:1883"
+mqtt_url = "mqtts://coordinator.lan:8883"
 trust_root = "root.json"                  # the TUF root the device starts from
 director_keys = "director_keys.json"      # {key_id: Ed25519 public key hex}
 topic_prefix = "fedfleet/v1"
@@ -12,6 +12,7 @@ grpc_tls = true                           # mutual TLS to the coordinator's gRPC
 tls_ca = "ca.pem"                         # the fleet CA; the device's certificate and key:
 tls_cert = "device.pem"
 tls_key = "device-key.pem"
+# allow_plaintext = false                 # lab only: plaintext gRPC/MQTT to a coordinator beyond loopback
 [labels]
 site = "kitchen"
 """
@@ -19,17 +20,20 @@ site = "kitchen"
 from __future__ import annotations
 
 import json
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_agent.contract import DEFAULT_TOPIC_PREFIX, LIMITS, device_id_is_valid
-from edge_agent.contract.addresses import parse_mqtt_url
+from edge_agent.contract.addresses import is_loopback, parse_mqtt_url
 from edge_agent.errors import ConfigError
 from edge_agent.steps import STEPS
 
 __all__ = ["AgentConfig", "TlsFiles", "load_config"]
+
+logger = logging.getLogger(__name__)
 
 _INTERPRETERS = ("ai-edge-litert", "tflite-runtime")
 
@@ -58,6 +62,7 @@ class AgentConfig:
     mqtt_tls: bool = False  # mqtts:// in the config
     grpc_tls: bool = False
     tls: TlsFiles | None = None  # needed by mqtts:// and grpc_tls
+    allow_plaintext: bool = False  # lab only: plaintext to a coordinator or broker beyond loopback
 
 
 @dataclass(frozen=True)
@@ -133,11 +138,30 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
     tls = TlsFiles(*(base / str(raw[k]) for k in tls_keys)) if given else None
     if (mqtt_tls or grpc_tls) and tls is None:
         raise ConfigError("mqtts:// and grpc_tls need tls_ca, tls_cert and tls_key (they come with the bundle)")
+    allow_plaintext = raw.get("allow_plaintext", False)
+    if not isinstance(allow_plaintext, bool):
+        raise ConfigError("allow_plaintext must be true or false")
+    grpc_target = str(raw["grpc_target"])
+    plaintext = [
+        what
+        for what, tls_on, address_host in (
+            (f"gRPC to {grpc_target}", grpc_tls, grpc_target.rpartition(":")[0]),
+            (f"MQTT to {host}:{port}", mqtt_tls, host),
+        )
+        if not tls_on and not is_loopback(address_host)
+    ]
+    if plaintext and not allow_plaintext:
+        raise ConfigError(
+            f"{' and '.join(plaintext)} would be plaintext beyond this machine: enroll with TLS (grpc_tls = true, "
+            "an mqtts:// mqtt_url) or, in a lab, set allow_plaintext = true"
+        )
+    for what in plaintext:
+        logger.warning("%s is plaintext beyond this machine (allow_plaintext = true)", what)
     return AgentConfig(
         device_id=device_id,
         fleet=fleet,
         state_dir=base / str(raw["state_dir"]),
-        grpc_target=str(raw["grpc_target"]),
+        grpc_target=grpc_target,
         mqtt_host=host,
         mqtt_port=port,
         trust_root=base / str(raw["trust_root"]),
@@ -156,6 +180,7 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
         mqtt_tls=mqtt_tls,
         grpc_tls=grpc_tls,
         tls=tls,
+        allow_plaintext=allow_plaintext,
     )
 
 

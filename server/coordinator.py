@@ -23,6 +23,7 @@ from edge_agent.contract import Topics
 from edge_agent.contract.files import atomic_write_bytes
 from server.datadir import DataDir
 from server.errors import CoordinatorError
+from server.exposure import ALLOW_FLAG, Listeners, plaintext_exposures
 from server.ingest.broker import EmbeddedBroker, parse_host_port
 from server.ingest.grpc_service import FleetService, mutual_tls_credentials, start_grpc_server
 from server.ingest.mqtt_bridge import MqttBridge
@@ -43,6 +44,8 @@ class ServeOptions:
     broker_listen: str | None = None
     dashboard_listen: str | None = None  # None: from config.toml; "": no dashboard
     public_read: bool | None = None  # None: from config.toml
+    tls: bool = False  # mutual TLS on gRPC and HTTPS on the dashboard, whatever config.toml says
+    allow_plaintext_network: bool = False  # a lab's explicit acceptance of plaintext beyond loopback
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -73,21 +76,44 @@ def _hold_serve_lock(datadir: DataDir) -> IO[bytes]:
     return lock
 
 
+def _check_exposures(listeners: Listeners, allowed: bool) -> list[str]:
+    """Stop before anything binds when a channel beyond loopback would be plaintext, unless a lab said so."""
+    exposures = plaintext_exposures(listeners)
+    if exposures and not allowed:
+        raise CoordinatorError(
+            "; ".join(exposures) + f". (A lab that accepts plaintext on its network can serve with {ALLOW_FLAG}.)"
+        )
+    for exposure in exposures:
+        logger.warning("plaintext beyond loopback (%s): %s", ALLOW_FLAG, exposure)
+    return exposures
+
+
 class Coordinator:
     def __init__(self, datadir: DataDir, options: ServeOptions | None = None) -> None:
         self.datadir = datadir.require()
-        self._serve_lock = _hold_serve_lock(self.datadir)
         self.config = datadir.config()
         options = options or ServeOptions()
         self.grpc_listen = options.grpc_listen or self.config.grpc_listen
         parse_host_port(self.grpc_listen)
         mqtt_url = self.config.mqtt_url if options.mqtt_url is None else options.mqtt_url
+        self.grpc_tls = options.tls or self.config.grpc_tls
+        self.dashboard_tls = options.tls or self.config.dashboard_tls
+        self.dashboard_listen = (
+            self.config.dashboard_listen if options.dashboard_listen is None else options.dashboard_listen
+        )
+        if self.dashboard_listen:
+            parse_host_port(self.dashboard_listen)
+        self.plaintext_exposures = _check_exposures(
+            Listeners(self.grpc_listen, self.grpc_tls, mqtt_url, self.dashboard_listen, self.dashboard_tls),
+            options.allow_plaintext_network,
+        )
+        self._serve_lock = _hold_serve_lock(self.datadir)
         self.broker = None if mqtt_url else EmbeddedBroker(options.broker_listen or self.config.embedded_broker_listen)
         self.mqtt_url = mqtt_url or (self.broker.url if self.broker else "")
         self.store = datadir.store()
         self.repository = datadir.repository()
         self.topics = Topics(self.config.topic_prefix)
-        tls = self.config.grpc_tls or self.mqtt_url.startswith("mqtts://")
+        tls = self.grpc_tls or self.dashboard_tls or self.mqtt_url.startswith("mqtts://")
         if tls:
             datadir.ensure_coordinator_tls(self.store)
         client_cert, client_key = datadir.tls_files("coordinator")
@@ -104,11 +130,6 @@ class Coordinator:
         self._next_rollout_tick = 0.0
         self._director_mtime = (datadir.keys / "director.pem").stat().st_mtime_ns
         self.grpc_address = ""  # host:port once serving
-        self.dashboard_listen = (
-            self.config.dashboard_listen if options.dashboard_listen is None else options.dashboard_listen
-        )
-        if self.dashboard_listen:
-            parse_host_port(self.dashboard_listen)
         self.public_read = self.config.dashboard_public_read if options.public_read is None else options.public_read
         self.dashboard_url = ""  # http://host:port once serving
 
@@ -116,9 +137,9 @@ class Coordinator:
         listening = self._bind_dashboard() if self.dashboard_listen else None  # first: a taken port stops nothing
         if self.broker is not None:
             await self.broker.start()
-        service = FleetService(self.store, self.repository, self.topics.prefix, mutual_tls=self.config.grpc_tls)
+        service = FleetService(self.store, self.repository, self.topics.prefix, mutual_tls=self.grpc_tls)
         credentials = None
-        if self.config.grpc_tls:
+        if self.grpc_tls:
             cert, key = self.datadir.tls_files("grpc-server")
             ca = (self.datadir.trust / "ca.pem").read_bytes()
             credentials = mutual_tls_credentials(ca, cert.read_bytes(), key.read_bytes())
@@ -168,10 +189,18 @@ class Coordinator:
 
         app = create_app(
             self.datadir,
-            DashboardOptions(self.datadir.operator_token, self.public_read),  # read per request: rotation applies
+            DashboardOptions(  # the token is read per request: a rotation applies at once
+                self.datadir.operator_token,
+                self.public_read,
+                tls=self.dashboard_tls,
+                plaintext_exposures=tuple(self.plaintext_exposures),
+            ),
             broker_connected=self.bridge.connected.is_set,
         )
-        config = uvicorn.Config(app, log_level="warning", ws="none", timeout_graceful_shutdown=1)
+        cert, key = self.datadir.tls_files("grpc-server") if self.dashboard_tls else (None, None)  # names tls_hosts
+        config = uvicorn.Config(
+            app, log_level="warning", ws="none", timeout_graceful_shutdown=1, ssl_certfile=cert, ssl_keyfile=key
+        )
         server = _EmbeddedServer(config)
         task = asyncio.create_task(server.serve(sockets=[sock]), name="dashboard")
         while not server.started:
@@ -180,7 +209,8 @@ class Coordinator:
                 raise CoordinatorError("the dashboard stopped while starting")
             await asyncio.sleep(0.02)
         host, bound = sock.getsockname()[:2]
-        self.dashboard_url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}"
+        scheme = "https" if self.dashboard_tls else "http"
+        self.dashboard_url = f"{scheme}://{host if ':' not in host else f'[{host}]'}:{bound}"
         logger.info("dashboard on %s", self.dashboard_url)
         return server, task
 
@@ -207,6 +237,7 @@ class Coordinator:
         published = await self.bridge.publish_assignments()
         if published:
             logger.info("published %d assignment(s)", published)
+        await self.bridge.publish_freshness()  # each device's retained "your latest assignment is counter N"
 
     def _judge_rollouts(self) -> None:
         director_mtime = (self.datadir.keys / "director.pem").stat().st_mtime_ns
@@ -214,6 +245,7 @@ class Coordinator:
             self.rollouts.director = self.datadir.director()
             self._director_mtime = director_mtime
         self.rollouts.tick()
+        self.rollouts.director.refresh_freshness(self.rollouts.store)  # re-signed well before they expire
         try:
             self.closed_loop.tick()
         except Exception:  # the loop's failure must not stop rollouts from being judged

@@ -50,6 +50,8 @@ class CoordinatorConfig:
     epsilon_budget: float = 10.0  # each device's lifetime privacy budget (sum of ε over training runs)
     dashboard_listen: str = "127.0.0.1:8080"  # the dashboard, its API and /metrics; "" turns it off
     dashboard_public_read: bool = False  # read-only views without the operator token (actions always need it)
+    freshness_hours: float = 24.0  # a device's freshness statement's validity; past it, the device says it is stale
+    dashboard_tls: bool = False  # HTTPS with the fleet CA's certificate for tls_hosts (needed beyond loopback)
 
     def to_toml(self) -> str:
         return (
@@ -73,6 +75,13 @@ class CoordinatorConfig:
             f'dashboard_listen = "{self.dashboard_listen}"\n'
             "# read-only views without the operator token (`fedfleet dashboard-token`); actions always need it\n"
             f"dashboard_public_read = {str(self.dashboard_public_read).lower()}\n"
+            "# how long the director's per-device freshness statement (\"your latest assignment is counter N\") is\n"
+            "# valid; a device without an unexpired one reports itself stale, and a device running another release\n"
+            "# than assigned for longer is listed by `fedfleet devices behind` and alerted on\n"
+            f"freshness_hours = {self.freshness_hours}\n"
+            "# HTTPS for the dashboard with the fleet CA's certificate for tls_hosts; `serve --tls` turns on both TLS\n"
+            "# settings. Plaintext is allowed on loopback only: serve refuses other addresses without TLS.\n"
+            f"dashboard_tls = {str(self.dashboard_tls).lower()}\n"
         )
 
 
@@ -126,6 +135,8 @@ class DataDir:
             raise DataDirError(f"{self.config_path}: unknown setting(s) {', '.join(sorted(unknown))}")
         if "tls_hosts" in raw:
             raw["tls_hosts"] = tuple(str(h) for h in raw["tls_hosts"])
+        if not isinstance(raw.get("freshness_hours", 1.0), int | float) or not raw.get("freshness_hours", 1.0) > 0:
+            raise DataDirError(f"{self.config_path}: freshness_hours must be a positive number of hours")
         return CoordinatorConfig(**raw)
 
     def store(self) -> Store:
@@ -135,7 +146,7 @@ class DataDir:
         return Repository(self.require().repository_dir, self.keys)
 
     def director(self) -> Director:
-        return Director.load(self.require().keys / "director.pem")
+        return Director.load(self.require().keys / "director.pem", self.config().freshness_hours * 3600)
 
     def ca(self) -> FleetCA:
         return FleetCA.open(self.require().keys, self.trust)

@@ -274,6 +274,7 @@ class CoordinatorProcess:
     proc: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)  # extra environment, e.g. FEDFLEET_CRASH_AT
     endpoints: dict[str, Any] = field(default_factory=dict)
+    extra_args: tuple[str, ...] = ()  # more `fedfleet serve` flags, e.g. ("--tls",)
 
     @property
     def log(self) -> Path:
@@ -292,7 +293,7 @@ class CoordinatorProcess:
             f"127.0.0.1:{self.endpoints.get('grpc', '127.0.0.1:0').rsplit(':', 1)[1]}",
         ]
         dashboard = self.endpoints.get("dashboard") or "http://127.0.0.1:0"
-        args += ["--dashboard", dashboard.removeprefix("http://")]
+        args += ["--dashboard", dashboard.split("://", 1)[-1], *self.extra_args]
         if self.mqtt_url:
             args += ["--mqtt", self.mqtt_url]
         else:

@@ -6,11 +6,14 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import grpc
+import uvicorn
+from fastapi import FastAPI
 
 from edge_agent.contract import Topics
 from server.datadir import DataDir
@@ -22,6 +25,7 @@ from simulations.processes import AgentProcess, CoordinatorProcess, Mosquitto, w
 
 __all__ = [
     "AgentProcess",
+    "AppServer",
     "CoordinatorProcess",
     "GrpcServerThread",
     "Mosquitto",
@@ -109,3 +113,21 @@ def own_topic_prefix(d: DataDir) -> Topics:
     )
     assert d.config().topic_prefix == prefix
     return Topics(prefix)
+
+
+class AppServer:
+    """A dashboard app on a real uvicorn server, on a free loopback port, in a thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

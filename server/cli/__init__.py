@@ -99,14 +99,25 @@ def serve(
         bool | None,
         typer.Option("--public-read/--token-read", help="Open the read-only views without the operator token."),
     ] = None,
+    tls: Annotated[
+        bool,
+        typer.Option(help="Mutual TLS on gRPC and HTTPS on the dashboard (certificates from the fleet CA)."),
+    ] = False,
+    allow_plaintext_network: Annotated[
+        bool,
+        typer.Option(
+            help="Lab only: accept plaintext gRPC, MQTT or dashboard beyond loopback (logged, and a dashboard banner)."
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Run the coordinator: gRPC FleetService, MQTT control plane (embedded broker if none given), rollouts, and
-    the dashboard with its API and Prometheus /metrics (http://127.0.0.1:8080 by default)."""
+    the dashboard with its API and Prometheus /metrics (http://127.0.0.1:8080 by default). Plaintext is for loopback
+    only: any other address needs --tls (or TLS in config.toml), and an mqtt:// broker beyond loopback mqtts://."""
     from server.coordinator import Coordinator, ServeOptions  # only `serve` needs gRPC, MQTT and the broker
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = ServeOptions(grpc, mqtt, broker_listen, dashboard, public_read)
+    options = ServeOptions(grpc, mqtt, broker_listen, dashboard, public_read, tls, allow_plaintext_network)
     coordinator = Coordinator(open_datadir(data_dir), options)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(coordinator.run())

@@ -53,6 +53,8 @@ class DashboardOptions:
     token: str | Callable[[], str]  # the operator token, or how to read it (so a rotation applies at once)
     public_read: bool = False  # reads without the token (actions still need it)
     feed_seconds: float = FEED_SECONDS
+    tls: bool = False  # served over HTTPS: the session cookie is Secure
+    plaintext_exposures: tuple[str, ...] = ()  # accepted by --allow-plaintext-network: a banner on every page
 
 
 class ActionBody(BaseModel):
@@ -276,15 +278,20 @@ def create_app(
 
     @app.get("/api/session", tags=["session"])
     def session(request: Request) -> dict[str, Any]:
-        """Whether reads are open, and whether this browser holds the operator token."""
-        return {"public_read": options.public_read, "authenticated": valid(presented_token(request))}
+        """Whether reads are open, whether this browser holds the operator token, and what the coordinator exposes
+        in plaintext beyond loopback (only ever non-empty under `serve --allow-plaintext-network`)."""
+        return {
+            "public_read": options.public_read,
+            "authenticated": valid(presented_token(request)),
+            "plaintext_exposures": list(options.plaintext_exposures),
+        }
 
     @app.post("/api/session", tags=["session"])
     def login(body: SessionBody, response: Response) -> dict[str, Any]:
         """Check the operator token and keep it in an HttpOnly cookie for this browser's reads."""
         if not valid(body.token):
             raise HTTPException(401, "that is not the operator token")
-        response.set_cookie(COOKIE, body.token, httponly=True, samesite="strict")
+        response.set_cookie(COOKIE, body.token, httponly=True, samesite="strict", secure=options.tls)
         return {"authenticated": True}
 
     @app.delete("/api/session", tags=["session"])

@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,6 +34,7 @@ from server.store import Store, now_ms
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
 from tests.agent.test_telemetry import digits_reference, window
+from tests.support import AppServer
 
 DEVICES = [f"pi-{i}" for i in range(6)]
 
@@ -397,27 +395,9 @@ def test_metrics_parse_and_match_the_store(trained: tuple[DataDir, str], tmp_pat
     store.close()
 
 
-class _Server:
-    """The app on a real uvicorn server, on a free loopback port, in a thread."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 def test_live_feed_reports_a_change(coordinator: tuple[DataDir, str], tmp_path: Path) -> None:
     d, rollout_id = _copy(coordinator[0], tmp_path), coordinator[1]  # it pauses the rollout
-    server = _Server(create_app(d, DashboardOptions(d.operator_token(), feed_seconds=0.2)))
+    server = AppServer(create_app(d, DashboardOptions(d.operator_token(), feed_seconds=0.2)))
     store = d.store()
     try:
 

@@ -75,8 +75,8 @@ def _config(tmp_path: Path, **changes: object) -> dict[str, object]:
     base: dict[str, object] = {
         "device_id": "pi-1",
         "state_dir": "s",
-        "grpc_target": "h:1",
-        "mqtt_url": "mqtt://h:1",
+        "grpc_target": "127.0.0.1:1",
+        "mqtt_url": "mqtt://127.0.0.1:1",
         "trust_root": "root.json",
         "director_keys": "keys.json",
     }
@@ -92,6 +92,7 @@ def _config(tmp_path: Path, **changes: object) -> dict[str, object]:
         ({"debug_pause_at": "nowhere"}, "debug_pause_at"),
         ({"labels": "x"}, "labels"),
         ({"director_keys": "missing.json"}, "director keys"),
+        ({"allow_plaintext": "yes"}, "allow_plaintext"),
     ],
 )
 def test_bad_agent_config_is_refused(tmp_path: Path, changes: dict[str, object], message: str) -> None:
@@ -101,6 +102,23 @@ def test_bad_agent_config_is_refused(tmp_path: Path, changes: dict[str, object],
     del missing["grpc_target"]
     with pytest.raises(ConfigError, match="grpc_target"):
         config_from_dict(missing, tmp_path)
+
+
+def test_agent_refuses_plaintext_beyond_loopback_unless_a_lab_allows_it(tmp_path: Path) -> None:
+    for changes in ({"grpc_target": "coordinator.lan:50051"}, {"mqtt_url": "mqtt://10.0.0.2:1883"}):
+        with pytest.raises(ConfigError, match="plaintext beyond this machine.*allow_plaintext = true"):
+            config_from_dict(_config(tmp_path, **changes), tmp_path)
+        allowed = config_from_dict(_config(tmp_path, allow_plaintext=True, **changes), tmp_path)
+        assert allowed.allow_plaintext
+    for name in ("ca.pem", "d.pem", "d-key.pem"):
+        (tmp_path / name).write_text("x")
+    tls = {"tls_ca": "ca.pem", "tls_cert": "d.pem", "tls_key": "d-key.pem", "grpc_tls": True}
+    secure = config_from_dict(
+        _config(tmp_path, grpc_target="coordinator.lan:50051", mqtt_url="mqtts://coordinator.lan:8883", **tls),
+        tmp_path,
+    )
+    assert secure.grpc_tls and secure.mqtt_tls and not secure.allow_plaintext
+    assert config_from_dict(_config(tmp_path), tmp_path).grpc_target == "127.0.0.1:1"  # loopback: plaintext is fine
 
 
 def test_store_migrates_once_and_refuses_a_newer_schema(tmp_path: Path) -> None:

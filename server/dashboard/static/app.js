@@ -401,9 +401,19 @@ function connect() {
   source.onerror = () => { live.textContent = "reconnecting…"; live.className = "live off"; };
 }
 
+// Under `serve --allow-plaintext-network` the coordinator exposes plaintext beyond loopback: say so on every page.
+function showExposures(exposures) {
+  const banner = document.getElementById("insecure-banner");
+  if (!exposures.length) return;
+  banner.innerHTML = `<strong>Plaintext beyond loopback (serve --allow-plaintext-network):</strong>` +
+    exposures.map(x => `<div>${e(x)}</div>`).join("");
+  banner.hidden = false;
+}
+
 window.addEventListener("hashchange", render);
 (async () => {
   const session = await api("/api/session");
+  showExposures(session.plaintext_exposures || []);
   if (!session.public_read && !session.authenticated) return showLogin();
   connect();
   render();

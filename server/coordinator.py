@@ -219,6 +219,7 @@ class Coordinator:
         doc: dict[str, Any] = {
             "pid": os.getpid(),
             "grpc": grpc_address,
+            "grpc_tls": self.grpc_tls,
             "mqtt": self.mqtt_url,
             "embedded_broker": self.broker is not None,
             "dashboard": self.dashboard_url,

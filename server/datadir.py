@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import secrets
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,37 @@ class DataDir:
         if not isinstance(raw.get("freshness_hours", 1.0), int | float) or not raw.get("freshness_hours", 1.0) > 0:
             raise DataDirError(f"{self.config_path}: freshness_hours must be a positive number of hours")
         return CoordinatorConfig(**raw)
+
+    def set_config(self, key: str, text: str) -> CoordinatorConfig:
+        """Change one setting in config.toml from its text form (true/false, a number, a string, or a comma-
+        separated list for tls_hosts); a bad key or value raises DataDirError and changes nothing."""
+        current = self.config()
+        fields = CoordinatorConfig.__dataclass_fields__
+        if key not in fields:
+            raise DataDirError(f"unknown setting {key!r}; the settings are: {', '.join(fields)}")
+        default = getattr(CoordinatorConfig(), key)
+        value: Any
+        if isinstance(default, bool):
+            if text not in ("true", "false"):
+                raise DataDirError(f"{key} must be true or false, not {text!r}")
+            value = text == "true"
+        elif isinstance(default, float):
+            try:
+                value = float(text)
+            except ValueError:
+                raise DataDirError(f"{key} must be a number, not {text!r}") from None
+            if not value > 0:
+                raise DataDirError(f"{key} must be positive")
+        elif isinstance(default, tuple):
+            value = tuple(h.strip() for h in text.split(",") if h.strip())
+            if not value:
+                raise DataDirError(f"{key} needs at least one entry (comma-separated)")
+        else:
+            value = text
+        changed = replace(current, **{key: value})
+        atomic_write_bytes(self.config_path, changed.to_toml().encode())
+        self.config()  # what was written reads back
+        return changed
 
     def store(self) -> Store:
         return Store(self.require().db_path)

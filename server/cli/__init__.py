@@ -35,6 +35,7 @@ from server.cli.common import (
     parse_labels,
     print_json,
 )
+from server.cli.config import config_app
 from server.cli.loop import alerts_app, loop_app
 from server.cli.rollout import audit_app, rollout_app
 from server.cli.train import models_app, privacy_app, train
@@ -71,6 +72,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(loop_app, name="loop")
+app.add_typer(config_app, name="config")
 app.command()(train)
 
 

@@ -59,7 +59,7 @@ def write_bundle(
         "trust_root": "root.json",
         "director_keys": "director_keys.json",
         "topic_prefix": config.topic_prefix,
-        "grpc_tls": config.grpc_tls,
+        "grpc_tls": config.grpc_tls or bool(endpoints.get("grpc_tls")),  # `serve --tls` turns it on too
         "tls_ca": "ca.pem",
         "tls_cert": "device.pem",
         "tls_key": "device-key.pem",

@@ -59,6 +59,8 @@ def test_command_list_is_complete() -> None:
         ("privacy", "ledger"),
         ("privacy", "budget"),
         ("dashboard-token",),
+        ("config", "show"),
+        ("config", "set"),
     } <= set(COMMANDS)
 
 
@@ -338,6 +340,30 @@ def test_dashboard_token_is_kept_until_rotated_and_rotation_is_audited(datadir: 
     assert json.loads(rotated.stdout)["token"] != first.stdout.strip()
     trail = json.loads(run("audit", "list", "--json", "--data-dir", str(datadir.root)).stdout)
     assert [a["action"] for a in trail] == ["dashboard.token-rotated"]
+
+
+def test_config_set_checks_the_value_changes_one_setting_and_is_audited(datadir: DataDir) -> None:
+    before = datadir.config_path.read_bytes()
+    for key, value, message in (
+        ("nope", "1", "unknown setting 'nope'"),
+        ("grpc_tls", "yes", "grpc_tls must be true or false"),
+        ("epsilon_budget", "0", "epsilon_budget must be positive"),
+        ("tick_seconds", "soon", "tick_seconds must be a number"),
+        ("tls_hosts", " , ", "tls_hosts needs at least one entry"),
+    ):
+        refused = run("config", "set", key, value, "--data-dir", str(datadir.root))
+        assert refused.returncode == 1 and message in refused.stderr, refused.stderr
+    assert datadir.config_path.read_bytes() == before
+    assert (
+        run("config", "set", "tls_hosts", "coordinator.lan, 127.0.0.1", "--data-dir", str(datadir.root)).returncode == 0
+    )
+    assert run("config", "set", "dashboard_tls", "true", "--data-dir", str(datadir.root)).returncode == 0
+    config = datadir.config()
+    assert config.tls_hosts == ("coordinator.lan", "127.0.0.1") and config.dashboard_tls and not config.grpc_tls
+    shown = json.loads(run("config", "show", "--json", "--data-dir", str(datadir.root)).stdout)
+    assert shown["tls_hosts"] == ["coordinator.lan", "127.0.0.1"] and shown["dashboard_tls"] is True
+    trail = json.loads(run("audit", "list", "--json", "--data-dir", str(datadir.root)).stdout)
+    assert [a["action"] for a in trail] == ["config.set", "config.set"]
 
 
 def test_serve_refuses_a_taken_dashboard_port_before_starting_anything(datadir: DataDir) -> None:

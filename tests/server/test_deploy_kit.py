@@ -5,6 +5,7 @@ checked against the metrics a real /metrics scrape exports."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -24,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.cli import app as cli_app
 from server.dashboard.api import DashboardOptions, create_app
 from server.datadir import DataDir
+from server.exposure import Listeners, plaintext_exposures
 
 KIT = Path(__file__).resolve().parents[2] / "deploy" / "compose"
 # The binary itself: the package's `docker-compose` wrapper script does not pass the exit code on.
@@ -89,11 +91,14 @@ def test_the_coordinator_command_is_a_valid_serve_on_the_broker_the_kit_configur
     assert _cli_command(cmd).command.name == "serve"
 
 
-def test_the_init_service_commands_run_and_write_a_tls_broker_config(compose: dict[str, Any], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def initialised(compose: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The init service's `fedfleet` commands, run against a temporary directory: returns it (data/, broker/)."""
+    tmp_path = tmp_path_factory.mktemp("kit")
     script = compose["services"]["init"]["command"][0]
     steps = [shlex.split(s) for s in script.split("&&")]
     fedfleet = [s for s in steps if s[0] == "fedfleet"]
-    assert [s[1] for s in fedfleet] == ["init", "broker", "dashboard-token"]
+    assert [s[1] for s in fedfleet] == ["init", "config", "config", "config", "broker", "dashboard-token"]
     paths = {"/data": str(tmp_path / "data"), "/broker": str(tmp_path / "broker")}
     for step in fedfleet:
         args = [paths.get(a, a) for a in step[1:]]
@@ -105,13 +110,51 @@ def test_the_init_service_commands_run_and_write_a_tls_broker_config(compose: di
         assert done.returncode == 0, (step, done.stderr)
         if step[1] == "dashboard-token":
             assert done.stdout.strip() == DataDir(tmp_path / "data").operator_token()
-    conf = (tmp_path / "broker" / "mosquitto.conf").read_text()
+    assert ["cp", "/data/trust/ca.pem", "/secrets/ca.pem"] in steps  # what Prometheus verifies HTTPS with
+    return tmp_path
+
+
+def test_the_init_service_commands_run_and_write_a_tls_broker_config(initialised: Path) -> None:
+    conf = (initialised / "broker" / "mosquitto.conf").read_text()
     for line in ("require_certificate true", "use_identity_as_username true", "allow_anonymous false", "listener 8883"):
         assert line in conf
-    acl = (tmp_path / "broker" / "acl").read_text()
+    acl = (initialised / "broker" / "acl").read_text()
     assert "pattern write fedfleet/v1/devices/%u/telemetry" in acl
     for name in ("ca.pem", "crl.pem", "broker.pem", "broker-key.pem"):
-        assert (tmp_path / "broker" / name).stat().st_size > 0, name
+        assert (initialised / "broker" / name).stat().st_size > 0, name
+
+
+def test_no_published_port_carries_plaintext(compose: dict[str, Any], initialised: Path) -> None:
+    """Every port published beyond the host's loopback speaks (mutual) TLS: the broker's listener requires client
+    certificates, and the coordinator's serve, with the settings the init service wrote, exposes nothing in
+    plaintext (what `serve` itself refuses to start with)."""
+    services = compose["services"]
+    published = {
+        (name, p["target"])
+        for name, service in services.items()
+        for p in service.get("ports", [])
+        if p.get("host_ip") not in ("127.0.0.1", "::1")
+    }
+    assert published == {("mosquitto", 8883), ("coordinator", 50051)}, "a port beyond loopback nobody checked"
+    conf = (initialised / "broker" / "mosquitto.conf").read_text()
+    listener = conf.split("listener 8883", 1)[1].split("listener ", 1)[0]
+    for line in ("certfile ", "keyfile ", "cafile ", "require_certificate true"):
+        assert line in listener, line
+    assert "listener 1883" not in conf and "allow_anonymous true" not in conf
+    ctx = _cli_command(services["coordinator"]["command"])
+    config = DataDir(initialised / "data").config()
+    assert ctx.params["grpc"].endswith(":50051") and not ctx.params["allow_plaintext_network"]
+    listeners = Listeners(
+        ctx.params["grpc"],
+        ctx.params["tls"] or config.grpc_tls,
+        ctx.params["mqtt"],
+        ctx.params["dashboard"],
+        ctx.params["tls"] or config.dashboard_tls,
+    )
+    assert plaintext_exposures(listeners) == []
+    assert "coordinator" in config.tls_hosts  # the name Prometheus scrapes over HTTPS
+    # The check is not vacuous: the kit's addresses with the TLS settings off are refused.
+    assert len(plaintext_exposures(dataclasses.replace(listeners, grpc_tls=False, dashboard_tls=False))) == 2
 
 
 def test_prometheus_scrapes_the_coordinator_with_the_operator_token(compose: dict[str, Any]) -> None:
@@ -124,6 +167,8 @@ def test_prometheus_scrapes_the_coordinator_with_the_operator_token(compose: dic
     assert mounts["/secrets"]["source"] == "secrets" and token_file.startswith("/secrets/")
     init_mounts = {v["target"]: v["source"] for v in compose["services"]["init"]["volumes"]}
     assert init_mounts["/secrets"] == "secrets" and f"> {token_file}" in compose["services"]["init"]["command"][0]
+    # Over HTTPS, verified against the fleet CA the init service copies to the secrets volume.
+    assert job["scheme"] == "https" and job["tls_config"] == {"ca_file": "/secrets/ca.pem"}
 
 
 def _exported_metrics(tmp_path: Path) -> set[str]:

@@ -106,7 +106,7 @@ def test_bad_agent_config_is_refused(tmp_path: Path, changes: dict[str, object],
 
 def test_agent_refuses_plaintext_beyond_loopback_unless_a_lab_allows_it(tmp_path: Path) -> None:
     for changes in ({"grpc_target": "coordinator.lan:50051"}, {"mqtt_url": "mqtt://10.0.0.2:1883"}):
-        with pytest.raises(ConfigError, match="plaintext beyond this machine.*allow_plaintext = true"):
+        with pytest.raises(ConfigError, match=r"plaintext beyond this machine.*allow_plaintext = true"):
             config_from_dict(_config(tmp_path, **changes), tmp_path)
         allowed = config_from_dict(_config(tmp_path, allow_plaintext=True, **changes), tmp_path)
         assert allowed.allow_plaintext

@@ -10,13 +10,13 @@
 #   --prefix DIR     install below DIR instead of / (for packaging and tests; no user, no systemctl)
 #   --no-start       write the unit but do not enable or start it
 #
-# Result: a virtualenv in /opt/fedfleet-agent/venv, the bundle in /etc/fedfleet-agent (0640, group
-# fedfleet), state in /var/lib/fedfleet-agent owned by the system user fedfleet, and the systemd unit
-# fedfleet-agent.service (restart, watchdog, sandboxing). uninstall.sh undoes it.
+# Result: a virtualenv in /opt/fedfleet-agent/venv, the bundle in /etc/fedfleet-agent (0640, group fedfleet;
+# the device key 0600 for the agent's user alone), state in /var/lib/fedfleet-agent owned by the system user
+# fedfleet, and the systemd unit fedfleet-agent.service (restart, watchdog, sandboxing). uninstall.sh undoes it.
 set -euo pipefail
 
 bundle="" package="fedfleet" prefix="" start=1
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --bundle) bundle="${2:?--bundle needs a directory}"; shift 2 ;;
@@ -74,9 +74,11 @@ rm -rf "$site/ai_edge_litert/libLiteRtWebGpuAccelerator.so" "$site/ai_edge_liter
 echo "== configuration $conf"
 install -d -m 0750 "$conf" "$state"
 install -m 0640 "$bundle/root.json" "$bundle/director_keys.json" "$conf/"
-for f in ca.pem device.pem device-key.pem; do  # bundles made before TLS existed have none
+for f in ca.pem device.pem; do  # bundles made before TLS existed have none
   if [ -f "$bundle/$f" ]; then install -m 0640 "$bundle/$f" "$conf/"; fi
 done
+# The device's private key is the agent's alone: not readable by the group applications use for agent.sock.
+if [ -f "$bundle/device-key.pem" ]; then install -m 0600 "$bundle/device-key.pem" "$conf/"; fi
 # The bundle's state_dir is relative; on the device it is the service's state directory.
 sed -E "s|^state_dir = .*|state_dir = \"$state\"|" "$bundle/agent.toml" > "$conf/agent.toml"
 chmod 0640 "$conf/agent.toml"
@@ -89,6 +91,7 @@ sed -e "s|@USER@|$user|g" -e "s|@VENV@|$venv|g" -e "s|@CONF@|$conf|g" -e "s|@STA
 
 if [ -z "$prefix" ]; then
   chown -R root:"$user" "$conf"
+  if [ -f "$conf/device-key.pem" ]; then chown "$user":root "$conf/device-key.pem"; fi
   chown -R "$user":"$user" "$state"
   if [ "$start" = 1 ] && command -v systemctl >/dev/null; then
     systemctl daemon-reload

@@ -69,8 +69,11 @@ def test_install_and_uninstall_in_a_fresh_root_prefix(datadir: DataDir, tmp_path
         check=True,
     )
     assert '"device_id": "pi-7"' in status.stdout
-    for name in ("agent.toml", "ca.pem", "device.pem", "device-key.pem"):  # the TLS identity came along
+    for name in ("agent.toml", "ca.pem", "device.pem"):  # the TLS identity came along
         assert stat.S_IMODE((conf / name).stat().st_mode) == 0o640, name
+    # The device's private key: no group or other bits, so applications in the agent's group cannot read it.
+    assert stat.S_IMODE((conf / "device-key.pem").stat().st_mode) == 0o600
+    assert 'chown "$user":root "$conf/device-key.pem"' in (KIT / "install.sh").read_text()  # as root: the agent's
     assert tomllib.loads((conf / "agent.toml").read_text())["state_dir"] == str(root / "var/lib/fedfleet-agent")
     heavy = [
         m

@@ -134,9 +134,15 @@ def train(
             f"training run {outcome.run_id} failed: {outcome.error}" + (f" — client errors: {where}" if where else "")
         )
     if not as_json:
-        problems = [i for i in outcome.incidents if i["kind"] != "skipped-budget"]
+        problems = [i for i in outcome.incidents if i["kind"] not in ("skipped-budget", "epsilon-mismatch")]
         if problems:
             out.print(f"[yellow]{len(problems)} client incident(s)[/] (see above); the run completed without them.")
+        mismatches = [i for i in outcome.incidents if i["kind"] == "epsilon-mismatch"]
+        if mismatches:
+            out.print(
+                f"[yellow]{len(mismatches)} ε mismatch(es)[/] (see above): the ledger holds the coordinator's larger "
+                "figure; `fedfleet privacy ledger` shows them."
+            )
         version = outcome.model_version
         out.print(f"Registered [bold]{version}[/] from run {outcome.run_id}. Next: fedfleet release {version}")
 
@@ -196,7 +202,8 @@ def privacy_ledger(
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
-    """ε spent per device and run (with the model version it produced), each device's lifetime ε and budget."""
+    """ε and δ spent per device and run (with the model version it produced), whether the device's reports agreed
+    with the coordinator's recomputation, and each device's lifetime ε and δ (sums over its runs) and budget."""
     from server.fl.registry import Ledger
 
     d = open_datadir(data_dir)
@@ -207,7 +214,7 @@ def privacy_ledger(
     print_rows(
         rows,
         as_json,
-        ["device", "run", "model version", "rounds", "ε", "δ", "lifetime ε", "budget"],
+        ["device", "run", "model version", "rounds", "ε", "δ", "ε check", "lifetime ε", "lifetime δ", "budget"],
         lambda r: [
             r["device"],
             r["run"],
@@ -215,11 +222,19 @@ def privacy_ledger(
             str(r["rounds"]),
             fmt(r["epsilon"]),
             f"{r['delta']:g}",
+            "ok" if not r["epsilon_mismatches"] else f"{r['epsilon_mismatches']} mismatch(es)",
             fmt(r["lifetime_epsilon"]),
+            f"{r['lifetime_delta']:g}",
             fmt(r["budget"]),
         ],
         "The ledger is empty: no private training has run yet.",
     )
+    if not as_json and any(r["epsilon_mismatches"] for r in rows):
+        out.print(
+            "A mismatch: the device reported an ε its own noise, sample rate and steps do not give; the larger "
+            "figure is recorded. `fedfleet models show VERSION` lists the incidents, `fedfleet audit list` the "
+            "entries."
+        )
 
 
 @privacy_app.command("budget")

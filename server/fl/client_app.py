@@ -3,9 +3,13 @@
 Messages it answers (Flower Message API, flwr 1.41):
 - query `hello`: its device id and how many examples it holds.
 - train: one round of local training — Opacus DP-SGD unless the run is non-private — from the global weights;
-  replies with the new weights and metrics, among them the cumulative ε of this run after this round. Before
-  training it checks its own privacy record: a round that would pass its lifetime budget is refused (a reply
-  carrying a `refusal` record, not an error), whatever the coordinator asked.
+  replies with the new weights and metrics, among them the cumulative ε of this run after this round and the
+  accountant history behind it (noise multipliers, sample rates, steps), which the coordinator recomputes.
+  The history lives in the device's privacy record (`<state-dir>/<device>/privacy.json`, fsync'd and replaced
+  atomically before the reply leaves), so a SuperNode or agent restart that loses the Flower context loses
+  nothing; the reported ε never drops below what the record holds for the run. Before training the device
+  checks that record: a round that would pass its lifetime budget is refused (a reply carrying a `refusal`
+  record, not an error), whatever the coordinator asked. Private training needs a `state-dir`.
 - query `feature-histogram` / `reference-counts`: per-feature bin counts of its inputs (never the inputs), and
   with the final model, the histogram of its top-class scores. The coordinator pools them into the release's
   drift reference.
@@ -28,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from edge_agent.contract.drift import bin_counts
+from server.errors import CoordinatorError
 from server.fl.data import DataSource, source_from_config
 from server.fl.model import predict_proba, train_plain
 from server.fl.privacy import BudgetExceeded, DeviceBudget, History, epsilon_of, noise_for_target, steps_per_round
@@ -183,8 +188,16 @@ def build_client_app(
         private = as_bool(config, "private")
         metrics: dict[str, int | float | list[int] | list[float]] = {"num-examples": len(x)}
         if private:
+            budget = node.budget(config)
+            if budget is None:
+                raise CoordinatorError(
+                    f"device {node.device_id} has no state-dir in its node config, so it cannot keep the privacy "
+                    "record private training needs; start it with --node-config \"state-dir='/var/lib/fedfleet/fl'\""
+                )
             rate, steps = steps_per_round(len(x), batch, epochs)
-            noise = _chosen_noise(context)
+            # The durable record is the truth; the context's copy only helps if the record was lost mid-run.
+            history = max(budget.history(run_id), _history(context), key=lambda h: epsilon_of(h, delta))
+            noise = budget.noise(run_id) or _chosen_noise(context)
             if noise is None:
                 target = as_float(config, "target-epsilon")
                 planned = as_int(config, "planned-rounds")
@@ -193,16 +206,8 @@ def build_client_app(
                     if target <= 0
                     else noise_for_target(target, delta, rate, planned * steps)
                 )
-            history = _history(context)
-            projected = epsilon_of([*history, (noise, rate, steps)], delta)
-            budget = node.budget(config)
             try:
-                if budget is not None:
-                    budget.check(run_id, projected)
-                else:
-                    spent = as_float(config, "lifetime-epsilon")
-                    if spent + projected > as_float(config, "epsilon-budget") + 1e-9:
-                        raise BudgetExceeded(f"lifetime ε would reach {spent + projected:.3f}, over the budget")
+                budget.check(run_id, epsilon_of([*history, (noise, rate, steps)], delta))
             except BudgetExceeded as e:
                 refusal = ConfigRecord({"device-id": node.device_id, "reason": str(e)})
                 return _reply(msg, {"refusal": refusal, "client": ConfigRecord({"device-id": node.device_id})})
@@ -225,12 +230,15 @@ def build_client_app(
                 seed=seed,
                 secure_mode=as_bool(config, "secure-mode"),
             )
+            # Durable before the update leaves the device; never lower than this run's ε recorded before.
+            epsilon = budget.record(run_id, epsilon_of(history, delta), history, delta, noise)
             _keep_history(context, history, noise)
-            epsilon = epsilon_of(history, delta)
-            if budget is not None:
-                budget.record(run_id, epsilon)
             metrics.update(epsilon=epsilon, delta=delta, **{"noise-multiplier": noise, "sample-rate": rate})
             metrics["history-steps"] = sum(h[2] for h in history)
+            # The whole accountant history, so the coordinator can recompute the ε with its own accountant.
+            metrics["accountant-noise"] = [h[0] for h in history]
+            metrics["accountant-rate"] = [h[1] for h in history]
+            metrics["accountant-steps"] = [h[2] for h in history]
         else:
             result = train_plain(weights, x, y, epochs, batch, as_float(config, "lr"), seed)
         metrics.update(**{"train-loss": result.loss, "steps": result.steps})

@@ -1,12 +1,18 @@
 """Differential privacy on a client: Opacus DP-SGD for one round, and accounting that spans rounds and runs.
 
 Accounting rules (stated once, used by client and coordinator alike):
-- Within a run, a client's accountant history — (noise multiplier, sample rate, steps) entries — is kept in its
-  Flower context state and restored before every round, so the ε it reports is cumulative over the run's rounds
-  (Opacus' RDP accountant over the whole history), not the ε of the last round alone.
+- Within a run, a client's accountant history — (noise multiplier, sample rate, steps) entries — is kept in the
+  device's own privacy record (`DeviceBudget`: fsync'd, atomically replaced) and restored before every round, so
+  the ε it reports is cumulative over the run's rounds (Opacus' RDP accountant over the whole history), not the
+  ε of the last round alone, even after a SuperNode or agent restart lost its Flower context. A device never
+  reports or records a lower ε for a run than it did before.
+- The coordinator does not take a client's word for it: `check_epsilon` recomputes the ε from the plan and the
+  noise, sample rate and steps the client reports, with the same accountant, and the ledger keeps the larger
+  figure; a mismatch is an incident. Nothing lowers an ε once recorded.
 - Across runs, ε adds up (basic sequential composition): a device's lifetime ε is the sum of the final ε of each
   run it took part in. This is an upper bound; it never under-counts.
-- δ is fixed per run; runs with different δ still add their ε (the ledger shows δ per run).
+- δ is fixed per run and adds up across runs too: k runs at (ε_i, δ_i) compose to (Σ ε_i, Σ δ_i), so the
+  lifetime δ is the sum of the runs' δ (the ledger shows it beside the lifetime ε).
 """
 
 from __future__ import annotations
@@ -14,10 +20,10 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,13 +32,17 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as privacy_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
+from edge_agent.contract.files import atomic_write_bytes
 from server.errors import CoordinatorError
 from server.fl.model import DigitsNet, LocalResult, _batches_loss, get_weights, set_weights
 
 __all__ = [
     "BudgetExceeded",
     "DeviceBudget",
+    "EpsilonCheck",
     "History",
+    "RunAccount",
+    "check_epsilon",
     "epsilon_of",
     "noise_for_target",
     "steps_per_round",
@@ -60,6 +70,79 @@ def epsilon_of(history: History, delta: float) -> float:
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         eps, _ = privacy_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
     return float(eps)
+
+
+@dataclass(frozen=True)
+class EpsilonCheck:
+    """The coordinator's check of one client's ε after a round.
+
+    `recomputed` is the ε of `charged` — the history the client reported, moved to the safe side of what the plan
+    implies (no noise above the plan's, no sample rate below it, no fewer steps than the rounds it trained) — at
+    the plan's δ. `recorded` is the largest of the reported, the recomputed and the previously recorded ε: what
+    the ledger keeps. `problems` says, one sentence each, where the client's report and the plan disagree;
+    `history_usable` is false when the client sent no accountant history the coordinator could read (then its
+    ε is charged from the plan alone).
+    """
+
+    reported: float
+    recomputed: float
+    recorded: float
+    charged: History
+    problems: tuple[str, ...]
+    history_usable: bool
+
+    @property
+    def mismatch(self) -> bool:
+        return bool(self.problems)
+
+
+def check_epsilon(
+    reported: float | None,
+    history: History | None,
+    *,
+    delta: float,
+    sample_rate: float,
+    min_steps: int,
+    max_noise: float,
+    previous: float = 0.0,
+) -> EpsilonCheck:
+    """Recompute a client's run ε from what it reports (`history`: its noise multipliers, sample rates and steps;
+    None when unreadable) and what the plan implies for it (`sample_rate` from its example count and the batch
+    size, `min_steps` for the rounds it trained, `max_noise`: the plan's noise multiplier or the one its target ε
+    gives), with the accountant the client runs."""
+    problems: list[str] = []
+    claimed = reported if reported is not None and math.isfinite(reported) and reported >= 0 else None
+    if claimed is None:
+        problems.append(f"reported ε {reported!r} is not a number >= 0")
+    entries = history or []
+    usable = bool(entries) and all(
+        math.isfinite(z) and z > 0 and math.isfinite(q) and 0 < q <= 1 and n > 0 for z, q, n in entries
+    )
+    if not usable:
+        problems.append("reported no usable accountant history (noise multiplier, sample rate, steps)")
+        entries = []
+    charged: History = []
+    for z, q, n in entries:
+        if z > max_noise * (1 + 1e-9):
+            problems.append(f"reported noise multiplier {z:.6g}, above the plan's {max_noise:.6g}")
+        if q < sample_rate * (1 - 1e-9):
+            problems.append(f"reported sample rate {q:.6g}, below the {sample_rate:.6g} its data and batch imply")
+        charged.append((min(z, max_noise), max(q, sample_rate), n))
+    steps = sum(n for _, _, n in charged)
+    if steps < min_steps:
+        if usable:
+            problems.append(f"reported {steps} steps, fewer than the {min_steps} of the rounds it trained")
+        charged.append((max_noise, sample_rate, min_steps - steps))
+    recomputed = epsilon_of(charged, delta)
+    if claimed is not None and usable:
+        implied = epsilon_of(entries, delta)
+        if not math.isclose(claimed, implied, rel_tol=1e-6, abs_tol=1e-9):
+            relation = "below" if claimed < implied else "above"
+            problems.append(f"reported ε {claimed:.6g}, {relation} the {implied:.6g} its own history implies")
+    recorded = max(recomputed, previous, claimed or 0.0)
+    return EpsilonCheck(
+        math.nan if claimed is None else claimed, recomputed, recorded, charged, tuple(problems), usable
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -147,39 +230,107 @@ def train_private(
 class DeviceBudget:
     """A device's own record of the privacy it has spent, kept on the device (it need not trust the coordinator).
 
-    `spent` maps run id -> ε of that run so far; the lifetime is their sum. Written atomically.
+    `spent` maps run id -> ε of that run so far; the lifetime is their sum. `runs` keeps, per run, the accountant
+    history (noise multiplier, sample rate, steps), the run's δ and the noise the device chose, so a device that
+    lost its Flower context (a SuperNode or agent restart) restores the history and goes on counting.
+
+    Invariants: a run's ε and its history only grow (a lower figure or a shorter history is ignored, never
+    written over a higher one); every write is a temporary file in the same directory, fsync'd, renamed over the
+    record, and the directory fsync'd, so a crash leaves the old record or the new one, whole.
     """
 
     path: Path
     budget: float
     spent: dict[str, float]
+    runs: dict[str, RunAccount] = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: Path, budget: float) -> DeviceBudget:
         spent: dict[str, float] = {}
+        runs: dict[str, RunAccount] = {}
         if path.exists():
             try:
                 doc = json.loads(path.read_text())
-                spent = {str(k): float(v) for k, v in doc.get("spent", {}).items()}
-            except (OSError, ValueError, AttributeError) as e:
+                spent = {str(k): _epsilon(v) for k, v in doc.get("spent", {}).items()}
+                runs = {str(k): RunAccount.from_json(v) for k, v in doc.get("runs", {}).items()}
+            except (OSError, ValueError, AttributeError, TypeError, KeyError) as e:
                 raise CoordinatorError(f"device privacy record {path} is unreadable ({e}); refusing to train") from e
-        return cls(path, budget, spent)
+        return cls(path, budget, spent, runs)
 
     def lifetime(self, excluding_run: str = "") -> float:
         return sum(v for k, v in self.spent.items() if k != excluding_run)
 
+    def run_epsilon(self, run_id: str) -> float:
+        """The highest ε this device has recorded for the run (0 before its first round)."""
+        return self.spent.get(run_id, 0.0)
+
+    def history(self, run_id: str) -> History:
+        """The run's accountant history as last recorded (empty before its first round)."""
+        account = self.runs.get(run_id)
+        return list(account.history) if account else []
+
+    def noise(self, run_id: str) -> float | None:
+        """The noise multiplier this device chose for the run, once it has trained in it."""
+        account = self.runs.get(run_id)
+        return account.noise if account else None
+
     def check(self, run_id: str, run_epsilon_after: float) -> None:
         """Raise BudgetExceeded when this run reaching `run_epsilon_after` would pass the lifetime budget."""
-        total = self.lifetime(excluding_run=run_id) + run_epsilon_after
+        total = self.lifetime(excluding_run=run_id) + max(run_epsilon_after, self.run_epsilon(run_id))
         if total > self.budget + 1e-9:
             raise BudgetExceeded(
                 f"lifetime ε would reach {total:.3f}, over this device's budget {self.budget:.3f} "
                 f"(spent before this run {self.lifetime(excluding_run=run_id):.3f})"
             )
 
-    def record(self, run_id: str, run_epsilon: float) -> None:
-        self.spent[run_id] = run_epsilon
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"budget": self.budget, "spent": self.spent}, sort_keys=True))
-        os.replace(tmp, self.path)
+    def record(
+        self,
+        run_id: str,
+        run_epsilon: float,
+        history: History | None = None,
+        delta: float | None = None,
+        noise: float | None = None,
+    ) -> float:
+        """Record the run's ε (and its accountant history) durably; returns the run's ε as recorded, which is
+        never lower than before: a lower ε, or a history with fewer steps, leaves the earlier figure in place."""
+        recorded = max(_epsilon(run_epsilon), self.run_epsilon(run_id))
+        self.spent[run_id] = recorded
+        if history is not None and delta is not None and noise is not None:
+            old = self.runs.get(run_id)
+            if old is None or _steps(history) >= _steps(old.history):
+                self.runs[run_id] = RunAccount(list(history), delta, noise)
+        doc = {
+            "budget": self.budget,
+            "spent": self.spent,
+            "runs": {k: v.to_json() for k, v in self.runs.items()},
+        }
+        atomic_write_bytes(self.path, json.dumps(doc, sort_keys=True).encode())  # fsync'd, then renamed
+        return recorded
+
+
+@dataclass(frozen=True)
+class RunAccount:
+    """One run's accounting on a device: its accountant history, δ and the noise multiplier it chose."""
+
+    history: History
+    delta: float
+    noise: float
+
+    def to_json(self) -> dict[str, object]:
+        return {"history": [list(h) for h in self.history], "delta": self.delta, "noise": self.noise}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RunAccount:
+        history: History = [(float(z), float(q), int(n)) for z, q, n in doc["history"]]
+        return cls(history, float(doc["delta"]), float(doc["noise"]))
+
+
+def _epsilon(value: object) -> float:
+    eps = float(value)  # type: ignore[arg-type]
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"an ε must be a finite number >= 0 (got {value!r})")
+    return eps
+
+
+def _steps(history: History) -> int:
+    return sum(n for _, _, n in history)

@@ -1,8 +1,10 @@
 """The privacy ledger and the model registry, both in the coordinator's SQLite database (schema v5).
 
-Ledger: every ε a device reports after a round is stored (cumulative within its run). A device's ε for a run is
-its last report in that run; its lifetime ε is the sum over runs (see server/fl/privacy.py for why). Its budget
-is its row in privacy_budgets, or the data directory's `epsilon_budget`.
+Ledger: a device's ε after each round is stored (cumulative within its run): the larger of what it reported and
+what the coordinator recomputed from its noise, sample rate and steps, and never below the run's earlier ε. A
+device's ε for a run is the highest recorded in it; its lifetime ε is the sum over runs, and so is its lifetime
+δ (see server/fl/privacy.py for why). Its budget is its row in privacy_budgets, or the data directory's
+`epsilon_budget`.
 
 Registry: a model version `name@seq` with its weights, lineage (run, parent, rounds, devices, data schema, ε and
 δ, metrics per round, code version) and the drift reference the run computed federatedly. The model card is
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,20 +46,33 @@ class Ledger:
     def lifetime(self, device_id: str, excluding_run: str = "") -> float:
         return LedgerRecords(self.store).lifetime(device_id, excluding_run)
 
-    def record(self, run_id: str, device_id: str, server_round: int, epsilon: float, delta: float) -> None:
-        LedgerRecords(self.store).record(run_id, device_id, server_round, epsilon, delta, now_ms())
+    def record(self, run_id: str, device_id: str, server_round: int, epsilon: float, delta: float) -> float:
+        """Record the device's run ε after a round; returns it as recorded, never below the run's earlier ε.
+        An ε that is not a finite number >= 0, or a δ outside (0, 1), is refused and nothing is written."""
+        if not (math.isfinite(epsilon) and epsilon >= 0):
+            raise ValueError(f"an ε must be a finite number >= 0 (got {epsilon!r}); nothing was recorded")
+        if not 0 < delta < 1:
+            raise ValueError(f"a δ must lie in (0, 1) (got {delta!r}); nothing was recorded")
+        return LedgerRecords(self.store).record(run_id, device_id, server_round, epsilon, delta, now_ms())
+
+    def run_epsilon(self, run_id: str, device_id: str) -> float:
+        """The device's ε in the run as recorded so far (0: none)."""
+        return LedgerRecords(self.store).run_epsilon(run_id, device_id)
 
     def devices(self, run_id: str) -> set[str]:
         """The devices that reported ε in a run."""
         return set(LedgerRecords(self.store).devices(run_id))
 
     def rows(self) -> list[dict[str, Any]]:
-        """Per device and run: ε and δ of the run, the model version it produced, and the device's lifetime."""
+        """Per device and run: ε and δ of the run, the model version it produced, how many times the client's
+        report disagreed with the coordinator's recomputation, and the device's lifetime ε and δ so far (each
+        the sum over its runs: basic composition)."""
         runs = LedgerRecords(self.store).by_run()
         out: list[dict[str, Any]] = []
-        lifetime: dict[str, float] = {}
-        for device_id, run_id, eps, delta, rounds, version in runs:
-            lifetime[device_id] = lifetime.get(device_id, 0.0) + float(eps)
+        lifetime: dict[str, tuple[float, float]] = {}
+        for device_id, run_id, eps, delta, rounds, version, mismatches in runs:
+            spent_eps, spent_delta = lifetime.get(device_id, (0.0, 0.0))
+            lifetime[device_id] = (spent_eps + float(eps), spent_delta + float(delta))
             out.append(
                 {
                     "device": device_id,
@@ -65,7 +81,9 @@ class Ledger:
                     "rounds": int(rounds),
                     "epsilon": float(eps),
                     "delta": float(delta),
-                    "lifetime_epsilon": lifetime[device_id],
+                    "epsilon_mismatches": int(mismatches),
+                    "lifetime_epsilon": lifetime[device_id][0],
+                    "lifetime_delta": lifetime[device_id][1],
                     "budget": self.budget(device_id),
                 }
             )

@@ -2,8 +2,10 @@
 ServerApp) and owns the run's bookkeeping in the coordinator's SQLite database.
 
 A run: greet every node (device id, examples held), then `plan.rounds` rounds of FleetFedAvg — each round picks
-devices that still have privacy budget, trains, records each device's ε in the ledger and each failure or
-refusal with its device and round, aggregates in device order (so a seed gives one model), and evaluates the
+devices that still have privacy budget, trains, records each device's ε in the ledger (the larger of what it
+reported and what the coordinator recomputes from the plan and its noise, sample rate and steps: `_Run.account`;
+a disagreement is an `epsilon-mismatch` incident and an audit entry) and each failure or refusal with its
+device and round, aggregates in device order (so a seed gives one model), and evaluates the
 global model on the coordinator's held-out split — then computes the drift reference federatedly and registers
 the model version with its lineage.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -29,12 +32,13 @@ from flwr.serverapp.strategy import FedAvg
 
 import server
 from edge_agent.contract.drift import DriftReference, edges_from_fine_histograms, proportions
+from server import audit
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.fl.data import CLASSES, FEATURE_RANGE, FEATURES, held_out
 from server.fl.model import evaluate, initial_weights
 from server.fl.plan import TrainPlan
-from server.fl.privacy import epsilon_of, steps_per_round
+from server.fl.privacy import EpsilonCheck, History, check_epsilon, epsilon_of, noise_for_target, steps_per_round
 from server.fl.records import as_float, as_int, as_str
 from server.fl.registry import Ledger, Registry, TrainingRuns
 from server.store import Store
@@ -91,9 +95,10 @@ class _Device:
     node_id: int
     device_id: str
     examples: int
-    noise: float | None = None  # learnt from its first reply
-    steps: int = 0  # accountant steps so far in this run
-    epsilon: float = 0.0
+    noise: float | None = None  # the noise multiplier charged, learnt from its first reply
+    history: History = field(default_factory=list)  # the accountant history charged in this run (check_epsilon)
+    trained: int = 0  # rounds it trained in this run
+    epsilon: float = 0.0  # its ε in this run as the ledger records it
     spent_before: float = 0.0  # lifetime ε from earlier runs (the ledger, read once at the greeting)
     budget: float = 0.0  # its lifetime budget (ditto)
     refused: bool = False
@@ -157,7 +162,63 @@ class _Run:
             return p.target_epsilon
         noise = d.noise if d.noise is not None else p.noise_multiplier
         assert noise is not None
-        return epsilon_of([(noise, rate, d.steps + steps)], p.delta)
+        return max(d.epsilon, epsilon_of([*d.history, (noise, rate, steps)], p.delta))
+
+    def plan_noise(self, d: _Device) -> float:
+        """The noise multiplier the plan gives the device: the fixed one, or the one its target ε implies for its
+        sample rate over the planned rounds (what the device itself computes)."""
+        p = self.plan
+        if p.target_epsilon is None:
+            assert p.noise_multiplier is not None
+            return p.noise_multiplier
+        rate, steps = steps_per_round(d.examples, p.batch_size, p.local_epochs)
+        return noise_for_target(p.target_epsilon, p.delta, rate, p.rounds * steps)
+
+    def account(self, server_round: int, d: _Device, metrics: MetricRecord) -> EpsilonCheck:
+        """Charge the device for the round it trained: recompute its ε from the plan and its reported noise,
+        sample rate and steps, record the larger of that and its own figure (never below what the ledger holds),
+        and record a disagreement as an incident and an audit entry. Joins the caller's transaction."""
+        p = self.plan
+        d.trained += 1
+        rate, steps = steps_per_round(d.examples, p.batch_size, p.local_epochs)
+        reported, history = _reported_accounting(metrics)
+        check = check_epsilon(
+            reported,
+            history,
+            delta=p.delta,
+            sample_rate=rate,
+            min_steps=d.trained * steps,
+            max_noise=self.plan_noise(d),
+            previous=d.epsilon,
+        )
+        d.history = check.charged
+        d.noise = min(z for z, _, _ in check.charged)
+        d.epsilon = self.ledger.record(self.run_id, d.device_id, server_round, check.recorded, p.delta)
+        if check.mismatch:
+            shown = "unreadable" if math.isnan(check.reported) else f"{check.reported:.4f}"
+            self.incident(
+                server_round,
+                d.device_id,
+                "epsilon-mismatch",
+                f"reported ε {shown}, recomputed {check.recomputed:.4f}, recorded {d.epsilon:.4f}: "
+                + "; ".join(check.problems)
+                + ("" if check.history_usable else "; its update was not aggregated"),
+            )
+            audit.append(
+                self.store,
+                "privacy.epsilon_mismatch",
+                d.device_id,
+                {
+                    "run": self.run_id,
+                    "round": server_round,
+                    "reported_epsilon": None if math.isnan(check.reported) else check.reported,
+                    "recomputed_epsilon": check.recomputed,
+                    "recorded_epsilon": d.epsilon,
+                    "delta": p.delta,
+                    "problems": list(check.problems),
+                },
+            )
+        return check
 
     def select(self, server_round: int) -> list[_Device]:
         eligible = []
@@ -180,6 +241,27 @@ class _Run:
             picked = sorted(rng.choice(len(eligible), size=k, replace=False).tolist())
             eligible = [eligible[i] for i in picked]
         return eligible
+
+
+def _reported_accounting(metrics: MetricRecord) -> tuple[float | None, History | None]:
+    """The ε a client reported and its accountant history (None for what is missing or malformed). A client
+    without the history lists (an older one) is read from its single noise multiplier, sample rate and steps."""
+    try:
+        reported: float | None = as_float(metrics, "epsilon")
+    except (KeyError, TypeError, ValueError):
+        reported = None
+    try:
+        if "accountant-noise" in metrics:
+            z, q, n = (metrics[k] for k in ("accountant-noise", "accountant-rate", "accountant-steps"))
+            if not (isinstance(z, list) and isinstance(q, list) and isinstance(n, list)):
+                raise TypeError("accountant history entries are not lists")
+            history: History | None = [(float(a), float(b), int(c)) for a, b, c in zip(z, q, n, strict=True)]
+        else:
+            keys = ("noise-multiplier", "sample-rate", "history-steps")
+            history = [(as_float(metrics, keys[0]), as_float(metrics, keys[1]), as_int(metrics, keys[2]))]
+    except (KeyError, TypeError, ValueError):
+        history = None
+    return reported, history
 
 
 class FleetFedAvg(FedAvg):
@@ -245,11 +327,9 @@ class FleetFedAvg(FedAvg):
                     continue
                 metrics = msg.content["metrics"]
                 assert isinstance(metrics, MetricRecord)
-                if run.plan.private and d is not None:
-                    d.noise = as_float(metrics, "noise-multiplier")
-                    d.steps = as_int(metrics, "history-steps")
-                    d.epsilon = as_float(metrics, "epsilon")
-                    run.ledger.record(run.run_id, device_id, server_round, d.epsilon, run.plan.delta)
+                if run.plan.private and d is not None and not run.account(server_round, d, metrics).history_usable:
+                    run.round.failed += 1  # charged from the plan (it did train), but not aggregated
+                    continue
                 losses.append((as_float(metrics, "train-loss"), as_int(metrics, "num-examples")))
                 ok.append((device_id, msg))
         run.round.completed = len(ok)
@@ -364,7 +444,12 @@ def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, 
         "privacy": {
             "epsilon": max((d.epsilon for d in run.devices.values()), default=0.0) if p.private else None,
             "delta": p.delta if p.private else None,
-            "accountant": "rdp (Opacus), history kept across rounds" if p.private else None,
+            "accountant": (
+                "rdp (Opacus): each device's history kept in its durable record across rounds; every reported ε "
+                "recomputed by the coordinator, the larger recorded"
+            )
+            if p.private
+            else None,
             "noise_multiplier_range": [min(noises), max(noises)] if noises else None,
             "max_grad_norm": p.max_grad_norm if p.private else None,
             "target_epsilon": p.target_epsilon,

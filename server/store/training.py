@@ -78,7 +78,8 @@ class RunRecords:
 
 
 class LedgerRecords:
-    """privacy_spend (the ε each device reported after each round, cumulative in its run) and privacy_budgets."""
+    """privacy_spend (each device's ε after each round, cumulative in its run: the larger of what it reported and
+    what the coordinator recomputed, never lower than before) and privacy_budgets."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -96,26 +97,50 @@ class LedgerRecords:
                 [device_id, budget],
             )
 
-    def record(self, run_id: str, device_id: str, server_round: int, epsilon: float, delta: float, at: int) -> None:
-        self.store.db.execute(
-            "INSERT OR REPLACE INTO privacy_spend (run_id, device_id, round, epsilon, delta, at) VALUES (?,?,?,?,?,?)",
-            [run_id, device_id, server_round, epsilon, delta, at],
-        )
+    def record(self, run_id: str, device_id: str, server_round: int, epsilon: float, delta: float, at: int) -> float:
+        """Store the device's ε for the run after this round, never below an ε already recorded for the run (a
+        lower figure is raised to it); returns the ε as recorded."""
+        with self.store.transaction() as db:
+            db.execute(
+                """INSERT INTO privacy_spend (run_id, device_id, round, epsilon, delta, at)
+                   VALUES (?, ?, ?, MAX(?, COALESCE(
+                     (SELECT MAX(epsilon) FROM privacy_spend WHERE run_id = ? AND device_id = ?), 0)), ?, ?)
+                   ON CONFLICT (run_id, device_id, round)
+                   DO UPDATE SET epsilon = MAX(epsilon, excluded.epsilon), delta = excluded.delta, at = excluded.at""",
+                [run_id, device_id, server_round, epsilon, run_id, device_id, delta, at],
+            )
+            row = db.execute(
+                "SELECT epsilon FROM privacy_spend WHERE run_id = ? AND device_id = ? AND round = ?",
+                [run_id, device_id, server_round],
+            ).fetchone()
+        return float(row[0])
+
+    def run_epsilon(self, run_id: str, device_id: str) -> float:
+        """The highest ε recorded for the device in the run (0: none)."""
+        row = self.store.db.execute(
+            "SELECT COALESCE(MAX(epsilon), 0) FROM privacy_spend WHERE run_id = ? AND device_id = ?",
+            [run_id, device_id],
+        ).fetchone()
+        return float(row[0])
 
     def lifetime(self, device_id: str, excluding_run: str = "") -> float:
-        """The sum over the device's runs (but one) of its last ε in each."""
+        """The sum over the device's runs (but one) of its highest ε in each."""
         row = self.store.db.execute(
             """SELECT COALESCE(SUM(eps), 0) FROM (
-                 SELECT run_id, epsilon AS eps, MAX(round) FROM privacy_spend
+                 SELECT MAX(epsilon) AS eps FROM privacy_spend
                  WHERE device_id = ? AND run_id != ? GROUP BY run_id)""",
             [device_id, excluding_run],
         ).fetchone()
         return float(row[0])
 
     def by_run(self) -> list[tuple[Any, ...]]:
-        """Per device and run, in the order the runs started: (device, run, ε, δ, rounds, model version)."""
+        """Per device and run, in the order the runs started: (device, run, ε, δ, rounds, model version, ε
+        mismatches), ε and δ the highest recorded in the run, mismatches the run's `epsilon-mismatch` incidents
+        for the device."""
         rows = self.store.db.execute(
-            """SELECT p.device_id, p.run_id, p.epsilon, p.delta, MAX(p.round) AS rounds, r.model_version
+            """SELECT p.device_id, p.run_id, MAX(p.epsilon), MAX(p.delta), MAX(p.round) AS rounds, r.model_version,
+                      (SELECT COUNT(*) FROM fl_incidents i WHERE i.run_id = p.run_id AND i.device_id = p.device_id
+                       AND i.kind = 'epsilon-mismatch') AS mismatches
                FROM privacy_spend p JOIN fl_runs r ON r.id = p.run_id
                GROUP BY p.device_id, p.run_id ORDER BY p.device_id, r.started_at"""
         ).fetchall()

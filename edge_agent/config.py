@@ -173,7 +173,7 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
         debug_pause_at=pause,
         telemetry_every_inferences=_positive(raw, "telemetry_every_inferences", 500),
         telemetry_every_seconds=float(_positive(raw, "telemetry_every_seconds", 60.0)),
-        outbox_cap=_positive(raw, "outbox_cap", 5000),
+        outbox_cap=_outbox_cap(raw),
         bulk_upload_after=_positive(raw, "bulk_upload_after", 20),
         ack_timeout=float(_positive(raw, "ack_timeout", 15.0)),
         local_endpoint=_local_endpoint(str(raw.get("local_endpoint", "")), base / str(raw["state_dir"])),
@@ -193,6 +193,13 @@ def _local_endpoint(value: str, state_dir: Path) -> str:
     if host not in ("127.0.0.1", "localhost", "[::1]"):
         raise ConfigError("local_endpoint must be unix:PATH or a loopback host:port; it serves this device only")
     return value
+
+
+def _outbox_cap(raw: dict[str, Any]) -> int:
+    cap = int(_positive(raw, "outbox_cap", 5000))
+    if not 2 <= cap <= LIMITS.outbox_cap:
+        raise ConfigError(f"outbox_cap must be between 2 and {LIMITS.outbox_cap} windows")
+    return cap
 
 
 def _positive(raw: dict[str, Any], key: str, default: Any) -> Any:

@@ -6,7 +6,9 @@
   sequence this device has sent: one beyond it (a forged or stale retained ack) cannot delete windows that never
   left the device.
 - Size cap policy: past `cap` windows, the two oldest adjacent windows of one release that were never sent are
-  summarized into one (counts added, covering both sequence numbers; time resolution is lost, no count is).
+  summarized into one (counts added, covering both sequence numbers; time resolution is lost, no count is), as
+  long as a summary spans at most `LIMITS.telemetry_summary_span` sequence numbers: the coordinator refuses wider
+  ones, and any sequence beyond what an outbox can hold (`LIMITS.outbox_cap` summaries of that span).
   Sent windows are never merged, so a resend is byte-identical and the coordinator's idempotence holds. If no
   pair can be merged the outbox grows past the cap rather than drop anything, and says so in the log.
 """
@@ -19,6 +21,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from edge_agent.contract import LIMITS
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.windows import ClosedWindow, counts_from_proto, window_to_proto
 
@@ -84,7 +87,14 @@ class Outbox:
             rows = self._db.execute(
                 "SELECT sequence, first_sequence, release_id, payload FROM windows WHERE sent = 0 ORDER BY sequence"
             ).fetchall()
-            pair = next(((a, b) for a, b in itertools.pairwise(rows) if a[2] == b[2] and b[1] == a[0] + 1), None)
+            pair = next(
+                (
+                    (a, b)
+                    for a, b in itertools.pairwise(rows)
+                    if a[2] == b[2] and b[1] == a[0] + 1 and b[0] - a[1] < LIMITS.telemetry_summary_span
+                ),
+                None,
+            )
             if pair is None:
                 logger.warning(
                     "telemetry outbox holds %d windows, over its cap of %d, and none can be summarized",

@@ -25,6 +25,8 @@ class Limits:
     target_file: int = 512 * 1024 * 1024
     events_per_report: int = 256
     telemetry_windows_per_upload: int = 5000
+    telemetry_summary_span: int = 10_000  # one outbox summary covers at most this many windows' sequence numbers
+    outbox_cap: int = 100_000  # the largest outbox_cap an agent may be configured with
     grpc_upload_seconds: float = 120.0  # one telemetry upload stream must finish within this (slow clients)
     id_length: int = 128
     counter_step: int = 1_000_000  # how far one assignment's counter may jump past the last (2^64-1 would freeze)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent.contract import LIMITS
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.drift import LATENCY_EDGES_MS, WindowCounts
 
@@ -77,6 +78,8 @@ def counts_from_proto(m: pb.TelemetryWindow) -> WindowCounts:
         raise ValueError("class counts do not add up to the number of inferences")
     if m.first_sequence == 0 or m.first_sequence > m.sequence or m.start_ms > m.end_ms:
         raise ValueError("sequence range or time range is inverted")
+    if m.sequence - m.first_sequence >= LIMITS.telemetry_summary_span:
+        raise ValueError(f"a window summarizes at most {LIMITS.telemetry_summary_span} windows")
     return WindowCounts(
         feature_counts=feature_bins.reshape(n, width),
         nan_counts=nan,

@@ -35,6 +35,9 @@ __all__ = [
     "watermark",
 ]
 
+# The furthest a window's sequence can be past the device's watermark: a full outbox of the widest summaries.
+_SEQUENCES_AHEAD = LIMITS.outbox_cap * LIMITS.telemetry_summary_span
+
 # Telemetry windows refused in this process, by transport (mqtt, grpc): exported on /metrics.
 REJECTED: Counter[str] = Counter()
 
@@ -88,8 +91,6 @@ def _check(store: Store, m: pb.TelemetryWindow, topic_device: str | None) -> Non
             f"window has {counts.feature_counts.shape} feature bins, release {m.release_id} has "
             f"{(reference.n_features, reference.n_bins)}"
         )
-    if m.sequence - m.first_sequence > 1_000_000:
-        raise EventRejected("window claims to summarize an absurd number of windows")
 
 
 def watermark(store: Store, device_id: str) -> int:
@@ -138,6 +139,13 @@ def ingest_windows(
                 continue
             if overlapping or m.sequence <= marks[m.device_id]:
                 results[i] = EventRejected(f"window {m.first_sequence}..{m.sequence} overlaps windows already stored")
+                continue
+            if m.sequence > marks[m.device_id] + _SEQUENCES_AHEAD:
+                # No outbox holds that much unconfirmed; storing it would only make later real windows overlap.
+                results[i] = EventRejected(
+                    f"window {m.sequence} is beyond what the device's outbox can hold past its confirmed "
+                    f"{marks[m.device_id]} ({_SEQUENCES_AHEAD} sequence numbers)"
+                )
                 continue
             records.insert(m, received, via)
             stored.append((i, True))

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_agent import outbox as outbox_module
 from edge_agent.agent import Agent
+from edge_agent.contract import LIMITS
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.drift import DriftReference, WindowCounts, score_window
 from edge_agent.contract.windows import ClosedWindow, window_to_proto
@@ -57,6 +59,21 @@ def test_outbox_keeps_windows_until_acknowledged_and_survives_reopening(tmp_path
     again = Outbox(tmp_path / "o.db", "pi-1")
     assert [s for s, _ in again.pending()] == [4] and again.acknowledged == 3
     assert again.append(window(ref, 5, 9)) == 5  # the sequence continues after a restart
+
+
+def test_outbox_summaries_stay_within_the_span_the_coordinator_accepts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outbox_module, "LIMITS", dataclasses.replace(LIMITS, telemetry_summary_span=3))
+    ref = digits_reference()
+    box = Outbox(tmp_path / "o.db", "pi-1", cap=2)
+    for i in range(1, 11):
+        box.append(window(ref, 5, i))
+    msgs = [pb.TelemetryWindow.FromString(p) for _, p in box.pending()]
+    assert max(m.sequence - m.first_sequence + 1 for m in msgs) == 3  # merged up to the span, never past it
+    assert len(msgs) > 2  # past the cap rather than lose a count or break the span
+    covered = [s for m in msgs for s in range(m.first_sequence, m.sequence + 1)]
+    assert covered == list(range(1, 11)) and sum(m.inferences for m in msgs) == 50
 
 
 def test_full_outbox_summarizes_unsent_windows_and_loses_no_count(tmp_path: Path) -> None:
@@ -128,6 +145,10 @@ def _bad(ref: DriftReference, **change: object) -> bytes:
         (lambda r: _bad(r, entropy_sum=-1.0), "pi-1", "non-negative"),
         (lambda r: _bad(r, inferences=21), "pi-1", "do not add up"),
         (lambda r: _bad(r, first_sequence=5), "pi-1", "inverted"),
+        # One window covering a million sequence numbers would make every real window after it "overlapping".
+        (lambda r: _bad(r, first_sequence=1, sequence=1_000_000), "pi-1", "summarizes at most 10000 windows"),
+        # Nor may a window lie beyond what a full outbox of the widest summaries could hold.
+        (lambda r: _bad(r, first_sequence=10**12, sequence=10**12), "pi-1", "beyond what the device's outbox"),
         (lambda r: _bad(r, release_id="evil@6.6.6"), "pi-1", "unknown release"),
         (lambda r: _bad(r, features=[]), "pi-1", "feature bins"),
     ],

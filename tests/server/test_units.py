@@ -93,6 +93,7 @@ def _config(tmp_path: Path, **changes: object) -> dict[str, object]:
         ({"labels": "x"}, "labels"),
         ({"director_keys": "missing.json"}, "director keys"),
         ({"allow_plaintext": "yes"}, "allow_plaintext"),
+        ({"outbox_cap": 10**6}, "outbox_cap must be between"),
     ],
 )
 def test_bad_agent_config_is_refused(tmp_path: Path, changes: dict[str, object], message: str) -> None:

@@ -52,6 +52,7 @@ __all__ = ["Agent", "Inference"]
 logger = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 60.0
+_RECONNECT_SPREAD_STEPS = 5  # a lost MQTT session's first reconnect: anywhere in 5 first back-off steps (10 s)
 _MAX_QUEUED_EVENTS = 1000
 _STOP_SECONDS = 5.0  # how long a stopping agent waits for its tasks to finish
 
@@ -323,6 +324,7 @@ class Agent:
             self.config.retry_seconds,
             _MAX_BACKOFF,
             f"agent {device}",
+            spread=_RECONNECT_SPREAD_STEPS * self.config.retry_seconds,
         )
 
     def _on_message(self, topic: str, payload: Any) -> None:

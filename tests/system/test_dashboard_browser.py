@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from server.dashboard.api import DashboardOptions, create_app
+from server.datadir import DataDir
 from simulations.rig import RELEASES, Rig
-from tests.support import Mosquitto, wait_for
+from tests.support import AppServer, Mosquitto, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.browser, pytest.mark.slow]
 
@@ -70,7 +72,31 @@ def _open(browser: Browser, rig: Rig) -> Page:
     page.fill("input[name=token]", rig.datadir.operator_token())
     page.click("#login button")
     expect(page.locator("#fleet-total")).to_have_text(str(rig.devices))
+    expect(page.locator("#insecure-banner")).to_be_hidden()  # everything on loopback: nothing to warn about
     return page
+
+
+def test_plaintext_beyond_loopback_shows_a_banner_on_every_page(browser: Browser, tmp_path: Path) -> None:
+    """What `serve --allow-plaintext-network` accepted is on every page, before and after signing in."""
+    d = DataDir.init(tmp_path / "data")[0]
+    exposure = "gRPC for devices would listen in plaintext on 0.0.0.0:50051: serve with --tls"
+    server = AppServer(create_app(d, DashboardOptions(d.operator_token(), plaintext_exposures=(exposure,))))
+    page = browser.new_page()
+    try:
+        page.goto(server.url + "/#/fleet")
+        banner = page.locator("#insecure-banner")
+        expect(banner).to_be_visible()
+        expect(banner).to_contain_text("--allow-plaintext-network")
+        expect(banner).to_contain_text(exposure)
+        page.fill("input[name=token]", d.operator_token())
+        page.click("#login button")
+        expect(page.locator("#fleet-total")).to_have_text("0")
+        for route in ("rollouts", "alerts", "audit"):
+            page.goto(f"{server.url}/#/{route}")
+            expect(banner).to_be_visible()
+    finally:
+        page.close()
+        server.stop()
 
 
 def _shot(page: Page, name: str, full_page: bool = False) -> None:

@@ -10,6 +10,7 @@ Flower's simulation engine with one CPU per virtual client:
 A round's time is the interval between two successive end-of-round evaluations (the same centralized
 evaluation in every run), so it covers sending, local training, replies and aggregation. The first round is
 left out (Ray's workers import torch then). Targets: fedfleet / bare <= 1.10; dp / fedfleet <= 2.0.
+The last line is one JSON object: seconds (fedfleet), floor_seconds (bare Flower), ratio, dp_seconds, dp_ratio.
 
     .venv/bin/python benchmarks/fl_overhead.py [--rounds 20] [--devices 10]
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import statistics
 import tempfile
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--devices", type=int, default=10)
     args = parser.parse_args()
+    if args.rounds < 2 or args.devices < 1:
+        parser.error("--rounds must be at least 2 (the first round is left out) and --devices at least 1")
     logging.getLogger("flwr").setLevel(logging.ERROR)
     plain = TrainPlan(rounds=args.rounds, clients=args.devices, noise_multiplier=None, seed=0)
     private = TrainPlan(rounds=args.rounds, clients=args.devices, noise_multiplier=1.0, seed=0)
@@ -120,6 +124,20 @@ def main() -> None:
         print(f"{label:<28}{mean:.3f} s  median {statistics.median(times):.3f} s")
     print(f"overhead ratio fedfleet/bare = {o / b:.3f} (target <= 1.10): {'met' if o / b <= 1.10 else 'NOT met'}")
     print(f"DP cost ratio dp/no-dp       = {p / o:.3f} (target <= 2.0): {'met' if p / o <= 2.0 else 'NOT met'}")
+    result = {
+        "benchmark": "fl_overhead",
+        "devices": args.devices,
+        "rounds": args.rounds,
+        "seconds": round(o, 3),  # fedfleet train --no-dp, mean per round from round 2
+        "floor_seconds": round(b, 3),  # bare Flower FedAvg, the same way
+        "ratio": round(o / b, 3),
+        "ratio_target": 1.10,
+        "dp_seconds": round(p, 3),
+        "dp_ratio": round(p / o, 3),
+        "dp_ratio_target": 2.0,
+        "met": o / b <= 1.10 and p / o <= 2.0,
+    }
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

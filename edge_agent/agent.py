@@ -2,11 +2,18 @@
 
 - MQTT: retained status (last will: offline), subscribes to its retained desired state and its telemetry
   acknowledgements, publishes update events (QoS 1).
-- gRPC: registration (which also returns the current assignment), TUF metadata, target bytes, and events
-  when MQTT is down.
+- gRPC: registration (which also returns the current assignment and freshness statement), the periodic
+  freshness check, TUF metadata, target bytes, and events when MQTT is down.
 - Updates run one at a time in a worker thread; a newer assignment that arrives meanwhile replaces any
-  queued one (latest wins). The model that applications use is swapped by reference after a commit, so an
-  inference in flight finishes on the model it started with.
+  queued one (latest wins), but nothing that fails the director's signature, or names a lower counter,
+  displaces a verified one (a flood of garbage on the retained desired topic cannot push a real assignment
+  out). The model that applications use is swapped by reference after a commit, so an inference in flight
+  finishes on the model it started with.
+- Freshness: the director's statement "your latest assignment is counter N, until T" arrives with Register,
+  from a check on a timer with jitter (a quarter of the statement's validity, at most 15 minutes, which also
+  returns the latest assignment if the device lacks it: an update arrives even when MQTT brings none), and
+  pushed on MQTT (a statement above the device's counter starts a check at once). Without an unexpired
+  statement the device is stale: said in its status, once as an event, and again when it is fresh.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
 
 from edge_agent import __version__
-from edge_agent.assignment import load_director_keys
+from edge_agent.assignment import VerifiedFreshness, load_director_keys, verify_assignment
 from edge_agent.config import AgentConfig
 from edge_agent.contract import LIMITS, Topics
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
@@ -37,15 +44,15 @@ from edge_agent.contract.drift import DriftReference
 from edge_agent.contract.mqtt_session import jittered, keep_session, publish, raise_lost_cancel
 from edge_agent.contract.reasons import Reason
 from edge_agent.contract.windows import ClosedWindow
-from edge_agent.errors import AgentError, InterpreterError
+from edge_agent.errors import AgentError, AssignmentError, InterpreterError
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import Model, interpreter_name, load_model
-from edge_agent.state import SlotInfo, StateStore
+from edge_agent.state import AgentState, SlotInfo, StateStore
 from edge_agent.systemd import notify as systemd_notify
 from edge_agent.systemd import watchdog_interval
 from edge_agent.telemetry import TelemetryRecorder
 from edge_agent.transport import GrpcTransport
-from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment
+from edge_agent.updater import Outcome, UpdateContext, UpdateResult, accept_freshness, apply_assignment
 
 __all__ = ["Agent", "Inference"]
 
@@ -55,6 +62,9 @@ _MAX_BACKOFF = 60.0
 _RECONNECT_SPREAD_STEPS = 5  # a lost MQTT session's first reconnect: anywhere in 5 first back-off steps (10 s)
 _MAX_QUEUED_EVENTS = 1000
 _STOP_SECONDS = 5.0  # how long a stopping agent waits for its tasks to finish
+_MAX_CHECK_SECONDS = 900.0  # the freshness check runs at least this often (a quarter of the validity, if shorter)
+_MIN_CHECK_SECONDS = 0.5
+_FIRST_STATEMENT_GRACE_MS = 600_000  # a device that never held a statement is stale after this long without one
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,19 @@ class Agent:
         tls = config.tls.read() if config.tls is not None and config.grpc_tls else None
         self._transport = GrpcTransport(config.grpc_target, config.device_id, tls=tls)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._started_ms = int(time.time() * 1000)
+        self._check_now = asyncio.Event()  # a pushed statement arrived, or a check is wanted at once
+        self._pushed_freshness: bytes | None = None
+        self._ctx = UpdateContext(
+            device_id=config.device_id,
+            store=self.store,
+            transport=self._transport,
+            director_keys=self.director_keys,
+            emit=self._emit,
+            interpreter=config.interpreter,
+            step=self._pause_hook,
+            offer=self._offer_threadsafe,
+        )
         self.outbox = Outbox(config.state_dir / "outbox.db", config.device_id, config.outbox_cap)
         self.recorder = TelemetryRecorder(
             self._window_closed, config.telemetry_every_inferences, config.telemetry_every_seconds
@@ -182,6 +205,7 @@ class Agent:
             asyncio.create_task(self._register_loop(), name="register"),
             asyncio.create_task(self._mqtt_loop(), name="mqtt"),
             asyncio.create_task(self._update_worker(), name="updates"),
+            asyncio.create_task(self._freshness_loop(), name="freshness"),
             asyncio.create_task(self._event_sender(), name="events"),
             asyncio.create_task(self._telemetry_sender(), name="telemetry"),
             asyncio.create_task(self._window_timer(), name="windows"),
@@ -232,9 +256,27 @@ class Agent:
             logger.error("committed model does not load: %s", e)
 
     def _offer(self, payload: bytes) -> None:
-        """Queue an assignment; a newer one replaces any still waiting (latest wins)."""
+        """Queue an assignment; a newer one replaces any still waiting (latest wins). One that does not verify,
+        or names a lower counter, does not displace a verified one (it is refused when nothing better waits)."""
+        queued = self._desired
+        if queued is not None and queued != payload and (held := self._counter_of(queued)) is not None:
+            incoming = self._counter_of(payload)
+            if incoming is None or incoming < held:
+                logger.info("keeping queued assignment %d over an unverified or older one", held)
+                return
         self._desired = payload
         self._desired_ready.set()
+
+    def _offer_threadsafe(self, payload: bytes) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._offer, payload)
+
+    def _counter_of(self, payload: bytes) -> int | None:
+        """The counter of an assignment the director signed for this device; None if it does not verify."""
+        try:
+            return verify_assignment(payload, self.director_keys, self.config.device_id).counter
+        except AssignmentError:
+            return None
 
     # ----- registration -----
 
@@ -250,6 +292,8 @@ class Agent:
                 await asyncio.sleep(jittered(delay))
                 delay = min(delay * 2, _MAX_BACKOFF)
                 continue
+            if response.HasField("freshness"):
+                await asyncio.to_thread(self._accept_statement, response.freshness)
             if response.HasField("assignment"):
                 self._offer(response.assignment.SerializeToString())
             logger.info("registered as %s", self.config.device_id)
@@ -278,6 +322,8 @@ class Agent:
             last_error=state.last_error[:500],
             timestamp_ms=int(time.time() * 1000),
             agent_version=__version__,
+            stale=self._is_stale(state, int(time.time() * 1000)),
+            fresh_until_ms=state.fresh_until_ms,
         )
 
     async def publish_status(self, online: bool = True) -> None:
@@ -294,6 +340,7 @@ class Agent:
         async def on_connected(client: aiomqtt.Client) -> None:
             self._client = client
             await client.subscribe(self.topics.desired(device), qos=1)
+            await client.subscribe(self.topics.freshness(device), qos=1)
             await client.subscribe(self.topics.ack(device), qos=1)
             self._sent_at.clear()  # unconfirmed windows are sent again on a new session
             self._telemetry_ready.set()
@@ -338,6 +385,12 @@ class Agent:
                 )
                 return
             self._offer(bytes(payload))
+        elif topic == self.topics.freshness(self.config.device_id):
+            if len(payload) > LIMITS.mqtt_control_payload:
+                logger.warning("ignoring a freshness statement of %d bytes", len(payload))
+                return
+            self._pushed_freshness = bytes(payload)  # judged by the freshness loop, off this callback
+            self._check_now.set()
         elif topic == self.topics.ack(self.config.device_id):
             try:
                 watermark = pb.TelemetryAck.FromString(bytes(payload)).watermark
@@ -366,15 +419,7 @@ class Agent:
                 time.sleep(3600)
 
     async def _update_worker(self) -> None:
-        ctx = UpdateContext(
-            device_id=self.config.device_id,
-            store=self.store,
-            transport=self._transport,
-            director_keys=self.director_keys,
-            emit=self._emit,
-            interpreter=self.config.interpreter,
-            step=self._pause_hook,
-        )
+        ctx = self._ctx
         delay = self.config.retry_seconds
         while True:
             await self._desired_ready.wait()
@@ -399,6 +444,123 @@ class Agent:
                     self._offer(payload)
             else:
                 delay = self.config.retry_seconds
+
+    # ----- freshness -----
+
+    def _is_stale(self, state: AgentState, now_ms: int) -> bool:
+        """No unexpired freshness statement (a device that never held one: only after a grace from its start)."""
+        if state.fresh_until_ms == 0:
+            return now_ms - self._started_ms >= _FIRST_STATEMENT_GRACE_MS
+        return state.is_stale(now_ms)
+
+    def _accept_statement(self, signed: pb.SignedFreshness) -> VerifiedFreshness | None:
+        """Keep a statement if it is valid and newer (blocking: a rotated director key is learned through TUF)."""
+        try:
+            return accept_freshness(self._ctx, signed)
+        except AgentError as e:
+            logger.warning("ignoring a freshness statement (%s): %s", e.reason, e)
+            return None
+
+    def _check_once(self) -> bool:
+        """One freshness check (blocking): keep the statement, offer a newer assignment. Returns whether the
+        coordinator answered with a statement that is valid."""
+        try:
+            response = self._transport.check(self.store.load().highest_counter)
+        except AgentError as e:
+            logger.warning("freshness check failed: %s", e)
+            return False
+        if response.HasField("assignment"):
+            logger.info("the freshness check brought an assignment this device lacks")
+            self._offer_threadsafe(response.assignment.SerializeToString())
+        if not response.HasField("freshness"):
+            logger.info("the coordinator has no freshness statement for this device yet")
+            return False
+        try:
+            accept_freshness(self._ctx, response.freshness)
+        except AgentError as e:
+            logger.warning("freshness check answered a statement refused (%s): %s", e.reason, e)
+            return False
+        return True
+
+    def _check_interval(self) -> float:
+        state = self.store.load()
+        validity = (state.fresh_until_ms - state.fresh_issued_ms) / 1000.0
+        base = min(validity / 4, _MAX_CHECK_SECONDS) if validity > 0 else self.config.retry_seconds
+        return max(_MIN_CHECK_SECONDS, jittered(base))
+
+    def _seconds_until_stale(self) -> float:
+        state = self.store.load()
+        now = int(time.time() * 1000)
+        if self._is_stale(state, now):
+            return _MAX_CHECK_SECONDS
+        until = state.fresh_until_ms if state.fresh_until_ms else self._started_ms + _FIRST_STATEMENT_GRACE_MS
+        return max(0.01, (until - now) / 1000.0 + 0.01)
+
+    async def _note_staleness(self) -> None:
+        """Say it once when the device turns stale or fresh: status, event, and the state (across restarts)."""
+        state = self.store.load()
+        now = int(time.time() * 1000)
+        stale = self._is_stale(state, now)
+        if stale == state.stale:
+            return
+        await asyncio.to_thread(self.store.update, stale=stale)
+        if stale:
+            since = state.fresh_until_ms or self._started_ms
+            detail = (
+                f"no unexpired freshness statement from the director since {since} ms; a newer assignment may be"
+                " withheld"
+            )
+            logger.warning("stale: %s", detail)
+        else:
+            detail = f"fresh again: the director states counter {state.fresh_counter} until {state.fresh_until_ms}"
+            logger.info("%s", detail)
+        self._queue_event(
+            pb.UpdateEvent(
+                device_id=self.config.device_id,
+                counter=state.highest_counter,
+                kind=pb.EVENT_KIND_STALE if stale else pb.EVENT_KIND_FRESH,
+                reason=Reason.FRESHNESS_EXPIRED if stale else "",
+                detail=detail,
+                timestamp_ms=now,
+            )
+        )
+        await self.publish_status()
+
+    async def _freshness_loop(self) -> None:
+        """The periodic freshness check, on a jittered timer (back-off with jitter after a failure); statements
+        pushed on MQTT are judged here too, and one above the device's counter starts a check at once."""
+        loop = asyncio.get_running_loop()
+        delay = self.config.retry_seconds
+        next_check = loop.time()
+        check_at_once = False
+        while True:
+            if check_at_once or loop.time() >= next_check:
+                check_at_once = False
+                if await asyncio.to_thread(self._check_once):
+                    delay = self.config.retry_seconds
+                    next_check = loop.time() + self._check_interval()
+                else:
+                    next_check = loop.time() + jittered(delay)
+                    delay = min(delay * 2, _MAX_BACKOFF)
+            await self._note_staleness()
+            timeout = max(0.0, min(next_check - loop.time(), self._seconds_until_stale()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_now.wait(), timeout)
+            self._check_now.clear()
+            pushed, self._pushed_freshness = self._pushed_freshness, None
+            if pushed is not None:
+                check_at_once = await asyncio.to_thread(self._judge_pushed, pushed)
+
+    def _judge_pushed(self, payload: bytes) -> bool:
+        """Keep a statement pushed on MQTT; returns whether it names a counter above the device's (check now)."""
+        signed = pb.SignedFreshness()
+        try:
+            signed.ParseFromString(payload)
+        except DecodeError:
+            logger.warning("ignoring a malformed freshness statement")
+            return False
+        kept = self._accept_statement(signed)
+        return kept is not None and kept.counter > self.store.load().highest_counter
 
     async def _event_sender(self) -> None:
         """Deliver events over MQTT (QoS 1), or over gRPC while MQTT is down; keep them until delivered."""

@@ -1,8 +1,10 @@
-"""Signed per-device assignments (the director's "device D runs target T"), verified without I/O.
+"""The director's signed statements for one device, verified without I/O: assignments ("device D runs target T")
+and freshness statements ("D's latest assignment is counter N, until T").
 
-The coordinator signs the serialized `Assignment` bytes with Ed25519; the agent trusts a set of director public
-keys from its enrollment bundle. `verify_assignment` is pure: it takes bytes and trust, returns the decoded
-assignment or raises `AssignmentError` with a reason code.
+The coordinator signs the serialized `Assignment` bytes with Ed25519, and a `Freshness` under FRESHNESS_CONTEXT
+with the same key; the agent trusts a set of director public keys from its enrollment bundle (rotated through
+TUF). `verify_assignment` and `verify_freshness` are pure: they take bytes and trust, return the decoded
+statement or raise `AssignmentError` with a reason code.
 """
 
 from __future__ import annotations
@@ -17,11 +19,18 @@ from google.protobuf.message import DecodeError
 
 from edge_agent.contract import LIMITS
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.contract.keys import director_key_id
+from edge_agent.contract.keys import FRESHNESS_CONTEXT, director_key_id
 from edge_agent.contract.reasons import Reason
 from edge_agent.errors import AssignmentError
 
-__all__ = ["VerifiedAssignment", "load_director_keys", "parse_signed", "verify_assignment"]
+__all__ = [
+    "VerifiedAssignment",
+    "VerifiedFreshness",
+    "load_director_keys",
+    "parse_signed",
+    "verify_assignment",
+    "verify_freshness",
+]
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -103,3 +112,47 @@ def verify_assignment(
         issued_at_ms=a.issued_at_ms,
         signed=payload,
     )
+
+
+@dataclass(frozen=True)
+class VerifiedFreshness:
+    device_id: str
+    counter: int  # the device's latest assignment counter when the statement was issued
+    issued_at_ms: int
+    expires_at_ms: int
+    key_id: str
+
+    def expired(self, now_ms: int) -> bool:
+        return now_ms >= self.expires_at_ms
+
+
+def verify_freshness(
+    signed: pb.SignedFreshness,
+    trusted: Mapping[str, Ed25519PublicKey],
+    device_id: str,
+) -> VerifiedFreshness:
+    """Check a freshness statement's signature, key, addressee and times. Whether it has expired, and whether it
+    is newer than the one already held, is the caller's to judge (it holds the clock and the history)."""
+    if signed.ByteSize() > LIMITS.mqtt_control_payload:
+        raise AssignmentError("freshness statement exceeds the size limit", Reason.FRESHNESS_INVALID)
+    key = trusted.get(signed.key_id)
+    if key is None:
+        raise AssignmentError(
+            f"freshness statement signed by unknown key {signed.key_id[:16]!r}", Reason.ASSIGNMENT_UNKNOWN_KEY
+        )
+    try:
+        key.verify(signed.signature, FRESHNESS_CONTEXT + signed.freshness)
+    except InvalidSignature as e:
+        raise AssignmentError("freshness statement signature does not verify", Reason.FRESHNESS_INVALID) from e
+    f = pb.Freshness()
+    try:
+        f.ParseFromString(signed.freshness)
+    except DecodeError as e:
+        raise AssignmentError("signed freshness statement is malformed", Reason.FRESHNESS_INVALID) from e
+    if f.device_id != device_id:
+        raise AssignmentError(
+            f"freshness statement is for device {f.device_id!r}, not {device_id!r}", Reason.FRESHNESS_INVALID
+        )
+    if f.issued_at_ms <= 0 or f.expires_at_ms <= f.issued_at_ms:
+        raise AssignmentError("freshness statement lacks a valid issue time and expiry", Reason.FRESHNESS_INVALID)
+    return VerifiedFreshness(f.device_id, f.counter, f.issued_at_ms, f.expires_at_ms, signed.key_id)

@@ -1,4 +1,5 @@
-"""The agent's durable state: A/B model slots, the highest assignment counter seen, a pending update.
+"""The agent's durable state: A/B model slots, the highest assignment counter seen, a pending update, and the
+newest freshness statement the director signed for this device.
 
 Layout under the state directory:
 
@@ -9,11 +10,17 @@ Layout under the state directory:
 
 Invariant: the active slot's file is never written. An update writes the inactive slot and then flips
 `active` in one atomic replace of state.json, so a process killed at any instant restarts on a committed model.
+
+Freshness only moves forward: a statement replaces the held one only if it was issued later and names a counter
+no lower (`fresh_issued_ms`, `fresh_counter` never decrease), so a replayed old statement changes nothing.
+`update` is serialized by a lock: the update thread and the agent's loop (freshness checks) both write.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +53,13 @@ class AgentState:
     pending: str | None = None  # hex of the SignedAssignment being applied, for resume after a crash
     last_error: str = ""
     last_reason: str = ""
+    fresh_counter: int = 0  # the counter of the newest verified freshness statement: lower assignments are superseded
+    fresh_issued_ms: int = 0  # when that statement was issued (a statement issued earlier is not newer)
+    fresh_until_ms: int = 0  # when it expires; past it (or with none) the device is stale
+    stale: bool = False  # the device said it was stale (an event once per change, also across restarts)
+
+    def is_stale(self, now_ms: int) -> bool:
+        return now_ms >= self.fresh_until_ms
 
     @property
     def inactive(self) -> Slot:
@@ -83,6 +97,7 @@ class StateStore:
         for d in (root, self.downloads, self.tuf_dir, self.slot_dir("a"), self.slot_dir("b")):
             d.mkdir(parents=True, exist_ok=True)
         self._state: AgentState | None = None
+        self._lock = threading.Lock()
 
     def remove_stale_temp_files(self) -> int:
         """Delete the temp files a killed writer left behind. Only the agent that owns this state calls it, at
@@ -128,4 +143,12 @@ class StateStore:
         return state
 
     def update(self, **changes: Any) -> AgentState:
-        return self.save(replace(self.load(), **changes))
+        with self._lock:
+            return self.save(replace(self.load(), **changes))
+
+    def update_if(self, condition: Callable[[AgentState], bool], **changes: Any) -> AgentState | None:
+        """Apply `changes` only if `condition` holds for the current state, checked under the writers' lock;
+        returns the new state, or None if nothing changed."""
+        with self._lock:
+            state = self.load()
+            return self.save(replace(state, **changes)) if condition(state) else None

@@ -1,4 +1,4 @@
-"""The agent's gRPC side: registration, metadata and target streams, event reports.
+"""The agent's gRPC side: registration, the freshness check, metadata and target streams, event reports.
 
 Blocking calls on one channel per agent; the async agent runs them off its event loop. gRPC failures are
 wrapped here, once: NOT_FOUND becomes `FileMissing`, anything else a `TransientError` to retry later.
@@ -89,6 +89,17 @@ class GrpcTransport:
             response: pb.RegisterResponse = self._stub.Register(request, timeout=self.timeout)
         except grpc.RpcError as e:
             raise _wrap(e, "register") from e
+        return response
+
+    def check(self, counter: int) -> pb.CheckResponse:
+        """The director's current freshness statement for this device, with its latest assignment if the
+        coordinator holds one above `counter` (the highest the device has accepted)."""
+        try:
+            response: pb.CheckResponse = self._stub.Check(
+                pb.CheckRequest(device_id=self.device_id, counter=counter), timeout=self.timeout
+            )
+        except grpc.RpcError as e:
+            raise _wrap(e, "freshness check") from e
         return response
 
     def fetch(self, kind: Literal["metadata", "target"], path: str, offset: int = 0) -> Iterator[pb.Chunk]:

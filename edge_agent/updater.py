@@ -4,9 +4,16 @@
 touches the active slot; the only commit point is one atomic replace of state.json, so whatever step a crash
 interrupts, the agent restarts on a committed model and, if the assignment was accepted, resumes it.
 
-Order of checks: the director's signature, then the counter (no replay, no jump past LIMITS.counter_step), then
-the target in verified TUF metadata; only then is the counter persisted (the assignment accepted). An assignment
-that names a target the image repository does not sign is refused without burning a counter.
+Order of checks: the director's signature, then the counter (no replay, no jump past LIMITS.counter_step, not
+below the newest freshness statement held), then the target in verified TUF metadata, then the director's
+current freshness statement, fetched now (`confirm_current`: the assignment must be the latest it states); only
+then is the counter persisted (the assignment accepted), and only then does the download start. An assignment
+that names a target the image repository does not sign, or that the director's statement does not confirm, is
+refused without burning a counter; one that cannot be confirmed for now (no answer, or no unexpired statement)
+waits and is retried.
+
+Freshness statements ("your latest assignment is counter N, until T") come from Register, the periodic check and
+MQTT; `accept_freshness` keeps one only if it is valid, unexpired and newer than the one held (state.py).
 """
 
 from __future__ import annotations
@@ -22,18 +29,32 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_agent.assignment import VerifiedAssignment, load_director_keys, verify_assignment
+from edge_agent.assignment import (
+    VerifiedAssignment,
+    VerifiedFreshness,
+    load_director_keys,
+    verify_assignment,
+    verify_freshness,
+)
 from edge_agent.contract import DIRECTOR_KEYS_TARGET, LIMITS
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.files import atomic_write_bytes, fsync_dir, sha256_of
 from edge_agent.contract.reasons import Reason
-from edge_agent.errors import AssignmentError, InterpreterError, TransientError, UpdateRefused
+from edge_agent.errors import AgentError, AssignmentError, InterpreterError, TransientError, UpdateRefused
 from edge_agent.runtime import Model, load_model
 from edge_agent.state import SlotInfo, StateStore
 from edge_agent.steps import STEPS
 from edge_agent.transport import GrpcTransport
 
-__all__ = ["STEPS", "Outcome", "UpdateContext", "UpdateResult", "apply_assignment"]
+__all__ = [
+    "STEPS",
+    "Outcome",
+    "UpdateContext",
+    "UpdateResult",
+    "accept_freshness",
+    "apply_assignment",
+    "confirm_current",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +84,8 @@ class UpdateContext:
     emit: Callable[[pb.UpdateEvent], None]
     interpreter: str | None = None
     step: Callable[[str], None] = lambda name: None
+    offer: Callable[[bytes], None] = lambda payload: None  # a newer assignment learned along the way (any thread)
+    clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
 
     def event(self, a: VerifiedAssignment | None, kind: int, reason: str = "", detail: str = "") -> None:
         self.emit(
@@ -102,6 +125,9 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
         return _refuse(ctx, a, AssignmentError(detail, Reason.ASSIGNMENT_COUNTER_JUMP))
     if a.counter == state.highest_counter and state.pending != payload.hex():
         return UpdateResult(Outcome.UNCHANGED)
+    if a.counter < state.fresh_counter:
+        detail = f"assignment counter {a.counter} is superseded: the director stated counter {state.fresh_counter}"
+        return _refuse(ctx, a, AssignmentError(detail, Reason.ASSIGNMENT_SUPERSEDED))
     try:
         active = state.active_info
         if (
@@ -110,6 +136,7 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
             and (active.target_path, active.sha256) == (a.target_path, a.target_sha256)
         ):
             # The same target, verified when it was installed, is running (a re-issued assignment).
+            confirm_current(ctx, a)
             running = replace(active, counter=a.counter, release_id=a.release_id)
             store.update(
                 highest_counter=a.counter,
@@ -131,6 +158,7 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
                 "assignment and signed targets metadata disagree on the target's length or hash", Reason.TARGET_MISMATCH
             )
         ctx.step("metadata_verified")
+        confirm_current(ctx, a)
         state = store.update(highest_counter=a.counter, pending=payload.hex())
         ctx.step("assignment_accepted")
 
@@ -191,6 +219,69 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
         return UpdateResult(Outcome.FAILED, e.reason, str(e))
 
 
+def accept_freshness(ctx: UpdateContext, signed: pb.SignedFreshness) -> VerifiedFreshness | None:
+    """Verify a freshness statement and keep it if it is unexpired and newer (issued later, counter no lower) than
+    the one held; returns it if kept. Raises AssignmentError for a statement that is not the director's for this
+    device, or whose counter jumps past LIMITS.counter_step (it would make every real assignment superseded)."""
+    try:
+        try:
+            f = verify_freshness(signed, ctx.director_keys, ctx.device_id)
+        except AssignmentError as e:
+            if e.reason != Reason.ASSIGNMENT_UNKNOWN_KEY or not _learn_director_keys(ctx):
+                raise
+            f = verify_freshness(signed, ctx.director_keys, ctx.device_id)
+    except AssignmentError as e:
+        if e.reason == Reason.ASSIGNMENT_UNKNOWN_KEY:
+            raise AssignmentError(str(e), Reason.FRESHNESS_INVALID) from e
+        raise
+    state = ctx.store.load()
+    if f.counter > state.highest_counter + LIMITS.counter_step:
+        raise AssignmentError(
+            f"freshness statement counter {f.counter} jumps more than {LIMITS.counter_step} past "
+            f"{state.highest_counter}",
+            Reason.ASSIGNMENT_COUNTER_JUMP,
+        )
+    if f.expired(ctx.clock_ms()):
+        logger.info("ignoring an expired freshness statement (counter %d)", f.counter)
+        return None
+    kept = ctx.store.update_if(
+        lambda s: f.issued_at_ms > s.fresh_issued_ms and f.counter >= s.fresh_counter,
+        fresh_counter=f.counter,
+        fresh_issued_ms=f.issued_at_ms,
+        fresh_until_ms=f.expires_at_ms,
+    )
+    return f if kept is not None else None
+
+
+def confirm_current(ctx: UpdateContext, a: VerifiedAssignment) -> None:
+    """Ask the director now for its current statement; the assignment must be the latest it states. A newer
+    assignment in the answer is offered (it supersedes this one). Raises AssignmentError (superseded,
+    unconfirmed) or TransientError (no answer, or no unexpired statement to judge by)."""
+    try:
+        response = ctx.transport.check(ctx.store.load().highest_counter)
+    except UpdateRefused:
+        raise
+    except AgentError as e:
+        raise TransientError(f"cannot confirm assignment {a.counter} with the director: {e}") from e
+    if response.HasField("freshness"):
+        accept_freshness(ctx, response.freshness)
+    if response.HasField("assignment") and (newer := response.assignment.SerializeToString()) != a.signed:
+        ctx.offer(newer)
+    state = ctx.store.load()
+    if state.is_stale(ctx.clock_ms()):
+        raise TransientError(f"no unexpired freshness statement to confirm assignment {a.counter} against")
+    if a.counter < state.fresh_counter:
+        raise AssignmentError(
+            f"assignment counter {a.counter} is superseded: the director stated counter {state.fresh_counter}",
+            Reason.ASSIGNMENT_SUPERSEDED,
+        )
+    if a.counter > state.fresh_counter:
+        raise AssignmentError(
+            f"assignment counter {a.counter} is above the director's current statement ({state.fresh_counter})",
+            Reason.ASSIGNMENT_UNCONFIRMED,
+        )
+
+
 def _learn_director_keys(ctx: UpdateContext) -> bool:
     """An assignment signed by a key we do not know: the director key may have been rotated. Fetch the signed
     list of director keys through TUF (root → targets → this target); keep it if it differs. Returns whether
@@ -209,8 +300,9 @@ def _learn_director_keys(ctx: UpdateContext) -> bool:
     if set(keys) == set(ctx.director_keys):
         return False
     atomic_write_bytes(ctx.store.director_keys_path, raw)
-    ctx.director_keys.clear()
-    ctx.director_keys.update(keys)
+    ctx.director_keys.update(keys)  # add, then drop: a reader in another thread never sees an empty set
+    for key_id in set(ctx.director_keys) - set(keys):
+        del ctx.director_keys[key_id]
     logger.info("director keys rotated: now trusting %s", ", ".join(k[:16] for k in keys))
     return True
 

@@ -75,7 +75,7 @@ class CoordinatorConfig:
             f'dashboard_listen = "{self.dashboard_listen}"\n'
             "# read-only views without the operator token (`fedfleet dashboard-token`); actions always need it\n"
             f"dashboard_public_read = {str(self.dashboard_public_read).lower()}\n"
-            "# how long the director's per-device freshness statement (\"your latest assignment is counter N\") is\n"
+            '# how long the director\'s per-device freshness statement ("your latest assignment is counter N") is\n'
             "# valid; a device without an unexpired one reports itself stale, and a device running another release\n"
             "# than assigned for longer is listed by `fedfleet devices behind` and alerted on\n"
             f"freshness_hours = {self.freshness_hours}\n"

@@ -64,6 +64,10 @@ class Topics:
     def ack(self, device: str) -> str:
         return f"{self.prefix}/devices/{device}/ack"
 
+    def freshness(self, device: str) -> str:
+        """Retained: the director's current freshness statement for the device (SignedFreshness)."""
+        return f"{self.prefix}/devices/{device}/freshness"
+
     def device_of(self, topic: str, kind: str) -> str | None:
         """The device id in `{prefix}/devices/{device}/{kind}`, or None if the topic is not of that form."""
         head = f"{self.prefix}/devices/"

@@ -23,6 +23,10 @@ class Reason(StrEnum):
     ASSIGNMENT_WRONG_DEVICE = "assignment_wrong_device"
     ASSIGNMENT_REPLAY = "assignment_replay"  # a counter not above the last accepted one
     ASSIGNMENT_COUNTER_JUMP = "assignment_counter_jump"  # a counter far beyond the last: it would freeze the device
+    ASSIGNMENT_SUPERSEDED = "assignment_superseded"  # below a fresh statement's counter: a newer one exists
+    ASSIGNMENT_UNCONFIRMED = "assignment_unconfirmed"  # above the director's current statement: it does not know it
+    FRESHNESS_INVALID = "freshness_invalid"  # a freshness statement that is malformed, mis-signed or not ours
+    FRESHNESS_EXPIRED = "freshness_expired"  # no unexpired freshness statement: the device is stale
     TRUST_INVALID = "trust_invalid"  # the trusted director keys themselves are unusable
     ALREADY_RUNNING = "already_running"  # committed without work: the device runs this target already
     # the TUF metadata and target (the image repository's side)

@@ -36,6 +36,7 @@ from server.cli.common import (
     print_json,
 )
 from server.cli.config import config_app
+from server.cli.freshness import devices_behind
 from server.cli.loop import alerts_app, loop_app
 from server.cli.rollout import audit_app, rollout_app
 from server.cli.train import models_app, privacy_app, train
@@ -63,6 +64,7 @@ releases_app = typer.Typer(help="Releases: list published models.", no_args_is_h
 keys_app = typer.Typer(help="Keys: rotate the TUF root or the director key.", no_args_is_help=True)
 broker_app = typer.Typer(help="Broker: write a Mosquitto configuration with TLS and ACLs.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
+devices_app.command("behind")(devices_behind)
 app.add_typer(releases_app, name="releases")
 app.add_typer(keys_app, name="keys")
 app.add_typer(broker_app, name="broker")
@@ -300,6 +302,7 @@ def _device_doc(row: dict[str, Any], assigned: str) -> dict[str, Any]:
         "last_event": row["last_event"] or None,
         "last_error": row["last_error"] or None,
         "last_seen": row["last_seen"],
+        "stale": row["stale"],
     }
 
 

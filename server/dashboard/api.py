@@ -206,7 +206,8 @@ def create_app(
     stores = _Stores(datadir)
     feed = ChangeFeed(stores, options.feed_seconds)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(CoordinatorCollector(stores.get, broker_connected))
+    freshness_ms = int(datadir.config().freshness_hours * 3_600_000)
+    registry.register(CoordinatorCollector(stores.get, broker_connected, freshness_ms))
 
     def bearer(request: Request) -> str:
         header = request.headers.get("authorization", "")

@@ -13,19 +13,27 @@ from prometheus_client.registry import Collector
 from server.ingest.telemetry import REJECTED
 from server.rollout.driver import ACTIVE_PHASES
 from server.rollout.engine import ACTIVE
-from server.store import Store
+from server.store import Store, now_ms
 from server.store.dashboard import DashboardReads
+from server.store.freshness import FreshnessRecords
 from server.store.loop import AlarmRecords, AlertRecords, DeliveryRecords, JobRecords
 
 __all__ = ["CoordinatorCollector"]
 
 
 class CoordinatorCollector(Collector):
-    def __init__(self, store: Callable[[], Store], broker_connected: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        store: Callable[[], Store],
+        broker_connected: Callable[[], bool] | None = None,
+        freshness_ms: int = 24 * 3_600_000,
+    ) -> None:
         """`store`: this thread's store; `broker_connected`: the coordinator's MQTT session state (None when the
-        dashboard runs without a coordinator in the process, e.g. in tests of the API alone)."""
+        dashboard runs without a coordinator in the process, e.g. in tests of the API alone); `freshness_ms`: the
+        freshness bound past which a device running another release than assigned counts as lagging."""
         self._store = store
         self._broker_connected = broker_connected
+        self._freshness_ms = freshness_ms
 
     def collect(self) -> Iterator[Metric]:
         store = self._store()
@@ -64,6 +72,7 @@ class CoordinatorCollector(Collector):
         yield from _rollouts(reads)
         yield from _training(reads)
         yield from _loop(store)
+        yield from _behind(store, self._freshness_ms)
 
         if self._broker_connected is not None:
             yield GaugeMetricFamily(
@@ -93,6 +102,24 @@ def _loop(store: Store) -> Iterator[Metric]:
         "Open drift alarms (a fleet's drift over the policy's threshold).",
         value=len(AlarmRecords(store).open_alarms()),
     )
+
+
+def _behind(store: Store, freshness_ms: int) -> Iterator[Metric]:
+    stale = GaugeMetricFamily(
+        "fedfleet_devices_stale",
+        "Devices that say they hold no unexpired freshness statement (a newer assignment may be withheld), by fleet.",
+        labels=["fleet"],
+    )
+    lagging = GaugeMetricFamily(
+        "fedfleet_devices_lagging",
+        "Devices running another release than assigned for longer than the freshness bound, by fleet.",
+        labels=["fleet"],
+    )
+    for fleet, (n_stale, n_lagging) in FreshnessRecords(store).behind_by_fleet(now_ms() - freshness_ms).items():
+        stale.add_metric([fleet], n_stale)
+        lagging.add_metric([fleet], n_lagging)
+    yield stale
+    yield lagging
 
 
 def _rollouts(reads: DashboardReads) -> Iterator[Metric]:

@@ -21,6 +21,7 @@ from server.rollout.driver import Rollouts
 from server.rollout.metrics import METRICS
 from server.store import Store, now_ms
 from server.store.dashboard import DashboardReads
+from server.store.freshness import FreshnessRecords
 
 __all__ = [
     "DeviceFilter",
@@ -77,6 +78,7 @@ def _device_summary(d: dict[str, Any]) -> dict[str, Any]:
         "last_seen": d["last_seen"],
         "last_event": d["last_event"] or None,
         "last_error": d["last_error"] or None,
+        "stale": d["stale"],
     }
 
 
@@ -128,6 +130,13 @@ def device_view(store: Store, device_id: str, limit: int = 100) -> dict[str, Any
             }
         )
     rollouts = reads.device_rollouts(device_id)
+    statement = FreshnessRecords(store).current(device_id)
+    freshness = {
+        "stale": device["stale"],  # what the device last said
+        "fresh_until": device["fresh_until"] or None,  # the expiry of the statement it holds
+        "director_counter": statement["counter"] if statement else None,  # what the director states now
+        "statement_expires_at": statement["expires_at"] if statement else None,
+    }
     return {
         "device": {**_device_summary(device), "hardware": device["hardware"], "agent_version": device["agent_version"]},
         "assigned_release": store.assignment_of(device_id) or None,
@@ -135,6 +144,7 @@ def device_view(store: Store, device_id: str, limit: int = 100) -> dict[str, Any
         "assignments": assignments,
         "events": events,
         "telemetry": windows,
+        "freshness": freshness,
     }
 
 

@@ -66,6 +66,8 @@ def parse_status(payload: bytes, topic_device: str, store: Store) -> dict[str, A
         "running_counter": s.running_counter,
         "update_state": _STATES.get(s.update_state, "unspecified"),
         "last_error": s.last_error,
+        "stale": s.stale,
+        "fresh_until": s.fresh_until_ms,
     }
 
 

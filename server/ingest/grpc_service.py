@@ -1,4 +1,5 @@
-"""The coordinator's gRPC FleetService: registration, TUF metadata and targets as resumable streams, events.
+"""The coordinator's gRPC FleetService: registration, TUF metadata and targets as resumable streams, events, and
+the freshness check (the director's current statement for the device, and its latest assignment if it lacks it).
 
 Every request is size-capped by the server options and checked field by field; a bad one is answered with
 INVALID_ARGUMENT (or NOT_FOUND for a missing file) and changes nothing.
@@ -21,6 +22,7 @@ from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from server.ingest.events import EventRejected, event_row
 from server.ingest.telemetry import ingest_windows, watermark
 from server.store import Store
+from server.store.freshness import FreshnessRecords
 from server.trust.pki import serial_of
 from server.trust.repository import Repository
 
@@ -88,6 +90,28 @@ class FleetService(pb_grpc.FleetServiceServicer):
         response = pb.RegisterResponse(device_id=request.device_id, topic_prefix=self.topic_prefix)
         current = self.store.current_assignment(request.device_id)
         if current is not None:
+            response.assignment.ParseFromString(current["signed"])
+        statement = FreshnessRecords(self.store).current(request.device_id)
+        if statement is not None:
+            response.freshness.ParseFromString(statement["signed"])
+        return response
+
+    async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:
+        """The device's current freshness statement, and its latest assignment if the device's counter is below
+        it. Changes nothing; a device that never registered is NOT_FOUND."""
+        await self._authorize(context, request.device_id)
+        if not device_id_is_valid(request.device_id):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "device_id must be 1-128 letters, digits, '-', '_', '.'"
+            )
+        if not self.store.is_device(request.device_id):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"device {request.device_id!r} has not registered")
+        response = pb.CheckResponse()
+        statement = FreshnessRecords(self.store).current(request.device_id)
+        if statement is not None:
+            response.freshness.ParseFromString(statement["signed"])
+        current = self.store.current_assignment(request.device_id)
+        if current is not None and current["counter"] > request.counter:
             response.assignment.ParseFromString(current["signed"])
         return response
 

@@ -1,4 +1,4 @@
-"""The coordinator's MQTT side: publishes desired state, ingests status and update events."""
+"""The coordinator's MQTT side: publishes desired state and freshness statements, ingests status and update events."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from server.errors import CoordinatorError
 from server.ingest.events import EventRejected, parse_event, parse_status
 from server.ingest.telemetry import ingest_windows, parse_window
 from server.store import Store
+from server.store.freshness import FreshnessRecords
 
 __all__ = ["MqttBridge", "parse_mqtt_url"]
 
@@ -140,4 +141,19 @@ class MqttBridge:
         )
         crash_point("publish:sent")
         self.store.mark_published([(r["device_id"], r["counter"]) for r in rows])
+        return len(rows)
+
+    async def publish_freshness(self) -> int:
+        """Push every new freshness statement as the device's retained freshness state (QoS 1)."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            return 0
+        records = FreshnessRecords(self.store)
+        rows = records.unpublished()
+        if not rows:
+            return 0
+        await asyncio.gather(
+            *(client.publish(self.topics.freshness(r["device_id"]), r["signed"], qos=1, retain=True) for r in rows)
+        )
+        records.mark_published([(r["device_id"], r["issued_at"]) for r in rows])
         return len(rows)

@@ -1,5 +1,6 @@
 """The loop controller: one `tick` (driven by `fedfleet serve`'s rollout thread) watches drift, moves retrain jobs
-and keeps the alerts on rollouts, privacy budgets and silent devices current."""
+and keeps the alerts on rollouts, privacy budgets, silent devices and devices behind (stale, or lagging their
+assignment past the freshness bound) current."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from server.policy import Policy
 from server.rollout.driver import Rollouts
 from server.rollout.engine import Phase
 from server.store import Store, now_ms
+from server.store.freshness import FreshnessRecords
 
 __all__ = ["LoopController"]
 
@@ -32,6 +34,7 @@ class LoopController:
         self.retrain = RetrainController(datadir, store, self.alerts, rollouts, policy)
         self.watch = DriftWatch(store, self.alerts, self.retrain.decide)
         self.rollouts = rollouts
+        self.freshness_ms = int(datadir.config().freshness_hours * 3_600_000)
         self._next_slow_check = 0
 
     def tick(self, now: int | None = None) -> None:
@@ -42,6 +45,7 @@ class LoopController:
         if now >= self._next_slow_check:  # the ledger and every device's last contact: not at every tick
             self._privacy_alerts()
             self._silence_alerts(now)
+            self._behind_alerts(now)
             self._next_slow_check = now + _SLOW_CHECK_MS
 
     def _rollout_alerts(self) -> None:
@@ -105,3 +109,29 @@ class LoopController:
                 {"fleet": fleet, "devices": ids[:50], "count": len(ids)},
             )
         self.alerts.resolve_all_but("silent:", {f"silent:{f}" for f in silent}, "every device was heard again")
+
+    def _behind_alerts(self, now: int) -> None:
+        """One alert per fleet with stale devices (they say they hold no unexpired freshness statement), one per
+        fleet with devices running another release than assigned for longer than the freshness bound."""
+        records = FreshnessRecords(self.store)
+        for kind, prefix, rows, what in (
+            (AlertKind.DEVICES_STALE, "stale:", records.stale_devices(), "report no fresh statement (stale)"),
+            (
+                AlertKind.DEVICES_LAGGING,
+                "lagging:",
+                records.lagging(now - self.freshness_ms),
+                f"run another release than assigned for over {self.freshness_ms / 3_600_000:g} h",
+            ),
+        ):
+            by_fleet: dict[str, list[str]] = defaultdict(list)
+            for r in rows:
+                by_fleet[r["fleet"]].append(r["device_id"])
+            for fleet, ids in by_fleet.items():
+                self.alerts.raise_alert(
+                    kind,
+                    fleet,
+                    f"{prefix}{fleet}",
+                    f"{len(ids)} device(s) of fleet {fleet} {what}",
+                    {"fleet": fleet, "devices": ids[:50], "count": len(ids)},
+                )
+            self.alerts.resolve_all_but(prefix, {f"{prefix}{f}" for f in by_fleet}, "no device of the fleet is behind")

@@ -15,6 +15,8 @@ class AlertKind(StrEnum):
     ROLLOUT_ROLLED_BACK = "rollout_rolled_back"  # a rollout's gates failed and the fleet went back
     PRIVACY_BUDGET = "privacy_budget"  # a device has spent most of its lifetime ε
     DEVICES_SILENT = "devices_silent"  # devices of a fleet have not been heard for a while
+    DEVICES_STALE = "devices_stale"  # devices of a fleet hold no unexpired freshness statement (they said so)
+    DEVICES_LAGGING = "devices_lagging"  # devices of a fleet run another release than assigned past the freshness bound
 
 
 class AlertState(StrEnum):

@@ -335,7 +335,27 @@ def _v7(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+def _v8(db: sqlite_utils.Database) -> None:
+    """Freshness: the director's current signed statement per device ("your latest assignment is counter N"), and
+    what each device last said about its own freshness."""
+    db.executescript(
+        """
+        CREATE TABLE freshness (
+            device_id TEXT PRIMARY KEY REFERENCES devices (id),
+            counter INTEGER NOT NULL,           -- the device's highest assignment counter when signed
+            issued_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL,
+            signed BLOB NOT NULL,               -- the SignedFreshness as served
+            published_at INTEGER                -- NULL: not yet pushed on MQTT
+        );
+        CREATE INDEX freshness_unpublished ON freshness (published_at) WHERE published_at IS NULL;
+        ALTER TABLE devices ADD COLUMN stale INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE devices ADD COLUMN fresh_until INTEGER NOT NULL DEFAULT 0;
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -476,10 +496,12 @@ class Store:
         running_counter: int,
         update_state: str,
         last_error: str,
+        stale: bool = False,
+        fresh_until: int = 0,
     ) -> bool:
         cursor = self.db.execute(
             """UPDATE devices SET online = ?, running_release = ?, running_target = ?, running_counter = ?,
-                 update_state = ?, last_error = ?, last_seen = ? WHERE id = ?""",
+                 update_state = ?, last_error = ?, stale = ?, fresh_until = ?, last_seen = ? WHERE id = ?""",
             [
                 int(online),
                 running_release,
@@ -487,6 +509,8 @@ class Store:
                 running_counter,
                 update_state,
                 last_error,
+                int(stale),
+                fresh_until,
                 now_ms(),
                 device_id,
             ],
@@ -667,6 +691,7 @@ def _device_row(row: dict[str, Any]) -> dict[str, Any]:
         "labels": json.loads(row["labels"]),
         "hardware": json.loads(row["hardware"]),
         "online": bool(row["online"]),
+        "stale": bool(row.get("stale", 0)),
     }
 
 

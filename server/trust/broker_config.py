@@ -50,8 +50,9 @@ def acl_text(prefix: str) -> str:
             f"pattern write {t.status(device)}",
             f"pattern write {t.events(device)}",
             f"pattern write {t.telemetry(device)}",
-            "# ... and reads only its own desired state and telemetry acknowledgements",
+            "# ... and reads only its own desired state, freshness statement and telemetry acknowledgements",
             f"pattern read {t.desired(device)}",
+            f"pattern read {t.freshness(device)}",
             f"pattern read {t.ack(device)}",
             "",
         ]
@@ -71,7 +72,7 @@ def write_broker_config(d: DataDir, config: BrokerConfig) -> list[Path]:
         cert, key = out / "broker.pem", out / "broker-key.pem"
         ca.ensure_files(store, BROKER_IDENTITY, "broker", config.hosts, cert, key)
         crl = ca.write_crl(store.revoked_certificates())
-    atomic_write_bytes(out / "ca.pem", ca.cert_pem)
+    atomic_write_bytes(out / "ca.pem", ca.bundle_pem)  # root + intermediate: Mosquitto verifies the chain
     atomic_write_bytes(out / "crl.pem", crl.read_bytes())
     atomic_write_bytes(out / "acl", acl_text(d.config().topic_prefix).encode())
     lines = [

@@ -1,7 +1,11 @@
-"""The director: signed per-device assignments with a counter that only goes up.
+"""The director: signed per-device assignments with a counter that only goes up, and per-device freshness
+statements ("your latest assignment is counter N", valid for `freshness_seconds`).
 
 A fleet rollback is not a replay: it is a new assignment, with the device's next counter, pointing at the
-older target. Agents refuse any counter below the highest they have accepted.
+older target. Agents refuse any counter below the highest they have accepted, and any below the newest freshness
+statement they have seen, so a superseded assignment replayed to a device that missed its successor is refused.
+A statement is signed with every assignment (in its transaction) and re-signed by `refresh_freshness` before it
+expires; agents that hold no unexpired one report themselves stale.
 """
 
 from __future__ import annotations
@@ -17,14 +21,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from edge_agent.contract import DIRECTOR_KEYS_TARGET
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.files import atomic_write_bytes
-from edge_agent.contract.keys import director_key_id
+from edge_agent.contract.keys import FRESHNESS_CONTEXT, director_key_id
 from server import audit
 from server.store import Release, Store, now_ms
+from server.store.freshness import FreshnessRecords
 from server.trust.repository import Repository, load_private_key, write_private_key
 
-__all__ = ["Director", "IssuedAssignment"]
+__all__ = ["DEFAULT_FRESHNESS_SECONDS", "Director", "IssuedAssignment"]
 
 _AUDIT_DEVICES = 200  # an assignment batch's audit entry names this many devices (and counts all)
+DEFAULT_FRESHNESS_SECONDS = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,10 @@ class IssuedAssignment:
 
 
 class Director:
-    def __init__(self, key: Ed25519PrivateKey) -> None:
+    def __init__(self, key: Ed25519PrivateKey, freshness_seconds: float = DEFAULT_FRESHNESS_SECONDS) -> None:
+        if not freshness_seconds > 0:
+            raise ValueError("a freshness statement's validity must be positive")
+        self.freshness_seconds = freshness_seconds
         self._key = key
         self._raw_public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         self.key_id = director_key_id(self._raw_public)
@@ -47,8 +56,8 @@ class Director:
         return cls(key)
 
     @classmethod
-    def load(cls, path: Path) -> Director:
-        return cls(load_private_key(path))
+    def load(cls, path: Path, freshness_seconds: float = DEFAULT_FRESHNESS_SECONDS) -> Director:
+        return cls(load_private_key(path), freshness_seconds)
 
     @classmethod
     def rotate(cls, keys_dir: Path, trust_dir: Path, repository: Repository) -> tuple[Director, Director]:
@@ -75,6 +84,34 @@ class Director:
     def sign(self, assignment: pb.Assignment) -> pb.SignedAssignment:
         body = assignment.SerializeToString(deterministic=True)
         return pb.SignedAssignment(assignment=body, key_id=self.key_id, signature=self._key.sign(body))
+
+    def sign_freshness(self, device_id: str, counter: int, issued_at: int) -> pb.SignedFreshness:
+        statement = pb.Freshness(
+            device_id=device_id,
+            counter=counter,
+            issued_at_ms=issued_at,
+            expires_at_ms=issued_at + int(self.freshness_seconds * 1000),
+        )
+        body = statement.SerializeToString(deterministic=True)
+        signature = self._key.sign(FRESHNESS_CONTEXT + body)
+        return pb.SignedFreshness(freshness=body, key_id=self.key_id, signature=signature)
+
+    def _store_freshness(self, store: Store, device_id: str, counter: int, issued_at: int) -> None:
+        signed = self.sign_freshness(device_id, counter, issued_at)
+        expires_at = issued_at + int(self.freshness_seconds * 1000)
+        FreshnessRecords(store).put(device_id, counter, issued_at, expires_at, signed.SerializeToString())
+
+    def refresh_freshness(self, store: Store, now: int | None = None) -> int:
+        """Sign a new statement for every device whose statement is missing, behind its highest counter, or past
+        half its validity; returns how many. Reading the counters and writing the statements is one transaction,
+        so an assignment committed meanwhile is never stated as older than it is."""
+        now = now_ms() if now is None else now
+        renewed = 0
+        with store.transaction():
+            for device_id, highest in FreshnessRecords(store).due(now + int(self.freshness_seconds * 500)):
+                self._store_freshness(store, device_id, highest, now)
+                renewed += 1
+        return renewed
 
     def assign(
         self, store: Store, device_ids: Sequence[str], release: Release, rollout_id: str = "", actor: str = "cli"
@@ -104,6 +141,7 @@ class Director:
                     )
                 )
                 store.add_assignment(device_id, counter, release.id, rollout_id, signed.SerializeToString(), issued_at)
+                self._store_freshness(store, device_id, counter, issued_at)
                 issued.append(IssuedAssignment(device_id, counter, release.id))
             detail = {
                 "release": release.id,

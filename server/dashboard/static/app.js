@@ -80,7 +80,7 @@ async function devicePage(id) {
   const d = doc.device;
   const timeline = [
     ...doc.assignments.map(a => ({at: a.created_at, kind: "assignment", text: `counter ${a.counter} → ${a.release_id}${a.rollout_id ? " (" + a.rollout_id + ")" : ""}${a.published_at ? "" : ", not yet published"}`})),
-    ...doc.events.map(v => ({at: v.received_at, kind: "event", text: `${v.kind}${v.reason ? ": " + v.reason : ""} (${v.release_id}, counter ${v.counter}, via ${v.via})`, bad: ["probe_failed", "rejected", "failed"].includes(v.kind)})),
+    ...doc.events.map(v => ({at: v.received_at, kind: "event", text: `${v.kind}${v.reason ? ": " + v.reason : ""} (${v.release_id}, counter ${v.counter}, via ${v.via})`, bad: ["probe_failed", "rejected", "failed", "stale"].includes(v.kind)})),
   ].sort((a, b) => b.at - a.at);
   const windows = doc.telemetry;
   return {
@@ -90,6 +90,7 @@ async function devicePage(id) {
         <div class="card">fleet<b>${e(d.fleet)}</b></div>
         <div class="card">running<b id="device-running">${e(d.running_release || "–")}</b></div>
         <div class="card">assigned<b>${e(doc.assigned_release || "–")}</b></div>
+        <div class="card">freshness<b id="device-freshness">${doc.freshness.stale ? badge("stale") : doc.freshness.fresh_until ? "fresh until " + when(doc.freshness.fresh_until) : "–"}</b></div>
         <div class="card">update state<b>${e(d.update_state)}</b></div>
         <div class="card">agent<b>${e(d.agent_version || "–")}</b></div>
       </div>

@@ -59,6 +59,10 @@ class _EventKindEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._Enum
     """refused for a security reason (signature, replay, hash, expiry, ...)"""
     EVENT_KIND_FAILED: _EventKind.ValueType  # 8
     """could not complete for another reason (download, disk, interpreter)"""
+    EVENT_KIND_STALE: _EventKind.ValueType  # 9
+    """no unexpired freshness statement within the bound (reason freshness_expired)"""
+    EVENT_KIND_FRESH: _EventKind.ValueType  # 10
+    """a fresh statement again after being stale"""
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
 
@@ -72,6 +76,10 @@ EVENT_KIND_REJECTED: EventKind.ValueType  # 7
 """refused for a security reason (signature, replay, hash, expiry, ...)"""
 EVENT_KIND_FAILED: EventKind.ValueType  # 8
 """could not complete for another reason (download, disk, interpreter)"""
+EVENT_KIND_STALE: EventKind.ValueType  # 9
+"""no unexpired freshness statement within the bound (reason freshness_expired)"""
+EVENT_KIND_FRESH: EventKind.ValueType  # 10
+"""a fresh statement again after being stale"""
 Global___EventKind: typing_extensions.TypeAlias = EventKind
 
 @typing.final
@@ -145,6 +153,63 @@ class SignedAssignment(google.protobuf.message.Message):
 Global___SignedAssignment: typing_extensions.TypeAlias = SignedAssignment
 
 @typing.final
+class Freshness(google.protobuf.message.Message):
+    """"Your latest assignment is counter N, as of issued_at_ms": the director's short-lived statement for one
+    device (Uptane's director timestamp, per device). A device never installs an assignment below the counter
+    of the newest statement it has seen, installs one only after a statement confirms it, and says it is stale
+    when it holds no statement that has not expired.
+    """
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: builtins.int
+    COUNTER_FIELD_NUMBER: builtins.int
+    ISSUED_AT_MS_FIELD_NUMBER: builtins.int
+    EXPIRES_AT_MS_FIELD_NUMBER: builtins.int
+    device_id: builtins.str
+    counter: builtins.int
+    """the device's highest assignment counter (0: none yet)"""
+    issued_at_ms: builtins.int
+    expires_at_ms: builtins.int
+    def __init__(
+        self,
+        *,
+        device_id: builtins.str = ...,
+        counter: builtins.int = ...,
+        issued_at_ms: builtins.int = ...,
+        expires_at_ms: builtins.int = ...,
+    ) -> None: ...
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["counter", b"counter", "device_id", b"device_id", "expires_at_ms", b"expires_at_ms", "issued_at_ms", b"issued_at_ms"]
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+
+Global___Freshness: typing_extensions.TypeAlias = Freshness
+
+@typing.final
+class SignedFreshness(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    FRESHNESS_FIELD_NUMBER: builtins.int
+    KEY_ID_FIELD_NUMBER: builtins.int
+    SIGNATURE_FIELD_NUMBER: builtins.int
+    freshness: builtins.bytes
+    """serialized Freshness"""
+    key_id: builtins.str
+    """the director key, as in SignedAssignment"""
+    signature: builtins.bytes
+    """Ed25519 over "fedfleet/v1 freshness\\n" + `freshness` (never valid as an assignment's)"""
+    def __init__(
+        self,
+        *,
+        freshness: builtins.bytes = ...,
+        key_id: builtins.str = ...,
+        signature: builtins.bytes = ...,
+    ) -> None: ...
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["freshness", b"freshness", "key_id", b"key_id", "signature", b"signature"]
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+
+Global___SignedFreshness: typing_extensions.TypeAlias = SignedFreshness
+
+@typing.final
 class DeviceStatus(google.protobuf.message.Message):
     """Retained on …/devices/{device}/status; the last will carries online=false."""
 
@@ -159,6 +224,8 @@ class DeviceStatus(google.protobuf.message.Message):
     LAST_ERROR_FIELD_NUMBER: builtins.int
     TIMESTAMP_MS_FIELD_NUMBER: builtins.int
     AGENT_VERSION_FIELD_NUMBER: builtins.int
+    STALE_FIELD_NUMBER: builtins.int
+    FRESH_UNTIL_MS_FIELD_NUMBER: builtins.int
     device_id: builtins.str
     online: builtins.bool
     running_target: builtins.str
@@ -168,6 +235,10 @@ class DeviceStatus(google.protobuf.message.Message):
     last_error: builtins.str
     timestamp_ms: builtins.int
     agent_version: builtins.str
+    stale: builtins.bool
+    """No unexpired freshness statement: the device cannot tell whether it misses a newer assignment."""
+    fresh_until_ms: builtins.int
+    """expiry of the newest freshness statement it holds (0: none yet)"""
     def __init__(
         self,
         *,
@@ -180,8 +251,10 @@ class DeviceStatus(google.protobuf.message.Message):
         last_error: builtins.str = ...,
         timestamp_ms: builtins.int = ...,
         agent_version: builtins.str = ...,
+        stale: builtins.bool = ...,
+        fresh_until_ms: builtins.int = ...,
     ) -> None: ...
-    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["agent_version", b"agent_version", "device_id", b"device_id", "last_error", b"last_error", "online", b"online", "running_counter", b"running_counter", "running_release", b"running_release", "running_target", b"running_target", "timestamp_ms", b"timestamp_ms", "update_state", b"update_state"]
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["agent_version", b"agent_version", "device_id", b"device_id", "fresh_until_ms", b"fresh_until_ms", "last_error", b"last_error", "online", b"online", "running_counter", b"running_counter", "running_release", b"running_release", "running_target", b"running_target", "stale", b"stale", "timestamp_ms", b"timestamp_ms", "update_state", b"update_state"]
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
 
 Global___DeviceStatus: typing_extensions.TypeAlias = DeviceStatus
@@ -422,11 +495,16 @@ class RegisterResponse(google.protobuf.message.Message):
     DEVICE_ID_FIELD_NUMBER: builtins.int
     TOPIC_PREFIX_FIELD_NUMBER: builtins.int
     ASSIGNMENT_FIELD_NUMBER: builtins.int
+    FRESHNESS_FIELD_NUMBER: builtins.int
     device_id: builtins.str
     topic_prefix: builtins.str
     @property
     def assignment(self) -> Global___SignedAssignment:
         """The device's current signed assignment, if it has one, so a device need not wait for MQTT."""
+
+    @property
+    def freshness(self) -> Global___SignedFreshness:
+        """The director's current freshness statement for the device, if one is signed."""
 
     def __init__(
         self,
@@ -434,13 +512,63 @@ class RegisterResponse(google.protobuf.message.Message):
         device_id: builtins.str = ...,
         topic_prefix: builtins.str = ...,
         assignment: Global___SignedAssignment | None = ...,
+        freshness: Global___SignedFreshness | None = ...,
     ) -> None: ...
-    _HasFieldArgType: typing_extensions.TypeAlias = typing.Literal["assignment", b"assignment"]
+    _HasFieldArgType: typing_extensions.TypeAlias = typing.Literal["assignment", b"assignment", "freshness", b"freshness"]
     def HasField(self, field_name: _HasFieldArgType) -> builtins.bool: ...
-    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["assignment", b"assignment", "device_id", b"device_id", "topic_prefix", b"topic_prefix"]
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["assignment", b"assignment", "device_id", b"device_id", "freshness", b"freshness", "topic_prefix", b"topic_prefix"]
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
 
 Global___RegisterResponse: typing_extensions.TypeAlias = RegisterResponse
+
+@typing.final
+class CheckRequest(google.protobuf.message.Message):
+    """The agent's periodic check (on a timer with jitter, and before it installs anything)."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: builtins.int
+    COUNTER_FIELD_NUMBER: builtins.int
+    device_id: builtins.str
+    counter: builtins.int
+    """the highest assignment counter the device has accepted"""
+    def __init__(
+        self,
+        *,
+        device_id: builtins.str = ...,
+        counter: builtins.int = ...,
+    ) -> None: ...
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["counter", b"counter", "device_id", b"device_id"]
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+
+Global___CheckRequest: typing_extensions.TypeAlias = CheckRequest
+
+@typing.final
+class CheckResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    FRESHNESS_FIELD_NUMBER: builtins.int
+    ASSIGNMENT_FIELD_NUMBER: builtins.int
+    @property
+    def freshness(self) -> Global___SignedFreshness:
+        """the current statement (absent: the coordinator has none for it yet)"""
+
+    @property
+    def assignment(self) -> Global___SignedAssignment:
+        """the device's latest assignment, when its counter is above the request's"""
+
+    def __init__(
+        self,
+        *,
+        freshness: Global___SignedFreshness | None = ...,
+        assignment: Global___SignedAssignment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: typing_extensions.TypeAlias = typing.Literal["assignment", b"assignment", "freshness", b"freshness"]
+    def HasField(self, field_name: _HasFieldArgType) -> builtins.bool: ...
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["assignment", b"assignment", "freshness", b"freshness"]
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+
+Global___CheckResponse: typing_extensions.TypeAlias = CheckResponse
 
 @typing.final
 class FetchRequest(google.protobuf.message.Message):

@@ -64,6 +64,11 @@ class FleetServiceStub:
                 request_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryWindow.SerializeToString,
                 response_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryAck.FromString,
                 _registered_method=True)
+        self.Check = channel.unary_unary(
+                '/fedfleet.v1.FleetService/Check',
+                request_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.CheckRequest.SerializeToString,
+                response_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.CheckResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -107,6 +112,13 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Check(self, request, context):
+        """The current freshness statement and, if the device lacks it, the latest assignment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +151,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.UploadTelemetry,
                     request_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryWindow.FromString,
                     response_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryAck.SerializeToString,
+            ),
+            'Check': grpc.unary_unary_rpc_method_handler(
+                    servicer.Check,
+                    request_deserializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.CheckRequest.FromString,
+                    response_serializer=edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.CheckResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +320,33 @@ class FleetService:
             '/fedfleet.v1.FleetService/UploadTelemetry',
             edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryWindow.SerializeToString,
             edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.TelemetryAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Check(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfleet.v1.FleetService/Check',
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.CheckRequest.SerializeToString,
+            edge__agent_dot_contract_dot___proto_dot_fedfleet_dot_v1_dot_fleet__pb2.CheckResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,8 @@ class FleetServiceStub:
     ReportEvents: grpc.UnaryUnaryMultiCallable[edge_agent.contract._proto.fedfleet.v1.fleet_pb2.ReportEventsRequest, edge_agent.contract._proto.fedfleet.v1.fleet_pb2.ReportEventsResponse]
     UploadTelemetry: grpc.StreamUnaryMultiCallable[edge_agent.contract._proto.fedfleet.v1.fleet_pb2.TelemetryWindow, edge_agent.contract._proto.fedfleet.v1.fleet_pb2.TelemetryAck]
     """A backlog after time offline, in bulk; answers the stored watermark."""
+    Check: grpc.UnaryUnaryMultiCallable[edge_agent.contract._proto.fedfleet.v1.fleet_pb2.CheckRequest, edge_agent.contract._proto.fedfleet.v1.fleet_pb2.CheckResponse]
+    """The current freshness statement and, if the device lacks it, the latest assignment."""
 
 @typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
@@ -50,6 +52,8 @@ class FleetServiceAsyncStub(FleetServiceStub):
     ReportEvents: grpc.aio.UnaryUnaryMultiCallable[edge_agent.contract._proto.fedfleet.v1.fleet_pb2.ReportEventsRequest, edge_agent.contract._proto.fedfleet.v1.fleet_pb2.ReportEventsResponse]  # type: ignore[assignment]
     UploadTelemetry: grpc.aio.StreamUnaryMultiCallable[edge_agent.contract._proto.fedfleet.v1.fleet_pb2.TelemetryWindow, edge_agent.contract._proto.fedfleet.v1.fleet_pb2.TelemetryAck]  # type: ignore[assignment]
     """A backlog after time offline, in bulk; answers the stored watermark."""
+    Check: grpc.aio.UnaryUnaryMultiCallable[edge_agent.contract._proto.fedfleet.v1.fleet_pb2.CheckRequest, edge_agent.contract._proto.fedfleet.v1.fleet_pb2.CheckResponse]  # type: ignore[assignment]
+    """The current freshness statement and, if the device lacks it, the latest assignment."""
 
 class FleetServiceServicer(metaclass=abc.ABCMeta):
     @abc.abstractmethod
@@ -95,6 +99,14 @@ class FleetServiceServicer(metaclass=abc.ABCMeta):
         context: _ServicerContext,
     ) -> typing.Union[edge_agent.contract._proto.fedfleet.v1.fleet_pb2.TelemetryAck, collections.abc.Awaitable[edge_agent.contract._proto.fedfleet.v1.fleet_pb2.TelemetryAck]]:
         """A backlog after time offline, in bulk; answers the stored watermark."""
+
+    @abc.abstractmethod
+    def Check(
+        self,
+        request: edge_agent.contract._proto.fedfleet.v1.fleet_pb2.CheckRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[edge_agent.contract._proto.fedfleet.v1.fleet_pb2.CheckResponse, collections.abc.Awaitable[edge_agent.contract._proto.fedfleet.v1.fleet_pb2.CheckResponse]]:
+        """The current freshness statement and, if the device lacks it, the latest assignment."""
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -27,9 +28,9 @@ from edge_agent.assignment import load_director_keys
 from edge_agent.contract import LIMITS
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.errors import AgentError, AssignmentError
-from edge_agent.state import StateStore
+from edge_agent.state import AgentState, StateStore
 from edge_agent.transport import GrpcTransport
-from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment
+from edge_agent.updater import Outcome, UpdateContext, UpdateResult, accept_freshness, apply_assignment
 from server.datadir import DataDir
 from server.ingest.grpc_service import FleetService
 from server.trust.director import Director
@@ -583,3 +584,113 @@ def test_malformed_assignment_payloads(env: Env, corrupt: Callable[[bytes], byte
     assert result.outcome is Outcome.REJECTED
     assert result.reason.startswith("assignment_")
     assert env.active_sha() == env.sha["1.0.0"]
+
+
+# ----- freshness: the director's "your latest assignment is counter N" -----
+
+
+def test_an_assignment_superseded_by_the_directors_statement_is_refused_and_the_newer_one_offered(env: Env) -> None:
+    offered: list[bytes] = []
+    env.ctx.offer = offered.append
+    superseded = env.assign("digits@2.0.0")  # counter 2, never delivered
+    rollback = env.assign("digits@1.0.0")  # counter 3: the operator rolled back
+
+    assert_refused(env, env.apply(superseded), "assignment_superseded")
+
+    state = env.ctx.store.load()
+    assert (state.highest_counter, state.fresh_counter) == (1, 3)  # nothing burned; the statement kept
+    assert not [e for e in env.events if e.counter == 2 and e.kind == pb.EVENT_KIND_DOWNLOADING]
+    assert offered == [rollback]  # the check's answer carried the newer assignment
+    result = env.apply(offered[0])
+    assert (result.outcome, result.reason) == (Outcome.COMMITTED, "already_running")
+    assert env.ctx.store.load().committed_counter == 3
+
+
+def test_a_held_statement_refuses_a_superseded_assignment_without_asking(env: Env) -> None:
+    superseded = env.assign("digits@2.0.0")
+    env.assign("digits@1.0.0")
+    statement = env.ctx.transport.check(1).freshness
+    assert accept_freshness(env.ctx, statement) is not None
+    live = env.ctx.transport
+    env.ctx.transport = GrpcTransport("127.0.0.1:1", DEVICE, timeout=2)  # nothing listens: no network at all
+    try:
+        assert_refused(env, env.apply(superseded), "assignment_superseded")
+    finally:
+        env.ctx.transport.close()
+        env.ctx.transport = live
+
+
+def test_an_assignment_the_director_does_not_state_is_refused_without_burning_its_counter(env: Env) -> None:
+    """Signed with the director's key but never issued (a stolen key, or a restored old database)."""
+    assert_refused(env, env.apply(_forged(env, 5)), "assignment_unconfirmed")
+    assert env.ctx.store.load().highest_counter == 1
+    assert not [e for e in env.events if e.counter == 5 and e.kind == pb.EVENT_KIND_DOWNLOADING]
+    assert env.apply(env.assign("digits@2.0.0")).outcome is Outcome.COMMITTED  # counter 2: not blocked
+
+
+class CoordinatorWithoutCheck(FleetService):
+    """An older coordinator, or an attacker who drops the check: no freshness statement can be had."""
+
+    async def Check(self, request: Any, context: Any) -> pb.CheckResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        return pb.CheckResponse()
+
+
+def test_an_assignment_that_cannot_be_confirmed_waits_and_downloads_nothing(env: Env) -> None:
+    store = env.d.store()
+    blocked = GrpcServerThread(store, env.d.repository(), service_class=CoordinatorWithoutCheck)
+    live = env.ctx.transport
+    env.ctx.transport = GrpcTransport(blocked.address, DEVICE, timeout=10)
+    try:
+        payload = env.assign("digits@2.0.0")
+        result = env.apply(payload)
+        assert result.outcome is Outcome.RETRY and result.reason == "transient", result
+        state = env.ctx.store.load()
+        assert (state.highest_counter, state.pending) == (1, None)  # not accepted: checked before persisting
+        assert not [e for e in env.events if e.counter == 2 and e.kind == pb.EVENT_KIND_DOWNLOADING]
+        assert env.active_sha() == env.sha["1.0.0"]
+    finally:
+        env.ctx.transport.close()
+        env.ctx.transport = live
+        blocked.stop()
+        store.close()
+    assert env.apply(payload).outcome is Outcome.COMMITTED  # the same assignment, once the director answers
+    assert env.active_sha() == env.sha["2.0.0"]
+
+
+def test_freshness_statements_only_move_forward_and_must_be_the_directors(env: Env) -> None:
+    director = env.d.director()
+    held = env.ctx.transport.check(1).freshness  # counter 1, already held since the fixture's update
+    env.assign("digits@2.0.0")
+    newer = env.ctx.transport.check(1).freshness
+    kept = accept_freshness(env.ctx, newer)
+    assert kept is not None and kept.counter == 2
+    before = env.ctx.store.load()
+
+    assert accept_freshness(env.ctx, held) is None  # a replayed older statement changes nothing
+    now = int(time.time() * 1000)
+    short = Director(load_private_key(env.d.keys / "director.pem"), freshness_seconds=1.0)
+    assert accept_freshness(env.ctx, short.sign_freshness(DEVICE, 7, now - 5000)) is None  # expired: ignored
+    assert env.ctx.store.load() == before
+
+    assignment = pb.SignedAssignment.FromString(env.assign("digits@1.0.0"))
+    as_statement = pb.SignedFreshness(
+        freshness=assignment.assignment, key_id=assignment.key_id, signature=assignment.signature
+    )
+    for bad, reason in [
+        (director.sign_freshness("dev-2", 9, now), "freshness_invalid"),  # another device's
+        (as_statement, "freshness_invalid"),  # an assignment's signature never passes for a statement's
+        (Director(Ed25519PrivateKey.generate()).sign_freshness(DEVICE, 9, now), "freshness_invalid"),  # not ours
+        (director.sign_freshness(DEVICE, 2**63, now), "assignment_counter_jump"),  # would supersede everything
+    ]:
+        with pytest.raises(AssignmentError) as refused:
+            accept_freshness(env.ctx, bad)
+        assert refused.value.reason == reason
+    state = env.ctx.store.load()
+    assert (state.fresh_counter, state.fresh_issued_ms) == (before.fresh_counter, before.fresh_issued_ms)
+
+
+def test_a_device_is_stale_without_an_unexpired_statement() -> None:
+    assert AgentState().is_stale(1)
+    assert not AgentState(fresh_until_ms=1001).is_stale(1000)
+    assert AgentState(fresh_until_ms=1000).is_stale(1000)

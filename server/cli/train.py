@@ -222,7 +222,7 @@ def privacy_ledger(
             str(r["rounds"]),
             fmt(r["epsilon"]),
             f"{r['delta']:g}",
-            "ok" if not r["epsilon_mismatches"] else f"{r['epsilon_mismatches']} mismatch(es)",
+            _mismatches(r["epsilon_mismatches"]),
             fmt(r["lifetime_epsilon"]),
             f"{r['lifetime_delta']:g}",
             fmt(r["budget"]),
@@ -235,6 +235,10 @@ def privacy_ledger(
             "figure is recorded. `fedfleet models show VERSION` lists the incidents, `fedfleet audit list` the "
             "entries."
         )
+
+
+def _mismatches(n: int) -> str:
+    return "ok" if n == 0 else f"{n} mismatch" if n == 1 else f"{n} mismatches"
 
 
 @privacy_app.command("budget")

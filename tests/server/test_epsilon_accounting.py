@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -205,13 +206,14 @@ def _metrics(epsilon: float, history: History) -> MetricRecord:
     )
 
 
-def _ledger_cli(d: DataDir) -> subprocess.CompletedProcess[str]:
+def _ledger_cli(d: DataDir, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", "privacy", "ledger", "--data-dir", str(d.root), "--json"],
+        [sys.executable, "-m", "server.cli", "privacy", "ledger", "--data-dir", str(d.root), *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
+        env={**os.environ, "COLUMNS": "200"},
     )
 
 
@@ -264,11 +266,13 @@ def test_the_coordinator_records_the_larger_epsilon_with_an_incident_and_never_l
         run.runs.start("run-next", "digits", "simulation", plan.to_dict())
         ledger.record("run-next", "pi-1", 1, 0.5, 2e-5)
 
-    rows = json.loads(_ledger_cli(d).stdout)
+    rows = json.loads(_ledger_cli(d, "--json").stdout)
     assert [(r["run"], r["epsilon_mismatches"]) for r in rows] == [("run-check", 2), ("run-next", 0)]
     assert math.isclose(rows[0]["epsilon"], third, rel_tol=1e-9) and rows[0]["delta"] == DELTA
     assert math.isclose(rows[1]["lifetime_epsilon"], third + 0.5, rel_tol=1e-9)
     assert math.isclose(rows[1]["lifetime_delta"], DELTA + 2e-5, rel_tol=1e-12)
+    table = _ledger_cli(d).stdout
+    assert "lifetime δ" in table and "2 mismatches" in table and "3e-05" in table  # 1e-05 + 2e-05
 
 
 # ----- a real Flower run -----
@@ -327,7 +331,7 @@ def test_a_flower_run_charges_the_cumulative_epsilon_to_a_forgetful_and_an_under
     mismatches = [(i["device_id"], i["round"]) for i in outcome.incidents if i["kind"] == "epsilon-mismatch"]
     assert mismatches == [("sim-000", 1), ("sim-000", 2), ("sim-000", 3)]  # the forgetful one reported right
     assert {e["subject"] for e in entries} == {"sim-000"} and len(entries) == 3
-    ledger = {r["device"]: r for r in json.loads(_ledger_cli(d).stdout)}
+    ledger = {r["device"]: r for r in json.loads(_ledger_cli(d, "--json").stdout)}
     assert ledger["sim-000"]["epsilon_mismatches"] == 3 and ledger["sim-001"]["epsilon_mismatches"] == 0
     assert ledger["sim-001"]["lifetime_delta"] == DELTA
     # The forgetful device's own record holds the whole run's history.

@@ -1,4 +1,4 @@
-"""The privacy ledger and the model registry, both in the coordinator's SQLite database (schema v5).
+"""The privacy ledger and the model registry, both in the coordinator's SQLite database (schema v5, v9).
 
 Ledger: a device's ε after each round is stored (cumulative within its run): the larger of what it reported and
 what the coordinator recomputed from its noise, sample rate and steps, and never below the run's earlier ε. A
@@ -46,14 +46,29 @@ class Ledger:
     def lifetime(self, device_id: str, excluding_run: str = "") -> float:
         return LedgerRecords(self.store).lifetime(device_id, excluding_run)
 
-    def record(self, run_id: str, device_id: str, server_round: int, epsilon: float, delta: float) -> float:
-        """Record the device's run ε after a round; returns it as recorded, never below the run's earlier ε.
-        An ε that is not a finite number >= 0, or a δ outside (0, 1), is refused and nothing is written."""
+    def record(
+        self,
+        run_id: str,
+        device_id: str,
+        server_round: int,
+        epsilon: float,
+        delta: float,
+        reported: float | None = None,
+        recomputed: float | None = None,
+        mismatch: bool = False,
+    ) -> float:
+        """Record the device's run ε after a round (with what it reported and what the coordinator recomputed);
+        returns it as recorded, never below the run's earlier ε. An ε that is not a finite number >= 0, or a δ
+        outside (0, 1), is refused and nothing is written."""
         if not (math.isfinite(epsilon) and epsilon >= 0):
             raise ValueError(f"an ε must be a finite number >= 0 (got {epsilon!r}); nothing was recorded")
         if not 0 < delta < 1:
             raise ValueError(f"a δ must lie in (0, 1) (got {delta!r}); nothing was recorded")
-        return LedgerRecords(self.store).record(run_id, device_id, server_round, epsilon, delta, now_ms())
+        if reported is not None and not math.isfinite(reported):
+            reported = None  # an unreadable report is stored as none
+        return LedgerRecords(self.store).record(
+            run_id, device_id, server_round, epsilon, delta, now_ms(), reported, recomputed, mismatch
+        )
 
     def run_epsilon(self, run_id: str, device_id: str) -> float:
         """The device's ε in the run as recorded so far (0: none)."""

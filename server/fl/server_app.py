@@ -193,7 +193,16 @@ class _Run:
         )
         d.history = check.charged
         d.noise = min(z for z, _, _ in check.charged)
-        d.epsilon = self.ledger.record(self.run_id, d.device_id, server_round, check.recorded, p.delta)
+        d.epsilon = self.ledger.record(
+            self.run_id,
+            d.device_id,
+            server_round,
+            check.recorded,
+            p.delta,
+            reported=check.reported,
+            recomputed=check.recomputed,
+            mismatch=check.mismatch,
+        )
         if check.mismatch:
             shown = "unreadable" if math.isnan(check.reported) else f"{check.reported:.4f}"
             self.incident(

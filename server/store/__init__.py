@@ -355,7 +355,29 @@ def _v8(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
+def _v9(db: sqlite_utils.Database) -> None:
+    """The privacy ledger keeps, per round, what the client reported beside what the coordinator recomputed and
+    whether they disagreed (the ledger's own fact, whatever retention does to incidents); SQLite itself refuses an
+    ε below the one recorded for the run, lowering one, and deleting ledger rows."""
+    db.executescript(
+        """
+        ALTER TABLE privacy_spend ADD COLUMN reported_epsilon REAL;    -- the client's figure; NULL: unreadable
+        ALTER TABLE privacy_spend ADD COLUMN recomputed_epsilon REAL;  -- the coordinator's accountant (NULL before v9)
+        ALTER TABLE privacy_spend ADD COLUMN mismatch INTEGER NOT NULL DEFAULT 0;
+        CREATE TRIGGER privacy_spend_never_below BEFORE INSERT ON privacy_spend
+        WHEN NEW.epsilon < (SELECT MAX(epsilon) FROM privacy_spend
+                            WHERE run_id = NEW.run_id AND device_id = NEW.device_id)
+        BEGIN SELECT RAISE(ABORT, 'privacy ledger: an epsilon below the one recorded for the run'); END;
+        CREATE TRIGGER privacy_spend_never_lowered BEFORE UPDATE OF epsilon ON privacy_spend
+        WHEN NEW.epsilon < OLD.epsilon
+        BEGIN SELECT RAISE(ABORT, 'privacy ledger: a recorded epsilon is never lowered'); END;
+        CREATE TRIGGER privacy_spend_kept BEFORE DELETE ON privacy_spend
+        BEGIN SELECT RAISE(ABORT, 'privacy ledger: rows are never deleted'); END;
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -97,17 +97,44 @@ class LedgerRecords:
                 [device_id, budget],
             )
 
-    def record(self, run_id: str, device_id: str, server_round: int, epsilon: float, delta: float, at: int) -> float:
+    def record(
+        self,
+        run_id: str,
+        device_id: str,
+        server_round: int,
+        epsilon: float,
+        delta: float,
+        at: int,
+        reported: float | None = None,
+        recomputed: float | None = None,
+        mismatch: bool = False,
+    ) -> float:
         """Store the device's ε for the run after this round, never below an ε already recorded for the run (a
-        lower figure is raised to it); returns the ε as recorded."""
+        lower figure is raised to it; the schema's triggers refuse one anyway), with what the client reported,
+        what the coordinator recomputed and whether they disagreed; returns the ε as recorded."""
         with self.store.transaction() as db:
             db.execute(
-                """INSERT INTO privacy_spend (run_id, device_id, round, epsilon, delta, at)
+                """INSERT INTO privacy_spend (run_id, device_id, round, epsilon, delta, at, reported_epsilon,
+                                             recomputed_epsilon, mismatch)
                    VALUES (?, ?, ?, MAX(?, COALESCE(
-                     (SELECT MAX(epsilon) FROM privacy_spend WHERE run_id = ? AND device_id = ?), 0)), ?, ?)
+                     (SELECT MAX(epsilon) FROM privacy_spend WHERE run_id = ? AND device_id = ?), 0)), ?, ?, ?, ?, ?)
                    ON CONFLICT (run_id, device_id, round)
-                   DO UPDATE SET epsilon = MAX(epsilon, excluded.epsilon), delta = excluded.delta, at = excluded.at""",
-                [run_id, device_id, server_round, epsilon, run_id, device_id, delta, at],
+                   DO UPDATE SET epsilon = MAX(epsilon, excluded.epsilon), delta = excluded.delta, at = excluded.at,
+                     reported_epsilon = excluded.reported_epsilon, recomputed_epsilon = excluded.recomputed_epsilon,
+                     mismatch = MAX(mismatch, excluded.mismatch)""",
+                [
+                    run_id,
+                    device_id,
+                    server_round,
+                    epsilon,
+                    run_id,
+                    device_id,
+                    delta,
+                    at,
+                    reported,
+                    recomputed,
+                    int(mismatch),
+                ],
             )
             row = db.execute(
                 "SELECT epsilon FROM privacy_spend WHERE run_id = ? AND device_id = ? AND round = ?",
@@ -135,12 +162,11 @@ class LedgerRecords:
 
     def by_run(self) -> list[tuple[Any, ...]]:
         """Per device and run, in the order the runs started: (device, run, ε, δ, rounds, model version, ε
-        mismatches), ε and δ the highest recorded in the run, mismatches the run's `epsilon-mismatch` incidents
-        for the device."""
+        mismatches), ε and δ the highest recorded in the run, mismatches the rounds in which the client's report
+        and the coordinator's recomputation disagreed."""
         rows = self.store.db.execute(
             """SELECT p.device_id, p.run_id, MAX(p.epsilon), MAX(p.delta), MAX(p.round) AS rounds, r.model_version,
-                      (SELECT COUNT(*) FROM fl_incidents i WHERE i.run_id = p.run_id AND i.device_id = p.device_id
-                       AND i.kind = 'epsilon-mismatch') AS mismatches
+                      SUM(p.mismatch) AS mismatches
                FROM privacy_spend p JOIN fl_runs r ON r.id = p.run_id
                GROUP BY p.device_id, p.run_id ORDER BY p.device_id, r.started_at"""
         ).fetchall()

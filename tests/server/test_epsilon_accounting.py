@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -259,8 +260,20 @@ def test_the_coordinator_records_the_larger_epsilon_with_an_incident_and_never_l
             with pytest.raises(ValueError, match="nothing was recorded"):
                 ledger.record("run-check", "pi-1", 5, bad_epsilon, bad_delta)
         assert math.isclose(ledger.run_epsilon("run-check", "pi-1"), third, rel_tol=1e-9)
-        rounds = [r["round"] for r in store.db.query("SELECT round FROM privacy_spend ORDER BY round")]
-        assert rounds == [1, 2, 3, 4]
+        rows = list(store.db.query("SELECT * FROM privacy_spend ORDER BY round"))
+        assert [r["round"] for r in rows] == [1, 2, 3, 4] and [r["mismatch"] for r in rows] == [0, 1, 1, 0]
+        assert rows[1]["reported_epsilon"] == first and math.isclose(rows[1]["recomputed_epsilon"], second)
+
+        # The schema itself refuses to lower or delete what the ledger holds, whoever writes SQL.
+        for sql in (
+            "UPDATE privacy_spend SET epsilon = 0.001 WHERE round = 3",
+            "DELETE FROM privacy_spend WHERE round = 1",
+            "INSERT INTO privacy_spend (run_id, device_id, round, epsilon, delta, at)"
+            " VALUES ('run-check', 'pi-1', 9, 0.001, 1e-5, 0)",
+        ):
+            with pytest.raises(sqlite3.IntegrityError, match="privacy ledger"):
+                store.db.execute(sql)
+        assert list(store.db.query("SELECT * FROM privacy_spend ORDER BY round")) == rows
 
         # A second run: lifetime ε and δ are sums over runs.
         run.runs.start("run-next", "digits", "simulation", plan.to_dict())

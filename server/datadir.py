@@ -7,7 +7,10 @@ DATA/repository/             the TUF repository served to devices
 DATA/trust/root.json         the root devices start from (enrollment bundle)
 DATA/trust/director_keys.json
 DATA/policy.toml             policy as code (optional; see server/policy.py)
-DATA/trust/ca.pem, crl.pem   the fleet CA (its key in keys/ca-key.pem) and its revocation list
+DATA/trust/ca.pem, crl.pem   the fleet CA's trust bundle (root + issuing intermediate, whose key is keys/ca-key.pem)
+                             and its revocation list (see server/trust/pki.py)
+OFFLINE/                     with `fedfleet init --offline-keys OFFLINE`: the TUF root key (root.pem) and the root
+                             CA key (ca-root-key.pem), kept off the coordinator; otherwise both are in DATA/keys/
 DATA/tls/                    the coordinator's own certificates (gRPC server, MQTT client)
 """
 
@@ -27,7 +30,7 @@ from server.policy import Policy, load_policy
 from server.rollout.driver import Rollouts
 from server.store import Store
 from server.trust.director import Director
-from server.trust.pki import COORDINATOR_IDENTITY, FleetCA
+from server.trust.pki import CA_ROOT_KEY, COORDINATOR_IDENTITY, FleetCA
 from server.trust.repository import Repository
 
 __all__ = ["DEFAULT_DATA_DIR", "ENV_DATA_DIR", "CoordinatorConfig", "DataDir"]
@@ -85,6 +88,17 @@ class CoordinatorConfig:
         )
 
 
+def _check_offline_dir(offline: Path, data_root: Path) -> None:
+    """The offline directory must be outside the data directory and hold no root keys yet (another fleet's)."""
+    resolved, data = offline.resolve(), data_root.resolve()
+    if resolved == data or data in resolved.parents:
+        raise DataDirError(f"--offline-keys {offline} lies inside the data directory; give a removable drive's path")
+    taken = [name for name in ("root.pem", CA_ROOT_KEY) if (offline / name).exists()]
+    if taken:
+        raise DataDirError(f"{offline} already holds {', '.join(taken)} (another fleet's?); give an empty directory")
+    offline.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 class DataDir:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -99,16 +113,27 @@ class DataDir:
         return self.config_path.is_file() and self.db_path.is_file() and (self.keys / "director.pem").is_file()
 
     @classmethod
-    def init(cls, root: Path) -> tuple[DataDir, bool]:
-        """Create everything once. Returns (datadir, created); a second call changes nothing."""
+    def init(cls, root: Path, offline_keys: Path | None = None) -> tuple[DataDir, bool]:
+        """Create everything once. Returns (datadir, created); a second call changes nothing. With
+        `offline_keys` the TUF root key and the root CA key are written there (a USB stick to unplug), not to
+        DATA/keys: the online keys (targets, snapshot, timestamp, releases, director, the intermediate CA)
+        run the fleet, and the commands that need an offline key take that directory again."""
         d = cls(root)
         if d.initialised:
+            if offline_keys is not None and (d.keys / "root.pem").exists():
+                raise DataDirError(
+                    f"{root} is already initialised with its root keys online; --offline-keys applies when a data "
+                    "directory is created"
+                )
             return d, False
         if root.exists() and any(root.iterdir()) and not d.config_path.exists():
             raise DataDirError(f"{root} exists and is not a fedfleet data directory; choose an empty or new path")
+        if offline_keys is not None:
+            _check_offline_dir(offline_keys, root)
         root.mkdir(parents=True, exist_ok=True)
         d.keys.mkdir(mode=0o700, exist_ok=True)
-        repo = Repository.create(d.repository_dir, d.keys)
+        repo = Repository.create(d.repository_dir, d.keys, root_key_dir=offline_keys)
+        FleetCA.create(d.keys, d.trust, root_key_dir=offline_keys)
         director = Director.create(d.keys / "director.pem")
         d.trust.mkdir(exist_ok=True)
         atomic_write_bytes(d.trust / "root.json", repo.first_root_bytes())

@@ -37,6 +37,7 @@ from server.cli.common import (
 )
 from server.cli.config import config_app
 from server.cli.freshness import devices_behind
+from server.cli.keys import OfflineKeysOption, keys_app
 from server.cli.loop import alerts_app, loop_app
 from server.cli.rollout import audit_app, rollout_app
 from server.cli.train import models_app, privacy_app, train
@@ -47,7 +48,6 @@ from server.store import Release, now_ms
 from server.store.telemetry import TelemetryRecords
 from server.trust.enrollment import write_bundle
 from server.trust.releases import publish_release
-from server.trust.repository import RELEASES_KEY
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -61,7 +61,6 @@ app = typer.Typer(
 )
 devices_app = typer.Typer(help="Devices: list, show, enroll, revoke.", no_args_is_help=True)
 releases_app = typer.Typer(help="Releases: list published models.", no_args_is_help=True)
-keys_app = typer.Typer(help="Keys: rotate the TUF root or the director key.", no_args_is_help=True)
 broker_app = typer.Typer(help="Broker: write a Mosquitto configuration with TLS and ACLs.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 devices_app.command("behind")(devices_behind)
@@ -79,13 +78,24 @@ app.command()(train)
 
 
 @app.command()
-def init(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
-    """Create keys, the update repository, the database and config. Running it again changes nothing."""
-    d, created = DataDir.init(data_dir)
+def init(
+    offline_keys: OfflineKeysOption = None, data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False
+) -> None:
+    """Create keys, the update repository, the database and config. Running it again changes nothing. With
+    --offline-keys DIR the TUF root key and the root CA key go to DIR (a USB stick to unplug and store) instead of
+    DATA/keys; an online intermediate CA enrolls devices. With FEDFLEET_KEY_PASSPHRASE (or _FILE) set, the online
+    keys are written encrypted."""
+    d, created = DataDir.init(data_dir, offline_keys)
     if as_json:
-        print_json({"data_dir": str(d.root), "created": created})
+        offline = {"offline_keys": str(offline_keys)} if offline_keys is not None else {}
+        print_json({"data_dir": str(d.root), "created": created, **offline})
     elif created:
         out.print(f"Initialised fedfleet data directory [bold]{d.root}[/]: keys, TUF repository, database, config.")
+        if offline_keys is not None:
+            out.print(
+                f"The TUF root key and the root CA key are in [bold]{offline_keys}[/], not in the data directory: "
+                "store it offline; `fedfleet keys rotate-root` and `keys new-intermediate` need it (--offline-keys)."
+            )
     else:
         out.print(f"{d.root} is already initialised; nothing changed.")
 
@@ -508,64 +518,6 @@ def _audit(d: DataDir, action: str, subject: str, detail: dict[str, Any], actor:
     """One audit entry for a command whose change lies outside the database (keys, files)."""
     with d.store() as store:
         audit.append(store, action, subject, detail, actor)
-
-
-@keys_app.command("rotate-root")
-def keys_rotate_root(
-    role: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--role",
-            help="Also replace this online role's key: targets, snapshot or timestamp (repeat for several), "
-            "for instance after the coordinator's disk was exposed.",
-        ),
-    ] = None,
-    data_dir: DataDirOption = DEFAULT_DATA_DIR,
-    as_json: JsonOption = False,
-) -> None:
-    """Replace the TUF root key (and with --role online roles' keys); devices with any earlier root follow the
-    signed chain to the new one, and metadata signed by a replaced key is refused from then on."""
-    roles = ("root", *sorted(set(role or []) - {"root"}))
-    d = open_datadir(data_dir)
-    version = d.repository().rotate_root(roles)
-    _audit(d, "keys.rotate_root", "root", {"root_version": version, "roles": list(roles)})
-    if as_json:
-        print_json({"root_version": version, "roles": list(roles)})
-    else:
-        out.print(
-            f"Root rotated: root version {version} is signed by the old and the new root key; "
-            f"new keys for {', '.join(roles)}."
-        )
-
-
-@keys_app.command("rotate-releases")
-def keys_rotate_releases(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
-    """Replace the online key that signs each release's TUF role (keys/releases.pem); every release role is
-    re-signed with the new key and devices follow at their next update. If it is interrupted, run it again."""
-    d = open_datadir(data_dir)
-    roles = d.repository().rotate_releases_key()
-    _audit(d, "keys.rotate_releases", RELEASES_KEY, {"roles_resigned": roles})
-    if as_json:
-        print_json({"roles_resigned": roles})
-    else:
-        out.print(f"Releases key rotated: {roles} release role(s) re-signed with the new key; the old key is retired.")
-
-
-@keys_app.command("rotate-director")
-def keys_rotate_director(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
-    """Replace the key that signs assignments; running devices learn the new key through signed TUF metadata.
-    A running `fedfleet serve` signs with the new key from its next tick."""
-    from server.trust.director import Director
-
-    d = open_datadir(data_dir)
-    old, new = Director.rotate(d.keys, d.trust, d.repository())
-    _audit(d, "keys.rotate_director", "director", {"old": old.key_id, "new": new.key_id})
-    if as_json:
-        print_json({"old_key_id": old.key_id, "new_key_id": new.key_id})
-    else:
-        out.print(
-            f"Director key rotated: {old.key_id[:16]}… → {new.key_id[:16]}… (both trusted until the next rotation)."
-        )
 
 
 @app.command()

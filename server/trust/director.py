@@ -60,16 +60,20 @@ class Director:
         return cls(load_private_key(path), freshness_seconds)
 
     @classmethod
-    def rotate(cls, keys_dir: Path, trust_dir: Path, repository: Repository) -> tuple[Director, Director]:
-        """Replace the director key without re-provisioning devices. The trusted set (the new key and the one it
-        replaces, so assignments already in flight stay valid) is published as a TUF target signed by the
-        targets role; an agent that meets an unknown key id fetches it and checks it through TUF. The retired
-        key is kept beside the new one. Returns (old, new)."""
+    def rotate(
+        cls, keys_dir: Path, trust_dir: Path, repository: Repository, retire_previous: bool = False
+    ) -> tuple[Director, Director]:
+        """Replace the director key without re-provisioning devices. The trusted set is published as a TUF
+        target signed by the targets role; an agent that meets an unknown key id fetches it and checks it through
+        TUF, and trusts exactly the set it fetched. The set holds the new key and the one it replaces, so
+        assignments already in flight stay valid; with `retire_previous` only the new key (after a suspected
+        compromise: the old key's signatures are refused by every agent that has learned the set). The previous
+        key is kept beside the new one either way. Returns (old, new)."""
         path = keys_dir / "director.pem"
         old = cls.load(path)
         new_key = Ed25519PrivateKey.generate()
         new = cls(new_key)
-        trusted = {**new.public_keys(), **old.public_keys()}
+        trusted = new.public_keys() if retire_previous else {**new.public_keys(), **old.public_keys()}
         document = json.dumps(trusted, indent=1, sort_keys=True).encode()
         repository.add_target(DIRECTOR_KEYS_TARGET, document, {"kind": "director-keys"}, replace=True)
         write_private_key(keys_dir / f"director-retired-{old.key_id[:16]}.pem", old._key)

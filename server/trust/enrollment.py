@@ -77,7 +77,7 @@ def write_bundle(
         raise CoordinatorError(f"cannot enroll {device_id!r}: {e}") from e
     ca = d.ca()
     issued = ca.issue(device_id, client=True)
-    atomic_write_bytes(out_dir / "ca.pem", ca.cert_pem)
+    atomic_write_bytes(out_dir / "ca.pem", ca.bundle_pem)  # the root and the issuing intermediate
     atomic_write_bytes(out_dir / "device-key.pem", issued.key_pem)
     atomic_write_bytes(out_dir / "device.pem", issued.cert_pem)
     with d.store() as store, store.transaction():

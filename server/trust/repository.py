@@ -8,6 +8,7 @@ Files (served to devices by name through gRPC FetchMetadata / FetchTarget):
     repository/metadata/timestamp.json                   the only file that changes in place
     repository/targets/<dir>/<sha256>.<basename>          target bytes, content-addressed
     keys/<role>.pem                                      private keys (0600); keys/retired/ after a rotation
+    OFFLINE/root.pem                                     the root key, with `fedfleet init --offline-keys OFFLINE`
 
 Every writer holds an exclusive lock on repository/.lock, so `fedfleet release` and the timestamp refresh in
 `fedfleet serve` never interleave.
@@ -36,7 +37,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import (
@@ -56,6 +56,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from edge_agent.contract.files import atomic_write_bytes
 from server.errors import ConflictError, DataDirError
+from server.trust.keyfile import OfflineKeyError, read_key, write_key
 
 logger = logging.getLogger(__name__)
 
@@ -83,17 +84,13 @@ class Expiry:
 
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, pem)
-    os.chmod(path, 0o600)
+    """0600, atomic; encrypted when a key passphrase is set (server/trust/keyfile.py)."""
+    write_key(path, key)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError) as e:
-        raise DataDirError(f"key {path} is missing or unreadable; was the data directory initialised?") from e
+    """An Ed25519 key, plain or encrypted (then with the passphrase from the environment)."""
+    key = read_key(path)
     if not isinstance(key, Ed25519PrivateKey):
         raise DataDirError(f"key {path} is not an Ed25519 private key")
     return key
@@ -120,7 +117,10 @@ class Repository:
     # ----- creation -----
 
     @classmethod
-    def create(cls, repo_dir: Path, keys_dir: Path, expiry: Expiry | None = None) -> Repository:
+    def create(
+        cls, repo_dir: Path, keys_dir: Path, expiry: Expiry | None = None, root_key_dir: Path | None = None
+    ) -> Repository:
+        """A new repository; the root key goes to root_key_dir (offline) when given, else to keys_dir."""
         repo = cls(repo_dir, keys_dir, expiry)
         repo.metadata_dir.mkdir(parents=True, exist_ok=True)
         repo.targets_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +128,8 @@ class Repository:
             signers = {}
             for role in TOP_LEVEL:
                 key = Ed25519PrivateKey.generate()
-                write_private_key(keys_dir / f"{role}.pem", key)
+                directory = root_key_dir if role == Root.type and root_key_dir is not None else keys_dir
+                write_private_key(directory / f"{role}.pem", key)
                 signers[role] = CryptoSigner(key)
             root = Root(expires=_now() + repo.expiry.root, consistent_snapshot=True)
             for role, signer in signers.items():
@@ -377,11 +378,33 @@ class Repository:
         self._role_expiry[(role, md.signed.version)] = md.signed.expires
         return md.signed.version
 
-    def _retire_key(self, role: str, retired_name: str) -> None:
-        """Move keys/<role>.pem to keys/retired/<retired_name> (kept, never overwritten by a later rotation)."""
-        retired = self.keys_dir / "retired"
-        retired.mkdir(exist_ok=True)
-        os.replace(self.keys_dir / f"{role}.pem", retired / retired_name)
+    def _retire_key(self, role: str, retired_name: str, keys_dir: Path | None = None) -> None:
+        """Move keys/<role>.pem to keys/retired/<retired_name> (kept, never overwritten by a later rotation);
+        `keys_dir`: the offline directory instead of DATA/keys."""
+        keys_dir = keys_dir or self.keys_dir
+        retired = keys_dir / "retired"
+        retired.mkdir(mode=0o700, exist_ok=True)
+        os.replace(keys_dir / f"{role}.pem", retired / retired_name)
+
+    def _root_signer(self, root: Root, offline_dir: Path | None) -> tuple[CryptoSigner, Path]:
+        """The current root key and the directory it lives in: offline_dir when given, else DATA/keys. Checked
+        against the root metadata before anything is signed with it."""
+        online = self.keys_dir / f"{Root.type}.pem"
+        if offline_dir is None and not online.exists():
+            raise OfflineKeyError(
+                "the TUF root key is offline (not in the data directory); give the directory that holds "
+                "root.pem: --offline-keys DIR"
+            )
+        path = offline_dir / f"{Root.type}.pem" if offline_dir is not None else online
+        if not path.is_file():
+            raise OfflineKeyError(f"{path} does not exist; --offline-keys must name the directory holding root.pem")
+        signer = CryptoSigner(load_private_key(path))
+        if signer.public_key.keyid not in root.roles[Root.type].keyids:
+            raise ConflictError(
+                f"{path} is not the current TUF root key (root version {root.version}); give the directory of "
+                "the latest root rotation"
+            )
+        return signer, path.parent
 
     def rotate_releases_key(self) -> int:
         """Replace the online key that signs the releases' roles (keys/releases.pem; the old one goes to
@@ -412,26 +435,29 @@ class Repository:
             self._write_snapshot_and_timestamp(resigned)
             return len(resigned)
 
-    def rotate_root(self, roles: tuple[str, ...] = (Root.type,)) -> int:
+    def rotate_root(self, roles: tuple[str, ...] = (Root.type,), offline_dir: Path | None = None) -> int:
         """Replace the keys of `roles` (root by default) with new ones.
 
         The new root is signed by the old root key and the new one, so a device holding any earlier root
-        walks the chain 1.root.json -> 2.root.json -> ... and trusts the new keys. Returns the new version.
+        walks the chain 1.root.json -> 2.root.json -> ... and trusts the new keys. The root key is read from
+        `offline_dir` when given (it must be there when DATA/keys has none), and its successor written beside
+        it, the old one to retired/ there. Returns the new version.
         """
         unknown = set(roles) - set(TOP_LEVEL)
         if unknown:
             raise ConflictError(f"unknown role(s) {', '.join(sorted(unknown))}; roles are {', '.join(TOP_LEVEL)}")
         with self._lock():
             root_md: Metadata[Root] = self._load(Root.type)
-            old_root_signer = self._signer(Root.type)
             root = root_md.signed
+            old_root_signer, root_key_dir = self._root_signer(root, offline_dir)
             new_signers: dict[str, CryptoSigner] = {}
             for role in roles:
                 for keyid in list(root.roles[role].keyids):
                     root.revoke_key(keyid, role)
                 key = Ed25519PrivateKey.generate()
-                self._retire_key(role, f"{role}-v{root.version}.pem")
-                write_private_key(self.keys_dir / f"{role}.pem", key)
+                keys_dir = root_key_dir if role == Root.type else self.keys_dir
+                self._retire_key(role, f"{role}-v{root.version}.pem", keys_dir)
+                write_private_key(keys_dir / f"{role}.pem", key)
                 new_signers[role] = CryptoSigner(key)
                 root.add_key(new_signers[role].public_key, role)
             self._bump(root)

@@ -36,6 +36,7 @@ from server.cli.common import (
     print_json,
 )
 from server.cli.config import config_app
+from server.cli.flower import flower_app
 from server.cli.freshness import devices_behind
 from server.cli.keys import OfflineKeysOption, keys_app
 from server.cli.loop import alerts_app, loop_app
@@ -74,6 +75,7 @@ app.add_typer(privacy_app, name="privacy")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(loop_app, name="loop")
 app.add_typer(config_app, name="config")
+app.add_typer(flower_app, name="flower")
 app.command()(train)
 
 

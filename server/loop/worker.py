@@ -27,7 +27,7 @@ from server.policy import Policy
 from server.store import Store
 from server.store.loop import JobRecords
 
-__all__ = ["main", "run_job"]
+__all__ = ["main", "run_job", "superlink_connection", "train_on_superlink"]
 
 logger = logging.getLogger("server.loop.worker")
 
@@ -70,7 +70,7 @@ def _train(d: DataDir, store: Store, policy: Policy, job: dict[str, Any]) -> tup
         round_timeout=240.0,
     )
     if job["engine"] == "deployment":
-        return _train_on_superlink(d, store, policy, plan.to_dict())
+        return train_on_superlink(d, store, policy, plan.to_dict())
     outcome = run_training(d.root, plan, device_ids=ids, source_for=_source_for(d, policy))
     if outcome.status != "completed":
         return outcome.run_id, "", outcome.error or f"the run ended {outcome.status}"
@@ -103,19 +103,35 @@ plan = "{}"
 """
 
 
-def _train_on_superlink(d: DataDir, store: Store, policy: Policy, plan: dict[str, Any]) -> tuple[str, str, str]:
+def superlink_connection(d: DataDir, policy: Policy) -> str:
+    """The [superlink.fedfleet] table `flwr` reads: the policy's address, verified with its root certificates (a
+    path, relative to the data directory, e.g. flower/ca.pem from `fedfleet flower credentials`), or plaintext,
+    which the policy allows only on loopback."""
+    link = f"address = {json.dumps(policy.retrain_superlink)}\n"
+    if not policy.retrain_superlink_root_certificates:
+        return link + "insecure = true\n"
+    path = Path(policy.retrain_superlink_root_certificates)
+    path = (path if path.is_absolute() else d.root / path).resolve()
+    if not path.is_file():
+        raise CoordinatorError(
+            f"retrain.superlink_root_certificates {path} is not a file: give the fleet CA bundle the SuperLink's "
+            "certificate chains to (`fedfleet flower credentials` writes DATA/flower/ca.pem)"
+        )
+    return link + f"root-certificates = {json.dumps(str(path))}\n"
+
+
+def train_on_superlink(d: DataDir, store: Store, policy: Policy, plan: dict[str, Any]) -> tuple[str, str, str]:
     """Submit the run to the policy's SuperLink with `flwr run` and wait for it; the devices' SuperNodes train.
     The ServerApp records the run in this data directory, where it is found again by its plan."""
     from server.fl.registry import TrainingRuns
 
     home = d.root / "loop" / "flwr"
+    try:
+        link = superlink_connection(d, policy)
+    except CoordinatorError as e:
+        return "", "", str(e)
     (home / "app").mkdir(mode=0o700, parents=True, exist_ok=True)
     (home / "app" / "pyproject.toml").write_text(_FLOWER_APP)
-    link = f'address = "{policy.retrain_superlink}"\n' + (
-        f'root-certificates = "{policy.retrain_superlink_root_certificates}"\n'
-        if policy.retrain_superlink_root_certificates
-        else "insecure = true\n"
-    )
     (home / "config.toml").write_text(f'[superlink]\ndefault = "fedfleet"\n\n[superlink.fedfleet]\n{link}')
     flwr = Path(sys.executable).parent / "flwr"
     config = f"data-dir='{d.root}' plan='{json.dumps(plan)}'"

@@ -1,26 +1,43 @@
-"""The same Flower app on Flower's deployment engine: a SuperLink (the coordinator's side) and two SuperNodes
-(two devices) on loopback, a run submitted with `flwr run`, the outcome read from the coordinator's database."""
+"""The same Flower app on Flower's deployment engine, secured as a real fleet runs it: a SuperLink (the
+coordinator's side) with TLS from the fleet CA and SuperNode authentication, SuperNodes (devices) holding keys
+made from their enrollment bundles and registered with it (`fedfleet flower credentials`, `fedfleet flower
+node-key`), a run submitted by the retrain worker's own `flwr run`, the outcome read from the coordinator's
+database. A SuperNode whose key was never registered, and one that does not trust the fleet CA, are refused.
+The quick tests check the commands' refusals: bad input changes nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from server import audit
+from server.cli.flower import LOOPBACK_HOSTS, NODE_KEY
 from server.datadir import DataDir
+from server.errors import CoordinatorError
+from server.fl.plan import TrainPlan
 from server.fl.registry import Ledger, Registry, TrainingRuns
-from simulations.processes import kill_tree, run_bounded
-from tests.support import wait_for
-
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+from server.loop import worker
+from server.policy import Policy
+from simulations.processes import kill_tree
+from tests.support import fedfleet, wait_for
 
 APP = Path(__file__).resolve().parents[2] / "deploy" / "flower-app"
+BIN = Path(sys.executable).parent
 
 
 def _free_port() -> int:
@@ -34,96 +51,154 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[tuple[dict[str, str], int]]:
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    link_port = _free_port()
-    (tmp_path / "flwr-home").mkdir()
-    (tmp_path / "flwr-home" / "config.toml").write_text(
-        '[superlink]\ndefault = "fedfleet"\n\n'
-        f'[superlink.fedfleet]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
-    )
-    procs: list[subprocess.Popen[bytes]] = []
-    logs = []
+def _ok(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc: dict[str, Any] = json.loads(done.stdout)
+    return doc
 
-    def start(name: str, *args: str) -> None:
-        log = (tmp_path / f"{name}.log").open("wb")
-        logs.append(log)
-        procs.append(
-            subprocess.Popen(
-                [shutil.which(args[0], path=bin_dir) or args[0], *args[1:]],
-                env=env,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,  # stopped with whatever it starts (the SuperLink's SuperExec)
-            )
+
+def _enroll(d: DataDir, bundle: Path) -> None:
+    _ok(fedfleet(d, "devices", "enroll", bundle.name, "--out", str(bundle), "--json"))
+
+
+def _fresh_key(path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    path.chmod(0o600)
+
+
+@dataclass
+class Federation:
+    """A TLS SuperLink with SuperNode authentication on loopback, and the SuperNodes a test starts."""
+
+    d: DataDir
+    root: Path
+    port: int
+    env: dict[str, str]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[IO[bytes]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.log").open("wb")
+        self.logs.append(log)
+        proc = subprocess.Popen(
+            [shutil.which(args[0], path=str(BIN)) or args[0], *args[1:]],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # stopped with whatever it starts (the SuperLink's SuperExec)
         )
+        self.procs.append(proc)
+        return proc
 
-    start(
-        "superlink",
-        "flower-superlink",
-        "--insecure",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(link_port),
-        "--disable-runtime-dependency-installation",
-        "--database",
-        str(tmp_path / "superlink.db"),
-    )
-    wait_for(lambda: _port_open(link_port), 60, 0.2, what="the SuperLink listening")
-    for i in range(2):
-        start(
-            f"supernode-{i}",
+    def device(self, name: str) -> Path:
+        """An enrolled device whose Flower key is made from its bundle and registered with the SuperLink."""
+        bundle = self.root / name
+        _enroll(self.d, bundle)
+        made = _ok(fedfleet(self.d, "flower", "node-key", str(bundle), "--superlink", self.address, "--json"))
+        assert made["device"] == name and made["node_id"] > 0
+        return bundle
+
+    def supernode(self, name: str, key: Path, ca: Path | None, node_config: str = "") -> subprocess.Popen[bytes]:
+        tls = ["--root-certificates", str(ca)] if ca is not None else []
+        return self.start(
+            name,
             "flower-supernode",
-            "--insecure",
+            *tls,
+            "--auth-supernode-private-key",
+            str(key),
             "--superlink",
-            f"127.0.0.1:{link_port}",
+            self.address,
             "--host",
             "127.0.0.1",
             "--port",
             str(_free_port()),
-            "--node-config",
-            f"partition-id={i} num-partitions=2 device-id='pi-{i}' state-dir='{tmp_path / 'devices'}'",
+            *(["--node-config", node_config] if node_config else []),
         )
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The SuperLink's SuperNodes, as Flower's own `flwr supernode list` reports them."""
+        listed = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "list", "--format", "json"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        nodes: list[dict[str, Any]] = _ok(listed)["nodes"]
+        return nodes
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Federation]:
+    d, _ = DataDir.init(tmp_path / "data")
+    port = _free_port()
+    creds = _ok(fedfleet(d, "flower", "credentials", "--host", "127.0.0.1", "--port", str(port), "--json"))
+    home = tmp_path / "flwr-home"  # how an operator's `flwr` reaches the SuperLink: verified with the fleet CA
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "fedfleet"\n\n'
+        f'[superlink.fedfleet]\naddress = "127.0.0.1:{port}"\nroot-certificates = "{creds["ca"]}"\n'
+    )
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    fed = Federation(d, tmp_path, port, env)
+    # The command line `fedfleet flower credentials` prints: TLS on every API, SuperNode authentication on.
+    assert "--enable-supernode-auth" in creds["command"] and "--insecure" not in creds["command"]
+    fed.start("superlink", *creds["command"], "--database", str(tmp_path / "superlink.db"))
     try:
-        yield env, link_port
+        wait_for(lambda: _port_open(port), 60, 0.2, what="the SuperLink listening")
+        yield fed
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
+        for p in fed.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in fed.procs:
             try:
                 p.wait(20)
             finally:
                 kill_tree(p.pid)  # what it left behind, or all of it if it did not stop
                 p.wait()
-        for log in logs:
+        for log in fed.logs:
             log.close()
         # The SuperLink's SuperExec watches its parent's pid and exits on its own.
 
 
 @pytest.mark.timeout(900)  # `flwr run` gets 600 s (below this) on a slow machine
-def test_a_superlink_and_two_supernodes_train_and_register(
-    federation: tuple[dict[str, str], int], tmp_path: Path
-) -> None:
-    env, _ = federation
-    d, _ = DataDir.init(tmp_path / "data")
-    plan = '{"rounds": 2, "clients": 2, "noise_multiplier": 1.0, "seed": 5}'
-    run = run_bounded(
-        [
-            str(Path(sys.executable).parent / "flwr"),
-            "run",
-            str(APP),
-            "fedfleet",
-            "--stream",
-            "--run-config",
-            f"data-dir='{d.root}' plan='{plan}'",
-        ],
-        timeout=600,
-        env=env,
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_superlink_and_two_supernodes_train_and_register(federation: Federation) -> None:
+    # Prepare: two enrolled devices with registered keys; the policy names the SuperLink and the CA bundle.
+    fed, d = federation, federation.d
+    for i in range(2):
+        bundle = fed.device(f"pi-{i}")
+        fed.supernode(
+            f"supernode-{i}",
+            bundle / NODE_KEY,
+            bundle / "ca.pem",
+            f"partition-id={i} num-partitions=2 device-id='pi-{i}' state-dir='{fed.root / 'devices'}'",
+        )
+    (d.root / "policy.toml").write_text(
+        f'[retrain]\nengine = "deployment"\nsuperlink = "{fed.address}"\n'
+        'superlink_root_certificates = "flower/ca.pem"\n'
     )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    plan = TrainPlan(rounds=2, clients=2, noise_multiplier=1.0, seed=5, round_timeout=240.0).to_dict()
+
+    # Execute: the retrain worker's deployment path submits the run (`flwr run` over TLS).
+    with d.store() as store:
+        run_id, version, error = worker.train_on_superlink(d, store, d.policy(), plan)
+
+    # Assert
+    assert error == "" and run_id and version, (error, fed.log("supernode-0")[-3000:])
     store = d.store()
     try:
         runs = TrainingRuns(store).list()
@@ -134,7 +209,160 @@ def test_a_superlink_and_two_supernodes_train_and_register(
         ledger = Ledger(store, 10.0).rows()
         assert sorted(r["device"] for r in ledger) == ["pi-0", "pi-1"] and all(r["rounds"] == 2 for r in ledger)
         assert model.lineage["metrics"]["test_accuracy"] > 0.3
+        keyed = {e["subject"]: e["detail"] for e in audit.entries(store, action="flower.node-key")}
+        assert sorted(keyed) == ["pi-0", "pi-1"] and all(v["node_id"] for v in keyed.values())
     finally:
         store.close()
     # Each device kept its own record of what it spent, beside the coordinator's ledger.
-    assert (tmp_path / "devices" / "pi-0" / "privacy.json").exists()
+    assert (fed.root / "devices" / "pi-0" / "privacy.json").exists()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_superlink_refuses_an_unregistered_key_and_a_supernode_without_the_ca(federation: Federation) -> None:
+    # Prepare: pi-0 and pi-1 are registered; a stranger holds a fresh key and the fleet's (public) CA bundle.
+    fed = federation
+    pi0, pi1 = fed.device("pi-0"), fed.device("pi-1")
+    _fresh_key(fed.root / "stranger-key")
+
+    # Execute
+    stranger = fed.supernode("stranger", fed.root / "stranger-key", pi0 / "ca.pem")
+    no_ca = fed.supernode("no-ca", pi1 / NODE_KEY, None)  # a registered key, but the system's roots only
+    control = fed.supernode("pi-0", pi0 / NODE_KEY, pi0 / "ca.pem")
+
+    # Assert: the control comes online; the other two give up with an error, and neither node joined.
+    wait_for(lambda: [n["status"] for n in fed.nodes()].count("online") == 1, 120, 1.0, what="pi-0 online")
+    assert stranger.wait(120) != 0 and no_ca.wait(120) != 0
+    assert "No SuperNode found with the given public key" in fed.log("superlink")
+    assert "CERTIFICATE_VERIFY_FAILED" in fed.log("no-ca")
+    nodes = fed.nodes()
+    assert sorted(n["status"] for n in nodes) == ["online", "registered"], nodes  # pi-0 online, pi-1 never
+    assert control.poll() is None
+
+
+# ----- the commands' refusals, no Flower process needed -----
+
+
+def test_credentials_name_the_hosts_and_chain_to_the_fleet_ca(datadir: DataDir, tmp_path: Path) -> None:
+    # Execute
+    first = _ok(
+        fedfleet(datadir, "flower", "credentials", "--host", "coordinator.lan", "--out", str(tmp_path / "a"), "--json")
+    )
+    second = _ok(
+        fedfleet(datadir, "flower", "credentials", "--host", "10.1.2.3", "--out", str(tmp_path / "b"), "--json")
+    )
+
+    # Assert: the names SuperNodes dial plus loopback (the SuperExec's), the chain up to the bundle's root.
+    assert first["hosts"] == ["coordinator.lan", *LOOPBACK_HOSTS] and second["hosts"] == ["10.1.2.3", *LOOPBACK_HOSTS]
+    leaf, intermediate = x509.load_pem_x509_certificates(Path(second["cert"]).read_bytes())
+    root, bundle_intermediate = x509.load_pem_x509_certificates(Path(second["ca"]).read_bytes())
+    assert intermediate == bundle_intermediate
+    leaf.verify_directly_issued_by(intermediate)
+    intermediate.verify_directly_issued_by(root)
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.1.2.3", "127.0.0.1"]
+    assert stat.S_IMODE(Path(second["key"]).stat().st_mode) == 0o600
+    with datadir.store() as store:
+        assert store.certificate_revoked(first["serial"]) and not store.certificate_revoked(second["serial"])
+    assert "0.0.0.0" in second["command"] and "--enable-supernode-auth" in second["command"]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "not a name", "-lan"])
+def test_credentials_refuse_a_host_nobody_dials_and_write_nothing(datadir: DataDir, tmp_path: Path, host: str) -> None:
+    # Prepare
+    with datadir.store() as store:
+        before = audit.entries(store)
+
+    # Execute
+    done = fedfleet(datadir, "flower", "credentials", f"--host={host}", "--out", str(tmp_path / "tls"))
+
+    # Assert
+    assert done.returncode == 1 and "--host" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "tls").exists()
+    with datadir.store() as store:
+        assert audit.entries(store) == before
+
+
+def test_node_key_is_made_from_a_live_enrollment_bundle(datadir: DataDir, tmp_path: Path) -> None:
+    # Prepare
+    bundle = tmp_path / "pi-kitchen"
+    _enroll(datadir, bundle)
+
+    # Execute
+    made = _ok(fedfleet(datadir, "flower", "node-key", str(bundle), "--json"))
+
+    # Assert: an OpenSSH EC key on a NIST curve (what flower-supernode loads), readable by its owner only.
+    assert made == {
+        "device": "pi-kitchen",
+        "private_key": str(bundle / NODE_KEY),
+        "public_key": str(bundle / f"{NODE_KEY}.pub"),
+        "node_id": None,
+    }
+    key = serialization.load_ssh_private_key((bundle / NODE_KEY).read_bytes(), None)
+    public = serialization.load_ssh_public_key((bundle / f"{NODE_KEY}.pub").read_bytes())
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert public == key.public_key()
+    assert stat.S_IMODE((bundle / NODE_KEY).stat().st_mode) == 0o600
+
+
+def test_node_key_refusals_change_nothing(datadir: DataDir, tmp_path: Path) -> None:
+    # Prepare: pi-a enrolled twice (the first bundle's certificate is revoked), pi-b with a key already.
+    old, new, keyed = tmp_path / "old" / "pi-a", tmp_path / "new" / "pi-a", tmp_path / "pi-b"
+    _enroll(datadir, old)
+    _enroll(datadir, new)
+    _enroll(datadir, keyed)
+    _ok(fedfleet(datadir, "flower", "node-key", str(keyed), "--json"))
+    key_before = (keyed / NODE_KEY).read_bytes()
+    with datadir.store() as store:
+        entries_before = audit.entries(store)
+
+    # Execute
+    revoked = fedfleet(datadir, "flower", "node-key", str(old))
+    not_a_bundle = fedfleet(datadir, "flower", "node-key", str(tmp_path))
+    again = fedfleet(datadir, "flower", "node-key", str(keyed))
+    unreachable = fedfleet(datadir, "flower", "node-key", str(new), "--superlink", f"127.0.0.1:{_free_port()}")
+
+    # Assert: one sentence each, no key written, nothing audited.
+    assert revoked.returncode == 1 and "not a live certificate of this fleet" in revoked.stderr
+    assert not_a_bundle.returncode == 1 and "not an enrollment bundle" in not_a_bundle.stderr
+    assert again.returncode == 1 and "--replace" in again.stderr
+    assert unreachable.returncode == 1 and "did not register pi-a's key" in unreachable.stderr
+    assert not (old / NODE_KEY).exists() and not (new / NODE_KEY).exists() and not (tmp_path / NODE_KEY).exists()
+    assert (keyed / NODE_KEY).read_bytes() == key_before
+    with datadir.store() as store:
+        assert audit.entries(store) == entries_before
+
+    # And --replace does make a new key.
+    _ok(fedfleet(datadir, "flower", "node-key", str(keyed), "--replace", "--json"))
+    assert (keyed / NODE_KEY).read_bytes() != key_before
+
+
+def test_the_worker_verifies_the_superlink_with_the_policy_ca(datadir: DataDir, tmp_path: Path) -> None:
+    # Prepare
+    _ok(fedfleet(datadir, "flower", "credentials", "--json"))
+    tls = Policy(retrain_superlink="coordinator.lan:9091", retrain_superlink_root_certificates="flower/ca.pem")
+    loopback = Policy(retrain_superlink="127.0.0.1:9091")
+    missing = Policy(retrain_superlink="coordinator.lan:9091", retrain_superlink_root_certificates="nowhere.pem")
+
+    # Execute
+    with_tls = tomllib.loads(worker.superlink_connection(datadir, tls))
+    plaintext = tomllib.loads(worker.superlink_connection(datadir, loopback))
+    with datadir.store() as store:
+        outcome = worker.train_on_superlink(datadir, store, missing, {"rounds": 1, "round_timeout": 1.0})
+
+    # Assert: a relative path is the data directory's, and a missing bundle stops the job with one sentence.
+    assert with_tls == {"address": "coordinator.lan:9091", "root-certificates": str(datadir.root / "flower" / "ca.pem")}
+    assert plaintext == {"address": "127.0.0.1:9091", "insecure": True}
+    assert outcome[:2] == ("", "") and "nowhere.pem is not a file" in outcome[2]
+    with pytest.raises(CoordinatorError, match="is not a file"):
+        worker.superlink_connection(datadir, missing)
+
+
+def test_the_worker_submits_the_app_deploy_flower_app_describes() -> None:
+    """The worker writes its own copy of deploy/flower-app (the installed package has no deploy/): the same
+    components and settings, so the deployment test's run through the worker covers the shipped app too."""
+    shipped = tomllib.loads((APP / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    submitted = tomllib.loads(worker._FLOWER_APP)["tool"]["flwr"]["app"]
+    assert submitted["components"] == shipped["components"]
+    assert submitted["config"].keys() == shipped["config"].keys()

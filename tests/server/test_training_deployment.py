@@ -105,14 +105,14 @@ class Federation:
         assert made["device"] == name and made["node_id"] > 0
         return bundle
 
-    def supernode(self, name: str, key: Path, ca: Path | None, node_config: str = "") -> subprocess.Popen[bytes]:
+    def supernode(self, name: str, key: Path | None, ca: Path | None, node_config: str = "") -> subprocess.Popen[bytes]:
         tls = ["--root-certificates", str(ca)] if ca is not None else []
+        auth = ["--auth-supernode-private-key", str(key)] if key is not None else []  # none: it registers itself
         return self.start(
             name,
             "flower-supernode",
             *tls,
-            "--auth-supernode-private-key",
-            str(key),
+            *auth,
             "--superlink",
             self.address,
             "--host",
@@ -220,7 +220,7 @@ def test_a_superlink_and_two_supernodes_train_and_register(federation: Federatio
 @pytest.mark.timeout(300)
 @pytest.mark.slow
 @pytest.mark.ray
-def test_the_superlink_refuses_an_unregistered_key_and_a_supernode_without_the_ca(federation: Federation) -> None:
+def test_the_superlink_refuses_unregistered_keys_and_a_supernode_without_the_ca(federation: Federation) -> None:
     # Prepare: pi-0 and pi-1 are registered; a stranger holds a fresh key and the fleet's (public) CA bundle.
     fed = federation
     pi0, pi1 = fed.device("pi-0"), fed.device("pi-1")
@@ -228,13 +228,16 @@ def test_the_superlink_refuses_an_unregistered_key_and_a_supernode_without_the_c
 
     # Execute
     stranger = fed.supernode("stranger", fed.root / "stranger-key", pi0 / "ca.pem")
+    anonymous = fed.supernode("anonymous", None, pi0 / "ca.pem")  # no key: asks the Fleet API to register it
     no_ca = fed.supernode("no-ca", pi1 / NODE_KEY, None)  # a registered key, but the system's roots only
     control = fed.supernode("pi-0", pi0 / NODE_KEY, pi0 / "ca.pem")
 
-    # Assert: the control comes online; the other two give up with an error, and neither node joined.
+    # Assert: the control comes online; the others give up with an error, and none of them joined.
     wait_for(lambda: [n["status"] for n in fed.nodes()].count("online") == 1, 120, 1.0, what="pi-0 online")
-    assert stranger.wait(120) != 0 and no_ca.wait(120) != 0
-    assert "No SuperNode found with the given public key" in fed.log("superlink")
+    assert stranger.wait(120) != 0 and anonymous.wait(120) != 0 and no_ca.wait(120) != 0
+    link = fed.log("superlink")
+    assert "No SuperNode found with the given public key" in link  # the stranger's activation
+    assert '/v1/fleet/register-node HTTP/1.1" 4' in link  # the anonymous one's self-registration: a 4xx
     assert "CERTIFICATE_VERIFY_FAILED" in fed.log("no-ca")
     nodes = fed.nodes()
     assert sorted(n["status"] for n in nodes) == ["online", "registered"], nodes  # pi-0 online, pi-1 never

@@ -26,7 +26,13 @@ from edge_agent.contract.reasons import Reason
 from edge_agent.errors import AgentError, TransientError, UpdateRefused
 from edge_agent.transport import FileMissing, GrpcTransport
 
-__all__ = ["GrpcFetcher", "download_target", "refresh_and_get_target", "repository_file_name"]
+__all__ = [
+    "GrpcFetcher",
+    "download_target",
+    "refresh_and_get_target",
+    "refresh_and_get_targets",
+    "repository_file_name",
+]
 
 _METADATA_URL = "fedfleet-grpc://metadata/"
 
@@ -168,6 +174,14 @@ def _reason_for(e: Exception) -> Reason:
 
 def refresh_and_get_target(tuf_dir: Path, transport: GrpcTransport, target_path: str) -> TargetFile:
     """Refresh top-level metadata and return the verified TargetFile for `target_path`."""
+    return refresh_and_get_targets(tuf_dir, transport, target_path)[0]
+
+
+def refresh_and_get_targets(
+    tuf_dir: Path, transport: GrpcTransport, target_path: str, *also: str
+) -> tuple[TargetFile, list[TargetFile | None]]:
+    """Refresh top-level metadata and return the verified TargetFile for `target_path`, and from the same
+    metadata those of `also` (None for one it does not list: fedfleet's own files are in the top-level role)."""
     updater = _Updater(
         metadata_dir=str(tuf_dir),
         metadata_base_url=_METADATA_URL,
@@ -178,6 +192,7 @@ def refresh_and_get_target(tuf_dir: Path, transport: GrpcTransport, target_path:
     try:
         updater.refresh()
         info = updater.get_targetinfo(target_path)
+        others = [updater.get_targetinfo(path) for path in also]
     except tuf_errors.DownloadLengthMismatchError as e:
         raise UpdateRefused(f"metadata larger than allowed: {e}", Reason.METADATA_TOO_LARGE) from e
     except tuf_errors.DownloadError as e:
@@ -189,7 +204,7 @@ def refresh_and_get_target(tuf_dir: Path, transport: GrpcTransport, target_path:
         raise UpdateRefused(f"TUF metadata refused: {e}", _reason_for(e)) from e
     if info is None:
         raise UpdateRefused(f"target {target_path} is not in the signed targets metadata", Reason.TARGET_UNKNOWN)
-    return info
+    return info, others
 
 
 def repository_file_name(info: TargetFile) -> str:

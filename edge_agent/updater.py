@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -33,6 +34,7 @@ from edge_agent.assignment import (
     VerifiedAssignment,
     VerifiedFreshness,
     load_director_keys,
+    parse_signed,
     verify_assignment,
     verify_freshness,
 )
@@ -137,6 +139,7 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
         ):
             # The same target, verified when it was installed, is running (a re-issued assignment).
             confirm_current(ctx, a)
+            _require_trusted_key(ctx, a)  # the statement may have taught a list that retired a's key
             running = replace(active, counter=a.counter, release_id=a.release_id)
             store.update(
                 highest_counter=a.counter,
@@ -150,15 +153,19 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
             return UpdateResult(Outcome.COMMITTED, Reason.ALREADY_RUNNING)
 
         # python-tuf is imported on the first update, not at start: an idle agent does not carry it.
-        from edge_agent.tuf_client import download_target, refresh_and_get_target
+        from edge_agent.tuf_client import download_target, refresh_and_get_targets
 
-        info = refresh_and_get_target(store.tuf_dir, ctx.transport, a.target_path)
+        info, (keys_info,) = refresh_and_get_targets(store.tuf_dir, ctx.transport, a.target_path, DIRECTOR_KEYS_TARGET)
         if info.length != a.target_length or info.hashes.get("sha256") != a.target_sha256:
             raise UpdateRefused(
                 "assignment and signed targets metadata disagree on the target's length or hash", Reason.TARGET_MISMATCH
             )
+        if keys_info is not None and keys_info.hashes.get("sha256") != sha256_of(store.director_keys_path):
+            _learn_director_keys(ctx)  # the signed list changed: a rotation, perhaps one that retired a key
+        _require_trusted_key(ctx, a)
         ctx.step("metadata_verified")
         confirm_current(ctx, a)
+        _require_trusted_key(ctx, a)  # and so may the director's statement
         state = store.update(highest_counter=a.counter, pending=payload.hex())
         ctx.step("assignment_accepted")
 
@@ -282,27 +289,44 @@ def confirm_current(ctx: UpdateContext, a: VerifiedAssignment) -> None:
         )
 
 
+def _require_trusted_key(ctx: UpdateContext, a: VerifiedAssignment) -> None:
+    """An assignment verified before the device learned a rotated key list must be signed by a key still on it:
+    a rotation with --retire-previous drops the old key, and its assignments are refused before the counter is
+    kept."""
+    key_id = parse_signed(a.signed).key_id
+    if key_id not in ctx.director_keys:
+        raise AssignmentError(
+            f"assignment signed by director key {key_id[:16]!r}, which the signed key list no longer names (retired)",
+            Reason.ASSIGNMENT_UNKNOWN_KEY,
+        )
+
+
+_LEARNING = threading.Lock()  # the update and the freshness check may both meet a rotation: one downloads the list
+
+
 def _learn_director_keys(ctx: UpdateContext) -> bool:
     """An assignment signed by a key we do not know: the director key may have been rotated. Fetch the signed
     list of director keys through TUF (root → targets → this target); keep it if it differs. Returns whether
     the trusted keys changed. A refusal of the metadata or the file leaves the keys as they were."""
     from edge_agent.tuf_client import download_target, refresh_and_get_target
 
-    try:
-        info = refresh_and_get_target(ctx.store.tuf_dir, ctx.transport, DIRECTOR_KEYS_TARGET)
-        part = download_target(info, ctx.transport, ctx.store.downloads)
-        raw = part.read_bytes()
-        part.unlink()
-        keys = load_director_keys(json.loads(raw))
-    except (UpdateRefused, ValueError) as e:
-        logger.warning("no usable rotated director keys: %s", e)
-        return False
-    if set(keys) == set(ctx.director_keys):
-        return False
-    atomic_write_bytes(ctx.store.director_keys_path, raw)
-    ctx.director_keys.update(keys)  # add, then drop: a reader in another thread never sees an empty set
-    for key_id in set(ctx.director_keys) - set(keys):
-        del ctx.director_keys[key_id]
+    with _LEARNING:
+        try:
+            info = refresh_and_get_target(ctx.store.tuf_dir, ctx.transport, DIRECTOR_KEYS_TARGET)
+            part = download_target(info, ctx.transport, ctx.store.downloads)
+            raw = part.read_bytes()
+            part.unlink()
+            keys = load_director_keys(json.loads(raw))
+        except (UpdateRefused, ValueError) as e:
+            logger.warning("no usable rotated director keys: %s", e)
+            return False
+        if sha256_of(ctx.store.director_keys_path) != info.hashes.get("sha256"):
+            atomic_write_bytes(ctx.store.director_keys_path, raw)  # kept even if the set is the same: not fetched again
+        if set(keys) == set(ctx.director_keys):
+            return False
+        ctx.director_keys.update(keys)  # add, then drop: a reader in another thread never sees an empty set
+        for key_id in set(ctx.director_keys) - set(keys):
+            del ctx.director_keys[key_id]
     logger.info("director keys rotated: now trusting %s", ", ".join(k[:16] for k in keys))
     return True
 

@@ -95,7 +95,8 @@ def keys_rotate_director(
         typer.Option(
             "--retire-previous",
             help="Trust only the new key from now on (a suspected compromise): agents refuse assignments signed by "
-            "the previous one once they learn the new set. Re-assign devices whose current assignment it signed.",
+            "the previous one from their next update or freshness check. Every device's freshness statement is "
+            "signed again with the new key.",
         ),
     ] = False,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
@@ -107,10 +108,17 @@ def keys_rotate_director(
 
     d = open_datadir(data_dir)
     old, new = Director.rotate(d.keys, d.trust, d.repository(), retire_previous=retire_previous)
+    restated = 0
+    if retire_previous:  # statements the retired key signed would be refused: the new key states every device
+        with d.store() as store:
+            restated = d.director().restate_freshness(store)
     detail: dict[str, object] = {"old": old.key_id, "new": new.key_id, "retired": retire_previous}
+    if retire_previous:
+        detail["freshness_restated"] = restated
     _audit(d, "keys.rotate_director", "director", detail)
     if as_json:
-        print_json({"old_key_id": old.key_id, "new_key_id": new.key_id, "previous_retired": retire_previous})
+        doc = {"old_key_id": old.key_id, "new_key_id": new.key_id, "previous_retired": retire_previous}
+        print_json({**doc, "freshness_restated": restated} if retire_previous else doc)
     else:
         trust = "the old key is no longer trusted" if retire_previous else "both trusted until the next rotation"
         out.print(f"Director key rotated: {old.key_id[:16]}… → {new.key_id[:16]}… ({trust}).")

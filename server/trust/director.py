@@ -81,6 +81,21 @@ class Director:
         atomic_write_bytes(trust_dir / "director_keys.json", document)  # what new enrollments get
         return old, new
 
+    def restate_freshness(self, store: Store) -> int:
+        """Sign every device's freshness statement again with this key, now (after a rotation that retired the
+        previous key: agents that learned the new list refuse statements the retired key signed, and would
+        report themselves stale until each statement's renewal). `serve` publishes them. Returns how many."""
+        now = now_ms()
+        restated = 0
+        with store.transaction():
+            records = FreshnessRecords(store)
+            # A statement signed here expires at now + validity, so it is not due again: the loop ends.
+            while due := records.due(now + int(self.freshness_seconds * 1000)):
+                for device_id, highest in due:
+                    self._store_freshness(store, device_id, highest, now)
+                restated += len(due)
+        return restated
+
     def public_keys(self) -> dict[str, str]:
         """What agents trust: {key_id: raw Ed25519 public key hex}."""
         return {self.key_id: self._raw_public.hex()}

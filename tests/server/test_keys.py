@@ -324,6 +324,90 @@ def test_a_retired_director_key_is_refused(tmp_path: Path, model_bytes: dict[str
         device.close()
 
 
+def test_an_agent_that_missed_the_retiring_rotation_refuses_the_old_key(
+    tmp_path: Path, model_bytes: dict[str, bytes]
+) -> None:
+    """The device has not met the new key yet when an assignment signed by the retired one arrives (an attacker
+    who holds it signs the next counter for a release the repository signs): the TUF metadata of that very
+    update names the new list, so the device learns it and refuses before it keeps the counter."""
+    d, _ = DataDir.init(tmp_path / "data")
+    publish(d, model_bytes, "1.0.0", "2.0.0")
+    device = Device(d, tmp_path / "agents")
+    try:
+        assert device.apply(device.assign("digits@1.0.0")).outcome is Outcome.COMMITTED
+        old = d.director()
+        highest = device.state.load().highest_counter
+        out = fedfleet(d, "keys", "rotate-director", "--retire-previous", "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["freshness_restated"] == 1  # the device's statement, now by the new key
+        new = d.director()
+
+        with d.store() as store:
+            release = store.release("digits@2.0.0")
+        body = pb.Assignment(
+            device_id=device.device_id,
+            target_path=release.target_path,
+            target_length=release.length,
+            target_sha256=release.sha256,
+            counter=highest + 1,
+            release_id=release.id,
+            issued_at_ms=1,
+        )
+        forged = old.sign(body).SerializeToString()
+        assert set(device.ctx.director_keys) == {old.key_id}  # nothing told the device about the rotation yet
+        result = device.apply(forged)
+        assert result.outcome is Outcome.REJECTED and result.reason == Reason.ASSIGNMENT_UNKNOWN_KEY, result
+        assert "retired" in result.detail
+        assert device.running() == "digits@1.0.0"
+        assert device.state.load().highest_counter == highest  # the counter was not burned
+        assert set(device.ctx.director_keys) == {new.key_id}
+
+        # Control: the same release assigned by the new key installs.
+        assert device.apply(device.assign("digits@2.0.0")).outcome is Outcome.COMMITTED
+        assert device.running() == "digits@2.0.0"
+    finally:
+        device.close()
+
+
+def test_a_retired_key_cannot_freeze_a_device_with_the_counter_of_its_real_assignment(
+    tmp_path: Path, model_bytes: dict[str, bytes]
+) -> None:
+    """The real next assignment (new key, counter N+1, release 2.0.0) is withheld; the retired key signs counter
+    N+1 for the release already running. It passes the director's statement (N+1), and if kept it would make the
+    real N+1 look applied. The statement, signed by the new key, teaches the device the new list: refused."""
+    d, _ = DataDir.init(tmp_path / "data")
+    publish(d, model_bytes, "1.0.0", "2.0.0")
+    device = Device(d, tmp_path / "agents")
+    offered: list[bytes] = []
+    device.ctx.offer = offered.append
+    try:
+        assert device.apply(device.assign("digits@1.0.0")).outcome is Outcome.COMMITTED
+        old = d.director()
+        highest = device.state.load().highest_counter
+        assert fedfleet(d, "keys", "rotate-director", "--retire-previous").returncode == 0
+        real = device.assign("digits@2.0.0")  # withheld from the device
+        with d.store() as store:
+            running = store.release("digits@1.0.0")
+        body = pb.Assignment(
+            device_id=device.device_id,
+            target_path=running.target_path,
+            target_length=running.length,
+            target_sha256=running.sha256,
+            counter=highest + 1,
+            release_id=running.id,
+            issued_at_ms=1,
+        )
+        result = device.apply(old.sign(body).SerializeToString())
+        assert result.outcome is Outcome.REJECTED and result.reason == Reason.ASSIGNMENT_UNKNOWN_KEY, result
+        assert device.state.load().highest_counter == highest
+        assert offered == [real]  # the director's answer carried the real one
+        # Control: the real assignment still installs.
+        assert device.apply(real).outcome is Outcome.COMMITTED
+        assert device.running() == "digits@2.0.0"
+    finally:
+        device.close()
+
+
 # ----- real processes: the intermediate CA over mutual TLS, and serve with encrypted keys -----
 
 

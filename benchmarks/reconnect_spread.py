@@ -9,8 +9,10 @@ The fleet: `--devices` real `edge_agent.agent.Agent`s (their own bundles, state,
 port that refuses connections, which leaves the MQTT session, the thing measured, as it is in the field.
 
 The measurement is the broker's own: Mosquitto logs every CONNECT it accepts ("New client connected ... as
-fedfleet-agent-DEVICE") with the epoch second it happened in. Once every device is connected the broker is
-stopped (SIGTERM: it closes every session at once), kept down `--down-seconds`, and started again on the same
+fedfleet-agent-DEVICE") with the epoch second it happened in. Once every device says it is online (its status,
+published after its subscriptions are acknowledged; agents caught mid-connect, their CONNECT logged but their
+session not yet up, were seen to notice the loss only at aiomqtt's 10 s timeout: another experiment), the broker
+is stopped (SIGTERM: it closes every session at once), kept down `--down-seconds`, and started again on the same
 port; each device's first connect after that is its reconnect. Bins are the broker's whole seconds, from the
 second it said "running" again. The reference in the same run is the issue's limit (a third of the fleet in any
 one second): `ratio` = busiest second / limit, so <= 1 meets it.
@@ -22,17 +24,25 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
 from edge_agent.config import AgentConfig
+from edge_agent.contract import Topics
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from server.datadir import DataDir
 from simulations.fleet import SimulatedFleet
 from simulations.processes import Mosquitto, wait_for
@@ -47,6 +57,7 @@ SHIPPED_RETRY_SECONDS = next(f.default for f in dataclasses.fields(AgentConfig) 
 
 
 async def _worker(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fleet = SimulatedFleet(
         DataDir(Path(args.data_dir)),
         Path(args.root),
@@ -55,7 +66,7 @@ async def _worker(args: argparse.Namespace) -> None:
         grpc=args.grpc,
         mqtt=args.mqtt,
         first=args.first,
-        workers=2,
+        workers=16,  # threads: aiomqtt connects in the default executor, so connects must not queue behind other work
         agent_extra={"retry_seconds": args.retry_seconds},
     )
     stop = asyncio.Event()
@@ -107,6 +118,33 @@ def connects_since(log: Path, offset: int) -> dict[str, int]:
     return first
 
 
+class OnlineWatch:
+    """Devices whose latest status says online. An agent publishes it at the end of connecting, once its
+    subscriptions are acknowledged: the agent's side of a session, where the broker's log shows only a CONNECT."""
+
+    def __init__(self, port: int, prefix: str) -> None:
+        self.online: set[str] = set()
+        self._lock = threading.Lock()
+        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"reconnect-spread-{uuid.uuid4().hex}")
+        self._client.on_message = self._on_message
+        self._client.connect("127.0.0.1", port)
+        self._client.subscribe(Topics(prefix).status("+"), qos=1)
+        self._client.loop_start()
+
+    def _on_message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        status = pb.DeviceStatus.FromString(bytes(message.payload))
+        with self._lock:
+            (self.online.add if status.online else self.online.discard)(status.device_id)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.online)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
 def _histogram(seconds: list[int], start: int) -> list[tuple[int, int]]:
     """(seconds after `start`, connects in that second), every second from `start` to the last one."""
     counts = Counter(s - start for s in seconds)
@@ -128,16 +166,28 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         t0 = time.monotonic()
         procs = _spawn_workers(args, d, root, f"127.0.0.1:{refuse.getsockname()[1]}", broker.url)
 
-        def all_connected(offset: int) -> bool:
+        devices: int = args.devices
+
+        def workers_alive() -> None:
             for w, p in enumerate(procs):
                 if p.poll() is not None:
                     log = (root / f"worker-{w}.log").read_text(errors="replace")
                     raise RuntimeError(f"fleet worker {w} exited ({p.returncode}):\n{log[-3000:]}")
-            devices: int = args.devices
+
+        def all_online() -> bool:
+            workers_alive()
+            return watch.count() >= devices
+
+        def all_connected(offset: int) -> bool:
+            workers_alive()
             return len(connects_since(broker.log, offset)) >= devices
 
-        wait_for(lambda: all_connected(0), 60 + args.devices * 0.5, 0.2, what=f"{args.devices} agents connected")
-        print(f"{args.devices} agents connected in {time.monotonic() - t0:.1f} s; restarting the broker", flush=True)
+        watch = OnlineWatch(broker.port, d.config().topic_prefix)
+        try:
+            wait_for(all_online, 60 + devices * 0.5, 0.2, what=f"{devices} agents online")
+        finally:
+            watch.close()
+        print(f"{devices} agents online in {time.monotonic() - t0:.1f} s; restarting the broker", flush=True)
         offset = broker.log.stat().st_size
         broker.stop()
         time.sleep(args.down_seconds)

@@ -282,6 +282,11 @@ def credentials(
     out.print(f"SuperLink certificate for {', '.join(creds.hosts)} written to {target}. Start it with:")
     out.print(" ".join(command), markup=False, highlight=False)
     out.print("Then give each device a key: `fedfleet flower node-key BUNDLE --superlink HOST:PORT`.")
+    if bind != "127.0.0.1":
+        out.print(
+            "Flower's Control API (flwr run, flwr supernode register) shares this port without authentication: "
+            "let only the devices' network reach it (docs/adr/0004-transport-security.md, Flower)."
+        )
 
 
 @flower_app.command("node-key")

@@ -25,6 +25,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,10 @@ _STOP_SECONDS = 5.0  # how long a stopping agent waits for its tasks to finish
 _MAX_CHECK_SECONDS = 900.0  # the freshness check runs at least this often (a quarter of the validity, if shorter)
 _MIN_CHECK_SECONDS = 0.5
 _FIRST_STATEMENT_GRACE_MS = 600_000  # a device that never held a statement is stale after this long without one
+
+
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)
@@ -505,14 +510,12 @@ class Agent:
             return
         await asyncio.to_thread(self.store.update, stale=stale)
         if stale:
-            since = state.fresh_until_ms or self._started_ms
-            detail = (
-                f"no unexpired freshness statement from the director since {since} ms; a newer assignment may be"
-                " withheld"
-            )
+            since = _utc(state.fresh_until_ms or self._started_ms)
+            detail = f"no unexpired freshness statement since {since}; a newer assignment may be withheld"
             logger.warning("stale: %s", detail)
         else:
-            detail = f"fresh again: the director states counter {state.fresh_counter} until {state.fresh_until_ms}"
+            until = _utc(state.fresh_until_ms)
+            detail = f"fresh again: the director states counter {state.fresh_counter} until {until}"
             logger.info("%s", detail)
         self._queue_event(
             pb.UpdateEvent(

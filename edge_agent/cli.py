@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from edge_agent import __version__
@@ -107,6 +108,10 @@ def _status(config_path: Path, as_json: bool) -> int:
         "update_pending": state.pending is not None,
         "last_error": state.last_error or None,
         "last_reason": state.last_reason or None,
+        # freshness: the newest statement the director signed for this device, and whether it has expired
+        "stated_counter": state.fresh_counter,
+        "fresh_until_ms": state.fresh_until_ms or None,
+        "stale": state.stale or (state.fresh_until_ms > 0 and state.is_stale(int(time.time() * 1000))),
     }
     if as_json:
         print(json.dumps(doc, indent=2))

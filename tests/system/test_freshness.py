@@ -387,7 +387,9 @@ def test_with_the_statements_withheld_too_the_device_installs_nothing_and_report
     assert stale_events and stale_events[0]["reason"] == "freshness_expired", stale_events
     assert rig.attacker.checks_dropped >= 1 and rig.relay.dropped >= 1
     _never_ran_counter_2(rig)
-    assert rig.agent.status()["highest_counter"] == 1  # counter 2 was never accepted: it could not be confirmed
+    status = rig.agent.status()
+    assert status["highest_counter"] == 1  # counter 2 was never accepted: it could not be confirmed
+    assert status["stale"] is True and status["stated_counter"] == 1  # `fedfleet-agent status` says it too
     # The coordinator shows it: the device view, `fedfleet devices behind`, /metrics, an alert.
     view = json.loads(
         urllib.request.urlopen(
@@ -414,7 +416,11 @@ def test_with_the_statements_withheld_too_the_device_installs_nothing_and_report
     rig.attacker.strip_assignment = rig.attacker.strip_freshness = rig.attacker.drop_checks = False
     rig.relay.drop_freshness = False
     wait_for(lambda: rig.runs("digits@1.0.0", 3) and not rig.device()["stale"], 90, what="fresh and current")
-    assert next(e["kind"] for e in rig.events() if e["kind"] in ("stale", "fresh")) == "fresh"  # newest first
+    wait_for(  # the event may reach the coordinator after the status does
+        lambda: next(e["kind"] for e in rig.events() if e["kind"] in ("stale", "fresh")) == "fresh",
+        30,
+        what="a fresh event after the stale one",
+    )
     _never_ran_counter_2(rig)
     wait_for(lambda: not any(a["kind"] == "devices_stale" for a in _alerts(rig, "open")), 40, what="the alert resolved")
 

@@ -7,6 +7,7 @@ The quick tests check the commands' refusals: bad input changes nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -71,9 +72,10 @@ def _fresh_key(path: Path) -> None:
 
 @dataclass
 class Federation:
-    """A TLS SuperLink with SuperNode authentication on loopback, and the SuperNodes a test starts."""
+    """A SuperLink on loopback and the SuperNodes a test starts: with TLS from the fleet CA and SuperNode
+    authentication (`d` is the coordinator's data directory), or plaintext (`d` is None), which loopback allows."""
 
-    d: DataDir
+    d: DataDir | None
     root: Path
     port: int
     env: dict[str, str]
@@ -99,6 +101,7 @@ class Federation:
 
     def device(self, name: str) -> Path:
         """An enrolled device whose Flower key is made from its bundle and registered with the SuperLink."""
+        assert self.d is not None
         bundle = self.root / name
         _enroll(self.d, bundle)
         made = _ok(fedfleet(self.d, "flower", "node-key", str(bundle), "--superlink", self.address, "--json"))
@@ -111,7 +114,7 @@ class Federation:
         return self.start(
             name,
             "flower-supernode",
-            *tls,
+            *(tls if self.d is not None else ["--insecure"]),
             *auth,
             "--superlink",
             self.address,
@@ -139,22 +142,31 @@ class Federation:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
 
-@pytest.fixture
-def federation(tmp_path: Path) -> Iterator[Federation]:
-    d, _ = DataDir.init(tmp_path / "data")
+def _digits_share(fed: Federation, i: int) -> str:
+    """Device pi-i's node config: its share of the digits data, its privacy record under the test's directory."""
+    return f"partition-id={i} num-partitions=2 device-id='pi-{i}' state-dir='{fed.root / 'devices'}'"
+
+
+@contextlib.contextmanager
+def _running(tmp_path: Path, tls: bool) -> Iterator[Federation]:
     port = _free_port()
-    creds = _ok(fedfleet(d, "flower", "credentials", "--host", "127.0.0.1", "--port", str(port), "--json"))
-    home = tmp_path / "flwr-home"  # how an operator's `flwr` reaches the SuperLink: verified with the fleet CA
+    home = tmp_path / "flwr-home"  # how an operator's `flwr` reaches the SuperLink
     home.mkdir()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "fedfleet"\n\n'
-        f'[superlink.fedfleet]\naddress = "127.0.0.1:{port}"\nroot-certificates = "{creds["ca"]}"\n'
-    )
+    connection = f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    command = ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--disable-runtime-dependency-installation"]
+    d = None
+    if tls:
+        d, _ = DataDir.init(tmp_path / "data")
+        creds = _ok(fedfleet(d, "flower", "credentials", "--host", "127.0.0.1", "--port", str(port), "--json"))
+        # The command line `fedfleet flower credentials` prints: TLS on every API, SuperNode authentication on.
+        assert "--enable-supernode-auth" in creds["command"] and "--insecure" not in creds["command"]
+        command = creds["command"]
+        connection = f'address = "127.0.0.1:{port}"\nroot-certificates = "{creds["ca"]}"\n'  # the fleet CA
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "fedfleet"\n\n[superlink.fedfleet]\n{connection}')
     env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}"}
     fed = Federation(d, tmp_path, port, env)
-    # The command line `fedfleet flower credentials` prints: TLS on every API, SuperNode authentication on.
-    assert "--enable-supernode-auth" in creds["command"] and "--insecure" not in creds["command"]
-    fed.start("superlink", *creds["command"], "--database", str(tmp_path / "superlink.db"))
+    fed.start("superlink", *command, "--database", str(tmp_path / "superlink.db"))
     try:
         wait_for(lambda: _port_open(port), 60, 0.2, what="the SuperLink listening")
         yield fed
@@ -173,20 +185,33 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         # The SuperLink's SuperExec watches its parent's pid and exits on its own.
 
 
+@pytest.fixture
+def secure_federation(tmp_path: Path) -> Iterator[Federation]:
+    """A SuperLink with TLS from a fresh data directory's fleet CA and SuperNode authentication; no SuperNodes."""
+    with _running(tmp_path, tls=True) as fed:
+        yield fed
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[tuple[dict[str, str], int]]:
+    """A plaintext SuperLink on loopback with SuperNodes pi-0 and pi-1: (flwr's environment, its port).
+    tests/system/test_loop_deployment.py retrains on it through `fedfleet serve`'s loop."""
+    with _running(tmp_path, tls=False) as fed:
+        for i in range(2):
+            fed.supernode(f"supernode-{i}", None, None, _digits_share(fed, i))
+        yield fed.env, fed.port
+
+
 @pytest.mark.timeout(900)  # `flwr run` gets 600 s (below this) on a slow machine
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_superlink_and_two_supernodes_train_and_register(federation: Federation) -> None:
+def test_a_superlink_and_two_supernodes_train_and_register(secure_federation: Federation) -> None:
     # Prepare: two enrolled devices with registered keys; the policy names the SuperLink and the CA bundle.
-    fed, d = federation, federation.d
+    fed, d = secure_federation, secure_federation.d
+    assert d is not None
     for i in range(2):
         bundle = fed.device(f"pi-{i}")
-        fed.supernode(
-            f"supernode-{i}",
-            bundle / NODE_KEY,
-            bundle / "ca.pem",
-            f"partition-id={i} num-partitions=2 device-id='pi-{i}' state-dir='{fed.root / 'devices'}'",
-        )
+        fed.supernode(f"supernode-{i}", bundle / NODE_KEY, bundle / "ca.pem", _digits_share(fed, i))
     (d.root / "policy.toml").write_text(
         f'[retrain]\nengine = "deployment"\nsuperlink = "{fed.address}"\n'
         'superlink_root_certificates = "flower/ca.pem"\n'
@@ -220,9 +245,11 @@ def test_a_superlink_and_two_supernodes_train_and_register(federation: Federatio
 @pytest.mark.timeout(300)
 @pytest.mark.slow
 @pytest.mark.ray
-def test_the_superlink_refuses_unregistered_keys_and_a_supernode_without_the_ca(federation: Federation) -> None:
+def test_the_superlink_refuses_unregistered_keys_and_a_supernode_without_the_ca(
+    secure_federation: Federation,
+) -> None:
     # Prepare: pi-0 and pi-1 are registered; a stranger holds a fresh key and the fleet's (public) CA bundle.
-    fed = federation
+    fed = secure_federation
     pi0, pi1 = fed.device("pi-0"), fed.device("pi-1")
     _fresh_key(fed.root / "stranger-key")
 

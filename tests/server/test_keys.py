@@ -23,6 +23,7 @@ from edge_agent.state import StateStore
 from edge_agent.transport import GrpcTransport
 from edge_agent.updater import Outcome, UpdateContext, UpdateResult, apply_assignment
 from server.datadir import DataDir
+from server.errors import DataDirError
 from server.ingest.broker import free_port
 from server.trust.director import Director
 from server.trust.keyfile import ENV_PASSPHRASE, ENV_PASSPHRASE_FILE, is_encrypted, read_key
@@ -146,6 +147,37 @@ def test_init_with_offline_keys_keeps_both_root_keys_out_of_the_data_directory(t
     assert not (tmp_path / "other").exists()
     inside = init(tmp_path / "third", tmp_path / "third" / "usb")
     assert inside.returncode == 1 and "inside the data directory" in one_sentence(inside.stderr)
+
+
+def test_offline_keys_apply_only_when_the_data_directory_is_created(tmp_path: Path) -> None:
+    d, _ = DataDir.init(tmp_path / "data")
+    before = snapshot_files(d.keys)
+    late = init(d.root, tmp_path / "usb")
+    assert late.returncode == 1 and "applies when a data directory is created" in one_sentence(late.stderr)
+    assert not (tmp_path / "usb").exists() and snapshot_files(d.keys) == before
+    # A data directory made with offline keys initialises again without them: nothing changes.
+    offline, usb = offline_datadir(tmp_path / "offline")
+    again = init(offline.root, usb)
+    assert again.returncode == 0, again.stderr
+    assert not (offline.keys / "root.pem").exists()
+
+
+def test_keys_written_with_a_passphrase_set_are_encrypted_from_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_PASSPHRASE, PASSPHRASE)
+    d, _ = DataDir.init(tmp_path / "data", tmp_path / "usb")
+    keys = sorted([*d.keys.rglob("*.pem"), *(tmp_path / "usb").glob("*.pem")])
+    assert len(keys) == 7 and all(is_encrypted(p.read_bytes()) for p in keys)
+    key_id = d.director().key_id  # and they open with it
+    monkeypatch.delenv(ENV_PASSPHRASE)
+    with pytest.raises(DataDirError, match="is encrypted; set FEDFLEET_KEY_PASSPHRASE"):
+        d.director()
+    monkeypatch.setenv(ENV_PASSPHRASE, "a different passphrase")
+    with pytest.raises(DataDirError, match="does not open with the passphrase given"):
+        d.ca()
+    monkeypatch.setenv(ENV_PASSPHRASE, PASSPHRASE)
+    assert d.director().key_id == key_id
 
 
 def test_root_rotation_with_the_root_key_offline(tmp_path: Path, model_bytes: dict[str, bytes]) -> None:

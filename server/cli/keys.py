@@ -8,6 +8,7 @@ when it is missing. Every change is recorded in the audit trail.
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +18,7 @@ import typer
 from server import audit
 from server.cli.common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, open_datadir, out, print_json
 from server.datadir import DataDir
+from server.errors import CoordinatorError
 from server.trust.keyfile import ENV_PASSPHRASE, ENV_PASSPHRASE_FILE, encrypt_keys
 from server.trust.repository import RELEASES_KEY
 
@@ -41,6 +43,23 @@ def _audit(d: DataDir, action: str, subject: str, detail: Mapping[str, Any]) -> 
     """One audit entry for a command whose change lies outside the database (keys, files)."""
     with d.store() as store:
         audit.append(store, action, subject, dict(detail), "cli")
+
+
+def _refuse_while_serving(d: DataDir) -> None:
+    """A running serve re-reads keys as it signs: encrypted under it, they would stop it signing."""
+    path = d.root / "serve.lock"
+    if not path.exists():
+        return
+    with path.open("rb") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text(errors="replace").strip() or "another process"
+            raise CoordinatorError(
+                f"a coordinator (pid {holder}) serves {d.root}: stop it, encrypt, and start it again with "
+                f"{ENV_PASSPHRASE} or {ENV_PASSPHRASE_FILE} set"
+            ) from None
+        fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @keys_app.command("rotate-root")
@@ -155,6 +174,7 @@ def keys_encrypt(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption
     or the file FEDFLEET_KEY_PASSPHRASE_FILE names; each file is replaced atomically (0600). From then on every
     command and `fedfleet serve` need the same variable. Keys already encrypted with it are left as they are."""
     d = open_datadir(data_dir)
+    _refuse_while_serving(d)
     done = encrypt_keys(d.keys)
     _audit(d, "keys.encrypt", "keys", {"encrypted": [p.name for p in done.encrypted], "already": len(done.already)})
     if as_json:

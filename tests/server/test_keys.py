@@ -549,6 +549,8 @@ def test_serve_runs_with_encrypted_online_keys(
     agent = None
     try:
         coordinator.start()
+        busy = fedfleet(d, "keys", "encrypt", env=env)  # under a running serve: refused, it re-reads keys as it signs
+        assert busy.returncode == 1 and "stop it, encrypt" in one_sentence(busy.stderr)
         monkeypatch.setenv(ENV_PASSPHRASE_FILE, str(passphrase_file))  # enrolling signs with the intermediate CA key
         agent = enroll_agent(d, tmp_path / "bundles", "pi-enc", coordinator=coordinator)
         assert agent.config.grpc_tls

@@ -30,6 +30,10 @@ tests:
         values: '1 1 1 1 1'
       - series: 'fedfleet_alerts{{kind="devices_silent", state="acknowledged"}}'
         values: '1 1 1 1 1 1 1 1'
+      - series: 'fedfleet_devices_stale{{fleet="lab"}}'
+        values: '0 2 2 2 2 2 2 2 2 2 2 2 2 0'
+      - series: 'fedfleet_devices_lagging{{fleet="lab"}}'
+        values: '1 1 1 1 1 0 0 0 0 0 0 0 0 0'
     alert_rule_test:
       - eval_time: 3m
         alertname: FedfleetFleetDrift
@@ -63,6 +67,19 @@ tests:
           - exp_labels: {{severity: warning}}
             exp_annotations:
               summary: "Devices have not been heard for longer than the policy's alerts.silent_after_seconds"
+      - eval_time: 12m
+        alertname: FedfleetDevicesStale
+        exp_alerts:
+          - exp_labels: {{severity: warning}}
+            exp_annotations:
+              summary: "2 device(s) hold no unexpired freshness statement: a newer assignment may be withheld from them"
+              description: "`fedfleet devices behind` lists them; their freshness check fails or is blocked."
+      - eval_time: 13m
+        alertname: FedfleetDevicesStale
+        exp_alerts: []
+      - eval_time: 8m
+        alertname: FedfleetDevicesLagging
+        exp_alerts: []
 """
 
 
@@ -75,7 +92,7 @@ def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_rules_are_valid_and_fire_on_what_they_name(tmp_path: Path) -> None:
     check = _promtool("check", "rules", str(RULES))
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 5 rules found" in check.stdout
+    assert "SUCCESS: 7 rules found" in check.stdout
     tests = tmp_path / "rules-test.yml"
     tests.write_text(UNIT_TESTS.format(rules=RULES))
     unit = _promtool("test", "rules", str(tests))
@@ -99,6 +116,8 @@ def test_rules_query_only_metrics_the_coordinator_exports(tmp_path: Path) -> Non
         "FedfleetDevicesSilent",
         "FedfleetBrokerDisconnected",
         "FedfleetTrainingFailed",
+        "FedfleetDevicesStale",
+        "FedfleetDevicesLagging",
     }
     queried = {m for r in rules for m in re.findall(r"\bfedfleet_[a-z0-9_]+", r["expr"])}
     exported = _exported_metrics(tmp_path)

@@ -3,8 +3,9 @@ agent and by the coordinator's bridge.
 
 A broker restart drops every device's session at the same instant. One jittered back-off step spreads their
 reconnects over only half a step (1 s with the agent's shipped 2 s: 110 of 200 agents in one second, measured by
-benchmarks/reconnect_spread.py), so a session that was up waits anywhere in a wider `spread` window first (full
-jitter); only a failed connect then climbs the doubling ladder."""
+benchmarks/reconnect_spread.py). So after losing a session that was up, each attempt waits anywhere in a wider
+`spread` window (full jitter), or in the doubled step once that is longer, until a session is up again: a
+broker that stays away a few seconds does not find the fleet's retries bunched up when it is back."""
 
 from __future__ import annotations
 
@@ -45,10 +46,11 @@ async def keep_session(
 ) -> None:
     """Run until cancelled. `connected` is set while a session is up; `on_connected` subscribes and announces.
 
-    After a session that was up (connected and announced) is lost, the first reconnect waits
-    `spread_wait(spread)`, or without `spread` one jittered step; each failed connect waits a jittered step that
-    doubles up to `max_delay`."""
+    Without `spread`, each reconnect waits a jittered step that doubles up to `max_delay`. With it, once a
+    session that was up (connected and announced) is lost, the first reconnect waits `spread_wait(spread)` and
+    each failed one `spread_wait` of the larger of `spread` and the doubling step, until a session is up again."""
     delay = first_delay
+    spreading = False  # a session that was up was lost, and none is up since
     while True:
         was_up, reason = False, None
         try:
@@ -62,8 +64,11 @@ async def keep_session(
             reason = e
         finally:
             connected.clear()
-        if was_up and spread is not None:
-            wait = spread_wait(spread)
+        spreading = spread is not None and (spreading or was_up)
+        if spread is not None and spreading:
+            wait = spread_wait(max(spread, delay))
+            if not was_up:  # the step doubles with each failed connect only
+                delay = min(delay * 2, max_delay)
         else:
             wait = jittered(delay)
             delay = min(delay * 2, max_delay)

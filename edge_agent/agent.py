@@ -60,7 +60,7 @@ __all__ = ["Agent", "Inference"]
 logger = logging.getLogger(__name__)
 
 _MAX_BACKOFF = 60.0
-_RECONNECT_SPREAD_STEPS = 5  # a lost MQTT session's first reconnect: anywhere in 5 first back-off steps (10 s)
+_RECONNECT_SPREAD_STEPS = 5  # after a lost MQTT session, reconnects wait anywhere in 5 first back-off steps (10 s)
 _MAX_QUEUED_EVENTS = 1000
 _STOP_SECONDS = 5.0  # how long a stopping agent waits for its tasks to finish
 _MAX_CHECK_SECONDS = 900.0  # the freshness check runs at least this often (a quarter of the validity, if shorter)

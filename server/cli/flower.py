@@ -2,7 +2,7 @@
 
 Flower 1.41 serves its Fleet, Control and Runtime APIs on one HTTPS port of the SuperLink, and authenticates each
 SuperNode by an EC key pair whose public half was registered with the SuperLink (`flower-superlink
---enable-supernode-auth`, `flwr supernode register`; every Fleet request is then signed). Two commands:
+--enable-supernode-auth`, `flwr supernode register`; every Fleet request is then signed). Three commands:
 
 - `credentials` issues the SuperLink's TLS server certificate from the fleet CA (so SuperNodes, `flwr` and the
   SuperLink's own SuperExec verify it with the fleet's ca.pem) and writes the three files `flower-superlink`
@@ -12,7 +12,11 @@ SuperNode by an EC key pair whose public half was registered with the SuperLink 
   name, and the key lands in the bundle beside the device's TLS identity (flower-node-key, OpenSSH format, 0600,
   with flower-node-key.pub), where the device's SuperNode reads it (`--auth-supernode-private-key`). With
   `--superlink HOST:PORT` the public key is registered there first (`flwr supernode register`, verified with the
-  fleet CA): a failed registration writes nothing.
+  fleet CA): a failed registration writes nothing. With `--replace --superlink` the device's earlier nodes are
+  unregistered once the new key is in place.
+- `unregister DEVICE --superlink HOST:PORT` removes every node registered for a device (after `fedfleet devices
+  revoke`, which does not reach the SuperLink by itself). The node ids are found in the audit trail
+  (flower.node-key, flower.node-unregistered): the coordinator's record of which key is whose.
 
 Invariants: bad input changes nothing (checked before a key or certificate is minted); every issue is audited.
 """
@@ -52,6 +56,8 @@ __all__ = [
     "flower_app",
     "issue_superlink_credentials",
     "make_node_key",
+    "registered_nodes",
+    "unregister_nodes",
 ]
 
 SUPERLINK_IDENTITY = "fedfleet-superlink"  # the common name of the SuperLink's server certificate
@@ -61,7 +67,8 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost")  # the SuperLink's SuperExec dials t
 _HOST_NAME = re.compile(
     r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
 )
-_REGISTER_TIMEOUT = 60.0
+_FLWR_TIMEOUT = 60.0
+_AUDIT_SCAN = 1_000_000  # audit entries read to find a device's nodes: all of them
 
 flower_app = typer.Typer(
     help="Flower's deployment engine: the SuperLink's TLS certificate, the SuperNodes' authentication keys.",
@@ -102,6 +109,7 @@ class NodeKey:
     private_key: Path  # BUNDLE/flower-node-key
     public_key: Path  # BUNDLE/flower-node-key.pub
     node_id: int | None  # the SuperLink's node id when it was registered
+    unregistered: tuple[int, ...] = ()  # the device's earlier nodes, unregistered once this one was registered
 
 
 def _checked_hosts(hosts: list[str]) -> tuple[str, ...]:
@@ -182,43 +190,80 @@ def _flwr() -> str:
     return found
 
 
-def _register(d: DataDir, superlink: str, public_key: bytes, device: str) -> int:
-    """Register a SuperNode public key with the SuperLink at `superlink` (verified with the fleet CA), via
-    Flower's own `flwr supernode register`; returns the node id."""
+def _flwr_supernode(d: DataDir, superlink: str, args: list[str], files: dict[str, bytes]) -> tuple[dict[str, Any], str]:
+    """Run `flwr supernode ARGS` against the SuperLink at `superlink`, verified with the fleet CA; `files` are
+    written beside its configuration first (names in ARGS are relative to it). Returns (Flower's JSON answer,
+    or {} if there was none; what it said, on one line)."""
     with tempfile.TemporaryDirectory(prefix="fedfleet-flwr-") as tmp:
         home = Path(tmp)
-        (home / "node.pub").write_bytes(public_key)
+        for name, data in files.items():
+            (home / name).write_bytes(data)
         ca = str((d.trust / "ca.pem").resolve())
         connection = f"address = {json.dumps(superlink)}\nroot-certificates = {json.dumps(ca)}\n"
         (home / "config.toml").write_text(f'[superlink]\ndefault = "fedfleet"\n\n[superlink.fedfleet]\n{connection}')
-        command = [_flwr(), "supernode", "register", str(home / "node.pub"), "fedfleet", "--name", device]
+        command = [_flwr(), "supernode", *[str(home / a) if a in files else a for a in args], "--format", "json"]
         try:
             done = subprocess.run(
-                [*command, "--format", "json"],
+                command,
                 env={**os.environ, "FLWR_HOME": str(home)},
                 capture_output=True,
                 text=True,
-                timeout=_REGISTER_TIMEOUT,
+                timeout=_FLWR_TIMEOUT,
                 check=False,
             )
         except subprocess.TimeoutExpired as e:
             raise CoordinatorError(
-                f"the SuperLink at {superlink} did not answer within {_REGISTER_TIMEOUT:.0f} s; is it running with "
+                f"the SuperLink at {superlink} did not answer within {_FLWR_TIMEOUT:.0f} s; is it running with "
                 "`fedfleet flower credentials`' files?"
             ) from e
     doc: dict[str, Any] = {}
     try:
         parsed = json.loads(done.stdout)
-        doc = parsed if isinstance(parsed, dict) else {}
+        doc = parsed if isinstance(parsed, dict) and done.returncode == 0 else {}
     except ValueError:
         pass
-    if done.returncode != 0 or not doc.get("success") or not doc.get("node-id"):
-        said = " ".join(str(doc.get("error-message") or done.stderr or done.stdout).split())  # one line
+    said = " ".join(str(doc.get("error-message") or done.stderr or done.stdout).split())
+    return doc, said
+
+
+def _register(d: DataDir, superlink: str, public_key: bytes, device: str) -> int:
+    """Register a SuperNode public key with the SuperLink (Flower's `flwr supernode register`); its node id."""
+    doc, said = _flwr_supernode(
+        d, superlink, ["register", "node.pub", "fedfleet", "--name", device], {"node.pub": public_key}
+    )
+    if not doc.get("success") or not doc.get("node-id"):
         raise CoordinatorError(
             f"the SuperLink at {superlink} did not register {device}'s key ({said or 'no answer'}); start it "
             "with TLS from `fedfleet flower credentials` and --enable-supernode-auth, and check the address"
         )
     return int(doc["node-id"])
+
+
+def registered_nodes(d: DataDir, device: str) -> list[int]:
+    """The SuperLink node ids registered for a device (audit entries flower.node-key) and not unregistered
+    since (flower.node-unregistered), oldest first."""
+    with d.store() as store:
+        made = audit.entries(store, limit=_AUDIT_SCAN, action="flower.node-key")
+        gone = audit.entries(store, limit=_AUDIT_SCAN, action="flower.node-unregistered")
+    removed = {int(e["detail"]["node_id"]) for e in gone if e["subject"] == device}
+    ids = [int(e["detail"]["node_id"]) for e in reversed(made) if e["subject"] == device and e["detail"]["node_id"]]
+    return [i for i in ids if i not in removed]
+
+
+def unregister_nodes(d: DataDir, device: str, superlink: str, node_ids: list[int]) -> list[int]:
+    """Unregister these nodes of a device from the SuperLink (`flwr supernode unregister`), each audited as
+    it goes; returns them. Stops at the first the SuperLink refuses, with one sentence."""
+    for node_id in node_ids:
+        doc, said = _flwr_supernode(d, superlink, ["unregister", str(node_id), "fedfleet"], {})
+        if not doc.get("success"):
+            raise CoordinatorError(
+                f"the SuperLink at {superlink} did not unregister {device}'s node {node_id} ({said or 'no answer'}); "
+                "check the address, then run `fedfleet flower unregister` again"
+            )
+        with d.store() as store:
+            detail = {"node_id": node_id, "superlink": superlink}
+            audit.append(store, "flower.node-unregistered", device, detail, "cli")
+    return node_ids
 
 
 def make_node_key(d: DataDir, bundle: Path, superlink: str | None = None, replace: bool = False) -> NodeKey:
@@ -228,8 +273,8 @@ def make_node_key(d: DataDir, bundle: Path, superlink: str | None = None, replac
     private_path, public_path = bundle / NODE_KEY, bundle / f"{NODE_KEY}.pub"
     if private_path.exists() and not replace:
         raise CoordinatorError(
-            f"{bundle} already holds a Flower key for {device}; --replace makes a new one (then unregister the old "
-            "node on the SuperLink: `flwr supernode unregister NODE_ID`)"
+            f"{bundle} already holds a Flower key for {device}; --replace makes a new one (with --superlink its "
+            "earlier nodes are unregistered there)"
         )
     key = ec.generate_private_key(ec.SECP384R1())  # a NIST curve, as Flower's node authentication requires
     private_pem = key.private_bytes(
@@ -237,13 +282,16 @@ def make_node_key(d: DataDir, bundle: Path, superlink: str | None = None, replac
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     public += f" fedfleet:{device}\n".encode()
+    previous = registered_nodes(d, device) if superlink else []
     node_id = _register(d, superlink, public, device) if superlink else None
     atomic_write_bytes(private_path, private_pem)  # 0600 (mkstemp)
     atomic_write_bytes(public_path, public)
     with d.store() as store:
         detail = {"bundle": str(bundle), "superlink": superlink, "node_id": node_id, "public_key": public.decode()}
         audit.append(store, "flower.node-key", device, detail, "cli")
-    return NodeKey(device, private_path, public_path, node_id)
+    if superlink and previous:  # the replaced keys stop working once the new one is in place
+        unregister_nodes(d, device, superlink, previous)
+    return NodeKey(device, private_path, public_path, node_id, tuple(previous))
 
 
 @flower_app.command("credentials")
@@ -296,7 +344,10 @@ def node_key(
         str | None,
         typer.Option(help="Register the public key with the SuperLink at HOST:PORT (TLS, verified with the fleet CA)."),
     ] = None,
-    replace: Annotated[bool, typer.Option(help="Replace a Flower key the bundle already holds.")] = False,
+    replace: Annotated[
+        bool,
+        typer.Option(help="Replace a Flower key the bundle holds; with --superlink the device's earlier nodes go."),
+    ] = False,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
@@ -312,10 +363,36 @@ def node_key(
                 "private_key": str(made.private_key),
                 "public_key": str(made.public_key),
                 "node_id": made.node_id,
+                "unregistered": list(made.unregistered),
             }
         )
         return
     registered = f" and registered as SuperNode {made.node_id}" if made.node_id is not None else ""
     out.print(f"Flower key of [bold]{made.device}[/] written to {made.private_key}{registered}.")
+    if made.unregistered:
+        out.print(f"Its earlier node(s) {', '.join(map(str, made.unregistered))} are unregistered.")
     if made.node_id is None:
         out.print(f"Register it on the SuperLink: flwr supernode register {made.public_key}", markup=False)
+
+
+@flower_app.command("unregister")
+def unregister(
+    device: Annotated[str, typer.Argument(metavar="DEVICE", help="The device whose SuperNode(s) to remove.")],
+    superlink: Annotated[str, typer.Option(help="The SuperLink at HOST:PORT (TLS, verified with the fleet CA).")],
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """Unregister every SuperLink node `fedfleet flower node-key` registered for a device (after `fedfleet devices
+    revoke`: revocation does not reach the SuperLink by itself); its key is refused from then on."""
+    d = open_datadir(data_dir)
+    nodes = registered_nodes(d, device)
+    if not nodes:
+        raise CoordinatorError(
+            f"{device!r} has no registered SuperLink node on record (`fedfleet flower node-key BUNDLE --superlink` "
+            "registers one)"
+        )
+    gone = unregister_nodes(d, device, superlink, nodes)
+    if as_json:
+        print_json({"device": device, "unregistered": gone})
+    else:
+        out.print(f"Unregistered {device}'s SuperLink node(s) {', '.join(map(str, gone))}.")

@@ -271,6 +271,37 @@ def test_the_superlink_refuses_unregistered_keys_and_a_supernode_without_the_ca(
     assert control.poll() is None
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_replaced_or_unregistered_key_is_refused(secure_federation: Federation) -> None:
+    # Prepare: pi-0 and pi-1 registered; pi-1's first key kept aside before it is replaced.
+    fed = secure_federation
+    assert fed.d is not None
+    pi0, pi1 = fed.device("pi-0"), fed.device("pi-1")
+    shutil.copy(pi1 / NODE_KEY, fed.root / "pi-1-old-key")
+    first = {n["node-id"] for n in fed.nodes()}
+
+    # Execute: a new key for pi-1 (its earlier node goes), and pi-0 unregistered as after `devices revoke`.
+    replaced = _ok(fedfleet(fed.d, "flower", "node-key", str(pi1), "--replace", "--superlink", fed.address, "--json"))
+    gone = _ok(fedfleet(fed.d, "flower", "unregister", "pi-0", "--superlink", fed.address, "--json"))
+    old_key = fed.supernode("pi-1-old", fed.root / "pi-1-old-key", pi1 / "ca.pem")
+    revoked = fed.supernode("pi-0", pi0 / NODE_KEY, pi0 / "ca.pem")
+    new_key = fed.supernode("pi-1", pi1 / NODE_KEY, pi1 / "ca.pem")
+
+    # Assert: both refused; the new key comes online; the SuperLink says which nodes are gone.
+    assert len(replaced["unregistered"]) == 1 and len(gone["unregistered"]) == 1
+    assert {str(i) for i in replaced["unregistered"] + gone["unregistered"]} == first
+    assert old_key.wait(120) != 0 and revoked.wait(120) != 0
+    online = str(replaced["node_id"])
+    wait_for(lambda: {n["node-id"]: n["status"] for n in fed.nodes()}.get(online) == "online", 120, 1.0, what="pi-1")
+    statuses = {n["node-id"]: n["status"] for n in fed.nodes()}
+    assert statuses == {**dict.fromkeys(first, "unregistered"), online: "online"}, statuses
+    assert new_key.poll() is None
+    again = fedfleet(fed.d, "flower", "unregister", "pi-0", "--superlink", fed.address)
+    assert again.returncode == 1 and "no registered SuperLink node on record" in again.stderr
+
+
 # ----- the commands' refusals, no Flower process needed -----
 
 
@@ -328,6 +359,7 @@ def test_node_key_is_made_from_a_live_enrollment_bundle(datadir: DataDir, tmp_pa
         "private_key": str(bundle / NODE_KEY),
         "public_key": str(bundle / f"{NODE_KEY}.pub"),
         "node_id": None,
+        "unregistered": [],
     }
     key = serialization.load_ssh_private_key((bundle / NODE_KEY).read_bytes(), None)
     public = serialization.load_ssh_public_key((bundle / f"{NODE_KEY}.pub").read_bytes())

@@ -458,10 +458,11 @@ class Agent:
             return now_ms - self._started_ms >= _FIRST_STATEMENT_GRACE_MS
         return state.is_stale(now_ms)
 
-    def _accept_statement(self, signed: pb.SignedFreshness) -> VerifiedFreshness | None:
-        """Keep a statement if it is valid and newer (blocking: a rotated director key is learned through TUF)."""
+    def _accept_statement(self, signed: pb.SignedFreshness, learn_keys: bool = True) -> VerifiedFreshness | None:
+        """Keep a statement if it is valid and newer (blocking: a rotated director key is learned through TUF,
+        unless `learn_keys` is false)."""
         try:
-            return accept_freshness(self._ctx, signed)
+            return accept_freshness(self._ctx, signed, learn_keys)
         except AgentError as e:
             logger.warning("ignoring a freshness statement (%s): %s", e.reason, e)
             return None
@@ -562,7 +563,7 @@ class Agent:
         except DecodeError:
             logger.warning("ignoring a malformed freshness statement")
             return False
-        kept = self._accept_statement(signed)
+        kept = self._accept_statement(signed, learn_keys=False)  # anyone may publish there: no TUF refresh for it
         return kept is not None and kept.counter > self.store.load().highest_counter
 
     async def _event_sender(self) -> None:

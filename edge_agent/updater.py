@@ -226,15 +226,19 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
         return UpdateResult(Outcome.FAILED, e.reason, str(e))
 
 
-def accept_freshness(ctx: UpdateContext, signed: pb.SignedFreshness) -> VerifiedFreshness | None:
+def accept_freshness(
+    ctx: UpdateContext, signed: pb.SignedFreshness, learn_keys: bool = True
+) -> VerifiedFreshness | None:
     """Verify a freshness statement and keep it if it is unexpired and newer (issued later, counter no lower) than
     the one held; returns it if kept. Raises AssignmentError for a statement that is not the director's for this
-    device, or whose counter jumps past LIMITS.counter_step (it would make every real assignment superseded)."""
+    device, or whose counter jumps past LIMITS.counter_step (it would make every real assignment superseded).
+    `learn_keys`: whether an unknown key id may send the agent to fetch a rotated key list through TUF (not for
+    what anyone can publish on MQTT: each such statement would cost a metadata refresh)."""
     try:
         try:
             f = verify_freshness(signed, ctx.director_keys, ctx.device_id)
         except AssignmentError as e:
-            if e.reason != Reason.ASSIGNMENT_UNKNOWN_KEY or not _learn_director_keys(ctx):
+            if e.reason != Reason.ASSIGNMENT_UNKNOWN_KEY or not learn_keys or not _learn_director_keys(ctx):
                 raise
             f = verify_freshness(signed, ctx.director_keys, ctx.device_id)
     except AssignmentError as e:

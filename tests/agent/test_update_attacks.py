@@ -694,3 +694,21 @@ def test_a_device_is_stale_without_an_unexpired_statement() -> None:
     assert AgentState().is_stale(1)
     assert not AgentState(fresh_until_ms=1001).is_stale(1000)
     assert AgentState(fresh_until_ms=1000).is_stale(1000)
+
+
+def test_a_statement_from_mqtt_with_an_unknown_key_costs_no_metadata_refresh(env: Env) -> None:
+    """Anyone may publish on the freshness topic of a plaintext broker; only a statement that came over gRPC may
+    send the agent to fetch a rotated director key list."""
+    rogue = Director(Ed25519PrivateKey.generate()).sign_freshness(DEVICE, 9, int(time.time() * 1000))
+    live = env.ctx.transport
+    counting = CountingTransport(env.server.address, DEVICE, timeout=10)
+    env.ctx.transport = counting
+    try:
+        for learn_keys in (False, True):
+            with pytest.raises(AssignmentError) as refused:
+                accept_freshness(env.ctx, rogue, learn_keys=learn_keys)
+            assert refused.value.reason == "freshness_invalid"
+            assert (sum(counting.calls.values()) > 0) is learn_keys, counting.calls
+    finally:
+        counting.close()
+        env.ctx.transport = live

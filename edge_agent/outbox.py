@@ -2,9 +2,9 @@
 
 - Each window gets the next per-device sequence number when it is stored, before anything is sent.
 - Only an acknowledgement (the coordinator's stored watermark) deletes windows: nothing is lost to a broker
-  outage, a coordinator restart or an agent killed mid-send. An acknowledgement counts only up to the highest
-  sequence this device has sent: one beyond it (a forged or stale retained ack) cannot delete windows that never
-  left the device.
+  outage, a coordinator restart or an agent killed mid-send. An acknowledgement above the highest sequence this
+  device has sent (a forged or stale retained ack) is ignored: it deletes nothing, not even windows sent but not
+  yet stored.
 - Size cap policy: past `cap` windows, the two oldest adjacent windows of one release that were never sent are
   summarized into one (counts added, covering both sequence numbers; time resolution is lost, no count is), as
   long as a summary spans at most `LIMITS.telemetry_summary_span` sequence numbers: the coordinator refuses wider
@@ -133,11 +133,9 @@ class Outbox:
         with self._lock:
             row = self._db.execute("SELECT max(sequence) FROM windows WHERE sent = 1").fetchone()
             sent = max(self._counter("acknowledged"), int(row[0] or 0))
-            if watermark > sent:
-                logger.warning(
-                    "acknowledgement of %d is beyond the last window sent (%d): counted up to it", watermark, sent
-                )
-                watermark = sent
+            if watermark > sent:  # forged, or from another life of this device: it proves nothing was stored
+                logger.warning("acknowledgement of %d is beyond the last window sent (%d): ignored", watermark, sent)
+                return 0
             deleted = self._db.execute("DELETE FROM windows WHERE sequence <= ?", [watermark]).rowcount
             self._count -= deleted
             self._db.execute("UPDATE counters SET value = max(value, ?) WHERE name = 'acknowledged'", [watermark])

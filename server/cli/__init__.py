@@ -41,6 +41,7 @@ from server.cli.freshness import devices_behind
 from server.cli.keys import OfflineKeysOption, keys_app
 from server.cli.loop import alerts_app, loop_app
 from server.cli.rollout import audit_app, rollout_app
+from server.cli.status import status
 from server.cli.train import models_app, privacy_app, train
 from server.datadir import DataDir
 from server.errors import CoordinatorError
@@ -75,6 +76,7 @@ app.add_typer(privacy_app, name="privacy")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(loop_app, name="loop")
 app.add_typer(config_app, name="config")
+app.command()(status)
 app.add_typer(flower_app, name="flower")
 app.command()(train)
 
@@ -526,6 +528,22 @@ def _audit(d: DataDir, action: str, subject: str, detail: dict[str, Any], actor:
 def version() -> None:
     """Print the fedfleet version."""
     out.print(f"fedfleet {__version__}")
+
+
+def _version_option(value: bool) -> None:
+    if value:
+        version()
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the fedfleet version and exit.", is_eager=True, callback=_version_option),
+    ] = False,
+) -> None:
+    """fedfleet coordinator: signed model releases, per-device assignments, the fleet's control plane."""
 
 
 PLUGINS = "fedfleet.commands"  # entry points: callables that add commands to `app` (e.g. simulate, demo)

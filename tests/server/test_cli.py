@@ -8,16 +8,20 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
 import typer.main
 
+from server import __version__
 from server.cli import app
 from server.datadir import DataDir
 from server.fl.registry import Ledger
+from server.store.loop import AlertRecords
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
+from tests.support import CoordinatorProcess
 
 
 def run(*args: str, module: str = "server.cli") -> subprocess.CompletedProcess[str]:
@@ -61,6 +65,8 @@ def test_command_list_is_complete() -> None:
         ("dashboard-token",),
         ("config", "show"),
         ("config", "set"),
+        ("status",),
+        ("version",),
     } <= set(COMMANDS)
 
 
@@ -304,6 +310,53 @@ def test_rollout_pause_resume_and_abort_through_the_cli(datadir: DataDir, model_
     actions = [e["action"] for e in json.loads(run("audit", "list", "--data-dir", root, "--json").stdout)]
     assert {"rollout.pause", "rollout.resume", "rollout.abort"} <= set(actions)
     assert json.loads(run("audit", "verify", "--data-dir", root, "--json").stdout)["intact"]
+
+
+def test_version_as_an_option_and_a_command() -> None:
+    for args in (("--version",), ("version",)):
+        done = run(*args)
+        assert done.returncode == 0 and done.stdout.strip() == f"fedfleet {__version__}", (args, done.stderr)
+
+
+def test_status_tells_the_fleet_at_a_glance(datadir: DataDir, model_bytes: dict[str, bytes]) -> None:
+    root = str(datadir.root)
+    names = _fleet_on(datadir, model_bytes, 3)
+    with datadir.store() as store:
+        store.set_status(names[0], True, "digits@1.0.0", "t", 1, "committed", "")
+        store.set_status(names[1], True, "digits@1.0.0", "t", 1, "committed", "", stale=True)
+        AlertRecords(store).insert("devices_stale", "lab", "devices_stale:lab", "1 device stale", {})
+    started = run("rollout", "start", "digits@2.0.0", "--fleet", "lab", "--canary", "1", "--data-dir", root, "--json")
+    rollout_id = json.loads(started.stdout)["id"]
+
+    def status() -> dict[str, Any]:
+        done = run("status", "--json", "--data-dir", root)
+        assert done.returncode == 0, done.stderr
+        doc: dict[str, Any] = json.loads(done.stdout)
+        return doc
+
+    doc = status()
+    assert doc["coordinator"] == {"running": False}
+    assert doc["devices"] == {
+        "total": 3,
+        "online": 2,
+        "stale": 1,
+        "lagging": 0,
+        "by_release": {"digits@1.0.0": 2, "none": 1},
+        "by_update_state": {"committed": 2, "unknown": 1},
+    }
+    assert [r["id"] for r in doc["rollouts_active"]] == [rollout_id]
+    assert doc["alerts_not_resolved"] == {"devices_stale": 1}
+    assert doc["privacy"] == {"max_lifetime_epsilon": 0.0, "epsilon_budget": datadir.config().epsilon_budget}
+    coordinator = CoordinatorProcess(datadir, mqtt_url=None).start()
+    try:
+        running = status()["coordinator"]
+        assert running["running"] and running["pid"] == coordinator.proc.pid  # type: ignore[union-attr]
+        assert running["grpc"] == coordinator.endpoints["grpc"]
+        text = run("status", "--data-dir", root).stdout
+        assert f"running (pid {running['pid']})" in text and "3 (2 online, 1 stale" in text and rollout_id in text
+    finally:
+        coordinator.kill()
+    assert status()["coordinator"] == {"running": False}  # a dead serve's leftover serve.json is not "running"
 
 
 def test_privacy_budget_sets_one_devices_budget_and_refuses_nonsense(datadir: DataDir) -> None:

@@ -250,15 +250,17 @@ def registered_nodes(d: DataDir, device: str) -> list[int]:
     return [i for i in ids if i not in removed]
 
 
-def unregister_nodes(d: DataDir, device: str, superlink: str, node_ids: list[int]) -> list[int]:
+def unregister_nodes(
+    d: DataDir, device: str, superlink: str, node_ids: list[int], then: str = "run `fedfleet flower unregister` again"
+) -> list[int]:
     """Unregister these nodes of a device from the SuperLink (`flwr supernode unregister`), each audited as
-    it goes; returns them. Stops at the first the SuperLink refuses, with one sentence."""
+    it goes; returns them. Stops at the first the SuperLink refuses, with one sentence ending in `then`."""
     for node_id in node_ids:
         doc, said = _flwr_supernode(d, superlink, ["unregister", str(node_id), "fedfleet"], {})
         if not doc.get("success"):
             raise CoordinatorError(
                 f"the SuperLink at {superlink} did not unregister {device}'s node {node_id} ({said or 'no answer'}); "
-                "check the address, then run `fedfleet flower unregister` again"
+                f"check the address, then {then}"
             )
         with d.store() as store:
             detail = {"node_id": node_id, "superlink": superlink}
@@ -290,7 +292,10 @@ def make_node_key(d: DataDir, bundle: Path, superlink: str | None = None, replac
         detail = {"bundle": str(bundle), "superlink": superlink, "node_id": node_id, "public_key": public.decode()}
         audit.append(store, "flower.node-key", device, detail, "cli")
     if superlink and previous:  # the replaced keys stop working once the new one is in place
-        unregister_nodes(d, device, superlink, previous)
+        then = (
+            f"remove the earlier node(s) with `flwr supernode unregister ID` (the new key, node {node_id}, is in place)"
+        )
+        unregister_nodes(d, device, superlink, previous, then)
     return NodeKey(device, private_path, public_path, node_id, tuple(previous))
 
 

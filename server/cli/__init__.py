@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import faulthandler
 import importlib.metadata
 import json
@@ -61,7 +62,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-devices_app = typer.Typer(help="Devices: list, show, enroll, revoke.", no_args_is_help=True)
+devices_app = typer.Typer(
+    help="Devices: list, show, enroll, label, revoke, and those behind their assignment.", no_args_is_help=True
+)
 releases_app = typer.Typer(help="Releases: list published models.", no_args_is_help=True)
 broker_app = typer.Typer(help="Broker: write a Mosquitto configuration with TLS and ACLs.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
@@ -368,11 +371,22 @@ def devices_show(
         return
     for key, value in doc.items():
         if key != "events":
-            out.print(f"[bold]{key}[/]: {value}")
+            out.print(f"[bold]{key}[/]: {_shown(key, value)}", highlight=False)
     table = Table("event", "counter", "release", "reason", "detail")
     for e in doc["events"]:
         table.add_row(e["kind"], str(e["counter"]), e["release_id"], e["reason"], e["detail"][:80])
     out.print(table)
+
+
+def _shown(key: str, value: Any) -> str:
+    """A device field as a person reads it: k=v pairs, local ISO-8601 times, '-' for nothing."""
+    if value is None or value == "" or value == {}:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
+    if key in ("last_seen",) and isinstance(value, int):
+        return dt.datetime.fromtimestamp(value / 1000).astimezone().isoformat(timespec="seconds")
+    return str(value)
 
 
 @devices_app.command("label")

@@ -4,6 +4,7 @@ and bad input changes nothing."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -357,6 +358,9 @@ def test_status_tells_the_fleet_at_a_glance(datadir: DataDir, model_bytes: dict[
     finally:
         coordinator.kill()
     assert status()["coordinator"] == {"running": False}  # a dead serve's leftover serve.json is not "running"
+    shown = run("devices", "show", names[0], "--data-dir", root).stdout  # for people: no reprs, no epoch ms
+    assert "labels: -" in shown and "hardware: -" in shown and "{" not in shown and "None" not in shown
+    assert re.search(r"last_seen: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", shown), shown
 
 
 def test_privacy_budget_sets_one_devices_budget_and_refuses_nonsense(datadir: DataDir) -> None:

@@ -380,7 +380,7 @@ def devices_show(
 
 def _shown(key: str, value: Any) -> str:
     """A device field as a person reads it: k=v pairs, local ISO-8601 times, '-' for nothing."""
-    if value is None or value == "" or value == {}:
+    if value is None or value in ("", {}):
         return "-"
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))

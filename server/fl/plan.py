@@ -38,6 +38,9 @@ class TrainPlan:
     round_timeout: float = 600.0
     data_label: str = ""  # said in the lineage after the data source, e.g. a rehearsal's sensor fault
     cause: str = ""  # why this run happened, e.g. the drift alarm a retraining answers (lineage, model card)
+    # ε (at `delta`) of the drift reference's two count queries together, charged to each device that answers
+    # them (server/fl/private_counts.py says how they are noised and composed).
+    reference_epsilon: float = 0.5
 
     @property
     def private(self) -> bool:
@@ -63,6 +66,8 @@ class TrainPlan:
             problems.append("local epochs 1..100, batch size 1..4096 and 0 < lr <= 10")
         if not self.alpha > 0:
             problems.append(f"alpha must be > 0 (got {self.alpha})")
+        if not (isinstance(self.reference_epsilon, int | float) and 0 < self.reference_epsilon <= 100):
+            problems.append(f"reference ε must be in (0, 100] (got {self.reference_epsilon})")
         if problems:
             raise PlanError("; ".join(problems))
 

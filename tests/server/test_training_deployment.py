@@ -270,6 +270,18 @@ def test_the_superlink_refuses_unregistered_keys_and_a_supernode_without_the_ca(
     assert sorted(n["status"] for n in nodes) == ["online", "registered"], nodes  # pi-0 online, pi-1 never
     assert control.poll() is None
 
+    # And the retrain worker, given another fleet's CA for this SuperLink, submits nothing.
+    assert fed.d is not None
+    other, _ = DataDir.init(fed.root / "other-fleet")
+    foreign = Policy(retrain_superlink=fed.address, retrain_superlink_root_certificates=str(other.trust / "ca.pem"))
+    plan = TrainPlan(rounds=1, clients=1, round_timeout=60.0).to_dict()
+    with fed.d.store() as store:
+        run_id, version, error = worker.train_on_superlink(fed.d, store, foreign, plan)
+        assert TrainingRuns(store).list() == []
+    # flwr says only "unavailable" when TLS verification fails; the SuperLink saw no run start.
+    assert (run_id, version) == ("", "") and "Connection to the SuperLink is unavailable" in error, error
+    assert "/v1/control/start-run" not in fed.log("superlink")
+
 
 @pytest.mark.timeout(300)
 @pytest.mark.slow

@@ -11,8 +11,10 @@ Messages it answers (Flower Message API, flwr 1.41):
   checks that record: a round that would pass its lifetime budget is refused (a reply carrying a `refusal`
   record, not an error), whatever the coordinator asked. Private training needs a `state-dir`.
 - query `feature-histogram` / `reference-counts`: per-feature bin counts of its inputs (never the inputs), and
-  with the final model, the histogram of its top-class scores. The coordinator pools them into the release's
-  drift reference.
+  with the final model, the histogram of its top-class scores, each count with Gaussian noise calibrated to the
+  plan's `reference-epsilon` (server/fl/private_counts.py). Each answer is charged to the device's privacy record
+  (purpose `drift-reference` of the run) before it leaves; one that would pass the budget is refused. The
+  coordinator pools the noised counts into the release's drift reference.
 
 Node config (SuperNode `--node-config`, or set by the simulation): `device-id`, `partition-id`,
 `num-partitions`, `data-source` (`digits` or `npz:PATH`), `state-dir` (where the device keeps its privacy
@@ -37,6 +39,9 @@ from server.fl.data import DataSource, source_from_config
 from server.fl.model import predict_proba, train_plain
 from server.fl.privacy import BudgetExceeded, DeviceBudget, History, epsilon_of, noise_for_target, steps_per_round
 from server.fl.privacy import train_private as dp_train
+from server.fl.private_counts import PURPOSE as REFERENCE_PURPOSE
+from server.fl.private_counts import REFERENCE_QUERIES, epsilon_of_answers, noised_counts, private_generator
+from server.fl.private_counts import noise_multiplier as reference_noise
 from server.fl.records import as_bool, as_float, as_int, as_str
 
 __all__ = ["build_client_app", "client_seed", "noise_seed"]
@@ -135,6 +140,44 @@ def _reply(msg: Message, records: dict[str, ArrayRecord | MetricRecord | ConfigR
     return Message(content=RecordDict(records), reply_to=msg)
 
 
+def _reference_counts(msg: Message, config: ConfigRecord, task: str, x: np.ndarray) -> list[np.ndarray]:
+    """The exact counts a drift-reference query asks for (they never leave the device unnoised)."""
+    if task == "feature-histogram":
+        lo, hi, fine = as_float(config, "range-lo"), as_float(config, "range-hi"), as_int(config, "fine-bins")
+        edges = np.linspace(lo, hi, fine + 1)
+        return [np.stack([bin_counts(x[:, j], edges) for j in range(x.shape[1])])]
+    feature_edges, score_edges, *weights = msg.content["arrays"].to_numpy_ndarrays()  # type: ignore[union-attr]
+    counts = np.stack([bin_counts(x[:, j], feature_edges[j]) for j in range(x.shape[1])])
+    scores = predict_proba(list(weights), x).max(axis=1)
+    return [counts, bin_counts(scores, score_edges)]
+
+
+def _reference_answer(msg: Message, node: _Node, config: ConfigRecord, task: str, x: np.ndarray) -> Message:
+    """Answer a drift-reference query with Gaussian-noised counts (server/fl/private_counts.py), charged to this
+    device's own privacy record first: every answer in the run counts, a repeated query too. An answer that would
+    pass the device's lifetime budget is refused (a `refusal` record), and so is one without a privacy record."""
+    client = ConfigRecord({"device-id": node.device_id})
+    budget = node.budget(config)
+    if budget is None:
+        reason = f"device {node.device_id} has no state-dir to keep its privacy record, so it answers no drift query"
+        return _reply(msg, {"refusal": ConfigRecord({"device-id": node.device_id, "reason": reason}), "client": client})
+    run_id, delta = as_str(config, "run-id"), as_float(config, "delta")
+    key = f"{run_id}/{REFERENCE_PURPOSE}"
+    noise = reference_noise(as_float(config, "reference-epsilon"), delta)
+    answers = [*budget.history(key), (noise, 1.0, 1)]
+    epsilon = epsilon_of_answers(answers, delta)
+    try:
+        budget.check(key, epsilon)
+    except BudgetExceeded as e:
+        refusal = ConfigRecord({"device-id": node.device_id, "reason": f"drift reference ({task}): {e}"})
+        return _reply(msg, {"refusal": refusal, "client": client})
+    exact = _reference_counts(msg, config, task, x)
+    epsilon = budget.record(key, epsilon, answers, delta, noise)  # durable before the answer leaves the device
+    noised, sigma = noised_counts(exact, noise, private_generator())
+    metrics = MetricRecord({"epsilon": epsilon, "noise-multiplier": noise, "sigma": sigma, "answers": len(answers)})
+    return _reply(msg, {"counts": ArrayRecord(numpy_ndarrays=noised), "metrics": metrics, "client": client})
+
+
 def build_client_app(
     device_ids: Sequence[str] | None = None, state_dir: Path | None = None, source_for: SourceFor | None = None
 ) -> ClientApp:
@@ -152,25 +195,8 @@ def build_client_app(
         x, _ = node.source(config).load()
         if task == "hello":
             return _reply(msg, {"client": ConfigRecord({"device-id": node.device_id, "num-examples": len(x)})})
-        if task == "feature-histogram":
-            lo, hi, fine = as_float(config, "range-lo"), as_float(config, "range-hi"), as_int(config, "fine-bins")
-            edges = np.linspace(lo, hi, fine + 1)
-            counts = np.stack([bin_counts(x[:, j], edges) for j in range(x.shape[1])])
-            return _reply(
-                msg,
-                {"counts": ArrayRecord(numpy_ndarrays=[counts]), "client": ConfigRecord({"device-id": node.device_id})},
-            )
-        if task == "reference-counts":
-            feature_edges, score_edges, *weights = msg.content["arrays"].to_numpy_ndarrays()  # type: ignore[union-attr]
-            counts = np.stack([bin_counts(x[:, j], feature_edges[j]) for j in range(x.shape[1])])
-            scores = predict_proba(list(weights), x).max(axis=1)
-            return _reply(
-                msg,
-                {
-                    "counts": ArrayRecord(numpy_ndarrays=[counts, bin_counts(scores, score_edges)]),
-                    "client": ConfigRecord({"device-id": node.device_id}),
-                },
-            )
+        if task in REFERENCE_QUERIES:
+            return _reference_answer(msg, node, config, task, x)
         raise ValueError(f"unknown query task {task!r}")
 
     @app.train()

@@ -47,6 +47,7 @@ __all__ = [
     "PURPOSE",
     "REFERENCE_QUERIES",
     "epsilon_after",
+    "epsilon_of_answers",
     "l2_sensitivity",
     "noise_multiplier",
     "noised_counts",
@@ -86,13 +87,22 @@ def noise_multiplier(epsilon: float, delta: float, queries: int = len(REFERENCE_
 
 def epsilon_after(noise: float, delta: float, queries: int) -> float:
     """ε at δ after `queries` answers at noise multiplier `noise` (0 before the first)."""
-    if queries == 0:
+    return epsilon_of_answers([(noise, 1.0, queries)] if queries else [], delta)
+
+
+def epsilon_of_answers(answers: Sequence[tuple[float, float, int]], delta: float) -> float:
+    """ε at δ after the answers a device gave, as (noise multiplier, 1.0, how many) entries: their RDP adds."""
+    if not answers:
         return 0.0
-    if not (math.isfinite(noise) and noise > 0):
-        raise ValueError(f"a noise multiplier must be a finite number > 0 (got {noise!r})")
-    _check(1.0, delta, queries)
-    rdp = privacy_analysis.compute_rdp(
-        q=1.0, noise_multiplier=noise, steps=queries, orders=RDPAccountant.DEFAULT_ALPHAS
+    for z, _, n in answers:
+        if not (math.isfinite(z) and z > 0) or n < 1:
+            raise ValueError(f"an answer needs a noise multiplier > 0 and a count >= 1 (got {z!r}, {n!r})")
+    _check(1.0, delta, 1)
+    rdp = sum(
+        [
+            privacy_analysis.compute_rdp(q=1.0, noise_multiplier=z, steps=n, orders=RDPAccountant.DEFAULT_ALPHAS)
+            for z, _, n in answers
+        ]
     )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")

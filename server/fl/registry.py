@@ -1,10 +1,11 @@
-"""The privacy ledger and the model registry, both in the coordinator's SQLite database (schema v5, v9).
+"""The privacy ledger and the model registry, both in the coordinator's SQLite database (schema v5, v9, v10).
 
 Ledger: a device's ε after each round is stored (cumulative within its run): the larger of what it reported and
 what the coordinator recomputed from its noise, sample rate and steps, and never below the run's earlier ε. A
-device's ε for a run is the highest recorded in it; its lifetime ε is the sum over runs, and so is its lifetime
-δ (see server/fl/privacy.py for why). Its budget is its row in privacy_budgets, or the data directory's
-`epsilon_budget`.
+device's ε for a run is the highest recorded in it. What it spends on queries besides training (the drift
+reference's noised counts, purpose "drift-reference") is stored per query, cumulative per purpose in the run.
+Its lifetime ε is the sum over runs and purposes, and so is its lifetime δ (see server/fl/privacy.py for why).
+Its budget is its row in privacy_budgets, or the data directory's `epsilon_budget`.
 
 Registry: a model version `name@seq` with its weights, lineage (run, parent, rounds, devices, data schema, ε and
 δ, metrics per round, code version) and the drift reference the run computed federatedly. The model card is
@@ -26,7 +27,18 @@ from server.errors import NotFoundError
 from server.store import Store, now_ms
 from server.store.training import LedgerRecords, ModelRecords, RunRecords
 
-__all__ = ["Ledger", "ModelVersion", "Registry", "TrainingRuns", "model_card", "model_card_markdown"]
+__all__ = [
+    "QUERY_PURPOSES",
+    "Ledger",
+    "ModelVersion",
+    "Registry",
+    "TrainingRuns",
+    "model_card",
+    "model_card_markdown",
+]
+
+# What a device's privacy is spent on besides training, as the ledger names it on each row.
+QUERY_PURPOSES = ("drift-reference",)
 
 
 class Ledger:
@@ -70,6 +82,47 @@ class Ledger:
             run_id, device_id, server_round, epsilon, delta, now_ms(), reported, recomputed, mismatch
         )
 
+    def record_query(
+        self,
+        run_id: str,
+        device_id: str,
+        purpose: str,
+        step: int,
+        query: str,
+        epsilon: float,
+        delta: float,
+        *,
+        noise_multiplier: float,
+        sensitivity: float,
+        reported: float | None = None,
+    ) -> float:
+        """Record what a device spent answering a query for `purpose` (one of QUERY_PURPOSES) in a run: its ε for
+        the purpose after its `step`th query (cumulative), at δ, with the query's noise multiplier and L2
+        sensitivity and what the device reported; returns the ε as recorded, never below the purpose's earlier ε
+        in the run. Anything malformed is refused and nothing is written."""
+        problems = []
+        if purpose not in QUERY_PURPOSES:
+            problems.append(f"unknown purpose {purpose!r} (known: {', '.join(QUERY_PURPOSES)})")
+        if not (math.isfinite(epsilon) and epsilon >= 0):
+            problems.append(f"an ε must be a finite number >= 0 (got {epsilon!r})")
+        if not 0 < delta < 1:
+            problems.append(f"a δ must lie in (0, 1) (got {delta!r})")
+        if not step >= 1 or not query:
+            problems.append(f"a query needs a name and a step >= 1 (got {query!r}, {step!r})")
+        if not (math.isfinite(noise_multiplier) and noise_multiplier > 0 and math.isfinite(sensitivity)):
+            problems.append(f"noise multiplier {noise_multiplier!r} and sensitivity {sensitivity!r} must be numbers")
+        if problems:
+            raise ValueError("; ".join(problems) + "; nothing was recorded")
+        if reported is not None and not math.isfinite(reported):
+            reported = None
+        return LedgerRecords(self.store).record_query(
+            run_id, device_id, purpose, step, query, epsilon, delta, noise_multiplier, sensitivity, reported, now_ms()
+        )
+
+    def queries(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's query spends (drift reference), one row per device, purpose and query."""
+        return LedgerRecords(self.store).queries(run_id)
+
     def run_epsilon(self, run_id: str, device_id: str) -> float:
         """The device's ε in the run as recorded so far (0: none)."""
         return LedgerRecords(self.store).run_epsilon(run_id, device_id)
@@ -79,19 +132,28 @@ class Ledger:
         return set(LedgerRecords(self.store).devices(run_id))
 
     def rows(self) -> list[dict[str, Any]]:
-        """Per device and run: ε and δ of the run, the model version it produced, how many times the client's
-        report disagreed with the coordinator's recomputation, and the device's lifetime ε and δ so far (each
-        the sum over its runs: basic composition)."""
-        runs = LedgerRecords(self.store).by_run()
+        """Per device, run and purpose ("training", or a query purpose such as "drift-reference", whose `rounds`
+        counts the queries answered; a run's training row first): ε and δ, the model version the run produced, how
+        many times the client's report disagreed with the coordinator's recomputation, and the device's lifetime
+        ε and δ so far (each the sum over its runs and purposes: basic composition)."""
+        records = LedgerRecords(self.store)
+        spends: list[tuple[Any, ...]] = [
+            (device_id, run_id, "training", eps, delta, rounds, version, mismatches)
+            for device_id, run_id, eps, delta, rounds, version, mismatches in records.by_run()
+        ]
+        spends += [(d, r, p, e, dl, n, v, 0) for d, r, p, e, dl, n, v in records.queries_by_run()]
+        order = {run["id"]: i for i, run in enumerate(RunRecords(self.store).all())}
+        spends.sort(key=lambda s: (s[0], order.get(s[1], len(order)), s[2] != "training", s[2]))
         out: list[dict[str, Any]] = []
         lifetime: dict[str, tuple[float, float]] = {}
-        for device_id, run_id, eps, delta, rounds, version, mismatches in runs:
+        for device_id, run_id, purpose, eps, delta, rounds, version, mismatches in spends:
             spent_eps, spent_delta = lifetime.get(device_id, (0.0, 0.0))
             lifetime[device_id] = (spent_eps + float(eps), spent_delta + float(delta))
             out.append(
                 {
                     "device": device_id,
                     "run": run_id,
+                    "purpose": purpose,
                     "model_version": version or None,
                     "rounds": int(rounds),
                     "epsilon": float(eps),

@@ -39,6 +39,9 @@ from server.fl.data import CLASSES, FEATURE_RANGE, FEATURES, held_out
 from server.fl.model import evaluate, initial_weights
 from server.fl.plan import TrainPlan
 from server.fl.privacy import EpsilonCheck, History, check_epsilon, epsilon_of, noise_for_target, steps_per_round
+from server.fl.private_counts import PURPOSE as REFERENCE_PURPOSE
+from server.fl.private_counts import epsilon_after, l2_sensitivity, pooled_counts
+from server.fl.private_counts import noise_multiplier as reference_noise
 from server.fl.records import as_float, as_int, as_str
 from server.fl.registry import Ledger, Registry, TrainingRuns
 from server.store import Store
@@ -103,6 +106,7 @@ class _Device:
     budget: float = 0.0  # its lifetime budget (ditto)
     refused: bool = False
     skipped: bool = False
+    reference_answers: int = 0  # drift-reference queries it answered in this run
 
 
 @dataclass
@@ -125,6 +129,7 @@ class _Run:
         self.runs = TrainingRuns(store)
         self.devices: dict[int, _Device] = {}
         self.round: _Round = _Round(time.monotonic())
+        self.reference_privacy: dict[str, Any] = {}  # how the drift reference was noised (the model card says)
 
     def incident(self, server_round: int, device_id: str, kind: str, detail: str) -> None:
         self.runs.incident(self.run_id, server_round, device_id, kind, detail)
@@ -389,40 +394,154 @@ def _greet(grid: Grid, run: _Run) -> None:
 
 
 def _reference(grid: Grid, run: _Run, arrays: ArrayRecord) -> DriftReference:
-    """Drift reference from pooled bin counts: fine histograms give quantile edges, then counts over those edges
-    and over the top-class score. Clients send counts only, never samples."""
-    nodes = sorted(d.node_id for d in run.devices.values() if not d.refused)
+    """Drift reference from pooled, noised bin counts: fine histograms give quantile edges, then counts over those
+    edges and over the top-class score. Clients send counts only, never samples, each count with Gaussian noise
+    (server/fl/private_counts.py) charged to the device's budget; the ledger records each answer's ε under the
+    purpose `drift-reference`. Only devices with room in their budget for the plan's reference ε are asked; the
+    reference is built from the devices that answered both queries' (a device refusing the first is not asked
+    the second). The per-feature ranges are the public schema bounds (FEATURE_RANGE), never the data's."""
+    p = run.plan
     lo, hi = FEATURE_RANGE
-    base = {"alpha": run.plan.alpha, "data-seed": run.plan.seed}
-    fine = np.zeros((FEATURES, FINE_BINS + 2))
-    for msg in _query(
-        grid,
-        nodes,
-        {**base, "task": "feature-histogram", "range-lo": lo, "range-hi": hi, "fine-bins": FINE_BINS},
-        run.plan.round_timeout,
-    ):
-        if not msg.has_error():
-            fine += msg.content["counts"].to_numpy_ndarrays()[0]  # type: ignore[union-attr]
-    if fine.sum() == 0:
-        raise TrainingError("no client sent feature histograms for the drift reference")
-    feature_edges, ranges = edges_from_fine_histograms(fine, lo, hi, REFERENCE_BINS)
+    noise = reference_noise(p.reference_epsilon, p.delta)
+    round_ = p.rounds + 1  # the incidents' round: after the last training round
+    asked: list[_Device] = []
+    for d in sorted(run.devices.values(), key=lambda d: d.device_id):
+        after = d.spent_before + d.epsilon + p.reference_epsilon
+        if d.refused:
+            continue
+        if after > d.budget + 1e-9:
+            detail = f"drift reference: lifetime ε would reach {after:.3f}, budget {d.budget:.3f}"
+            run.incident(round_, d.device_id, "skipped-budget", detail)
+            continue
+        asked.append(d)
+    config = {
+        "alpha": p.alpha,
+        "data-seed": p.seed,
+        "run-id": run.run_id,
+        "reference-epsilon": p.reference_epsilon,
+        "delta": p.delta,
+    }
+    fine_config = {**config, "task": "feature-histogram", "range-lo": lo, "range-hi": hi, "fine-bins": FINE_BINS}
+    answers, asked = _ask_reference(grid, run, asked, fine_config, None, noise, [(FEATURES, FINE_BINS + 2)])
+    if not answers:
+        raise TrainingError(
+            f"no device answered the drift reference's feature-histogram query ({len(run.devices)} in the run: each "
+            f"refused, failed, or lacked privacy budget for the reference's ε {p.reference_epsilon:g}); see the "
+            "run's incidents, raise budgets with `fedfleet privacy budget`, or plan a smaller reference_epsilon"
+        )
+    fine = _rows_or_uniform(pooled_counts([a[0] for a in answers]))
+    feature_edges, _ = edges_from_fine_histograms(fine, lo, hi, REFERENCE_BINS)
     score_edges = np.linspace(0, 1, 11)[1:-1]
     payload = ArrayRecord(numpy_ndarrays=[feature_edges, score_edges, *arrays.to_numpy_ndarrays()])
-    counts = np.zeros((FEATURES, REFERENCE_BINS))
-    score_counts = np.zeros(len(score_edges) + 1)
-    for msg in _query(grid, nodes, {**base, "task": "reference-counts"}, run.plan.round_timeout, payload):
-        if not msg.has_error():
-            c, s = msg.content["counts"].to_numpy_ndarrays()  # type: ignore[union-attr]
-            counts += c
-            score_counts += s
+    shapes = [(FEATURES, REFERENCE_BINS), (len(score_edges) + 1,)]
+    answers, answered = _ask_reference(grid, run, asked, {**config, "task": "reference-counts"}, payload, noise, shapes)
+    if not answers:
+        raise TrainingError("no device answered the drift reference's reference-counts query; see the run's incidents")
+    counts = _rows_or_uniform(pooled_counts([a[0] for a in answers]))
+    score_counts = _rows_or_uniform(pooled_counts([a[1] for a in answers])[None, :])[0]
+    run.reference_privacy = {
+        "epsilon": p.reference_epsilon,
+        "delta": p.delta,
+        "unit": "record",
+        "mechanism": (
+            "Gaussian on each device's bin counts (feature-histogram, then reference-counts), L2 sensitivity "
+            "√(histograms per answer) to adding or removing one record; both answers one RDP accountant (Opacus, "
+            "sample rate 1, 2 steps); noise from device-local entropy; pooled counts clipped at 0"
+        ),
+        "noise_multiplier": noise,
+        "devices": sorted(d.device_id for d in answered),
+        "feature_ranges": f"public schema bounds [{lo:g}, {hi:g}]",
+    }
     return DriftReference(
         feature_edges=feature_edges,
         feature_proportions=proportions(counts),
-        feature_ranges=ranges,
+        feature_ranges=np.tile(np.array([lo, hi], dtype=np.float64), (FEATURES, 1)),
         score_edges=score_edges,
         score_proportions=proportions(score_counts),
         n_classes=CLASSES,
     )
+
+
+def _ask_reference(
+    grid: Grid,
+    run: _Run,
+    devices: list[_Device],
+    config: dict[str, Any],
+    arrays: ArrayRecord | None,
+    noise: float,
+    shapes: list[tuple[int, ...]],
+) -> tuple[list[list[np.ndarray]], list[_Device]]:
+    """Ask each device one drift-reference query (with its own budget), charge every answer in the ledger at the
+    larger of the ε the device reports and the one the coordinator computes for its answers so far at `noise`,
+    and record refusals and failures as incidents. Returns the well-formed answers and the devices that gave
+    them."""
+    p, task = run.plan, str(config["task"])
+    by_node = {d.node_id: d for d in devices}
+    messages = []
+    for device in devices:
+        records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
+            "config": ConfigRecord({**config, "epsilon-budget": device.budget})
+        }
+        if arrays is not None:
+            records["arrays"] = arrays
+        messages.append(
+            Message(content=RecordDict(records), message_type=MessageType.QUERY, dst_node_id=device.node_id)
+        )
+    answers: list[list[np.ndarray]] = []
+    answered: list[_Device] = []
+    round_ = p.rounds + 1
+    with run.store.transaction():
+        for msg in grid.send_and_receive(messages, timeout=p.round_timeout):
+            d = by_node.get(msg.metadata.src_node_id)
+            if d is None:
+                continue
+            if msg.has_error():
+                detail = error_summary(msg.error.reason or f"error code {msg.error.code}")
+                run.incident(round_, d.device_id, "error", f"drift reference ({task}): {detail}")
+                continue
+            if "refusal" in msg.content:
+                refusal = msg.content["refusal"]
+                assert isinstance(refusal, ConfigRecord)
+                run.incident(round_, d.device_id, "refused", as_str(refusal, "reason"))
+                continue
+            d.reference_answers += 1
+            metrics = msg.content["metrics"] if "metrics" in msg.content else MetricRecord({})
+            assert isinstance(metrics, MetricRecord)
+            try:
+                reported: float | None = as_float(metrics, "epsilon")
+            except (KeyError, TypeError, ValueError):
+                reported = None
+            claimed = reported if reported is not None and math.isfinite(reported) and reported >= 0 else 0.0
+            recomputed = epsilon_after(noise, p.delta, d.reference_answers)
+            run.ledger.record_query(
+                run.run_id,
+                d.device_id,
+                REFERENCE_PURPOSE,
+                d.reference_answers,
+                task,
+                max(recomputed, claimed),
+                p.delta,
+                noise_multiplier=noise,
+                sensitivity=l2_sensitivity(sum(1 if len(s) == 1 else s[0] for s in shapes)),
+                reported=reported,
+            )
+            counts = msg.content.get("counts")
+            got = counts.to_numpy_ndarrays() if isinstance(counts, ArrayRecord) else []
+            if [a.shape for a in got] != shapes or not all(np.isfinite(a).all() for a in got):
+                run.incident(round_, d.device_id, "error", f"drift reference ({task}): malformed counts, not pooled")
+                continue
+            answers.append(got)
+            answered.append(d)
+    answered.sort(key=lambda d: d.device_id)
+    return answers, answered
+
+
+def _rows_or_uniform(counts: np.ndarray) -> np.ndarray:
+    """Pooled (clipped) counts with every row that the noise left empty made uniform: post-processing, so that
+    edges and proportions exist for every feature."""
+    out = np.array(counts, dtype=np.float64)
+    out[out.sum(axis=-1) <= 0] = 1.0
+    return out
 
 
 def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -470,7 +589,8 @@ def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, 
             )
             if p.private
             else None,
-        },
+        }
+        | {"drift_reference": run.reference_privacy or None},
         "metrics": {
             "test_accuracy": last["test_accuracy"],
             "test_loss": last["test_loss"],

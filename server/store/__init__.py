@@ -377,7 +377,40 @@ def _v9(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
+def _v10(db: sqlite_utils.Database) -> None:
+    """The privacy ledger's spends other than training, each named by its purpose: a run's drift-reference count
+    queries (server/fl/private_counts.py). One row per device, run, purpose and query, ε cumulative over the
+    purpose's queries in the run; like privacy_spend, SQLite refuses lowering an ε and deleting a row."""
+    db.executescript(
+        """
+        CREATE TABLE privacy_query_spend (
+            run_id TEXT NOT NULL REFERENCES fl_runs(id),
+            device_id TEXT NOT NULL,
+            purpose TEXT NOT NULL,              -- drift-reference
+            step INTEGER NOT NULL,              -- 1, 2, ...: the purpose's queries in the order they were answered
+            query TEXT NOT NULL,                -- feature-histogram, reference-counts
+            epsilon REAL NOT NULL,              -- the purpose's ε in the run after this query (cumulative)
+            delta REAL NOT NULL,
+            noise_multiplier REAL NOT NULL,     -- Gaussian noise sd / L2 sensitivity
+            sensitivity REAL NOT NULL,          -- the query's L2 sensitivity to one record
+            reported_epsilon REAL,              -- the device's figure; NULL: none or unreadable
+            at INTEGER NOT NULL,
+            PRIMARY KEY (run_id, device_id, purpose, step)
+        );
+        CREATE TRIGGER privacy_query_spend_never_below BEFORE INSERT ON privacy_query_spend
+        WHEN NEW.epsilon < (SELECT MAX(epsilon) FROM privacy_query_spend
+                            WHERE run_id = NEW.run_id AND device_id = NEW.device_id AND purpose = NEW.purpose)
+        BEGIN SELECT RAISE(ABORT, 'privacy ledger: an epsilon below the one recorded for the run'); END;
+        CREATE TRIGGER privacy_query_spend_never_lowered BEFORE UPDATE OF epsilon ON privacy_query_spend
+        WHEN NEW.epsilon < OLD.epsilon
+        BEGIN SELECT RAISE(ABORT, 'privacy ledger: a recorded epsilon is never lowered'); END;
+        CREATE TRIGGER privacy_query_spend_kept BEFORE DELETE ON privacy_query_spend
+        BEGIN SELECT RAISE(ABORT, 'privacy ledger: rows are never deleted'); END;
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -79,7 +79,8 @@ class RunRecords:
 
 class LedgerRecords:
     """privacy_spend (each device's ε after each round, cumulative in its run: the larger of what it reported and
-    what the coordinator recomputed, never lower than before) and privacy_budgets."""
+    what the coordinator recomputed, never lower than before), privacy_query_spend (what other purposes, such as
+    the drift reference's count queries, spent: cumulative per purpose in a run) and privacy_budgets."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -151,14 +152,84 @@ class LedgerRecords:
         return float(row[0])
 
     def lifetime(self, device_id: str, excluding_run: str = "") -> float:
-        """The sum over the device's runs (but one) of its highest ε in each."""
+        """The sum over the device's runs (but one) of its highest training ε in each and its highest ε of each
+        other purpose (privacy_query_spend) in each."""
         row = self.store.db.execute(
             """SELECT COALESCE(SUM(eps), 0) FROM (
                  SELECT MAX(epsilon) AS eps FROM privacy_spend
-                 WHERE device_id = ? AND run_id != ? GROUP BY run_id)""",
-            [device_id, excluding_run],
+                 WHERE device_id = ? AND run_id != ? GROUP BY run_id
+                 UNION ALL
+                 SELECT MAX(epsilon) AS eps FROM privacy_query_spend
+                 WHERE device_id = ? AND run_id != ? GROUP BY run_id, purpose)""",
+            [device_id, excluding_run, device_id, excluding_run],
         ).fetchone()
         return float(row[0])
+
+    def record_query(
+        self,
+        run_id: str,
+        device_id: str,
+        purpose: str,
+        step: int,
+        query: str,
+        epsilon: float,
+        delta: float,
+        noise_multiplier: float,
+        sensitivity: float,
+        reported: float | None,
+        at: int,
+    ) -> float:
+        """Store the device's ε for the purpose in the run after its `step`th query, never below an ε already
+        recorded for the purpose in the run; returns the ε as recorded."""
+        with self.store.transaction() as db:
+            db.execute(
+                """INSERT INTO privacy_query_spend (run_id, device_id, purpose, step, query, epsilon, delta,
+                                                   noise_multiplier, sensitivity, reported_epsilon, at)
+                   VALUES (?, ?, ?, ?, ?, MAX(?, COALESCE((SELECT MAX(epsilon) FROM privacy_query_spend
+                           WHERE run_id = ? AND device_id = ? AND purpose = ?), 0)), ?, ?, ?, ?, ?)
+                   ON CONFLICT (run_id, device_id, purpose, step)
+                   DO UPDATE SET epsilon = MAX(epsilon, excluded.epsilon), at = excluded.at""",
+                [
+                    run_id,
+                    device_id,
+                    purpose,
+                    step,
+                    query,
+                    epsilon,
+                    run_id,
+                    device_id,
+                    purpose,
+                    delta,
+                    noise_multiplier,
+                    sensitivity,
+                    reported,
+                    at,
+                ],
+            )
+            row = db.execute(
+                "SELECT epsilon FROM privacy_query_spend"
+                " WHERE run_id = ? AND device_id = ? AND purpose = ? AND step = ?",
+                [run_id, device_id, purpose, step],
+            ).fetchone()
+        return float(row[0])
+
+    def queries(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's query spends, one row per device, purpose and query, in the order they were answered."""
+        return list(
+            self.store.db.query(
+                "SELECT * FROM privacy_query_spend WHERE run_id = ? ORDER BY device_id, purpose, step", [run_id]
+            )
+        )
+
+    def queries_by_run(self) -> list[tuple[Any, ...]]:
+        """Per device, run and purpose, in the order the runs started: (device, run, purpose, ε, δ, queries, model
+        version), ε and δ the highest recorded."""
+        rows = self.store.db.execute(
+            """SELECT q.device_id, q.run_id, q.purpose, MAX(q.epsilon), MAX(q.delta), COUNT(*), r.model_version
+               FROM privacy_query_spend q JOIN fl_runs r ON r.id = q.run_id
+               GROUP BY q.device_id, q.run_id, q.purpose ORDER BY q.device_id, r.started_at, q.purpose"""
+        ).fetchall()
+        return [tuple(r) for r in rows]
 
     def by_run(self) -> list[tuple[Any, ...]]:
         """Per device and run, in the order the runs started: (device, run, ε, δ, rounds, model version, ε

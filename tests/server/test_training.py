@@ -161,7 +161,16 @@ def test_registry_lineage_card_and_ledger_views(trained: tuple[DataDir, TrainOut
     assert "| 3 |" in cli(d, "models", "show", outcome.model_version, "--card").stdout
     ledger = json.loads(cli(d, "privacy", "ledger", "--json").stdout)
     assert {r["device"] for r in ledger} == {f"sim-{i:03d}" for i in range(4)}
-    assert all(r["model_version"] == outcome.model_version and r["rounds"] == 3 for r in ledger)
+    assert all(r["model_version"] == outcome.model_version for r in ledger)
+    # Per device: its training row (3 rounds), then its drift-reference row (2 noised count queries), both in its
+    # lifetime ε.
+    assert [(r["purpose"], r["rounds"]) for r in ledger if r["device"] == "sim-000"] == [
+        ("training", 3),
+        ("drift-reference", 2),
+    ]
+    training, reference = (r for r in ledger if r["device"] == "sim-000")
+    assert 0 < reference["epsilon"] <= 0.5
+    assert reference["lifetime_epsilon"] == pytest.approx(training["epsilon"] + reference["epsilon"])
     cli(d, "models", "show", "digits@99", ok=False)
 
 
@@ -186,6 +195,8 @@ def test_release_is_byte_identical_parity_checked_and_carries_its_metadata(
     reference = DriftReference.from_metadata(custom["drift_reference"])
     assert reference.n_features == 64 and reference.n_classes == 10
     assert np.all(np.diff(reference.feature_edges, axis=1) >= 0)
+    assert np.array_equal(reference.feature_ranges, np.tile([0.0, 1.0], (64, 1)))  # public bounds, not the data's
+    assert custom["model_card"]["privacy"]["drift_reference"]["feature_ranges"] == "public schema bounds [0, 1]"
     assert custom["probe"]["source"] == "held-out"
     assert float(custom["model_card"]["privacy"]["epsilon"]) > 0  # canonical JSON: numbers as decimal strings
 

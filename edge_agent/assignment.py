@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -52,6 +53,36 @@ def load_director_keys(hex_keys: Mapping[str, str]) -> dict[str, Ed25519PublicKe
     return keys
 
 
+_Statement = TypeVar("_Statement", pb.Assignment, pb.Freshness)
+
+
+def _open(
+    what: str,
+    signed: tuple[str, bytes, bytes, bytes],  # key id, signature, body, the bytes the signature covers
+    message: _Statement,
+    trusted: Mapping[str, Ed25519PublicKey],
+    device_id: str,
+    reasons: tuple[Reason, Reason, Reason],  # bad signature, malformed body, another device's
+) -> _Statement:
+    """The director's signature over a statement, then its body, then its addressee: the checks both kinds share."""
+    key_id, signature, body, covered = signed
+    bad_signature, malformed, wrong_device = reasons
+    key = trusted.get(key_id)
+    if key is None:
+        raise AssignmentError(f"{what} signed by unknown key {key_id[:16]!r}", Reason.ASSIGNMENT_UNKNOWN_KEY)
+    try:
+        key.verify(signature, covered)
+    except InvalidSignature as e:
+        raise AssignmentError(f"{what} signature does not verify", bad_signature) from e
+    try:
+        message.ParseFromString(body)
+    except DecodeError as e:
+        raise AssignmentError(f"signed {what} body is malformed", malformed) from e
+    if message.device_id != device_id:
+        raise AssignmentError(f"{what} is for device {message.device_id!r}, not {device_id!r}", wrong_device)
+    return message
+
+
 @dataclass(frozen=True)
 class VerifiedAssignment:
     device_id: str
@@ -83,22 +114,14 @@ def verify_assignment(
 ) -> VerifiedAssignment:
     """Check signature, key and addressee. The counter is the caller's to compare (it holds the history)."""
     signed = parse_signed(payload)
-    key = trusted.get(signed.key_id)
-    if key is None:
-        raise AssignmentError(f"assignment signed by unknown key {signed.key_id[:16]!r}", Reason.ASSIGNMENT_UNKNOWN_KEY)
-    try:
-        key.verify(signed.signature, signed.assignment)
-    except InvalidSignature as e:
-        raise AssignmentError("assignment signature does not verify", Reason.ASSIGNMENT_BAD_SIGNATURE) from e
-    a = pb.Assignment()
-    try:
-        a.ParseFromString(signed.assignment)
-    except DecodeError as e:
-        raise AssignmentError("signed assignment body is malformed", Reason.ASSIGNMENT_MALFORMED) from e
-    if a.device_id != device_id:
-        raise AssignmentError(
-            f"assignment is for device {a.device_id!r}, not {device_id!r}", Reason.ASSIGNMENT_WRONG_DEVICE
-        )
+    a = _open(
+        "assignment",
+        (signed.key_id, signed.signature, signed.assignment, signed.assignment),
+        pb.Assignment(),
+        trusted,
+        device_id,
+        (Reason.ASSIGNMENT_BAD_SIGNATURE, Reason.ASSIGNMENT_MALFORMED, Reason.ASSIGNMENT_WRONG_DEVICE),
+    )
     if not a.target_path or not _SHA256.match(a.target_sha256) or a.target_length <= 0 or a.counter <= 0:
         raise AssignmentError("assignment lacks a target path, sha256, length or counter", Reason.ASSIGNMENT_MALFORMED)
     return VerifiedAssignment(
@@ -135,24 +158,14 @@ def verify_freshness(
     is newer than the one already held, is the caller's to judge (it holds the clock and the history)."""
     if signed.ByteSize() > LIMITS.mqtt_control_payload:
         raise AssignmentError("freshness statement exceeds the size limit", Reason.FRESHNESS_INVALID)
-    key = trusted.get(signed.key_id)
-    if key is None:
-        raise AssignmentError(
-            f"freshness statement signed by unknown key {signed.key_id[:16]!r}", Reason.ASSIGNMENT_UNKNOWN_KEY
-        )
-    try:
-        key.verify(signed.signature, FRESHNESS_CONTEXT + signed.freshness)
-    except InvalidSignature as e:
-        raise AssignmentError("freshness statement signature does not verify", Reason.FRESHNESS_INVALID) from e
-    f = pb.Freshness()
-    try:
-        f.ParseFromString(signed.freshness)
-    except DecodeError as e:
-        raise AssignmentError("signed freshness statement is malformed", Reason.FRESHNESS_INVALID) from e
-    if f.device_id != device_id:
-        raise AssignmentError(
-            f"freshness statement is for device {f.device_id!r}, not {device_id!r}", Reason.FRESHNESS_INVALID
-        )
+    f = _open(
+        "freshness statement",
+        (signed.key_id, signed.signature, signed.freshness, FRESHNESS_CONTEXT + signed.freshness),
+        pb.Freshness(),
+        trusted,
+        device_id,
+        (Reason.FRESHNESS_INVALID,) * 3,
+    )
     if f.issued_at_ms <= 0 or f.expires_at_ms <= f.issued_at_ms:
         raise AssignmentError("freshness statement lacks a valid issue time and expiry", Reason.FRESHNESS_INVALID)
     return VerifiedFreshness(f.device_id, f.counter, f.issued_at_ms, f.expires_at_ms, signed.key_id)

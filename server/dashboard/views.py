@@ -295,7 +295,8 @@ def ledger_view(store: Store, default_budget: float) -> dict[str, Any]:
             "device": r["device"],
             "lifetime_epsilon": r["lifetime_epsilon"],
             "budget": r["budget"],
-            "runs": devices.get(r["device"], {}).get("runs", 0) + 1,
+            # runs it trained in; its drift-reference rows (purpose) belong to those runs
+            "runs": devices.get(r["device"], {}).get("runs", 0) + (r.get("purpose", "training") == "training"),
         }
     return {"default_budget": default_budget, "devices": list(devices.values()), "spend": rows}
 

@@ -19,10 +19,17 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
 
-from edge_agent.contract.drift import DriftReference
+from edge_agent.contract.drift import (
+    DriftReference,
+    WindowCounts,
+    bin_counts,
+    edges_from_fine_histograms,
+    proportions,
+    score_window,
+)
 from server.datadir import DataDir
 from server.fl import client_app
-from server.fl.data import FEATURE_RANGE, FEATURES, DigitsPartition
+from server.fl.data import FEATURE_RANGE, FEATURES, DigitsPartition, held_out
 from server.fl.model import initial_weights
 from server.fl.plan import PlanError, TrainPlan
 from server.fl.privacy import DeviceBudget, epsilon_of, steps_per_round
@@ -223,7 +230,10 @@ def test_the_ledger_names_drift_reference_spends_and_adds_them_to_the_lifetime(t
             )
         rows = ledger.rows()
         assert [(r["purpose"], r["rounds"]) for r in rows] == [("training", 1), ("drift-reference", 2)]
-        assert rows[1]["epsilon"] == pytest.approx(epsilon_after(z, DELTA, 2)) and rows[1].get("unit", "record") == "record"
+        assert (
+            rows[1]["epsilon"] == pytest.approx(epsilon_after(z, DELTA, 2))
+            and rows[1].get("unit", "record") == "record"
+        )
         assert rows[1]["lifetime_epsilon"] == pytest.approx(2.0 + epsilon_after(z, DELTA, 2))
         assert rows[1]["lifetime_delta"] == pytest.approx(2 * DELTA)
         assert ledger.lifetime("pi-1") == pytest.approx(rows[1]["lifetime_epsilon"])
@@ -318,3 +328,52 @@ def test_a_flower_run_charges_the_reference_and_a_device_past_its_budget_refuses
     assert np.array_equal(reference.feature_ranges, np.tile(FEATURE_RANGE, (FEATURES, 1)))
     card = model.lineage["privacy"]["drift_reference"]
     assert card["devices"] == ["sim-000", "sim-001"] and card["epsilon"] == 0.5 and card["noise_multiplier"] == z
+
+
+def test_drift_scoring_works_against_a_reference_built_from_noised_counts() -> None:
+    """Clipped bins (zeros) and rows the noise emptied still give a reference that scores windows with finite
+    PSI, and the demo's sensor fault still scores far above healthy data (seeded noise: a statistical check)."""
+    from server.fl.server_app import REFERENCE_BINS, _rows_or_uniform
+    from simulations.workload import SensorFault
+
+    rng = np.random.default_rng(3)
+    shares = [DigitsPartition(i, 10, 0.5, 0).load()[0] for i in range(10)]
+    z = noise_multiplier(0.5, DELTA)
+    grid = np.linspace(0, 1, FINE + 1)
+    fine = _rows_or_uniform(
+        pooled_counts(
+            [
+                noised_counts([np.stack([bin_counts(x[:, j], grid) for j in range(FEATURES)])], z, rng)[0][0]
+                for x in shares
+            ]
+        )
+    )
+    assert (fine == 0).any()  # clipped bins
+    edges, _ = edges_from_fine_histograms(fine, 0.0, 1.0, REFERENCE_BINS)
+    counts = _rows_or_uniform(
+        pooled_counts(
+            [
+                noised_counts([np.stack([bin_counts(x[:, j], edges[j]) for j in range(FEATURES)])], z, rng)[0][0]
+                for x in shares
+            ]
+        )
+    )
+    reference = DriftReference(
+        edges,
+        proportions(counts),
+        np.tile(FEATURE_RANGE, (FEATURES, 1)),
+        np.linspace(0, 1, 11)[1:-1],
+        np.full(10, 0.1),
+        10,
+    )
+    x, _ = held_out(0)
+    scores = []
+    for inputs in (x, SensorFault("contrast", 0.5).apply(x, rng)):
+        window = WindowCounts.empty(reference)
+        window.add(reference, inputs, np.full((len(inputs), 10), 0.1), [])
+        score = score_window(window, reference)
+        assert score is not None and np.isfinite(score.feature_psi).all()
+        scores.append(score.max_psi)
+    healthy, faulty = scores
+    assert faulty > 2 * healthy  # the fault still stands out ...
+    assert healthy > 0.25  # ... but at ε 0.5 on ten devices' data a 0.25 threshold fires on healthy data too

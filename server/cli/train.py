@@ -56,6 +56,21 @@ def train(
             "the seed, could then remove the noise: the model card says so."
         ),
     ] = False,
+    privacy_unit: Annotated[
+        str,
+        typer.Option(
+            help="What DP protects. record (default): one example of a device, DP-SGD on every device, also "
+            "against the coordinator. device: a device's whole data, the coordinator clips whole-device updates "
+            "adaptively and noises their sum (central DP: not against the coordinator; for large fleets)."
+        ),
+    ] = "record",
+    device_clip_norm: Annotated[
+        float, typer.Option(help="Device unit: initial clipping norm of whole-device updates (it adapts).")
+    ] = 0.1,
+    clip_count_stddev: Annotated[
+        float | None,
+        typer.Option(help="Device unit: noise sd of the clipped-update count (default: devices per round / 20)."),
+    ] = None,
     name: Annotated[str, typer.Option(help="Model name in the registry.")] = "digits",
     parent: Annotated[str, typer.Option(help="Start from this registered version (fine-tune); default: fresh.")] = "",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
@@ -90,7 +105,14 @@ def train(
         seeded_noise=seeded_noise,
         model_name=name,
         parent=parent,
+        privacy_unit=privacy_unit,
+        device_clip_norm=device_clip_norm,
+        clip_count_stddev=clip_count_stddev,
     )
+    if plan.privacy_unit == "device":
+        from server.fl.device_dp import device_accounting
+
+        device_accounting(plan, plan.clients)  # a combination that cannot work is refused before Ray starts
     d = open_datadir(data_dir)
     from server.fl.server_app import RoundProgress
     from server.fl.training import run_training
@@ -112,8 +134,10 @@ def train(
             if not plan.private
             else (f"target ε {target_epsilon}" if target_epsilon else f"noise multiplier {noise}")
         )
+        unit = "" if not plan.private else f", {plan.privacy_unit}-level DP"
         out.print(
-            f"Training {name}: {clients} devices, {rounds} rounds, {mode}, δ {delta:g}, seed {seed} (starting Ray)…"
+            f"Training {name}: {clients} devices, {rounds} rounds, {mode}{unit}, δ {delta:g}, seed {seed} "
+            "(starting Ray)…"
         )
     outcome = run_training(d.root, plan, on_round=progress, verbose=verbose)
     if as_json:
@@ -214,10 +238,11 @@ def privacy_ledger(
     print_rows(
         rows,
         as_json,
-        ["device", "run", "model version", "rounds", "ε", "δ", "ε check", "lifetime ε", "lifetime δ", "budget"],
+        ["device", "run", "unit", "model version", "rounds", "ε", "δ", "ε check", "lifetime ε", "lifetime δ", "budget"],
         lambda r: [
             r["device"],
             r["run"],
+            r["unit"],
             r["model_version"] or "-",
             str(r["rounds"]),
             fmt(r["epsilon"]),

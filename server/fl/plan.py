@@ -41,6 +41,12 @@ class TrainPlan:
     # ε (at `delta`) of the drift reference's two count queries together, charged to each device that answers
     # them (server/fl/private_counts.py says how they are noised and composed).
     reference_epsilon: float = 0.5
+    # "record": DP-SGD on every device protects one example (Opacus, noise added on the device). "device": the
+    # coordinator clips whole-device updates adaptively and noises their sum, protecting a device's whole data
+    # against whoever sees the model, not against the coordinator (server/fl/device_dp.py).
+    privacy_unit: str = "record"
+    device_clip_norm: float = 0.1  # device unit: the initial clipping norm C of whole-device updates (adapts)
+    clip_count_stddev: float | None = None  # device unit: sd of the clipped-count noise; None: devices per round / 20
 
     @property
     def private(self) -> bool:
@@ -66,6 +72,17 @@ class TrainPlan:
             problems.append("local epochs 1..100, batch size 1..4096 and 0 < lr <= 10")
         if not self.alpha > 0:
             problems.append(f"alpha must be > 0 (got {self.alpha})")
+        if self.privacy_unit not in ("record", "device"):
+            problems.append(f"privacy unit must be 'record' or 'device' (got {self.privacy_unit!r})")
+        elif self.privacy_unit == "device":
+            if not self.private:
+                problems.append("the device privacy unit needs a noise multiplier or a target ε (it is DP)")
+            if self.secure_mode:
+                problems.append("secure mode is Opacus' generator on devices: record-level DP only")
+            if not self.device_clip_norm > 0:
+                problems.append(f"device clip norm must be > 0 (got {self.device_clip_norm})")
+            if self.clip_count_stddev is not None and not self.clip_count_stddev > 0:
+                problems.append(f"clip count stddev must be > 0 (got {self.clip_count_stddev})")
         if not (isinstance(self.reference_epsilon, int | float) and 0 < self.reference_epsilon <= 100):
             problems.append(f"reference ε must be in (0, 100] (got {self.reference_epsilon})")
         if problems:

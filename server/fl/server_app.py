@@ -36,6 +36,7 @@ from server import audit
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.fl.data import CLASSES, FEATURE_RANGE, FEATURES, held_out
+from server.fl.device_dp import AdaptiveClipping, DeviceAccounting, device_accounting, noise_generator, poisson_sample
 from server.fl.model import evaluate, initial_weights
 from server.fl.plan import TrainPlan
 from server.fl.privacy import EpsilonCheck, History, check_epsilon, epsilon_of, noise_for_target, steps_per_round
@@ -130,6 +131,7 @@ class _Run:
         self.devices: dict[int, _Device] = {}
         self.round: _Round = _Round(time.monotonic())
         self.reference_privacy: dict[str, Any] = {}  # how the drift reference was noised (the model card says)
+        self.device_level: _DeviceLevel | None = None  # the device privacy unit's mechanism, once greeted
 
     def incident(self, server_round: int, device_id: str, kind: str, detail: str) -> None:
         self.runs.incident(self.run_id, server_round, device_id, kind, detail)
@@ -144,7 +146,7 @@ class _Run:
                 "seed": p.seed,
                 "data-seed": p.seed,
                 "alpha": p.alpha,
-                "private": p.private,
+                "private": p.private and p.privacy_unit == "record",  # device unit: the coordinator adds the noise
                 "target-epsilon": p.target_epsilon if p.target_epsilon is not None else -1.0,
                 "noise-multiplier": p.noise_multiplier if p.noise_multiplier is not None else -1.0,
                 "delta": p.delta,
@@ -278,20 +280,93 @@ def _reported_accounting(metrics: MetricRecord) -> tuple[float | None, History |
     return reported, history
 
 
+class _DeviceLevel:
+    """The device privacy unit's coordinator side (server/fl/device_dp.py): the population with budget for the
+    whole run, Poisson sampling, the accountant, and adaptive clipping with noise on the aggregate."""
+
+    def __init__(self, run: _Run, population: list[_Device], accounting: DeviceAccounting) -> None:
+        self.run, self.population, self.accounting = run, population, accounting
+        self.rng = noise_generator(run.plan)
+        self.clipping = AdaptiveClipping(accounting, self.rng, run.plan.device_clip_norm)
+        self.clipping_norms: list[float] = []  # C of each round, for the lineage
+
+    @classmethod
+    def start(cls, run: _Run) -> _DeviceLevel:
+        """Leave out the devices without budget for the run's final device-level ε (each a `skipped-budget`
+        incident); the smaller population raises the sample rate and so the ε, so repeat until all fit."""
+        plan = run.plan
+        population = sorted(run.devices.values(), key=lambda d: d.device_id)
+        while True:
+            accounting = device_accounting(plan, len(population))
+            final = accounting.epsilon(plan.rounds)
+            room = [d for d in population if d.spent_before + final <= d.budget + 1e-9]
+            if len(room) == len(population):
+                break
+            if not room:
+                raise TrainingError(
+                    f"no device has privacy budget for this run's device-level ε {final:.3f}; see `fedfleet privacy "
+                    "ledger`, raise budgets with `fedfleet privacy budget`, or plan a smaller ε"
+                )
+            population = room
+        for d in sorted(run.devices.values(), key=lambda d: d.device_id):
+            if d not in population:
+                d.skipped = True
+                run.incident(
+                    0,
+                    d.device_id,
+                    "skipped-budget",
+                    f"lifetime ε would reach {d.spent_before + final:.3f} (spent before this run "
+                    f"{d.spent_before:.3f}), budget {d.budget:.3f}",
+                )
+        return cls(run, population, accounting)
+
+    def sample(self) -> list[_Device]:
+        return poisson_sample(self.population, self.accounting.sample_rate, self.rng)
+
+    def charge(self, server_round: int) -> None:
+        """Every device of the population spends the run's device-level ε after this round, sampled or not
+        (the guarantee holds for each of them). Joins the caller's transaction."""
+        eps = self.accounting.epsilon(server_round)
+        for d in self.population:
+            d.trained = server_round
+            d.noise = self.accounting.noise_multiplier
+            d.history = self.accounting.history(server_round)
+            d.epsilon = self.run.ledger.record(
+                self.run.run_id, d.device_id, server_round, eps, self.run.plan.delta, recomputed=eps
+            )
+
+    def aggregate(self, current: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+        updates = [msg.content["arrays"].to_numpy_ndarrays() for msg in replies]  # type: ignore[union-attr]
+        new, clip = self.clipping.aggregate(current.to_numpy_ndarrays(), updates)
+        self.clipping_norms.append(clip.clipping_norm)
+        logger.info(
+            "device-level DP: %d updates (%d within C = %.4f), noise sd %.4g, next C %.4f",
+            clip.devices,
+            clip.unclipped,
+            clip.clipping_norm,
+            clip.noise_stddev,
+            clip.next_clipping_norm,
+        )
+        return ArrayRecord(numpy_ndarrays=new)
+
+
 class FleetFedAvg(FedAvg):
     """FedAvg that picks devices by the privacy ledger, records every reply, and aggregates in device order."""
 
     def __init__(self, run: _Run) -> None:
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
         self.run = run
+        self.current_arrays = ArrayRecord()  # the global weights sent this round (device-level clipping)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         run = self.run
         run.round = _Round(time.monotonic())
-        chosen = run.select(server_round)
-        if not chosen and all(d.skipped or d.refused for d in run.devices.values()):
+        self.current_arrays = arrays
+        # Device unit: a Poisson sample of the population, which may be empty (the round still releases noise).
+        chosen = run.device_level.sample() if run.device_level else run.select(server_round)
+        if not chosen and not run.device_level and all(d.skipped or d.refused for d in run.devices.values()):
             raise TrainingError(
                 f"no device can take part in round {server_round}: all {len(run.devices)} have too little privacy "
                 "budget left or refused; see `fedfleet privacy ledger`, raise budgets with `fedfleet privacy "
@@ -341,7 +416,12 @@ class FleetFedAvg(FedAvg):
                     continue
                 metrics = msg.content["metrics"]
                 assert isinstance(metrics, MetricRecord)
-                if run.plan.private and d is not None and not run.account(server_round, d, metrics).history_usable:
+                if (
+                    run.plan.private
+                    and not run.device_level
+                    and d is not None
+                    and not run.account(server_round, d, metrics).history_usable
+                ):
                     run.round.failed += 1  # charged from the plan (it did train), but not aggregated
                     continue
                 losses.append((as_float(metrics, "train-loss"), as_int(metrics, "num-examples")))
@@ -350,6 +430,10 @@ class FleetFedAvg(FedAvg):
         if losses:
             run.round.train_loss = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
         ok.sort(key=lambda pair: pair[0])  # device order: the same seed aggregates to the same bits
+        if run.device_level:
+            with run.store.transaction():
+                run.device_level.charge(server_round)  # before the noised model exists
+            return run.device_level.aggregate(self.current_arrays, [msg for _, msg in ok]), None
         return super().aggregate_train(server_round, [msg for _, msg in ok])
 
 
@@ -544,6 +628,45 @@ def _rows_or_uniform(counts: np.ndarray) -> np.ndarray:
     return out
 
 
+def _unit_privacy(run: _Run) -> dict[str, Any]:
+    """The model card's privacy fields that depend on the unit (they replace the record unit's where both name
+    one): what the ε protects, and for the device unit the mechanism and its accountant."""
+    p, level = run.plan, run.device_level
+    if not p.private:
+        return {"unit": None}
+    if level is None:
+        return {"unit": "record", "protects": "one training example of one device, also against the coordinator"}
+    a = level.accounting
+    return {
+        "unit": "device",
+        "protects": (
+            "a device's whole training data, against anyone who sees the released model; central DP: the "
+            "coordinator sees each device's update and adds the noise itself, so not against the coordinator"
+        ),
+        "accountant": (
+            f"rdp (Opacus), DP-FedAvg: {p.rounds} rounds of the sampled Gaussian mechanism, noise multiplier "
+            f"{a.noise_multiplier:.6g} (updates and clipped count together), device sample rate {a.sample_rate:.6g}"
+        ),
+        "noise_multiplier_range": [a.noise_multiplier, a.noise_multiplier],
+        "max_grad_norm": None,
+        "noise_source": (
+            "coordinator, seeded from the plan (lab): not private against whoever reads this card"
+            if p.seeded_noise
+            else "coordinator, operating-system entropy"
+        ),
+        "device_level": {
+            "population": a.population,
+            "sample_rate": a.sample_rate,
+            "expected_devices_per_round": a.expected_clients,
+            "noise_multiplier": a.noise_multiplier,
+            "update_noise_multiplier": a.update_noise_multiplier,
+            "clipped_count_stddev": a.count_stddev,
+            "clipping": "adaptive (Andrew et al. 2021), target unclipped quantile 0.5, learning rate 0.2",
+            "clipping_norms": level.clipping_norms,
+        },
+    }
+
+
 def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
     p = run.plan
     trained = (
@@ -590,6 +713,7 @@ def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, 
             if p.private
             else None,
         }
+        | _unit_privacy(run)
         | {"drift_reference": run.reference_privacy or None},
         "metrics": {
             "test_accuracy": last["test_accuracy"],
@@ -688,6 +812,8 @@ def build_server_app(
         d = DataDir(data_dir if data_dir is not None else Path(str(context.run_config["data-dir"])))
         p = plan if plan is not None else TrainPlan.from_dict(json.loads(str(context.run_config.get("plan", "{}"))))
         rid = run_id or f"run-{uuid.uuid4().hex[:12]}"
+        if p.privacy_unit == "device":
+            device_accounting(p, p.clients)  # refuse a combination that cannot work before anything is recorded
         with d.store() as store:
             _train(grid, d, store, p, rid, engine if plan is not None else "deployment", on_round)
 
@@ -709,6 +835,8 @@ def _train(
         registry = Registry(store)
         weights = registry.get(plan.parent).weights if plan.parent else initial_weights(plan.seed)
         _greet(grid, run)
+        if plan.privacy_unit == "device":
+            run.device_level = _DeviceLevel.start(run)
         x_test, y_test = held_out(plan.seed)
         rounds: list[dict[str, Any]] = []
 

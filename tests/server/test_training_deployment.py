@@ -39,6 +39,7 @@ from tests.support import fedfleet, wait_for
 
 APP = Path(__file__).resolve().parents[2] / "deploy" / "flower-app"
 BIN = Path(sys.executable).parent
+FLWR = 180.0  # bound on a `fedfleet flower` command that runs `flwr` (60 s of its own per call) on a loaded machine
 
 
 def _free_port() -> int:
@@ -104,7 +105,9 @@ class Federation:
         assert self.d is not None
         bundle = self.root / name
         _enroll(self.d, bundle)
-        made = _ok(fedfleet(self.d, "flower", "node-key", str(bundle), "--superlink", self.address, "--json"))
+        made = _ok(
+            fedfleet(self.d, "flower", "node-key", str(bundle), "--superlink", self.address, "--json", timeout=FLWR)
+        )
         assert made["device"] == name and made["node_id"] > 0
         return bundle
 
@@ -132,7 +135,7 @@ class Federation:
             env=self.env,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=FLWR,
             check=False,
         )
         nodes: list[dict[str, Any]] = _ok(listed)["nodes"]
@@ -295,8 +298,10 @@ def test_a_replaced_or_unregistered_key_is_refused(secure_federation: Federation
     first = {n["node-id"] for n in fed.nodes()}
 
     # Execute: a new key for pi-1 (its earlier node goes), and pi-0 unregistered as after `devices revoke`.
-    replaced = _ok(fedfleet(fed.d, "flower", "node-key", str(pi1), "--replace", "--superlink", fed.address, "--json"))
-    gone = _ok(fedfleet(fed.d, "flower", "unregister", "pi-0", "--superlink", fed.address, "--json"))
+    replaced = _ok(
+        fedfleet(fed.d, "flower", "node-key", str(pi1), "--replace", "--superlink", fed.address, "--json", timeout=FLWR)
+    )
+    gone = _ok(fedfleet(fed.d, "flower", "unregister", "pi-0", "--superlink", fed.address, "--json", timeout=FLWR))
     old_key = fed.supernode("pi-1-old", fed.root / "pi-1-old-key", pi1 / "ca.pem")
     revoked = fed.supernode("pi-0", pi0 / NODE_KEY, pi0 / "ca.pem")
     new_key = fed.supernode("pi-1", pi1 / NODE_KEY, pi1 / "ca.pem")
@@ -310,7 +315,7 @@ def test_a_replaced_or_unregistered_key_is_refused(secure_federation: Federation
     statuses = {n["node-id"]: n["status"] for n in fed.nodes()}
     assert statuses == {**dict.fromkeys(first, "unregistered"), online: "online"}, statuses
     assert new_key.poll() is None
-    again = fedfleet(fed.d, "flower", "unregister", "pi-0", "--superlink", fed.address)
+    again = fedfleet(fed.d, "flower", "unregister", "pi-0", "--superlink", fed.address, timeout=FLWR)
     assert again.returncode == 1 and "no registered SuperLink node on record" in again.stderr
 
 
@@ -395,7 +400,9 @@ def test_node_key_refusals_change_nothing(datadir: DataDir, tmp_path: Path) -> N
     revoked = fedfleet(datadir, "flower", "node-key", str(old))
     not_a_bundle = fedfleet(datadir, "flower", "node-key", str(tmp_path))
     again = fedfleet(datadir, "flower", "node-key", str(keyed))
-    unreachable = fedfleet(datadir, "flower", "node-key", str(new), "--superlink", f"127.0.0.1:{_free_port()}")
+    unreachable = fedfleet(
+        datadir, "flower", "node-key", str(new), "--superlink", f"127.0.0.1:{_free_port()}", timeout=FLWR
+    )
 
     # Assert: one sentence each, no key written, nothing audited.
     assert revoked.returncode == 1 and "not a live certificate of this fleet" in revoked.stderr

@@ -24,6 +24,7 @@ from server.datadir import DataDir
 from server.fl.device_dp import AdaptiveClipping, DeviceAccounting, device_accounting, poisson_sample
 from server.fl.plan import PlanError, TrainPlan
 from server.fl.registry import Ledger, Registry, TrainingRuns, model_card, model_card_markdown
+from server.fl.server_app import TrainingError, _Device, _DeviceLevel, _Run
 from server.fl.training import run_training
 
 DELTA = 1e-5
@@ -194,6 +195,34 @@ def test_the_ledger_names_the_unit_of_every_row(tmp_path: Path) -> None:
     assert "unit" in shown.stdout and "device" in shown.stdout and "record" in shown.stdout
     as_json = json.loads(cli(d, "privacy", "ledger", "--json").stdout)
     assert {r["unit"] for r in as_json} == {"record", "device"}
+
+
+def test_devices_without_budget_for_the_run_are_left_out_and_the_rest_charged_every_round(tmp_path: Path) -> None:
+    d, _ = DataDir.init(tmp_path / "data")
+    with d.store() as store:
+        TrainingRuns(store).start("run-x", "digits", "simulation", PLAN.to_dict())
+        run = _Run("run-x", PLAN, store, 10.0)
+        for i in range(4):  # sim-003 has spent 5 of its 10 already: the run's ε (6.5 at q = 1/2) does not fit
+            run.devices[i] = _Device(i, f"sim-00{i}", 100, spent_before=5.0 if i == 3 else 0.0, budget=10.0)
+        level = _DeviceLevel.start(run)
+        # Without sim-003 the population is 3, so q = 2/3 and the run's ε grows; the other three still fit.
+        assert [dev.device_id for dev in level.population] == ["sim-000", "sim-001", "sim-002"]
+        assert level.accounting.sample_rate == pytest.approx(2 / 3)
+        assert run.devices[3].skipped
+        assert [(i["device_id"], i["kind"]) for i in TrainingRuns(store).incidents("run-x")] == [
+            ("sim-003", "skipped-budget")
+        ]
+        with store.transaction():
+            level.charge(1)
+        rows = Ledger(store, 10.0).rows()
+        assert [r["device"] for r in rows] == ["sim-000", "sim-001", "sim-002"]
+        assert all(r["epsilon"] == pytest.approx(opacus_epsilon(1.0, 2 / 3, 1), rel=1e-9) for r in rows)
+        # Nobody with room: the run stops in one sentence.
+        TrainingRuns(store).start("run-y", "digits", "simulation", PLAN.to_dict())
+        broke = _Run("run-y", PLAN, store, 10.0)
+        broke.devices[0] = _Device(0, "sim-009", 100, spent_before=9.0, budget=10.0)
+        with pytest.raises(TrainingError, match="no device has privacy budget"):
+            _DeviceLevel.start(broke)
 
 
 # ----- on the simulation engine -----

@@ -523,7 +523,23 @@ def _reference(grid: Grid, run: _Run, arrays: ArrayRecord) -> DriftReference:
         raise TrainingError("no device answered the drift reference's reference-counts query; see the run's incidents")
     counts = _rows_or_uniform(pooled_counts([a[0] for a in answers]))
     score_counts = _rows_or_uniform(pooled_counts([a[1] for a in answers])[None, :])[0]
+    # How loud the noise is against the signal (from the noised counts: post-processing): the pooled sd per bin,
+    # and the records per reference bin (each feature's noised total, averaged over the features).
+    pooled_sd = noise * l2_sensitivity(FEATURES + 1) * math.sqrt(len(answered))
+    records = max(float(np.mean(np.sum([a[0] for a in answers], axis=0).sum(axis=1))), 0.0)
+    if pooled_sd > 0.1 * records / REFERENCE_BINS:
+        logger.warning(
+            "run %s: the drift reference's noise (sd %.0f counts per bin, %d devices) is large against its "
+            "about %.0f records per bin; drift statistics against it will be noisy (more devices or a larger "
+            "reference_epsilon)",
+            run.run_id,
+            pooled_sd,
+            len(answered),
+            records / REFERENCE_BINS,
+        )
     run.reference_privacy = {
+        "pooled_noise_sd_per_bin": pooled_sd,
+        "records_estimate": round(records),
         "epsilon": p.reference_epsilon,
         "delta": p.delta,
         "unit": "record",

@@ -230,10 +230,7 @@ def test_the_ledger_names_drift_reference_spends_and_adds_them_to_the_lifetime(t
             )
         rows = ledger.rows()
         assert [(r["purpose"], r["rounds"]) for r in rows] == [("training", 1), ("drift-reference", 2)]
-        assert (
-            rows[1]["epsilon"] == pytest.approx(epsilon_after(z, DELTA, 2))
-            and rows[1].get("unit", "record") == "record"
-        )
+        assert rows[1]["epsilon"] == pytest.approx(epsilon_after(z, DELTA, 2)) and rows[1]["unit"] == "record"
         assert rows[1]["lifetime_epsilon"] == pytest.approx(2.0 + epsilon_after(z, DELTA, 2))
         assert rows[1]["lifetime_delta"] == pytest.approx(2 * DELTA)
         assert ledger.lifetime("pi-1") == pytest.approx(rows[1]["lifetime_epsilon"])
@@ -328,6 +325,10 @@ def test_a_flower_run_charges_the_reference_and_a_device_past_its_budget_refuses
     assert np.array_equal(reference.feature_ranges, np.tile(FEATURE_RANGE, (FEATURES, 1)))
     card = model.lineage["privacy"]["drift_reference"]
     assert card["devices"] == ["sim-000", "sim-001"] and card["epsilon"] == 0.5 and card["noise_multiplier"] == z
+    # The card says how loud the noise is against the records it was added to (estimated from the noised counts).
+    assert card["pooled_noise_sd_per_bin"] == pytest.approx(z * math.sqrt(65) * math.sqrt(2))
+    held = sum(len(DigitsPartition(i, 3, plan.alpha, plan.seed).load()[0]) for i in (0, 1))
+    assert abs(card["records_estimate"] - held) < 300  # the estimate's sd is about 60 records
 
 
 def test_drift_scoring_works_against_a_reference_built_from_noised_counts() -> None:

@@ -378,3 +378,29 @@ def test_drift_scoring_works_against_a_reference_built_from_noised_counts() -> N
     healthy, faulty = scores
     assert faulty > 2 * healthy  # the fault still stands out ...
     assert healthy > 0.25  # ... but at ε 0.5 on ten devices' data a 0.25 threshold fires on healthy data too
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+def test_a_run_whose_devices_all_refuse_the_reference_fails_in_one_sentence_and_registers_nothing(
+    tmp_path: Path,
+) -> None:
+    d, _ = DataDir.init(tmp_path / "data")
+    plan = TrainPlan(rounds=1, clients=2, noise_multiplier=1.0, local_epochs=1, seed=6, reference_epsilon=0.5)
+    for i in range(2):  # each device's own record: room for its training, none for the drift reference after it
+        examples = len(DigitsPartition(i, 2, plan.alpha, plan.seed).load()[0])
+        rate, steps = steps_per_round(examples, plan.batch_size, plan.local_epochs)
+        DeviceBudget.open(d.root / "fl-devices" / f"sim-00{i}" / "privacy.json", 10.0).record(
+            "run-elsewhere", 10.0 - epsilon_of([(1.0, rate, steps)], plan.delta) - 0.2
+        )
+
+    outcome = run_training(d.root, plan)
+
+    assert outcome.status == "failed" and outcome.model_version == ""
+    assert outcome.error.startswith("no device answered the drift reference's feature-histogram query")
+    assert "raise budgets with `fedfleet privacy budget`" in outcome.error
+    assert sorted(i["device_id"] for i in outcome.incidents if i["kind"] == "refused") == ["sim-000", "sim-001"]
+    with d.store() as store:
+        assert Registry(store).list() == [] and Ledger(store, 10.0).queries(outcome.run_id) == []
+        assert {r["purpose"] for r in Ledger(store, 10.0).rows()} == {"training"}  # the training ε stays charged

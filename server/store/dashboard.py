@@ -135,10 +135,13 @@ class DashboardReads:
         return [tuple(r) for r in rows]
 
     def max_lifetime_epsilon(self) -> float:
-        """The largest lifetime ε any device has spent (0 before any)."""
+        """The largest lifetime ε any device has spent (0 before any): per device, the sum over its runs of its
+        training ε and of its ε for each query purpose (the drift reference), as the ledger counts it."""
         (lifetime,) = self.store.db.execute(
             """SELECT COALESCE(max(total), 0) FROM (SELECT device_id, sum(eps) AS total FROM (
-                 SELECT device_id, run_id, epsilon AS eps, MAX(round) FROM privacy_spend GROUP BY device_id, run_id)
+                 SELECT device_id, MAX(epsilon) AS eps FROM privacy_spend GROUP BY device_id, run_id
+                 UNION ALL
+                 SELECT device_id, MAX(epsilon) AS eps FROM privacy_query_spend GROUP BY device_id, run_id, purpose)
                GROUP BY device_id)"""
         ).fetchone()
         return float(lifetime)

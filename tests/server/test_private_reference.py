@@ -404,3 +404,30 @@ def test_a_run_whose_devices_all_refuse_the_reference_fails_in_one_sentence_and_
     with d.store() as store:
         assert Registry(store).list() == [] and Ledger(store, 10.0).queries(outcome.run_id) == []
         assert {r["purpose"] for r in Ledger(store, 10.0).rows()} == {"training"}  # the training ε stays charged
+
+
+def test_the_largest_lifetime_epsilon_on_status_and_metrics_counts_the_drift_reference(tmp_path: Path) -> None:
+    from server.store.dashboard import DashboardReads
+
+    d, _ = DataDir.init(tmp_path / "data")
+    with d.store() as store:
+        TrainingRuns(store).start("run-1", "digits", "simulation", TrainPlan().to_dict())
+        ledger = Ledger(store, 10.0)
+        ledger.record("run-1", "pi-1", 1, 1.0, DELTA)
+        ledger.record("run-1", "pi-1", 2, 2.0, DELTA)
+        ledger.record("run-1", "pi-2", 1, 2.2, DELTA)
+        z = noise_multiplier(0.5, DELTA)
+        for step in (1, 2):
+            ledger.record_query(
+                "run-1",
+                "pi-1",
+                "drift-reference",
+                step,
+                "q",
+                epsilon_after(z, DELTA, step),
+                DELTA,
+                noise_multiplier=z,
+                sensitivity=8.0,
+            )
+        assert DashboardReads(store).max_lifetime_epsilon() == pytest.approx(2.0 + epsilon_after(z, DELTA, 2))
+        assert DashboardReads(store).max_lifetime_epsilon() == pytest.approx(ledger.lifetime("pi-1"))

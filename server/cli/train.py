@@ -21,6 +21,9 @@ from server.cli.common import (
     print_rows,
 )
 from server.errors import CoordinatorError
+from server.fl.plan import TrainPlan  # no torch or Flower: the plan only
+
+_PLAN = TrainPlan()  # the training defaults, shown in --help
 
 __all__ = ["models_app", "privacy_app", "train"]
 
@@ -31,7 +34,7 @@ privacy_app = typer.Typer(
 
 
 def train(
-    rounds: Annotated[int, typer.Option(min=1, max=1000, help="Federated rounds.")] = 5,
+    rounds: Annotated[int, typer.Option(min=1, max=1000, help="Federated rounds.")] = _PLAN.rounds,
     clients: Annotated[int, typer.Option(min=1, max=10_000, help="Simulated devices (virtual clients).")] = 10,
     clients_per_round: Annotated[int, typer.Option(min=0, help="Devices per round; 0: every eligible device.")] = 0,
     target_epsilon: Annotated[
@@ -43,7 +46,18 @@ def train(
     ] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Train without differential privacy (a baseline).")] = False,
     max_grad_norm: Annotated[float, typer.Option(help="Per-sample gradient clipping norm C.")] = 1.0,
-    local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 5,
+    local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = _PLAN.local_epochs,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Expected DP-SGD batch (Poisson sampling: each example joins with rate b/n).")
+    ] = _PLAN.batch_size,
+    lr: Annotated[float, typer.Option(help="Local SGD learning rate (momentum 0.9).")] = _PLAN.lr,
+    accountant: Annotated[
+        str,
+        typer.Option(
+            help="Opacus' privacy accountant, used alike for each device's noise, the ε it reports and the "
+            "coordinator's check: rdp, or prv (tighter: a lower ε for the same noise, less noise for a target ε)."
+        ),
+    ] = _PLAN.accountant,
     alpha: Annotated[float, typer.Option(help="Dirichlet α of the non-IID split (small: skewed).")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed: split, initial model, client sampling and noise.")] = 0,
     secure_mode: Annotated[
@@ -79,8 +93,6 @@ def train(
 ) -> None:
     """Train across simulated devices with Flower (simulation engine) and Opacus DP-SGD on every client; record
     ε per device in the privacy ledger and register the result as a model version."""
-    from server.fl.plan import TrainPlan
-
     if secure_mode and importlib.util.find_spec("torchcsprng") is None:
         raise CoordinatorError(
             "--secure-mode needs the torchcsprng package (Opacus' secure generator), which PyPI does not offer for "
@@ -99,6 +111,9 @@ def train(
         delta=delta,
         max_grad_norm=max_grad_norm,
         local_epochs=local_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        accountant=accountant,
         alpha=alpha,
         seed=seed,
         secure_mode=secure_mode,
@@ -133,6 +148,7 @@ def train(
             "no DP"
             if not plan.private
             else (f"target ε {target_epsilon}" if target_epsilon else f"noise multiplier {noise}")
+            + f" ({plan.accountant} accountant)"
         )
         unit = "" if not plan.private else f", {plan.privacy_unit}-level DP"
         out.print(

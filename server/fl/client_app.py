@@ -3,8 +3,9 @@
 Messages it answers (Flower Message API, flwr 1.41):
 - query `hello`: its device id and how many examples it holds.
 - train: one round of local training — Opacus DP-SGD unless the run is non-private — from the global weights;
-  replies with the new weights and metrics, among them the cumulative ε of this run after this round and the
-  accountant history behind it (noise multipliers, sample rates, steps), which the coordinator recomputes.
+  replies with the new weights and metrics, among them the cumulative ε of this run after this round (under
+  the run's accountant: `accountant` = rdp or prv) and the accountant history behind it (noise multipliers,
+  sample rates, steps), which the coordinator recomputes.
   The history lives in the device's privacy record (`<state-dir>/<device>/privacy.json`, fsync'd and replaced
   atomically before the reply leaves), so a SuperNode or agent restart that loses the Flower context loses
   nothing; the reported ε never drops below what the record holds for the run. Before training the device
@@ -221,8 +222,10 @@ def build_client_app(
                     "record private training needs; start it with --node-config \"state-dir='/var/lib/fedfleet/fl'\""
                 )
             rate, steps = steps_per_round(len(x), batch, epochs)
+            # The run's accountant calibrates the noise and gives the ε reported (a coordinator before it: RDP).
+            accountant = as_str(config, "accountant") if "accountant" in config else "rdp"
             # The durable record is the truth; the context's copy only helps if the record was lost mid-run.
-            history = max(budget.history(run_id), _history(context), key=lambda h: epsilon_of(h, delta))
+            history = max(budget.history(run_id), _history(context), key=lambda h: epsilon_of(h, delta, accountant))
             noise = budget.noise(run_id) or _chosen_noise(context)
             if noise is None:
                 target = as_float(config, "target-epsilon")
@@ -230,10 +233,10 @@ def build_client_app(
                 noise = (
                     as_float(config, "noise-multiplier")
                     if target <= 0
-                    else noise_for_target(target, delta, rate, planned * steps)
+                    else noise_for_target(target, delta, rate, planned * steps, accountant)
                 )
             try:
-                budget.check(run_id, epsilon_of([*history, (noise, rate, steps)], delta))
+                budget.check(run_id, epsilon_of([*history, (noise, rate, steps)], delta, accountant))
             except BudgetExceeded as e:
                 refusal = ConfigRecord({"device-id": node.device_id, "reason": str(e)})
                 return _reply(msg, {"refusal": refusal, "client": ConfigRecord({"device-id": node.device_id})})
@@ -255,9 +258,10 @@ def build_client_app(
                 history=history,
                 seed=seed,
                 secure_mode=as_bool(config, "secure-mode"),
+                accountant=accountant,
             )
             # Durable before the update leaves the device; never lower than this run's ε recorded before.
-            epsilon = budget.record(run_id, epsilon_of(history, delta), history, delta, noise)
+            epsilon = budget.record(run_id, epsilon_of(history, delta, accountant), history, delta, noise)
             _keep_history(context, history, noise)
             metrics.update(epsilon=epsilon, delta=delta, **{"noise-multiplier": noise, "sample-rate": rate})
             metrics["history-steps"] = sum(h[2] for h in history)

@@ -8,7 +8,9 @@ from typing import Any
 
 from server.errors import CoordinatorError
 
-__all__ = ["PlanError", "TrainPlan"]
+__all__ = ["ACCOUNTANTS", "PlanError", "TrainPlan"]
+
+ACCOUNTANTS = ("rdp", "prv")  # Opacus' RDP and PRV accountants (server/fl/privacy.py uses the same names)
 
 
 class PlanError(CoordinatorError):
@@ -24,6 +26,9 @@ class TrainPlan:
     noise_multiplier: float | None = 1.0  # used when no target ε is given; None with no target: no DP
     delta: float = 1e-5
     max_grad_norm: float = 1.0
+    # Opacus' accountant for record-level DP, used alike by the devices (noise for a target ε, the ε they report)
+    # and by the coordinator's recomputation: "rdp", or "prv" (tighter: a lower ε for the same noise).
+    accountant: str = "rdp"
     local_epochs: int = 5
     batch_size: int = 32
     lr: float = 0.1
@@ -70,6 +75,10 @@ class TrainPlan:
             problems.append(f"max grad norm must be > 0 (got {self.max_grad_norm})")
         if not 1 <= self.local_epochs <= 100 or not 1 <= self.batch_size <= 4096 or not 0 < self.lr <= 10:
             problems.append("local epochs 1..100, batch size 1..4096 and 0 < lr <= 10")
+        if self.accountant not in ACCOUNTANTS:
+            problems.append(f"accountant must be one of {', '.join(ACCOUNTANTS)} (got {self.accountant!r})")
+        elif self.accountant != "rdp" and self.privacy_unit == "device":
+            problems.append(f"the {self.accountant} accountant is for the record privacy unit (device: rdp)")
         if not self.alpha > 0:
             problems.append(f"alpha must be > 0 (got {self.alpha})")
         if self.privacy_unit not in ("record", "device"):

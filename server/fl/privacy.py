@@ -3,9 +3,13 @@
 Accounting rules (stated once, used by client and coordinator alike):
 - Within a run, a client's accountant history — (noise multiplier, sample rate, steps) entries — is kept in the
   device's own privacy record (`DeviceBudget`: fsync'd, atomically replaced) and restored before every round, so
-  the ε it reports is cumulative over the run's rounds (Opacus' RDP accountant over the whole history), not the
+  the ε it reports is cumulative over the run's rounds (the run's accountant over the whole history), not the
   ε of the last round alone, even after a SuperNode or agent restart lost its Flower context. A device never
   reports or records a lower ε for a run than it did before.
+- The accountant is the run's (`TrainPlan.accountant`): Opacus' RDP accountant by default, or its PRV accountant
+  (numerical composition of privacy loss random variables, Gopi et al. 2021), which gives a tighter (lower) ε
+  for the same noise, so a target ε needs less noise. The client calibrates its noise and reports its ε with it,
+  and the coordinator recomputes with the same one.
 - The coordinator does not take a client's word for it: `check_epsilon` recomputes the ε from the plan and the
   noise, sample rate and steps the client reports, with the same accountant, and the ledger keeps the larger
   figure; a mismatch is an incident. Nothing lowers an ε once recorded.
@@ -21,6 +25,7 @@ import functools
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +35,22 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as privacy_analysis
+from opacus.accountants.analysis.prv import (
+    Domain,
+    PoissonSubsampledGaussianPRV,
+    TruncatedPrivacyRandomVariable,
+    compose_heterogeneous,
+    discretize,
+)
 from opacus.accountants.utils import get_noise_multiplier
 
 from edge_agent.contract.files import atomic_write_bytes
 from server.errors import CoordinatorError
 from server.fl.model import DigitsNet, LocalResult, _batches_loss, get_weights, set_weights
+from server.fl.plan import ACCOUNTANTS  # the accountants a run may use (`TrainPlan.accountant`)
 
 __all__ = [
+    "ACCOUNTANTS",
     "BudgetExceeded",
     "DeviceBudget",
     "EpsilonCheck",
@@ -56,20 +70,67 @@ class BudgetExceeded(CoordinatorError):
     """Taking part would push a device past its lifetime privacy budget."""
 
 
-def epsilon_of(history: History, delta: float) -> float:
-    """ε after the given accountant history at δ (0 for an empty history), computed exactly as Opacus' RDP
-    accountant does — the sum over entries of steps x (one step's RDP at each default order), then the
-    conversion to (ε, δ) — with the one-step RDP vector cached per (noise, sample rate): the series behind it
-    costs about a quarter of a second, and every round of every device would otherwise pay it again."""
+def epsilon_of(history: History, delta: float, accountant: str = "rdp") -> float:
+    """ε after the given accountant history at δ (0 for an empty history) under `accountant` ("rdp" or "prv"),
+    computed exactly as Opacus' `RDPAccountant` / `PRVAccountant` compute it (for PRV: its default ε and δ
+    errors, and the upper bound), with the one-step RDP vector cached per (noise, sample rate): the series behind
+    it costs about a quarter of a second, and every round of every device would otherwise pay it again (the PRV
+    accountant needs it too, to size its discretisation domain)."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(_unknown_accountant(accountant))
     if not history:
         return 0.0
-    rdp = sum([_one_step_rdp(float(z), float(q)) * int(n) for z, q, n in history])
+    if accountant == "prv":
+        return _prv_epsilon(tuple((float(z), float(q), int(n)) for z, q, n in history), float(delta))
+    return _rdp_epsilon(_history_rdp(history), delta)
+
+
+def _unknown_accountant(accountant: object) -> str:
+    return f"the accountant must be one of {', '.join(ACCOUNTANTS)} (got {accountant!r})"
+
+
+def _history_rdp(history: Sequence[tuple[float, float, int]]) -> np.ndarray:
+    """The RDP of a history at each default order: the sum over entries of steps x one step's RDP."""
+    total = np.zeros(len(RDPAccountant.DEFAULT_ALPHAS))
+    for z, q, n in history:
+        total = total + _one_step_rdp(float(z), float(q)) * int(n)
+    return total
+
+
+def _rdp_epsilon(rdp: np.ndarray, delta: float) -> float:
     with warnings.catch_warnings():
         # "Optimal order is the largest alpha": a higher order could give a tighter bound; this one is still a
         # valid upper bound on ε, and it is what Opacus reports for the same history.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         eps, _ = privacy_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
     return float(eps)
+
+
+PRV_EPS_ERROR = 0.01  # Opacus' PRVAccountant.get_epsilon defaults: ε error 0.01, δ error δ / 1000
+
+
+@functools.lru_cache(maxsize=1024)
+def _prv_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Opacus' `PRVAccountant.get_epsilon(delta)` for this history, step for step: the discretisation domain sized
+    as its `compute_safe_domain_size` does (from RDP bounds, here from the cached one-step vectors), the truncated
+    PRVs discretised on it and composed, and the upper bound of the resulting ε."""
+    eps_error, delta_error = PRV_EPS_ERROR, delta / 1000
+    total = sum(n for _, _, n in history)
+    size = _rdp_epsilon(_history_rdp(history), delta_error / 4)
+    for z, q, _ in history:
+        size = max(size, _rdp_epsilon(_one_step_rdp(z, q), delta_error / (8 * total)))
+    size = max(size, eps_error) + 3
+    domain = Domain.create_aligned(-size, size, eps_error / np.sqrt(total * np.log(12 / delta_error) / 2))
+    with np.errstate(divide="ignore"):  # at sample rate 1 Opacus' PRV takes log(1 - q) = -inf, as it should
+        discrete = [
+            discretize(
+                TruncatedPrivacyRandomVariable(PoissonSubsampledGaussianPRV(q, z), domain.t_min, domain.t_max), domain
+            )
+            for z, q, _ in history
+        ]
+        composed = compose_heterogeneous(dprvs=discrete, num_self_compositions=[n for _, _, n in history])
+        _, _, upper = composed.compute_epsilon(delta, delta_error, eps_error)
+    return float(upper)
 
 
 @dataclass(frozen=True)
@@ -105,11 +166,14 @@ def check_epsilon(
     min_steps: int,
     max_noise: float,
     previous: float = 0.0,
+    accountant: str = "rdp",
 ) -> EpsilonCheck:
     """Recompute a client's run ε from what it reports (`history`: its noise multipliers, sample rates and steps;
     None when unreadable) and what the plan implies for it (`sample_rate` from its example count and the batch
     size, `min_steps` for the rounds it trained, `max_noise`: the plan's noise multiplier or the one its target ε
-    gives), with the accountant the client runs."""
+    gives), with the accountant the client runs (the run's: "rdp" or "prv")."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(_unknown_accountant(accountant))
     problems: list[str] = []
     claimed = reported if reported is not None and math.isfinite(reported) and reported >= 0 else None
     if claimed is None:
@@ -133,9 +197,9 @@ def check_epsilon(
         if usable:
             problems.append(f"reported {steps} steps, fewer than the {min_steps} of the rounds it trained")
         charged.append((max_noise, sample_rate, min_steps - steps))
-    recomputed = epsilon_of(charged, delta)
+    recomputed = epsilon_of(charged, delta, accountant)
     if claimed is not None and usable:
-        implied = epsilon_of(entries, delta)
+        implied = epsilon_of(entries, delta, accountant)
         if not math.isclose(claimed, implied, rel_tol=1e-6, abs_tol=1e-9):
             relation = "below" if claimed < implied else "above"
             problems.append(f"reported ε {claimed:.6g}, {relation} the {implied:.6g} its own history implies")
@@ -161,9 +225,14 @@ def steps_per_round(examples: int, batch_size: int, epochs: int) -> tuple[float,
 
 
 @functools.lru_cache(maxsize=1024)
-def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, total_steps: int) -> float:
-    """The noise multiplier that makes `total_steps` at `sample_rate` end at or below `target_epsilon`."""
-    with warnings.catch_warnings():
+def noise_for_target(
+    target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str = "rdp"
+) -> float:
+    """The noise multiplier that makes `total_steps` at `sample_rate` end at or below `target_epsilon` under
+    `accountant` (Opacus' own search; under PRV it takes some seconds per sample rate, hence the cache)."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(_unknown_accountant(accountant))
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):  # log(1 - q) at q = 1 under PRV: see above
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(
             get_noise_multiplier(
@@ -171,7 +240,7 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, to
                 target_delta=delta,
                 sample_rate=sample_rate,
                 steps=total_steps,
-                accountant="rdp",
+                accountant=accountant,
                 epsilon_tolerance=0.01,
             )
         )
@@ -190,13 +259,17 @@ def train_private(
     history: History,
     seed: int,
     secure_mode: bool = False,
+    accountant: str = "rdp",
 ) -> tuple[LocalResult, History]:
     """One round of DP-SGD (per-sample clipping at `max_grad_norm`, Gaussian noise, Poisson sampling).
 
-    The accountant starts from `history` and the returned history includes this round's steps. With
+    The accountant (`accountant`: "rdp" or "prv"; both keep the same history of noise multipliers, sample
+    rates and steps) starts from `history` and the returned history includes this round's steps. With
     `secure_mode` Opacus draws noise and batches from a cryptographically secure generator (then `seed` cannot
     make a run repeatable, by design).
     """
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(_unknown_accountant(accountant))
     torch.manual_seed(seed)
     model = DigitsNet()
     set_weights(model, weights)
@@ -208,7 +281,7 @@ def train_private(
         # the noise's seed comes from the device's own entropy unless a lab plan asked otherwise.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         warnings.filterwarnings("ignore", message=".*secure_mode.*")
-        engine = PrivacyEngine(accountant="rdp", secure_mode=secure_mode)
+        engine = PrivacyEngine(accountant=accountant, secure_mode=secure_mode)
         engine.accountant.history = list(history)
         private_model, private_optimizer, private_loader = engine.make_private(
             module=model,

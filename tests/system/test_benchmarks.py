@@ -80,3 +80,40 @@ def test_each_benchmark_runs_small_and_ends_with_its_figures(
     assert result["benchmark"] == script.removesuffix(".py")
     assert all(key in result for key in figures), result
     assert result.get("lost", 0) == 0  # where a benchmark counts lost telemetry, none is lost
+
+
+ACCURACY = BENCHMARKS / "accuracy_vs_epsilon.py"
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_accuracy_vs_epsilon_runs_tiny_and_ends_with_the_mean_accuracy_per_target(tmp_path: Path) -> None:
+    """Two seeds of a 2-device, 2-round run at target ε 3 through fedfleet train's code path: the table and the
+    JSON line carry each seed's accuracy and their mean and sd (the accuracy itself is measured by hand)."""
+    args = ["--epsilon", "3", "--seeds", "0,1", "--rounds", "2", "--devices", "2"]
+    out = run_bounded([sys.executable, str(ACCURACY), *args], timeout=280)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["benchmark"] == "accuracy_vs_epsilon" and result["seeds"] == [0, 1]
+    assert (result["devices"], result["rounds"], result["accountant"]) == (2, 2, "rdp")
+    seeds = result["accuracy"]["3"]
+    assert len(seeds) == 2 and all(0 <= a <= 1 for a in seeds)
+    assert result["mean_accuracy"] == {"3": pytest.approx(sum(seeds) / 2, abs=1e-4)}
+    assert result["sd_accuracy"]["3"] == pytest.approx(abs(seeds[0] - seeds[1]) / 2**0.5, abs=2e-4)
+    assert 0 < result["epsilon_reached"]["3"] <= 3.0
+    assert "| 3 | " in out.stdout and "target ε 3, seed 1: accuracy" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--epsilon", "0"], "a target ε must be a finite number > 0"),
+        (["--epsilon", "3,x"], "'x' is neither a number nor 'none'"),
+        (["--seeds", "0,a"], "seeds are whole numbers"),
+        (["--devices", "0"], "clients must be 1..10000"),
+    ],
+)
+def test_accuracy_vs_epsilon_refuses_bad_arguments_before_training(args: list[str], said: str) -> None:
+    out = run_bounded([sys.executable, str(ACCURACY), *args], timeout=60)
+    assert out.returncode == 2 and said in out.stderr, out.stderr
+    assert out.stdout == ""  # nothing ran

@@ -157,7 +157,6 @@ class _Run:
                 "lr": p.lr,
                 "secure-mode": p.secure_mode,
                 "seeded-noise": p.seeded_noise,
-                "accountant": p.accountant,
             }
         )
 
@@ -170,7 +169,7 @@ class _Run:
             return p.target_epsilon
         noise = d.noise if d.noise is not None else p.noise_multiplier
         assert noise is not None
-        return max(d.epsilon, epsilon_of([*d.history, (noise, rate, steps)], p.delta, p.accountant))
+        return max(d.epsilon, epsilon_of([*d.history, (noise, rate, steps)], p.delta))
 
     def plan_noise(self, d: _Device) -> float:
         """The noise multiplier the plan gives the device: the fixed one, or the one its target ε implies for its
@@ -180,7 +179,7 @@ class _Run:
             assert p.noise_multiplier is not None
             return p.noise_multiplier
         rate, steps = steps_per_round(d.examples, p.batch_size, p.local_epochs)
-        return noise_for_target(p.target_epsilon, p.delta, rate, p.rounds * steps, p.accountant)
+        return noise_for_target(p.target_epsilon, p.delta, rate, p.rounds * steps)
 
     def account(self, server_round: int, d: _Device, metrics: MetricRecord) -> EpsilonCheck:
         """Charge the device for the round it trained: recompute its ε from the plan and its reported noise,
@@ -198,7 +197,6 @@ class _Run:
             min_steps=d.trained * steps,
             max_noise=self.plan_noise(d),
             previous=d.epsilon,
-            accountant=p.accountant,
         )
         d.history = check.charged
         d.noise = min(z for z, _, _ in check.charged)
@@ -492,9 +490,10 @@ def _reference(grid: Grid, run: _Run, arrays: ArrayRecord) -> DriftReference:
     round_ = p.rounds + 1  # the incidents' round: after the last training round
     asked: list[_Device] = []
     for d in sorted(run.devices.values(), key=lambda d: d.device_id):
-        after = d.spent_before + d.epsilon + p.reference_epsilon
         if d.refused:
             continue
+        # Its lifetime as the ledger holds it, this run's training included whatever the privacy unit.
+        after = run.ledger.lifetime(d.device_id) + p.reference_epsilon
         if after > d.budget + 1e-9:
             detail = f"drift reference: lifetime ε would reach {after:.3f}, budget {d.budget:.3f}"
             run.incident(round_, d.device_id, "skipped-budget", detail)
@@ -714,9 +713,8 @@ def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, 
             "epsilon": max((d.epsilon for d in run.devices.values()), default=0.0) if p.private else None,
             "delta": p.delta if p.private else None,
             "accountant": (
-                f"{p.accountant} (Opacus' {p.accountant.upper()} accountant): each device's history kept in its "
-                "durable record across rounds; every reported ε recomputed by the coordinator with the same "
-                "accountant, the larger recorded"
+                "rdp (Opacus): each device's history kept in its durable record across rounds; every reported ε "
+                "recomputed by the coordinator, the larger recorded"
             )
             if p.private
             else None,

@@ -383,24 +383,33 @@ def test_drift_scoring_works_against_a_reference_built_from_noised_counts() -> N
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
-def test_a_run_whose_devices_all_refuse_the_reference_fails_in_one_sentence_and_registers_nothing(
+def test_a_run_whose_devices_all_refuse_or_lack_budget_for_the_reference_fails_in_one_sentence(
     tmp_path: Path,
 ) -> None:
     d, _ = DataDir.init(tmp_path / "data")
     plan = TrainPlan(rounds=1, clients=2, noise_multiplier=1.0, local_epochs=1, seed=6, reference_epsilon=0.5)
-    for i in range(2):  # each device's own record: room for its training, none for the drift reference after it
+    training = []
+    for i in range(2):
         examples = len(DigitsPartition(i, 2, plan.alpha, plan.seed).load()[0])
         rate, steps = steps_per_round(examples, plan.batch_size, plan.local_epochs)
-        DeviceBudget.open(d.root / "fl-devices" / f"sim-00{i}" / "privacy.json", 10.0).record(
-            "run-elsewhere", 10.0 - epsilon_of([(1.0, rate, steps)], plan.delta) - 0.2
-        )
+        training.append(epsilon_of([(1.0, rate, steps)], plan.delta))
+    # sim-000's own record has room for its training, none for the drift reference after it (it refuses);
+    # the coordinator knows sim-001's budget has no room for the reference either (it is not asked).
+    DeviceBudget.open(d.root / "fl-devices" / "sim-000" / "privacy.json", 10.0).record(
+        "run-elsewhere", 10.0 - training[0] - 0.2
+    )
+    with d.store() as store:
+        Ledger(store, 10.0).set_budget("sim-001", training[1] + 0.2)
 
     outcome = run_training(d.root, plan)
 
     assert outcome.status == "failed" and outcome.model_version == ""
     assert outcome.error.startswith("no device answered the drift reference's feature-histogram query")
     assert "raise budgets with `fedfleet privacy budget`" in outcome.error
-    assert sorted(i["device_id"] for i in outcome.incidents if i["kind"] == "refused") == ["sim-000", "sim-001"]
+    kinds = {(i["device_id"], i["round"], i["kind"]) for i in outcome.incidents}
+    assert kinds == {("sim-000", 2, "refused"), ("sim-001", 2, "skipped-budget")}
+    skipped = next(i["detail"] for i in outcome.incidents if i["kind"] == "skipped-budget")
+    assert skipped.startswith("drift reference: lifetime ε would reach")
     with d.store() as store:
         assert Registry(store).list() == [] and Ledger(store, 10.0).queries(outcome.run_id) == []
         assert {r["purpose"] for r in Ledger(store, 10.0).rows()} == {"training"}  # the training ε stays charged

@@ -85,6 +85,13 @@ def train(
         float | None,
         typer.Option(help="Device unit: noise sd of the clipped-update count (default: devices per round / 20)."),
     ] = None,
+    reference_epsilon: Annotated[
+        float,
+        typer.Option(
+            help="ε of the drift reference's two noised count queries together, charged to every device that "
+            "answers them (record-level; small fleets get a noisy reference: see docs/training.md)."
+        ),
+    ] = _PLAN.reference_epsilon,
     name: Annotated[str, typer.Option(help="Model name in the registry.")] = "digits",
     parent: Annotated[str, typer.Option(help="Start from this registered version (fine-tune); default: fresh.")] = "",
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's own logs.")] = False,
@@ -123,6 +130,7 @@ def train(
         privacy_unit=privacy_unit,
         device_clip_norm=device_clip_norm,
         clip_count_stddev=clip_count_stddev,
+        reference_epsilon=reference_epsilon,
     )
     if plan.privacy_unit == "device":
         from server.fl.device_dp import device_accounting

@@ -440,3 +440,14 @@ def test_the_largest_lifetime_epsilon_on_status_and_metrics_counts_the_drift_ref
             )
         assert DashboardReads(store).max_lifetime_epsilon() == pytest.approx(2.0 + epsilon_after(z, DELTA, 2))
         assert DashboardReads(store).max_lifetime_epsilon() == pytest.approx(ledger.lifetime("pi-1"))
+
+
+def test_fedfleet_train_takes_the_reference_epsilon_and_refuses_a_bad_one_before_anything_runs(tmp_path: Path) -> None:
+    from tests.server.test_training import cli
+
+    d, _ = DataDir.init(tmp_path / "data")
+    for bad in ("0", "-1", "nan", "101"):
+        out = cli(d, "train", "--rounds", "1", "--clients", "2", "--reference-epsilon", bad, ok=False)
+        assert "reference ε must be in (0, 100]" in out.stderr
+    with d.store() as store:
+        assert store.db.execute("SELECT COUNT(*) FROM fl_runs").fetchone()[0] == 0

@@ -250,8 +250,10 @@ def privacy_ledger(
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
-    """ε and δ spent per device and run (with the model version it produced), whether the device's reports agreed
-    with the coordinator's recomputation, and each device's lifetime ε and δ (sums over its runs) and budget."""
+    """ε and δ spent per device, run and purpose (training, or the drift reference's noised count queries, whose
+    rounds column counts the queries answered), with the model version the run produced, whether the device's
+    reports agreed with the coordinator's recomputation, and each device's lifetime ε and δ (sums over its runs
+    and purposes) and budget."""
     from server.fl.registry import Ledger
 
     d = open_datadir(data_dir)
@@ -262,10 +264,24 @@ def privacy_ledger(
     print_rows(
         rows,
         as_json,
-        ["device", "run", "unit", "model version", "rounds", "ε", "δ", "ε check", "lifetime ε", "lifetime δ", "budget"],
+        [
+            "device",
+            "run",
+            "purpose",
+            "unit",
+            "model version",
+            "rounds",
+            "ε",
+            "δ",
+            "ε check",
+            "lifetime ε",
+            "lifetime δ",
+            "budget",
+        ],
         lambda r: [
             r["device"],
             r["run"],
+            r["purpose"],
             r["unit"],
             r["model_version"] or "-",
             str(r["rounds"]),

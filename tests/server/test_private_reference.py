@@ -8,6 +8,7 @@ past its budget refuses; the release's per-feature ranges are the public schema 
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 import time
@@ -451,3 +452,30 @@ def test_fedfleet_train_takes_the_reference_epsilon_and_refuses_a_bad_one_before
         assert "reference ε must be in (0, 100]" in out.stderr
     with d.store() as store:
         assert store.db.execute("SELECT COUNT(*) FROM fl_runs").fetchone()[0] == 0
+
+
+def test_fedfleet_privacy_ledger_names_each_rows_purpose(tmp_path: Path) -> None:
+    from tests.server.test_training import cli
+
+    d, _ = DataDir.init(tmp_path / "data")
+    with d.store() as store:
+        TrainingRuns(store).start("run-1", "digits", "simulation", TrainPlan().to_dict())
+        ledger = Ledger(store, 10.0)
+        ledger.record("run-1", "pi-1", 1, 1.5, DELTA)
+        ledger.record_query(
+            "run-1",
+            "pi-1",
+            "drift-reference",
+            1,
+            "feature-histogram",
+            0.34,
+            DELTA,
+            noise_multiplier=10.9,
+            sensitivity=8.0,
+        )
+    rows = json.loads(cli(d, "privacy", "ledger", "--json").stdout)
+    assert [(r["purpose"], r["epsilon"], r["lifetime_epsilon"]) for r in rows] == [
+        ("training", 1.5, 1.5),
+        ("drift-reference", 0.34, 1.84),
+    ]
+    assert cli(d, "privacy", "ledger").returncode == 0  # the table (its width is the terminal's)

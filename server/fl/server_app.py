@@ -157,6 +157,7 @@ class _Run:
                 "lr": p.lr,
                 "secure-mode": p.secure_mode,
                 "seeded-noise": p.seeded_noise,
+                "accountant": p.accountant,
             }
         )
 
@@ -169,7 +170,7 @@ class _Run:
             return p.target_epsilon
         noise = d.noise if d.noise is not None else p.noise_multiplier
         assert noise is not None
-        return max(d.epsilon, epsilon_of([*d.history, (noise, rate, steps)], p.delta))
+        return max(d.epsilon, epsilon_of([*d.history, (noise, rate, steps)], p.delta, p.accountant))
 
     def plan_noise(self, d: _Device) -> float:
         """The noise multiplier the plan gives the device: the fixed one, or the one its target ε implies for its
@@ -179,7 +180,7 @@ class _Run:
             assert p.noise_multiplier is not None
             return p.noise_multiplier
         rate, steps = steps_per_round(d.examples, p.batch_size, p.local_epochs)
-        return noise_for_target(p.target_epsilon, p.delta, rate, p.rounds * steps)
+        return noise_for_target(p.target_epsilon, p.delta, rate, p.rounds * steps, p.accountant)
 
     def account(self, server_round: int, d: _Device, metrics: MetricRecord) -> EpsilonCheck:
         """Charge the device for the round it trained: recompute its ε from the plan and its reported noise,
@@ -197,6 +198,7 @@ class _Run:
             min_steps=d.trained * steps,
             max_noise=self.plan_noise(d),
             previous=d.epsilon,
+            accountant=p.accountant,
         )
         d.history = check.charged
         d.noise = min(z for z, _, _ in check.charged)
@@ -713,8 +715,9 @@ def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, 
             "epsilon": max((d.epsilon for d in run.devices.values()), default=0.0) if p.private else None,
             "delta": p.delta if p.private else None,
             "accountant": (
-                "rdp (Opacus): each device's history kept in its durable record across rounds; every reported ε "
-                "recomputed by the coordinator, the larger recorded"
+                f"{p.accountant} (Opacus' {p.accountant.upper()} accountant): each device's history kept in its "
+                "durable record across rounds; every reported ε recomputed by the coordinator with the same "
+                "accountant, the larger recorded"
             )
             if p.private
             else None,

@@ -61,7 +61,7 @@ def simulate(
 def demo(
     devices: Annotated[int, typer.Option(min=4, max=200, help="Simulated devices (each a real agent).")] = 10,
     rounds: Annotated[
-        int | None, typer.Option(min=1, max=50, help="Federated rounds per training (default: the scenario's, 3).")
+        int | None, typer.Option(min=1, max=50, help="Federated rounds per training (default: the scenario's, 20).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the data split, training and input streams.")] = 0,
     report: Annotated[Path, typer.Option(help="Directory for summary.md and the PNG plots.")] = Path("demo-out/report"),

@@ -19,7 +19,7 @@ class PlanError(CoordinatorError):
 
 @dataclass(frozen=True)
 class TrainPlan:
-    rounds: int = 5
+    rounds: int = 20
     clients: int = 10  # devices (virtual clients) in the federation
     clients_per_round: int = 0  # 0: all eligible devices every round
     target_epsilon: float | None = None  # choose the noise so the planned rounds end at or below this
@@ -29,9 +29,9 @@ class TrainPlan:
     # Opacus' accountant for record-level DP, used alike by the devices (noise for a target ε, the ε they report)
     # and by the coordinator's recomputation: "rdp", or "prv" (tighter: a lower ε for the same noise).
     accountant: str = "rdp"
-    local_epochs: int = 5
-    batch_size: int = 32
-    lr: float = 0.1
+    local_epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.5
     alpha: float = 0.5  # Dirichlet concentration of the non-IID split
     seed: int = 0
     secure_mode: bool = False

@@ -134,23 +134,24 @@ class Ledger:
     def rows(self) -> list[dict[str, Any]]:
         """Per device, run and purpose ("training", or a query purpose such as "drift-reference", whose `rounds`
         counts the queries answered; a run's training row first). Per row: the privacy unit (`record`: one
-        example; `device`: the device's whole data), ε and δ, the model version the run produced, how many times
-        the client's report disagreed with the coordinator's recomputation, and the device's lifetime ε and δ so
-        far (each the sum over its runs and purposes: basic composition). The lifetime sums both units: a
-        device-level (ε, δ) also bounds any one record of the device, so the sum is a record-level bound; a
-        device-level lifetime exists only over device-unit runs."""
+        example; `device`: the device's whole data), the accountant behind its ε (`rdp` or `prv`), ε and δ, the
+        model version the run produced, how many times the client's report disagreed with the coordinator's
+        recomputation, and the device's lifetime ε and δ so far (each the sum over its runs and purposes: basic
+        composition). The lifetime sums both units: a device-level (ε, δ) also bounds any one record of the
+        device, so the sum is a record-level bound; a device-level lifetime exists only over device-unit runs."""
         records = LedgerRecords(self.store)
         spends: list[tuple[Any, ...]] = [
-            (device_id, run_id, "training", eps, delta, rounds, version, mismatches, unit)
-            for device_id, run_id, eps, delta, rounds, version, mismatches, unit in records.by_run()
+            (device_id, run_id, "training", eps, delta, rounds, version, mismatches, unit, accountant)
+            for device_id, run_id, eps, delta, rounds, version, mismatches, unit, accountant in records.by_run()
         ]
-        # Query purposes (the drift reference): one row per device, run and purpose, its unit one record.
-        spends += [(d, r, p, e, dl, n, v, 0, "record") for d, r, p, e, dl, n, v in records.queries_by_run()]
+        # Query purposes (the drift reference): one row per device, run and purpose, its unit one record, its two
+        # queries composed with RDP (server/fl/private_counts.py).
+        spends += [(d, r, p, e, dl, n, v, 0, "record", "rdp") for d, r, p, e, dl, n, v in records.queries_by_run()]
         order = {run["id"]: i for i, run in enumerate(RunRecords(self.store).all())}
         spends.sort(key=lambda s: (s[0], order.get(s[1], len(order)), s[2] != "training", s[2]))
         out: list[dict[str, Any]] = []
         lifetime: dict[str, tuple[float, float]] = {}
-        for device_id, run_id, purpose, eps, delta, rounds, version, mismatches, unit in spends:
+        for device_id, run_id, purpose, eps, delta, rounds, version, mismatches, unit, accountant in spends:
             spent_eps, spent_delta = lifetime.get(device_id, (0.0, 0.0))
             lifetime[device_id] = (spent_eps + float(eps), spent_delta + float(delta))
             out.append(
@@ -159,6 +160,7 @@ class Ledger:
                     "run": run_id,
                     "purpose": purpose,
                     "unit": unit,
+                    "accountant": accountant,
                     "model_version": version or None,
                     "rounds": int(rounds),
                     "epsilon": float(eps),

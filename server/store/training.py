@@ -233,12 +233,13 @@ class LedgerRecords:
 
     def by_run(self) -> list[tuple[Any, ...]]:
         """Per device and run, in the order the runs started: (device, run, ε, δ, rounds, model version, ε
-        mismatches, privacy unit), ε and δ the highest recorded in the run, mismatches the rounds in which the
-        client's report and the coordinator's recomputation disagreed, the unit the run's plan names ('record'
-        for plans from before units existed)."""
+        mismatches, privacy unit, accountant), ε and δ the highest recorded in the run, mismatches the rounds in
+        which the client's report and the coordinator's recomputation disagreed, the unit and the accountant the
+        run's plan names ('record' and 'rdp' for plans from before either existed)."""
         rows = self.store.db.execute(
             """SELECT p.device_id, p.run_id, MAX(p.epsilon), MAX(p.delta), MAX(p.round) AS rounds, r.model_version,
-                      SUM(p.mismatch) AS mismatches, COALESCE(json_extract(r.plan, '$.privacy_unit'), 'record')
+                      SUM(p.mismatch) AS mismatches, COALESCE(json_extract(r.plan, '$.privacy_unit'), 'record'),
+                      COALESCE(json_extract(r.plan, '$.accountant'), 'rdp')
                FROM privacy_spend p JOIN fl_runs r ON r.id = p.run_id
                GROUP BY p.device_id, p.run_id ORDER BY p.device_id, r.started_at"""
         ).fetchall()

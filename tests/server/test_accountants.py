@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -43,7 +44,8 @@ HISTORIES = [
 
 
 def cli(d: DataDir, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    out = run_bounded([sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)], timeout=240)
+    env = {**os.environ, "COLUMNS": "220"}  # the ledger's table whole
+    out = run_bounded([sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)], timeout=240, env=env)
     assert (out.returncode == 0) == ok, out.stdout + out.stderr
     return out
 
@@ -227,3 +229,22 @@ def test_a_flower_run_under_prv_records_what_opacus_prv_gives_without_a_false_mi
     assert card["accountant"].startswith("prv (Opacus' PRV accountant)")
     shown = json.loads(cli(d, "models", "show", outcome.model_version, "--json").stdout)
     assert shown["card"]["privacy"]["accountant"].startswith("prv") and shown["lineage"]["plan"]["accountant"] == "prv"
+
+
+def test_the_ledger_names_each_rows_accountant_from_its_runs_plan(tmp_path: Path) -> None:
+    d, _ = DataDir.init(tmp_path / "data")
+    with d.store() as store:
+        runs, ledger = TrainingRuns(store), Ledger(store, 10.0)
+        runs.start("run-prv", "digits", "simulation", TrainPlan(accountant="prv").to_dict())
+        old_plan = {k: v for k, v in TrainPlan().to_dict().items() if k != "accountant"}  # before the option
+        runs.start("run-old", "digits", "simulation", old_plan)
+        ledger.record("run-prv", "pi-1", 1, 1.5, DELTA)
+        ledger.record("run-old", "pi-1", 1, 0.5, DELTA)
+        rows = ledger.rows()
+    assert [(r["run"], r["accountant"], r["unit"]) for r in rows] == [
+        ("run-prv", "prv", "record"),
+        ("run-old", "rdp", "record"),
+    ]
+    table = cli(d, "privacy", "ledger").stdout
+    header, *lines = [line for line in table.splitlines() if "run-" in line or "accountant" in line]
+    assert "accountant" in header and [("run-prv" in x, " prv " in x) for x in lines] == [(True, True), (False, False)]

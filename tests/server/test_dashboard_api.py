@@ -163,7 +163,11 @@ def test_every_read_needs_the_token_unless_reads_are_opened(
         refused = client.get(path)
         assert refused.status_code == 401 and "operator token" in refused.json()["detail"], path
         assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
-    assert client.get("/api/session").json() == {"public_read": False, "authenticated": False}
+    assert client.get("/api/session").json() == {
+        "public_read": False,
+        "authenticated": False,
+        "plaintext_exposures": [],
+    }
     assert client.get("/").status_code == 200 and client.get("/static/app.js").status_code == 200
 
     with TestClient(create_app(d, DashboardOptions(d.operator_token(), public_read=True))) as open_reads:

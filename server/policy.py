@@ -30,6 +30,8 @@ with every broken rule named. No file: the built-in defaults below, which refuse
     clients = 0                                # deployment: SuperNodes a round waits for; 0: the fleet's size
     rounds = 3                                 # the retraining run's rounds and per-device target ε
     target_epsilon = 3.0
+    exact_reference = false                    # lab only: the drift reference from exact counts of devices that
+                                               # allow it (not private; on a handful of devices DP noise drowns it)
     data_source = ""                           # "module:callable" giving each simulated client's data; "":
                                                # each device's digits share
     rollout_spec = ""                          # a rollout spec file (see server/rollout/spec.py) for the
@@ -116,6 +118,7 @@ class Policy:
     retrain_clients: int = 0
     retrain_rounds: int = 3
     retrain_target_epsilon: float = 3.0
+    retrain_exact_reference: bool = False
     retrain_data_source: str = ""
     retrain_rollout_spec: str = ""
     alerts_privacy_budget_fraction: float = 0.8
@@ -179,6 +182,7 @@ _SECTIONS = {
         "clients",
         "rounds",
         "target_epsilon",
+        "exact_reference",
         "data_source",
         "rollout_spec",
     },
@@ -190,6 +194,13 @@ RETRAIN_ACTIONS = ("off", "alert", "review", "retrain")
 # SuperLink given by address, the devices' SuperNodes), to which the retrain worker submits the run.
 RETRAIN_ENGINES = ("simulation", "deployment")
 DRIFT_METRICS = SCORE_METRICS  # what a fleet's pooled telemetry against its release's reference gives
+
+
+def _bool(table: Mapping[str, Any], key: str) -> bool:
+    value = table.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false")
+    return value
 
 
 def load_policy(path: Path) -> Policy:
@@ -278,6 +289,7 @@ def load_policy(path: Path) -> Policy:
             retrain_clients=int(retrain.get("clients", 0)),
             retrain_rounds=int(retrain.get("rounds", 3)),
             retrain_target_epsilon=numbers["retrain.target_epsilon"],
+            retrain_exact_reference=_bool(retrain, "exact_reference"),
             retrain_data_source=str(retrain.get("data_source", "")),
             retrain_rollout_spec=str(retrain.get("rollout_spec", "")),
             alerts_privacy_budget_fraction=fraction,

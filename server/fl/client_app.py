@@ -72,10 +72,17 @@ class _Node:
     """What a ClientApp knows about the node it runs on."""
 
     def __init__(
-        self, context: Context, device_ids: Sequence[str] | None, state_dir: Path | None, source_for: SourceFor | None
+        self,
+        context: Context,
+        device_ids: Sequence[str] | None,
+        state_dir: Path | None,
+        source_for: SourceFor | None,
+        allow_exact_reference: bool = False,
     ) -> None:
         self.source_for = source_for
         cfg = context.node_config
+        # The device's own choice (its node config, or the simulation that owns it), never the coordinator's.
+        self.allow_exact_reference = allow_exact_reference or cfg.get("allow-exact-reference") is True
         self.partition = int(cfg.get("partition-id", 0))
         self.partitions = int(cfg.get("num-partitions", 1))
         if "device-id" in cfg:
@@ -158,6 +165,14 @@ def _reference_answer(msg: Message, node: _Node, config: ConfigRecord, task: str
     device's own privacy record first: every answer in the run counts, a repeated query too. An answer that would
     pass the device's lifetime budget is refused (a `refusal` record), and so is one without a privacy record."""
     client = ConfigRecord({"device-id": node.device_id})
+    if config.get("exact-reference") is True:
+        if not node.allow_exact_reference:
+            reason = f"drift reference ({task}): device {node.device_id} does not answer with exact counts"
+            return _reply(
+                msg, {"refusal": ConfigRecord({"device-id": node.device_id, "reason": reason}), "client": client}
+            )
+        exact = _reference_counts(msg, config, task, x)
+        return _reply(msg, {"counts": ArrayRecord(numpy_ndarrays=exact), "metrics": MetricRecord({}), "client": client})
     budget = node.budget(config)
     if budget is None:
         reason = f"device {node.device_id} has no state-dir to keep its privacy record, so it answers no drift query"
@@ -180,16 +195,20 @@ def _reference_answer(msg: Message, node: _Node, config: ConfigRecord, task: str
 
 
 def build_client_app(
-    device_ids: Sequence[str] | None = None, state_dir: Path | None = None, source_for: SourceFor | None = None
+    device_ids: Sequence[str] | None = None,
+    state_dir: Path | None = None,
+    source_for: SourceFor | None = None,
+    allow_exact_reference: bool = False,
 ) -> ClientApp:
     """A ClientApp; `device_ids` names partition i's device in a simulation, `state_dir` holds simulated devices'
     privacy records, `source_for` gives simulated devices data other than the plain digits split (a rehearsal's
-    drifted sensors). A SuperNode names all three in its node config instead."""
+    drifted sensors), `allow_exact_reference` lets them answer a lab run's exact drift-reference queries. A
+    SuperNode names all four in its node config instead (`allow-exact-reference = true`)."""
     app = ClientApp()
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        node = _Node(context, device_ids, state_dir, source_for)
+        node = _Node(context, device_ids, state_dir, source_for, allow_exact_reference)
         config = msg.content["config"]
         assert isinstance(config, ConfigRecord)
         task = as_str(config, "task")

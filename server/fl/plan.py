@@ -46,6 +46,10 @@ class TrainPlan:
     # ε (at `delta`) of the drift reference's two count queries together, charged to each device that answers
     # them (server/fl/private_counts.py says how they are noised and composed).
     reference_epsilon: float = 0.5
+    # Lab only: devices that allow it (their node config, or a simulation's own devices) answer the drift
+    # reference's queries with exact counts, charged nothing and private against nobody; the model card says so.
+    # On a handful of devices the private reference's noise drowns the drift it is meant to show.
+    exact_reference: bool = False
     # "record": DP-SGD on every device protects one example (Opacus, noise added on the device). "device": the
     # coordinator clips whole-device updates adaptively and noises their sum, protecting a device's whole data
     # against whoever sees the model, not against the coordinator (server/fl/device_dp.py).

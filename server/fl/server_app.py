@@ -488,11 +488,14 @@ def _reference(grid: Grid, run: _Run, arrays: ArrayRecord) -> DriftReference:
     the second). The per-feature ranges are the public schema bounds (FEATURE_RANGE), never the data's."""
     p = run.plan
     lo, hi = FEATURE_RANGE
-    noise = reference_noise(p.reference_epsilon, p.delta)
+    noise = 0.0 if p.exact_reference else reference_noise(p.reference_epsilon, p.delta)
     round_ = p.rounds + 1  # the incidents' round: after the last training round
     asked: list[_Device] = []
     for d in sorted(run.devices.values(), key=lambda d: d.device_id):
         if d.refused:
+            continue
+        if p.exact_reference:  # a lab plan: devices that allow it answer exactly, and nothing is charged
+            asked.append(d)
             continue
         # Its lifetime as the ledger holds it, this run's training included whatever the privacy unit.
         after = run.ledger.lifetime(d.device_id) + p.reference_epsilon
@@ -507,6 +510,7 @@ def _reference(grid: Grid, run: _Run, arrays: ArrayRecord) -> DriftReference:
         "run-id": run.run_id,
         "reference-epsilon": p.reference_epsilon,
         "delta": p.delta,
+        "exact-reference": p.exact_reference,
     }
     fine_config = {**config, "task": "feature-histogram", "range-lo": lo, "range-hi": hi, "fine-bins": FINE_BINS}
     answers, asked = _ask_reference(grid, run, asked, fine_config, None, noise, [(FEATURES, FINE_BINS + 2)])
@@ -539,6 +543,25 @@ def _reference(grid: Grid, run: _Run, arrays: ArrayRecord) -> DriftReference:
             pooled_sd,
             len(answered),
             records / REFERENCE_BINS,
+        )
+    if p.exact_reference:
+        run.reference_privacy = {
+            "exact": True,
+            "unit": "record",
+            "mechanism": (
+                "exact bin counts (lab plan exact_reference, answered only by devices that allow it): not private; "
+                "whoever receives them, the coordinator first, sees each device's histograms"
+            ),
+            "devices": sorted(d.device_id for d in answered),
+            "feature_ranges": f"public schema bounds [{lo:g}, {hi:g}]",
+        }
+        return DriftReference(
+            feature_edges=feature_edges,
+            feature_proportions=proportions(counts),
+            feature_ranges=np.tile(np.array([lo, hi], dtype=np.float64), (FEATURES, 1)),
+            score_edges=score_edges,
+            score_proportions=proportions(score_counts),
+            n_classes=CLASSES,
         )
     run.reference_privacy = {
         "pooled_noise_sd_per_bin": pooled_sd,
@@ -615,19 +638,19 @@ def _ask_reference(
             except (KeyError, TypeError, ValueError):
                 reported = None
             claimed = reported if reported is not None and math.isfinite(reported) and reported >= 0 else 0.0
-            recomputed = epsilon_after(noise, p.delta, d.reference_answers)
-            run.ledger.record_query(
-                run.run_id,
-                d.device_id,
-                REFERENCE_PURPOSE,
-                d.reference_answers,
-                task,
-                max(recomputed, claimed),
-                p.delta,
-                noise_multiplier=noise,
-                sensitivity=l2_sensitivity(sum(1 if len(s) == 1 else s[0] for s in shapes)),
-                reported=reported,
-            )
+            if not p.exact_reference:  # exact counts carry no ε to charge (the model card says they are not private)
+                run.ledger.record_query(
+                    run.run_id,
+                    d.device_id,
+                    REFERENCE_PURPOSE,
+                    d.reference_answers,
+                    task,
+                    max(epsilon_after(noise, p.delta, d.reference_answers), claimed),
+                    p.delta,
+                    noise_multiplier=noise,
+                    sensitivity=l2_sensitivity(sum(1 if len(s) == 1 else s[0] for s in shapes)),
+                    reported=reported,
+                )
             counts = msg.content.get("counts")
             got = counts.to_numpy_ndarrays() if isinstance(counts, ArrayRecord) else []
             if [a.shape for a in got] != shapes or not all(np.isfinite(a).all() for a in got):

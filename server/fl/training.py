@@ -89,7 +89,8 @@ def _simulate(
     }
     engine_stopped = threading.Event()
     server_app = build_server_app(d.root, plan, run_id, "simulation", on_round, engine_stopped)
-    client_app = build_client_app(tuple(ids), d.root / "fl-devices", source_for)
+    # Simulated devices are the coordinator's own: a lab plan's exact drift reference is theirs to allow.
+    client_app = build_client_app(tuple(ids), d.root / "fl-devices", source_for, plan.exact_reference)
     failure = ""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # run_simulation is deprecated in favour of `flwr run`

@@ -68,6 +68,7 @@ def _train(d: DataDir, store: Store, policy: Policy, job: dict[str, Any]) -> tup
         parent=parent,
         cause=job["cause"],
         round_timeout=240.0,
+        exact_reference=policy.retrain_exact_reference,
     )
     if job["engine"] == "deployment":
         return train_on_superlink(d, store, policy, plan.to_dict())

@@ -207,6 +207,34 @@ def test_a_device_charges_each_answer_to_its_record_and_refuses_past_its_budget(
     assert "refusal" in bare.content and "state-dir" in str(bare.content["refusal"]["reason"])  # type: ignore[index]
 
 
+def test_exact_counts_leave_only_a_device_that_allows_them_and_cost_nothing(tmp_path: Path) -> None:
+    """A lab plan's exact drift reference: the coordinator asking for it is not enough, the device must allow it
+    (its node config, or the simulation that owns it); then its counts are exact and nothing is charged."""
+    x = _x()
+    ask = _query("feature-histogram", "run-x")
+    ask.content["config"]["exact-reference"] = True  # type: ignore[index]
+    refused = client_app.build_client_app()(ask, _context(_node(tmp_path)))
+    assert "refusal" in refused.content and "counts" not in refused.content
+    assert "exact counts" in str(refused.content["refusal"]["reason"])  # type: ignore[index]
+    for app, node in (
+        (client_app.build_client_app(), {**_node(tmp_path), "allow-exact-reference": True}),
+        (client_app.build_client_app(allow_exact_reference=True), _node(tmp_path)),
+    ):
+        answer = app(ask, _context(node))
+        counts = answer.content["counts"]
+        assert isinstance(counts, ArrayRecord)
+        fine = ConfigRecord({"range-lo": 0.0, "range-hi": 1.0, "fine-bins": FINE})
+        exact = client_app._reference_counts(answer, fine, "feature-histogram", x)[0]
+        assert np.array_equal(counts.to_numpy_ndarrays()[0], exact)
+    assert not (tmp_path / "pi-5" / "privacy.json").exists()  # nothing charged, no record written
+    # Without the coordinator asking for exact counts, an allowing device still answers noised ones.
+    noised = client_app.build_client_app(allow_exact_reference=True)(
+        _query("feature-histogram", "run-y"), _context(_node(tmp_path))
+    )
+    sent = noised.content["counts"].to_numpy_ndarrays()[0]  # type: ignore[union-attr]
+    assert not np.array_equal(sent, exact)
+
+
 # ----- the coordinator's ledger -----
 
 

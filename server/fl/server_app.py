@@ -534,7 +534,7 @@ def _reference(grid: Grid, run: _Run, arrays: ArrayRecord) -> DriftReference:
     # and the records per reference bin (each feature's noised total, averaged over the features).
     pooled_sd = noise * l2_sensitivity(FEATURES + 1) * math.sqrt(len(answered))
     records = max(float(np.mean(np.sum([a[0] for a in answers], axis=0).sum(axis=1))), 0.0)
-    if pooled_sd > 0.1 * records / REFERENCE_BINS:
+    if not p.exact_reference and pooled_sd > 0.1 * records / REFERENCE_BINS:
         logger.warning(
             "run %s: the drift reference's noise (sd %.0f counts per bin, %d devices) is large against its "
             "about %.0f records per bin; drift statistics against it will be noisy (more devices or a larger "
@@ -544,40 +544,34 @@ def _reference(grid: Grid, run: _Run, arrays: ArrayRecord) -> DriftReference:
             len(answered),
             records / REFERENCE_BINS,
         )
+    common = {
+        "unit": "record",
+        "devices": sorted(d.device_id for d in answered),
+        "feature_ranges": f"public schema bounds [{lo:g}, {hi:g}]",
+    }
     if p.exact_reference:
         run.reference_privacy = {
+            **common,
             "exact": True,
-            "unit": "record",
             "mechanism": (
                 "exact bin counts (lab plan exact_reference, answered only by devices that allow it): not private; "
                 "whoever receives them, the coordinator first, sees each device's histograms"
             ),
-            "devices": sorted(d.device_id for d in answered),
-            "feature_ranges": f"public schema bounds [{lo:g}, {hi:g}]",
         }
-        return DriftReference(
-            feature_edges=feature_edges,
-            feature_proportions=proportions(counts),
-            feature_ranges=np.tile(np.array([lo, hi], dtype=np.float64), (FEATURES, 1)),
-            score_edges=score_edges,
-            score_proportions=proportions(score_counts),
-            n_classes=CLASSES,
-        )
-    run.reference_privacy = {
-        "pooled_noise_sd_per_bin": pooled_sd,
-        "records_estimate": round(records),
-        "epsilon": p.reference_epsilon,
-        "delta": p.delta,
-        "unit": "record",
-        "mechanism": (
-            "Gaussian on each device's bin counts (feature-histogram, then reference-counts), L2 sensitivity "
-            "√(histograms per answer) to adding or removing one record; both answers one RDP accountant (Opacus, "
-            "sample rate 1, 2 steps); noise from device-local entropy; pooled counts clipped at 0"
-        ),
-        "noise_multiplier": noise,
-        "devices": sorted(d.device_id for d in answered),
-        "feature_ranges": f"public schema bounds [{lo:g}, {hi:g}]",
-    }
+    else:
+        run.reference_privacy = {
+            **common,
+            "pooled_noise_sd_per_bin": pooled_sd,
+            "records_estimate": round(records),
+            "epsilon": p.reference_epsilon,
+            "delta": p.delta,
+            "mechanism": (
+                "Gaussian on each device's bin counts (feature-histogram, then reference-counts), L2 sensitivity "
+                "√(histograms per answer) to adding or removing one record; both answers one RDP accountant "
+                "(Opacus, sample rate 1, 2 steps); noise from device-local entropy; pooled counts clipped at 0"
+            ),
+            "noise_multiplier": noise,
+        }
     return DriftReference(
         feature_edges=feature_edges,
         feature_proportions=proportions(counts),

@@ -296,8 +296,13 @@ def _faulty_client_apps(monkeypatch: pytest.MonkeyPatch) -> None:
     loses its Flower context before every round, as a restarted SuperNode would."""
     real_build = client_app.build_client_app
 
-    def build(device_ids: Sequence[str] | None = None, state_dir: Path | None = None, source_for: Any = None) -> Any:
-        real = real_build(device_ids, state_dir, source_for)
+    def build(
+        device_ids: Sequence[str] | None = None,
+        state_dir: Path | None = None,
+        source_for: Any = None,
+        allow_exact_reference: bool = False,
+    ) -> Any:
+        real = real_build(device_ids, state_dir, source_for, allow_exact_reference)
         app = ClientApp()
 
         @app.query()
@@ -344,7 +349,8 @@ def test_a_flower_run_charges_the_cumulative_epsilon_to_a_forgetful_and_an_under
     mismatches = [(i["device_id"], i["round"]) for i in outcome.incidents if i["kind"] == "epsilon-mismatch"]
     assert mismatches == [("sim-000", 1), ("sim-000", 2), ("sim-000", 3)]  # the forgetful one reported right
     assert {e["subject"] for e in entries} == {"sim-000"} and len(entries) == 3
-    ledger = {r["device"]: r for r in json.loads(_ledger_cli(d, "--json").stdout)}
+    rows = json.loads(_ledger_cli(d, "--json").stdout)
+    ledger = {r["device"]: r for r in rows if r["purpose"] == "training"}  # the drift reference has rows too
     assert ledger["sim-000"]["epsilon_mismatches"] == 3 and ledger["sim-001"]["epsilon_mismatches"] == 0
     assert ledger["sim-001"]["lifetime_delta"] == DELTA
     # The forgetful device's own record holds the whole run's history.

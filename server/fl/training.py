@@ -6,6 +6,7 @@ docs/training.md.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -112,11 +113,25 @@ def _simulate(
 
 
 def _shutdown_ray() -> None:
-    """Whatever a failed engine left of Ray in this process, so that the next run starts its own."""
+    """Whatever a failed engine left of Ray in this process, so that the next run starts its own. A head node
+    that timed out during start-up is not ray's to shut down (ray.init never finished), so its processes (GCS,
+    dashboard, monitors), children of this process, are stopped here too."""
+    import psutil  # type: ignore[import-untyped]
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
+    ray.shutdown()  # also when ray.init failed half-way: it stops whatever node it did record
+    leftovers = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if any("/ray/" in part for part in child.cmdline()):
+                child.terminate()
+                leftovers.append(child)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(leftovers, timeout=10)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 def run_training(

@@ -11,14 +11,18 @@ dev=false
 [ "${1:-}" = "--dev" ] && dev=true
 
 # Debian packages the tests use: mosquitto (a real broker), systemd (systemd-analyze verify on the unit),
-# chromium (the dashboard's browser tests, driven by Playwright) and prometheus (promtool checks and unit-tests
-# the compose kit's alerting rules; its server is never started).
+# chromium (the dashboard's browser tests, driven by Playwright), prometheus (promtool checks and unit-tests
+# the compose kit's alerting rules; its server is never started), nginx (a static TUF mirror the tests start on
+# a free loopback port), and debootstrap with qemu-user-static (the Pi install run in an emulated arm64 root).
 missing=()
 if $dev; then
   command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
   command -v systemd-analyze >/dev/null || missing+=(systemd)
   [ -x /usr/bin/chromium ] || missing+=(chromium fonts-dejavu-core)
   command -v promtool >/dev/null || missing+=(prometheus)
+  [ -x /usr/sbin/nginx ] || missing+=(nginx)
+  [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+  [ -x /usr/bin/qemu-aarch64-static ] || missing+=(qemu-user-static binfmt-support)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

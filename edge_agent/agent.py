@@ -132,6 +132,8 @@ class Agent:
             interpreter=config.interpreter,
             step=self._pause_hook,
             offer=self._offer_threadsafe,
+            mirrors=config.mirrors,
+            mirror_ca=config.mirror_ca,
         )
         self.outbox = Outbox(config.state_dir / "outbox.db", config.device_id, config.outbox_cap)
         self.recorder = TelemetryRecorder(

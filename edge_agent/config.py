@@ -13,6 +13,9 @@ tls_ca = "ca.pem"                         # the fleet CA; the device's certifica
 tls_cert = "device.pem"
 tls_key = "device-key.pem"
 # allow_plaintext = false                 # lab only: plaintext gRPC/MQTT to a coordinator beyond loopback
+# mirrors = ["https://mirror.lan/fedfleet/"]   # static TUF mirrors, tried in order before the coordinator's gRPC
+# mirror_ca = "ca.pem"                    # what verifies the mirrors' certificates: default tls_ca; "system": the
+#                                         # system's trust store (a public CDN)
 [labels]
 site = "kitchen"
 """
@@ -25,6 +28,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from edge_agent.contract import DEFAULT_TOPIC_PREFIX, LIMITS, device_id_is_valid
 from edge_agent.contract.addresses import is_loopback, parse_mqtt_url
@@ -36,6 +40,7 @@ __all__ = ["AgentConfig", "TlsFiles", "load_config"]
 logger = logging.getLogger(__name__)
 
 _INTERPRETERS = ("ai-edge-litert", "tflite-runtime")
+_MAX_MIRRORS = 8
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class AgentConfig:
     grpc_tls: bool = False
     tls: TlsFiles | None = None  # needed by mqtts:// and grpc_tls
     allow_plaintext: bool = False  # lab only: plaintext to a coordinator or broker beyond loopback
+    mirrors: tuple[str, ...] = ()  # static TUF mirrors' base URLs (ending in "/"), tried before the coordinator
+    mirror_ca: Path | None = None  # the CA file that verifies the mirrors' certificates; None: the system's store
 
 
 @dataclass(frozen=True)
@@ -157,6 +164,8 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
         )
     for what in plaintext:
         logger.warning("%s is plaintext beyond this machine (allow_plaintext = true)", what)
+    mirrors = _mirrors(raw.get("mirrors", []), allow_plaintext)
+    mirror_ca = _mirror_ca(raw.get("mirror_ca"), base, tls)
     return AgentConfig(
         device_id=device_id,
         fleet=fleet,
@@ -181,7 +190,43 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
         grpc_tls=grpc_tls,
         tls=tls,
         allow_plaintext=allow_plaintext,
+        mirrors=mirrors,
+        mirror_ca=mirror_ca,
     )
+
+
+def _mirrors(value: Any, allow_plaintext: bool) -> tuple[str, ...]:
+    """Mirror base URLs: https://, or http:// on loopback (beyond it only with allow_plaintext). A mirror is
+    untrusted (every byte is verified), but TLS keeps a release's bytes from onlookers and a path from tampering
+    that would cost the device a fallback."""
+    if not isinstance(value, list) or not all(isinstance(u, str) for u in value) or len(value) > _MAX_MIRRORS:
+        raise ConfigError(f'mirrors must be a list of at most {_MAX_MIRRORS} URLs, like ["https://mirror.lan/repo/"]')
+    out = []
+    for url in value:
+        parsed = urlsplit(url)
+        if parsed.scheme not in ("https", "http") or not parsed.hostname or parsed.query or parsed.fragment:
+            raise ConfigError(f"mirror {url!r} must be an https:// URL of the mirror's root, without query")
+        if parsed.scheme == "http" and not is_loopback(parsed.hostname):
+            if not allow_plaintext:
+                raise ConfigError(
+                    f"mirror {url!r} would be plaintext beyond this machine: use https:// or, in a lab, set "
+                    "allow_plaintext = true"
+                )
+            logger.warning("mirror %s is plaintext beyond this machine (allow_plaintext = true)", url)
+        out.append(url if url.endswith("/") else url + "/")
+    return tuple(out)
+
+
+def _mirror_ca(value: Any, base: Path, tls: TlsFiles | None) -> Path | None:
+    if value is None:
+        return tls.ca if tls is not None else None
+    if not isinstance(value, str) or not value:
+        raise ConfigError('mirror_ca must be a CA file\'s path or "system"')
+    if value == "system":
+        return None
+    if not (base / value).is_file():
+        raise ConfigError(f"mirror_ca {base / value} is not a file; give the CA that issued the mirrors' certificates")
+    return base / value
 
 
 def _local_endpoint(value: str, state_dir: Path) -> str:

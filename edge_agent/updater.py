@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -47,6 +48,9 @@ from edge_agent.runtime import Model, load_model
 from edge_agent.state import SlotInfo, StateStore
 from edge_agent.steps import STEPS
 from edge_agent.transport import GrpcTransport
+
+if TYPE_CHECKING:
+    from edge_agent.tuf_client import Sources
 
 __all__ = [
     "STEPS",
@@ -88,6 +92,8 @@ class UpdateContext:
     step: Callable[[str], None] = lambda name: None
     offer: Callable[[bytes], None] = lambda payload: None  # a newer assignment learned along the way (any thread)
     clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
+    mirrors: tuple[str, ...] = ()  # static TUF mirrors tried before the coordinator (agent.toml `mirrors`)
+    mirror_ca: Path | None = None  # verifies their certificates; None: the system's trust store
 
     def event(self, a: VerifiedAssignment | None, kind: int, reason: str = "", detail: str = "") -> None:
         self.emit(
@@ -155,7 +161,10 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
         # python-tuf is imported on the first update, not at start: an idle agent does not carry it.
         from edge_agent.tuf_client import download_target, refresh_and_get_targets
 
-        info, (keys_info,) = refresh_and_get_targets(store.tuf_dir, ctx.transport, a.target_path, DIRECTOR_KEYS_TARGET)
+        sources = _sources(ctx, a)
+        info, (keys_info,) = refresh_and_get_targets(
+            store.tuf_dir, ctx.transport, a.target_path, DIRECTOR_KEYS_TARGET, sources=sources
+        )
         if info.length != a.target_length or info.hashes.get("sha256") != a.target_sha256:
             raise UpdateRefused(
                 "assignment and signed targets metadata disagree on the target's length or hash", Reason.TARGET_MISMATCH
@@ -183,7 +192,7 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
                     started = True
                     ctx.step("download_started")
 
-            part = download_target(info, ctx.transport, store.downloads, progress)
+            part = download_target(info, ctx.transport, store.downloads, progress, sources)
             ctx.event(a, pb.EVENT_KIND_VERIFIED)
             ctx.step("download_verified")
             _install(part, slot_path)
@@ -316,8 +325,9 @@ def _learn_director_keys(ctx: UpdateContext) -> bool:
 
     with _LEARNING:
         try:
-            info = refresh_and_get_target(ctx.store.tuf_dir, ctx.transport, DIRECTOR_KEYS_TARGET)
-            part = download_target(info, ctx.transport, ctx.store.downloads)
+            sources = _sources(ctx, None)
+            info = refresh_and_get_target(ctx.store.tuf_dir, ctx.transport, DIRECTOR_KEYS_TARGET, sources)
+            part = download_target(info, ctx.transport, ctx.store.downloads, sources=sources)
             raw = part.read_bytes()
             part.unlink()
             keys = load_director_keys(json.loads(raw))
@@ -333,6 +343,17 @@ def _learn_director_keys(ctx: UpdateContext) -> bool:
             del ctx.director_keys[key_id]
     logger.info("director keys rotated: now trusting %s", ", ".join(k[:16] for k in keys))
     return True
+
+
+def _sources(ctx: UpdateContext, a: VerifiedAssignment | None) -> Sources:
+    """The mirrors, then the coordinator. A mirror that fails or serves what verification refuses is reported as
+    a `failed` event with the usual reason (transient for the rollout: the next source is asked)."""
+    from edge_agent.tuf_client import Sources
+
+    def refused(source: str, e: AgentError) -> None:
+        ctx.event(a, pb.EVENT_KIND_FAILED, e.reason, f"{source}: {e}")
+
+    return Sources(ctx.mirrors, ctx.mirror_ca, refused)
 
 
 def _refuse(ctx: UpdateContext, a: VerifiedAssignment | None, e: UpdateRefused) -> UpdateResult:

@@ -29,6 +29,7 @@ from server.ingest.grpc_service import FleetService, mutual_tls_credentials, sta
 from server.ingest.mqtt_bridge import MqttBridge
 from server.loop.alerts import WebhookSender
 from server.loop.controller import LoopController
+from server.trust.mirror import MirrorError, sync_mirror
 
 __all__ = ["Coordinator", "ServeOptions"]
 
@@ -129,6 +130,8 @@ class Coordinator:
         self.webhooks = WebhookSender(datadir.store, self.rollouts.policy.webhooks)
         self._next_rollout_tick = 0.0
         self._director_mtime = (datadir.keys / "director.pem").stat().st_mtime_ns
+        self.mirror_dirs = [datadir.root / m for m in self.config.mirror_dirs]  # relative: to the data directory
+        self._mirrored_timestamp = -1  # timestamp.json's mtime when the mirrors were last synced
         self.grpc_address = ""  # host:port once serving
         self.public_read = self.config.dashboard_public_read if options.public_read is None else options.public_read
         self.dashboard_url = ""  # http://host:port once serving
@@ -252,6 +255,22 @@ class Coordinator:
         except Exception:  # the loop's failure must not stop rollouts from being judged
             logger.exception("the loop's tick failed; retrying")
 
+    def sync_mirrors(self) -> None:
+        """Re-sync every configured mirror directory when timestamp.json changed (a release, a re-signing): one
+        stat per tick otherwise. A mirror that fails is logged and retried on the next tick."""
+        mtime = (self.repository.metadata_dir / "timestamp.json").stat().st_mtime_ns
+        if mtime == self._mirrored_timestamp:
+            return
+        failed = False
+        for dest in self.mirror_dirs:
+            try:
+                sync_mirror(self.repository, dest)
+            except (MirrorError, OSError) as e:
+                failed = True
+                logger.warning("mirror %s not synced (retrying): %s", dest, e)
+        if not failed:
+            self._mirrored_timestamp = mtime
+
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
         next_expiry_check = 0.0
@@ -263,6 +282,8 @@ class Coordinator:
                     if renewed:
                         logger.info("re-signed %s metadata before expiry", ", ".join(renewed))
                     next_expiry_check = loop.time() + _EXPIRY_CHECK_SECONDS
+                if self.mirror_dirs:
+                    await asyncio.to_thread(self.sync_mirrors)
             except Exception:
                 logger.exception("coordinator tick failed; retrying")
             await asyncio.sleep(self.config.tick_seconds)

@@ -55,6 +55,7 @@ class CoordinatorConfig:
     dashboard_public_read: bool = False  # read-only views without the operator token (actions always need it)
     freshness_hours: float = 24.0  # a device's freshness statement's validity; past it, the device says it is stale
     dashboard_tls: bool = False  # HTTPS with the fleet CA's certificate for tls_hosts (needed beyond loopback)
+    mirror_dirs: tuple[str, ...] = ()  # static mirror directories serve re-syncs on every new timestamp
 
     def to_toml(self) -> str:
         return (
@@ -85,6 +86,9 @@ class CoordinatorConfig:
             "# HTTPS for the dashboard with the fleet CA's certificate for tls_hosts; `serve --tls` turns on both TLS\n"
             "# settings. Plaintext is allowed on loopback only: serve refuses other addresses without TLS.\n"
             f"dashboard_tls = {str(self.dashboard_tls).lower()}\n"
+            "# static mirrors of the update repository (`fedfleet mirror sync DIR`), re-synced by serve on every\n"
+            "# new timestamp; relative paths are relative to the data directory\n"
+            f"mirror_dirs = {json.dumps(list(self.mirror_dirs))}\n"
         )
 
 
@@ -158,8 +162,11 @@ class DataDir:
         unknown = set(raw) - set(known)
         if unknown:
             raise DataDirError(f"{self.config_path}: unknown setting(s) {', '.join(sorted(unknown))}")
-        if "tls_hosts" in raw:
-            raw["tls_hosts"] = tuple(str(h) for h in raw["tls_hosts"])
+        for key in ("tls_hosts", "mirror_dirs"):
+            if key in raw:
+                if not isinstance(raw[key], list):
+                    raise DataDirError(f"{self.config_path}: {key} must be a list of strings")
+                raw[key] = tuple(str(h) for h in raw[key])
         if not isinstance(raw.get("freshness_hours", 1.0), int | float) or not raw.get("freshness_hours", 1.0) > 0:
             raise DataDirError(f"{self.config_path}: freshness_hours must be a positive number of hours")
         return CoordinatorConfig(**raw)
@@ -186,7 +193,7 @@ class DataDir:
                 raise DataDirError(f"{key} must be positive")
         elif isinstance(default, tuple):
             value = tuple(h.strip() for h in text.split(",") if h.strip())
-            if not value:
+            if not value and key != "mirror_dirs":
                 raise DataDirError(f"{key} needs at least one entry (comma-separated)")
         else:
             value = text

@@ -46,6 +46,17 @@ with every broken rule named. No file: the built-in defaults below, which refuse
     secret_env = "FEDFLEET_WEBHOOK_SECRET"     # or secret = "..."; signs the body (X-Fedfleet-Signature)
     max_attempts = 6                           # retried with exponential backoff and jitter
 
+    [retention]                                # how long `fedfleet serve` keeps what devices and training send;
+    telemetry_days = 30                        # 0: keep forever. Never pruned: the audit trail, the privacy
+    events_days = 90                           # ledger, and what a live rollout's gates or a running training
+    incidents_days = 180                       # read (see server/store/retention.py)
+    interval_seconds = 3600                    # how often serve prunes
+    batch_rows = 500                           # rows per transaction (a short write lock each)
+
+    [audit]
+    anchor_seconds = 3600                      # serve signs and exports the audit head this often (0: never);
+                                               # see server/audit.py (DATA/audit-anchors/, webhooks wanting all)
+
 The evidence default comes from benchmarks/drift_false_alarms.py (64 features, 10 bins each, no drift at all):
 P(max PSI > 0.25) is 0.43 at 10 samples per bin, 0.01 at 15, 0.001 at 20 and 0 in 5000 trials at 30.
 """
@@ -69,7 +80,16 @@ from server.loop.kinds import AlertKind
 from server.rollout.metrics import METRICS, SCORE_METRICS
 from server.rollout.spec import Gate, RolloutSpec, RolloutSpecError, parse_gate
 
-__all__ = ["DRIFT_METRICS", "RETRAIN_ACTIONS", "Policy", "PolicyError", "PolicyViolation", "Webhook", "load_policy"]
+__all__ = [
+    "DRIFT_METRICS",
+    "RETRAIN_ACTIONS",
+    "Policy",
+    "PolicyError",
+    "PolicyViolation",
+    "Retention",
+    "Webhook",
+    "load_policy",
+]
 
 
 class PolicyError(CoordinatorError):
@@ -93,6 +113,18 @@ class Webhook:
 
     def wants(self, kind: str) -> bool:
         return not self.events or kind in self.events
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Days each kind of record is kept (0: forever), and how serve prunes: every `interval_seconds`, at most
+    `batch_rows` rows per transaction."""
+
+    telemetry_days: float = 30.0
+    events_days: float = 90.0
+    incidents_days: float = 180.0
+    interval_seconds: float = 3600.0
+    batch_rows: int = 500
 
 
 @dataclass(frozen=True)
@@ -124,6 +156,8 @@ class Policy:
     alerts_privacy_budget_fraction: float = 0.8
     alerts_silent_after_seconds: float = 600.0
     webhooks: tuple[Webhook, ...] = ()
+    retention: Retention = Retention()
+    audit_anchor_seconds: float = 3600.0
 
     def release_violations(self, length: int, custom: Mapping[str, Any]) -> list[str]:
         rules: list[str] = []
@@ -187,6 +221,8 @@ _SECTIONS = {
         "rollout_spec",
     },
     "alerts": {"privacy_budget_fraction", "silent_after_seconds", "webhooks"},
+    "retention": {"telemetry_days", "events_days", "incidents_days", "interval_seconds", "batch_rows"},
+    "audit": {"anchor_seconds"},
 }
 _WEBHOOK_KEYS = {"url", "events", "secret", "secret_env", "max_attempts"}
 RETRAIN_ACTIONS = ("off", "alert", "review", "retrain")
@@ -295,10 +331,33 @@ def load_policy(path: Path) -> Policy:
             alerts_privacy_budget_fraction=fraction,
             alerts_silent_after_seconds=numbers["alerts.silent_after_seconds"],
             webhooks=tuple(_webhook(path, i, w) for i, w in enumerate(alerts.get("webhooks", ()))),
+            retention=_retention(path, doc.get("retention", {})),
+            audit_anchor_seconds=_seconds(path, "audit.anchor_seconds", doc.get("audit", {}), "anchor_seconds", 3600),
         )
     except (TypeError, ValueError, RolloutSpecError) as e:
         raise PolicyError(f"policy {path}: {e}") from e
     return policy
+
+
+def _seconds(path: Path, name: str, table: Mapping[str, Any], key: str, default: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value >= 0):
+        raise PolicyError(f"policy {path}: {name} must be a non-negative number, not {value!r}")
+    return float(value)
+
+
+def _retention(path: Path, table: Mapping[str, Any]) -> Retention:
+    days = {
+        k: _seconds(path, f"retention.{k}", table, k, d)
+        for k, d in (("telemetry_days", 30), ("events_days", 90), ("incidents_days", 180))
+    }
+    interval = _seconds(path, "retention.interval_seconds", table, "interval_seconds", 3600)
+    if interval < 1:
+        raise PolicyError(f"policy {path}: retention.interval_seconds must be at least 1")
+    batch = table.get("batch_rows", 500)
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 10_000:
+        raise PolicyError(f"policy {path}: retention.batch_rows must be a whole number from 1 to 10000")
+    return Retention(days["telemetry_days"], days["events_days"], days["incidents_days"], interval, batch)
 
 
 def _webhook(path: Path, index: int, doc: Any) -> Webhook:

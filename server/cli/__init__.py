@@ -41,6 +41,7 @@ from server.cli.flower import flower_app
 from server.cli.freshness import devices_behind
 from server.cli.keys import OfflineKeysOption, keys_app
 from server.cli.loop import alerts_app, loop_app
+from server.cli.mirror import mirror_app
 from server.cli.rollout import audit_app, rollout_app
 from server.cli.status import status
 from server.cli.train import models_app, privacy_app, train
@@ -79,6 +80,7 @@ app.add_typer(privacy_app, name="privacy")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(loop_app, name="loop")
 app.add_typer(config_app, name="config")
+app.add_typer(mirror_app, name="mirror")
 app.command()(status)
 app.add_typer(flower_app, name="flower")
 app.command()(train)

@@ -264,9 +264,21 @@ def audit_list(
 
 
 @audit_app.command("verify")
-def audit_verify(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
-    """Check the hash chain; names every edited or deleted entry. Exit 1 if the trail was tampered with."""
-    with open_datadir(data_dir).store() as store:
+def audit_verify(
+    against: Annotated[
+        Path | None,
+        typer.Option("--against", help="Also check the trail reaches this export of `audit anchor` (signed head)."),
+    ] = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """Check the hash chain; names every edited or deleted entry. Exit 1 if the trail was tampered with. With
+    --against, also exit 1 when the database is behind the export (restored from an older copy, cut at its tail),
+    holds another entry at its sequence, or the export's signature is not this coordinator's."""
+    d = open_datadir(data_dir)
+    with d.store() as store:
+        if against is not None:
+            audit.check_anchor(store, audit.read_anchor(against), audit.anchor_public_key(d.keys))
         checked, problems = audit.verify(store)
     if as_json:
         print_json({"entries": checked, "intact": not problems, "problems": [p.__dict__ for p in problems]})

@@ -45,6 +45,11 @@ class AuditRecords:
         sql = "SELECT * FROM audit" + (" WHERE action = ?" if action else "") + " ORDER BY seq DESC LIMIT ?"
         return list(self.store.db.query(sql, ([action] if action else []) + [limit]))
 
+    def entry(self, seq: int) -> dict[str, Any] | None:
+        """One entry by its sequence number (None: there is none)."""
+        rows = list(self.store.db.query("SELECT * FROM audit WHERE seq = ?", [seq]))
+        return rows[0] if rows else None
+
     def in_order(self) -> Iterator[dict[str, Any]]:
         """Every entry, oldest first."""
         return self.store.db.query("SELECT * FROM audit ORDER BY seq")

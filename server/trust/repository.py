@@ -253,9 +253,10 @@ class Repository:
         signed.version += 1
         signed.expires = _now() + self.expiry.of(signed.type)
 
-    def _write_snapshot_and_timestamp(self, roles: dict[str, int] | None = None) -> None:
-        """New snapshot over the latest targets and the delegated roles' versions (those in `roles` changed, the
-        others are as the previous snapshot has them), new timestamp over that snapshot."""
+    def _write_snapshot_and_timestamp(self, roles: dict[str, int] | None = None, removed: tuple[str, ...] = ()) -> None:
+        """New snapshot over the latest targets and the delegated roles' versions (those in `roles` changed, those
+        in `removed` are gone, the others are as the previous snapshot has them), new timestamp over that
+        snapshot."""
         targets_version = self._latest_version(Targets.type)
         try:
             snapshot: Metadata[Snapshot] = self._load(Snapshot.type)
@@ -265,6 +266,8 @@ class Repository:
         snapshot.signed.meta["targets.json"] = MetaFile(version=targets_version)
         for role, version in (roles or {}).items():
             snapshot.signed.meta[f"{role}.json"] = MetaFile(version=version)
+        for role in removed:
+            snapshot.signed.meta.pop(f"{role}.json", None)
         self._write(snapshot, [self._signer(Snapshot.type)])
         try:
             timestamp: Metadata[Timestamp] = self._load(Timestamp.type)
@@ -322,6 +325,57 @@ class Repository:
             self._write(Metadata(release), [signer], role)
             self._write_snapshot_and_timestamp({role: version})
             return new
+
+    def remove_target(self, target_path: str) -> list[Path]:
+        """Take a release's target out of the repository: targets no longer delegates its role (or, for a target
+        of the top-level role, no longer lists it), a new snapshot no longer names the role, a new timestamp names
+        that snapshot, all signed as usual; then the role's metadata files and the target's bytes are deleted.
+        Returns the files deleted. A target the repository does not hold changes nothing (an interrupted removal
+        is finished by the next: the metadata goes first, the files after)."""
+        with self._lock():
+            targets: Metadata[Targets] = self._load(Targets.type)
+            role = release_role(target_path)
+            delegations = targets.signed.delegations
+            roles = delegations.roles if delegations is not None else None
+            info: TargetFile | None = None
+            removed_roles: tuple[str, ...] = ()
+            if roles is not None and role in roles:
+                meta = self._load(Snapshot.type).signed.meta.get(f"{role}.json")
+                if meta is not None:
+                    info = self._load(role, meta.version).signed.targets.get(target_path)
+                del roles[role]
+                if not roles:  # no release left: targets delegates nothing
+                    targets.signed.delegations = None
+                removed_roles = (role,)
+            elif target_path in targets.signed.targets:
+                info = targets.signed.targets.pop(target_path)
+            if removed_roles or info is not None:
+                self._bump(targets.signed)
+                self._write(targets, [self._signer(Targets.type)])
+                self._write_snapshot_and_timestamp(removed=removed_roles)
+            deleted = sorted(self.metadata_dir.glob(f"*.{role}.json"))
+            directory, sep, base = target_path.rpartition("/")
+            if info is not None:
+                deleted.append(self.targets_dir / f"{directory}{sep}{info.hashes['sha256']}.{base}")
+            else:  # finishing an interrupted removal: whatever bytes are left under the path
+                deleted += list((self.targets_dir / directory).glob(f"*.{base}")) if directory else []
+            gone = []
+            for path in deleted:
+                if path.is_file():
+                    path.unlink()
+                    gone.append(path)
+            self._role_expiry = {k: v for k, v in self._role_expiry.items() if k[0] != role}
+            parent = (self.targets_dir / directory) if directory else None
+            while parent is not None and parent != self.targets_dir and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+            return gone
+
+    def holds_target(self, target_path: str) -> bool:
+        """Whether targets lists the target or delegates its release role."""
+        targets: Targets = self._load(Targets.type).signed
+        roles = targets.delegations.roles if targets.delegations is not None else None
+        return target_path in targets.targets or (roles is not None and release_role(target_path) in roles)
 
     def refresh_expiring(self, now: datetime | None = None) -> list[str]:
         """Re-sign online roles that are past half their validity; returns the roles re-signed."""

@@ -26,6 +26,7 @@ from rich.table import Table
 from edge_agent.contract import device_id_is_valid
 from edge_agent.contract.arrays import encode_array
 from server import __version__, audit
+from server.cli.anchor import audit_anchor
 from server.cli.common import (
     DEFAULT_DATA_DIR,
     DataDirOption,
@@ -42,6 +43,7 @@ from server.cli.freshness import devices_behind
 from server.cli.keys import OfflineKeysOption, keys_app
 from server.cli.loop import alerts_app, loop_app
 from server.cli.mirror import mirror_app
+from server.cli.retention import retention_app
 from server.cli.rollout import audit_app, rollout_app
 from server.cli.status import status
 from server.cli.train import models_app, privacy_app, train
@@ -80,6 +82,8 @@ app.add_typer(privacy_app, name="privacy")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(loop_app, name="loop")
 app.add_typer(config_app, name="config")
+app.add_typer(retention_app, name="retention")
+audit_app.command("anchor")(audit_anchor)
 app.add_typer(mirror_app, name="mirror")
 app.command()(status)
 app.add_typer(flower_app, name="flower")

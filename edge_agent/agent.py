@@ -44,6 +44,7 @@ from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.contract.drift import DriftReference
 from edge_agent.contract.mqtt_session import jittered, keep_session, publish, raise_lost_cancel
 from edge_agent.contract.reasons import Reason
+from edge_agent.contract.schema import InputSchema
 from edge_agent.contract.windows import ClosedWindow
 from edge_agent.errors import AgentError, AssignmentError, InterpreterError
 from edge_agent.outbox import Outbox
@@ -189,8 +190,14 @@ class Agent:
         except ValueError as e:
             logger.warning("release %s has an unusable drift reference (%s); counting without it", release_id, e)
             reference = DriftReference.empty(n_classes)
+        schema_doc = (info.custom.get("schema") or {}).get("input") if info else None
+        try:
+            schema = InputSchema.from_metadata(schema_doc) if schema_doc else None
+        except ValueError as e:
+            logger.warning("release %s has an unusable input schema (%s); inputs go unchecked", release_id, e)
+            schema = None
         with self._serving:
-            self.recorder.switch(release_id, reference)
+            self.recorder.switch(release_id, reference, schema)
             self.model, self._model_release = model, release_id
 
     def _window_closed(self, window: ClosedWindow) -> None:
@@ -292,7 +299,11 @@ class Agent:
         while True:
             try:
                 response = await asyncio.to_thread(
-                    self._transport.register, self.config.fleet, self.config.labels, self.interpreter
+                    self._transport.register,
+                    self.config.fleet,
+                    self.config.labels,
+                    self.interpreter,
+                    self.config.consent_training,
                 )
             except AgentError as e:
                 logger.warning("registration failed, retrying within %.0f s: %s", delay, e)

@@ -18,6 +18,8 @@ tls_key = "device-key.pem"
 #                                         # system's trust store (a public CDN)
 [labels]
 site = "kitchen"
+[consent]                                 # the device owner's choices, reported when the agent registers
+training = false                          # train on this device's data (federated rounds); absent: no consent
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class AgentConfig:
     allow_plaintext: bool = False  # lab only: plaintext to a coordinator or broker beyond loopback
     mirrors: tuple[str, ...] = ()  # static TUF mirrors' base URLs (ending in "/"), tried before the coordinator
     mirror_ca: Path | None = None  # the CA file that verifies the mirrors' certificates; None: the system's store
+    consent_training: bool | None = None  # [consent] training; None: the owner stated nothing (no consent)
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,12 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
     allow_plaintext = raw.get("allow_plaintext", False)
     if not isinstance(allow_plaintext, bool):
         raise ConfigError("allow_plaintext must be true or false")
+    consent = raw.get("consent", {})
+    if not isinstance(consent, dict) or set(consent) - {"training"}:
+        raise ConfigError("[consent] is a table with one setting: training = true or false")
+    consent_training = consent.get("training")
+    if consent_training is not None and not isinstance(consent_training, bool):
+        raise ConfigError("[consent] training must be true or false")
     grpc_target = str(raw["grpc_target"])
     plaintext = [
         what
@@ -190,6 +199,7 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
         grpc_tls=grpc_tls,
         tls=tls,
         allow_plaintext=allow_plaintext,
+        consent_training=consent_training,
         mirrors=mirrors,
         mirror_ca=mirror_ca,
     )

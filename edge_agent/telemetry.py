@@ -3,6 +3,10 @@
 A window belongs to exactly one release: a model swap closes the current window, so the old release's
 statistics never mix with the new one's. A window also closes after `every_inferences` inferences or
 `every_seconds` seconds, whichever comes first.
+
+Data quality: when the release carries an input schema with valid ranges (edge_agent/contract/schema.py), every
+input is checked against it as it is folded into the window, and the window counts the inputs checked, the
+non-finite ones and the ones out of range. Nothing is refused here: the input was already served.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.contract.drift import DriftReference, WindowCounts
+from edge_agent.contract.schema import InputSchema
 from edge_agent.contract.windows import ClosedWindow
 
 __all__ = ["TelemetryRecorder"]
@@ -45,6 +50,7 @@ class TelemetryRecorder:
         self.lock = threading.RLock()
         self._release: str | None = None  # none before the first switch: no record_one matches
         self._reference: DriftReference | None = None
+        self._schema: InputSchema | None = None
         self._counts: WindowCounts | None = None
         self._start = 0.0
         # Inferences not yet folded into the counts, each input and output as the bytes of its array (tobytes is
@@ -55,11 +61,12 @@ class TelemetryRecorder:
         self._layout: tuple[np.dtype[Any], int, np.dtype[Any], int] | None = None
         self._fold_at = _BATCH  # fold when this many are pending (fewer when the window is nearly full)
 
-    def switch(self, release_id: str, reference: DriftReference) -> None:
-        """A new model is active: close the old release's window, start counting for the new one."""
+    def switch(self, release_id: str, reference: DriftReference, schema: InputSchema | None = None) -> None:
+        """A new model is active: close the old release's window, start counting for the new one (and checking
+        its inputs against `schema`, when the release has one)."""
         with self.lock:
             self._close_locked()
-            self._release, self._reference = release_id, reference
+            self._release, self._reference, self._schema = release_id, reference, schema
             self._counts, self._start = WindowCounts.empty(reference), self._clock()
             self._fold_at = min(_BATCH, self.every_inferences)
 
@@ -96,6 +103,8 @@ class TelemetryRecorder:
                 return
             self._flush_locked()
             self._counts.add(self._reference, inputs, probabilities, latencies_ms)
+            batch = np.asarray(inputs)
+            self._check_locked(batch.reshape(len(batch), -1))
             self._counts.errors += errors
             if self._counts.inferences >= self.every_inferences:
                 self._close_locked()
@@ -135,8 +144,18 @@ class TelemetryRecorder:
             x = np.frombuffer(b"".join(xs), x_dtype).reshape(n, x_size // x_dtype.itemsize)
             p = np.frombuffer(b"".join(ps), p_dtype).reshape(n, p_size // p_dtype.itemsize)
             self._counts.add(self._reference, x, p, np.array(latencies))
+            self._check_locked(x)
         if self._counts is not None:
             self._fold_at = max(1, min(_BATCH, self.every_inferences - self._counts.inferences))
+
+    def _check_locked(self, x: np.ndarray) -> None:
+        """Count the batch's inputs that break the release's input schema (none checked without one)."""
+        if self._schema is None or self._counts is None or not len(x):
+            return
+        nonfinite, out_of_range = self._schema.violations(x)
+        self._counts.inputs_checked += len(x)
+        self._counts.inputs_nonfinite += nonfinite
+        self._counts.inputs_out_of_range += out_of_range
 
     def _close_locked(self) -> None:
         if self._counts is None or self._reference is None or self._release is None:

@@ -77,7 +77,10 @@ class GrpcTransport:
     def close(self) -> None:
         self._channel.close()
 
-    def register(self, fleet: str, labels: Mapping[str, str], interpreter: str) -> pb.RegisterResponse:
+    def register(
+        self, fleet: str, labels: Mapping[str, str], interpreter: str, consent_training: bool | None = None
+    ) -> pb.RegisterResponse:
+        """Register; `consent_training` is the owner's consent as agent.toml states it (None: not stated)."""
         request = pb.RegisterRequest(
             device_id=self.device_id,
             fleet=fleet,
@@ -85,6 +88,8 @@ class GrpcTransport:
             hardware=hardware_facts(interpreter),
             agent_version=__version__,
         )
+        if consent_training is not None:
+            request.consent_training = consent_training
         try:
             response: pb.RegisterResponse = self._stub.Register(request, timeout=self.timeout)
         except grpc.RpcError as e:

@@ -32,6 +32,7 @@ from server.store import Store
 from server.trust.director import Director
 from server.trust.pki import CA_ROOT_KEY, COORDINATOR_IDENTITY, FleetCA
 from server.trust.repository import Repository
+from server.users import Users
 
 __all__ = ["DEFAULT_DATA_DIR", "ENV_DATA_DIR", "CoordinatorConfig", "DataDir"]
 
@@ -228,11 +229,23 @@ class DataDir:
         ca.ensure_files(store, COORDINATOR_IDENTITY, "coordinator", (), *self.tls_files("coordinator"))
 
     def operator_token(self, rotate: bool = False) -> str:
-        """The dashboard's operator token (keys/operator.token, created on first use; `rotate`: a new one)."""
+        """The operator token (keys/operator.token, created on first use; `rotate`: a new one), held by the admin
+        user `operator`: it keeps working for set-ups from before users and roles."""
         path = self.require().keys / "operator.token"
         if rotate or not path.is_file():
             atomic_write_bytes(path, secrets.token_urlsafe(32).encode())  # mkstemp: 0600
-        return path.read_text().strip()
+        token = path.read_text().strip()
+        with self.store() as store:  # the token signs in as the admin user `operator` (server/users.py)
+            Users(store).adopt_operator(token, rotated=rotate)
+        return token
+
+    def users(self, store: Store) -> Users:
+        """The users of this data directory, the `operator` admin among them once its token exists."""
+        path = self.keys / "operator.token"
+        users = Users(store)
+        if path.is_file():
+            users.adopt_operator(path.read_text().strip())
+        return users
 
     def policy(self) -> Policy:
         return load_policy(self.root / self.config().policy)

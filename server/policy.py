@@ -37,6 +37,15 @@ with every broken rule named. No file: the built-in defaults below, which refuse
     rollout_spec = ""                          # a rollout spec file (see server/rollout/spec.py) for the
                                                # retrained release; "": defaults and the policy's default gates
 
+    [consent]
+    require_consent = true                     # train only on devices whose recorded consent says yes (agent.toml
+                                               # [consent] training, reported at registration); false: devices
+                                               # that stated nothing take part too. A "no" is always honoured.
+
+    [data_quality]                             # checks against each release's input schema, on the device
+    stale_after_seconds = 3600                 # a device with no inference this long has stale data
+    max_invalid_input_rate = 0.01              # alert when a fleet's inputs break the schema more often
+
     [alerts]
     privacy_budget_fraction = 0.8              # alert when a device has spent this much of its lifetime ε
     silent_after_seconds = 600                 # alert when devices of a fleet have not been heard this long
@@ -153,6 +162,9 @@ class Policy:
     retrain_exact_reference: bool = False
     retrain_data_source: str = ""
     retrain_rollout_spec: str = ""
+    require_consent: bool = False
+    data_stale_after_seconds: float = 3600.0
+    data_max_invalid_input_rate: float = 0.01
     alerts_privacy_budget_fraction: float = 0.8
     alerts_silent_after_seconds: float = 600.0
     webhooks: tuple[Webhook, ...] = ()
@@ -220,6 +232,8 @@ _SECTIONS = {
         "data_source",
         "rollout_spec",
     },
+    "consent": {"require_consent"},
+    "data_quality": {"stale_after_seconds", "max_invalid_input_rate"},
     "alerts": {"privacy_budget_fraction", "silent_after_seconds", "webhooks"},
     "retention": {"telemetry_days", "events_days", "incidents_days", "interval_seconds", "batch_rows"},
     "audit": {"anchor_seconds"},
@@ -257,6 +271,7 @@ def load_policy(path: Path) -> Policy:
         raise PolicyError(f"policy {path}: " + "; ".join(problems))
     release, rollout, retrain = doc.get("release", {}), doc.get("rollout", {}), doc.get("retrain", {})
     alerts = doc.get("alerts", {})
+    consent, quality = doc.get("consent", {}), doc.get("data_quality", {})
     try:
         on_drift, drift_metric = str(retrain.get("on_drift", "off")), str(retrain.get("metric", "input_max_psi"))
         if on_drift not in RETRAIN_ACTIONS or drift_metric not in DRIFT_METRICS:
@@ -288,11 +303,15 @@ def load_policy(path: Path) -> Policy:
             "retrain.cooldown_seconds": float(retrain.get("cooldown_seconds", 600.0)),
             "retrain.target_epsilon": float(retrain.get("target_epsilon", 3.0)),
             "alerts.silent_after_seconds": float(alerts.get("silent_after_seconds", 600.0)),
+            "data_quality.stale_after_seconds": float(quality.get("stale_after_seconds", 3600.0)),
         }
         bad = [k for k, v in numbers.items() if not (math.isfinite(v) and v >= 0)]
         fraction = float(alerts.get("privacy_budget_fraction", 0.8))
         if not 0 < fraction <= 1:
             bad.append("alerts.privacy_budget_fraction (a fraction in (0, 1])")
+        invalid_rate = float(quality.get("max_invalid_input_rate", 0.01))
+        if not 0 <= invalid_rate <= 1:
+            bad.append("data_quality.max_invalid_input_rate (a fraction in [0, 1])")
         for name, value in (
             ("retrain.min_devices", retrain.get("min_devices", 2)),
             ("retrain.min_samples_per_bin", retrain.get("min_samples_per_bin", 30)),
@@ -328,6 +347,9 @@ def load_policy(path: Path) -> Policy:
             retrain_exact_reference=_bool(retrain, "exact_reference"),
             retrain_data_source=str(retrain.get("data_source", "")),
             retrain_rollout_spec=str(retrain.get("rollout_spec", "")),
+            require_consent=_bool(consent, "require_consent"),
+            data_stale_after_seconds=numbers["data_quality.stale_after_seconds"],
+            data_max_invalid_input_rate=invalid_rate,
             alerts_privacy_budget_fraction=fraction,
             alerts_silent_after_seconds=numbers["alerts.silent_after_seconds"],
             webhooks=tuple(_webhook(path, i, w) for i, w in enumerate(alerts.get("webhooks", ()))),

@@ -264,6 +264,11 @@ class WindowCounts:
     latency_max_ms: float = 0.0
     inferences: int = 0
     errors: int = 0
+    # Data quality against the release's input schema (edge_agent/contract/schema.py): inputs checked, and of those
+    # the non-finite ones and the (finite) ones outside the valid range. Zero checked: no schema to check against.
+    inputs_checked: int = 0
+    inputs_nonfinite: int = 0
+    inputs_out_of_range: int = 0
 
     @classmethod
     def empty(cls, reference: DriftReference) -> WindowCounts:
@@ -338,6 +343,9 @@ class WindowCounts:
             latency_max_ms=max(self.latency_max_ms, other.latency_max_ms),
             inferences=self.inferences + other.inferences,
             errors=self.errors + other.errors,
+            inputs_checked=self.inputs_checked + other.inputs_checked,
+            inputs_nonfinite=self.inputs_nonfinite + other.inputs_nonfinite,
+            inputs_out_of_range=self.inputs_out_of_range + other.inputs_out_of_range,
         )
 
 

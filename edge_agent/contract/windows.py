@@ -46,6 +46,9 @@ def window_to_proto(
         latency_counts=c.latency_counts.tolist(),
         entropy_sum=c.entropy_sum,
         latency_max_ms=c.latency_max_ms,
+        inputs_checked=c.inputs_checked,
+        inputs_nonfinite=c.inputs_nonfinite,
+        inputs_out_of_range=c.inputs_out_of_range,
     )
 
 
@@ -69,6 +72,9 @@ def counts_from_proto(m: pb.TelemetryWindow) -> WindowCounts:
     ]
     if any(a.size and a.max() > _MAX_COUNT for a in arrays) or m.inferences > _MAX_COUNT or m.errors > _MAX_COUNT:
         raise ValueError("counts are absurdly large")
+    # An older agent sends no data-quality counts (all 0: nothing checked), which stays consistent.
+    if m.inputs_checked > m.inferences or m.inputs_nonfinite + m.inputs_out_of_range > m.inputs_checked:
+        raise ValueError("inputs checked against the schema exceed the inferences, or those breaking it the checked")
     feature_bins, nan, out_of_range, score, classes, latency = (a.astype(np.int64) for a in arrays)
     if not (
         np.isfinite(m.entropy_sum) and m.entropy_sum >= 0 and np.isfinite(m.latency_max_ms) and m.latency_max_ms >= 0
@@ -91,4 +97,7 @@ def counts_from_proto(m: pb.TelemetryWindow) -> WindowCounts:
         latency_max_ms=m.latency_max_ms,
         inferences=m.inferences,
         errors=m.errors,
+        inputs_checked=m.inputs_checked,
+        inputs_nonfinite=m.inputs_nonfinite,
+        inputs_out_of_range=m.inputs_out_of_range,
     )

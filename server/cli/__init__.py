@@ -12,21 +12,17 @@ import contextlib
 import datetime as dt
 import faulthandler
 import importlib.metadata
-import json
 import logging
 import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 from rich.table import Table
 
 from edge_agent.contract import device_id_is_valid
-from edge_agent.contract.arrays import encode_array
 from server import __version__, audit
-from server.cli.anchor import audit_anchor
 from server.cli.common import (
     DEFAULT_DATA_DIR,
     DataDirOption,
@@ -38,15 +34,18 @@ from server.cli.common import (
     print_json,
 )
 from server.cli.config import config_app
+from server.cli.context import ENV_CA, ENV_CONTEXT, ENV_SERVER, context_app
 from server.cli.flower import flower_app
 from server.cli.freshness import devices_behind
 from server.cli.keys import OfflineKeysOption, keys_app
 from server.cli.loop import alerts_app, loop_app
 from server.cli.mirror import mirror_app
-from server.cli.retention import retention_app
+from server.cli.release_inputs import read_card, read_probe, release_remotely
+from server.cli.remote import connect, is_remote
 from server.cli.rollout import audit_app, rollout_app
 from server.cli.status import status
 from server.cli.train import models_app, privacy_app, train
+from server.cli.users import users_app
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.ingest.telemetry import pool
@@ -82,8 +81,8 @@ app.add_typer(privacy_app, name="privacy")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(loop_app, name="loop")
 app.add_typer(config_app, name="config")
-app.add_typer(retention_app, name="retention")
-audit_app.command("anchor")(audit_anchor)
+app.add_typer(users_app, name="users")
+app.add_typer(context_app, name="context")
 app.add_typer(mirror_app, name="mirror")
 app.command()(status)
 app.add_typer(flower_app, name="flower")
@@ -187,7 +186,11 @@ def release(
 ) -> None:
     """Publish a signed release. From a model version: export to TFLite (litert-torch), check parity with PyTorch
     in the agent's interpreter, attach the federated drift reference, a held-out probe set and the model card.
-    From a file: check it runs. Either way the policy is checked and the release signed as a TUF target."""
+    From a file: check it runs. Either way the policy is checked and the release signed as a TUF target. Against a
+    remote coordinator (--server, a context) a file is uploaded and checked there."""
+    if is_remote():
+        release_remotely(target, name, version, probe, card, as_json)
+        return
     d = open_datadir(data_dir)
     path = Path(target)
     if path.is_file():
@@ -234,27 +237,10 @@ def release(
 
 def _release_file(d: DataDir, model_file: Path, name: str, version: str, probe: Path | None, card: Path | None) -> Any:
     extra: dict[str, Any] = {}
-    if card is not None:
-        try:
-            extra["model_card"] = json.loads(card.read_text())
-        except (OSError, ValueError) as e:
-            raise CoordinatorError(f"model card {card} must be a readable JSON object ({e})") from e
-        if not isinstance(extra["model_card"], dict):
-            raise CoordinatorError(f"model card {card} must be a JSON object")
-    probe_doc = None
-    if probe is not None:
-        try:
-            with np.load(probe) as npz:
-                probe_doc = {
-                    "inputs": encode_array(npz["inputs"].astype(np.float32)),
-                    "outputs": encode_array(npz["outputs"].astype(np.float32)),
-                    "atol": "1e-4",
-                    "source": probe.name,
-                }
-        except (OSError, KeyError, ValueError) as e:
-            raise CoordinatorError(
-                f"probe file {probe} must be an .npz with arrays 'inputs' and 'outputs' ({e})"
-            ) from e
+    model_card = read_card(card)
+    if model_card is not None:
+        extra["model_card"] = model_card
+    probe_doc = read_probe(probe)
     with d.store() as store:
         return publish_release(
             d.repository(), store, model_file.read_bytes(), name, version, probe_doc, extra, d.policy()
@@ -299,34 +285,12 @@ def assign(
     if fleet is not None and len(args) != 1:
         raise CoordinatorError("with --fleet give only the RELEASE")
     *device, release_id = args
-    d = open_datadir(data_dir)
-    with d.store() as store:
-        rel = store.release(release_id)
-        targets = device or store.device_ids(str(fleet))
-        if not targets:
-            raise CoordinatorError(f"fleet {fleet!r} has no registered devices; agents register when they start")
-        issued = d.director().assign(store, targets, rel)
+    with connect(data_dir) as fleet_api:
+        doc = fleet_api.assign(release_id, device, fleet)
     if as_json:
-        print_json({"release": rel.id, "assignments": [{"device": a.device_id, "counter": a.counter} for a in issued]})
+        print_json(doc)
     else:
-        out.print(f"Assigned {rel.id} to {len(issued)} device(s).")
-
-
-def _device_doc(row: dict[str, Any], assigned: str) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "fleet": row["fleet"],
-        "labels": row["labels"],
-        "online": row["online"],
-        "assigned_release": assigned or None,
-        "running_release": row["running_release"] or None,
-        "running_counter": row["running_counter"],
-        "update_state": row["update_state"] or None,
-        "last_event": row["last_event"] or None,
-        "last_error": row["last_error"] or None,
-        "last_seen": row["last_seen"],
-        "stale": row["stale"],
-    }
+        out.print(f"Assigned {doc['release']} to {len(doc['assignments'])} device(s).")
 
 
 @devices_app.command("list")
@@ -336,9 +300,8 @@ def devices_list(
     as_json: JsonOption = False,
 ) -> None:
     """Each device: fleet, labels, online state, assigned and running release, last event."""
-    store = open_datadir(data_dir).store()
-    docs = [_device_doc(r, store.assignment_of(r["id"])) for r in store.devices(fleet)]
-    store.close()
+    with connect(data_dir) as fleet_api:
+        docs = fleet_api.devices(fleet)
     if as_json:
         print_json(docs)
         return
@@ -364,14 +327,8 @@ def devices_show(
     as_json: JsonOption = False,
 ) -> None:
     """One device with its hardware and its latest update events."""
-    with open_datadir(data_dir).store() as store:
-        row = store.device(device_id)
-        doc = {
-            **_device_doc(row, store.assignment_of(device_id)),
-            "hardware": row["hardware"],
-            "agent_version": row["agent_version"],
-            "events": store.events(device_id, limit=20),
-        }
+    with connect(data_dir) as fleet:
+        doc = fleet.device(device_id)
     if as_json:
         print_json(doc)
         return
@@ -558,6 +515,26 @@ def _version_option(value: bool) -> None:
 
 @app.callback()
 def _options(
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            envvar=ENV_SERVER,
+            help="Run against this coordinator's API (https://host:port) instead of a data directory; with "
+            "--token-file or FEDFLEET_TOKEN.",
+        ),
+    ] = None,
+    context: Annotated[
+        str | None,
+        typer.Option("--context", envvar=ENV_CONTEXT, help="Run against this named coordinator (`fedfleet context`)."),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option("--token-file", help="With --server: a file holding your token.")
+    ] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option("--ca", envvar=ENV_CA, help="The fleet CA's certificate that the coordinator's HTTPS must match."),
+    ] = None,
     show_version: Annotated[
         bool,
         typer.Option("--version", help="Print the fedfleet version and exit.", is_eager=True, callback=_version_option),

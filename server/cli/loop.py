@@ -9,10 +9,11 @@ from typing import Annotated, Any
 import typer
 
 from server.cli.common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, open_datadir, out, print_json, print_rows
+from server.cli.remote import connect
 from server.loop.alerts import Alerts
 from server.loop.kinds import AlertState
 from server.loop.retrain import answer_proposal
-from server.store.loop import AlarmRecords, AlertRecords, DeliveryRecords, JobRecords
+from server.store.loop import AlarmRecords, JobRecords
 
 __all__ = ["alerts_app", "loop_app"]
 
@@ -41,14 +42,8 @@ def alerts_list(
     as_json: JsonOption = False,
 ) -> None:
     """Alerts, newest first, with their state and webhook deliveries."""
-    store = open_datadir(data_dir).store()
-    try:
-        rows = AlertRecords(store).recent(str(state) if state else None, limit)
-        deliveries = DeliveryRecords(store)
-        for r in rows:
-            r["deliveries"] = deliveries.recent(r["id"])
-    finally:
-        store.close()
+    with connect(data_dir) as fleet:
+        rows = fleet.alerts(str(state) if state else None, limit)
 
     def cells(r: dict[str, Any]) -> list[str]:
         sent = sum(1 for x in r["deliveries"] if x["state"] == "delivered")
@@ -65,11 +60,8 @@ def alerts_ack(
     as_json: JsonOption = False,
 ) -> None:
     """Acknowledge an open alert: a person has seen it. It stays until its cause is gone."""
-    store = open_datadir(data_dir).store()
-    try:
-        alert = Alerts(store).acknowledge(alert_id, ACTOR)
-    finally:
-        store.close()
+    with connect(data_dir) as fleet:
+        alert = fleet.alert_ack(alert_id)
     if as_json:
         print_json(alert)
     else:

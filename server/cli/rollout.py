@@ -18,6 +18,7 @@ from rich.table import Table
 
 from server import audit
 from server.cli.common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, open_datadir, out, parse_labels, print_json
+from server.cli.remote import connect
 from server.errors import CoordinatorError
 from server.rollout.engine import ACTIVE, Phase
 from server.rollout.spec import OnFail, load_spec, parse_gate
@@ -99,11 +100,9 @@ def rollout_start(
         min_devices=min_devices,
         gate_window_seconds=gate_window,
     )
-    d = open_datadir(data_dir)
-    with d.store() as store:
-        rollouts = d.rollouts(store)
-        rollout_id = rollouts.start(spec)
-        status = rollouts.status(rollout_id)
+    with connect(data_dir) as coordinator:
+        status = coordinator.rollout_start(spec)
+    rollout_id = status["id"]
     if as_json and not follow:
         print_json(status)
         return
@@ -135,9 +134,8 @@ def rollout_status(
 
 
 def _status(data_dir: Path, rollout_id: str) -> dict[str, Any]:
-    d = open_datadir(data_dir)
-    with d.store() as store:
-        return d.rollouts(store).status(rollout_id)
+    with connect(data_dir) as fleet:
+        return fleet.rollout_status(rollout_id)
 
 
 def _follow(data_dir: Path, rollout_id: str, as_json: bool) -> None:
@@ -183,13 +181,12 @@ def _render(status: dict[str, Any]) -> Group:
 
 
 def _act(action: str, rollout_id: str, data_dir: Path, as_json: bool) -> None:
-    d = open_datadir(data_dir)
-    with d.store() as store:
-        step = d.rollouts(store).act(rollout_id, action)
+    with connect(data_dir) as fleet:
+        step = fleet.rollout_act(rollout_id, action)
     if as_json:
-        print_json({"rollout": rollout_id, "phase": str(step.state.phase), "decision": step.decision})
+        print_json({"rollout": rollout_id, "phase": step["phase"], "decision": step["decision"]})
     else:
-        out.print(f"{rollout_id}: {step.reason}; now {step.state.phase}.")
+        out.print(f"{rollout_id}: {step['reason']}; now {step['phase']}.")
 
 
 RolloutArg = Annotated[str, typer.Argument(metavar="ROLLOUT")]
@@ -230,9 +227,8 @@ def rollout_rollback(
 @rollout_app.command("list")
 def rollout_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
     """Every rollout with its release, phase and wave."""
-    d = open_datadir(data_dir)
-    with d.store() as store:
-        rows = d.rollouts(store).list()
+    with connect(data_dir) as fleet:
+        rows = fleet.rollouts()
     if as_json:
         print_json(rows)
         return
@@ -251,8 +247,8 @@ def audit_list(
     as_json: JsonOption = False,
 ) -> None:
     """Audit entries, newest first: releases, assignment batches, rollout decisions, policy refusals, keys, devices."""
-    with open_datadir(data_dir).store() as store:
-        rows = audit.entries(store, limit, action)
+    with connect(data_dir) as fleet:
+        rows = fleet.audit_entries(limit, action)
     if as_json:
         print_json(rows)
         return

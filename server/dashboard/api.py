@@ -1,17 +1,22 @@
 """The dashboard's HTTP API (FastAPI), the pages that use it, live updates (server-sent events) and /metrics.
 
-Reads need the operator token unless the coordinator was told to open them (`dashboard_public_read`); actions
-(pause, resume, abort, rollback) always need it, in an `Authorization: Bearer` header — never a cookie alone, so
-another site cannot make a browser act. The pages are static files bundled in this package: no CDN, nothing
+Every request is made by a user (server/users.py) whose role grants permissions (server/roles.py): each endpoint
+names the one it needs, and a user without it gets 403 and changes nothing. Reads need a user's token unless the
+coordinator was told to open them (`dashboard_public_read`); every change needs it in an `Authorization: Bearer`
+header — never a cookie alone, so another site cannot make a browser act. The token is looked up on each request,
+so a revoked or rotated one is refused at once. What a user changes is audited under their name (`user:NAME`).
+`fedfleet --server URL` (server/cli/remote.py) uses this API, so releases, assignments and rollouts can be run from
+anywhere the coordinator's HTTPS reaches. The pages are static files bundled in this package: no CDN, nothing
 fetched from the internet. OpenAPI's interactive pages load from a CDN, so they are off; the schema is served at
 /api/openapi.json and the dashboard's API page lists it.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime, and
-# the `Read` and `Operator` aliases are local to create_app.
+# the `Read` and permission aliases are local to create_app.
 import asyncio
+import base64
+import binascii
 import contextlib
-import hmac
 import json
 import logging
 import threading
@@ -28,15 +33,20 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import audit
+from server.control import Control
 from server.dashboard import views
 from server.dashboard.metrics import CoordinatorCollector
 from server.datadir import DataDir
 from server.errors import ConflictError, CoordinatorError, NotFoundError
 from server.loop.alerts import Alerts
 from server.loop.retrain import answer_proposal
+from server.roles import GRANTS, Permission
+from server.rollout.spec import RolloutSpec
 from server.store import Store, now_ms
 from server.store.dashboard import CHANGE_MARKS, DashboardReads
-from server.store.loop import AlarmRecords, AlertRecords, JobRecords
+from server.store.loop import AlarmRecords, JobRecords
+from server.users import User
 
 __all__ = ["COOKIE", "DashboardOptions", "create_app"]
 
@@ -50,8 +60,10 @@ HEARTBEAT_SECONDS = 15.0
 
 @dataclass(frozen=True)
 class DashboardOptions:
-    token: str | Callable[[], str]  # the operator token, or how to read it (so a rotation applies at once)
-    public_read: bool = False  # reads without the token (actions still need it)
+    # The operator token, or how to read it: read once at start so that the admin user `operator` holds it (the
+    # upgrade from the single operator token); from then on every request's token is looked up in the users table.
+    token: str | Callable[[], str]
+    public_read: bool = False  # reads without a token (changes still need one)
     feed_seconds: float = FEED_SECONDS
     tls: bool = False  # served over HTTPS: the session cookie is Secure
     plaintext_exposures: tuple[str, ...] = ()  # accepted by --allow-plaintext-network: a banner on every page
@@ -65,6 +77,36 @@ class ActionBody(BaseModel):
 
 class SessionBody(BaseModel):
     token: str = Field(min_length=1, max_length=200)
+
+
+class ReleaseUpload(BaseModel):
+    """A .tflite file to check against the policy, sign and publish (the same checks as `fedfleet release FILE`)."""
+
+    name: str = Field(max_length=64, description="Model name, e.g. digits.")
+    version: str = Field(max_length=64, description="Release version, e.g. 1.2.0.")
+    model: str = Field(description="The .tflite file, base64.")
+    probe: dict[str, Any] | None = Field(None, description="Probe set: encoded 'inputs' and 'outputs' arrays.")
+    model_card: dict[str, Any] | None = Field(None, description="Model card, signed and checked by the policy.")
+
+
+class AssignBody(BaseModel):
+    release: str = Field(max_length=200, description="name@version")
+    devices: list[str] = Field(default_factory=list, max_length=10_000, description="Device ids; or give fleet.")
+    fleet: str | None = Field(None, max_length=200, description="Every registered device of this fleet.")
+
+
+class UserBody(BaseModel):
+    name: str = Field(max_length=64)
+    role: str = Field(max_length=40, description="viewer, operator, release-manager, privacy-officer or admin")
+
+
+class BudgetBody(BaseModel):
+    epsilon: float = Field(ge=0, description="The device's lifetime ε budget.")
+
+
+class LabelBody(BaseModel):
+    fleet: str | None = Field(None, max_length=200, description="Move the device to this fleet.")
+    labels: dict[str, str] | None = Field(None, description="Replace every label (an empty object removes them).")
 
 
 class _Stores:
@@ -142,26 +184,30 @@ class ChangeFeed:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-MAX_BODY_BYTES = 64 * 1024  # every request body the API takes is a small JSON object
+MAX_BODY_BYTES = 64 * 1024  # every request body the API takes is a small JSON object, but one:
+UPLOAD_PATH = "/api/releases"  # a release upload: a base64 model up to UPLOAD_BODY_BYTES
+UPLOAD_BODY_BYTES = 96 * 1024 * 1024  # a 64 MiB model, base64, with its card and probe set
 
 
 class _BodyLimit:
-    """Refuse (413) any request body over `limit` bytes, declared or streamed, before the app reads it: the
-    session endpoint takes requests from anyone, and a 50 MB body used to be held in memory. A body without a
-    declared length is read here, up to the limit, and handed on whole."""
+    """Refuse (413) any request body over `limit` bytes (`upload_limit` for a release upload), declared or
+    streamed, before the app reads it: the session endpoint takes requests from anyone, and a 50 MB body used to be
+    held in memory. A body without a declared length is read here, up to the limit, and handed on whole."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, upload_limit: int = UPLOAD_BODY_BYTES) -> None:
         self.app = app
         self.limit = limit
+        self.upload_limit = upload_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.upload_limit if scope["path"] == UPLOAD_PATH and scope["method"] == "POST" else self.limit
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
-            if not declared.isdigit() or int(declared) > self.limit:
-                await self._refuse(send)
+            if not declared.isdigit() or int(declared) > limit:
+                await self._refuse(send, limit)
                 return
             await self.app(scope, receive, send)  # the server holds the client to its declared length
             return
@@ -171,8 +217,8 @@ class _BodyLimit:
             if message["type"] != "http.request":
                 return  # the client went away
             body += message.get("body", b"")
-            if len(body) > self.limit:
-                await self._refuse(send)
+            if len(body) > limit:
+                await self._refuse(send, limit)
                 return
             if not message.get("more_body", False):
                 break
@@ -187,8 +233,8 @@ class _BodyLimit:
 
         await self.app(scope, whole, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request bodies are limited to {self.limit} bytes"}).encode()
+    async def _refuse(self, send: Send, limit: int) -> None:
+        body = json.dumps({"detail": f"request bodies are limited to {limit} bytes"}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -199,11 +245,13 @@ def create_app(
 ) -> FastAPI:
     """The dashboard over one data directory. `broker_connected` reports the coordinator's MQTT session for
     /metrics (None: not exported)."""
-    token_source = options.token if callable(options.token) else (lambda: str(options.token))
-    if not token_source():
+    operator_token = options.token() if callable(options.token) else options.token
+    if not operator_token:
         raise CoordinatorError("the dashboard needs an operator token")
     config = datadir.config()
     stores = _Stores(datadir)
+    with datadir.store() as store:
+        datadir.users(store).adopt_operator(operator_token)  # the upgrade: the operator token is an admin's
     feed = ChangeFeed(stores, options.feed_seconds)
     registry = CollectorRegistry(auto_describe=False)
     freshness_ms = int(datadir.config().freshness_hours * 3_600_000)
@@ -216,29 +264,55 @@ def create_app(
     def presented_token(request: Request) -> str:
         return bearer(request) or request.cookies.get(COOKIE, "")
 
-    def valid(token: str) -> bool:
-        return bool(token) and hmac.compare_digest(token.encode(), token_source().encode())
+    def signed_in(token: str) -> User | None:
+        """The user holding this token, looked up now: a revoked or rotated token is refused at once."""
+        return datadir.users(stores.get()).authenticate(token) if token else None
 
-    def reader(request: Request) -> None:
-        if options.public_read or valid(presented_token(request)):
-            return
-        raise HTTPException(
-            401,
-            "this view needs the operator token (`fedfleet dashboard-token` prints it)",
-            {"WWW-Authenticate": "Bearer"},
-        )
-
-    def operator(request: Request) -> str:
-        if not valid(bearer(request)):
+    def reader(request: Request) -> User | None:
+        user = signed_in(presented_token(request))
+        if user is None and not options.public_read:
             raise HTTPException(
                 401,
-                "actions need the operator token in an Authorization: Bearer header",
+                "this view needs a user's token (`fedfleet users add`, or `fedfleet dashboard-token` for the admin)",
                 {"WWW-Authenticate": "Bearer"},
             )
-        return "dashboard"
+        return user
 
-    Read = Annotated[None, Depends(reader)]
-    Operator = Annotated[str, Depends(operator)]
+    def needs(permission: Permission) -> Callable[[Request], User]:
+        """A dependency: the user presenting a token in the Authorization header whose role grants `permission`."""
+        allowed = " or ".join(str(r) for r, granted in GRANTS.items() if permission in granted)
+
+        def check(request: Request) -> User:
+            user = signed_in(bearer(request))
+            if user is None:
+                raise HTTPException(
+                    401,
+                    "changes need a user's token in an Authorization: Bearer header",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+            if str(permission) not in user.permissions:
+                raise HTTPException(
+                    403,
+                    f"user {user.name} ({user.role}) lacks the {permission} permission, which the {allowed} role "
+                    "grants; ask an admin",
+                )
+            return user
+
+        return check
+
+    Read = Annotated[User | None, Depends(reader)]
+    RolloutsAct = Annotated[User, Depends(needs(Permission.ROLLOUTS_ACT))]
+    AlertsAck = Annotated[User, Depends(needs(Permission.ALERTS_ACK))]
+    LoopAnswer = Annotated[User, Depends(needs(Permission.LOOP_ANSWER))]
+    Publish = Annotated[User, Depends(needs(Permission.RELEASES_PUBLISH))]
+    Assign = Annotated[User, Depends(needs(Permission.ASSIGN))]
+    RolloutsStart = Annotated[User, Depends(needs(Permission.ROLLOUTS_START))]
+    PrivacyManage = Annotated[User, Depends(needs(Permission.PRIVACY_MANAGE))]
+    UsersManage = Annotated[User, Depends(needs(Permission.USERS_MANAGE))]
+    DevicesManage = Annotated[User, Depends(needs(Permission.DEVICES_MANAGE))]
+
+    def control(user: User) -> Control:
+        return Control(datadir, stores.get(), user.actor)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -277,23 +351,32 @@ def create_app(
 
     # ----- session -----
 
+    def who(user: User | None) -> dict[str, Any]:
+        if user is None:
+            return {"user": None, "role": None, "permissions": [str(Permission.READ)] if options.public_read else []}
+        return {"user": user.name, "role": str(user.role), "permissions": user.permissions}
+
     @app.get("/api/session", tags=["session"])
     def session(request: Request) -> dict[str, Any]:
-        """Whether reads are open, whether this browser holds the operator token, and what the coordinator exposes
-        in plaintext beyond loopback (only ever non-empty under `serve --allow-plaintext-network`)."""
+        """Whether reads are open, who is signed in (user, role, and the permissions their role grants, by the names
+        in server/roles.py), and what the coordinator exposes in plaintext beyond loopback (only ever non-empty
+        under `serve --allow-plaintext-network`)."""
+        user = signed_in(presented_token(request))
         return {
             "public_read": options.public_read,
-            "authenticated": valid(presented_token(request)),
+            "authenticated": user is not None,
+            **who(user),
             "plaintext_exposures": list(options.plaintext_exposures),
         }
 
     @app.post("/api/session", tags=["session"])
     def login(body: SessionBody, response: Response) -> dict[str, Any]:
-        """Check the operator token and keep it in an HttpOnly cookie for this browser's reads."""
-        if not valid(body.token):
-            raise HTTPException(401, "that is not the operator token")
+        """Check a user's token and keep it in an HttpOnly cookie for this browser's reads."""
+        user = signed_in(body.token)
+        if user is None:
+            raise HTTPException(401, "that token belongs to no user (or was revoked or rotated)")
         response.set_cookie(COOKIE, body.token, httponly=True, samesite="strict", secure=options.tls)
-        return {"authenticated": True}
+        return {"authenticated": True, **who(user)}
 
     @app.delete("/api/session", tags=["session"])
     def logout(response: Response) -> dict[str, Any]:
@@ -324,6 +407,27 @@ def create_app(
         where = views.DeviceFilter(q, fleet, release, state, online, where_label)
         return views.fleet_view(stores.get(), where, limit, offset)
 
+    @app.get("/api/devices", tags=["fleet"])
+    def devices(_: Read, fleet: Annotated[str | None, Query(max_length=200)] = None) -> list[dict[str, Any]]:
+        """Each device: fleet, labels, online state, assigned and running release (`fedfleet devices list`)."""
+        return Control(datadir, stores.get(), "").devices(fleet)
+
+    @app.get("/api/devices/{device_id}/summary", tags=["fleet"])
+    def device_summary(_: Read, device_id: str) -> dict[str, Any]:
+        """One device with its hardware and latest update events (`fedfleet devices show`)."""
+        return Control(datadir, stores.get(), "").device(device_id)
+
+    @app.put("/api/devices/{device_id}/placement", tags=["fleet"])
+    def device_place(user: DevicesManage, device_id: str, body: LabelBody) -> dict[str, Any]:
+        """Set a device's fleet or labels (`fedfleet devices label`); audited."""
+        store = stores.get()
+        with store.transaction():
+            before = store.device(device_id)
+            row = store.place_device(device_id, body.fleet, body.labels)
+            change = {"fleet": [before["fleet"], row["fleet"]], "labels": [before["labels"], row["labels"]]}
+            audit.append(store, "device.label", device_id, change, user.actor)
+        return {"device": device_id, "fleet": row["fleet"], "labels": row["labels"]}
+
     @app.get("/api/devices/{device_id}", tags=["fleet"])
     def device(_: Read, device_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
         """One device: its state and timeline of assignments, update events and telemetry windows."""
@@ -340,15 +444,44 @@ def create_app(
         """Each wave's devices by state, the gates now and over time against their thresholds, every decision."""
         return views.rollout_view(datadir.rollouts(stores.get()), rollout_id)
 
+    @app.get("/api/rollouts/{rollout_id}/status", tags=["rollouts"])
+    def rollout_status(_: Read, rollout_id: str) -> dict[str, Any]:
+        """The rollout as `fedfleet rollout status` shows it: waves, the gates judged now, every decision."""
+        return datadir.rollouts(stores.get()).status(rollout_id)
+
+    @app.post("/api/rollouts", tags=["rollouts"])
+    def rollout_start(user: RolloutsStart, spec: dict[str, Any]) -> dict[str, Any]:
+        """Start a rollout from a spec (the fields of a rollout spec TOML, as JSON); refused, naming every reason, if
+        the policy or another rollout forbids it (`fedfleet rollout start`). Answers its status."""
+        return control(user).rollout_start(RolloutSpec.from_json(spec))
+
     @app.post("/api/rollouts/{rollout_id}/{action}", tags=["rollouts"])
     def act(
-        actor: Operator, rollout_id: str, action: Literal["pause", "resume", "abort", "rollback"], body: ActionBody
+        user: RolloutsAct, rollout_id: str, action: Literal["pause", "resume", "abort", "rollback"], body: ActionBody
     ) -> dict[str, Any]:
         """Pause, resume, abort or roll back, with the same authority as `fedfleet rollout ACTION`."""
         if body.confirm != rollout_id:
             raise HTTPException(422, f"confirm must repeat the rollout id {rollout_id!r}")
-        step = datadir.rollouts(stores.get()).act(rollout_id, action, actor=actor)
-        return {"rollout": rollout_id, "phase": str(step.state.phase), "decision": step.decision, "reason": step.reason}
+        return control(user).rollout_act(rollout_id, action)
+
+    # ----- releases and assignments -----
+
+    @app.post(UPLOAD_PATH, tags=["releases"])
+    def release_upload(user: Publish, body: ReleaseUpload) -> dict[str, Any]:
+        """Check a .tflite file against the policy, sign and publish it (`fedfleet release FILE`); the same bytes
+        again change nothing, other bytes under an existing version are refused (409)."""
+        try:
+            data = base64.b64decode(body.model, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise HTTPException(422, "model must be the .tflite file in base64") from e
+        return control(user).publish(data, body.name, body.version, body.probe, body.model_card)
+
+    @app.post("/api/assignments", tags=["releases"])
+    def assign(user: Assign, body: AssignBody) -> dict[str, Any]:
+        """Issue signed assignments of a release to devices, or to every device of a fleet (`fedfleet assign`)."""
+        if bool(body.devices) == (body.fleet is not None):
+            raise HTTPException(422, "give devices or fleet, not both and not neither")
+        return control(user).assign(body.release, body.devices, body.fleet)
 
     # ----- the loop: alerts, drift alarms, retrain jobs -----
 
@@ -358,13 +491,13 @@ def create_app(
         state: Literal["open", "acknowledged", "resolved", ""] = "",
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[dict[str, Any]]:
-        """Alerts, newest first (the same as `fedfleet alerts list`)."""
-        return AlertRecords(stores.get()).recent(state or None, limit)
+        """Alerts, newest first, with their webhook deliveries (the same as `fedfleet alerts list`)."""
+        return Control(datadir, stores.get(), "").alerts(state or None, limit)
 
     @app.post("/api/alerts/{alert_id}/ack", tags=["loop"])
-    def alerts_ack(actor: Operator, alert_id: int) -> dict[str, Any]:
+    def alerts_ack(user: AlertsAck, alert_id: int) -> dict[str, Any]:
         """Acknowledge an open alert (`fedfleet alerts ack`)."""
-        return Alerts(stores.get()).acknowledge(alert_id, actor)
+        return control(user).alert_ack(alert_id)
 
     @app.get("/api/loop", tags=["loop"])
     def loop_state(_: Read) -> dict[str, Any]:
@@ -373,10 +506,11 @@ def create_app(
         return {"alarms": AlarmRecords(store).recent(50), "jobs": JobRecords(store).recent(50)}
 
     @app.post("/api/loop/{job_id}/{answer}", tags=["loop"])
-    def loop_answer(actor: Operator, job_id: int, answer: Literal["approve", "reject"]) -> dict[str, Any]:
+    def loop_answer(user: LoopAnswer, job_id: int, answer: Literal["approve", "reject"]) -> dict[str, Any]:
         """Approve or reject a proposed retraining (`fedfleet loop approve|reject`)."""
         store = stores.get()
-        return answer_proposal(store, Alerts(store, datadir.policy().webhooks), job_id, answer == "approve", actor)
+        alerts = Alerts(store, datadir.policy().webhooks)
+        return answer_proposal(store, alerts, job_id, answer == "approve", user.actor)
 
     # ----- drift, training, privacy, models, audit -----
 
@@ -408,6 +542,27 @@ def create_app(
         """The privacy ledger: per device lifetime ε against its budget, and the spend per run."""
         return views.ledger_view(stores.get(), config.epsilon_budget)
 
+    @app.get("/api/privacy/ledger", tags=["training"])
+    def privacy_ledger(_: PrivacyManage) -> list[dict[str, Any]]:
+        """Every ledger row: ε and δ per device, run and purpose (`fedfleet privacy ledger`): an export for the
+        privacy officer, so it needs the privacy.manage permission."""
+        from server.fl.registry import Ledger  # the registry's numpy work only when asked
+
+        return Ledger(stores.get(), config.epsilon_budget).rows()
+
+    @app.put("/api/privacy/budgets/{device_id}", tags=["training"])
+    def privacy_budget(user: PrivacyManage, device_id: str, body: BudgetBody) -> dict[str, Any]:
+        """Set one device's lifetime ε budget (`fedfleet privacy budget`); audited."""
+        from server.fl.registry import Ledger
+
+        store = stores.get()
+        store.device(device_id)  # an unknown device is a 404
+        ledger = Ledger(store, config.epsilon_budget)
+        with store.transaction():
+            ledger.set_budget(device_id, body.epsilon)
+            audit.append(store, "privacy.budget", device_id, {"epsilon": body.epsilon}, user.actor)
+        return {"device": device_id, "budget": body.epsilon, "spent": ledger.lifetime(device_id)}
+
     @app.get("/api/models", tags=["training"])
     def models(_: Read) -> list[dict[str, Any]]:
         return views.models_view(stores.get())
@@ -423,6 +578,40 @@ def create_app(
     ) -> dict[str, Any]:
         """The newest audit entries and whether the whole hash chain verifies."""
         return views.audit_view(stores.get(), limit, action)
+
+    @app.get("/api/audit/entries", tags=["audit"])
+    def audit_entries(
+        _: Read, limit: Annotated[int, Query(ge=1, le=5000)] = 50, action: Annotated[str, Query(max_length=100)] = ""
+    ) -> list[dict[str, Any]]:
+        """Audit entries, newest first (`fedfleet audit list`)."""
+        return Control(datadir, stores.get(), "").audit_entries(limit, action or None)
+
+    @app.get("/api/audit/verify", tags=["audit"])
+    def audit_verify(_: Read) -> dict[str, Any]:
+        """Walk the hash chain: how many entries, whether intact, every problem (`fedfleet audit verify`)."""
+        return Control(datadir, stores.get(), "").audit_verify()
+
+    # ----- users -----
+
+    @app.get("/api/users", tags=["users"])
+    def users_list(_: UsersManage) -> list[dict[str, Any]]:
+        """Users with their role and whether they may sign in; never a token (`fedfleet users list`)."""
+        return Control(datadir, stores.get(), "").users()
+
+    @app.post("/api/users", tags=["users"])
+    def users_add(user: UsersManage, body: UserBody) -> dict[str, Any]:
+        """Add a user; the answer holds their token, shown only this once (`fedfleet users add`)."""
+        return control(user).user_add(body.name, body.role)
+
+    @app.post("/api/users/{name}/rotate", tags=["users"])
+    def users_rotate(user: UsersManage, name: str) -> dict[str, Any]:
+        """A new token for a user (shown only in this answer); the old one is refused from now on."""
+        return control(user).user_rotate(name)
+
+    @app.post("/api/users/{name}/revoke", tags=["users"])
+    def users_revoke(user: UsersManage, name: str) -> dict[str, Any]:
+        """Revoke a user: their token is refused from the next request on."""
+        return control(user).user_revoke(name)
 
     # ----- live updates and metrics -----
 

@@ -19,7 +19,7 @@ from edge_agent.contract.drift import DriftReference, WindowCounts, WindowScore,
 from edge_agent.contract.windows import counts_from_proto
 from server.errors import NotFoundError
 from server.ingest.events import EventRejected
-from server.rollout.metrics import METRICS
+from server.rollout.metrics import METRICS, invalid_input_rate
 from server.store import Store, now_ms
 from server.store.telemetry import TelemetryRecords
 
@@ -32,6 +32,7 @@ __all__ = [
     "parse_window",
     "pool",
     "release_reference",
+    "stale_data",
     "watermark",
 ]
 
@@ -199,6 +200,12 @@ class Pooled:
             "class_mix": (self.counts.class_counts / max(1, self.counts.inferences)).round(4).tolist(),
             "nan": int(self.counts.nan_counts.sum()),
             "out_of_range": int(self.counts.out_of_range.sum()),
+            "inputs_checked": self.counts.inputs_checked,
+            "inputs_nonfinite": self.counts.inputs_nonfinite,
+            "inputs_out_of_range": self.counts.inputs_out_of_range,
+            "invalid_input_rate": invalid_input_rate(
+                self.counts.inputs_checked, self.counts.inputs_nonfinite, self.counts.inputs_out_of_range
+            ),
         }
 
 
@@ -226,3 +233,16 @@ def pool(
         total = WindowCounts.empty(reference or DriftReference.empty(n_classes))
     score = score_window(total, reference, min_samples) if reference is not None and windows else None
     return Pooled(release_id, windows, len(seen), total, score)
+
+
+def stale_data(
+    store: Store, release_id: str | None, assigned_at: dict[str, int], now: int, bound_seconds: float
+) -> tuple[int, int]:
+    """(judged, stale) devices for the `stale_data_fraction` metric: of the devices given (each with the time from
+    which it was to report: its assignment, or its registration), those that have had the bound's time count as
+    judged, and stale when their newest window with an inference (of the release, if given) ended before
+    `now - bound` — their inference count stayed at zero for the freshness bound."""
+    cutoff = now - int(bound_seconds * 1000)
+    judged = [device for device, since in assigned_at.items() if since <= cutoff]
+    last = TelemetryRecords(store).last_inference_ms(judged, release_id)
+    return len(judged), sum(1 for device in judged if last.get(device, 0) < cutoff)

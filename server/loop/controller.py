@@ -9,6 +9,7 @@ from collections import defaultdict
 
 from server.datadir import DataDir
 from server.loop.alerts import Alerts
+from server.loop.data_quality import DataQualityWatch
 from server.loop.drift_watch import DriftWatch
 from server.loop.kinds import AlertKind
 from server.loop.retrain import RetrainController
@@ -33,6 +34,7 @@ class LoopController:
         self.alerts = Alerts(store, policy.webhooks)
         self.retrain = RetrainController(datadir, store, self.alerts, rollouts, policy)
         self.watch = DriftWatch(store, self.alerts, self.retrain.decide)
+        self.data_quality = DataQualityWatch(store, self.alerts, policy)
         self.rollouts = rollouts
         self.freshness_ms = int(datadir.config().freshness_hours * 3_600_000)
         self._next_slow_check = 0
@@ -46,6 +48,7 @@ class LoopController:
             self._privacy_alerts()
             self._silence_alerts(now)
             self._behind_alerts(now)
+            self.data_quality.tick(now)
             self._next_slow_check = now + _SLOW_CHECK_MS
 
     def _rollout_alerts(self) -> None:

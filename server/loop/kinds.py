@@ -17,6 +17,8 @@ class AlertKind(StrEnum):
     DEVICES_SILENT = "devices_silent"  # devices of a fleet have not been heard for a while
     DEVICES_STALE = "devices_stale"  # devices of a fleet hold no unexpired freshness statement (they said so)
     DEVICES_LAGGING = "devices_lagging"  # devices of a fleet run another release than assigned past the freshness bound
+    INVALID_INPUTS = "invalid_inputs"  # a fleet's inputs break their release's input schema past the policy's rate
+    STALE_DATA = "stale_data"  # devices of a fleet made no inference for the policy's data_quality bound
 
 
 class AlertState(StrEnum):

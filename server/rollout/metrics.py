@@ -3,7 +3,7 @@ means, what kind of evidence it needs, whether it is a fraction, and how it is c
 Rollout gates (server.rollout), the drift watch (server.loop), the dashboard, /metrics and the simulation
 reports all read it from here.
 
-    devices         judged from device outcomes (install events, silence); needs no samples
+    devices         judged from device outcomes (install events, silence, stale data); needs no samples
     wave            from the wave's pooled telemetry against the release's reference; needs min_samples
     versus-control  the wave's pooled telemetry against the control cohort's; both need min_samples
 """
@@ -18,7 +18,16 @@ import numpy as np
 
 from edge_agent.contract.drift import LATENCY_EDGES_MS, WindowCounts, WindowScore, histogram_quantile
 
-__all__ = ["LATENCY_FLOOR_MS", "METRICS", "SCORE_METRICS", "Metric", "MetricKind", "telemetry_values"]
+__all__ = [
+    "LATENCY_FLOOR_MS",
+    "METRICS",
+    "SCORE_METRICS",
+    "Metric",
+    "MetricKind",
+    "invalid_input_rate",
+    "stale_data_fraction",
+    "telemetry_values",
+]
 
 
 class MetricKind(StrEnum):
@@ -61,6 +70,18 @@ def _latency_ratio(wave: WindowCounts, control: WindowCounts) -> float | None:
     ours = histogram_quantile(wave.latency_counts, LATENCY_EDGES_MS, 0.95)
     theirs = histogram_quantile(control.latency_counts, LATENCY_EDGES_MS, 0.95)
     return max(ours, LATENCY_FLOOR_MS) / max(theirs, LATENCY_FLOOR_MS)
+
+
+def invalid_input_rate(checked: int, nonfinite: int, out_of_range: int) -> float | None:
+    """Inputs that broke the release's input schema (non-finite, or out of its valid range) over the inputs
+    checked against it; None when none were checked (no schema, or agents that do not check)."""
+    return (nonfinite + out_of_range) / checked if checked else None
+
+
+def stale_data_fraction(devices: int, stale: int) -> float | None:
+    """Devices whose inference count stayed at zero for the freshness bound (stale data) over the devices judged
+    (those given the bound's time to report); None when none were."""
+    return stale / devices if devices else None
 
 
 _ALL = (
@@ -109,6 +130,14 @@ _ALL = (
         of_counts=lambda c: c.errors / max(1, c.errors + c.inferences),
     ),
     Metric(
+        "invalid_input_rate",
+        MetricKind.WAVE,
+        "the wave's inputs that broke the release's input schema (NaN or infinite, or out of its valid range) "
+        "over the inputs checked",
+        fraction=True,
+        of_counts=lambda c: invalid_input_rate(c.inputs_checked, c.inputs_nonfinite, c.inputs_out_of_range),
+    ),
+    Metric(
         "failure_rate",
         MetricKind.DEVICES,
         "wave devices whose install failed, was refused or failed its probe, over wave devices",
@@ -118,6 +147,13 @@ _ALL = (
         "silent_fraction",
         MetricKind.DEVICES,
         "wave devices with no outcome silent_after_seconds after their assignment, over wave devices",
+        fraction=True,
+    ),
+    Metric(
+        "stale_data_fraction",
+        MetricKind.DEVICES,
+        "wave devices running the release whose inference count stayed at zero for the policy's "
+        "data_quality.stale_after_seconds (stale data), over those running it that long",
         fraction=True,
     ),
 )

@@ -93,3 +93,41 @@ class TelemetryRecords:
             r[0]
             for r in self.store.db.execute("SELECT DISTINCT release_id FROM telemetry WHERE end_ms >= ?", [since_ms])
         ]
+
+    def last_inference_ms(self, devices: list[str], release_id: str | None = None) -> dict[str, int]:
+        """Per device, the end of its newest window with at least one inference (of one release, if given);
+        devices with none are absent."""
+        if not devices:
+            return {}
+        sql = (
+            "SELECT device_id, max(end_ms) FROM telemetry WHERE inferences > 0"
+            f" AND device_id IN ({','.join('?' * len(devices))})"
+        )
+        args: list[Any] = list(devices)
+        if release_id is not None:
+            sql += " AND release_id = ?"
+            args.append(release_id)
+        return {r[0]: int(r[1]) for r in self.store.db.execute(sql + " GROUP BY device_id", args)}
+
+    def stale_data_devices(self, cutoff_ms: int) -> list[dict[str, Any]]:
+        """Registered devices whose newest window with an inference ended before `cutoff_ms` (or that sent none and
+        registered before it): their inference count stayed at zero since. Each with its fleet and that time."""
+        return list(
+            self.store.db.query(
+                """SELECT device_id, fleet, last_inference_ms FROM (
+                     SELECT d.id AS device_id, d.fleet AS fleet, d.registered_at AS registered_at,
+                       (SELECT max(t.end_ms) FROM telemetry t WHERE t.device_id = d.id AND t.inferences > 0)
+                         AS last_inference_ms
+                     FROM devices d)
+                   WHERE COALESCE(last_inference_ms, registered_at) < ? ORDER BY fleet, device_id""",
+                [cutoff_ms],
+            )
+        )
+
+    def payloads_since(self, since_ms: int, device_id: str | None = None) -> Iterator[tuple[str, bytes]]:
+        """(device id, window as received) of the windows ending at or after a time, of every device or one."""
+        if device_id is None:
+            return self.store.db.execute("SELECT device_id, payload FROM telemetry WHERE end_ms >= ?", [since_ms])
+        return self.store.db.execute(
+            "SELECT device_id, payload FROM telemetry WHERE device_id = ? AND end_ms >= ?", [device_id, since_ms]
+        )

@@ -41,8 +41,11 @@ def write_bundle(
     mqtt: str | None = None,
     state_dir: str = "state",
     extra: Mapping[str, Any] | None = None,
+    consent_training: bool | None = None,
 ) -> AgentConfig:
-    """Write the bundle into out_dir and return the agent configuration it holds (checked before writing)."""
+    """Write the bundle into out_dir and return the agent configuration it holds (checked before writing).
+    `consent_training` becomes agent.toml's `[consent] training`, the owner's to change later (None: no [consent]
+    table, which the device reports as no statement: no consent)."""
     if not device_id_is_valid(device_id):
         raise CoordinatorError(f"cannot enroll {device_id!r}: device_id must be letters, digits, '-', '_', '.'")
     if device_id.startswith(RESERVED_PREFIX):
@@ -67,6 +70,8 @@ def write_bundle(
     }
     lines = [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
     lines += ["", "[labels]", *[f"{json.dumps(k)} = {json.dumps(v)}" for k, v in (labels or {}).items()], ""]
+    if consent_training is not None:
+        lines += ["[consent]", f"training = {json.dumps(consent_training)}", ""]
     toml = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / "root.json", d.repository().root_bytes())

@@ -14,6 +14,8 @@ import numpy as np
 
 from edge_agent.contract import LIMITS
 from edge_agent.contract.arrays import encode_array
+from edge_agent.contract.drift import DriftReference
+from edge_agent.contract.schema import InputSchema
 from edge_agent.errors import InterpreterError
 from edge_agent.runtime import Model, load_model
 from server import audit
@@ -35,10 +37,21 @@ class PublishResult:
     created: bool  # False: the same release already existed and nothing changed
 
 
-def _schema(model: Model) -> dict[str, Any]:
+def _schema(model: Model, reference: Any = None) -> dict[str, Any]:
+    """The release's input and output schema. The input's valid range per feature (what agents check inputs
+    against: edge_agent/contract/schema.py) is the drift reference's feature ranges — for a federated reference
+    the public schema bounds, never the devices' data — and is left out without a reference that fits."""
     out = model.interpreter.get_output_details()[0]
+    shape, dtype = tuple(model.input_shape), str(model.input_dtype)
+    inputs: dict[str, Any] = {"shape": list(shape), "dtype": dtype}
+    if reference:
+        try:
+            ranges = DriftReference.from_metadata(reference).feature_ranges
+            inputs = InputSchema(shape, dtype, ranges[:, 0].copy(), ranges[:, 1].copy()).to_metadata()
+        except ValueError:
+            pass  # a reference of other features: no valid range to state (the policy sees the rest)
     return {
-        "input": {"shape": list(model.input_shape), "dtype": str(model.input_dtype)},
+        "input": inputs,
         "output": {"shape": [int(d) for d in out["shape"]], "dtype": str(np.dtype(out["dtype"]))},
     }
 
@@ -117,7 +130,7 @@ def publish_release(
                 raise ReleaseError(f"the model fails its own probe set: {e}") from e
         else:
             probe = auto_probe(model, sha)
-        schema = _schema(model)
+        schema = _schema(model, (extra or {}).get("drift_reference"))
 
     custom: dict[str, Any] = {
         "model": {"name": name, "version": version},

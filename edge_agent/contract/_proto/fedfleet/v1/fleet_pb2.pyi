@@ -326,6 +326,9 @@ class TelemetryWindow(google.protobuf.message.Message):
     LATENCY_COUNTS_FIELD_NUMBER: builtins.int
     ENTROPY_SUM_FIELD_NUMBER: builtins.int
     LATENCY_MAX_MS_FIELD_NUMBER: builtins.int
+    INPUTS_CHECKED_FIELD_NUMBER: builtins.int
+    INPUTS_NONFINITE_FIELD_NUMBER: builtins.int
+    INPUTS_OUT_OF_RANGE_FIELD_NUMBER: builtins.int
     device_id: builtins.str
     sequence: builtins.int
     release_id: builtins.str
@@ -340,6 +343,13 @@ class TelemetryWindow(google.protobuf.message.Message):
     """
     entropy_sum: builtins.float
     latency_max_ms: builtins.float
+    inputs_checked: builtins.int
+    """Data quality against the release's input schema (its valid range per feature): the inputs checked, and of
+    those the ones that break it, each input counted once — non-finite (a NaN or infinite value) first, else
+    outside the valid range. Served all the same. An agent or a release without a schema checks none (0).
+    """
+    inputs_nonfinite: builtins.int
+    inputs_out_of_range: builtins.int
     @property
     def feature_bins(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]: ...
     @property
@@ -382,8 +392,11 @@ class TelemetryWindow(google.protobuf.message.Message):
         latency_counts: collections.abc.Iterable[builtins.int] | None = ...,
         entropy_sum: builtins.float = ...,
         latency_max_ms: builtins.float = ...,
+        inputs_checked: builtins.int = ...,
+        inputs_nonfinite: builtins.int = ...,
+        inputs_out_of_range: builtins.int = ...,
     ) -> None: ...
-    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["bins_per_feature", b"bins_per_feature", "class_counts", b"class_counts", "device_id", b"device_id", "end_ms", b"end_ms", "entropy_sum", b"entropy_sum", "errors", b"errors", "feature_bins", b"feature_bins", "feature_nan", b"feature_nan", "feature_out_of_range", b"feature_out_of_range", "first_sequence", b"first_sequence", "inferences", b"inferences", "latency_counts", b"latency_counts", "latency_max_ms", b"latency_max_ms", "release_id", b"release_id", "score_counts", b"score_counts", "sequence", b"sequence", "start_ms", b"start_ms"]
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["bins_per_feature", b"bins_per_feature", "class_counts", b"class_counts", "device_id", b"device_id", "end_ms", b"end_ms", "entropy_sum", b"entropy_sum", "errors", b"errors", "feature_bins", b"feature_bins", "feature_nan", b"feature_nan", "feature_out_of_range", b"feature_out_of_range", "first_sequence", b"first_sequence", "inferences", b"inferences", "inputs_checked", b"inputs_checked", "inputs_nonfinite", b"inputs_nonfinite", "inputs_out_of_range", b"inputs_out_of_range", "latency_counts", b"latency_counts", "latency_max_ms", b"latency_max_ms", "release_id", b"release_id", "score_counts", b"score_counts", "sequence", b"sequence", "start_ms", b"start_ms"]
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
 
 Global___TelemetryWindow: typing_extensions.TypeAlias = TelemetryWindow
@@ -465,9 +478,14 @@ class RegisterRequest(google.protobuf.message.Message):
     LABELS_FIELD_NUMBER: builtins.int
     HARDWARE_FIELD_NUMBER: builtins.int
     AGENT_VERSION_FIELD_NUMBER: builtins.int
+    CONSENT_TRAINING_FIELD_NUMBER: builtins.int
     device_id: builtins.str
     fleet: builtins.str
     agent_version: builtins.str
+    consent_training: builtins.bool
+    """The device owner's consent to train on the device's data (agent.toml [consent] training). Absent: the
+    owner stated nothing (an older agent, or a config without [consent]), which is not consent.
+    """
     @property
     def labels(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]: ...
     @property
@@ -480,11 +498,15 @@ class RegisterRequest(google.protobuf.message.Message):
         labels: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
         hardware: Global___Hardware | None = ...,
         agent_version: builtins.str = ...,
+        consent_training: builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: typing_extensions.TypeAlias = typing.Literal["hardware", b"hardware"]
+    _HasFieldArgType: typing_extensions.TypeAlias = typing.Literal["_consent_training", b"_consent_training", "consent_training", b"consent_training", "hardware", b"hardware"]
     def HasField(self, field_name: _HasFieldArgType) -> builtins.bool: ...
-    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["agent_version", b"agent_version", "device_id", b"device_id", "fleet", b"fleet", "hardware", b"hardware", "labels", b"labels"]
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["_consent_training", b"_consent_training", "agent_version", b"agent_version", "consent_training", b"consent_training", "device_id", b"device_id", "fleet", b"fleet", "hardware", b"hardware", "labels", b"labels"]
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__consent_training: typing_extensions.TypeAlias = typing.Literal["consent_training"]
+    _WhichOneofArgType__consent_training: typing_extensions.TypeAlias = typing.Literal["_consent_training", b"_consent_training"]
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__consent_training) -> _WhichOneofReturnType__consent_training | None: ...
 
 Global___RegisterRequest: typing_extensions.TypeAlias = RegisterRequest
 

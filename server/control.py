@@ -1,0 +1,181 @@
+"""The fleet's control operations as JSON documents: what `fedfleet` prints and what the API answers.
+
+One implementation, two callers. `fedfleet` on the coordinator's host calls `Control` over the data directory; the
+API calls the same `Control` for a signed-in user; `fedfleet --server URL` (server/cli/remote.py) speaks the API and
+so gets the same documents back. `Fleet` is the seam: the CLI talks to one, local or remote.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from server import audit
+from server.datadir import DataDir
+from server.errors import CoordinatorError
+from server.loop.alerts import Alerts
+from server.rollout.spec import RolloutSpec
+from server.store import Release, Store
+from server.store.loop import AlertRecords, DeliveryRecords
+from server.trust.releases import publish_release
+from server.users import OPERATOR
+
+__all__ = ["Control", "Fleet", "device_doc", "release_doc"]
+
+
+def release_doc(r: Release) -> dict[str, Any]:
+    return {"release": r.id, "target": r.target_path, "sha256": r.sha256, "length": r.length}
+
+
+def device_doc(row: dict[str, Any], assigned: str) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "fleet": row["fleet"],
+        "labels": row["labels"],
+        "online": row["online"],
+        "assigned_release": assigned or None,
+        "running_release": row["running_release"] or None,
+        "running_counter": row["running_counter"],
+        "update_state": row["update_state"] or None,
+        "last_event": row["last_event"] or None,
+        "last_error": row["last_error"] or None,
+        "last_seen": row["last_seen"],
+        "stale": row["stale"],
+    }
+
+
+class Fleet(Protocol):
+    """What the CLI asks of a coordinator, wherever it runs. Every method returns a JSON-ready document and raises
+    CoordinatorError (one sentence) when refused."""
+
+    def publish(
+        self, data: bytes, name: str, version: str, probe: dict[str, Any] | None, card: dict[str, Any] | None
+    ) -> dict[str, Any]: ...
+
+    def assign(self, release_id: str, devices: list[str], fleet: str | None) -> dict[str, Any]: ...
+
+    def rollout_start(self, spec: RolloutSpec) -> dict[str, Any]: ...
+
+    def rollout_status(self, rollout_id: str) -> dict[str, Any]: ...
+
+    def rollout_act(self, rollout_id: str, action: str) -> dict[str, Any]: ...
+
+    def rollouts(self) -> list[dict[str, Any]]: ...
+
+    def devices(self, fleet: str | None) -> list[dict[str, Any]]: ...
+
+    def device(self, device_id: str) -> dict[str, Any]: ...
+
+    def alerts(self, state: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+    def alert_ack(self, alert_id: int) -> dict[str, Any]: ...
+
+    def audit_entries(self, limit: int, action: str | None) -> list[dict[str, Any]]: ...
+
+    def audit_verify(self) -> dict[str, Any]: ...
+
+    def users(self) -> list[dict[str, Any]]: ...
+
+    def user_add(self, name: str, role: str) -> dict[str, Any]: ...
+
+    def user_rotate(self, name: str) -> dict[str, Any]: ...
+
+    def user_revoke(self, name: str) -> dict[str, Any]: ...
+
+
+class Control:
+    """The operations over one data directory and store, done (and audited) as `actor`."""
+
+    def __init__(self, datadir: DataDir, store: Store, actor: str) -> None:
+        self.datadir = datadir
+        self.store = store
+        self.actor = actor
+
+    # ----- releases and assignments -----
+
+    def publish(
+        self, data: bytes, name: str, version: str, probe: dict[str, Any] | None, card: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Check a .tflite file against the policy, sign and publish it (server.trust.releases.publish_release)."""
+        extra = {"model_card": card} if card is not None else {}
+        d = self.datadir
+        result = publish_release(d.repository(), self.store, data, name, version, probe, extra, d.policy(), self.actor)
+        return {**release_doc(result.release), "created": result.created}
+
+    def assign(self, release_id: str, devices: list[str], fleet: str | None) -> dict[str, Any]:
+        rel = self.store.release(release_id)
+        targets = devices or (self.store.device_ids(fleet) if fleet is not None else [])
+        if not targets:
+            raise CoordinatorError(f"fleet {fleet!r} has no registered devices; agents register when they start")
+        issued = self.datadir.director().assign(self.store, targets, rel, actor=self.actor)
+        return {"release": rel.id, "assignments": [{"device": a.device_id, "counter": a.counter} for a in issued]}
+
+    # ----- rollouts -----
+
+    def rollout_start(self, spec: RolloutSpec) -> dict[str, Any]:
+        rollouts = self.datadir.rollouts(self.store)
+        return rollouts.status(rollouts.start(spec, actor=self.actor))
+
+    def rollout_status(self, rollout_id: str) -> dict[str, Any]:
+        return self.datadir.rollouts(self.store).status(rollout_id)
+
+    def rollout_act(self, rollout_id: str, action: str) -> dict[str, Any]:
+        step = self.datadir.rollouts(self.store).act(rollout_id, action, actor=self.actor)
+        return {"rollout": rollout_id, "phase": str(step.state.phase), "decision": step.decision, "reason": step.reason}
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        return self.datadir.rollouts(self.store).list()
+
+    # ----- devices -----
+
+    def devices(self, fleet: str | None) -> list[dict[str, Any]]:
+        return [device_doc(r, self.store.assignment_of(r["id"])) for r in self.store.devices(fleet)]
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        row = self.store.device(device_id)
+        return {
+            **device_doc(row, self.store.assignment_of(device_id)),
+            "hardware": row["hardware"],
+            "agent_version": row["agent_version"],
+            "events": self.store.events(device_id, limit=20),
+        }
+
+    # ----- alerts and audit -----
+
+    def alerts(self, state: str | None, limit: int) -> list[dict[str, Any]]:
+        rows = AlertRecords(self.store).recent(state, limit)
+        deliveries = DeliveryRecords(self.store)
+        for r in rows:
+            r["deliveries"] = deliveries.recent(r["id"])
+        return rows
+
+    def alert_ack(self, alert_id: int) -> dict[str, Any]:
+        return Alerts(self.store).acknowledge(alert_id, self.actor)
+
+    def audit_entries(self, limit: int, action: str | None) -> list[dict[str, Any]]:
+        return audit.entries(self.store, limit, action)
+
+    def audit_verify(self) -> dict[str, Any]:
+        checked, problems = audit.verify(self.store)
+        return {"entries": checked, "intact": not problems, "problems": [p.__dict__ for p in problems]}
+
+    # ----- users -----
+
+    def users(self) -> list[dict[str, Any]]:
+        return self.datadir.users(self.store).list()
+
+    def user_add(self, name: str, role: str) -> dict[str, Any]:
+        user, token = self.datadir.users(self.store).add(name, role, self.actor)
+        return {**user, "token": token}
+
+    def user_rotate(self, name: str) -> dict[str, Any]:
+        """A new token; the `operator` user's is also written to DATA/keys/operator.token, where it lives."""
+        users = self.datadir.users(self.store)
+        if name != OPERATOR:
+            user, token = users.rotate(name, self.actor)
+            return {**user, "token": token}
+        users.rotate(name, self.actor)  # refused if revoked (`fedfleet dashboard-token --rotate` revives it)
+        token = self.datadir.operator_token(rotate=True)
+        return {**users.get(name), "token": token}
+
+    def user_revoke(self, name: str) -> dict[str, Any]:
+        return self.datadir.users(self.store).revoke(name, self.actor)

@@ -21,10 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.contract.drift import DriftReference, WindowCounts, score_window
 from edge_agent.contract.files import atomic_write_bytes
-from edge_agent.contract.windows import counts_from_proto
 from server.crashpoints import ENV as CRASH_ENV
 from server.datadir import DataDir
 from server.fl.client_app import SourceFor
@@ -45,7 +42,6 @@ __all__ = [
     "ClosedLoopResult",
     "SensedDigits",
     "digits_stream",
-    "drift_by_release",
     "fleet_sensors",
     "run_closed_loop",
     "verdict",
@@ -159,6 +155,8 @@ class ClosedLoopResult:
     releases_over_time: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     lost_windows: int = -1  # telemetry windows a device sent that the coordinator lacks (-1: not counted)
     coordinator_restarts: int = 0
+    started_ms: int = field(default_factory=lambda: int(time.time() * 1000))  # the run's clock: the plots' origin
+    fault_seconds: float | None = None  # when the sensors' fault began, on that clock
 
 
 @dataclass
@@ -326,6 +324,7 @@ def run_closed_loop(
         assert rig.fleet is not None and rig.fleet.workload is not None
         atomic_write_bytes(d.root / SENSORS_FILE, json.dumps({"kind": fault.kind, "strength": fault.strength}).encode())
         rig.fleet.workload.faults.update(dict.fromkeys(rig.device_ids(), fault))
+        result.fault_seconds = time.monotonic() - rig.started
         rig.note(f"every device's sensor now suffers {fault.kind} {fault.strength}; the coordinator decides from here")
         deadline = time.monotonic() + timeout * 3  # alarm, a training run and a rollout
         while True:
@@ -386,33 +385,6 @@ def _outcome(rig: Rig, job: dict[str, Any]) -> TrainOutcome:
     rounds = rig.store_query("SELECT * FROM fl_rounds WHERE run_id = ? ORDER BY round", [job["run_id"]])
     incidents = rig.store_query("SELECT * FROM fl_incidents WHERE run_id = ?", [job["run_id"]])
     return TrainOutcome(job["run_id"], "completed", job["model_version"], "", rounds, incidents)
-
-
-def drift_by_release(rig: Rig, bucket_seconds: float = 2.0) -> dict[str, list[tuple[float, float]]]:
-    """Largest input PSI of the fleet's windows per release and time bucket, each against its own release's
-    reference (seconds since the first window)."""
-    references = {
-        r["id"]: DriftReference.from_metadata(json.loads(r["custom"])["drift_reference"])
-        for r in rig.store_query("SELECT id, custom FROM releases")
-        if "drift_reference" in json.loads(r["custom"])
-    }
-    rows = rig.store_query("SELECT release_id, end_ms, payload FROM telemetry ORDER BY end_ms")
-    if not rows:
-        return {}
-    t0 = int(rows[0]["end_ms"])
-    buckets: dict[tuple[str, int], WindowCounts] = {}
-    for r in rows:
-        if r["release_id"] not in references:
-            continue
-        key = (r["release_id"], int((r["end_ms"] - t0) / 1000 / bucket_seconds))
-        counts = counts_from_proto(pb.TelemetryWindow.FromString(r["payload"]))
-        buckets[key] = counts if key not in buckets else buckets[key].merge(counts)
-    series: dict[str, list[tuple[float, float]]] = {}
-    for (release, b), counts in sorted(buckets.items()):
-        score = score_window(counts, references[release], min_samples=50)
-        if score is not None:
-            series.setdefault(release, []).append((b * bucket_seconds, score.max_psi))
-    return series
 
 
 def _fmt(reading: DriftReading | None) -> str:

@@ -22,16 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.contract.drift import DriftReference, WindowCounts, score_window
-from edge_agent.contract.windows import counts_from_proto
 from server.store.telemetry import TelemetryRecords
 from simulations.rig import RELEASES, Rig
 from simulations.workload import SensorFault
 
-__all__ = ["SCENARIOS", "Scenario", "ScenarioError", "ScenarioResult", "drift_by_site", "load_scenario", "run_scenario"]
+__all__ = ["SCENARIOS", "Scenario", "ScenarioError", "ScenarioResult", "load_scenario", "run_scenario"]
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 _ROLLOUT_KEYS = {
@@ -110,6 +105,7 @@ class ScenarioResult:
     releases_over_time: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)  # unmet expectations
     lost_windows: int = 0
+    started_ms: int = field(default_factory=lambda: int(time.time() * 1000))  # the run's clock: the plots' origin
 
     @property
     def passed(self) -> bool:
@@ -291,28 +287,3 @@ def _check(scenario: Scenario, rig: Rig, result: ScenarioResult) -> None:
             result.failures.append(f"download_resumed: {device or 'no device'} events {kinds}, resumed {resumed}")
     if result.lost_windows:
         result.failures.append(f"telemetry: {result.lost_windows} windows never reached the coordinator")
-
-
-def drift_by_site(rig: Rig, bucket_seconds: float = 2.0) -> tuple[int, dict[str, list[tuple[float, float]]]]:
-    """Largest input PSI per site per time bucket from the stored windows, and the time origin (ms) of the
-    buckets. Every rehearsal release's reference shares the base release's feature bins, so one scores all."""
-    store = rig.store()
-    reference = DriftReference.from_metadata(store.release(RELEASES["base"]).custom["drift_reference"])
-    sites = {d["id"]: d["labels"].get("site", "?") for d in store.devices()}
-    rows = TelemetryRecords(store).windows()
-    if not rows:
-        return 0, {}
-    t0 = int(rows[0]["end_ms"])
-    buckets: dict[tuple[str, int], WindowCounts] = {}
-    for r in rows:
-        key = (sites.get(r["device_id"], "?"), int((r["end_ms"] - t0) / 1000 / bucket_seconds))
-        counts = counts_from_proto(pb.TelemetryWindow.FromString(r["payload"]))
-        if counts.feature_counts.shape != reference.feature_proportions.shape:
-            continue
-        buckets[key] = counts if key not in buckets else buckets[key].merge(counts)
-    series: dict[str, list[tuple[float, float]]] = {}
-    for (site, b), counts in sorted(buckets.items()):
-        score = score_window(counts, reference, min_samples=50)
-        if score is not None:
-            series.setdefault(site, []).append((b * bucket_seconds, float(np.max(score.feature_psi))))
-    return t0, series

@@ -410,6 +410,23 @@ def _v10(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v11(db: sqlite_utils.Database) -> None:
+    """People who use the API: a role each and the SHA-256 of their token (tokens are 32 random bytes, so a hash
+    without a per-user salt cannot be reversed, and a sign-in finds its user by the hash). Revoked users stay."""
+    db.executescript(
+        """
+        CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL,                 -- server.roles.Role
+            token_hash TEXT NOT NULL UNIQUE,    -- sha256 hex of the token; the token itself is never stored
+            created_at INTEGER NOT NULL,
+            rotated_at INTEGER NOT NULL,
+            revoked_at INTEGER                  -- NULL: may sign in
+        );
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
     _v2,
@@ -421,6 +438,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v8,
     _v9,
     _v10,
+    _v11,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

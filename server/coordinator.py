@@ -29,6 +29,7 @@ from server.ingest.grpc_service import FleetService, mutual_tls_credentials, sta
 from server.ingest.mqtt_bridge import MqttBridge
 from server.loop.alerts import WebhookSender
 from server.loop.controller import LoopController
+from server.loop.retention import ANCHORS_DIR, Housekeeper
 from server.trust.mirror import MirrorError, sync_mirror
 
 __all__ = ["Coordinator", "ServeOptions"]
@@ -128,6 +129,8 @@ class Coordinator:
             datadir, self.rollouts.store, self.rollouts, self.rollouts.policy, self.config.epsilon_budget
         )
         self.webhooks = WebhookSender(datadir.store, self.rollouts.policy.webhooks)
+        # Retention and audit anchors, in a thread of their own (small batches; never holding up a tick).
+        self.housekeeper = Housekeeper(datadir.store, self.rollouts.policy, datadir.keys, datadir.root / ANCHORS_DIR)
         self._next_rollout_tick = 0.0
         self._director_mtime = (datadir.keys / "director.pem").stat().st_mtime_ns
         self.mirror_dirs = [datadir.root / m for m in self.config.mirror_dirs]  # relative: to the data directory
@@ -152,10 +155,12 @@ class Coordinator:
         self._write_endpoints(self.grpc_address)
         bridge = asyncio.create_task(self.bridge.run(), name="mqtt-bridge")
         self.webhooks.start()
+        self.housekeeper.start()
         try:
             await self._tick_loop()
         finally:
             self.webhooks.stop()
+            self.housekeeper.stop()
             for job_id, pid in self.closed_loop.retrain.running_workers().items():
                 logger.info("retrain job %d goes on in worker process %d; the next serve follows it", job_id, pid)
             bridge.cancel()

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from edge_agent.contract import device_id_is_valid
 from server import __version__, audit
+from server.cli.anchor import audit_anchor
 from server.cli.common import (
     DEFAULT_DATA_DIR,
     DataDirOption,
@@ -42,6 +43,7 @@ from server.cli.loop import alerts_app, loop_app
 from server.cli.mirror import mirror_app
 from server.cli.release_inputs import read_card, read_probe, release_remotely
 from server.cli.remote import connect, is_remote
+from server.cli.retention import retention_app
 from server.cli.rollout import audit_app, rollout_app
 from server.cli.status import status
 from server.cli.train import models_app, privacy_app, train
@@ -81,6 +83,8 @@ app.add_typer(privacy_app, name="privacy")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(loop_app, name="loop")
 app.add_typer(config_app, name="config")
+app.add_typer(retention_app, name="retention")
+audit_app.command("anchor")(audit_anchor)
 app.add_typer(users_app, name="users")
 app.add_typer(context_app, name="context")
 app.add_typer(mirror_app, name="mirror")

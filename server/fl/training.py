@@ -6,9 +6,9 @@ docs/training.md.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
@@ -71,23 +71,18 @@ def _simulate(
     verbose: bool,
     source_for: SourceFor | None,
 ) -> tuple[str, str]:
-    """One run in Flower's simulation engine: its id, and what the engine raised ("" when nothing)."""
+    """One run in Flower's simulation engine, on a Ray node of its own (server/fl/ray_head.py says why it is not
+    started in this process): the run's id, and what the engine raised ("" when nothing)."""
+    import ray
     from flwr.simulation import run_simulation
 
     from server.fl.client_app import build_client_app
+    from server.fl.ray_head import RayHeadError, ray_head
     from server.fl.server_app import build_server_app
 
     run_id = f"run-{uuid.uuid4().hex[:12]}"
-    cpus = os.cpu_count() or 1
-    backend_config: Any = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "logging_level": "INFO" if verbose else "ERROR",
-            "log_to_driver": verbose,
-        },
-    }
+    # One CPU per virtual client: as many clients train at once as this machine has cores.
+    backend_config: Any = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     engine_stopped = threading.Event()
     server_app = build_server_app(d.root, plan, run_id, "simulation", on_round, engine_stopped)
     # Simulated devices are the coordinator's own: a lab plan's exact drift reference is theirs to allow.
@@ -95,43 +90,32 @@ def _simulate(
     failure = ""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # run_simulation is deprecated in favour of `flwr run`
-        # JAX (loaded by a release's litert-torch export in this process) warns at any fork; Ray forks and execs.
-        warnings.filterwarnings("ignore", message="os.fork.. was called")
         try:
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=plan.clients,
-                backend_config=backend_config,
-                verbose_logging=verbose,
-            )
+            with ray_head(os.cpu_count() or 1, verbose) as address:
+                # Flower finds Ray initialised and runs its clients on this node.
+                ray.init(
+                    address=address,
+                    runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+                    logging_level=logging.INFO if verbose else logging.ERROR,
+                    log_to_driver=verbose,
+                )
+                try:
+                    run_simulation(
+                        server_app=server_app,
+                        client_app=client_app,
+                        num_supernodes=plan.clients,
+                        backend_config=backend_config,
+                        verbose_logging=verbose,
+                    )
+                finally:
+                    ray.shutdown()  # this driver only (Flower's own shutdown may have done it); the node stops next
+        except RayHeadError as e:
+            failure = str(e)
         except Exception as e:  # the ServerApp recorded what failed; keep the message for the outcome
             failure = f"{type(e).__name__}: {e}"
         finally:
             engine_stopped.set()  # a ServerApp thread still waiting for clients gives up now
     return run_id, failure
-
-
-def _shutdown_ray() -> None:
-    """Whatever a failed engine left of Ray in this process, so that the next run starts its own. A head node
-    that timed out during start-up is not ray's to shut down (ray.init never finished), so its processes (GCS,
-    dashboard, monitors), children of this process, are stopped here too."""
-    import psutil  # type: ignore[import-untyped]
-    import ray
-
-    ray.shutdown()  # also when ray.init failed half-way: it stops whatever node it did record
-    leftovers = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if any("/ray/" in part for part in child.cmdline()):
-                child.terminate()
-                leftovers.append(child)
-        except psutil.Error:
-            continue
-    _, alive = psutil.wait_procs(leftovers, timeout=10)
-    for child in alive:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
 
 
 def run_training(
@@ -165,13 +149,12 @@ def run_training(
                 ) from None
             if attempt == 2 or doc["error"] != ENGINE_STOPPED or runs.rounds(run_id):
                 break
-            # The engine failed before a single round was done: on a loaded machine Ray's start-up can outlast
-            # its fixed 30 s wait. Once more, as a new run (the failed one stays recorded as failed). Devices that
-            # trained already counted their privacy spending in their own accountants.
+            # The engine failed before a single round was done (its Ray node stopped under it, say). Once more,
+            # as a new run on a new node (the failed one stays recorded as failed). Devices that trained already
+            # counted their privacy spending in their own accountants.
             logger.warning(
                 "training run %s: the engine failed before any round (%s); trying once more", run_id, failure
             )
-            _shutdown_ray()
         return TrainOutcome(
             run_id,
             doc["status"],

@@ -1,0 +1,89 @@
+"""The training engine's Ray node: started from a launcher process of its own (server/fl/ray_head.py says why),
+used by a driver in this process, and gone with its caller."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.fl.ray_head import ray_head
+from simulations.processes import descendants
+from tests.support import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live processes (zombies left out) in process group `pgid`, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state not in ("Z", "X"):
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_a_node_of_its_own_runs_a_drivers_tasks_and_stops_with_its_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # as training sets it: no FutureWarning
+
+    with ray_head(1) as address:
+        (launcher,) = [p for p in descendants(os.getpid()) if os.getpgid(p) == p]
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        try:
+
+            @ray.remote
+            def double(x: int) -> int:
+                return 2 * x
+
+            assert ray.get([double.remote(i) for i in range(3)]) == [0, 2, 4]
+            assert ray.cluster_resources()["CPU"] == 1.0  # type: ignore[no-untyped-call]
+        finally:
+            ray.shutdown()
+        # Every Ray process runs in the launcher's group, none in this process's own.
+        node = _group_members(launcher)
+        assert len(node) > 2 and launcher in node
+        assert not [p for p in descendants(os.getpid()) if os.getpgid(p) != launcher]
+    assert _group_members(launcher) == []
+    assert descendants(os.getpid()) == []
+
+
+def test_the_node_stops_when_its_caller_is_killed(tmp_path: Path) -> None:
+    caller = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys, time\n"
+            "from server.fl.ray_head import ray_head\n"
+            "with ray_head(1) as address:\n"
+            "    print(address, flush=True)\n"
+            "    time.sleep(600)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert caller.stdout is not None
+        assert caller.stdout.readline().strip(), "the caller's node did not start"
+        (launcher,) = [p for p in descendants(caller.pid) if os.getpgid(p) == p]
+        assert len(_group_members(launcher)) > 2
+        os.killpg(caller.pid, signal.SIGKILL)  # no cleanup of its own: the launcher notices its stdin closed
+        caller.wait(10)
+        wait_for(lambda: _group_members(launcher) == [], 60, what="the orphaned Ray node to stop")
+    finally:
+        if caller.poll() is None:
+            os.killpg(caller.pid, signal.SIGKILL)
+            caller.wait(10)
+        assert caller.stdout is not None
+        caller.stdout.close()

@@ -427,6 +427,50 @@ def _v11(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v12(db: sqlite_utils.Database) -> None:
+    """Retired releases (`fedfleet releases retire`): taken out of the update repository, the release row kept for
+    the assignments, rollouts and lineage that name it."""
+    db.executescript(
+        """
+        CREATE TABLE retired_releases (
+            release_id TEXT PRIMARY KEY REFERENCES releases (id),
+            retired_at INTEGER NOT NULL,
+            actor TEXT NOT NULL
+        );
+        """
+    )
+
+
+def _v13(db: sqlite_utils.Database) -> None:
+    """Consent (issue 20): every statement of a device's consent to a purpose, with its time and source, never
+    updated or deleted (the newest is the device's consent now); and per training run, each greeted device's
+    consent as the run saw it (the ledger and the lineage name who consented)."""
+    db.executescript(
+        """
+        CREATE TABLE consent (
+            id INTEGER PRIMARY KEY,
+            device_id TEXT NOT NULL,
+            purpose TEXT NOT NULL,              -- server.store.consent.PURPOSES
+            granted INTEGER NOT NULL CHECK (granted IN (0, 1)),
+            source TEXT NOT NULL,               -- "agent" (agent.toml, reported at registration) or "user:NAME"
+            recorded_at INTEGER NOT NULL
+        );
+        CREATE INDEX consent_by_device ON consent (device_id, purpose, id);
+        CREATE TRIGGER consent_kept_update BEFORE UPDATE ON consent
+        BEGIN SELECT RAISE(ABORT, 'consent: statements are never changed'); END;
+        CREATE TRIGGER consent_kept_delete BEFORE DELETE ON consent
+        BEGIN SELECT RAISE(ABORT, 'consent: statements are never deleted'); END;
+        CREATE TABLE fl_run_consent (
+            run_id TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            granted INTEGER NOT NULL CHECK (granted IN (0, 1)),
+            consent_id INTEGER REFERENCES consent (id),   -- the statement it rests on; NULL: none recorded
+            PRIMARY KEY (run_id, device_id)
+        );
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
     _v2,
@@ -439,6 +483,8 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v9,
     _v10,
     _v11,
+    _v12,
+    _v13,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -756,6 +802,11 @@ class Store:
                 [now_ms(), subject, kind],
             )
         return serials
+
+    def live_certificates(self, subject: str, kind: str = "device") -> list[str]:
+        """Serials of a subject's certificates that are not revoked (empty: not enrolled, or revoked)."""
+        sql = "SELECT serial FROM certificates WHERE subject = ? AND kind = ? AND revoked_at IS NULL"
+        return [r[0] for r in self.db.execute(sql, [subject, kind])]
 
     def revoked_certificates(self) -> list[tuple[str, int]]:
         return [(r[0], r[1]) for r in self.db.execute("SELECT serial, revoked_at FROM certificates WHERE revoked_at")]

@@ -1,4 +1,5 @@
-"""Publishing a TFLite model as a signed release: check it runs, describe it, sign it as a TUF target."""
+"""Publishing a TFLite model as a signed release: check it runs, describe it, sign it as a TUF target; and retiring
+one: out of the update repository once no device or rollout needs it."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from server import audit
 from server.errors import ConflictError, NotFoundError, ReleaseError
 from server.policy import Policy, PolicyViolation
 from server.store import Release, Store, now_ms
+from server.store.releases import ReleaseRecords
 from server.trust.repository import Repository
 
-__all__ = ["PublishResult", "auto_probe", "publish_release"]
+__all__ = ["PublishResult", "RetireResult", "auto_probe", "publish_release", "release_source", "retire_release"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
@@ -112,6 +114,8 @@ def publish_release(
     except NotFoundError:
         pass
     else:
+        if ReleaseRecords(store).retired(release_id) is not None:
+            raise ConflictError(f"release {release_id} was retired; publish the model under a new version")
         if existing.sha256 == sha:
             return PublishResult(existing, created=False)
         raise ConflictError(f"release {release_id} exists with other bytes; publish a new version instead")
@@ -151,3 +155,52 @@ def publish_release(
         detail = {"target": target_path, "sha256": release.sha256, "length": release.length}
         audit.append(store, "release.publish", release_id, detail, actor)
     return PublishResult(release, created=True)
+
+
+def release_source(custom: dict[str, Any]) -> dict[str, Any]:
+    """Where a release came from, from its custom metadata: `trained`, a registered model version exported by
+    `fedfleet release NAME@SEQ` (its card names the version and the export's parity report), or `file`, a .tflite
+    file released as NAME@MAJOR.MINOR.PATCH."""
+    card = custom.get("model_card")
+    model = card.get("model") if isinstance(card, dict) else None
+    version = model.get("version") if isinstance(model, dict) else None
+    if isinstance(card, dict) and "export" in card and isinstance(version, str) and version:
+        return {"kind": "trained", "model_version": version}
+    return {"kind": "file", "model_version": None}
+
+
+@dataclass(frozen=True)
+class RetireResult:
+    release: Release
+    deleted: list[str]  # files taken out of the repository (role metadata, target bytes)
+
+
+def retire_release(
+    repository: Repository, store: Store, release_id: str, live_phases: tuple[str, ...], actor: str = "cli"
+) -> RetireResult:
+    """Take a release out of the update repository (targets and snapshot shrink, the bytes are deleted), mark it
+    retired and audit it. Refused, changing nothing, while a device runs it or is assigned it, or while a live
+    rollout (a phase in `live_phases`) rolls it out or could roll devices back to it."""
+    release = store.release(release_id)  # NotFoundError: one sentence naming `releases list`
+    records = ReleaseRecords(store)
+    with store.transaction():  # the write lock: no assignment or rollout starts between the checks and the mark
+        if records.retired(release_id) is not None:
+            raise ConflictError(f"release {release_id} is already retired")
+        blockers: list[str] = []
+        running = records.devices_running(release_id)
+        if running:
+            blockers.append(f"device(s) {', '.join(running)} run it")
+        assigned = [d for d in records.devices_assigned(release_id) if d not in running]
+        if assigned:
+            blockers.append(f"device(s) {', '.join(assigned)} are assigned it")
+        blockers += [f"rollout {r} {why}" for r, why in records.rollouts_needing(release_id, live_phases)]
+        if blockers:
+            raise ConflictError(
+                f"release {release_id} is still needed ({'; '.join(blockers)}); assign those devices another "
+                "release or let the rollout end first"
+            )
+        deleted = repository.remove_target(release.target_path)
+        records.mark_retired(release_id, now_ms(), actor)
+        detail = {"target": release.target_path, "sha256": release.sha256, "deleted": [p.name for p in deleted]}
+        audit.append(store, "release.retire", release_id, detail, actor)
+    return RetireResult(release, [str(p) for p in deleted])

@@ -1,7 +1,12 @@
 """The ClientApp: what a device (a SuperNode, or a virtual client in the simulation engine) does when asked.
 
 Messages it answers (Flower Message API, flwr 1.41):
-- query `hello`: its device id and how many examples it holds.
+- query `hello`: its device id, whether its owner consents to training (`consent-training`), and, only if so, how
+  many examples it holds.
+
+Consent is the device's own: without its owner's consent to train (node config `consent-training = true`, set
+from agent.toml's `[consent] training`; for a simulated device, the `consenting` its simulation names) the device
+answers every train and drift-reference message with a refusal, whatever the coordinator asked.
 - train: one round of local training — Opacus DP-SGD unless the run is non-private — from the global weights;
   replies with the new weights and metrics, among them the cumulative ε of this run after this round (under
   the run's accountant: `accountant` = rdp or prv) and the accountant history behind it (noise multipliers,
@@ -19,7 +24,8 @@ Messages it answers (Flower Message API, flwr 1.41):
 
 Node config (SuperNode `--node-config`, or set by the simulation): `device-id`, `partition-id`,
 `num-partitions`, `data-source` (`digits` or `npz:PATH`), `state-dir` (where the device keeps its privacy
-record), `epsilon-budget` (the device's own lifetime budget; otherwise the coordinator's figure is used).
+record), `epsilon-budget` (the device's own lifetime budget; otherwise the coordinator's figure is used),
+`consent-training` (true: its owner consents to training on its data; absent or false: it refuses).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +84,7 @@ class _Node:
         state_dir: Path | None,
         source_for: SourceFor | None,
         allow_exact_reference: bool = False,
+        consenting: Collection[str] | None = None,
     ) -> None:
         self.source_for = source_for
         cfg = context.node_config
@@ -95,6 +102,22 @@ class _Node:
         node_state = cfg.get("state-dir")
         self.state_dir = Path(str(node_state)) if node_state else state_dir
         self.own_budget = as_float(cfg, "epsilon-budget") if "epsilon-budget" in cfg else None
+        # The owner's consent: the node's own config first (a SuperNode, from agent.toml), else its simulation's.
+        if "consent-training" in cfg:
+            self.consents = cfg["consent-training"] is True
+        else:
+            self.consents = consenting is not None and self.device_id in consenting
+
+    def refusal(self, msg: Message, what: str) -> Message | None:
+        """The refusal to send instead of doing `what` when the owner has not consented to training; else None."""
+        if self.consents:
+            return None
+        reason = (
+            f"{what}: device {self.device_id} has no consent to train on its data (its owner's agent.toml [consent] "
+            "training, node config consent-training)"
+        )
+        client = ConfigRecord({"device-id": self.device_id})
+        return _reply(msg, {"refusal": ConfigRecord({"device-id": self.device_id, "reason": reason}), "client": client})
 
     def source(self, config: ConfigRecord) -> DataSource:
         alpha, seed = as_float(config, "alpha"), as_int(config, "data-seed")
@@ -199,29 +222,38 @@ def build_client_app(
     state_dir: Path | None = None,
     source_for: SourceFor | None = None,
     allow_exact_reference: bool = False,
+    consenting: Collection[str] | None = None,
 ) -> ClientApp:
     """A ClientApp; `device_ids` names partition i's device in a simulation, `state_dir` holds simulated devices'
     privacy records, `source_for` gives simulated devices data other than the plain digits split (a rehearsal's
-    drifted sensors), `allow_exact_reference` lets them answer a lab run's exact drift-reference queries. A
-    SuperNode names all four in its node config instead (`allow-exact-reference = true`)."""
+    drifted sensors), `allow_exact_reference` lets them answer a lab run's exact drift-reference queries,
+    `consenting` names those whose owners consent to training (the others refuse it). A SuperNode names all five
+    in its node config instead (`allow-exact-reference = true`, `consent-training = true`)."""
     app = ClientApp()
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        node = _Node(context, device_ids, state_dir, source_for, allow_exact_reference)
+        node = _Node(context, device_ids, state_dir, source_for, allow_exact_reference, consenting)
         config = msg.content["config"]
         assert isinstance(config, ConfigRecord)
         task = as_str(config, "task")
+        if task == "hello" and not node.consents:  # says so, and nothing about its data
+            return _reply(msg, {"client": ConfigRecord({"device-id": node.device_id, "consent-training": False})})
+        if task in REFERENCE_QUERIES and (refused := node.refusal(msg, f"drift reference ({task})")) is not None:
+            return refused
         x, _ = node.source(config).load()
         if task == "hello":
-            return _reply(msg, {"client": ConfigRecord({"device-id": node.device_id, "num-examples": len(x)})})
+            hello = ConfigRecord({"device-id": node.device_id, "num-examples": len(x), "consent-training": True})
+            return _reply(msg, {"client": hello})
         if task in REFERENCE_QUERIES:
             return _reference_answer(msg, node, config, task, x)
         raise ValueError(f"unknown query task {task!r}")
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        node = _Node(context, device_ids, state_dir, source_for)
+        node = _Node(context, device_ids, state_dir, source_for, consenting=consenting)
+        if (refused := node.refusal(msg, "training")) is not None:
+            return refused
         config = msg.content["config"]
         assert isinstance(config, ConfigRecord)
         arrays = msg.content["arrays"]

@@ -25,6 +25,7 @@ import numpy as np
 
 from server.errors import NotFoundError
 from server.store import Store, now_ms
+from server.store.consent import ConsentRecords
 from server.store.training import LedgerRecords, ModelRecords, RunRecords
 
 __all__ = [
@@ -138,8 +139,11 @@ class Ledger:
         model version the run produced, how many times the client's report disagreed with the coordinator's
         recomputation, and the device's lifetime ε and δ so far (each the sum over its runs and purposes: basic
         composition). The lifetime sums both units: a device-level (ε, δ) also bounds any one record of the
-        device, so the sum is a record-level bound; a device-level lifetime exists only over device-unit runs."""
+        device, so the sum is a record-level bound; a device-level lifetime exists only over device-unit runs.
+        `consented`: whether the device had consented to training when the run greeted it (None: a run from before
+        consent was recorded)."""
         records = LedgerRecords(self.store)
+        consent = ConsentRecords(self.store).by_run()
         spends: list[tuple[Any, ...]] = [
             (device_id, run_id, "training", eps, delta, rounds, version, mismatches, unit, accountant)
             for device_id, run_id, eps, delta, rounds, version, mismatches, unit, accountant in records.by_run()
@@ -169,6 +173,7 @@ class Ledger:
                     "lifetime_epsilon": lifetime[device_id][0],
                     "lifetime_delta": lifetime[device_id][1],
                     "budget": self.budget(device_id),
+                    "consented": consent.get((run_id, device_id)),
                 }
             )
         return out
@@ -322,6 +327,7 @@ def model_card(m: ModelVersion) -> dict[str, Any]:
             "rounds": lin["rounds"],
             "clients_per_round": lin["clients_per_round"],
             "participating_devices": lin["devices"],
+            "consent": lin.get("consent"),  # the devices that consented to the run (None: a run from before)
             "data": lin["data"],
             "code_version": lin["code_version"],
         },
@@ -349,6 +355,16 @@ def model_card_markdown(m: ModelVersion) -> str:
         f"- Federated run `{t['run_id']}` ({t['engine']} engine), {t['rounds']} rounds, "
         f"{t['clients_per_round']} clients per round",
         f"- {len(t['participating_devices'])} participating devices; data: {t['data']['source']}",
+        *(
+            [
+                f"- Consent to training: {len(t['consent']['devices'])} device(s) consented "
+                f"({', '.join(t['consent']['devices']) or 'none'}); "
+                f"{len(t['consent']['without_consent'])} left out without consent"
+                + ("; the policy requires recorded consent" if t["consent"]["required"] else "")
+            ]
+            if t["consent"]
+            else []
+        ),
         f"- Parent version: {t['parent'] or 'none (trained from a seeded initialisation)'}; code {t['code_version']}",
         *([f"- Why: {t['cause']}"] if t["cause"] else []),
         "",

@@ -1,13 +1,14 @@
 """The ServerApp: runs on the coordinator (in the simulation engine's server thread, or as a SuperLink's
 ServerApp) and owns the run's bookkeeping in the coordinator's SQLite database.
 
-A run: greet every node (device id, examples held), then `plan.rounds` rounds of FleetFedAvg — each round picks
-devices that still have privacy budget, trains, records each device's ε in the ledger (the larger of what it
-reported and what the coordinator recomputes from the plan and its noise, sample rate and steps: `_Run.account`;
-a disagreement is an `epsilon-mismatch` incident and an audit entry) and each failure or refusal with its
-device and round, aggregates in device order (so a seed gives one model), and evaluates the
-global model on the coordinator's held-out split — then computes the drift reference federatedly and registers
-the model version with its lineage.
+A run: greet every node (device id, examples held, its owner's consent), leave out every device without consent to
+train (the device's own word, and the coordinator's record of it: `_consents`), then `plan.rounds` rounds of
+FleetFedAvg — each round picks devices that still have privacy budget, trains, records each device's ε in the
+ledger (the larger of what it reported and what the coordinator recomputes from the plan and its noise, sample
+rate and steps: `_Run.account`; a disagreement is an `epsilon-mismatch` incident and an audit entry) and each
+failure or refusal with its device and round, aggregates in device order (so a seed gives one model), and
+evaluates the global model on the coordinator's held-out split — then computes the drift reference federatedly
+and registers the model version with its lineage (which lists the devices that consented to the run).
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ from server.fl.private_counts import noise_multiplier as reference_noise
 from server.fl.records import as_float, as_int, as_str
 from server.fl.registry import Ledger, Registry, TrainingRuns
 from server.store import Store
+from server.store.consent import ConsentRecords
 
-__all__ = ["RoundProgress", "build_server_app"]
+__all__ = ["RoundProgress", "build_server_app", "consenting_devices"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +126,13 @@ class _Round:
 class _Run:
     """One run's coordinator-side state: devices, ledger, per-round tallies."""
 
-    def __init__(self, run_id: str, plan: TrainPlan, store: Store, budget: float) -> None:
+    def __init__(
+        self, run_id: str, plan: TrainPlan, store: Store, budget: float, require_consent: bool = False
+    ) -> None:
         self.run_id, self.plan, self.store = run_id, plan, store
+        self.require_consent = require_consent  # the policy's [consent] require_consent
+        self.consented: list[str] = []  # the greeted devices that consented to this run (the lineage lists them)
+        self.without_consent: list[str] = []  # greeted, left out for want of consent
         self.ledger = Ledger(store, budget)
         self.runs = TrainingRuns(store)
         self.devices: dict[int, _Device] = {}
@@ -467,6 +474,8 @@ def _greet(grid: Grid, run: _Run) -> None:
         info = msg.content["client"]
         assert isinstance(info, ConfigRecord)
         device_id = as_str(info, "device-id")
+        if not _consents(run, device_id, info):
+            continue
         device = _Device(
             msg.metadata.src_node_id,
             device_id,
@@ -476,7 +485,46 @@ def _greet(grid: Grid, run: _Run) -> None:
         )
         run.devices[device.node_id] = device
     if not run.devices:
+        if run.without_consent:
+            raise TrainingError(
+                f"no device consented to training: {len(run.without_consent)} greeted without consent "
+                f"({', '.join(run.without_consent[:10])}); a device's owner grants it in agent.toml ([consent] "
+                "training = true)"
+            )
         raise TrainingError("no node answered the greeting")
+
+
+def consenting_devices(store: Store, device_ids: Iterable[str], require_consent: bool) -> frozenset[str]:
+    """The devices the coordinator's records let train: a recorded consent says yes, or none is recorded and the
+    policy does not require one. (A simulation's devices consent exactly so: they stand in for these devices.)"""
+    current = ConsentRecords(store).all_current()
+    return frozenset(d for d in device_ids if (current[d]["granted"] if d in current else not require_consent))
+
+
+def _consents(run: _Run, device_id: str, info: ConfigRecord) -> bool:
+    """Whether a greeted device takes part: its own ClientApp says its owner consented (`consent-training` in its
+    hello), and the coordinator's record of the owner's consent does not say no — nor is missing, when the policy
+    requires consent. Either way the run records the device's consent as it stood; one without it is a
+    `skipped-consent` incident and is never asked anything again in the run."""
+    record = ConsentRecords(run.store).current(device_id)
+    says = info.get("consent-training") is True
+    if record is not None:
+        recorded, why = (
+            bool(record["granted"]),
+            f"its consent recorded {'granted' if record['granted'] else 'withdrawn'}",
+        )
+    else:
+        recorded, why = not run.require_consent, "no consent recorded (the policy requires it)"
+    granted = says and recorded
+    with run.store.transaction():
+        ConsentRecords(run.store).record_run(run.run_id, device_id, granted, record["id"] if record else None)
+    if granted:
+        run.consented.append(device_id)
+        return True
+    run.without_consent.append(device_id)
+    detail = "the device itself does not consent (its owner's agent.toml)" if not says else why
+    run.incident(0, device_id, "skipped-consent", f"not trained on: {detail}")
+    return False
 
 
 def _reference(grid: Grid, run: _Run, arrays: ArrayRecord) -> DriftReference:
@@ -717,6 +765,11 @@ def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, 
         "rounds": p.rounds,
         "clients_per_round": p.clients_per_round or len(run.devices),
         "devices": trained,
+        "consent": {
+            "required": run.require_consent,
+            "devices": sorted(run.consented),
+            "without_consent": sorted(run.without_consent),
+        },
         "data": {
             "source": f"scikit-learn digits, non-IID Dirichlet(alpha={p.alpha}) split, seed {p.seed}"
             + (f", {p.data_label}" if p.data_label else ""),
@@ -866,7 +919,7 @@ def _train(
     engine: str,
     on_round: Callable[[RoundProgress], None] | None,
 ) -> None:
-    run = _Run(run_id, plan, store, d.config().epsilon_budget)
+    run = _Run(run_id, plan, store, d.config().epsilon_budget, d.policy().require_consent)
     run.runs.start(run_id, plan.model_name, engine, plan.to_dict())
     try:
         registry = Registry(store)

@@ -78,15 +78,20 @@ def _simulate(
 
     from server.fl.client_app import build_client_app
     from server.fl.ray_head import RayHeadError, ray_head
-    from server.fl.server_app import build_server_app
+    from server.fl.server_app import build_server_app, consenting_devices
 
     run_id = f"run-{uuid.uuid4().hex[:12]}"
     # One CPU per virtual client: as many clients train at once as this machine has cores.
     backend_config: Any = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}
     engine_stopped = threading.Event()
     server_app = build_server_app(d.root, plan, run_id, "simulation", on_round, engine_stopped)
-    # Simulated devices are the coordinator's own: a lab plan's exact drift reference is theirs to allow.
-    client_app = build_client_app(tuple(ids), d.root / "fl-devices", source_for, plan.exact_reference)
+    # Simulated devices are the coordinator's own: a lab plan's exact drift reference is theirs to allow, and
+    # each consents to training as the coordinator's record of its device says (server_app.consenting_devices).
+    with d.store() as store:
+        consenting = consenting_devices(store, ids, d.policy().require_consent)
+    client_app = build_client_app(
+        tuple(ids), d.root / "fl-devices", source_for, plan.exact_reference, consenting=consenting
+    )
     failure = ""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # run_simulation is deprecated in favour of `flwr run`

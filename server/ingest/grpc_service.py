@@ -22,6 +22,7 @@ from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from server.ingest.events import EventRejected, event_row
 from server.ingest.telemetry import ingest_windows, watermark
 from server.store import Store
+from server.store.consent import ConsentRecords
 from server.store.freshness import FreshnessRecords
 from server.trust.pki import serial_of
 from server.trust.repository import Repository
@@ -87,6 +88,8 @@ class FleetService(pb_grpc.FleetServiceServicer):
             )
         hardware = MessageToDict(request.hardware, preserving_proto_field_name=True)
         self.store.register_device(request.device_id, request.fleet, labels, hardware, request.agent_version[:64])
+        if request.HasField("consent_training"):  # the owner's agent.toml; recorded when it changes
+            ConsentRecords(self.store).record(request.device_id, "training", request.consent_training, "agent")
         response = pb.RegisterResponse(device_id=request.device_id, topic_prefix=self.topic_prefix)
         current = self.store.current_assignment(request.device_id)
         if current is not None:

@@ -146,8 +146,11 @@ class Federation:
 
 
 def _digits_share(fed: Federation, i: int) -> str:
-    """Device pi-i's node config: its share of the digits data, its privacy record under the test's directory."""
-    return f"partition-id={i} num-partitions=2 device-id='pi-{i}' state-dir='{fed.root / 'devices'}'"
+    """Device pi-i's node config: its share of the digits data, its privacy record under the test's directory, and
+    its owner's consent to train (agent.toml [consent] training; without it the ClientApp refuses)."""
+    return (
+        f"partition-id={i} num-partitions=2 device-id='pi-{i}' state-dir='{fed.root / 'devices'}' consent-training=true"
+    )
 
 
 @contextlib.contextmanager

@@ -1,13 +1,18 @@
 """Agent footprint: memory, cold start, inference latency, the drift statistics' cost, installed size.
 
-    python benchmarks/agent_footprint.py [--inferences 5000] [--skip-venv]
+    python benchmarks/agent_footprint.py [--inferences 5000] [--runs 5] [--clients 16] [--skip-venv]
 
 - inference p50/p99 and the drift update's cost per inference as a ratio to the inference itself, measured on
   the same inputs in this process (a digits-shaped model: 64 inputs, 10 classes, with a drift reference);
 - RSS of a real `fedfleet-agent run` process with the model committed and a live broker connection, after
-  serving inferences through its local endpoint: in steady state (restarted on its committed model, which is
-  how a device spends its life) and right after applying the update (python-tuf loaded);
+  serving inferences through its local endpoint (200 per client; --clients N callers at once): in steady state
+  (restarted on its committed model, which is how a device spends its life) and right after applying the update
+  (python-tuf loaded);
 - cold start: from starting that process (model already committed) to its first answered inference;
+- with --runs N, those process figures N times, each with a fresh coordinator and agent: the RSS figures are then
+  the largest of the runs (the target holds in every run or not at all), with min/median/max beside them, and
+  the agent's threads and glibc malloc arenas (the run-to-run spread came from arenas, one per thread that
+  allocated while serving: more callers at once, more threads, more arenas; edge_agent/memory.py bounds them);
 - installed size of a virtualenv with the agent alone (no extras), as deploy/raspberry-pi/install.sh leaves it
   (slimmed: no pip, no test suites, no accelerators a Pi cannot use), next to a plain `pip install`.
 Targets: RSS <= 80 MB, drift cost <= 0.5, venv <= 150 MB. Last line: one JSON object.
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -89,6 +95,17 @@ def _infer_once(endpoint: str) -> bool:
     return True
 
 
+def _serve(endpoint: str, clients: int) -> None:
+    """200 inferences per client through the local endpoint, from `clients` callers at once (each call its own
+    channel, as separate applications' calls would be)."""
+    if clients == 1:
+        for _ in range(200):
+            _infer_once(endpoint)
+        return
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(lambda _: _infer_once(endpoint), range(200 * clients)))
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -96,7 +113,20 @@ def _rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def _process_figures(root: Path, model: bytes) -> dict[str, float]:
+def _threads_and_arenas(pid: int) -> tuple[int, int]:
+    """The process's threads, and its glibc malloc arenas besides the main one: each is a heap of its own, an
+    anonymous mapping aligned to the arena size (64 MiB on 64-bit)."""
+    threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
+    arenas = 0
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        start = int(fields[0].split("-")[0], 16)
+        if len(fields) == 5 and fields[1].startswith("rw") and start % (64 << 20) == 0:
+            arenas += 1
+    return threads, arenas
+
+
+def _process_figures(root: Path, model: bytes, clients: int) -> dict[str, float]:
     d, _ = DataDir.init(root / "data")
     store = d.store()
     release = publish_release(
@@ -113,8 +143,7 @@ def _process_figures(root: Path, model: bytes) -> dict[str, float]:
         d.director().assign(store, ["pi-bench"], release)
         wait_for(lambda: agent.status()["release"] == "digits@1.0.0", 60, what="commit")
         wait_for(lambda: _infer_once(config.local_endpoint), 30, what="local endpoint")
-        for _ in range(200):
-            _infer_once(config.local_endpoint)
+        _serve(config.local_endpoint, clients)
         assert agent.proc is not None
         rss_after_update = _rss_mb(agent.proc.pid)
         agent.kill()
@@ -122,9 +151,9 @@ def _process_figures(root: Path, model: bytes) -> dict[str, float]:
         agent.start()
         wait_for(lambda: _infer_once(config.local_endpoint), 60, interval=0.01, what="first inference after start")
         cold = time.monotonic() - start
-        for _ in range(200):
-            _infer_once(config.local_endpoint)
+        _serve(config.local_endpoint, clients)
         rss = _rss_mb(agent.proc.pid)
+        threads, arenas = _threads_and_arenas(agent.proc.pid)
     finally:
         agent.kill()
         coordinator.kill()
@@ -133,7 +162,26 @@ def _process_figures(root: Path, model: bytes) -> dict[str, float]:
         "rss_mb": round(rss, 1),
         "rss_after_update_mb": round(rss_after_update, 1),
         "cold_start_seconds": round(cold, 2),
+        "threads": threads,
+        "malloc_arenas": arenas,
     }
+
+
+def _repeated(root: Path, model: bytes, runs: int, clients: int) -> dict[str, object]:
+    """The process figures `runs` times over; the RSS figures are the largest run's, the spread beside them."""
+    each = [_process_figures(root / f"run-{i}", model, clients) for i in range(runs)]
+    if runs == 1:
+        return dict(each[0])
+    out: dict[str, object] = {"runs": runs}
+    for key in ("rss_mb", "rss_after_update_mb"):
+        values = sorted(e[key] for e in each)
+        out[key] = values[-1]
+        out[f"{key}_runs"] = [e[key] for e in each]
+        out[f"{key}_min_median_max"] = [values[0], values[len(values) // 2], values[-1]]
+    out["cold_start_seconds"] = sorted(e["cold_start_seconds"] for e in each)[len(each) // 2]  # median
+    out["threads_runs"] = [e["threads"] for e in each]
+    out["malloc_arenas_runs"] = [e["malloc_arenas"] for e in each]
+    return out
 
 
 def _tree_mb(path: Path) -> float:
@@ -162,17 +210,26 @@ def _venv_mb(root: Path) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inferences", type=int, default=5000, help="inferences timed in process (default 5000)")
+    parser.add_argument("--runs", type=int, default=1, help="measure the agent process this many times (default 1)")
+    parser.add_argument(
+        "--clients", type=int, default=1, help="applications calling the agent at once while it serves (default 1)"
+    )
     parser.add_argument("--skip-venv", action="store_true", help="do not build the agent-only virtualenv")
     args = parser.parse_args()
     if args.inferences < 100:
         parser.error("--inferences must be at least 100")
+    if not 1 <= args.runs <= 50:
+        parser.error("--runs must be between 1 and 50")
+    if not 1 <= args.clients <= 64:
+        parser.error("--clients must be between 1 and 64")
     with tempfile.TemporaryDirectory(prefix="footprint-") as tmp:
         root = Path(tmp)
         model = build_dense_model(random_dense_layers([FEATURES, 32, CLASSES], 1))
         (root / "m.tflite").write_bytes(model)
         result: dict[str, object] = {"benchmark": "agent_footprint"}
         result.update(_latency_and_drift_cost(root / "m.tflite", args.inferences))
-        result.update(_process_figures(root, model))
+        result["clients"] = args.clients
+        result.update(_repeated(root, model, args.runs, args.clients))
         if not args.skip_venv:
             result.update(_venv_mb(root))
     result["targets"] = {"rss_mb": 80, "drift_cost_ratio": 0.5, "venv_mb": 150}

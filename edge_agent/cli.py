@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 from edge_agent import __version__
 from edge_agent.config import load_config
 from edge_agent.errors import AgentError, ConfigError
+from edge_agent.memory import limit_malloc
 from edge_agent.state import StateStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -30,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("version", help="print the agent's version", description="Print the fedfleet-agent version.")
     run = sub.add_parser(
         "run",
         help="run the agent until stopped (SIGINT/SIGTERM)",
@@ -118,18 +121,31 @@ def _status(config_path: Path, as_json: bool) -> int:
     else:
         width = max(len(k) for k in doc)
         for key, value in doc.items():
-            print(f"{key:<{width}}  {'-' if value is None else value}")
+            print(f"{key:<{width}}  {_shown(key, value)}")
     return EXIT_OK
+
+
+def _shown(key: str, value: object) -> str:
+    """A status field as a person reads it: '-' for nothing, *_ms times as local ISO-8601."""
+    if value is None:
+        return "-"
+    if key.endswith("_ms") and isinstance(value, int):
+        return datetime.datetime.fromtimestamp(value / 1000).astimezone().isoformat(timespec="seconds")
+    return str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"fedfleet-agent {__version__}")
+        return EXIT_OK
     try:
         if args.command == "status":
             return _status(args.config, args.json)
         if args.command == "infer":
             return _infer(args.config, args.input, args.input_file, args.json)
         logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        limit_malloc()  # before the agent starts its threads (edge_agent/memory.py says why)
         from edge_agent.agent import Agent
 
         config = load_config(args.config)

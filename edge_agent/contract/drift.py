@@ -323,7 +323,11 @@ class WindowCounts:
         self.score_counts += bin_counts(top, reference.score_edges)
         self.class_counts += np.bincount(predicted, minlength=reference.n_classes)
         safe = np.minimum(np.maximum(p, 1e-12), 1.0).ravel()
-        self.entropy_sum -= float(np.dot(safe, np.log(safe)))
+        entropy = float(np.dot(safe, np.log(safe)))
+        if not np.isfinite(entropy):  # a NaN output (from a NaN input, say) adds nothing, not a NaN window
+            safe = np.minimum(np.maximum(np.nan_to_num(p, nan=0.0), 1e-12), 1.0).ravel()
+            entropy = float(np.dot(safe, np.log(safe)))
+        self.entropy_sum -= entropy
         lat = np.asarray(latencies_ms, dtype=np.float64)
         self.latency_counts += bin_counts(lat, LATENCY_EDGES_MS)
         if lat.size:

@@ -139,3 +139,21 @@ def test_inconsistent_quality_counts_are_refused() -> None:
 def test_both_metrics_are_registered_once_as_fractions() -> None:
     assert METRICS["invalid_input_rate"].kind is MetricKind.WAVE and METRICS["invalid_input_rate"].fraction
     assert METRICS["stale_data_fraction"].kind is MetricKind.DEVICES and METRICS["stale_data_fraction"].fraction
+
+
+def test_a_nan_output_leaves_the_window_valid() -> None:
+    # Prepare: what a model gives for a NaN input: NaN probabilities
+    closed: list[ClosedWindow] = []
+    recorder = TelemetryRecorder(closed.append, every_inferences=2, every_seconds=3600)
+    recorder.switch("digits@1.0.0", _reference(), SCHEMA)
+    x = np.random.default_rng(2).random((2, FEATURES)).astype(np.float32)
+    x[0, 0] = np.nan
+    probs = np.full((2, CLASSES), 0.1)
+    probs[0] = np.nan
+
+    # Execute
+    recorder.record("digits@1.0.0", x, probs, [0.3, 0.3])
+    counts = counts_from_proto(window_to_proto(closed[0], "pi-1", 1))  # the coordinator's own check
+
+    # Assert
+    assert counts.inferences == 2 and counts.inputs_nonfinite == 1 and np.isfinite(counts.entropy_sum)

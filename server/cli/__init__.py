@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import faulthandler
 import importlib.metadata
 import logging
+import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ import typer
 from rich.table import Table
 
 from edge_agent.contract import device_id_is_valid
+from edge_agent.errors import AgentError
+from edge_agent.runtime import load_model
 from server import __version__, audit
 from server.cli.anchor import audit_anchor
 from server.cli.common import (
@@ -29,10 +32,12 @@ from server.cli.common import (
     DataDirOption,
     JsonOption,
     fmt,
+    local_time,
     open_datadir,
     out,
     parse_labels,
     print_json,
+    progress,
 )
 from server.cli.config import config_app
 from server.cli.context import ENV_CA, ENV_CONTEXT, ENV_SERVER, context_app
@@ -41,7 +46,9 @@ from server.cli.freshness import devices_behind
 from server.cli.keys import OfflineKeysOption, keys_app
 from server.cli.loop import alerts_app, loop_app
 from server.cli.mirror import mirror_app
+from server.cli.quiet import ENV_VERBOSE, native_stderr_quiet, quiet_third_parties
 from server.cli.release_inputs import read_card, read_probe, release_remotely
+from server.cli.releases import releases_retire
 from server.cli.remote import connect, is_remote
 from server.cli.retention import retention_app
 from server.cli.rollout import audit_app, rollout_app
@@ -54,9 +61,12 @@ from server.ingest.telemetry import pool
 from server.store import Release, now_ms
 from server.store.telemetry import TelemetryRecords
 from server.trust.enrollment import write_bundle
-from server.trust.releases import publish_release
+from server.trust.releases import publish_release, release_source
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# A file release's version: MAJOR.MINOR.PATCH with an optional pre-release (semver.org; no +build, which target
+# paths do not allow).
+SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(-[0-9A-Za-z.-]+)?$")
 
 app = typer.Typer(
     name="fedfleet",
@@ -64,12 +74,14 @@ app = typer.Typer(
     epilog="Exit codes: 0 success, 1 failure (the message says what to do), 2 usage error.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish and PowerShell
 )
 devices_app = typer.Typer(
     help="Devices: list, show, enroll, label, revoke, and those behind their assignment.", no_args_is_help=True
 )
-releases_app = typer.Typer(help="Releases: list published models.", no_args_is_help=True)
+releases_app = typer.Typer(
+    help="Releases: list published models (trained model versions and .tflite files).", no_args_is_help=True
+)
 broker_app = typer.Typer(help="Broker: write a Mosquitto configuration with TLS and ACLs.", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 devices_app.command("behind")(devices_behind)
@@ -83,10 +95,11 @@ app.add_typer(privacy_app, name="privacy")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(loop_app, name="loop")
 app.add_typer(config_app, name="config")
-app.add_typer(retention_app, name="retention")
-audit_app.command("anchor")(audit_anchor)
 app.add_typer(users_app, name="users")
 app.add_typer(context_app, name="context")
+app.add_typer(retention_app, name="retention")
+releases_app.command("retire")(releases_retire)
+audit_app.command("anchor")(audit_anchor)
 app.add_typer(mirror_app, name="mirror")
 app.command()(status)
 app.add_typer(flower_app, name="flower")
@@ -202,17 +215,29 @@ def release(
             raise CoordinatorError("--quantize applies to a model version, not to a .tflite file")
         if not name or not version:
             raise CoordinatorError("releasing a file needs --name and --version")
+        if not SEMVER.match(version):
+            raise CoordinatorError(
+                f"--version {version!r} is not a semantic version: give MAJOR.MINOR.PATCH, e.g. 1.2.0 "
+                "(trained model versions are released as name@N)"
+            )
         result = _release_file(d, path, name, version, probe, card)
         report = None
+    elif "@" not in target or path.suffix or path.parent != Path("."):
+        raise CoordinatorError(
+            f"{target} is not a file (no such file from here, {Path.cwd()}); give a .tflite file that exists, "
+            "or a trained model version like digits@1 (`fedfleet models list` shows them)"
+        )
     else:
         if name or version or probe or card:
             raise CoordinatorError(
-                f"{target!r} is not a file, so it must be a model version (name@seq); --name, --version, --probe "
-                "and --card apply to files only (a version's card and probe come from its registry entry)"
+                f"{target!r} is a model version; --name, --version, --probe and --card apply to files only "
+                "(a version's card and probe come from its registry entry)"
             )
         from server.fl.export import release_model_version
 
-        report = release_model_version(d, target, quantize)
+        progress(f"Exporting {target} to TFLite with litert-torch and checking parity (10-20 s)…")
+        with native_stderr_quiet():
+            report = release_model_version(d, target, quantize)
         result = report.release
     r = result.release
     if as_json:
@@ -240,12 +265,17 @@ def release(
 
 
 def _release_file(d: DataDir, model_file: Path, name: str, version: str, probe: Path | None, card: Path | None) -> Any:
+    try:  # here, so that a refusal names the user's file rather than the copy the release is checked in
+        with native_stderr_quiet():
+            load_model(model_file)
+    except AgentError as e:
+        raise CoordinatorError(f"{model_file} is not a loadable TFLite model ({e})") from e
     extra: dict[str, Any] = {}
     model_card = read_card(card)
     if model_card is not None:
         extra["model_card"] = model_card
     probe_doc = read_probe(probe)
-    with d.store() as store:
+    with d.store() as store, native_stderr_quiet():
         return publish_release(
             d.repository(), store, model_file.read_bytes(), name, version, probe_doc, extra, d.policy()
         )
@@ -253,16 +283,27 @@ def _release_file(d: DataDir, model_file: Path, name: str, version: str, probe: 
 
 @releases_app.command("list")
 def releases_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
-    """List published releases."""
+    """List published releases. Source `trained`: a model version of `fedfleet train` released as name@N (exported,
+    parity-checked, with its drift reference and model card); `file`: a .tflite file released as name@MAJOR.MINOR.PATCH.
+    """
     store = open_datadir(data_dir).store()
     rows = store.releases()
     store.close()
     if as_json:
-        print_json([{**_release_doc(r), "created_at": r.created_at} for r in rows])
+        print_json(
+            [{**_release_doc(r), "source": release_source(r.custom)["kind"], "created_at": r.created_at} for r in rows]
+        )
         return
-    table = Table("release", "target", "bytes", "sha256")
+    table = Table("release", "source", "target", "bytes", "sha256", "created")
     for r in rows:
-        table.add_row(r.id, r.target_path, str(r.length), r.sha256[:16])
+        table.add_row(
+            r.id,
+            release_source(r.custom)["kind"],
+            r.target_path,
+            str(r.length),
+            r.sha256[:16],
+            local_time(r.created_at),
+        )
     out.print(table)
 
 
@@ -339,9 +380,11 @@ def devices_show(
     for key, value in doc.items():
         if key != "events":
             out.print(f"[bold]{key}[/]: {_shown(key, value)}", highlight=False)
-    table = Table("event", "counter", "release", "reason", "detail")
+    table = Table("time", "event", "counter", "release", "reason", "detail")
     for e in doc["events"]:
-        table.add_row(e["kind"], str(e["counter"]), e["release_id"], e["reason"], e["detail"][:80])
+        table.add_row(
+            local_time(e["received_at"]), e["kind"], str(e["counter"]), e["release_id"], e["reason"], e["detail"][:80]
+        )
     out.print(table)
 
 
@@ -352,7 +395,7 @@ def _shown(key: str, value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
     if key in ("last_seen",) and isinstance(value, int):
-        return dt.datetime.fromtimestamp(value / 1000).astimezone().isoformat(timespec="seconds")
+        return local_time(value)
     return str(value)
 
 
@@ -392,16 +435,44 @@ def devices_enroll(
     grpc: Annotated[str | None, typer.Option(help="Coordinator gRPC address the device dials.")] = None,
     mqtt: Annotated[str | None, typer.Option(help="Broker URL the device connects to.")] = None,
     state_dir: Annotated[str, typer.Option(help="Agent state directory (relative: to the bundle).")] = "state",
+    force: Annotated[
+        bool, typer.Option("--force", help="Enroll a device that is enrolled already: its certificate is revoked.")
+    ] = False,
+    consent_training: Annotated[
+        bool,
+        typer.Option(
+            "--consent-training/--no-consent-training",
+            help="The owner's consent to train on the device's data, written to agent.toml [consent] training "
+            "(the owner may change it there; the agent reports it when it registers).",
+        ),
+    ] = False,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
-    """Write an enrollment bundle: agent.toml, the TUF trust root and the director keys."""
+    """Write an enrollment bundle: agent.toml, the TUF trust root and the director keys, and the device's
+    certificate. A name that is enrolled already is refused unless --force (a replaced device, a lost key): the
+    old certificate is then revoked and the device must take the new bundle."""
     d = open_datadir(data_dir)
     labels = parse_labels(label or [])
-    write_bundle(d, device_id, out_dir, fleet, labels, grpc, mqtt, state_dir)
-    _audit(d, "device.enroll", device_id, {"fleet": fleet, "labels": labels, "bundle": str(out_dir)}, "coordinator")
+    with d.store() as store:
+        enrolled = store.live_certificates(device_id)
+    if enrolled and not force:
+        raise CoordinatorError(
+            f"{device_id} is enrolled already (a live certificate); enrolling it again revokes that certificate, "
+            "so the device must take the new bundle: add --force to do that"
+        )
+    write_bundle(d, device_id, out_dir, fleet, labels, grpc, mqtt, state_dir, consent_training=consent_training)
+    detail = {"fleet": fleet, "labels": labels, "bundle": str(out_dir), "consent_training": consent_training}
+    _audit(d, "device.enroll", device_id, detail, "coordinator")
     if as_json:
-        print_json({"device": device_id, "bundle": str(out_dir), "config": str(out_dir / "agent.toml")})
+        print_json(
+            {
+                "device": device_id,
+                "bundle": str(out_dir),
+                "config": str(out_dir / "agent.toml"),
+                "consent_training": consent_training,
+            }
+        )
     else:
         out.print(
             f"Enrollment bundle for [bold]{device_id}[/] written to {out_dir} "
@@ -508,7 +579,7 @@ def _audit(d: DataDir, action: str, subject: str, detail: dict[str, Any], actor:
 @app.command()
 def version() -> None:
     """Print the fedfleet version."""
-    out.print(f"fedfleet {__version__}")
+    sys.stdout.write(f"fedfleet {__version__}\n")
 
 
 def _version_option(value: bool) -> None:
@@ -543,6 +614,12 @@ def _options(
         bool,
         typer.Option("--version", help="Print the fedfleet version and exit.", is_eager=True, callback=_version_option),
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", envvar=ENV_VERBOSE, help="Show third-party libraries' logs and warnings (TensorFlow, Ray, …)."
+        ),
+    ] = False,
 ) -> None:
     """fedfleet coordinator: signed model releases, per-device assignments, the fleet's control plane."""
 
@@ -562,6 +639,9 @@ def load_plugins() -> None:
 def main() -> None:
     # `kill -USR1 <pid>` prints every thread's stack to stderr: how a stuck coordinator or demo tells where.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if "--verbose" in sys.argv[1:2]:  # before any command imports the libraries it quiets
+        os.environ[ENV_VERBOSE] = "1"
+    quiet_third_parties()
     load_plugins()
     try:
         app()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 from collections.abc import Callable
@@ -20,14 +21,18 @@ __all__ = [
     "DataDirOption",
     "JsonOption",
     "fmt",
+    "local_time",
     "open_datadir",
     "out",
     "parse_labels",
     "print_json",
     "print_rows",
+    "progress",
 ]
 
-out = Console(soft_wrap=True)  # never hard-wrap: output is often piped or grepped
+# Never hard-wrap, and never cut a table to 80 columns when the output is piped or grepped: a terminal's width
+# only applies to a terminal.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 10_000)
 
 DataDirOption = Annotated[
     Path,
@@ -73,3 +78,16 @@ def parse_labels(items: list[str]) -> dict[str, str]:
 
 def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def local_time(epoch_ms: int | float | None) -> str:
+    """Epoch milliseconds as a local ISO-8601 time to the second (2026-12-05T03:04:05+01:00); '-' for none."""
+    if epoch_ms is None:
+        return "-"
+    return dt.datetime.fromtimestamp(epoch_ms / 1000).astimezone().isoformat(timespec="seconds")
+
+
+def progress(message: str) -> None:
+    """A line saying what a slow step is doing, on stderr so that --json output stays one document."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()

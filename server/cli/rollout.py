@@ -17,8 +17,17 @@ from rich.live import Live
 from rich.table import Table
 
 from server import audit
-from server.cli.common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, open_datadir, out, parse_labels, print_json
-from server.cli.remote import connect
+from server.cli.common import (
+    DEFAULT_DATA_DIR,
+    DataDirOption,
+    JsonOption,
+    local_time,
+    open_datadir,
+    out,
+    parse_labels,
+    print_json,
+)
+from server.cli.remote import connect, is_remote
 from server.errors import CoordinatorError
 from server.rollout.engine import ACTIVE, Phase
 from server.rollout.spec import OnFail, load_spec, parse_gate
@@ -157,22 +166,25 @@ def _follow(data_dir: Path, rollout_id: str, as_json: bool) -> None:
 
 
 def _render(status: dict[str, Any]) -> Group:
-    header = f"[bold]{status['id']}[/] {status['release']}: [bold]{status['phase']}[/]"
+    """The status as a person reads it: a header, the waves, the gates (the last verdict's once the rollout is no
+    longer judged), the decisions. Waves are named by `wave_label`: the canary, then wave 1 … N."""
+    header = f"[bold]{status['id']}[/] {status['release']}: [bold]{status['phase']}[/], {status['wave_label']}"
     if status["bake_remaining_s"] is not None:
-        header += f", baking wave {status['wave']} ({status['bake_remaining_s']:.0f} s left)"
+        header += f", {status['bake_remaining_s']:.0f} s of baking left"
     waves = Table("wave", "devices by state", title="waves", title_justify="left")
     for w in status["waves"]:
         mark = " ◀" if w["wave"] == status["wave"] else ""
         waves.add_row(w["name"] + mark, ", ".join(f"{k} {v}" for k, v in w["devices"].items()))
-    gates = Table("gate", "value", "threshold", "verdict", "note", title="gates (now)", title_justify="left")
+    judged_at = status["gates_at_ms"]
+    title = "gates (now)" if judged_at is None else f"gates (last verdict, {local_time(judged_at)})"
+    gates = Table("gate", "value", "threshold", "verdict", "note", title=title, title_justify="left")
     for g in status["gates"]:
         value = "-" if g["value"] is None else f"{g['value']:.4g}"
         style = {"fail": "red", "pass": "green"}.get(g["verdict"], "yellow")
         gates.add_row(g["metric"], value, f"{g['op']} {g['threshold']:g}", f"[{style}]{g['verdict']}[/]", g["note"])
     decisions = Table("time", "wave", "decision", "reason", title="decisions", title_justify="left")
     for dec in status["decisions"][-12:]:
-        at = time.strftime("%H:%M:%S", time.localtime(dec["at"] / 1000))
-        decisions.add_row(at, str(dec["wave"]), dec["decision"], dec["reason"])
+        decisions.add_row(local_time(dec["at"]), dec["wave_label"], dec["decision"], dec["reason"])
     parts: list[Any] = [header, waves]
     if status["gates"]:
         parts.append(gates)
@@ -234,8 +246,7 @@ def rollout_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption
         return
     table = Table("rollout", "release", "phase", "wave", "started")
     for r in rows:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"] / 1000))
-        table.add_row(r["id"], r["release"], r["phase"], f"{max(r['wave'], 0) + 1}/{r['waves']}", started)
+        table.add_row(r["id"], r["release"], r["phase"], r["wave_label"], local_time(r["created_at"]))
     out.print(table)
 
 
@@ -254,8 +265,7 @@ def audit_list(
         return
     table = Table("seq", "time", "actor", "action", "subject", "hash")
     for r in rows:
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["at"] / 1000))
-        table.add_row(str(r["seq"]), at, r["actor"], r["action"], r["subject"], r["hash"][:12])
+        table.add_row(str(r["seq"]), local_time(r["at"]), r["actor"], r["action"], r["subject"], r["hash"][:12])
     out.print(table)
 
 
@@ -271,17 +281,20 @@ def audit_verify(
     """Check the hash chain; names every edited or deleted entry. Exit 1 if the trail was tampered with. With
     --against, also exit 1 when the database is behind the export (restored from an older copy, cut at its tail),
     holds another entry at its sequence, or the export's signature is not this coordinator's."""
-    d = open_datadir(data_dir)
-    with d.store() as store:
-        if against is not None:
+    if against is not None:
+        if is_remote():
+            raise CoordinatorError("--against reads the coordinator's keys: run it on the coordinator's host")
+        d = open_datadir(data_dir)
+        with d.store() as store:
             audit.check_anchor(store, audit.read_anchor(against), audit.anchor_public_key(d.keys))
-        checked, problems = audit.verify(store)
+    with connect(data_dir) as fleet:
+        report = fleet.audit_verify()
     if as_json:
-        print_json({"entries": checked, "intact": not problems, "problems": [p.__dict__ for p in problems]})
-    elif not problems:
-        out.print(f"Audit trail intact: {checked} entries, every hash and link checks.")
-    if problems:
+        print_json(report)
+    elif report["intact"]:
+        out.print(f"Audit trail intact: {report['entries']} entries, every hash and link checks.")
+    if not report["intact"]:
         if not as_json:
-            for p in problems:
-                out.print(f"[red]{p}[/]")
+            for p in report["problems"]:
+                out.print(f"[red]entry {p['seq']}: {p['problem']}[/]")
         raise typer.Exit(1)

@@ -20,7 +20,7 @@ from server.cli.common import (
     print_json,
     print_rows,
 )
-from server.errors import CoordinatorError
+from server.errors import CoordinatorError, NotFoundError
 from server.fl.plan import TrainPlan  # no torch or Flower: the plan only
 
 _PLAN = TrainPlan()  # the training defaults, shown in --help
@@ -320,6 +320,14 @@ def privacy_budget(
     d = open_datadir(data_dir)
     with d.store() as store:
         ledger = Ledger(store, d.config().epsilon_budget)
+        if device not in {r["device"] for r in ledger.rows()}:
+            try:
+                store.device(device)
+            except NotFoundError as e:
+                raise CoordinatorError(
+                    f"no device {device!r}: neither registered nor in the privacy ledger (`fedfleet devices list` "
+                    "and `fedfleet privacy ledger` show them)"
+                ) from e
         try:
             ledger.set_budget(device, epsilon)
         except ValueError as e:

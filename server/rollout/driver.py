@@ -17,7 +17,7 @@ from typing import Any
 from server import audit
 from server.crashpoints import crash_point
 from server.errors import ConflictError, NotFoundError
-from server.ingest.telemetry import Pooled, pool
+from server.ingest.telemetry import Pooled, pool, stale_data
 from server.policy import Policy, PolicyViolation
 from server.rollout.engine import (
     ACTIVE,
@@ -29,8 +29,9 @@ from server.rollout.engine import (
     evaluate_gates,
     operator_action,
 )
-from server.rollout.metrics import telemetry_values
+from server.rollout.metrics import stale_data_fraction, telemetry_values
 from server.rollout.spec import DEFAULT_GATES, RolloutSpec, RolloutSpecError, plan_waves
+from server.rollout.waves import wave_label
 from server.store import Store, now_ms
 from server.store.rollouts import RolloutRecords
 from server.trust.director import Director
@@ -181,11 +182,14 @@ class Rollouts:
         if row.spec.gate_window_seconds:
             since = max(since, now - int(row.spec.gate_window_seconds * 1000))
         wave = pool(self.store, row.release_id, running, since_ms=since, min_samples=1)
+        assigned = {o["device_id"]: o["assigned_at"] for o in treated if _runs_release(o, row.release_id)}
+        judged, stale = stale_data(self.store, row.release_id, assigned, now, self.policy.data_stale_after_seconds)
         control = self._control(row, outcomes)
         n = len(treated)
         values: dict[str, float | None] = {
             "failure_rate": failed / n if n else None,
             "silent_fraction": silent / n if n else None,
+            "stale_data_fraction": stale_data_fraction(judged, stale),
             **telemetry_values(wave.counts, wave.score, control.counts),
         }
         return WaveObservation(
@@ -276,6 +280,7 @@ class Rollouts:
                 "release": row.release_id,
                 "phase": str(row.state.phase),
                 "wave": row.state.wave,
+                "wave_label": wave_label(row.state.wave, row.waves),
                 "waves": row.waves,
                 "last_decision": row.state.last_decision,
                 "created_at": row.created_at,
@@ -288,8 +293,9 @@ class Rollouts:
         return self._row(rollout_id).state.phase
 
     def status(self, rollout_id: str, observe: bool = True) -> dict[str, Any]:
-        """Each wave with its devices by state, the current gate values against thresholds, every decision.
-        `observe=False` leaves the gates out (observing pools the wave's telemetry: the costly part)."""
+        """Each wave with its devices by state, the current gate values against thresholds, every decision, each
+        wave named by `wave_label`. `observe=False` leaves a judged wave's gates out (observing pools the wave's
+        telemetry: the costly part); an ended rollout shows the gates of its last verdict (`gates_at_ms`)."""
         row = self._row(rollout_id)
         now = now_ms()
         waves: list[dict[str, Any]] = []
@@ -297,18 +303,32 @@ class Rollouts:
             counts: Counter[str] = Counter()
             for r in self.records.wave_devices(row.id, k):
                 counts[_device_state(r, row.release_id)] += 1
-            waves.append(
-                {"wave": k, "name": "canary" if k == 0 else f"wave {k}", "devices": dict(sorted(counts.items()))}
-            )
+            waves.append({"wave": k, "name": wave_label(k, row.waves), "devices": dict(sorted(counts.items()))})
+        decisions = [
+            {
+                **d,
+                "wave": d["wave"] if d["wave"] >= 0 else None,  # the rollout's own decisions (created) precede waves
+                "wave_label": wave_label(d["wave"], row.waves),
+                "gates": json.loads(d["gates"]),
+            }
+            for d in self.records.decisions(row.id)
+        ]
         gates: list[dict[str, Any]] = []
-        if observe and row.state.phase in (Phase.BAKING, Phase.GATING, Phase.PAUSED):
+        gates_at_ms = None  # set when the gates are the last verdict's, not judged now
+        judging = row.state.phase in (Phase.BAKING, Phase.GATING, Phase.PAUSED)
+        if observe and judging:
             gates = [g.to_json() for g in evaluate_gates(row.spec, self.observe(row, now))]
-        decisions = [{**d, "gates": json.loads(d["gates"])} for d in self.records.decisions(row.id)]
+        elif not judging:  # ended or rolling back: the values its last verdict was made on
+            judged = [d for d in decisions if d["gates"]]
+            if judged:
+                gates, gates_at_ms = judged[-1]["gates"], judged[-1]["at"]
         return {
             "id": row.id,
             "release": row.release_id,
             "phase": str(row.state.phase),
-            "wave": row.state.wave,
+            "wave": row.state.wave if row.state.wave >= 0 else None,
+            "wave_label": wave_label(row.state.wave, row.waves),
+            "gates_at_ms": gates_at_ms,
             "waves": waves,
             "bake_remaining_s": max(0.0, row.spec.bake_seconds - (now - row.state.wave_started_ms) / 1000)
             if row.state.phase is Phase.BAKING

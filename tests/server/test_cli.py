@@ -141,9 +141,9 @@ def test_release_is_byte_identical_when_repeated_and_bad_input_changes_nothing(
     other = tmp_path / "other.tflite"
     other.write_bytes(build_dense_model(random_dense_layers([64, 16, 10], 4)))
     refusals = [
-        (["release", str(tmp_path / "junk.tflite"), "--name", "digits", "--version", "2"], "not a loadable TFLite"),
+        (["release", str(tmp_path / "junk.tflite"), "--name", "digits", "--version", "2.0.0"], "not a loadable TFLite"),
         (["release", str(other), "--name", "digits", "--version", "1.0.0"], "exists with other bytes"),
-        (["release", str(model), "--name", "../evil", "--version", "3"], "model name"),
+        (["release", str(model), "--name", "../evil", "--version", "3.0.0"], "model name"),
         (["release", str(model), "--name", "digits", "--version", "a b"], "version"),
         (["assign", "--fleet", "lab", "digits@9.9.9"], "no release"),
         (["assign", "ghost", "digits@1.0.0"], "no device"),
@@ -366,6 +366,8 @@ def test_status_tells_the_fleet_at_a_glance(datadir: DataDir, model_bytes: dict[
 def test_privacy_budget_sets_one_devices_budget_and_refuses_nonsense(datadir: DataDir) -> None:
     root = str(datadir.root)
     default = datadir.config().epsilon_budget
+    with datadir.store() as store:
+        store.register_device("sim-001", "sim", {}, {}, "t")
     out = run("privacy", "budget", "sim-001", "2.5", "--data-dir", root)
     assert out.returncode == 0, out.stderr
     assert "sim-001: lifetime budget ε 2.5 (spent so far 0.000)" in out.stdout

@@ -328,6 +328,7 @@ class Rollouts:
             "phase": str(row.state.phase),
             "wave": row.state.wave if row.state.wave >= 0 else None,
             "wave_label": wave_label(row.state.wave, row.waves),
+            "last_decision": row.state.last_decision,
             "gates_at_ms": gates_at_ms,
             "waves": waves,
             "bake_remaining_s": max(0.0, row.spec.bake_seconds - (now - row.state.wave_started_ms) / 1000)

@@ -161,7 +161,7 @@ def test_every_read_needs_the_token_unless_reads_are_opened(
     for path in reads:
         assert client.get(path, headers=_auth(d)).status_code == 200, path
         refused = client.get(path)
-        assert refused.status_code == 401 and "operator token" in refused.json()["detail"], path
+        assert refused.status_code == 401 and "needs a user's token" in refused.json()["detail"], path
         assert client.get(path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
     assert client.get("/api/session").json() == {
         "public_read": False,

@@ -178,6 +178,7 @@ def test_a_device_calibrates_and_reports_with_the_runs_accountant_and_a_config_w
             "partition-id": 0,
             "num-partitions": 10,
             "state-dir": str(tmp_path),
+            "consent-training": True,
         }
         context = Context(run_id=1, node_id=3, node_config=node_config, state=RecordDict(), run_config={})
         extra = {} if accountant is None else {"accountant": accountant}

@@ -271,7 +271,7 @@ def _rollout_view_and_actions(client: TestClient, d: DataDir, rollout_id: str) -
     assert paused.status_code == 200 and paused.json()["phase"] == "paused"
     assert _phase(d, rollout_id) == "paused"
     last = client.get("/api/audit", params={"limit": 1}, headers=h).json()["entries"][0]
-    assert (last["action"], last["actor"], last["subject"]) == ("rollout.pause", "dashboard", rollout_id)
+    assert (last["action"], last["actor"], last["subject"]) == ("rollout.pause", "user:operator", rollout_id)
     assert client.post(f"/api/rollouts/{rollout_id}/pause", json={"confirm": rollout_id}, headers=h).status_code == 409
     resumed = client.post(f"/api/rollouts/{rollout_id}/resume", json={"confirm": rollout_id}, headers=h)
     assert resumed.status_code == 200 and _phase(d, rollout_id) == "baking"

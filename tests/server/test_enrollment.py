@@ -86,7 +86,7 @@ def test_enrolling_a_name_again_revokes_its_previous_identity(datadir: DataDir, 
     with datadir.store() as store:
         (first,) = [r[0] for r in store.db.execute("SELECT serial FROM certificates WHERE subject = 'pi-3'")]
         assert not store.certificate_revoked(first)
-    assert _enroll(datadir, "pi-3", "--fleet", "home", "--out", str(tmp_path / "second")).returncode == 0
+    assert _enroll(datadir, "pi-3", "--fleet", "home", "--out", str(tmp_path / "second"), "--force").returncode == 0
     with datadir.store() as store:
         serials = [r[0] for r in store.db.execute("SELECT serial FROM certificates WHERE subject = 'pi-3'")]
         assert len(serials) == 2 and store.certificate_revoked(first)

@@ -129,7 +129,13 @@ def _fresh_context(node_id: int, node_config: dict[str, Any]) -> Context:
 
 def test_a_client_that_loses_its_context_every_round_still_reports_the_cumulative_epsilon(tmp_path: Path) -> None:
     app = client_app.build_client_app()
-    node_config = {"device-id": "pi-7", "partition-id": 0, "num-partitions": 10, "state-dir": str(tmp_path)}
+    node_config = {
+        "device-id": "pi-7",
+        "partition-id": 0,
+        "num-partitions": 10,
+        "state-dir": str(tmp_path),
+        "consent-training": True,
+    }
     n = len(DigitsPartition(0, 10, 0.5, 0).load()[0])
     rate, steps = steps_per_round(n, 32, 1)
 
@@ -153,7 +159,7 @@ def test_a_client_that_loses_its_context_every_round_still_reports_the_cumulativ
 
 def test_private_training_without_a_privacy_record_is_refused_and_records_nothing(tmp_path: Path) -> None:
     app = client_app.build_client_app()
-    node_config = {"device-id": "pi-8", "partition-id": 0, "num-partitions": 10}
+    node_config = {"device-id": "pi-8", "partition-id": 0, "num-partitions": 10, "consent-training": True}
     with pytest.raises(Exception, match="state-dir"):
         app(_train_message("run-a", 1, 8), _fresh_context(8, node_config))
     assert list(tmp_path.iterdir()) == []
@@ -301,8 +307,9 @@ def _faulty_client_apps(monkeypatch: pytest.MonkeyPatch) -> None:
         state_dir: Path | None = None,
         source_for: Any = None,
         allow_exact_reference: bool = False,
+        consenting: Any = None,
     ) -> Any:
-        real = real_build(device_ids, state_dir, source_for, allow_exact_reference)
+        real = real_build(device_ids, state_dir, source_for, allow_exact_reference, consenting)
         app = ClientApp()
 
         @app.query()

@@ -85,7 +85,7 @@ def _context(node_config: dict[str, Any]) -> Context:
 
 
 def _node(tmp_path: Path | None) -> dict[str, Any]:
-    node = {"device-id": "pi-5", "partition-id": 0, "num-partitions": 10}
+    node = {"device-id": "pi-5", "partition-id": 0, "num-partitions": 10, "consent-training": True}
     return node if tmp_path is None else {**node, "state-dir": str(tmp_path)}
 
 

@@ -59,8 +59,8 @@ def _ok(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return doc
 
 
-def _enroll(d: DataDir, bundle: Path) -> None:
-    _ok(fedfleet(d, "devices", "enroll", bundle.name, "--out", str(bundle), "--json"))
+def _enroll(d: DataDir, bundle: Path, *extra: str) -> None:
+    _ok(fedfleet(d, "devices", "enroll", bundle.name, "--out", str(bundle), "--json", *extra))
 
 
 def _fresh_key(path: Path) -> None:
@@ -392,7 +392,7 @@ def test_node_key_refusals_change_nothing(datadir: DataDir, tmp_path: Path) -> N
     # Prepare: pi-a enrolled twice (the first bundle's certificate is revoked), pi-b with a key already.
     old, new, keyed = tmp_path / "old" / "pi-a", tmp_path / "new" / "pi-a", tmp_path / "pi-b"
     _enroll(datadir, old)
-    _enroll(datadir, new)
+    _enroll(datadir, new, "--force")
     _enroll(datadir, keyed)
     _ok(fedfleet(datadir, "flower", "node-key", str(keyed), "--json"))
     key_before = (keyed / NODE_KEY).read_bytes()

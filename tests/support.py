@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -35,14 +36,18 @@ __all__ = [
 ]
 
 
-def fedfleet(d: DataDir, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """`fedfleet ARGS --data-dir D` in a process of its own (as a person would type it), output as text."""
+def fedfleet(
+    d: DataDir, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`fedfleet ARGS --data-dir D` in a process of its own (as a person would type it), output as text; `env` adds
+    to the environment."""
     return subprocess.run(
         [sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env={**os.environ, **env} if env else None,
     )
 
 

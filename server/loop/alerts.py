@@ -33,7 +33,7 @@ from server.policy import Webhook
 from server.store import Store, now_ms
 from server.store.loop import AlertRecords, DeliveryRecords
 
-__all__ = ["SIGNATURE_HEADER", "Alerts", "WebhookSender", "sign"]
+__all__ = ["SIGNATURE_HEADER", "Alerts", "WebhookSender", "post_signed", "sign"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,32 @@ SIGNATURE_HEADER = "X-Fedfleet-Signature"  # "sha256=" + hex HMAC-SHA256 of the 
 
 def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def post_signed(
+    hook: Webhook, body: bytes, event: str, timeout: float, headers: dict[str, str] | None = None
+) -> tuple[str, bool]:
+    """POST a JSON body to a webhook, signed with its secret: what happened ("HTTP 204", "URLError: …") and
+    whether a 2xx answered. One attempt; the callers decide about retries."""
+    request = urllib.request.Request(
+        hook.url,
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "User-Agent": "fedfleet-coordinator",
+            "X-Fedfleet-Event": event,
+            **(headers or {}),
+            SIGNATURE_HEADER: sign(hook.secret, body),
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return f"HTTP {response.status}", 200 <= response.status < 300
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}", False
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        return f"{type(e).__name__}: {getattr(e, 'reason', e)}", False
 
 
 class Alerts:
@@ -191,25 +217,9 @@ class WebhookSender:
                 sort_keys=True,
                 default=str,
             ).encode()
-            request = urllib.request.Request(
-                hook.url,
-                data=body,
-                method="POST",
-                headers={
-                    "Content-Type": "application/json",
-                    "User-Agent": "fedfleet-coordinator",
-                    "X-Fedfleet-Event": delivery["event"],
-                    "X-Fedfleet-Delivery": str(delivery["id"]),
-                    SIGNATURE_HEADER: sign(hook.secret, body),
-                },
+            result, ok = post_signed(
+                hook, body, delivery["event"], self.timeout, {"X-Fedfleet-Delivery": str(delivery["id"])}
             )
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    result, ok = f"HTTP {response.status}", 200 <= response.status < 300
-            except urllib.error.HTTPError as e:
-                result, ok = f"HTTP {e.code}", False
-            except (urllib.error.URLError, OSError, TimeoutError) as e:
-                result, ok = f"{type(e).__name__}: {getattr(e, 'reason', e)}", False
             if ok:
                 DeliveryRecords(store).attempted(delivery["id"], "delivered", result)
                 return

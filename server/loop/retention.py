@@ -18,15 +18,13 @@ import json
 import logging
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from server import audit
-from server.loop.alerts import SIGNATURE_HEADER, sign
+from server.loop.alerts import post_signed
 from server.policy import Policy, Retention, Webhook
 from server.rollout.driver import ACTIVE_PHASES
 from server.store import Store, now_ms
@@ -124,24 +122,7 @@ def export_anchor(
 
 def _post_anchor(hook: Webhook, doc: dict[str, Any], timeout: float) -> str:
     body = json.dumps({"event": "audit.anchor", "anchor": doc, "sent_at": now_ms()}, sort_keys=True).encode()
-    request = urllib.request.Request(
-        hook.url,
-        data=body,
-        method="POST",
-        headers={
-            "Content-Type": "application/json",
-            "User-Agent": "fedfleet-coordinator",
-            "X-Fedfleet-Event": "audit.anchor",
-            SIGNATURE_HEADER: sign(hook.secret, body),
-        },
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return f"HTTP {response.status}"
-    except urllib.error.HTTPError as e:
-        return f"HTTP {e.code}"
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        return f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+    return post_signed(hook, body, "audit.anchor", timeout)[0]
 
 
 class Housekeeper:

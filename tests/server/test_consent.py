@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from edge_agent.config import load_config
@@ -33,13 +32,14 @@ from server.fl.plan import TrainPlan
 from server.fl.registry import Ledger, Registry, TrainingRuns, model_card, model_card_markdown
 from server.fl.server_app import build_server_app, consenting_devices
 from server.store.consent import ConsentRecords
+from tests.server.grid import GridStub
 from tests.support import GrpcServerThread, fedfleet
 
 PLAN = TrainPlan(rounds=1, clients=3, noise_multiplier=None, local_epochs=1, seed=4, exact_reference=True)
 DEVICES = ("pi-a", "pi-b", "pi-c")
 
 
-class LocalGrid(Grid):
+class LocalGrid(GridStub):
     """Flower's Grid interface over ClientApps in this process: each message goes to its node's ClientApp with that
     node's own context (node config, state), and the reply comes back as a SuperNode's would."""
 
@@ -50,16 +50,6 @@ class LocalGrid(Grid):
             for node, cfg in node_configs.items()
         }
         self.delivered: list[tuple[int, str]] = []  # (node, message type) of every message delivered
-
-    def set_run(self, run: Any) -> None:
-        pass
-
-    @property
-    def run(self) -> Any:
-        return None
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)

@@ -5,7 +5,6 @@ retires the previous key. Each refusal is one sentence and changes nothing; each
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,15 @@ from server.trust.director import Director
 from server.trust.keyfile import ENV_PASSPHRASE, ENV_PASSPHRASE_FILE, is_encrypted, read_key
 from server.trust.releases import publish_release
 from tests.server.test_transport_security import Refused, _mqtt_session
-from tests.support import CoordinatorProcess, GrpcServerThread, Mosquitto, enroll_agent, own_topic_prefix, wait_for
+from tests.support import (
+    CoordinatorProcess,
+    GrpcServerThread,
+    Mosquitto,
+    enroll_agent,
+    fedfleet,
+    own_topic_prefix,
+    wait_for,
+)
 
 PASSPHRASE = "correct horse battery staple"
 
@@ -39,18 +46,6 @@ def no_passphrase(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests set the passphrase themselves; one left in the environment would hide a missing-passphrase bug."""
     monkeypatch.delenv(ENV_PASSPHRASE, raising=False)
     monkeypatch.delenv(ENV_PASSPHRASE_FILE, raising=False)
-
-
-def fedfleet(d: DataDir, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`fedfleet ARGS --data-dir D` in a process of its own, with extra environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def one_sentence(stderr: str) -> str:

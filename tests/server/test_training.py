@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Message
-from flwr.serverapp import Grid
 from opacus.accountants import RDPAccountant
 
 from edge_agent.contract.drift import DriftReference
@@ -30,6 +29,7 @@ from server.fl.registry import Ledger, Registry, TrainingRuns
 from server.fl.server_app import ENGINE_STOPPED, TrainingError, _StoppableGrid
 from server.fl.training import TrainOutcome, run_training
 from simulations.processes import run_bounded
+from tests.server.grid import GridStub
 from tests.support import CoordinatorProcess, enroll_agent, wait_for
 
 # Seeded noise: the repeatability test trains the same plan again and compares the weights.
@@ -304,21 +304,11 @@ def test_epsilon_of_an_empty_history_is_zero() -> None:
     assert epsilon_of([], 1e-5) == 0.0
 
 
-class _SilentGrid(Grid):
+class _SilentGrid(GridStub):
     """Flower's Grid interface over nodes that never answer (an engine that died under the ServerApp)."""
 
     def __init__(self) -> None:
         self.pushed: list[Message] = []
-
-    def set_run(self, run: Any) -> None:
-        pass
-
-    @property
-    def run(self) -> Any:
-        return None
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
 
     def get_node_ids(self) -> list[int]:
         return [1]

@@ -5,8 +5,6 @@ token is refused at the next request."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -24,7 +22,7 @@ from server.roles import GRANTS, Permission, Role
 from server.store.loop import AlarmRecords, AlertRecords, JobRecords
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
-from tests.support import CoordinatorProcess
+from tests.support import CoordinatorProcess, fedfleet
 
 pytestmark = pytest.mark.slow
 
@@ -55,16 +53,6 @@ class Rig:
             return read(store)
 
 
-def _cli(d: DataDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     d, _ = DataDir.init(tmp_path_factory.mktemp("roles") / "data")
@@ -79,7 +67,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         d.director().assign(store, devices, store.release("digits@1.0.0"))
     tokens = {}
     for role in ROLES:
-        added = _cli(d, "users", "add", f"u-{role}", "--role", str(role), "--json")
+        added = fedfleet(d, "users", "add", f"u-{role}", "--role", str(role), "--json")
         assert added.returncode == 0, added.stderr
         tokens[role] = json.loads(added.stdout)["token"]
     coordinator = CoordinatorProcess(d, mqtt_url=None).start()
@@ -235,7 +223,7 @@ def test_session_names_the_user_role_and_permissions(rig: Rig) -> None:
 
 
 def test_a_viewer_cannot_pause_a_rollout(rig: Rig) -> None:
-    added = _cli(rig.d, "users", "add", "alice", "--role", "viewer", "--json")
+    added = fedfleet(rig.d, "users", "add", "alice", "--role", "viewer", "--json")
     alice = json.loads(added.stdout)["token"]
     before = _phase(rig, None)
     status, doc = call(rig.url, "POST", f"/api/rollouts/{rig.rollout}/pause", alice, {"confirm": rig.rollout})
@@ -244,12 +232,12 @@ def test_a_viewer_cannot_pause_a_rollout(rig: Rig) -> None:
 
 
 def test_a_revoked_or_rotated_token_is_refused_at_once(rig: Rig) -> None:
-    added = json.loads(_cli(rig.d, "users", "add", "bob", "--role", "operator", "--json").stdout)
+    added = json.loads(fedfleet(rig.d, "users", "add", "bob", "--role", "operator", "--json").stdout)
     assert call(rig.url, "GET", "/api/fleet", added["token"])[0] == 200
-    rotated = json.loads(_cli(rig.d, "users", "rotate", "bob", "--json").stdout)
+    rotated = json.loads(fedfleet(rig.d, "users", "rotate", "bob", "--json").stdout)
     assert call(rig.url, "GET", "/api/fleet", added["token"])[0] == 401
     assert call(rig.url, "GET", "/api/fleet", rotated["token"])[0] == 200
-    assert _cli(rig.d, "users", "revoke", "bob").returncode == 0
+    assert fedfleet(rig.d, "users", "revoke", "bob").returncode == 0
     status, _ = call(rig.url, "POST", f"/api/rollouts/{rig.rollout}/pause", rotated["token"], {"confirm": rig.rollout})
     assert status == 401 and _phase(rig, None) == "baking"
     assert call(rig.url, "GET", "/api/fleet", rotated["token"])[0] == 401

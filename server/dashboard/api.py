@@ -56,6 +56,11 @@ COOKIE = "fedfleet_token"
 STATIC = Path(__file__).parent / "static"
 FEED_SECONDS = 0.5  # how often the change feed looks at the store
 HEARTBEAT_SECONDS = 15.0
+# The pages load only what this server serves (scripts, the vendored chart library, styles) and talk only to it.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+)
 
 
 @dataclass(frozen=True)
@@ -431,7 +436,7 @@ def create_app(
     @app.get("/api/devices/{device_id}", tags=["fleet"])
     def device(_: Read, device_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
         """One device: its state and timeline of assignments, update events and telemetry windows."""
-        return views.device_view(stores.get(), device_id, limit)
+        return views.device_view(stores.get(), device_id, limit, datadir.policy())
 
     # ----- rollouts -----
 
@@ -526,7 +531,7 @@ def create_app(
         store = stores.get()
         if release:
             store.release(release)  # an unknown release is a 404, not an empty chart
-        return views.drift_view(store, cohort_by, minutes, buckets, release)
+        return views.drift_view(store, cohort_by, minutes, buckets, release, datadir.policy())
 
     @app.get("/api/training", tags=["training"])
     def training(_: Read) -> list[dict[str, Any]]:
@@ -571,6 +576,18 @@ def create_app(
     def model(_: Read, version: str) -> dict[str, Any]:
         """A model version's card (JSON and Markdown), generated from its lineage."""
         return views.model_view(stores.get(), version)
+
+    @app.get("/api/releases", tags=["releases"])
+    def releases(_: Read) -> list[dict[str, Any]]:
+        """Releases, newest first: source (trained version or file), created, devices running each, its rollouts."""
+        store = stores.get()
+        return views.releases_view(store, datadir.rollouts(store))
+
+    @app.get("/api/releases/{release_id}", tags=["releases"])
+    def release(_: Read, release_id: str) -> dict[str, Any]:
+        """One release and its model card, the Markdown rendered with raw HTML escaped."""
+        store = stores.get()
+        return views.release_view(store, datadir.rollouts(store), release_id)
 
     @app.get("/api/audit", tags=["audit"])
     def audit_trail(
@@ -645,7 +662,8 @@ def create_app(
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+        headers = {"Cache-Control": "no-store", "Content-Security-Policy": CONTENT_SECURITY_POLICY}
+        return FileResponse(STATIC / "index.html", headers=headers)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

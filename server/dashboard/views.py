@@ -9,19 +9,26 @@ import json
 import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
+
+from markdown_it import MarkdownIt
 
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.drift import WindowCounts, WindowScore, score_window
 from edge_agent.contract.windows import counts_from_proto
 from server import audit
+from server.errors import ConflictError
 from server.fl.registry import Ledger, Registry, TrainingRuns, model_card, model_card_markdown
 from server.ingest.telemetry import release_reference
+from server.policy import Policy
 from server.rollout.driver import Rollouts
+from server.rollout.engine import ACTIVE, Phase, RolloutState, operator_action
 from server.rollout.metrics import METRICS
 from server.store import Store, now_ms
 from server.store.dashboard import DashboardReads
 from server.store.freshness import FreshnessRecords
+from server.trust.releases import release_source
 
 __all__ = [
     "DeviceFilter",
@@ -32,6 +39,9 @@ __all__ = [
     "ledger_view",
     "model_view",
     "models_view",
+    "release_view",
+    "releases_view",
+    "render_markdown",
     "rollout_view",
     "rollouts_view",
     "training_run_view",
@@ -102,8 +112,13 @@ def fleet_view(store: Store, where: DeviceFilter, limit: int = 200, offset: int 
     }
 
 
-def device_view(store: Store, device_id: str, limit: int = 100) -> dict[str, Any]:
-    """One device with its timeline: assignments, update events and telemetry windows, newest first."""
+DEVICE_POOL_INFERENCES = 500  # a device's drift chart pools consecutive windows until this many inferences
+
+
+def device_view(store: Store, device_id: str, limit: int = 100, policy: Policy | None = None) -> dict[str, Any]:
+    """One device with its timeline: assignments, update events and telemetry windows, newest first; and its drift
+    over time, consecutive windows of one release pooled to at least `DEVICE_POOL_INFERENCES` inferences (a
+    single window's PSI over a few dozen inferences is mostly sampling noise), against the policy's threshold."""
     device = store.device(device_id)
     assignments = [
         {k: r[k] for k in ("counter", "release_id", "rollout_id", "created_at", "published_at")}
@@ -115,12 +130,14 @@ def device_view(store: Store, device_id: str, limit: int = 100) -> dict[str, Any
     ]
     windows = []
     reads = DashboardReads(store)
+    pooled: list[tuple[str, int, int, WindowCounts]] = []  # (release, start, end, counts), oldest first
     for r in reads.device_windows(device_id, limit):
         reference = release_reference(store, r["release_id"])
         score = None
         if reference is not None:
             counts = counts_from_proto(pb.TelemetryWindow.FromString(r["payload"]))
             score = score_window(counts, reference, min_samples=1)
+            pooled.append((r["release_id"], r["start_ms"], r["end_ms"], counts))
         windows.append(
             {
                 **{k: r[k] for k in ("sequence", "first_sequence", "release_id", "start_ms", "end_ms", "via")},
@@ -137,8 +154,12 @@ def device_view(store: Store, device_id: str, limit: int = 100) -> dict[str, Any
         "director_counter": statement["counter"] if statement else None,  # what the director states now
         "statement_expires_at": statement["expires_at"] if statement else None,
     }
+    policy = policy or Policy()
     return {
         "device": {**_device_summary(device), "hardware": device["hardware"], "agent_version": device["agent_version"]},
+        "state_words": STATE_WORDS,
+        "drift": _pooled_drift(store, list(reversed(pooled))),
+        "drift_threshold": _threshold_of(policy),
         "assigned_release": store.assignment_of(device_id) or None,
         "rollouts": rollouts,
         "assignments": assignments,
@@ -148,26 +169,120 @@ def device_view(store: Store, device_id: str, limit: int = 100) -> dict[str, Any
     }
 
 
+def _pooled_drift(store: Store, windows: list[tuple[str, int, int, WindowCounts]]) -> list[dict[str, Any]]:
+    """Consecutive windows of one release pooled until they hold `DEVICE_POOL_INFERENCES` inferences, each group
+    scored against its release's reference; a last group still short of that is left out (it is still filling)."""
+    points: list[dict[str, Any]] = []
+    group: list[tuple[str, int, int, WindowCounts]] = []
+
+    def close() -> None:
+        total = group[0][3]
+        for w in group[1:]:
+            total = total.merge(w[3])
+        reference = release_reference(store, group[0][0])
+        assert reference is not None
+        score = score_window(total, reference, min_samples=1)
+        points.append(
+            {
+                "at": group[-1][2],
+                "start_ms": group[0][1],
+                "release_id": group[0][0],
+                "windows": len(group),
+                "inferences": total.inferences,
+                **_drift_of(score),
+            }
+        )
+
+    for w in windows:
+        if group and group[0][0] != w[0]:  # another release: what was pooled so far is a (short) group of its own
+            close()
+            group = []
+        group.append(w)
+        if sum(g[3].inferences for g in group) >= DEVICE_POOL_INFERENCES:
+            close()
+            group = []
+    return points
+
+
+# Update states as a person reads them (the agent reports the enum's name on the left), and a wave's device states.
+STATE_WORDS = {
+    "idle": "idle",
+    "updating": "updating",
+    "failed": "update failed",
+    "unknown": "not reported yet",
+    # a rollout wave's devices
+    "not_assigned": "not assigned yet",
+    "assigned": "assigned, not running it yet",
+    "running": "running it",
+    "running_offline": "running it, offline",
+    "rolling_back": "rolling back",
+    "rolled_back": "back on the previous release",
+}
+
+
+def _actions(phase: str, wave: int) -> dict[str, str]:
+    """Each operator action and, when the engine would refuse it in this phase, why (empty: allowed). The engine's
+    own rules decide, so the page can never offer what the coordinator answers with a 409."""
+    state = RolloutState(Phase(phase), wave, 0)
+    out = {}
+    for action in ("pause", "resume", "abort", "rollback"):
+        try:
+            operator_action(action, state, 0)
+            out[action] = ""
+        except ConflictError as e:
+            out[action] = str(e)
+    return out
+
+
 def rollouts_view(rollouts: Rollouts) -> list[dict[str, Any]]:
-    return list(reversed(rollouts.list()))  # newest first
+    """Every rollout, newest first, with its wave in words and whether it has finished."""
+    return [{**r, "finished": Phase(r["phase"]) not in ACTIVE} for r in reversed(rollouts.list())]
 
 
 GATE_HISTORY_POINTS = 300  # a long bake's gate samples are thinned to about this many, evenly
 
 
+# The devices of a wave that count as done, by the rollout's direction.
+_DONE_FORWARD = ("running", "running_offline")
+_DONE_BACK = ("rolled_back",)
+
+
 def rollout_view(rollouts: Rollouts, rollout_id: str) -> dict[str, Any]:
-    """The rollout's status (waves, decisions), its gate values over time, and the gates now: the newest value
-    the coordinator kept (at most a few seconds old while a wave bakes), so that a page view never pools
-    telemetry itself."""
+    """The rollout's status (waves with their progress, decisions), its gate values over time against the
+    thresholds of its own gates, the gates now: the newest value the coordinator kept (at most a few seconds old
+    while a wave bakes; after the rollout ends, the last it kept, marked final), so that a page view never pools
+    telemetry itself; and which operator actions its phase allows."""
     doc = rollouts.status(rollout_id, observe=False)
+    phase = Phase(doc["phase"])
+    doc["finished"] = phase not in ACTIVE
+    doc["actions"] = _actions(doc["phase"], -1 if doc["wave"] is None else doc["wave"])
+    backwards = phase in (Phase.ROLLING_BACK, Phase.ROLLED_BACK)
+    for w in doc["waves"]:
+        devices: dict[str, int] = w["devices"]
+        if phase is Phase.ROLLED_BACK and "rolling_back" in devices:
+            # the engine ended the rollback when every device reported its previous release; a device that never
+            # ran this release has no rollback of its own to report
+            devices["rolled_back"] = devices.get("rolled_back", 0) + devices.pop("rolling_back")
+            w["devices"] = dict(sorted(devices.items()))
+        total = sum(devices.values())
+        done = sum(devices.get(k, 0) for k in (_DONE_BACK if backwards else _DONE_FORWARD))
+        w["label"] = w["name"]
+        w["progress"] = {"done": done, "total": total, "direction": "back" if backwards else "forward"}
+    doc["thresholds"] = {g["metric"]: {"op": g["op"], "threshold": g["threshold"]} for g in doc["spec"]["gates"]}
     doc["gate_history"] = [
         {"at": r["at"], "wave": r["wave"], "gates": json.loads(r["gates"])}
         for r in DashboardReads(rollouts.store).gate_history(rollout_id, GATE_HISTORY_POINTS)
     ]
     history = doc["gate_history"]
-    fresh = history and doc["phase"] in ("baking", "gating", "paused") and history[-1]["wave"] == doc["wave"]
-    doc["gates"] = history[-1]["gates"] if fresh else []
-    doc["gates_at"] = history[-1]["at"] if fresh else None
+    doc["state_words"] = STATE_WORDS
+    if not history:
+        doc["gates"], doc["gates_at"], doc["gates_final"] = [], None, False
+        return doc
+    fresh = phase in (Phase.BAKING, Phase.GATING, Phase.PAUSED) and history[-1]["wave"] == doc["wave"]
+    kept = fresh or doc["finished"]  # a finished rollout keeps the last values it was judged by
+    doc["gates"] = history[-1]["gates"] if kept else []
+    doc["gates_at"] = history[-1]["at"] if kept else None
+    doc["gates_final"] = bool(doc["finished"])
     return doc
 
 
@@ -222,11 +337,17 @@ def _pool_rows(store: Store, rowids: list[int]) -> WindowCounts:
 
 
 def drift_view(
-    store: Store, cohort_by: str = "fleet", minutes: float = 30.0, buckets: int = 30, release: str = ""
+    store: Store,
+    cohort_by: str = "fleet",
+    minutes: float = 30.0,
+    buckets: int = 30,
+    release: str = "",
+    policy: Policy | None = None,
 ) -> dict[str, Any]:
     """Per cohort (a label's values, or fleets) and release: per-feature PSI, the prediction-score PSI and the
     largest input PSI in each time bucket, each bucket's windows pooled and scored against the reference of the
-    release they ran."""
+    release they ran. The newest bucket, still filling, is marked `partial`; the policy's drift threshold is
+    given for the charts' threshold line."""
     until = now_ms()
     since = until - int(minutes * 60_000)
     devices = {d["id"]: d for d in store.devices()}
@@ -255,6 +376,7 @@ def drift_view(
         series.setdefault((cohort, release_id), []).append(
             {
                 "at": b * width + width // 2,
+                "partial": (b + 1) * width > until,
                 "windows": len(rowids),
                 "inferences": counts.inferences,
                 "feature_psi": [round(float(v), 5) for v in score.feature_psi],
@@ -263,8 +385,10 @@ def drift_view(
         )
     scored = sorted({release_id for _, release_id, _ in groups})
     features = {r: int(ref.feature_edges.shape[0]) for r in scored if (ref := release_reference(store, r))}
+    policy = policy or Policy()
     return {
         "cohort_by": cohort_by,
+        "threshold": _threshold_of(policy),
         "since": since,
         "until": until,
         "bucket_ms": width,
@@ -305,19 +429,99 @@ def models_view(store: Store) -> list[dict[str, Any]]:
     return list(reversed(Registry(store).list()))
 
 
+@cache
+def _markdown() -> MarkdownIt:
+    # CommonMark with tables; raw HTML off, so a card's `<script>` is text. Link targets are checked by
+    # markdown-it's validateLink (no javascript:, vbscript:, file: or non-image data: URLs).
+    return MarkdownIt("commonmark", {"html": False}).enable("table")
+
+
+def render_markdown(text: str) -> str:
+    """A model card's Markdown as HTML safe to put in a page: every raw HTML tag in it is escaped as text."""
+    return str(_markdown().render(text))
+
+
 def model_view(store: Store, version: str) -> dict[str, Any]:
     m = Registry(store).get(version)
-    return {"version": version, "card": model_card(m), "card_markdown": model_card_markdown(m)}
+    markdown = model_card_markdown(m)
+    return {
+        "version": version,
+        "card": model_card(m),
+        "card_markdown": markdown,
+        "card_html": render_markdown(markdown),
+    }
+
+
+def releases_view(store: Store, rollouts: Rollouts) -> list[dict[str, Any]]:
+    """Every release, newest first: where it came from, when, the devices running it and its rollouts."""
+    running = Counter(d["running_release"] for d in store.devices() if d["running_release"])
+    by_release: dict[str, list[dict[str, Any]]] = {}
+    for r in rollouts.list():
+        by_release.setdefault(r["release"], []).append({"id": r["id"], "phase": r["phase"]})
+    return [
+        {
+            "id": r.id,
+            "name": r.name,
+            "version": r.version,
+            "source": release_source(r.custom),
+            "created_at": r.created_at,
+            "bytes": r.length,
+            "sha256": r.sha256,
+            "devices_running": running.get(r.id, 0),
+            "rollouts": by_release.get(r.id, []),
+            "has_card": "model_card" in r.custom or "model_card_markdown" in r.custom,
+        }
+        for r in reversed(store.releases())
+    ]
+
+
+def _card_markdown_of(custom: dict[str, Any], release_id: str) -> str:
+    """The release's model card as Markdown: the one it was published with, or one written from its JSON card
+    (a file release's --card), each value as the text it is."""
+    if isinstance(custom.get("model_card_markdown"), str):
+        return str(custom["model_card_markdown"])
+    card = custom.get("model_card")
+    if not isinstance(card, dict):
+        return f"# {release_id}\n\nThis release was published without a model card.\n"
+    lines = [f"# Model card: {release_id}", ""]
+
+    def walk(doc: dict[str, Any], depth: int) -> None:
+        for key, value in doc.items():
+            if isinstance(value, dict):
+                lines.append(f"{'  ' * depth}- **{key}**")
+                walk(value, depth + 1)
+            else:
+                shown = json.dumps(value) if isinstance(value, list) else str(value)
+                lines.append(f"{'  ' * depth}- **{key}**: {shown}")
+
+    walk(card, 0)
+    return "\n".join(lines) + "\n"
+
+
+def release_view(store: Store, rollouts: Rollouts, release_id: str) -> dict[str, Any]:
+    """One release: the row the Releases page shows and its model card, rendered."""
+    r = store.release(release_id)
+    row = next(x for x in releases_view(store, rollouts) if x["id"] == r.id)
+    markdown = _card_markdown_of(r.custom, r.id)
+    return {**row, "target_path": r.target_path, "card_markdown": markdown, "card_html": render_markdown(markdown)}
 
 
 def audit_view(store: Store, limit: int = 200, action: str = "") -> dict[str, Any]:
     checked, problems = audit.verify(store)
+    entries = audit.entries(store, limit, action or None)
     return {
         "verified": not problems,
         "checked": checked,
         "problems": [str(p) for p in problems],
-        "entries": audit.entries(store, limit, action or None),
+        "actors": sorted({a["actor"] for a in entries}),
+        "actions": sorted({a["action"] for a in entries}),
+        "entries": entries,
     }
+
+
+def _threshold_of(policy: Policy) -> dict[str, Any]:
+    """The drift threshold the policy alarms at: the line the drift charts draw."""
+    return {"metric": policy.retrain_metric, "value": policy.retrain_threshold, "source": policy.source}
 
 
 def _drift_of(score: WindowScore | None) -> dict[str, float | None]:

@@ -167,6 +167,9 @@ def test_every_read_needs_the_token_unless_reads_are_opened(
         "public_read": False,
         "authenticated": False,
         "plaintext_exposures": [],
+        "user": None,
+        "role": None,
+        "permissions": [],
     }
     assert client.get("/").status_code == 200 and client.get("/static/app.js").status_code == 200
 

@@ -52,7 +52,7 @@ def test_alerts_page_shows_the_alarm_and_takes_a_persons_answer(browser: Browser
     expect(page.locator("#action-result")).to_contain_text("now rejected")
     assert rig.store_query("SELECT state, decided_by FROM retrain_jobs")[0] == {
         "state": "rejected",
-        "decided_by": "dashboard",
+        "decided_by": "user:operator",
     }
     expect(page.locator("#jobs")).to_contain_text("rejected")
     (alarm_alert,) = rig.store_query("SELECT id FROM alerts WHERE kind = 'drift_alarm'")

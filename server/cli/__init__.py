@@ -59,6 +59,7 @@ from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.ingest.telemetry import pool
 from server.store import Release, now_ms
+from server.store.releases import ReleaseRecords
 from server.store.telemetry import TelemetryRecords
 from server.trust.enrollment import write_bundle
 from server.trust.releases import publish_release, release_source
@@ -286,15 +287,23 @@ def releases_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOptio
     """List published releases. Source `trained`: a model version of `fedfleet train` released as name@N (exported,
     parity-checked, with its drift reference and model card); `file`: a .tflite file released as name@MAJOR.MINOR.PATCH.
     """
-    store = open_datadir(data_dir).store()
-    rows = store.releases()
-    store.close()
+    with open_datadir(data_dir).store() as store:
+        rows = store.releases()
+        retired = ReleaseRecords(store).all_retired()
     if as_json:
         print_json(
-            [{**_release_doc(r), "source": release_source(r.custom)["kind"], "created_at": r.created_at} for r in rows]
+            [
+                {
+                    **_release_doc(r),
+                    "source": release_source(r.custom)["kind"],
+                    "created_at": r.created_at,
+                    "retired_at": retired.get(r.id),
+                }
+                for r in rows
+            ]
         )
         return
-    table = Table("release", "source", "target", "bytes", "sha256", "created")
+    table = Table("release", "source", "target", "bytes", "sha256", "created", "retired")
     for r in rows:
         table.add_row(
             r.id,
@@ -303,6 +312,7 @@ def releases_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOptio
             str(r.length),
             r.sha256[:16],
             local_time(r.created_at),
+            local_time(retired.get(r.id)),
         )
     out.print(table)
 
@@ -423,7 +433,7 @@ def devices_label(
     if as_json:
         print_json({"device": device_id, "fleet": row["fleet"], "labels": row["labels"]})
     else:
-        out.print(f"[bold]{device_id}[/]: fleet {row['fleet']}, labels {row['labels'] or '{}'}.")
+        out.print(f"[bold]{device_id}[/]: fleet {row['fleet']}, labels {_shown('labels', row['labels']) or 'none'}.")
 
 
 @devices_app.command("enroll")

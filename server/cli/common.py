@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -63,6 +64,19 @@ def print_rows(
 
 
 def open_datadir(data_dir: Path) -> DataDir:
+    """The coordinator's data directory, for a command that works on the coordinator's host only. Refused with
+    --server or --context: such a command never quietly acts on a local directory instead of the coordinator named."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and (ctx.find_root().params.get("server") or ctx.find_root().params.get("context")):
+        names: list[str] = []
+        c = ctx
+        while c.parent is not None:  # the command's own words, without however the program was started
+            names.insert(0, c.info_name or "")
+            c = c.parent
+        raise CoordinatorError(
+            f"`fedfleet {' '.join(names)}` works on the coordinator's host only (it reads the data directory, not "
+            "the API): run it there, without --server or --context"
+        )
     return DataDir(data_dir).require()
 
 

@@ -189,3 +189,28 @@ def test_completion_keys_help_and_the_agents_version_command() -> None:
 def test_verbose_is_a_root_option(flag: str) -> None:
     out = run(*([flag] if flag else []), "version")
     assert out.returncode == 0 and out.stdout.startswith("fedfleet "), out.stderr
+
+
+def test_a_command_of_the_coordinators_host_refuses_a_server_instead_of_acting_locally(
+    datadir: DataDir, tmp_path: Path
+) -> None:
+    root = str(datadir.root)
+    token = tmp_path / "token"
+    token.write_text("some-token\n")
+    before = _digest(datadir)
+    remote = ["--server", "https://127.0.0.1:9", "--token-file", str(token)]
+
+    refused = run(*remote, "keys", "rotate-root", "--data-dir", root)
+
+    assert refused.returncode == 1, refused.stdout
+    assert refused.stderr.startswith("fedfleet: `fedfleet keys rotate-root` works on the coordinator's host only")
+    assert _digest(datadir) == before
+
+
+def test_devices_label_prints_labels_for_people(datadir: DataDir) -> None:
+    root = str(datadir.root)
+    with datadir.store() as store:
+        store.register_device("pi-1", "home", {}, {}, "t")
+    out = run("devices", "label", "pi-1", "--label", "site=hall", "--label", "hw=pi4", "--data-dir", root)
+    assert out.returncode == 0, out.stderr
+    assert "pi-1: fleet home, labels hw=pi4, site=hall." in out.stdout and "{" not in out.stdout, out.stdout

@@ -20,15 +20,27 @@ before each, 3.2-3.6 s). So every timed phase starts after `sync` and, where all
 dropping the clean page cache; and besides wall time each phase reports the CPU seconds of every process in
 it (this one, the coordinator or the publisher, the broker), a figure less at the mercy of scheduling.
 
+Mirror path (`--mirror`): after the gRPC path, a second fleet of N fresh agents updates to the same release with
+`mirrors` in their agent.toml: metadata and the target come from a static mirror (`fedfleet mirror sync`)
+served by nginx (Debian's package, started here on a free loopback port, TLS with a fleet-CA certificate); the
+coordinator only signs and publishes assignments, answers each device's freshness check and takes its events.
+A fallback to the coordinator (a `failed` event) fails the run; nginx's log must show N target downloads.
+
+What a real fleet shares is the coordinator, so the figure per path is `coordinator_cpu_ms_per_update`: the
+coordinator process's CPU during the fan-out divided by N. The simulated agents' CPU per update (one process
+here, each real device brings its own) is `agent_cpu_ms_per_update`, informational.
+
 The last line is one JSON object: {"benchmark": "fanout", "devices", "size_mb", "seconds", "floor_seconds",
 "ratio", "floor_before_seconds", "floor_after_seconds", "cpu_seconds", "floor_cpu_seconds", "cpu_ratio",
-"page_cache_dropped", ...}. Absolute times mean little on a shared machine; the ratios are the figures.
+"page_cache_dropped", "coordinator_cpu_ms_per_update": {"grpc", "mirror"}, "agent_cpu_ms_per_update": {...},
+"seconds_by_path": {...}, ...}. Absolute times mean little on a shared machine; the ratios are the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -48,7 +60,8 @@ from server.datadir import DataDir
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.fleet import SimulatedFleet
-from simulations.processes import CoordinatorProcess, Mosquitto
+from simulations.nginx import Nginx
+from simulations.processes import CoordinatorProcess, Mosquitto, descendants, wait_for
 
 PUBLISHER = r"""
 import sys, paho.mqtt.client as paho
@@ -157,24 +170,57 @@ async def _floor(broker: Mosquitto, n: int, size: int, out: Path, timeout: float
     return elapsed, cpu
 
 
+def _start_mirror(d: DataDir, root: Path) -> Nginx:
+    """The mirror `fedfleet serve` keeps (mirror_dirs), served by nginx over HTTPS with a fleet-CA certificate."""
+    timestamp = d.repository_dir / "metadata" / "timestamp.json"
+    published = root / "mirror" / "metadata" / "timestamp.json"
+    wait_for(lambda: published.exists() and published.read_bytes() == timestamp.read_bytes(), 60, what="mirror sync")
+    issued = d.ca().issue("mirror", client=False, hosts=("127.0.0.1",))
+    (root / "nginx").mkdir()
+    cert, key = root / "nginx" / "mirror.pem", root / "nginx" / "mirror-key.pem"
+    cert.write_bytes(issued.cert_pem)
+    key.write_bytes(issued.key_pem)
+    return Nginx(root / "nginx", root / "mirror", cert, key, workers=1)
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its children (nginx's master and workers)."""
+    total = 0.0
+    for p in (pid, *descendants(pid)):
+        with contextlib.suppress(OSError):  # a worker gone meanwhile
+            total += _cpu_seconds(p)
+    return total
+
+
 async def _fedfleet(
-    d: DataDir, coordinator: CoordinatorProcess, broker: Mosquitto, n: int, root: Path, timeout: float, workers: int
+    d: DataDir,
+    coordinator: CoordinatorProcess,
+    broker: Mosquitto,
+    n: int,
+    root: Path,
+    timeout: float,
+    workers: int,
+    fleet_name: str = "bench",
+    nginx: Nginx | None = None,
 ) -> tuple[float, dict[str, float]]:
+    """One fan-out to a fleet of fresh agents; with `nginx`, the agents take metadata and targets from it."""
+    extra = {"mirrors": [nginx.url], "mirror_ca": str((d.trust / "ca.pem").resolve())} if nginx else {}
     fleet = SimulatedFleet(
         d,
         root,
         n,
-        fleet="bench",
+        fleet=fleet_name,
         grpc=coordinator.endpoints["grpc"],
         mqtt=coordinator.endpoints["mqtt"],
         workers=workers,
+        agent_extra=extra,
     )
     t0 = time.monotonic()
     await fleet.start()
     store = d.store()
     try:
         deadline = time.monotonic() + timeout
-        while len(store.device_ids("bench")) < n or fleet.connected() < n:
+        while len(store.device_ids(fleet_name)) < n or fleet.connected() < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {fleet.connected()}/{n} agents connected")
             await asyncio.sleep(0.2)
@@ -184,6 +230,8 @@ async def _fedfleet(
         pids = (coordinator.proc.pid, broker.proc.pid)
         _settle_page_cache()
         cpu0 = (_cpu_seconds(coordinator.proc.pid), _own_cpu_seconds(), _machine_cpu_seconds(*pids))
+        nginx_cpu0 = _tree_cpu_seconds(nginx.proc.pid) if nginx is not None and nginx.proc is not None else 0.0
+        logged0 = len(nginx.requests()) if nginx is not None else 0
         start = time.monotonic()
         assign = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -192,7 +240,7 @@ async def _fedfleet(
             "assign",
             "digits@1.0.0",
             "--fleet",
-            "bench",
+            fleet_name,
             "--data-dir",
             str(d.root),
             stdout=asyncio.subprocess.DEVNULL,
@@ -207,9 +255,14 @@ async def _fedfleet(
         cpu = (_cpu_seconds(coordinator.proc.pid) - cpu0[0], _own_cpu_seconds() - cpu0[1])
         assert await assign.wait() == 0
         machine_cpu = _machine_cpu_seconds(*pids) - cpu0[2]
+        nginx_cpu = _tree_cpu_seconds(nginx.proc.pid) - nginx_cpu0 if nginx is not None and nginx.proc else 0.0
         failures = [e for e in store.events(limit=100_000) if e["kind"] in ("rejected", "failed", "probe_failed")]
         if failures:
             raise RuntimeError(f"{len(failures)} update failures, first: {failures[0]}")
+        if nginx is not None:
+            served = [r for r in nginx.requests()[logged0:] if r.uri.startswith("/targets/") and r.status == 200]
+            if len(served) < n:
+                raise RuntimeError(f"nginx served {len(served)} targets to {n} devices: some came over gRPC")
     finally:
         store.close()
         await fleet.stop()
@@ -218,6 +271,9 @@ async def _fedfleet(
         "coordinator_cpu_seconds": round(cpu[0], 2),
         "fleet_process_cpu_seconds": round(cpu[1], 2),
         "cpu_seconds": round(machine_cpu, 2),
+        "coordinator_cpu_ms_per_update": round(cpu[0] * 1000 / n, 3),
+        "agent_cpu_ms_per_update": round(cpu[1] * 1000 / n, 3),
+        "mirror_server_cpu_ms_per_update": round(nginx_cpu * 1000 / n, 3),
     }
 
 
@@ -252,6 +308,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 return seconds, cpu
 
             floors = [await floor("before")]
+            if args.mirror:  # serve syncs it on its first tick and on every new timestamp
+                d.set_config("mirror_dirs", str(root / "mirror"))
             coordinator = CoordinatorProcess(d, broker.url).start()
             seconds, extra = await _fedfleet(
                 d, coordinator, broker, args.devices, root / "devices", args.timeout, args.workers
@@ -261,6 +319,29 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 f"({extra['cpu_seconds']:.2f} CPU seconds in all processes)",
                 flush=True,
             )
+            by_path = {"grpc": extra}
+            if args.mirror:
+                nginx = _start_mirror(d, root)
+                try:
+                    mirror_seconds, by_path["mirror"] = await _fedfleet(
+                        d,
+                        coordinator,
+                        broker,
+                        args.devices,
+                        root / "mirror-devices",
+                        args.timeout,
+                        args.workers,
+                        fleet_name="mirror",
+                        nginx=nginx,
+                    )
+                finally:
+                    nginx.stop()
+                by_path["mirror"]["seconds"] = mirror_seconds
+                print(
+                    f"fedfleet through the mirror: {args.devices} devices committed in {mirror_seconds:.2f} s",
+                    flush=True,
+                )
+            extra["seconds"] = seconds
             coordinator.kill()
             coordinator = None
             floors.append(await floor("after"))
@@ -282,7 +363,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "floor_cpu_seconds": round(floor_cpu, 2),
         "cpu_ratio": None if math.isnan(floor_cpu) else round(extra["cpu_seconds"] / floor_cpu, 2),
         "page_cache_dropped": page_cache_dropped,
-        **extra,
+        **{k: v for k, v in extra.items() if not k.endswith("per_update") and k != "seconds"},
+        **{
+            figure: {path: figures[figure] for path, figures in by_path.items()}
+            for figure in ("coordinator_cpu_ms_per_update", "agent_cpu_ms_per_update")
+        },
+        "seconds_by_path": {path: round(figures["seconds"], 3) for path, figures in by_path.items()},
+        "mirror_server_cpu_ms_per_update": by_path["mirror"]["mirror_server_cpu_ms_per_update"]
+        if args.mirror
+        else None,
     }
 
 
@@ -293,6 +382,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=16, help="threads for blocking update work (default 16)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per phase")
     parser.add_argument("--skip-floor", action="store_true", help="measure only fedfleet's path (for profiling)")
+    parser.add_argument(
+        "--mirror", action="store_true", help="also fan out through an nginx mirror (fresh agents), after gRPC"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="where temporary files go (default: system tmp)")
     args = parser.parse_args()
     if args.devices < 1 or args.size_mb <= 0:

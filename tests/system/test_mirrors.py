@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -39,8 +38,9 @@ from server.ingest.grpc_service import FleetService
 from server.trust.mirror import MirrorError, sync_mirror
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
+from simulations.processes import run_bounded
 from tests.nginx import Nginx, mirror_nginx
-from tests.support import GrpcServerThread
+from tests.support import GrpcServerThread, fedfleet
 
 DEVICE = "dev-1"
 
@@ -408,22 +408,12 @@ def test_mirror_sync_deletes_only_what_nothing_published_names(datadir: DataDir,
     assert _consistent(dest)[1] == ""
 
 
-def _fedfleet(d: DataDir, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args, "--data-dir", str(d.root)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_mirror_sync_command_reports_and_refuses_a_destination_inside_the_repository(datadir: DataDir) -> None:
     dest = datadir.root.parent / "mirror"
 
-    first = _fedfleet(datadir, "mirror", "sync", str(dest), "--json")
-    again = _fedfleet(datadir, "mirror", "sync", str(dest), "--json")
-    inside = _fedfleet(datadir, "mirror", "sync", str(datadir.repository_dir / "mirror"))
+    first = fedfleet(datadir, "mirror", "sync", str(dest), "--json")
+    again = fedfleet(datadir, "mirror", "sync", str(dest), "--json")
+    inside = fedfleet(datadir, "mirror", "sync", str(datadir.repository_dir / "mirror"))
 
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["written"][-1] == "metadata/timestamp.json"
@@ -490,3 +480,21 @@ def test_nginx_helper_serves_only_the_mirror_root(env: Env) -> None:
     with pytest.raises(DownloadHTTPError) as refused:
         fetcher.download_bytes(env.nginx.url + "good/.fedfleet-sync.lock", 10_000)
     assert refused.value.status_code == 404
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_fanout_benchmark_measures_the_coordinators_cpu_per_update_on_both_paths(tmp_path: Path) -> None:
+    fanout = Path(__file__).resolve().parents[2] / "benchmarks" / "fanout.py"
+    args = ["--devices", "3", "--size-mb", "0.05", "--workers", "2", "--mirror", "--skip-floor"]
+
+    out = run_bounded([sys.executable, str(fanout), *args, "--workdir", str(tmp_path)], timeout=240)
+
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result["coordinator_cpu_ms_per_update"]) == {"grpc", "mirror"}
+    assert set(result["agent_cpu_ms_per_update"]) == {"grpc", "mirror"}
+    assert result["seconds_by_path"]["mirror"] > 0 and result["seconds"] == result["seconds_by_path"]["grpc"]
+    assert result["mirror_server_cpu_ms_per_update"] is not None
+    assert "fedfleet through the mirror: 3 devices committed" in out.stdout
+    assert list(tmp_path.iterdir()) == []  # nginx's and the mirror's files are gone with the rest

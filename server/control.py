@@ -7,23 +7,53 @@ so gets the same documents back. `Fleet` is the seam: the CLI talks to one, loca
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Protocol
 
 from server import audit
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.loop.alerts import Alerts
+from server.rollout.driver import ACTIVE_PHASES, Rollouts
 from server.rollout.spec import RolloutSpec
 from server.store import Release, Store
 from server.store.loop import AlertRecords, DeliveryRecords
-from server.trust.releases import publish_release
+from server.store.releases import ReleaseRecords
+from server.trust.releases import publish_release, release_source, retire_release
 from server.users import OPERATOR
 
-__all__ = ["Control", "Fleet", "device_doc", "release_doc"]
+__all__ = ["Control", "Fleet", "device_doc", "release_doc", "releases_doc"]
 
 
 def release_doc(r: Release) -> dict[str, Any]:
     return {"release": r.id, "target": r.target_path, "sha256": r.sha256, "length": r.length}
+
+
+def releases_doc(store: Store, rollouts: Rollouts) -> list[dict[str, Any]]:
+    """Every release, newest first: where it came from (`release_source`), when it was published and retired, the
+    devices running it and its rollouts (`fedfleet releases list`, the dashboard's Releases page, GET /api/releases)."""
+    running = Counter(d["running_release"] for d in store.devices() if d["running_release"])
+    retired = ReleaseRecords(store).all_retired()
+    by_release: dict[str, list[dict[str, Any]]] = {}
+    for r in rollouts.list():
+        by_release.setdefault(r["release"], []).append({"id": r["id"], "phase": r["phase"]})
+    return [
+        {
+            "id": r.id,
+            "name": r.name,
+            "version": r.version,
+            "source": release_source(r.custom),
+            "target": r.target_path,
+            "created_at": r.created_at,
+            "retired_at": retired.get(r.id),
+            "bytes": r.length,
+            "sha256": r.sha256,
+            "devices_running": running.get(r.id, 0),
+            "rollouts": by_release.get(r.id, []),
+            "has_card": "model_card" in r.custom or "model_card_markdown" in r.custom,
+        }
+        for r in reversed(store.releases())
+    ]
 
 
 def device_doc(row: dict[str, Any], assigned: str) -> dict[str, Any]:
@@ -52,6 +82,10 @@ class Fleet(Protocol):
     ) -> dict[str, Any]: ...
 
     def assign(self, release_id: str, devices: list[str], fleet: str | None) -> dict[str, Any]: ...
+
+    def releases(self) -> list[dict[str, Any]]: ...
+
+    def release_retire(self, release_id: str) -> dict[str, Any]: ...
 
     def rollout_start(self, spec: RolloutSpec) -> dict[str, Any]: ...
 
@@ -108,6 +142,14 @@ class Control:
             raise CoordinatorError(f"fleet {fleet!r} has no registered devices; agents register when they start")
         issued = self.datadir.director().assign(self.store, targets, rel, actor=self.actor)
         return {"release": rel.id, "assignments": [{"device": a.device_id, "counter": a.counter} for a in issued]}
+
+    def releases(self) -> list[dict[str, Any]]:
+        return releases_doc(self.store, self.datadir.rollouts(self.store))
+
+    def release_retire(self, release_id: str) -> dict[str, Any]:
+        """Take a release out of the update repository once nothing needs it (server.trust.releases)."""
+        result = retire_release(self.datadir.repository(), self.store, release_id, ACTIVE_PHASES, self.actor)
+        return {"release": release_id, "target": result.release.target_path, "deleted": result.deleted}
 
     # ----- rollouts -----
 

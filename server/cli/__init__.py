@@ -55,14 +55,14 @@ from server.cli.rollout import audit_app, rollout_app
 from server.cli.status import status
 from server.cli.train import models_app, privacy_app, train
 from server.cli.users import users_app
+from server.control import release_doc
 from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.ingest.telemetry import pool
-from server.store import Release, now_ms
-from server.store.releases import ReleaseRecords
+from server.store import now_ms
 from server.store.telemetry import TelemetryRecords
 from server.trust.enrollment import write_bundle
-from server.trust.releases import publish_release, release_source
+from server.trust.releases import publish_release
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # A file release's version: MAJOR.MINOR.PATCH with an optional pre-release (semver.org; no +build, which target
@@ -185,10 +185,6 @@ def dashboard_token(
     sys.stdout.write(token + "\n")
 
 
-def _release_doc(r: Release) -> dict[str, Any]:
-    return {"release": r.id, "target": r.target_path, "sha256": r.sha256, "length": r.length}
-
-
 @app.command()
 def release(
     target: Annotated[str, typer.Argument(help="A registered model version (e.g. digits@3) or a .tflite file.")],
@@ -242,7 +238,7 @@ def release(
         result = report.release
     r = result.release
     if as_json:
-        doc = {**_release_doc(r), "created": result.created}
+        doc = {**release_doc(r), "created": result.created}
         if report is not None:
             doc["export"] = report.facts
         print_json(doc)
@@ -284,35 +280,25 @@ def _release_file(d: DataDir, model_file: Path, name: str, version: str, probe: 
 
 @releases_app.command("list")
 def releases_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
-    """List published releases. Source `trained`: a model version of `fedfleet train` released as name@N (exported,
-    parity-checked, with its drift reference and model card); `file`: a .tflite file released as name@MAJOR.MINOR.PATCH.
-    """
-    with open_datadir(data_dir).store() as store:
-        rows = store.releases()
-        retired = ReleaseRecords(store).all_retired()
+    """List published releases, newest first. Source `trained`: a model version of `fedfleet train` released as
+    name@N (exported, parity-checked, with its drift reference and model card); `file`: a .tflite file released as
+    name@MAJOR.MINOR.PATCH. A retired release is listed with the time it was retired."""
+    with connect(data_dir) as fleet:
+        rows = fleet.releases()
     if as_json:
-        print_json(
-            [
-                {
-                    **_release_doc(r),
-                    "source": release_source(r.custom)["kind"],
-                    "created_at": r.created_at,
-                    "retired_at": retired.get(r.id),
-                }
-                for r in rows
-            ]
-        )
+        print_json(rows)
         return
-    table = Table("release", "source", "target", "bytes", "sha256", "created", "retired")
+    table = Table("release", "source", "target", "bytes", "sha256", "created", "retired", "running")
     for r in rows:
         table.add_row(
-            r.id,
-            release_source(r.custom)["kind"],
-            r.target_path,
-            str(r.length),
-            r.sha256[:16],
-            local_time(r.created_at),
-            local_time(retired.get(r.id)),
+            r["id"],
+            r["source"]["kind"],
+            r["target"],
+            str(r["bytes"]),
+            r["sha256"][:16],
+            local_time(r["created_at"]),
+            local_time(r["retired_at"]),
+            str(r["devices_running"]),
         )
     out.print(table)
 

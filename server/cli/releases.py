@@ -6,9 +6,8 @@ from typing import Annotated
 
 import typer
 
-from server.cli.common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, open_datadir, out, print_json
-from server.rollout.driver import ACTIVE_PHASES
-from server.trust.releases import retire_release
+from server.cli.common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, out, print_json
+from server.cli.remote import connect
 
 __all__ = ["releases_retire"]
 
@@ -21,10 +20,9 @@ def releases_retire(
     """Retire a release: targets and snapshot no longer name it (new versions, signed as usual), its bytes are
     deleted, the store marks it retired and the audit records it. Refused while a device runs or is assigned it,
     or while a live rollout rolls it out or could roll devices back to it."""
-    d = open_datadir(data_dir)
-    with d.store() as store:
-        result = retire_release(d.repository(), store, release_id, ACTIVE_PHASES)
+    with connect(data_dir) as fleet:
+        result = fleet.release_retire(release_id)
     if as_json:
-        print_json({"release": release_id, "target": result.release.target_path, "deleted": result.deleted})
+        print_json(result)
     else:
-        out.print(f"Retired {release_id}: {len(result.deleted)} file(s) deleted from the update repository.")
+        out.print(f"Retired {release_id}: {len(result['deleted'])} file(s) deleted from the update repository.")

@@ -121,6 +121,14 @@ class RemoteFleet:
         )
         return doc
 
+    def releases(self) -> list[dict[str, Any]]:
+        docs: list[dict[str, Any]] = self._call("GET", "/api/releases")
+        return docs
+
+    def release_retire(self, release_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = self._call("POST", f"/api/releases/{_seg(release_id)}/retire", {"confirm": release_id})
+        return doc
+
     # ----- rollouts -----
 
     def rollout_start(self, spec: RolloutSpec) -> dict[str, Any]:

@@ -74,6 +74,12 @@ class DashboardOptions:
     plaintext_exposures: tuple[str, ...] = ()  # accepted by --allow-plaintext-network: a banner on every page
 
 
+class RetireBody(BaseModel):
+    """A release retire. `confirm` must repeat the release's id."""
+
+    confirm: str = Field(description="The release id again, as a confirmation.")
+
+
 class ActionBody(BaseModel):
     """An operator action. `confirm` must repeat the rollout's id: the page asks before it sends."""
 
@@ -579,9 +585,17 @@ def create_app(
 
     @app.get("/api/releases", tags=["releases"])
     def releases(_: Read) -> list[dict[str, Any]]:
-        """Releases, newest first: source (trained version or file), created, devices running each, its rollouts."""
-        store = stores.get()
-        return views.releases_view(store, datadir.rollouts(store))
+        """Releases, newest first: source (trained version or file), created and retired, devices running each, its
+        rollouts (the same as `fedfleet releases list`)."""
+        return Control(datadir, stores.get(), "").releases()
+
+    @app.post("/api/releases/{release_id}/retire", tags=["releases"])
+    def release_retire(user: Publish, release_id: str, body: RetireBody) -> dict[str, Any]:
+        """Take a release out of the update repository (`fedfleet releases retire`); refused (409), changing
+        nothing, while a device runs or is assigned it or a live rollout could roll back to it."""
+        if body.confirm != release_id:
+            raise HTTPException(422, f"confirm must repeat the release id {release_id!r}")
+        return control(user).release_retire(release_id)
 
     @app.get("/api/releases/{release_id}", tags=["releases"])
     def release(_: Read, release_id: str) -> dict[str, Any]:

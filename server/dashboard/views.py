@@ -18,6 +18,7 @@ from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.drift import WindowCounts, WindowScore, score_window
 from edge_agent.contract.windows import counts_from_proto
 from server import audit
+from server.control import releases_doc
 from server.errors import ConflictError
 from server.fl.registry import Ledger, Registry, TrainingRuns, model_card, model_card_markdown
 from server.ingest.telemetry import release_reference
@@ -28,7 +29,6 @@ from server.rollout.metrics import METRICS
 from server.store import Store, now_ms
 from server.store.dashboard import DashboardReads
 from server.store.freshness import FreshnessRecords
-from server.trust.releases import release_source
 
 __all__ = [
     "DeviceFilter",
@@ -40,7 +40,6 @@ __all__ = [
     "model_view",
     "models_view",
     "release_view",
-    "releases_view",
     "render_markdown",
     "rollout_view",
     "rollouts_view",
@@ -452,29 +451,6 @@ def model_view(store: Store, version: str) -> dict[str, Any]:
     }
 
 
-def releases_view(store: Store, rollouts: Rollouts) -> list[dict[str, Any]]:
-    """Every release, newest first: where it came from, when, the devices running it and its rollouts."""
-    running = Counter(d["running_release"] for d in store.devices() if d["running_release"])
-    by_release: dict[str, list[dict[str, Any]]] = {}
-    for r in rollouts.list():
-        by_release.setdefault(r["release"], []).append({"id": r["id"], "phase": r["phase"]})
-    return [
-        {
-            "id": r.id,
-            "name": r.name,
-            "version": r.version,
-            "source": release_source(r.custom),
-            "created_at": r.created_at,
-            "bytes": r.length,
-            "sha256": r.sha256,
-            "devices_running": running.get(r.id, 0),
-            "rollouts": by_release.get(r.id, []),
-            "has_card": "model_card" in r.custom or "model_card_markdown" in r.custom,
-        }
-        for r in reversed(store.releases())
-    ]
-
-
 def _card_markdown_of(custom: dict[str, Any], release_id: str) -> str:
     """The release's model card as Markdown: the one it was published with, or one written from its JSON card
     (a file release's --card), each value as the text it is."""
@@ -501,7 +477,7 @@ def _card_markdown_of(custom: dict[str, Any], release_id: str) -> str:
 def release_view(store: Store, rollouts: Rollouts, release_id: str) -> dict[str, Any]:
     """One release: the row the Releases page shows and its model card, rendered."""
     r = store.release(release_id)
-    row = next(x for x in releases_view(store, rollouts) if x["id"] == r.id)
+    row = next(x for x in releases_doc(store, rollouts) if x["id"] == r.id)
     markdown = _card_markdown_of(r.custom, r.id)
     return {**row, "target_path": r.target_path, "card_markdown": markdown, "card_html": render_markdown(markdown)}
 

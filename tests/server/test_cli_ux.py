@@ -126,7 +126,7 @@ def test_a_release_names_the_users_file_and_wants_a_semantic_version(datadir: Da
     assert ok.returncode == 0 and ok.stderr == "", ok.stderr  # and no XNNPACK notice on a quiet release
 
     listed = json.loads(run("releases", "list", "--data-dir", root, "--json").stdout)
-    assert [(r["release"], r["source"]) for r in listed] == [("digits@1.0.0-rc.1", "file")]
+    assert [(r["id"], r["source"]["kind"]) for r in listed] == [("digits@1.0.0-rc.1", "file")]
     table = run("releases", "list", "--data-dir", root).stdout
     assert re.search(table_row("digits@1.0.0-rc.1", "file", ".*", ISO_LOCAL), table), table
 

@@ -89,7 +89,7 @@ def test_retire_shrinks_targets_and_snapshot_and_deletes_the_bytes(published: Da
         entry = audit.entries(store, 1)[0]
         assert (entry["action"], entry["subject"]) == ("release.retire", V1)
         assert not audit.verify(store)[1]
-    listed = {r["release"]: r for r in json.loads(fedfleet(d, "releases", "list", "--json").stdout)}
+    listed = {r["id"]: r for r in json.loads(fedfleet(d, "releases", "list", "--json").stdout)}
     assert isinstance(listed[V1]["retired_at"], int) and listed[V2]["retired_at"] is None
     assert V1 in fedfleet(d, "releases", "list").stdout  # still listed, with the time it was retired
     # Once retired: retiring again and publishing the same version again are refused.

@@ -159,6 +159,22 @@ def test_a_release_manager_runs_a_rollout_from_a_laptop_and_a_viewer_is_refused(
         actions = {(e["action"], e["actor"]) for e in audit.entries(store, 100)}
     assert {("rollout.start", "user:rm"), ("rollout.pause", "user:rm"), ("rollout.abort", "user:rm")} <= actions
 
+    # Releases from the laptop: listed; one nobody needs retired; one the devices are assigned refused, unchanged.
+    listed = {r["id"]: r for r in json.loads(laptop.run("releases", "list", "--json").stdout)}
+    assert {"digits@1.0.0", "digits@2.0.0", "digits@3.0.0"} <= listed.keys()
+    assert listed["digits@3.0.0"]["source"]["kind"] == "file" and listed["digits@2.0.0"]["retired_at"] is None
+    retired = laptop.run("releases", "retire", "digits@2.0.0", "--json")
+    assert retired.returncode == 0, retired.stderr
+    assert json.loads(retired.stdout)["release"] == "digits@2.0.0"
+    assert "still needed" in _one_sentence(laptop.run("releases", "retire", "digits@1.0.0"))
+    listed = {r["id"]: r for r in json.loads(laptop.run("releases", "list", "--json").stdout)}
+    assert listed["digits@2.0.0"]["retired_at"] is not None and listed["digits@1.0.0"]["retired_at"] is None
+    with laptop.d.store() as store:
+        assert (audit.entries(store, 1)[0]["action"], audit.entries(store, 1)[0]["actor"]) == (
+            "release.retire",
+            "user:rm",
+        )
+
     # The viewer, with the same context and their own token: reads work, changes are refused in one sentence.
     with laptop.d.store() as store:
         before = (len(laptop.d.rollouts(store).list()), len(store.releases()), audit.verify(store)[0])
@@ -166,6 +182,8 @@ def test_a_release_manager_runs_a_rollout_from_a_laptop_and_a_viewer_is_refused(
     refused = laptop.run("rollout", "start", "digits@2.0.0", "--fleet", "lab", FEDFLEET_TOKEN=tokens["vi"])
     assert "vi (viewer) lacks the rollouts.start permission" in _one_sentence(refused)
     refused = laptop.run("release", str(model), "--name", "digits", "--version", "4.0.0", FEDFLEET_TOKEN=tokens["vi"])
+    assert "vi (viewer) lacks the releases.publish permission" in _one_sentence(refused)
+    refused = laptop.run("releases", "retire", "digits@1.0.0", FEDFLEET_TOKEN=tokens["vi"])
     assert "vi (viewer) lacks the releases.publish permission" in _one_sentence(refused)
     with laptop.d.store() as store:
         after = (len(laptop.d.rollouts(store).list()), len(store.releases()), audit.verify(store)[0])

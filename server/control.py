@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from server import audit
 from server.datadir import DataDir
-from server.errors import CoordinatorError
+from server.errors import CoordinatorError, NotFoundError
 from server.loop.alerts import Alerts
 from server.rollout.driver import ACTIVE_PHASES, Rollouts
 from server.rollout.spec import RolloutSpec
@@ -99,6 +99,10 @@ class Fleet(Protocol):
 
     def device(self, device_id: str) -> dict[str, Any]: ...
 
+    def place_device(self, device_id: str, fleet: str | None, labels: dict[str, str] | None) -> dict[str, Any]: ...
+
+    def set_budget(self, device_id: str, epsilon: float) -> dict[str, Any]: ...
+
     def alerts(self, state: str | None, limit: int) -> list[dict[str, Any]]: ...
 
     def alert_ack(self, alert_id: int) -> dict[str, Any]: ...
@@ -182,6 +186,36 @@ class Control:
         }
 
     # ----- alerts and audit -----
+
+    def place_device(self, device_id: str, fleet: str | None, labels: dict[str, str] | None) -> dict[str, Any]:
+        """Set a device's fleet or labels (None: leave as is); audited with the change."""
+        with self.store.transaction():
+            before = self.store.device(device_id)
+            row = self.store.place_device(device_id, fleet, labels)
+            change = {"fleet": [before["fleet"], row["fleet"]], "labels": [before["labels"], row["labels"]]}
+            audit.append(self.store, "device.label", device_id, change, self.actor)
+        return {"device": device_id, "fleet": row["fleet"], "labels": row["labels"]}
+
+    def set_budget(self, device_id: str, epsilon: float) -> dict[str, Any]:
+        """Set one device's lifetime ε budget; audited. An unknown device (neither registered nor in the ledger)
+        is refused, changing nothing."""
+        from server.fl.registry import Ledger  # the registry's numpy work only when asked
+
+        ledger = Ledger(self.store, self.datadir.config().epsilon_budget)
+        if device_id not in {r["device"] for r in ledger.rows()}:
+            try:
+                self.store.device(device_id)
+            except NotFoundError as e:
+                raise NotFoundError(
+                    f"no device {device_id!r}: neither registered nor in the privacy ledger (`fedfleet devices list` "
+                    "and `fedfleet privacy ledger` show them)"
+                ) from e
+        if not epsilon >= 0:
+            raise CoordinatorError(f"a budget must be a number >= 0 (got {epsilon})")
+        with self.store.transaction():
+            ledger.set_budget(device_id, epsilon)
+            audit.append(self.store, "privacy.budget", device_id, {"epsilon": epsilon}, self.actor)
+        return {"device": device_id, "budget": epsilon, "spent": ledger.lifetime(device_id)}
 
     def alerts(self, state: str | None, limit: int) -> list[dict[str, Any]]:
         rows = AlertRecords(self.store).recent(state, limit)

@@ -411,11 +411,8 @@ def devices_label(
     if fleet is not None and not device_id_is_valid(fleet):
         raise CoordinatorError(f"fleet {fleet!r} must be letters, digits, '-', '_', '.'")
     labels = {} if clear_labels else (parse_labels(label) if label is not None else None)
-    with open_datadir(data_dir).store() as store, store.transaction():
-        before = store.device(device_id)
-        row = store.place_device(device_id, fleet, labels)
-        change = {"fleet": [before["fleet"], row["fleet"]], "labels": [before["labels"], row["labels"]]}
-        audit.append(store, "device.label", device_id, change, "cli")
+    with connect(data_dir) as coordinator:
+        row = coordinator.place_device(device_id, fleet, labels)
     if as_json:
         print_json({"device": device_id, "fleet": row["fleet"], "labels": row["labels"]})
     else:

@@ -121,6 +121,16 @@ class RemoteFleet:
         )
         return doc
 
+    def place_device(self, device_id: str, fleet: str | None, labels: dict[str, str] | None) -> dict[str, Any]:
+        doc: dict[str, Any] = self._call(
+            "PUT", f"/api/devices/{_seg(device_id)}/placement", {"fleet": fleet, "labels": labels}
+        )
+        return doc
+
+    def set_budget(self, device_id: str, epsilon: float) -> dict[str, Any]:
+        doc: dict[str, Any] = self._call("PUT", f"/api/privacy/budgets/{_seg(device_id)}", {"epsilon": epsilon})
+        return doc
+
     def releases(self) -> list[dict[str, Any]]:
         docs: list[dict[str, Any]] = self._call("GET", "/api/releases")
         return docs

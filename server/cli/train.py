@@ -20,7 +20,8 @@ from server.cli.common import (
     print_json,
     print_rows,
 )
-from server.errors import CoordinatorError, NotFoundError
+from server.cli.remote import connect
+from server.errors import CoordinatorError
 from server.fl.plan import TrainPlan  # no torch or Flower: the plan only
 
 _PLAN = TrainPlan()  # the training defaults, shown in --help
@@ -315,22 +316,6 @@ def privacy_budget(
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
 ) -> None:
     """Set one device's lifetime budget (others use `epsilon_budget` in config.toml)."""
-    from server.fl.registry import Ledger
-
-    d = open_datadir(data_dir)
-    with d.store() as store:
-        ledger = Ledger(store, d.config().epsilon_budget)
-        if device not in {r["device"] for r in ledger.rows()}:
-            try:
-                store.device(device)
-            except NotFoundError as e:
-                raise CoordinatorError(
-                    f"no device {device!r}: neither registered nor in the privacy ledger (`fedfleet devices list` "
-                    "and `fedfleet privacy ledger` show them)"
-                ) from e
-        try:
-            ledger.set_budget(device, epsilon)
-        except ValueError as e:
-            raise CoordinatorError(str(e)) from e
-        spent = ledger.lifetime(device)
-    out.print(f"{device}: lifetime budget ε {epsilon:g} (spent so far {spent:.3f}).")
+    with connect(data_dir) as fleet:
+        doc = fleet.set_budget(device, epsilon)
+    out.print(f"{device}: lifetime budget ε {doc['budget']:g} (spent so far {doc['spent']:.3f}).")

@@ -33,7 +33,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import audit
 from server.control import Control
 from server.dashboard import views
 from server.dashboard.metrics import CoordinatorCollector
@@ -431,13 +430,7 @@ def create_app(
     @app.put("/api/devices/{device_id}/placement", tags=["fleet"])
     def device_place(user: DevicesManage, device_id: str, body: LabelBody) -> dict[str, Any]:
         """Set a device's fleet or labels (`fedfleet devices label`); audited."""
-        store = stores.get()
-        with store.transaction():
-            before = store.device(device_id)
-            row = store.place_device(device_id, body.fleet, body.labels)
-            change = {"fleet": [before["fleet"], row["fleet"]], "labels": [before["labels"], row["labels"]]}
-            audit.append(store, "device.label", device_id, change, user.actor)
-        return {"device": device_id, "fleet": row["fleet"], "labels": row["labels"]}
+        return control(user).place_device(device_id, body.fleet, body.labels)
 
     @app.get("/api/devices/{device_id}", tags=["fleet"])
     def device(_: Read, device_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
@@ -563,16 +556,8 @@ def create_app(
 
     @app.put("/api/privacy/budgets/{device_id}", tags=["training"])
     def privacy_budget(user: PrivacyManage, device_id: str, body: BudgetBody) -> dict[str, Any]:
-        """Set one device's lifetime ε budget (`fedfleet privacy budget`); audited."""
-        from server.fl.registry import Ledger
-
-        store = stores.get()
-        store.device(device_id)  # an unknown device is a 404
-        ledger = Ledger(store, config.epsilon_budget)
-        with store.transaction():
-            ledger.set_budget(device_id, body.epsilon)
-            audit.append(store, "privacy.budget", device_id, {"epsilon": body.epsilon}, user.actor)
-        return {"device": device_id, "budget": body.epsilon, "spent": ledger.lifetime(device_id)}
+        """Set one device's lifetime ε budget (`fedfleet privacy budget`); audited. An unknown device is a 404."""
+        return control(user).set_budget(device_id, body.epsilon)
 
     @app.get("/api/models", tags=["training"])
     def models(_: Read) -> list[dict[str, Any]]:

@@ -107,6 +107,16 @@ def test_a_release_manager_runs_a_rollout_from_a_laptop_and_a_viewer_is_refused(
         tokens[name] = json.loads(added.stdout)["token"]
         (laptop.home / f"{name}.token").write_text(tokens[name])
     assert not (laptop.cwd / "fedfleet-data").exists()
+    # ... and places a device and sets its budget, audited under the admin's name.
+    placed = laptop.run(*admin, "devices", "label", "pi-0", "--label", "site=hall", "--json")
+    assert placed.returncode == 0, placed.stderr
+    assert json.loads(placed.stdout) == {"device": "pi-0", "fleet": "lab", "labels": {"site": "hall"}}
+    budget = laptop.run(*admin, "privacy", "budget", "pi-0", "2.5")
+    assert budget.returncode == 0 and "pi-0: lifetime budget ε 2.5" in budget.stdout, budget.stderr
+    with laptop.d.store() as store:
+        assert store.device("pi-0")["labels"] == {"site": "hall"}
+        actions = [(e["action"], e["actor"]) for e in audit.entries(store, 2)]
+    assert actions == [("privacy.budget", "user:operator"), ("device.label", "user:operator")]
 
     # The release manager's context: every command below goes to the coordinator.
     added = laptop.run(
@@ -185,6 +195,10 @@ def test_a_release_manager_runs_a_rollout_from_a_laptop_and_a_viewer_is_refused(
     assert "vi (viewer) lacks the releases.publish permission" in _one_sentence(refused)
     refused = laptop.run("releases", "retire", "digits@1.0.0", FEDFLEET_TOKEN=tokens["vi"])
     assert "vi (viewer) lacks the releases.publish permission" in _one_sentence(refused)
+    refused = laptop.run("devices", "label", "pi-1", "--label", "site=x", FEDFLEET_TOKEN=tokens["vi"])
+    assert "vi (viewer) lacks the devices.manage permission" in _one_sentence(refused)
+    refused = laptop.run("privacy", "budget", "pi-1", "9", FEDFLEET_TOKEN=tokens["vi"])
+    assert "vi (viewer) lacks the privacy.manage permission" in _one_sentence(refused)
     with laptop.d.store() as store:
         after = (len(laptop.d.rollouts(store).list()), len(store.releases()), audit.verify(store)[0])
     assert after == before

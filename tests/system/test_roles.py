@@ -22,7 +22,7 @@ from server.roles import GRANTS, Permission, Role
 from server.store.loop import AlarmRecords, AlertRecords, JobRecords
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
-from tests.support import CoordinatorProcess, fedfleet
+from tests.support import CoordinatorProcess, fedfleet, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -225,6 +225,7 @@ def test_session_names_the_user_role_and_permissions(rig: Rig) -> None:
 def test_a_viewer_cannot_pause_a_rollout(rig: Rig) -> None:
     added = fedfleet(rig.d, "users", "add", "alice", "--role", "viewer", "--json")
     alice = json.loads(added.stdout)["token"]
+    wait_for(lambda: _phase(rig, None) == "baking", 60, what="the rollout's canary to bake")  # the rig starts it
     before = _phase(rig, None)
     status, doc = call(rig.url, "POST", f"/api/rollouts/{rig.rollout}/pause", alice, {"confirm": rig.rollout})
     assert status == 403 and "alice (viewer) lacks the rollouts.act permission" in doc["detail"]

@@ -309,10 +309,9 @@ def run_closed_loop(
         first = result.releases[0]
         rig.note(f"fleet of {devices} devices running {first}, inferring on their digits")
         if rig.coordinator is not None and rig.coordinator.endpoints.get("dashboard"):
-            rig.note(
-                f"watch it on the dashboard: {rig.coordinator.endpoints['dashboard']} "
-                f"(operator token: {d.operator_token()})"
-            )
+            rig.note(f"watch it on the dashboard: {rig.coordinator.endpoints['dashboard']}")
+            # On the terminal only: the report (summary.md) is for sharing, a token is not.
+            rig.progress(f"sign in with the operator token {d.operator_token()}")
         policy = d.policy()
         time.sleep(window_seconds * 2)
         store = d.store()

@@ -50,9 +50,16 @@ def _follow(rig: Rig, rollout_id: str, timeout: float) -> dict[str, Any]:
         time.sleep(0.3)
 
 
+MARKER = ".fedfleet-rollout-demo"  # in every directory this demo made: the only kind it replaces
+
+
 def run(devices: int, out: Path, timeout: float) -> list[dict[str, Any]]:
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    if (out / MARKER).exists():
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} holds files this demo did not write; give another --out (it is replaced)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
     console.print(f"Starting a coordinator and {devices} agents (each its own state, MQTT session, gRPC channel)…")
     rig = Rig(out, devices=devices, fleet_name="demo")
     started = time.monotonic()
@@ -99,7 +106,12 @@ def run(devices: int, out: Path, timeout: float) -> list[dict[str, Any]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=20, help="simulated devices (default 20; at least 4)")
-    parser.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory (replaced)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("rollout-demo-out"),
+        help="output directory (replaced, if an earlier run of this demo made it; never another)",
+    )
     parser.add_argument("--timeout", type=float, default=180.0, help="seconds allowed per rollout")
     args = parser.parse_args()
     if args.devices < 4:
@@ -107,7 +119,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         results = run(args.devices, args.out, args.timeout)
-    except (TimeoutError, AssertionError) as e:
+    except (TimeoutError, AssertionError, FileExistsError) as e:
         console.print(f"[red]failed:[/] {e}")
         return 1
     expected = ["completed", "rolled_back"]

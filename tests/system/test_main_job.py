@@ -31,6 +31,11 @@ def test_update_path_demo_completes(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_rollout_demo_promotes_the_healthy_update_and_reverts_the_broken_build(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a person's file")
+    refused = run_bounded([sys.executable, "-m", "simulations.rollout_demo", "--out", str(tmp_path / "mine")], 60)
+    assert refused.returncode == 1 and "holds files this demo did not write" in refused.stdout, refused.stdout
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "a person's file"
     cmd = [sys.executable, "-m", "simulations.rollout_demo", "--devices", "6", "--out", str(tmp_path / "demo")]
     out = run_bounded(cmd, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -74,6 +79,9 @@ def test_fedfleet_demo_closes_the_loop(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert {p.name for p in report.iterdir()} >= {"summary.md", "accuracy-and-epsilon.png", "drift-over-time.png"}
     d = DataDir(keep / "data")
+    token = d.operator_token()
+    assert token in out.stdout  # told on the terminal, where the person running the demo reads it ...
+    assert token not in (report / "summary.md").read_text()  # ... never in the report they may share
     store = d.store()
     try:
         running = {r["running_release"] for r in store.devices()}

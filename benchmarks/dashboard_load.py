@@ -4,7 +4,17 @@ live-update delay (a change in the store → the server-sent event that reports 
 idle (paused), then with the same rollout running (waves assigning, devices installing, gates pooling
 telemetry every tick), in the same run. The ratio is running over idle.
 
-    .venv/bin/python benchmarks/dashboard_load.py [--devices 1000] [--workers 2] [--requests 20]
+With --prune, retention while the dashboard is used: the store also holds a day of telemetry windows, received
+two to three days ago, from as many devices again (a fleet of their own, silent since; `--day-windows` per device,
+one a minute by default: the agent's default period) on a release no live rollout protects. The policy keeps
+telemetry a day and sets serve's retention interval to `--prune-after`, so serve's own housekeeper begins pruning
+that many seconds after serve starts: after the idle phase (measured with the day stored, nothing pruning), the
+same pages are measured again while it prunes, before the rollout resumes. `prune_p95_ratio` is the largest
+pruning/idle p95 over the pages; `rows_pruned` is what the prune's audit entry counts. The running phase then sees
+a store without the old day. Every run ends by verifying the audit chain (`audit_verified`).
+
+    .venv/bin/python benchmarks/dashboard_load.py [--devices 1000] [--workers 2] [--requests 20] [--rate 2]
+        [--prune [--day-windows 1440] [--prune-after SECONDS]]
 """
 
 from __future__ import annotations
@@ -17,14 +27,19 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from server import audit
 from server.datadir import DataDir
+from server.loop.retention import DAY_MS
+from server.store import Store, now_ms
 from server.store.rollouts import RolloutRecords
+from server.store.telemetry import TelemetryRecords
 from simulations.fleet_worker import spawn_workers, stop_workers
 from simulations.processes import CoordinatorProcess, Mosquitto, wait_for
 from simulations.rig import RELEASES, Rig
@@ -46,6 +61,88 @@ def _rollout(d: DataDir, rollout_id: str) -> dict[str, Any]:
         row = RolloutRecords(store).get(rollout_id)
     assert row is not None, f"no rollout {rollout_id}"
     return row
+
+
+@dataclass(frozen=True)
+class PastDay:
+    """A day of telemetry windows in the store, `windows` per device, received two to three days ago."""
+
+    devices: list[str]
+    windows: int
+
+    @property
+    def total(self) -> int:
+        return len(self.devices) * self.windows
+
+    def pruning_began(self, store: Store) -> bool:
+        """Whether the oldest window is gone (a prune walks the table oldest row first)."""
+        return not TelemetryRecords(store).overlapping(self.devices[0], 1, 1)
+
+    def left(self, store: Store) -> int:
+        records = TelemetryRecords(store)
+        return sum(len(records.overlapping(device, 1, self.windows)) for device in self.devices)
+
+
+def _store_a_past_day(d: DataDir, fleet: str, devices: int, windows: int, release: str, template: bytes) -> PastDay:
+    """Register `devices` devices of `fleet` (never connected) and store, as ingestion would, `windows` windows of
+    each spread over the day that ended two days ago, each received as it closed. Every payload is `template` (a
+    live device's window as stored) with the device, sequence, release and times of its own."""
+    period = DAY_MS // windows
+    day_start = now_ms() - 3 * DAY_MS
+    window = pb.TelemetryWindow.FromString(template)
+    ids = [f"{fleet}-{i:05d}" for i in range(devices)]
+    with d.store() as store:
+        records = TelemetryRecords(store)
+        for device in ids:
+            store.register_device(device, fleet, {}, {}, "benchmark")
+            with store.transaction():  # a device's day at a time: ingestion and the loop wait for one short lock
+                for sequence in range(1, windows + 1):
+                    end = day_start + sequence * period
+                    window.device_id, window.release_id = device, release
+                    window.sequence = window.first_sequence = sequence
+                    window.start_ms, window.end_ms = end - period, end
+                    records.insert(window, end, "mqtt")
+                records.set_watermark(device, windows)
+    return PastDay(ids, windows)
+
+
+def _template_window(d: DataDir, device: str, release: str) -> bytes | None:
+    """A window `device` sent on `release`, as stored (None: none yet)."""
+    with d.store() as store:
+        return next((payload for _, payload in TelemetryRecords(store).payloads(release, [device])), None)
+
+
+def _prune_entry(store: Store) -> dict[str, Any] | None:
+    newest = audit.entries(store, 1, action="retention.prune")
+    return newest[0] if newest else None
+
+
+def _measure_while_pruning(
+    d: DataDir, past: PastDay, prune_at: float, url: str, token: str, paths: list[str], requests: int
+) -> dict[str, Any]:
+    """Wait (until `prune_at` on the monotonic clock, and a minute more) for serve's housekeeper to begin pruning
+    the past day, measure the pages while it goes on, then wait for the prune's audit entry."""
+    with d.store() as store:  # one connection for the polls (opening one takes the write lock for a moment)
+        wait_for(
+            lambda: past.pruning_began(store),
+            max(1.0, prune_at + 60 - time.monotonic()),
+            0.1,
+            what="serve's housekeeper to begin its prune",
+        )
+        began = time.time()
+        measured = asyncio.run(_measure(url, token, d, paths, requests))
+        # At most a second per batch of 500 (the policy's default batch), with a generous floor.
+        entry = wait_for(lambda: _prune_entry(store), 120 + past.total / 500, 0.5, what="the prune's audit entry")
+        left = past.left(store)
+    ended = entry["at"] / 1000
+    return {
+        **measured,
+        "rows_pruned": entry["detail"]["deleted"],
+        "batches": entry["detail"]["batches"],
+        "prune_seconds": round(ended - began, 2),  # from the first batch seen gone (polled every 0.1 s)
+        "pages_overlap": round(min(1.0, max(0.0, (ended - began) / measured["pages_seconds"])), 3),
+        "windows_left": left,
+    }
 
 
 async def _latencies(http: httpx.AsyncClient, paths: list[str], requests: int) -> dict[str, dict[str, float]]:
@@ -90,9 +187,17 @@ async def _measure(url: str, token: str, d: DataDir, paths: list[str], requests:
             httpx.AsyncClient(base_url=url, headers=headers, timeout=None) as listener,
             listener.stream("GET", "/api/stream"),
         ):
+            started = time.perf_counter()
             pages = await _latencies(http, paths, requests)
+            pages_seconds = time.perf_counter() - started
         live = await _live_delays(http, d, max(5, requests // 2))
-    return {"pages": pages, "live_update": live}
+    return {"pages": pages, "live_update": live, "pages_seconds": round(pages_seconds, 2)}
+
+
+def _default_prune_after(devices: int, day_windows: int) -> float:
+    """Time enough, from serve's start, for the fleet to come online and take the base, the past day to be stored
+    and the idle phase to be measured (on this 2-core machine; --prune-after overrides it)."""
+    return float(round(90 + 0.6 * devices + devices * day_windows / 10_000))
 
 
 def main() -> None:
@@ -100,17 +205,39 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--requests", type=int, default=20, help="requests per endpoint and phase")
+    parser.add_argument("--rate", type=float, default=2.0, help="inferences per device per second")
+    parser.add_argument("--prune", action="store_true", help="measure the pages again while serve prunes a past day")
+    parser.add_argument("--day-windows", type=int, default=24 * 60, help="with --prune: windows per device in the day")
+    parser.add_argument(
+        "--prune-after",
+        type=float,
+        help="with --prune: seconds from serve's start to its first prune (default: 90 + 0.6 a device + 0.1 per "
+        "1000 past windows)",
+    )
     args = parser.parse_args()
+    if min(args.devices, args.workers, args.requests, args.day_windows) < 1 or not args.rate > 0:
+        parser.error("--devices, --workers, --requests, --day-windows and --rate must be positive")
+    prune_after = args.prune_after
+    if prune_after is None:
+        prune_after = _default_prune_after(args.devices, args.day_windows)
+    if not prune_after >= 1:
+        parser.error("--prune-after must be at least 1 (serve's shortest retention interval)")
+    past: PastDay | None = None
+    pruning: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="fedfleet-dashboard-") as tmp:
         root = Path(tmp)
         broker = Mosquitto(root / "mosquitto")
         rig = Rig(root)  # for its releases and its `fedfleet … --json` runner over root/data
         d, _ = DataDir.init(rig.datadir.root)
+        if args.prune:  # telemetry kept a day; serve's first prune `prune_after` seconds after it starts
+            policy = f"[retention]\ntelemetry_days = 1\ninterval_seconds = {prune_after}\n"
+            (d.root / d.config().policy).write_text(policy)
         base = rig.publish(d)
         coordinator = CoordinatorProcess(d, broker.url).start()
+        prune_at = time.monotonic() + prune_after
         fleet = f"dash{uuid.uuid4().hex[:6]}"
         grpc = coordinator.endpoints["grpc"]
-        procs = spawn_workers(d, root, fleet, args.devices, args.workers, grpc, broker.url, rate=2.0)
+        procs = spawn_workers(d, root, fleet, args.devices, args.workers, grpc, broker.url, rate=args.rate)
         try:
             n = args.devices
             wait_for(lambda: _count(d, fleet, online=True) == n, 120 + n * 0.2, 1.0, what=f"{n} devices online")
@@ -124,6 +251,12 @@ def main() -> None:
             time.sleep(6)  # a telemetry period: every device has reported at least once
             url, token = coordinator.endpoints["dashboard"], d.operator_token()
             device = f"{fleet}-00000"
+            if args.prune:
+                template = wait_for(lambda: _template_window(d, device, base), 60, 0.5, what=f"a window of {device}")
+                started = time.perf_counter()
+                # On the rig's third release: no live rollout protects it (the paused one is base -> healthy).
+                past = _store_a_past_day(d, f"{fleet}past", n, args.day_windows, RELEASES["scrambled"], template)
+                print(f"stored {past.total} past windows in {time.perf_counter() - started:.1f} s", flush=True)
             paths = [
                 "/",
                 "/api/fleet",
@@ -136,6 +269,13 @@ def main() -> None:
             ]
             idle = asyncio.run(_measure(url, token, d, paths, args.requests))
             print(f"idle: {json.dumps(idle)}", flush=True)
+            if past is not None:
+                with d.store() as store:
+                    began = past.pruning_began(store)
+                if began:  # the idle phase is no longer the figure without pruning
+                    raise SystemExit(f"serve began pruning during the idle phase: raise --prune-after ({prune_after})")
+                pruning = _measure_while_pruning(d, past, prune_at, url, token, paths, args.requests)
+                print(f"pruning: {json.dumps(pruning)}", flush=True)
             cli("rollout", "resume", rollout_id)
             try:
                 wait_for(
@@ -155,6 +295,8 @@ def main() -> None:
             stop_workers(procs)
             coordinator.kill()
             broker.stop()
+        with d.store() as store:
+            checked, problems = audit.verify(store)
     ratios = {p: round(running["pages"][p]["p95_ms"] / idle["pages"][p]["p95_ms"], 3) for p in paths}
     live_ratio = round(running["live_update"]["p95_ms"] / idle["live_update"]["p95_ms"], 3)
     for p in paths:
@@ -168,7 +310,7 @@ def main() -> None:
         f"live update delay: idle p50 {live_i['p50_ms']} p95 {live_i['p95_ms']} ms, running p50 {live_r['p50_ms']} "
         f"p95 {live_r['p95_ms']} ms (p95 x{live_ratio:.2f})"
     )
-    result = {
+    result: dict[str, Any] = {
         "benchmark": "dashboard_load",
         "devices": args.devices,
         "rollout_phase_after": phase,
@@ -177,8 +319,45 @@ def main() -> None:
         "p95_ratio": ratios,
         "p95_ratio_max": max(ratios.values()),
         "live_update_p95_ratio": live_ratio,
+        "audit_verified": not problems,
+        "audit_entries_checked": checked,
     }
+    if past is not None and pruning is not None:
+        result |= _prune_figures(past, pruning, idle, paths, prune_after)
     sys.stdout.write(json.dumps(result) + "\n")
+    if problems:
+        sys.exit(f"the audit chain does not verify: {'; '.join(f'{p.seq}: {p.problem}' for p in problems[:5])}")
+
+
+def _prune_figures(
+    past: PastDay, pruning: dict[str, Any], idle: dict[str, Any], paths: list[str], prune_after: float
+) -> dict[str, Any]:
+    """The pruning phase against the idle one (the same pages, the same store, nothing pruning), printed too."""
+    ratios = {p: round(pruning["pages"][p]["p95_ms"] / idle["pages"][p]["p95_ms"], 3) for p in paths}
+    live_ratio = round(pruning["live_update"]["p95_ms"] / idle["live_update"]["p95_ms"], 3)
+    for p in paths:
+        i, r = idle["pages"][p], pruning["pages"][p]
+        print(
+            f"{p:36} idle p50 {i['p50_ms']:8.1f} p95 {i['p95_ms']:8.1f} ms | pruning p50 {r['p50_ms']:8.1f} "
+            f"p95 {r['p95_ms']:8.1f} ms | p95 x{ratios[p]:.2f}"
+        )
+    live_i, live_p = idle["live_update"], pruning["live_update"]
+    print(
+        f"live update delay: idle p95 {live_i['p95_ms']} ms, pruning p95 {live_p['p95_ms']} ms (x{live_ratio:.2f}); "
+        f"pruned {pruning['rows_pruned']} in {pruning['batches']} batches over about {pruning['prune_seconds']} s, "
+        f"pruning during {pruning['pages_overlap']:.0%} of the pages' measurement; "
+        f"{pruning['windows_left']} of the past day's {past.total} windows left"
+    )
+    return {
+        "pruning": pruning,
+        "prune_p95_ratio": max(ratios.values()),
+        "prune_p95_ratios": ratios,
+        "live_update_prune_p95_ratio": live_ratio,
+        "rows_pruned": sum(pruning["rows_pruned"].values()),
+        "past_windows": past.total,
+        "day_windows": past.windows,
+        "prune_after_seconds": prune_after,
+    }
 
 
 if __name__ == "__main__":

@@ -297,19 +297,7 @@ def main() -> None:
             broker.stop()
         with d.store() as store:
             checked, problems = audit.verify(store)
-    ratios = {p: round(running["pages"][p]["p95_ms"] / idle["pages"][p]["p95_ms"], 3) for p in paths}
-    live_ratio = round(running["live_update"]["p95_ms"] / idle["live_update"]["p95_ms"], 3)
-    for p in paths:
-        i, r = idle["pages"][p], running["pages"][p]
-        print(
-            f"{p:36} idle p50 {i['p50_ms']:8.1f} p95 {i['p95_ms']:8.1f} ms | running p50 {r['p50_ms']:8.1f} "
-            f"p95 {r['p95_ms']:8.1f} ms | p95 x{ratios[p]:.2f}"
-        )
-    live_i, live_r = idle["live_update"], running["live_update"]
-    print(
-        f"live update delay: idle p50 {live_i['p50_ms']} p95 {live_i['p95_ms']} ms, running p50 {live_r['p50_ms']} "
-        f"p95 {live_r['p95_ms']} ms (p95 x{live_ratio:.2f})"
-    )
+    ratios, live_ratio = _compare(idle, running, paths, "running")
     result: dict[str, Any] = {
         "benchmark": "dashboard_load",
         "devices": args.devices,
@@ -329,21 +317,32 @@ def main() -> None:
         sys.exit(f"the audit chain does not verify: {'; '.join(f'{p.seq}: {p.problem}' for p in problems[:5])}")
 
 
+def _compare(
+    idle: dict[str, Any], phase: dict[str, Any], paths: list[str], name: str
+) -> tuple[dict[str, float], float]:
+    """Each page's p95 in a phase over its idle p95, and the live-update delay's, printed per page."""
+    ratios = {p: round(phase["pages"][p]["p95_ms"] / idle["pages"][p]["p95_ms"], 3) for p in paths}
+    live_ratio = round(phase["live_update"]["p95_ms"] / idle["live_update"]["p95_ms"], 3)
+    for p in paths:
+        i, r = idle["pages"][p], phase["pages"][p]
+        print(
+            f"{p:36} idle p50 {i['p50_ms']:8.1f} p95 {i['p95_ms']:8.1f} ms | {name} p50 {r['p50_ms']:8.1f} "
+            f"p95 {r['p95_ms']:8.1f} ms | p95 x{ratios[p]:.2f}"
+        )
+    live_i, live_r = idle["live_update"], phase["live_update"]
+    print(
+        f"live update delay: idle p50 {live_i['p50_ms']} p95 {live_i['p95_ms']} ms, {name} p50 {live_r['p50_ms']} "
+        f"p95 {live_r['p95_ms']} ms (p95 x{live_ratio:.2f})"
+    )
+    return ratios, live_ratio
+
+
 def _prune_figures(
     past: PastDay, pruning: dict[str, Any], idle: dict[str, Any], paths: list[str], prune_after: float
 ) -> dict[str, Any]:
     """The pruning phase against the idle one (the same pages, the same store, nothing pruning), printed too."""
-    ratios = {p: round(pruning["pages"][p]["p95_ms"] / idle["pages"][p]["p95_ms"], 3) for p in paths}
-    live_ratio = round(pruning["live_update"]["p95_ms"] / idle["live_update"]["p95_ms"], 3)
-    for p in paths:
-        i, r = idle["pages"][p], pruning["pages"][p]
-        print(
-            f"{p:36} idle p50 {i['p50_ms']:8.1f} p95 {i['p95_ms']:8.1f} ms | pruning p50 {r['p50_ms']:8.1f} "
-            f"p95 {r['p95_ms']:8.1f} ms | p95 x{ratios[p]:.2f}"
-        )
-    live_i, live_p = idle["live_update"], pruning["live_update"]
+    ratios, live_ratio = _compare(idle, pruning, paths, "pruning")
     print(
-        f"live update delay: idle p95 {live_i['p95_ms']} ms, pruning p95 {live_p['p95_ms']} ms (x{live_ratio:.2f}); "
         f"pruned {pruning['rows_pruned']} in {pruning['batches']} batches over about {pruning['prune_seconds']} s, "
         f"pruning during {pruning['pages_overlap']:.0%} of the pages' measurement; "
         f"{pruning['windows_left']} of the past day's {past.total} windows left"

@@ -276,11 +276,17 @@ async function operate(path, what, body, said, method) {
     message = `${what} refused: ${err.message}`;
     failed = true;
   }
-  const out = document.getElementById("action-result");
-  if (out) {
-    out.textContent = message;
-    out.className = failed ? "error" : "";
-  }
+  state.lastAction = {message, failed, hash: location.hash, until: Date.now() + ACTION_RESULT_MS};
+  showActionResult();
+}
+
+// What the last action came to stays on its page for a while: a live update redraws the page (and the line).
+const ACTION_RESULT_MS = 30000;
+function showActionResult() {
+  const last = state.lastAction, out = document.getElementById("action-result");
+  if (!last || !out || last.hash !== location.hash || Date.now() > last.until) return;
+  out.textContent = last.message;
+  out.className = last.failed ? "error" : "";
 }
 
 async function driftPage(params) {
@@ -627,6 +633,7 @@ async function render() {
     resetCharts();
     main.innerHTML = view.html;
     if (view.after) view.after();
+    showActionResult();
     state.topics = view.topics;
     state.renders += 1;
     document.body.dataset.renders = String(state.renders);

@@ -1,13 +1,15 @@
 """The dashboard in real headless Chromium (Debian's /usr/bin/chromium driven by Playwright; no browser is
 downloaded), against `fedfleet serve` with real agents rolling out over a real Mosquitto. What the pages show is
 checked against the coordinator's database; the charts are uPlot canvases whose ticks, legends, shared time range
-and drag-zoom are checked through the page. A screenshot of every page, at 1400x900, goes to docs/screenshots/
-(or $FEDFLEET_SCREENSHOTS), where the README and docs/dashboard.md show them."""
+and drag-zoom are checked through the page. A screenshot of every page, at 1400x900, goes to
+$FEDFLEET_SCREENSHOTS (a temp directory unless set; FEDFLEET_SCREENSHOTS=docs/screenshots refreshes the ones the
+README and docs/dashboard.md show)."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +38,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 WAVES = ["--canary", "2", "--waves", "0.5,1.0", "--bake", "3", "--min-samples", "150", "--silent-after", "60"]
-SHOTS = Path(os.environ.get("FEDFLEET_SCREENSHOTS", Path(__file__).resolve().parents[2] / "docs" / "screenshots"))
+# A test run leaves the working tree as it was: screenshots go to a temp directory unless a person refreshes the
+# README's with FEDFLEET_SCREENSHOTS=docs/screenshots.
+SHOTS = Path(os.environ.get("FEDFLEET_SCREENSHOTS", Path(tempfile.gettempdir()) / "fedfleet-screenshots"))
 VIEWPORT = {"width": 1400, "height": 900}
 
 
@@ -76,6 +80,17 @@ def _open(browser: Browser, rig: Rig) -> Page:
     expect(page.locator("#fleet-total")).to_have_text(str(rig.devices))
     expect(page.locator("#insecure-banner")).to_be_hidden()  # everything on loopback: nothing to warn about
     return page
+
+
+@pytest.fixture
+def page(browser: Browser, rig: Rig) -> Iterator[Page]:
+    """A signed-in page on the rig's dashboard, closed even when the test fails (its renderer processes
+    would otherwise outlive the test)."""
+    p = _open(browser, rig)
+    try:
+        yield p
+    finally:
+        p.close()
 
 
 def test_plaintext_beyond_loopback_shows_a_banner_on_every_page(browser: Browser, tmp_path: Path) -> None:
@@ -142,9 +157,8 @@ def _phase(rig: Rig, rollout_id: str) -> str:
 
 
 def test_dashboard_follows_rollouts_live_and_its_pause_button_pauses_the_coordinator(
-    browser: Browser, rig: Rig, tmp_path: Path
+    page: Page, rig: Rig, tmp_path: Path
 ) -> None:
-    page = _open(browser, rig)
     # Update states in words, not the agent's enum.
     expect(page.locator("#main table tbody")).to_contain_text("idle")
     expect(page.locator("#main table tbody")).not_to_contain_text("UPDATE_STATE")
@@ -181,7 +195,8 @@ def test_dashboard_follows_rollouts_live_and_its_pause_button_pauses_the_coordin
     expect(page.locator(".progress-text").first).to_contain_text("2 of 2 running it")
     # Charts: uPlot canvases with time ticks, a legend, a threshold from the rollout's own gates.
     psi = _chart(page, "input_max_psi")
-    assert len(psi["ticks"].split("|")) >= 3, psi
+    # A fast rollout spans ~10 s, which uPlot labels every 5 s: two ticks is all a short span truthfully has.
+    assert len(psi["ticks"].split("|")) >= 2, psi
     assert all(":" in t for t in psi["ticks"].split("|")), psi  # clock times
     expect(page.locator("[data-chart=input_max_psi] .u-legend")).to_contain_text("input_max_psi")
     # Zoom: a drag across one chart narrows its time range, and every gate chart follows.
@@ -337,4 +352,3 @@ def test_dashboard_follows_rollouts_live_and_its_pause_button_pauses_the_coordin
     expect(page.locator("#main")).to_contain_text("/api/releases")
     _go(page, "rollouts")
     expect(page.locator("table")).to_contain_text(slow)
-    page.close()

@@ -8,13 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, expect
+from playwright.sync_api import Page, expect
 
 from server.datadir import DataDir
 from simulations.rig import Rig
 from simulations.workload import SensorFault
 from tests.support import Mosquitto, wait_for
-from tests.system.test_dashboard_browser import _open, _shot, browser  # noqa: F401 (the Chromium fixture)
+from tests.system.test_dashboard_browser import _shot, browser, page  # noqa: F401 (the Chromium and page fixtures)
 
 pytestmark = [pytest.mark.broker, pytest.mark.browser, pytest.mark.slow]
 
@@ -34,8 +34,7 @@ def rig(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[Rig]:
     r.stop()
 
 
-def test_alerts_page_shows_the_alarm_and_takes_a_persons_answer(browser: Browser, rig: Rig) -> None:  # noqa: F811
-    page = _open(browser, rig)
+def test_alerts_page_shows_the_alarm_and_takes_a_persons_answer(page: Page, rig: Rig) -> None:  # noqa: F811
     assert rig.fleet is not None and rig.fleet.workload is not None
     rig.fleet.workload.faults.update(dict.fromkeys(rig.device_ids(), SensorFault("contrast", 0.3)))
     wait_for(lambda: rig.store_query("SELECT id FROM retrain_jobs"), 60, 0.2, what="a retrain proposal")
@@ -60,4 +59,3 @@ def test_alerts_page_shows_the_alarm_and_takes_a_persons_answer(browser: Browser
     expect(page.locator("#action-result")).to_contain_text("now acknowledged")
     assert rig.store_query("SELECT state FROM alerts WHERE id = ?", [alarm_alert["id"]])[0]["state"] == "acknowledged"
     assert not rig.store_query("SELECT id FROM fl_runs")  # nothing trained: the proposal was rejected
-    page.close()

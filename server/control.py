@@ -17,12 +17,15 @@ from server.loop.alerts import Alerts
 from server.rollout.driver import ACTIVE_PHASES, Rollouts
 from server.rollout.spec import RolloutSpec
 from server.store import Release, Store
+from server.store.consent import ConsentRecords
 from server.store.loop import AlertRecords, DeliveryRecords
 from server.store.releases import ReleaseRecords
 from server.trust.releases import publish_release, release_source, retire_release
 from server.users import OPERATOR
 
-__all__ = ["Control", "Fleet", "device_doc", "release_doc", "releases_doc"]
+__all__ = ["Control", "Fleet", "consent_doc", "device_doc", "release_doc", "releases_doc"]
+
+CONSENT_PURPOSE = "training"  # the purpose `fedfleet privacy consent` reports (server.store.consent.PURPOSES)
 
 
 def release_doc(r: Release) -> dict[str, Any]:
@@ -73,6 +76,18 @@ def device_doc(row: dict[str, Any], assigned: str) -> dict[str, Any]:
     }
 
 
+def consent_doc(statement: dict[str, Any] | None) -> dict[str, Any]:
+    """A consent statement as `fedfleet privacy consent` shows it: granted, withdrawn, or unknown (none recorded),
+    with when and from where (`agent`: the owner's agent.toml, reported at registration; `user:NAME`)."""
+    if statement is None:
+        return {"consent": "unknown", "recorded_at": None, "source": None}
+    return {
+        "consent": "granted" if statement["granted"] else "withdrawn",
+        "recorded_at": statement["recorded_at"],
+        "source": statement["source"],
+    }
+
+
 class Fleet(Protocol):
     """What the CLI asks of a coordinator, wherever it runs. Every method returns a JSON-ready document and raises
     CoordinatorError (one sentence) when refused."""
@@ -102,6 +117,16 @@ class Fleet(Protocol):
     def place_device(self, device_id: str, fleet: str | None, labels: dict[str, str] | None) -> dict[str, Any]: ...
 
     def set_budget(self, device_id: str, epsilon: float) -> dict[str, Any]: ...
+
+    def privacy_ledger(self, device_id: str | None) -> list[dict[str, Any]]: ...
+
+    def consent(self) -> list[dict[str, Any]]: ...
+
+    def consent_history(self, device_id: str) -> dict[str, Any]: ...
+
+    def models(self) -> list[dict[str, Any]]: ...
+
+    def model(self, version: str) -> dict[str, Any]: ...
 
     def alerts(self, state: str | None, limit: int) -> list[dict[str, Any]]: ...
 
@@ -185,7 +210,7 @@ class Control:
             "events": self.store.events(device_id, limit=20),
         }
 
-    # ----- alerts and audit -----
+    # ----- placement, privacy and consent -----
 
     def place_device(self, device_id: str, fleet: str | None, labels: dict[str, str] | None) -> dict[str, Any]:
         """Set a device's fleet or labels (None: leave as is); audited with the change."""
@@ -216,6 +241,73 @@ class Control:
             ledger.set_budget(device_id, epsilon)
             audit.append(self.store, "privacy.budget", device_id, {"epsilon": epsilon}, self.actor)
         return {"device": device_id, "budget": epsilon, "spent": ledger.lifetime(device_id)}
+
+    def privacy_ledger(self, device_id: str | None) -> list[dict[str, Any]]:
+        """Every ledger row (ε and δ per device, run and purpose, lifetime and budget, consent to the run), or one
+        device's: the privacy officer's export (`fedfleet privacy ledger`, GET /api/privacy/ledger)."""
+        from server.fl.registry import Ledger  # the registry's numpy work only when asked
+
+        rows = Ledger(self.store, self.datadir.config().epsilon_budget).rows()
+        return [r for r in rows if device_id is None or r["device"] == device_id]
+
+    def consent(self) -> list[dict[str, Any]]:
+        """Each known device's current consent to training, by device id (`fedfleet privacy consent`, GET
+        /api/privacy/consent): granted, withdrawn or unknown, since when and from where; `registered` is false for a
+        device with a statement that has not registered yet."""
+        return [
+            {
+                "device": r["device_id"],
+                "purpose": CONSENT_PURPOSE,
+                **consent_doc(r["statement"]),
+                "registered": r["registered"],
+            }
+            for r in ConsentRecords(self.store).roster(CONSENT_PURPOSE)
+        ]
+
+    def consent_history(self, device_id: str) -> dict[str, Any]:
+        """One device's consent now and every statement recorded for it, oldest first (`fedfleet privacy consent
+        --device ID`, GET /api/privacy/consent/{device_id}). A device neither registered nor with a statement is
+        refused (NotFoundError)."""
+        history = ConsentRecords(self.store).history(device_id)
+        registered = self.store.is_device(device_id)
+        if not history and not registered:
+            raise NotFoundError(
+                f"no device {device_id!r}: neither registered nor with any consent recorded (`fedfleet privacy "
+                "consent` lists the devices)"
+            )
+        current = next((h for h in reversed(history) if h["purpose"] == CONSENT_PURPOSE), None)
+        return {
+            "device": device_id,
+            "purpose": CONSENT_PURPOSE,
+            **consent_doc(current),
+            "registered": registered,
+            "history": [{"purpose": h["purpose"], **consent_doc(h)} for h in history],
+        }
+
+    # ----- models -----
+
+    def models(self) -> list[dict[str, Any]]:
+        """Registered model versions, newest first, with their run, parent, ε and test accuracy (`fedfleet models
+        list`, GET /api/models)."""
+        from server.fl.registry import Registry
+
+        return list(reversed(Registry(self.store).list()))
+
+    def model(self, version: str) -> dict[str, Any]:
+        """A model version: its card (JSON and Markdown, generated from its lineage), the lineage and its run's
+        incidents (`fedfleet models show`, GET /api/models/{version})."""
+        from server.fl.registry import Registry, TrainingRuns, model_card, model_card_markdown
+
+        m = Registry(self.store).get(version)
+        return {
+            "version": m.version,
+            "card": model_card(m),
+            "card_markdown": model_card_markdown(m),
+            "lineage": m.lineage,
+            "incidents": TrainingRuns(self.store).incidents(m.run_id),
+        }
+
+    # ----- alerts and audit -----
 
     def alerts(self, state: str | None, limit: int) -> list[dict[str, Any]]:
         rows = AlertRecords(self.store).recent(state, limit)

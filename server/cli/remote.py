@@ -131,6 +131,26 @@ class RemoteFleet:
         doc: dict[str, Any] = self._call("PUT", f"/api/privacy/budgets/{_seg(device_id)}", {"epsilon": epsilon})
         return doc
 
+    def privacy_ledger(self, device_id: str | None) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self._call("GET", "/api/privacy/ledger", query={"device": device_id})
+        return rows
+
+    def consent(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self._call("GET", "/api/privacy/consent")
+        return rows
+
+    def consent_history(self, device_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = self._call("GET", f"/api/privacy/consent/{_seg(device_id)}")
+        return doc
+
+    def models(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self._call("GET", "/api/models")
+        return rows
+
+    def model(self, version: str) -> dict[str, Any]:
+        doc: dict[str, Any] = self._call("GET", f"/api/models/{_seg(version)}")
+        return doc
+
     def releases(self) -> list[dict[str, Any]]:
         docs: list[dict[str, Any]] = self._call("GET", "/api/releases")
         return docs

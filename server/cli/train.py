@@ -6,7 +6,7 @@ Torch, Flower and Opacus load only when a command needs them, so the rest of the
 from __future__ import annotations
 
 import importlib.util
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -15,6 +15,7 @@ from server.cli.common import (
     DataDirOption,
     JsonOption,
     fmt,
+    local_time,
     open_datadir,
     out,
     print_json,
@@ -30,7 +31,8 @@ __all__ = ["models_app", "privacy_app", "train"]
 
 models_app = typer.Typer(help="Model registry: versions, lineage, model cards.", no_args_is_help=True)
 privacy_app = typer.Typer(
-    help="Privacy ledger: ε spent per device, run and model version; budgets.", no_args_is_help=True
+    help="Privacy: the ledger (ε spent per device, run and model version), budgets, devices' consent.",
+    no_args_is_help=True,
 )
 
 
@@ -198,11 +200,9 @@ def train(
 
 @models_app.command("list")
 def models_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
-    """Registered model versions with their run, ε and test accuracy."""
-    from server.fl.registry import Registry
-
-    with open_datadir(data_dir).store() as store:
-        rows = Registry(store).list()
+    """Registered model versions, newest first, with their run, ε and test accuracy."""
+    with connect(data_dir) as fleet:
+        rows = fleet.models()
     print_rows(
         rows,
         as_json,
@@ -222,46 +222,37 @@ def models_list(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption 
 @models_app.command("show")
 def models_show(
     version: Annotated[str, typer.Argument(help="A model version, e.g. digits@3.")],
-    card: Annotated[bool, typer.Option("--card", help="Print the model card in Markdown.")] = False,
+    card: Annotated[bool, typer.Option("--card", help="Print the model card in Markdown only.")] = False,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
     """A version's lineage (run, parent, rounds, devices, data, ε and δ, metrics per round) and model card."""
-    from server.fl.registry import Registry, TrainingRuns, model_card, model_card_markdown
-
-    with open_datadir(data_dir).store() as store:
-        m = Registry(store).get(version)
-        incidents = TrainingRuns(store).incidents(m.run_id)
+    with connect(data_dir) as fleet:
+        doc = fleet.model(version)
     if as_json:
-        print_json({"version": m.version, "card": model_card(m), "lineage": m.lineage, "incidents": incidents})
+        print_json({key: doc[key] for key in ("version", "card", "lineage", "incidents")})
         return
-    if card:
-        out.print(model_card_markdown(m), markup=False)
-        return
-    out.print(model_card_markdown(m), markup=False)
-    if incidents:
-        out.print(f"{len(incidents)} incident(s) in run {m.run_id}:")
+    out.print(doc["card_markdown"], markup=False)
+    incidents = doc["incidents"]
+    if incidents and not card:
+        run = doc["card"]["training"]["run_id"]
+        out.print(f"{len(incidents)} incident(s) in run {run}:")
         for i in incidents:
             out.print(f"  round {i['round']}: {i['device_id']} {i['kind']}: {i['detail'][:160]}", markup=False)
 
 
 @privacy_app.command("ledger")
 def privacy_ledger(
-    device: Annotated[str | None, typer.Option(help="Only this device.")] = None,
+    device: Annotated[str | None, typer.Option(help="Only this device's rows.")] = None,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     as_json: JsonOption = False,
 ) -> None:
     """ε and δ spent per device, run and purpose (training, or the drift reference's noised count queries, whose
     rounds column counts the queries answered), with the model version the run produced, whether the device's
     reports agreed with the coordinator's recomputation, and each device's lifetime ε and δ (sums over its runs
-    and purposes) and budget."""
-    from server.fl.registry import Ledger
-
-    d = open_datadir(data_dir)
-    with d.store() as store:
-        rows: list[dict[str, Any]] = Ledger(store, d.config().epsilon_budget).rows()
-    if device:
-        rows = [r for r in rows if r["device"] == device]
+    and purposes) and budget. Remotely (--server, --context) it needs the privacy.manage permission."""
+    with connect(data_dir) as fleet:
+        rows = fleet.privacy_ledger(device)
     print_rows(
         rows,
         as_json,
@@ -295,7 +286,9 @@ def privacy_ledger(
             f"{r['lifetime_delta']:g}",
             fmt(r["budget"]),
         ],
-        "The ledger is empty: no private training has run yet.",
+        f"The ledger holds no rows for {device}."
+        if device
+        else "The ledger is empty: no private training has run yet.",
     )
     if not as_json and any(r["epsilon_mismatches"] for r in rows):
         out.print(
@@ -319,3 +312,48 @@ def privacy_budget(
     with connect(data_dir) as fleet:
         doc = fleet.set_budget(device, epsilon)
     out.print(f"{device}: lifetime budget ε {doc['budget']:g} (spent so far {doc['spent']:.3f}).")
+
+
+@privacy_app.command("consent")
+def privacy_consent(
+    device: Annotated[
+        str | None, typer.Option(help="Show this device's consent and every statement recorded for it, oldest first.")
+    ] = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """Each device's current consent to training: granted, withdrawn, or unknown (none recorded), since when and
+    from where (agent: the owner's agent.toml, reported at registration; user:NAME). Consent records are personal
+    data: remotely (--server, --context) they need the privacy.manage permission."""
+    if device is None:
+        with connect(data_dir) as fleet:
+            rows = fleet.consent()
+        print_rows(
+            rows,
+            as_json,
+            ["device", "training consent", "since", "source", "registered"],
+            lambda r: [
+                r["device"],
+                r["consent"],
+                local_time(r["recorded_at"]),
+                r["source"] or "-",
+                "yes" if r["registered"] else "no",
+            ],
+            "No devices yet: a device appears when its agent first registers.",
+        )
+        return
+    with connect(data_dir) as fleet:
+        doc = fleet.consent_history(device)
+    if as_json:
+        print_json(doc)
+        return
+    since = "" if doc["recorded_at"] is None else f" since {local_time(doc['recorded_at'])} ({doc['source']})"
+    registered = "" if doc["registered"] else " (not registered yet)"
+    out.print(f"{device}{registered}: training consent {doc['consent']}{since}.", markup=False)
+    print_rows(
+        doc["history"],
+        False,
+        ["recorded", "purpose", "consent", "source"],
+        lambda h: [local_time(h["recorded_at"]), h["purpose"], h["consent"], h["source"]],
+        "No consent statement recorded: the owner's agent.toml states none (\\[consent] training = true|false).",
+    )

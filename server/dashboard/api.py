@@ -547,12 +547,27 @@ def create_app(
         return views.ledger_view(stores.get(), config.epsilon_budget)
 
     @app.get("/api/privacy/ledger", tags=["training"])
-    def privacy_ledger(_: PrivacyManage) -> list[dict[str, Any]]:
-        """Every ledger row: ε and δ per device, run and purpose (`fedfleet privacy ledger`): an export for the
-        privacy officer, so it needs the privacy.manage permission."""
-        from server.fl.registry import Ledger  # the registry's numpy work only when asked
+    def privacy_ledger(
+        user: PrivacyManage,
+        device: Annotated[str | None, Query(max_length=200, description="Only this device's rows.")] = None,
+    ) -> list[dict[str, Any]]:
+        """Every ledger row: ε and δ per device, run and purpose, with lifetime, budget and whether the device
+        consented to the run (`fedfleet privacy ledger`): an export for the privacy officer, so it needs the
+        privacy.manage permission."""
+        return control(user).privacy_ledger(device)
 
-        return Ledger(stores.get(), config.epsilon_budget).rows()
+    @app.get("/api/privacy/consent", tags=["training"])
+    def privacy_consent(user: PrivacyManage) -> list[dict[str, Any]]:
+        """Each device's current consent to training (granted, withdrawn or unknown), when it was recorded and its
+        source (`agent`: the owner's agent.toml; `user:NAME`), by device (`fedfleet privacy consent`). Consent
+        records are personal data: only the privacy-officer and admin roles (privacy.manage) may read them."""
+        return control(user).consent()
+
+    @app.get("/api/privacy/consent/{device_id}", tags=["training"])
+    def privacy_consent_history(user: PrivacyManage, device_id: str) -> dict[str, Any]:
+        """One device's consent now and every statement recorded for it, oldest first (`fedfleet privacy consent
+        --device ID`); needs privacy.manage. A device neither registered nor with a statement is a 404."""
+        return control(user).consent_history(device_id)
 
     @app.put("/api/privacy/budgets/{device_id}", tags=["training"])
     def privacy_budget(user: PrivacyManage, device_id: str, body: BudgetBody) -> dict[str, Any]:
@@ -561,12 +576,15 @@ def create_app(
 
     @app.get("/api/models", tags=["training"])
     def models(_: Read) -> list[dict[str, Any]]:
-        return views.models_view(stores.get())
+        """Model versions, newest first: run, parent, ε, test accuracy (`fedfleet models list`)."""
+        return Control(datadir, stores.get(), "").models()
 
     @app.get("/api/models/{version}", tags=["training"])
     def model(_: Read, version: str) -> dict[str, Any]:
-        """A model version's card (JSON and Markdown), generated from its lineage."""
-        return views.model_view(stores.get(), version)
+        """A model version's card (JSON, Markdown, and HTML with raw HTML escaped), generated from its lineage, the
+        lineage and its run's incidents (`fedfleet models show`)."""
+        doc = Control(datadir, stores.get(), "").model(version)
+        return {**doc, "card_html": views.render_markdown(doc["card_markdown"])}
 
     @app.get("/api/releases", tags=["releases"])
     def releases(_: Read) -> list[dict[str, Any]]:

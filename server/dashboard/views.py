@@ -20,7 +20,7 @@ from edge_agent.contract.windows import counts_from_proto
 from server import audit
 from server.control import releases_doc
 from server.errors import ConflictError
-from server.fl.registry import Ledger, Registry, TrainingRuns, model_card, model_card_markdown
+from server.fl.registry import Ledger, TrainingRuns
 from server.ingest.telemetry import release_reference
 from server.policy import Policy
 from server.rollout.driver import Rollouts
@@ -37,8 +37,6 @@ __all__ = [
     "drift_view",
     "fleet_view",
     "ledger_view",
-    "model_view",
-    "models_view",
     "release_view",
     "render_markdown",
     "rollout_view",
@@ -424,10 +422,6 @@ def ledger_view(store: Store, default_budget: float) -> dict[str, Any]:
     return {"default_budget": default_budget, "devices": list(devices.values()), "spend": rows}
 
 
-def models_view(store: Store) -> list[dict[str, Any]]:
-    return list(reversed(Registry(store).list()))
-
-
 @cache
 def _markdown() -> MarkdownIt:
     # CommonMark with tables; raw HTML off, so a card's `<script>` is text. Link targets are checked by
@@ -438,17 +432,6 @@ def _markdown() -> MarkdownIt:
 def render_markdown(text: str) -> str:
     """A model card's Markdown as HTML safe to put in a page: every raw HTML tag in it is escaped as text."""
     return str(_markdown().render(text))
-
-
-def model_view(store: Store, version: str) -> dict[str, Any]:
-    m = Registry(store).get(version)
-    markdown = model_card_markdown(m)
-    return {
-        "version": version,
-        "card": model_card(m),
-        "card_markdown": markdown,
-        "card_html": render_markdown(markdown),
-    }
 
 
 def _card_markdown_of(custom: dict[str, Any], release_id: str) -> str:

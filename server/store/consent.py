@@ -16,6 +16,10 @@ __all__ = ["PURPOSES", "ConsentRecords"]
 
 PURPOSES = ("training",)  # what a device's data may be used for, each consented to on its own
 
+# Each device's newest statement for a purpose (the purpose is the query's first parameter): its consent now.
+_NEWEST = """WITH newest AS (SELECT c.* FROM consent c JOIN (SELECT device_id, max(id) AS id FROM consent
+               WHERE purpose = ? GROUP BY device_id) latest ON latest.id = c.id)"""
+
 
 class ConsentRecords:
     def __init__(self, store: Store) -> None:
@@ -46,12 +50,30 @@ class ConsentRecords:
 
     def all_current(self, purpose: str = "training") -> dict[str, dict[str, Any]]:
         """Every device's current statement for a purpose, by device."""
+        rows = self.store.db.query(f"{_NEWEST} SELECT * FROM newest ORDER BY device_id", [purpose])
+        return {r["device_id"]: _row(r) for r in rows}
+
+    def roster(self, purpose: str = "training") -> list[dict[str, Any]]:
+        """Every device the coordinator knows of, by id: each registered device and each with a statement recorded
+        (a device can be stated for before it first registers), whether it has registered, and its current
+        statement for a purpose (None: none recorded). What `fedfleet privacy consent` lists."""
         rows = self.store.db.query(
-            """SELECT c.* FROM consent c JOIN (SELECT device_id, max(id) AS id FROM consent WHERE purpose = ?
-                 GROUP BY device_id) newest ON newest.id = c.id ORDER BY c.device_id""",
+            f"""{_NEWEST}
+                SELECT known.device_id, known.registered, newest.id, newest.purpose, newest.granted, newest.source,
+                       newest.recorded_at
+                FROM (SELECT id AS device_id, 1 AS registered FROM devices
+                      UNION ALL SELECT device_id, 0 FROM newest WHERE device_id NOT IN (SELECT id FROM devices)) known
+                LEFT JOIN newest ON newest.device_id = known.device_id ORDER BY known.device_id""",
             [purpose],
         )
-        return {r["device_id"]: _row(r) for r in rows}
+        return [
+            {
+                "device_id": r["device_id"],
+                "registered": bool(r["registered"]),
+                "statement": None if r["id"] is None else _row({k: v for k, v in r.items() if k != "registered"}),
+            }
+            for r in rows
+        ]
 
     def history(self, device_id: str) -> list[dict[str, Any]]:
         """A device's statements, oldest first."""

@@ -6,7 +6,9 @@ It is for one machine only: it binds loopback. A fleet on a network uses Mosquit
 from __future__ import annotations
 
 import logging
+import random
 import socket
+from pathlib import Path
 from typing import Any
 
 from edge_agent.contract.addresses import is_loopback
@@ -24,7 +26,29 @@ def parse_host_port(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands out to bind(0) and to outgoing connections (Linux; 32768 by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port on `host` that nothing listens on now, for a process that binds it a moment later.
+
+    It is drawn at random below the kernel's ephemeral range where that range leaves room (10000 up to it), so
+    neither an outgoing connection nor another caller's bind(0) takes it in the meantime (tests run side by side
+    in several processes); elsewhere the kernel picks."""
+    floor = _ephemeral_floor()
+    for _ in range(64 if floor > 11000 else 0):
+        port = random.randrange(10000, floor)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

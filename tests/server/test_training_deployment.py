@@ -32,6 +32,7 @@ from server.datadir import DataDir
 from server.errors import CoordinatorError
 from server.fl.plan import TrainPlan
 from server.fl.registry import Ledger, Registry, TrainingRuns
+from server.ingest.broker import free_port
 from server.loop import worker
 from server.policy import Policy
 from simulations.processes import kill_tree
@@ -40,12 +41,6 @@ from tests.support import fedfleet, wait_for
 APP = Path(__file__).resolve().parents[2] / "deploy" / "flower-app"
 BIN = Path(sys.executable).parent
 FLWR = 180.0  # bound on a `fedfleet flower` command that runs `flwr` (60 s of its own per call) on a loaded machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _port_open(port: int) -> bool:
@@ -124,7 +119,7 @@ class Federation:
             "--host",
             "127.0.0.1",
             "--port",
-            str(_free_port()),
+            str(free_port()),
             *(["--node-config", node_config] if node_config else []),
         )
 
@@ -155,7 +150,7 @@ def _digits_share(fed: Federation, i: int) -> str:
 
 @contextlib.contextmanager
 def _running(tmp_path: Path, tls: bool) -> Iterator[Federation]:
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "flwr-home"  # how an operator's `flwr` reaches the SuperLink
     home.mkdir()
     connection = f'address = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -404,7 +399,7 @@ def test_node_key_refusals_change_nothing(datadir: DataDir, tmp_path: Path) -> N
     not_a_bundle = fedfleet(datadir, "flower", "node-key", str(tmp_path))
     again = fedfleet(datadir, "flower", "node-key", str(keyed))
     unreachable = fedfleet(
-        datadir, "flower", "node-key", str(new), "--superlink", f"127.0.0.1:{_free_port()}", timeout=FLWR
+        datadir, "flower", "node-key", str(new), "--superlink", f"127.0.0.1:{free_port()}", timeout=FLWR
     )
 
     # Assert: one sentence each, no key written, nothing audited.

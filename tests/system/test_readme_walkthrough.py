@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from server.ingest.broker import free_port
 from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import kill_tree, wait_for
 
@@ -52,13 +52,6 @@ def walkthrough_block(readme: Path) -> str:
         else:
             body.append(line)
     pytest.fail(f"README.md has no complete ```sh block under '{HEADING}'.", pytrace=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def fedfleet(cwd: Path, *args: str) -> str:

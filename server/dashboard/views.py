@@ -247,8 +247,8 @@ _DONE_BACK = ("rolled_back",)
 def rollout_view(rollouts: Rollouts, rollout_id: str) -> dict[str, Any]:
     """The rollout's status (waves with their progress, decisions), its gate values over time against the
     thresholds of its own gates, the gates now: the newest value the coordinator kept (at most a few seconds old
-    while a wave bakes; after the rollout ends, the last it kept, marked final), so that a page view never pools
-    telemetry itself; and which operator actions its phase allows."""
+    while a wave bakes; after the rollout ends, those of its last verdict, marked final), so that a page view never
+    pools telemetry itself; and which operator actions its phase allows."""
     doc = rollouts.status(rollout_id, observe=False)
     phase = Phase(doc["phase"])
     doc["finished"] = phase not in ACTIVE
@@ -272,14 +272,13 @@ def rollout_view(rollouts: Rollouts, rollout_id: str) -> dict[str, Any]:
     ]
     history = doc["gate_history"]
     doc["state_words"] = STATE_WORDS
-    if not history:
-        doc["gates"], doc["gates_at"], doc["gates_final"] = [], None, False
-        return doc
-    fresh = phase in (Phase.BAKING, Phase.GATING, Phase.PAUSED) and history[-1]["wave"] == doc["wave"]
-    kept = fresh or doc["finished"]  # a finished rollout keeps the last values it was judged by
-    doc["gates"] = history[-1]["gates"] if kept else []
-    doc["gates_at"] = history[-1]["at"] if kept else None
     doc["gates_final"] = bool(doc["finished"])
+    if doc["finished"]:  # the values its last verdict was made on, as `status` gives them
+        doc["gates_at"] = doc["gates_at_ms"]
+    elif history and phase in (Phase.BAKING, Phase.GATING, Phase.PAUSED) and history[-1]["wave"] == doc["wave"]:
+        doc["gates"], doc["gates_at"] = history[-1]["gates"], history[-1]["at"]
+    else:
+        doc["gates"], doc["gates_at"] = [], None
     return doc
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from server.dashboard.views import rollout_view
 from server.datadir import DataDir
 from server.fl.registry import Ledger
 from server.rollout.waves import wave_label
@@ -101,6 +102,11 @@ def test_a_finished_rollout_keeps_its_gates_and_one_wave_numbering(
         listed.stdout
     )
     assert json.loads(run("rollout", "list", "--data-dir", root, "--json").stdout)[0]["wave_label"] == "wave 1 of 1"
+
+    # The dashboard's page shows the same last verdict, from the same place.
+    with datadir.store() as store:
+        view = rollout_view(datadir.rollouts(store), rollout_id)
+    assert view["gates_final"] and (view["gates"], view["gates_at"]) == (doc["gates"], doc["gates_at_ms"])
 
 
 def test_a_release_names_the_users_file_and_wants_a_semantic_version(datadir: DataDir, tmp_path: Path) -> None:

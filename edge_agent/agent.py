@@ -49,10 +49,10 @@ from edge_agent.contract.windows import ClosedWindow
 from edge_agent.errors import AgentError, AssignmentError, InterpreterError
 from edge_agent.outbox import Outbox
 from edge_agent.runtime import Model, interpreter_name, load_model
-from edge_agent.state import AgentState, SlotInfo, StateStore
+from edge_agent.state import AgentState, MonitoringBudget, SlotInfo, StateStore
 from edge_agent.systemd import notify as systemd_notify
 from edge_agent.systemd import watchdog_interval
-from edge_agent.telemetry import TelemetryRecorder
+from edge_agent.telemetry import TelemetryRecorder, WindowPrivacy
 from edge_agent.transport import GrpcTransport
 from edge_agent.updater import Outcome, UpdateContext, UpdateResult, accept_freshness, apply_assignment
 
@@ -137,8 +137,19 @@ class Agent:
             mirror_ca=config.mirror_ca,
         )
         self.outbox = Outbox(config.state_dir / "outbox.db", config.device_id, config.outbox_cap)
+        privacy = None
+        if config.dp_epsilon_per_window is not None:
+            budget = MonitoringBudget(config.state_dir / "monitoring.json", config.monitoring_budget_epsilon)
+            privacy = WindowPrivacy(config.dp_epsilon_per_window, budget)
+            logger.info(
+                "telemetry windows noised at ε %g each, one every %g s; monitoring budget ε %g, %g left",
+                config.dp_epsilon_per_window,
+                config.telemetry_every_seconds,
+                budget.budget,
+                budget.remaining(),
+            )
         self.recorder = TelemetryRecorder(
-            self._window_closed, config.telemetry_every_inferences, config.telemetry_every_seconds
+            self._window_closed, config.telemetry_every_inferences, config.telemetry_every_seconds, privacy=privacy
         )
         self._telemetry_ready = asyncio.Event()
         self._sent_at: dict[int, float] = {}  # sequence -> when it went out over MQTT in this session

@@ -20,12 +20,19 @@ tls_key = "device-key.pem"
 site = "kitchen"
 [consent]                                 # the device owner's choices, reported when the agent registers
 training = false                          # train on this device's data (federated rounds); absent: no consent
+[telemetry]                               # differential privacy on telemetry windows (absent: exact counts)
+dp_epsilon_per_window = 1.0               # Laplace noise for this ε on every window; windows then close on time
+#                                         # only (every telemetry_every_seconds, empty ones too) and each costs ε
+monitoring_budget_epsilon = 10.0          # the device's lifetime ε for noised windows (default 10); spent in
+#                                         # state_dir/monitoring.json, and when what is left is less than one
+#                                         # window's ε, windows stop and the last one says so
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +44,12 @@ from edge_agent.contract.addresses import is_loopback, parse_mqtt_url
 from edge_agent.errors import ConfigError
 from edge_agent.steps import STEPS
 
-__all__ = ["AgentConfig", "TlsFiles", "load_config"]
+__all__ = ["DEFAULT_MONITORING_BUDGET", "AgentConfig", "TlsFiles", "load_config"]
 
 logger = logging.getLogger(__name__)
 
 _INTERPRETERS = ("ai-edge-litert", "tflite-runtime")
+DEFAULT_MONITORING_BUDGET = 10.0
 _MAX_MIRRORS = 8
 
 
@@ -73,6 +81,8 @@ class AgentConfig:
     mirrors: tuple[str, ...] = ()  # static TUF mirrors' base URLs (ending in "/"), tried before the coordinator
     mirror_ca: Path | None = None  # the CA file that verifies the mirrors' certificates; None: the system's store
     consent_training: bool | None = None  # [consent] training; None: the owner stated nothing (no consent)
+    dp_epsilon_per_window: float | None = None  # [telemetry]: Laplace noise for this ε per window; None: exact counts
+    monitoring_budget_epsilon: float = DEFAULT_MONITORING_BUDGET  # [telemetry]: lifetime ε for noised windows
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,7 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
     consent_training = consent.get("training")
     if consent_training is not None and not isinstance(consent_training, bool):
         raise ConfigError("[consent] training must be true or false")
+    dp_epsilon, budget = _telemetry_privacy(raw.get("telemetry", {}))
     grpc_target = str(raw["grpc_target"])
     plaintext = [
         what
@@ -202,7 +213,34 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
         consent_training=consent_training,
         mirrors=mirrors,
         mirror_ca=mirror_ca,
+        dp_epsilon_per_window=dp_epsilon,
+        monitoring_budget_epsilon=budget,
     )
+
+
+def _telemetry_privacy(table: Any) -> tuple[float | None, float]:
+    """[telemetry]: (ε per window or None, the monitoring budget)."""
+    keys = {"dp_epsilon_per_window", "monitoring_budget_epsilon"}
+    if not isinstance(table, dict) or set(table) - keys:
+        raise ConfigError("[telemetry] is a table with two settings: dp_epsilon_per_window, monitoring_budget_epsilon")
+
+    def number(key: str) -> float | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"[telemetry] {key} must be a positive number (ε), like 1.0; got {value!r}")
+        return float(value)
+
+    epsilon = number("dp_epsilon_per_window")
+    budget = number("monitoring_budget_epsilon")
+    budget = DEFAULT_MONITORING_BUDGET if budget is None else budget
+    if epsilon is not None and epsilon > budget:
+        raise ConfigError(
+            f"[telemetry] dp_epsilon_per_window {epsilon:g} exceeds monitoring_budget_epsilon {budget:g}: no window "
+            "could ever be sent; lower the one or raise the other"
+        )
+    return epsilon, budget
 
 
 def _mirrors(value: Any, allow_plaintext: bool) -> tuple[str, ...]:

@@ -4,6 +4,7 @@ newest freshness statement the director signed for this device.
 Layout under the state directory:
 
     state.json          this record, replaced atomically (never half-written)
+    monitoring.json     ε spent on noised telemetry windows (MonitoringBudget), replaced atomically
     slots/a/model.tflite, slots/b/model.tflite
     downloads/          partial downloads, named by sha256, resumed after a restart
     tuf/                python-tuf's verified metadata cache
@@ -14,6 +15,10 @@ Invariant: the active slot's file is never written. An update writes the inactiv
 Freshness only moves forward: a statement replaces the held one only if it was issued later and names a counter
 no lower (`fresh_issued_ms`, `fresh_counter` never decrease), so a replayed old statement changes nothing.
 `update` is serialized by a lock: the update thread and the agent's loop (freshness checks) both write.
+
+The monitoring budget only moves one way: a window's ε is written to monitoring.json (fsync'd) before the window
+is released, and never if it would take the spend past the budget; a crash between the two loses a window, never
+an ε. The spend is kept as an exact fraction, so no rounding lets many small spends creep past the budget.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +35,7 @@ from edge_agent.contract.files import atomic_write_bytes, remove_stale_temp_file
 from edge_agent.contract.reasons import Reason
 from edge_agent.errors import AgentError
 
-__all__ = ["AgentState", "SlotInfo", "StateStore"]
+__all__ = ["AgentState", "MonitoringBudget", "MonitoringCharge", "SlotInfo", "StateStore"]
 
 Slot = Literal["a", "b"]
 
@@ -152,3 +158,78 @@ class StateStore:
         with self._lock:
             state = self.load()
             return self.save(replace(state, **changes)) if condition(state) else None
+
+
+@dataclass(frozen=True)
+class MonitoringCharge:
+    """A window's ε, written down: the spend after it, and whether what is left affords another such window."""
+
+    spent: float
+    budget: float
+    exhausted: bool
+
+
+class MonitoringBudget:
+    """monitoring.json under the state directory: the device's lifetime ε spent on noised telemetry windows.
+
+    `budget` is the owner's (agent.toml); raising it lets windows resume, lowering it below the spend stops them.
+    Thread-safe: the recorder charges from whichever thread closes a window."""
+
+    def __init__(self, path: Path, budget: float) -> None:
+        if not budget > 0:
+            raise ValueError("a monitoring budget must be positive")
+        self.path = path
+        self.budget = budget
+        self._lock = threading.Lock()
+        self._spent, self._windows, self._said = Fraction(0), 0, False
+        if path.exists():
+            try:
+                doc = json.loads(path.read_text())
+                self._spent = Fraction(doc["spent_exact"])
+                self._windows, self._said = int(doc["windows"]), bool(doc["exhausted_said"])
+            except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
+                raise AgentError(
+                    f"monitoring budget {path} is unreadable; restore it (deleting it would forget the ε spent)",
+                    Reason.CONFIG_INVALID,
+                ) from e
+
+    @property
+    def spent(self) -> float:
+        return float(self._spent)
+
+    @property
+    def windows(self) -> int:
+        return self._windows
+
+    def remaining(self) -> float:
+        return float(max(Fraction(0), Fraction(self.budget) - self._spent))
+
+    def charge(self, epsilon: float) -> MonitoringCharge | None:
+        """Write one window's ε down (durably) if the budget affords it; None, changing nothing, if not."""
+        with self._lock:
+            after = self._spent + Fraction(epsilon)
+            if after > Fraction(self.budget):
+                return None
+            exhausted = after + Fraction(epsilon) > Fraction(self.budget)
+            self._save(after, self._windows + 1, exhausted)
+            return MonitoringCharge(float(after), self.budget, exhausted)
+
+    def say_exhausted(self) -> bool:
+        """Whether the device still has to say that its budget is spent (once, until a charge succeeds again);
+        noted durably as said when it returns True."""
+        with self._lock:
+            if self._said:
+                return False
+            self._save(self._spent, self._windows, True)
+            return True
+
+    def _save(self, spent: Fraction, windows: int, said: bool) -> None:
+        doc = {
+            "spent_epsilon": float(spent),  # for people; spent_exact is what counts
+            "spent_exact": str(spent),
+            "windows": windows,
+            "exhausted_said": said,
+            "budget_epsilon": self.budget,
+        }
+        atomic_write_bytes(self.path, json.dumps(doc, sort_keys=True).encode())
+        self._spent, self._windows, self._said = spent, windows, said

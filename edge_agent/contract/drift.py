@@ -7,14 +7,16 @@ Conventions (shared with the coordinator, which pools windows across devices):
 - PSI(ref, cur) = sum (cur - ref) * ln(cur / ref); KL(p || q) = sum p * ln(p / q).
 - A window holds raw counts, never raw samples, so windows pool by adding counts: statistics of pooled
   windows equal the statistics of one window over all their samples.
-- A window with fewer samples than `min_samples` (default 10 x the number of bins) is not scored.
+- A window with fewer samples than `min_samples` (default 10 x the number of bins) is not scored. A noised window
+  (differential privacy on the device, `WindowNoise`) is worth fewer samples than it counts: `effective_samples`.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,11 +28,14 @@ __all__ = [
     "MIN_PROPORTION",
     "DriftReference",
     "WindowCounts",
+    "WindowNoise",
     "WindowScore",
     "bin_counts",
     "edges_from_fine_histograms",
+    "effective_samples",
     "histogram_quantile",
     "kl",
+    "max_entropy",
     "proportions",
     "psi",
     "score_window",
@@ -250,6 +255,55 @@ class DriftReference:
             raise ValueError(f"drift reference lacks {e}") from e
 
 
+def max_entropy(n_classes: int) -> float:
+    """The most one inference adds to a window's entropy_sum: -sum p ln p with each p clipped to [1e-12, 1] is at
+    most n_classes / e (each term at most 1/e), whether the outputs are normalised or not."""
+    return n_classes / math.e
+
+
+def _cap_total(counts: np.ndarray, total: int) -> np.ndarray:
+    """Non-negative counts scaled down (rounding down) so that they add up to at most `total`."""
+    c = np.asarray(counts, dtype=np.int64)
+    s = int(c.sum())
+    if s <= total:
+        return c
+    capped: np.ndarray = np.floor(c * (max(total, 0) / s)).astype(np.int64)
+    return capped
+
+
+@dataclass(frozen=True)
+class WindowNoise:
+    """How a window's counts were noised on the device (edge_agent.contract.windows.noised), and the device's
+    monitoring budget as it stood after the window.
+
+    Merging adds: a summary of several windows, or a pool of many, spent the sum of their ε, and its counts carry
+    the sum of their noise variances. The budget fields describe one device's budget: in a summary of one
+    device's consecutive windows (`other` the later one) they are the later window's; pooled across devices they
+    mean nothing and are not read."""
+
+    epsilon: float  # ε spent (0: no noise: a marker that the budget is spent)
+    scale: float  # Laplace scale b on each count; a merge: sqrt(sum of b²), one Laplace with the same variance
+    spent_epsilon: float = 0.0  # the device's monitoring ε spent so far, this window included
+    budget_epsilon: float = 0.0  # the device's monitoring budget
+    exhausted: bool = False  # the device sends no more noised windows until its budget is raised
+
+    @property
+    def variance(self) -> float:
+        """The noise variance on each count: 2b² for Laplace(b)."""
+        return 2.0 * self.scale * self.scale
+
+    def merge(self, other: WindowNoise | None) -> WindowNoise:
+        if other is None:
+            return self
+        return WindowNoise(
+            epsilon=self.epsilon + other.epsilon,
+            scale=float(np.hypot(self.scale, other.scale)),
+            spent_epsilon=max(self.spent_epsilon, other.spent_epsilon),
+            budget_epsilon=other.budget_epsilon,
+            exhausted=other.exhausted,
+        )
+
+
 @dataclass
 class WindowCounts:
     """Raw, poolable counts of one window (or of many pooled windows)."""
@@ -269,6 +323,7 @@ class WindowCounts:
     inputs_checked: int = 0
     inputs_nonfinite: int = 0
     inputs_out_of_range: int = 0
+    noise: WindowNoise | None = None  # None: exact counts (no differential privacy on the device)
 
     @classmethod
     def empty(cls, reference: DriftReference) -> WindowCounts:
@@ -334,6 +389,38 @@ class WindowCounts:
             self.latency_max_ms = max(self.latency_max_ms, float(lat.max()))
         self.inferences += len(x)
 
+    def clamped(self) -> WindowCounts:
+        """Noised counts (which may be negative) made a valid window: every count >= 0, the inferences the sum of
+        the classes, no more latencies than inferences nor more inputs checked, no more inputs breaking the schema
+        than checked, entropy within what that many inferences can hold, the largest latency read from the
+        histogram. Post-processing: it costs no ε. Exact counts (a budget-spent marker's included) are returned as
+        they are."""
+        if self.noise is None or self.noise.variance <= 0:
+            return self
+        classes = np.maximum(self.class_counts, 0)
+        inferences = int(classes.sum())
+        latency = _cap_total(np.maximum(self.latency_counts, 0), inferences)
+        top = np.flatnonzero(latency)
+        upper_edges = np.append(LATENCY_EDGES_MS, LATENCY_EDGES_MS[-1])  # the open top bin: its lower edge
+        checked = min(max(self.inputs_checked, 0), inferences)
+        broken = _cap_total(np.maximum([self.inputs_nonfinite, self.inputs_out_of_range], 0), checked)
+        return replace(
+            self,
+            feature_counts=np.maximum(self.feature_counts, 0),
+            nan_counts=np.maximum(self.nan_counts, 0),
+            out_of_range=np.maximum(self.out_of_range, 0),
+            score_counts=np.maximum(self.score_counts, 0),
+            class_counts=classes,
+            latency_counts=latency,
+            entropy_sum=min(max(self.entropy_sum, 0.0), inferences * max_entropy(self.class_counts.size)),
+            latency_max_ms=float(upper_edges[top[-1]]) if top.size else 0.0,
+            inferences=inferences,
+            errors=max(self.errors, 0),
+            inputs_checked=checked,
+            inputs_nonfinite=int(broken[0]),
+            inputs_out_of_range=int(broken[1]),
+        )
+
     def merge(self, other: WindowCounts) -> WindowCounts:
         """The counts of both windows together (pooling across windows, devices or cohorts)."""
         return WindowCounts(
@@ -350,7 +437,36 @@ class WindowCounts:
             inputs_checked=self.inputs_checked + other.inputs_checked,
             inputs_nonfinite=self.inputs_nonfinite + other.inputs_nonfinite,
             inputs_out_of_range=self.inputs_out_of_range + other.inputs_out_of_range,
+            noise=other.noise if self.noise is None else self.noise.merge(other.noise),
         )
+
+
+def effective_samples(counts: WindowCounts, samples: int | None = None) -> int:
+    """What `samples` of these counts (default: their inferences) are worth once the noise is taken into account:
+    the number of exact samples whose histograms would be as precise. Exact counts are worth what they count.
+
+    Derivation: a histogram of k bins over N samples, its counts each carrying independent noise of variance
+    s² (2b² for Laplace(b), summed over pooled windows), estimates the proportions p_i = n_i / N. Drift
+    statistics (PSI, KL) are, for small shifts, chi-square distances sum (q_i - p_i)² / p_i, whose expected
+    value over sampling and noise is
+
+        sum_i [p_i (1 - p_i) / N + s² / N²] / p_i  =  (k - 1) / N + s² k² / N²
+
+    at the reference's quantile bins (p_i = 1/k, what they are built to hold; the observed noisy counts would
+    make the figure itself noisy, and unbounded near empty bins). Exact samples give (k - 1) / n, so the noised
+    counts are worth
+
+        n_eff = N / (1 + s² k² / ((k - 1) N))
+
+    with k the widest histogram the window publishes (feature bins, score bins or classes): the strictest."""
+    n = counts.inferences if samples is None else samples
+    if counts.noise is None or counts.noise.variance <= 0:
+        return int(n)
+    if n <= 0:
+        return 0
+    k = max(counts.feature_counts.shape[1] if counts.feature_counts.ndim == 2 else 0, counts.score_counts.size)
+    k = max(k, counts.class_counts.size, 2)
+    return int(n / (1.0 + counts.noise.variance * k * k / ((k - 1) * n)))
 
 
 @dataclass(frozen=True)
@@ -371,6 +487,13 @@ class WindowScore:
 def score_window(window: WindowCounts, reference: DriftReference, min_samples: int | None = None) -> WindowScore | None:
     """Score a window against the reference, or None if it has too few samples to say anything."""
     needed = 10 * reference.n_bins if min_samples is None else min_samples
+    if window.noise is not None and window.noise.variance > 0:  # noised counts are worth fewer samples
+        window = window.clamped()
+        samples = int(window.feature_counts.sum(axis=1).min()) if reference.n_features else 0
+        if effective_samples(window) < needed or effective_samples(window, samples) < needed:
+            return None
+        if not window.score_counts.sum():  # every score bin's noisy count clamped to zero
+            return None
     samples = int(window.feature_counts.sum(axis=1).min()) if reference.n_features else 0
     if window.inferences < needed or samples < needed or samples == 0:
         return None

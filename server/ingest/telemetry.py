@@ -3,6 +3,11 @@
 A window is stored under (device, sequence). A resend of a stored window (same range) changes nothing and is
 confirmed again; a window overlapping stored ones differently is refused. The watermark is the highest
 sequence up to which every sequence is stored, so a device never deletes a window that was not stored.
+
+A noised window (differential privacy on the device) is stored like any other, and its ε goes into the
+monitoring ledger (server/store/monitoring.py) in the same transaction, once: a resend charges nothing again.
+Pooled noised counts are worth fewer samples than they count (`effective_samples`, which the gates' minimum
+samples and the drift watch's evidence compare).
 """
 
 from __future__ import annotations
@@ -15,12 +20,20 @@ from google.protobuf.message import DecodeError
 
 from edge_agent.contract import LIMITS, device_id_is_valid
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
-from edge_agent.contract.drift import DriftReference, WindowCounts, WindowScore, score_window
+from edge_agent.contract.drift import (
+    DriftReference,
+    WindowCounts,
+    WindowNoise,
+    WindowScore,
+    effective_samples,
+    score_window,
+)
 from edge_agent.contract.windows import counts_from_proto
 from server.errors import NotFoundError
 from server.ingest.events import EventRejected
 from server.rollout.metrics import METRICS, invalid_input_rate
 from server.store import Store, now_ms
+from server.store.monitoring import MonitoringLedger
 from server.store.telemetry import TelemetryRecords
 
 __all__ = [
@@ -75,7 +88,7 @@ def release_reference(store: Store, release_id: str) -> DriftReference | None:
     return _REFERENCES[key]
 
 
-def _check(store: Store, m: pb.TelemetryWindow, topic_device: str | None) -> None:
+def _check(store: Store, m: pb.TelemetryWindow, topic_device: str | None) -> WindowCounts:
     if not device_id_is_valid(m.device_id):
         raise EventRejected(f"device_id {m.device_id[:40]!r} is not a valid id")
     if topic_device is not None and m.device_id != topic_device:
@@ -92,6 +105,7 @@ def _check(store: Store, m: pb.TelemetryWindow, topic_device: str | None) -> Non
             f"window has {counts.feature_counts.shape} feature bins, release {m.release_id} has "
             f"{(reference.n_features, reference.n_bins)}"
         )
+    return counts
 
 
 def watermark(store: Store, device_id: str) -> int:
@@ -115,12 +129,15 @@ def ingest_windows(
     """
     results: list[IngestResult | EventRejected | None] = []
     checked: list[int] = []
+    noise: dict[int, WindowNoise] = {}
     for i, (m, topic_device) in enumerate(batch):
         try:
-            _check(store, m, topic_device)
+            counts = _check(store, m, topic_device)
         except EventRejected as e:
             results.append(e)
             continue
+        if counts.noise is not None:
+            noise[i] = counts.noise
         results.append(None)
         checked.append(i)
     if not checked:
@@ -129,6 +146,7 @@ def ingest_windows(
     stored: list[tuple[int, bool]] = []
     received = now_ms()
     records = TelemetryRecords(store)
+    ledger = MonitoringLedger(store)
     with store.transaction():
         for i in checked:
             m = batch[i][0]
@@ -149,6 +167,8 @@ def ingest_windows(
                 )
                 continue
             records.insert(m, received, via)
+            if i in noise:
+                ledger.record(m.device_id, m.first_sequence, m.sequence, m.release_id, noise[i], received)
             stored.append((i, True))
         for device, current in marks.items():
             mark = current
@@ -188,6 +208,8 @@ class Pooled:
             "windows": self.windows,
             "devices": self.devices,
             "inferences": self.counts.inferences,
+            "effective_samples": effective_samples(self.counts),  # the inferences unless windows were noised
+            "noised": self.counts.noise is not None,
             "errors": self.counts.errors,
             "scored": s is not None,
             "max_psi": self.metric("input_max_psi"),
@@ -228,6 +250,8 @@ def pool(
         seen.add(device_id)
         windows += 1
     reference = release_reference(store, release_id)
+    if total is not None:
+        total = total.clamped()  # noised windows pool signed, so their noise averages out; then made valid
     if total is None:
         n_classes = reference.n_classes if reference else 2
         total = WindowCounts.empty(reference or DriftReference.empty(n_classes))

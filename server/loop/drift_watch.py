@@ -8,9 +8,10 @@ policy's metric (server.rollout.metrics, one of SCORE_METRICS). `DriftWatch.tick
 
 One open alarm per (fleet, release): sustained drift does not alarm at every tick. After an alarm resolves, the same
 (fleet, release) alarms again only after `retrain.cooldown_seconds`, so a value hovering at the threshold does not
-flap. Evidence: a reading has a value only when the pool holds `retrain.min_samples_per_bin` inferences per feature
+flap. Evidence: a reading has a value only when the pool holds `retrain.min_samples_per_bin` samples per feature
 bin from `retrain.min_devices` devices; fewer samples make a healthy fleet's PSI cross 0.25 by chance
-(benchmarks/drift_false_alarms.py).
+(benchmarks/drift_false_alarms.py). Samples are effective samples: the inferences, or what they are worth when
+devices noise their windows (edge_agent.contract.drift.effective_samples; the score itself needs as many).
 
 Opening an alarm, its audit entry, its alert and what the policy decides about it (`on_open`, from the retrain
 controller) commit in one transaction.
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from edge_agent.contract.drift import effective_samples
 from server import audit
 from server.crashpoints import crash_point
 from server.ingest.events import EventRejected
@@ -51,7 +53,7 @@ class DriftReading:
     threshold: float
     devices: int
     windows: int
-    samples: int
+    samples: int  # effective samples: the inferences, fewer when windows were noised
     needed_samples: int
 
     @property
@@ -99,7 +101,7 @@ def read_fleet_drift(store: Store, fleet: str, policy: Policy, now: int | None =
         policy.retrain_threshold,
         pooled.devices,
         pooled.windows,
-        pooled.counts.inferences,
+        effective_samples(pooled.counts),
         needed,
     )
 

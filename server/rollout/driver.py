@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from edge_agent.contract.drift import effective_samples
 from server import audit
 from server.crashpoints import crash_point
 from server.errors import ConflictError, NotFoundError
@@ -197,10 +198,12 @@ class Rollouts:
             committed=committed,
             failed=failed,
             silent=silent,
-            samples=wave.counts.inferences,
+            samples=effective_samples(wave.counts),
             reporting_devices=wave.devices,
-            control_samples=control.counts.inferences,
+            control_samples=effective_samples(control.counts),
             values=values,
+            inferences=wave.counts.inferences,
+            control_inferences=control.counts.inferences,
         )
 
     def _control(self, row: _Row, outcomes: list[dict[str, Any]]) -> Pooled:

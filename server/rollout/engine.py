@@ -74,12 +74,14 @@ class WaveObservation:
     committed: int
     failed: int
     silent: int
-    samples: int  # inferences in the wave's pooled telemetry
+    samples: int  # effective samples in the wave's pooled telemetry: its inferences, or what noised windows' are worth
     reporting_devices: int
-    control_samples: int
+    control_samples: int  # the same for the control; both are compared with min_samples
     values: Mapping[str, float | None]  # metric → value; None when the data carry nothing to compute it from
     rollback_pending: int = 0  # devices told to go back that have not yet reported the previous release
     cohorts: Mapping[str, WaveObservation] = field(default_factory=dict)  # the same per cohort ("site=north")
+    inferences: int | None = None  # the inferences behind `samples` (more when windows were noised), for the reason
+    control_inferences: int | None = None
 
     @property
     def pending(self) -> int:
@@ -139,11 +141,13 @@ def _judge(spec: RolloutSpec, gate: Gate, obs: WaveObservation) -> GateResult:
     short = ""
     if kind is not MetricKind.DEVICES:
         if obs.samples < spec.min_samples:
-            short = f"{obs.samples} of {spec.min_samples} samples"
+            short = f"{obs.samples} of {spec.min_samples} samples" + _discounted(obs.samples, obs.inferences)
         elif obs.reporting_devices < spec.min_devices:
             short = f"{obs.reporting_devices} of {spec.min_devices} devices reporting"
         elif kind is MetricKind.VERSUS_CONTROL and obs.control_samples < spec.min_samples:
-            short = f"control has {obs.control_samples} of {spec.min_samples} samples"
+            short = f"control has {obs.control_samples} of {spec.min_samples} samples" + _discounted(
+                obs.control_samples, obs.control_inferences
+            )
     elif obs.treated == 0:
         short = "no devices assigned yet"
     if short:
@@ -151,6 +155,11 @@ def _judge(spec: RolloutSpec, gate: Gate, obs: WaveObservation) -> GateResult:
     if value is None:
         return GateResult(gate, None, Verdict.UNAVAILABLE, "nothing to compute it from")
     return GateResult(gate, value, Verdict.PASS if gate.holds(value) else Verdict.FAIL)
+
+
+def _discounted(effective: int, inferences: int | None) -> str:
+    worth_less = inferences is not None and effective < inferences
+    return f" (noised windows: {inferences} inferences worth {effective})" if worth_less else ""
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,26 @@ reports all read it from here.
     devices         judged from device outcomes (install events, silence, stale data); needs no samples
     wave            from the wave's pooled telemetry against the release's reference; needs min_samples
     versus-control  the wave's pooled telemetry against the control cohort's; both need min_samples
+
+Samples are effective samples (edge_agent.contract.drift.effective_samples): the inferences, or fewer when devices
+noise their windows (differential privacy on the device), what the noised counts are worth.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
 
-from edge_agent.contract.drift import LATENCY_EDGES_MS, WindowCounts, WindowScore, histogram_quantile
+from edge_agent.contract.drift import (
+    LATENCY_EDGES_MS,
+    WindowCounts,
+    WindowScore,
+    histogram_quantile,
+)
 
 __all__ = [
     "LATENCY_FLOOR_MS",
@@ -70,6 +79,13 @@ def _latency_ratio(wave: WindowCounts, control: WindowCounts) -> float | None:
     ours = histogram_quantile(wave.latency_counts, LATENCY_EDGES_MS, 0.95)
     theirs = histogram_quantile(control.latency_counts, LATENCY_EDGES_MS, 0.95)
     return max(ours, LATENCY_FLOOR_MS) / max(theirs, LATENCY_FLOOR_MS)
+
+
+def _above_noise(counts: WindowCounts, denominator: int) -> bool:
+    """Whether a rate's denominator stands out of the noise on noised counts (three standard deviations of one
+    count's noise); always, for exact counts. Below it the denominator may be noise itself (inputs_checked of a
+    release without an input schema is 0 plus noise), and the rate is not computed rather than made up."""
+    return counts.noise is None or counts.noise.variance <= 0 or denominator > 3 * math.sqrt(counts.noise.variance)
 
 
 def invalid_input_rate(checked: int, nonfinite: int, out_of_range: int) -> float | None:
@@ -127,7 +143,7 @@ _ALL = (
         MetricKind.WAVE,
         "failed inferences over all inferences in the wave",
         fraction=True,
-        of_counts=lambda c: c.errors / max(1, c.errors + c.inferences),
+        of_counts=lambda c: c.errors / max(1, c.errors + c.inferences) if _above_noise(c, c.inferences) else None,
     ),
     Metric(
         "invalid_input_rate",
@@ -135,7 +151,11 @@ _ALL = (
         "the wave's inputs that broke the release's input schema (NaN or infinite, or out of its valid range) "
         "over the inputs checked",
         fraction=True,
-        of_counts=lambda c: invalid_input_rate(c.inputs_checked, c.inputs_nonfinite, c.inputs_out_of_range),
+        of_counts=lambda c: (
+            invalid_input_rate(c.inputs_checked, c.inputs_nonfinite, c.inputs_out_of_range)
+            if _above_noise(c, c.inputs_checked)
+            else None
+        ),
     ),
     Metric(
         "failure_rate",

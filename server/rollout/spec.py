@@ -13,7 +13,8 @@ file (flags win), checked in full before anything is stored. No I/O here but rea
     bake_seconds = 300                 # each wave runs this long before its gates are judged
     silent_after_seconds = 600         # a device with no outcome this long after its assignment is silent
     on_fail = "rollback"               # or "hold", "pause"
-    min_samples = 500                  # inferences, in the wave and in the control, before any telemetry verdict
+    min_samples = 500                  # samples, in the wave and in the control, before any telemetry verdict:
+                                       # inferences, or what noised windows' counts are worth (fewer)
     min_devices = 1                    # devices reporting telemetry, before any telemetry verdict
     control_lookback_seconds = 3600    # the control's telemetry starts this long before the rollout
     gate_window_seconds = 0            # judge only the latest this many seconds (a hold can then lift); 0: the
@@ -139,7 +140,7 @@ class RolloutSpec:
     bake_seconds: float = 300.0
     silent_after_seconds: float = 600.0
     on_fail: OnFail = OnFail.ROLLBACK
-    min_samples: int = 500
+    min_samples: int = 500  # compared with effective samples (edge_agent.contract.drift.effective_samples)
     min_devices: int = 1
     control_lookback_seconds: float = 3600.0
     gate_window_seconds: float = 0.0  # judge the last this many seconds of telemetry; 0: all since the wave began

@@ -471,6 +471,34 @@ def _v13(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v14(db: sqlite_utils.Database) -> None:
+    """The monitoring ledger (issue 19): ε each device spent on noised telemetry windows, a budget of the device's
+    own apart from the training privacy ledger (privacy_spend, privacy_query_spend). One row per stored noised
+    window (or budget-spent marker), with the device's own figures beside it; never changed or deleted, so
+    telemetry retention pruning a window keeps what it cost."""
+    db.executescript(
+        """
+        CREATE TABLE monitoring_spend (
+            device_id TEXT NOT NULL,
+            sequence INTEGER NOT NULL,          -- the window's sequence (a summary's last)
+            first_sequence INTEGER NOT NULL,
+            release_id TEXT NOT NULL,
+            epsilon REAL NOT NULL,              -- ε the window spent; 0: a marker that the budget is spent
+            noise_scale REAL NOT NULL,          -- Laplace scale b on each count
+            device_spent REAL NOT NULL,         -- the device's monitoring ε spent so far, as it reports
+            device_budget REAL NOT NULL,        -- the device's monitoring budget, as it reports
+            exhausted INTEGER NOT NULL CHECK (exhausted IN (0, 1)),  -- no more noised windows from it
+            received_at INTEGER NOT NULL,
+            PRIMARY KEY (device_id, sequence)
+        );
+        CREATE TRIGGER monitoring_spend_kept_update BEFORE UPDATE ON monitoring_spend
+        BEGIN SELECT RAISE(ABORT, 'monitoring ledger: rows are never changed'); END;
+        CREATE TRIGGER monitoring_spend_kept_delete BEFORE DELETE ON monitoring_spend
+        BEGIN SELECT RAISE(ABORT, 'monitoring ledger: rows are never deleted'); END;
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
     _v2,
@@ -485,6 +513,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v11,
     _v12,
     _v13,
+    _v14,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

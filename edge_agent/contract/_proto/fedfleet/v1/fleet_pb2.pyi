@@ -329,6 +329,12 @@ class TelemetryWindow(google.protobuf.message.Message):
     INPUTS_CHECKED_FIELD_NUMBER: builtins.int
     INPUTS_NONFINITE_FIELD_NUMBER: builtins.int
     INPUTS_OUT_OF_RANGE_FIELD_NUMBER: builtins.int
+    DP_EPSILON_FIELD_NUMBER: builtins.int
+    DP_NOISE_SCALE_FIELD_NUMBER: builtins.int
+    MONITORING_SPENT_EPSILON_FIELD_NUMBER: builtins.int
+    MONITORING_BUDGET_EPSILON_FIELD_NUMBER: builtins.int
+    MONITORING_BUDGET_EXHAUSTED_FIELD_NUMBER: builtins.int
+    DP_UNCLAMPED_FIELD_NUMBER: builtins.int
     device_id: builtins.str
     sequence: builtins.int
     release_id: builtins.str
@@ -350,6 +356,24 @@ class TelemetryWindow(google.protobuf.message.Message):
     """
     inputs_nonfinite: builtins.int
     inputs_out_of_range: builtins.int
+    dp_epsilon: builtins.float
+    """Differential privacy on the device (agent.toml [telemetry] dp_epsilon_per_window; absent: exact counts and
+    none of these set). Every count above, and entropy_sum, carries Laplace noise calibrated to the L1
+    sensitivity of one inference across the whole window (edge_agent.contract.windows.window_sensitivity);
+    inferences is the sum of the noised class counts and latency_max_ms is read from the noised latency
+    histogram. dp_epsilon: the ε this window spent (a summary of several windows: their sum). dp_noise_scale: the
+    Laplace scale b on each count (a summary: sqrt of the sum of its windows' b², the scale of one Laplace with
+    the same variance 2b²); entropy_sum's is b * n_classes / e.
+    """
+    dp_noise_scale: builtins.float
+    monitoring_spent_epsilon: builtins.float
+    """The device's monitoring budget: ε spent on noised windows so far (this one included) and the total it may
+    spend. monitoring_budget_exhausted: the device sends no more noised windows (what is left is less than one
+    window's ε) until its owner raises the budget; a window with this flag and dp_epsilon 0 carries no counts
+    and only says so.
+    """
+    monitoring_budget_epsilon: builtins.float
+    monitoring_budget_exhausted: builtins.bool
     @property
     def feature_bins(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]: ...
     @property
@@ -371,6 +395,13 @@ class TelemetryWindow(google.protobuf.message.Message):
     @property
     def latency_counts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]:
         """over edge_agent.contract.drift.LATENCY_EDGES_MS"""
+
+    @property
+    def dp_unclamped(self) -> Global___NoisedCounts:
+        """A noised window's counts as the mechanism gave them, before they were clamped at zero and made consistent
+        for the fields above: summed over many windows their noise averages out, where clamped counts keep a bias
+        of about b/2 per window on every count near zero. A coordinator pools these when present.
+        """
 
     def __init__(
         self,
@@ -395,11 +426,73 @@ class TelemetryWindow(google.protobuf.message.Message):
         inputs_checked: builtins.int = ...,
         inputs_nonfinite: builtins.int = ...,
         inputs_out_of_range: builtins.int = ...,
+        dp_epsilon: builtins.float = ...,
+        dp_noise_scale: builtins.float = ...,
+        monitoring_spent_epsilon: builtins.float = ...,
+        monitoring_budget_epsilon: builtins.float = ...,
+        monitoring_budget_exhausted: builtins.bool = ...,
+        dp_unclamped: Global___NoisedCounts | None = ...,
     ) -> None: ...
-    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["bins_per_feature", b"bins_per_feature", "class_counts", b"class_counts", "device_id", b"device_id", "end_ms", b"end_ms", "entropy_sum", b"entropy_sum", "errors", b"errors", "feature_bins", b"feature_bins", "feature_nan", b"feature_nan", "feature_out_of_range", b"feature_out_of_range", "first_sequence", b"first_sequence", "inferences", b"inferences", "inputs_checked", b"inputs_checked", "inputs_nonfinite", b"inputs_nonfinite", "inputs_out_of_range", b"inputs_out_of_range", "latency_counts", b"latency_counts", "latency_max_ms", b"latency_max_ms", "release_id", b"release_id", "score_counts", b"score_counts", "sequence", b"sequence", "start_ms", b"start_ms"]
+    _HasFieldArgType: typing_extensions.TypeAlias = typing.Literal["dp_unclamped", b"dp_unclamped"]
+    def HasField(self, field_name: _HasFieldArgType) -> builtins.bool: ...
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["bins_per_feature", b"bins_per_feature", "class_counts", b"class_counts", "device_id", b"device_id", "dp_epsilon", b"dp_epsilon", "dp_noise_scale", b"dp_noise_scale", "dp_unclamped", b"dp_unclamped", "end_ms", b"end_ms", "entropy_sum", b"entropy_sum", "errors", b"errors", "feature_bins", b"feature_bins", "feature_nan", b"feature_nan", "feature_out_of_range", b"feature_out_of_range", "first_sequence", b"first_sequence", "inferences", b"inferences", "inputs_checked", b"inputs_checked", "inputs_nonfinite", b"inputs_nonfinite", "inputs_out_of_range", b"inputs_out_of_range", "latency_counts", b"latency_counts", "latency_max_ms", b"latency_max_ms", "monitoring_budget_epsilon", b"monitoring_budget_epsilon", "monitoring_budget_exhausted", b"monitoring_budget_exhausted", "monitoring_spent_epsilon", b"monitoring_spent_epsilon", "release_id", b"release_id", "score_counts", b"score_counts", "sequence", b"sequence", "start_ms", b"start_ms"]
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
 
 Global___TelemetryWindow: typing_extensions.TypeAlias = TelemetryWindow
+
+@typing.final
+class NoisedCounts(google.protobuf.message.Message):
+    """TelemetryWindow's counts with their Laplace noise, unclamped (signed); same layout as the window's fields."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    FEATURE_BINS_FIELD_NUMBER: builtins.int
+    FEATURE_NAN_FIELD_NUMBER: builtins.int
+    FEATURE_OUT_OF_RANGE_FIELD_NUMBER: builtins.int
+    SCORE_COUNTS_FIELD_NUMBER: builtins.int
+    CLASS_COUNTS_FIELD_NUMBER: builtins.int
+    LATENCY_COUNTS_FIELD_NUMBER: builtins.int
+    ERRORS_FIELD_NUMBER: builtins.int
+    INPUTS_CHECKED_FIELD_NUMBER: builtins.int
+    INPUTS_NONFINITE_FIELD_NUMBER: builtins.int
+    INPUTS_OUT_OF_RANGE_FIELD_NUMBER: builtins.int
+    ENTROPY_SUM_FIELD_NUMBER: builtins.int
+    errors: builtins.int
+    inputs_checked: builtins.int
+    inputs_nonfinite: builtins.int
+    inputs_out_of_range: builtins.int
+    entropy_sum: builtins.float
+    @property
+    def feature_bins(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]: ...
+    @property
+    def feature_nan(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]: ...
+    @property
+    def feature_out_of_range(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]: ...
+    @property
+    def score_counts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]: ...
+    @property
+    def class_counts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]: ...
+    @property
+    def latency_counts(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        feature_bins: collections.abc.Iterable[builtins.int] | None = ...,
+        feature_nan: collections.abc.Iterable[builtins.int] | None = ...,
+        feature_out_of_range: collections.abc.Iterable[builtins.int] | None = ...,
+        score_counts: collections.abc.Iterable[builtins.int] | None = ...,
+        class_counts: collections.abc.Iterable[builtins.int] | None = ...,
+        latency_counts: collections.abc.Iterable[builtins.int] | None = ...,
+        errors: builtins.int = ...,
+        inputs_checked: builtins.int = ...,
+        inputs_nonfinite: builtins.int = ...,
+        inputs_out_of_range: builtins.int = ...,
+        entropy_sum: builtins.float = ...,
+    ) -> None: ...
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["class_counts", b"class_counts", "entropy_sum", b"entropy_sum", "errors", b"errors", "feature_bins", b"feature_bins", "feature_nan", b"feature_nan", "feature_out_of_range", b"feature_out_of_range", "inputs_checked", b"inputs_checked", "inputs_nonfinite", b"inputs_nonfinite", "inputs_out_of_range", b"inputs_out_of_range", "latency_counts", b"latency_counts", "score_counts", b"score_counts"]
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+
+Global___NoisedCounts: typing_extensions.TypeAlias = NoisedCounts
 
 @typing.final
 class TelemetryAck(google.protobuf.message.Message):

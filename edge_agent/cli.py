@@ -19,7 +19,7 @@ from edge_agent import __version__
 from edge_agent.config import load_config
 from edge_agent.errors import AgentError, ConfigError
 from edge_agent.memory import limit_malloc
-from edge_agent.state import StateStore
+from edge_agent.state import MonitoringBudget, StateStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         help="show the active slot, release, counter and last error",
-        description="Read the agent's local state (works while the agent runs or not).",
+        description="Read the agent's local state (works while the agent runs or not); with [telemetry] noise, "
+        "also the monitoring budget: ε spent on noised telemetry windows, the budget, and whether it is exhausted.",
     )
     status.add_argument("--config", type=Path, required=True, help="agent.toml from the enrollment bundle")
     status.add_argument("--json", action="store_true", help="print one JSON document")
@@ -99,7 +100,7 @@ def _status(config_path: Path, as_json: bool) -> int:
     config = load_config(config_path)
     state = StateStore(config.state_dir).load()
     info = state.active_info
-    doc = {
+    doc: dict[str, object] = {
         "device_id": config.device_id,
         "fleet": config.fleet,
         "active_slot": state.active,
@@ -116,6 +117,16 @@ def _status(config_path: Path, as_json: bool) -> int:
         "fresh_until_ms": state.fresh_until_ms or None,
         "stale": state.stale or (state.fresh_until_ms > 0 and state.is_stale(int(time.time() * 1000))),
     }
+    if config.dp_epsilon_per_window is not None:  # [telemetry] noise: the monitoring budget in monitoring.json
+        budget = MonitoringBudget(config.state_dir / "monitoring.json", config.monitoring_budget_epsilon)
+        doc |= {
+            "telemetry_epsilon_per_window": config.dp_epsilon_per_window,
+            "monitoring_epsilon_spent": budget.spent,
+            "monitoring_budget_epsilon": budget.budget,
+            "monitoring_windows": budget.windows,
+            # no more noised windows until the owner raises the budget (the last one said so)
+            "monitoring_exhausted": not budget.affords(config.dp_epsilon_per_window),
+        }
     if as_json:
         print(json.dumps(doc, indent=2))
     else:
@@ -126,9 +137,11 @@ def _status(config_path: Path, as_json: bool) -> int:
 
 
 def _shown(key: str, value: object) -> str:
-    """A status field as a person reads it: '-' for nothing, *_ms times as local ISO-8601."""
+    """A status field as a person reads it: '-' for nothing, ε to six digits, *_ms times as local ISO-8601."""
     if value is None:
         return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
     if key.endswith("_ms") and isinstance(value, int):
         return datetime.datetime.fromtimestamp(value / 1000).astimezone().isoformat(timespec="seconds")
     return str(value)

@@ -169,6 +169,12 @@ class MonitoringCharge:
     exhausted: bool
 
 
+def _decimal(epsilon: float) -> Fraction:
+    """ε as the decimal a person wrote (0.1 is 1/10, not the binary float nearest it), so that budget ÷ ε windows
+    fit in the budget as the docs promise."""
+    return Fraction(repr(float(epsilon)))
+
+
 class MonitoringBudget:
     """monitoring.json under the state directory: the device's lifetime ε spent on noised telemetry windows.
 
@@ -202,15 +208,19 @@ class MonitoringBudget:
         return self._windows
 
     def remaining(self) -> float:
-        return float(max(Fraction(0), Fraction(self.budget) - self._spent))
+        return float(max(Fraction(0), _decimal(self.budget) - self._spent))
+
+    def affords(self, epsilon: float) -> bool:
+        """Whether what is left pays for one more window of `epsilon`, as `charge` decides it; writes nothing."""
+        return self._spent + _decimal(epsilon) <= _decimal(self.budget)
 
     def charge(self, epsilon: float) -> MonitoringCharge | None:
         """Write one window's ε down (durably) if the budget affords it; None, changing nothing, if not."""
         with self._lock:
-            after = self._spent + Fraction(epsilon)
-            if after > Fraction(self.budget):
+            after = self._spent + _decimal(epsilon)
+            if after > _decimal(self.budget):
                 return None
-            exhausted = after + Fraction(epsilon) > Fraction(self.budget)
+            exhausted = after + _decimal(epsilon) > _decimal(self.budget)
             self._save(after, self._windows + 1, exhausted)
             return MonitoringCharge(float(after), self.budget, exhausted)
 

@@ -19,6 +19,7 @@ from server.rollout.spec import RolloutSpec
 from server.store import Release, Store
 from server.store.consent import ConsentRecords
 from server.store.loop import AlertRecords, DeliveryRecords
+from server.store.monitoring import MonitoringLedger
 from server.store.releases import ReleaseRecords
 from server.trust.releases import publish_release, release_source, retire_release
 from server.users import OPERATOR
@@ -119,6 +120,8 @@ class Fleet(Protocol):
     def set_budget(self, device_id: str, epsilon: float) -> dict[str, Any]: ...
 
     def privacy_ledger(self, device_id: str | None) -> list[dict[str, Any]]: ...
+
+    def privacy_monitoring(self, device_id: str | None) -> list[dict[str, Any]]: ...
 
     def consent(self) -> list[dict[str, Any]]: ...
 
@@ -249,6 +252,20 @@ class Control:
 
         rows = Ledger(self.store, self.datadir.config().epsilon_budget).rows()
         return [r for r in rows if device_id is None or r["device"] == device_id]
+
+    def privacy_monitoring(self, device_id: str | None) -> list[dict[str, Any]]:
+        """Per device (or one device) its monitoring budget: the ε its noised telemetry windows spent as the
+        coordinator stored them, the device's own spend and budget from its newest window, whether it is exhausted,
+        and when the newest arrived (`fedfleet privacy monitoring`, GET /api/privacy/monitoring; the monitoring
+        ledger, server.store.monitoring). A device that sent no noised window has no row; a device neither
+        registered nor in the monitoring ledger is refused (NotFoundError)."""
+        spends = MonitoringLedger(self.store).spends(device_id)
+        if device_id is not None and not spends and not self.store.is_device(device_id):
+            raise NotFoundError(
+                f"no device {device_id!r}: neither registered nor in the monitoring ledger (`fedfleet devices list` "
+                "and `fedfleet privacy monitoring` show them)"
+            )
+        return [s.to_json() for s in spends]
 
     def consent(self) -> list[dict[str, Any]]:
         """Each known device's current consent to training, by device id (`fedfleet privacy consent`, GET

@@ -135,6 +135,10 @@ class RemoteFleet:
         rows: list[dict[str, Any]] = self._call("GET", "/api/privacy/ledger", query={"device": device_id})
         return rows
 
+    def privacy_monitoring(self, device_id: str | None) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = self._call("GET", "/api/privacy/monitoring", query={"device": device_id})
+        return rows
+
     def consent(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = self._call("GET", "/api/privacy/consent")
         return rows

@@ -31,7 +31,8 @@ __all__ = ["models_app", "privacy_app", "train"]
 
 models_app = typer.Typer(help="Model registry: versions, lineage, model cards.", no_args_is_help=True)
 privacy_app = typer.Typer(
-    help="Privacy: the ledger (ε spent per device, run and model version), budgets, devices' consent.",
+    help="Privacy: the ledger (ε spent per device, run and model version), budgets, devices' consent, the "
+    "monitoring budget of noised telemetry windows.",
     no_args_is_help=True,
 )
 
@@ -300,6 +301,45 @@ def privacy_ledger(
 
 def _mismatches(n: int) -> str:
     return "ok" if n == 0 else f"{n} mismatch" if n == 1 else f"{n} mismatches"
+
+
+@privacy_app.command("monitoring")
+def privacy_monitoring(
+    device: Annotated[str | None, typer.Option(help="Only this device.")] = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    as_json: JsonOption = False,
+) -> None:
+    """The monitoring budget per device: ε spent on noised telemetry windows (dp_epsilon_per_window in the telemetry
+    table of agent.toml) as the coordinator stored them, the device's own spend and budget as its newest window
+    reports them, the windows noised, whether the budget is exhausted (the device then sends no more windows, on
+    purpose) and when the newest window arrived. Apart from the training ledger (`fedfleet privacy ledger`).
+    Remotely (--server, --context) it needs the privacy.manage permission."""
+    with connect(data_dir) as fleet:
+        rows = fleet.privacy_monitoring(device)
+    print_rows(
+        rows,
+        as_json,
+        ["device", "windows", "ε (coordinator)", "ε (device)", "budget", "exhausted", "last window"],
+        lambda r: [
+            r["device"],
+            str(r["windows"]),
+            fmt(r["epsilon"]),
+            fmt(r["device_spent"]),
+            fmt(r["device_budget"]),
+            "yes" if r["exhausted"] else "no",
+            local_time(r["last_received_at"]),
+        ],
+        f"{device} has sent no noised telemetry windows: its telemetry is exact (its agent.toml sets no "
+        "\\[telemetry] dp_epsilon_per_window)."
+        if device
+        else "No device has sent noised telemetry windows: telemetry is exact unless a device's agent.toml sets "
+        "\\[telemetry] dp_epsilon_per_window.",
+    )
+    if not as_json and any(abs(r["epsilon"] - r["device_spent"]) > 1e-9 * max(1.0, r["device_spent"]) for r in rows):
+        out.print(
+            "Where the two ε differ, the device paid for windows the coordinator did not store (lost in a crash "
+            "before they left the device, or refused), or its monitoring.json was deleted and its count began again."
+        )
 
 
 @privacy_app.command("budget")

@@ -543,7 +543,8 @@ def create_app(
 
     @app.get("/api/privacy", tags=["training"])
     def privacy(_: Read) -> dict[str, Any]:
-        """The privacy ledger: per device lifetime ε against its budget, and the spend per run."""
+        """The privacy ledger: per device lifetime ε against its budget, and the spend per run; and per device the
+        monitoring budget of its noised telemetry windows (ε spent, budget, exhausted), when any device sent one."""
         return views.ledger_view(stores.get(), config.epsilon_budget)
 
     @app.get("/api/privacy/ledger", tags=["training"])
@@ -555,6 +556,17 @@ def create_app(
         consented to the run (`fedfleet privacy ledger`): an export for the privacy officer, so it needs the
         privacy.manage permission."""
         return control(user).privacy_ledger(device)
+
+    @app.get("/api/privacy/monitoring", tags=["training"])
+    def privacy_monitoring(
+        user: PrivacyManage,
+        device: Annotated[str | None, Query(max_length=200, description="Only this device.")] = None,
+    ) -> list[dict[str, Any]]:
+        """The monitoring ledger per device: ε spent on noised telemetry windows as the coordinator stored them,
+        the device's own spend and budget, windows, whether the budget is exhausted, when the newest window arrived
+        (`fedfleet privacy monitoring`); an export for the privacy officer, so it needs the privacy.manage
+        permission. A device neither registered nor in the monitoring ledger is a 404."""
+        return control(user).privacy_monitoring(device)
 
     @app.get("/api/privacy/consent", tags=["training"])
     def privacy_consent(user: PrivacyManage) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from server.rollout.metrics import METRICS
 from server.store import Store, now_ms
 from server.store.dashboard import DashboardReads
 from server.store.freshness import FreshnessRecords
+from server.store.monitoring import MonitoringLedger
 
 __all__ = [
     "DeviceFilter",
@@ -418,7 +419,26 @@ def ledger_view(store: Store, default_budget: float) -> dict[str, Any]:
             # runs it trained in; its drift-reference rows (purpose) belong to those runs
             "runs": devices.get(r["device"], {}).get("runs", 0) + (r.get("purpose", "training") == "training"),
         }
-    return {"default_budget": default_budget, "devices": list(devices.values()), "spend": rows}
+    # ε of noised telemetry windows per device, apart from training's: totals like `devices` above, for any reader;
+    # the full record (remaining, newest sequence, when it arrived) is the privacy officer's export
+    # (GET /api/privacy/monitoring, `fedfleet privacy monitoring`), from the same query.
+    monitoring = [
+        {
+            "device": s.device_id,
+            "windows": s.windows,
+            "epsilon": s.epsilon,
+            "device_spent": s.device_spent,
+            "budget": s.device_budget,
+            "exhausted": s.exhausted,
+        }
+        for s in MonitoringLedger(store).spends()
+    ]
+    return {
+        "default_budget": default_budget,
+        "devices": list(devices.values()),
+        "spend": rows,
+        "monitoring": monitoring,
+    }
 
 
 @cache

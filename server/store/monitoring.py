@@ -30,6 +30,7 @@ class MonitoringSpend:
     device_budget: float  # the device's budget, from its newest window
     exhausted: bool  # the newest window says the device sends no more noised windows
     last_sequence: int
+    last_received_at: int  # epoch ms: when the coordinator stored the device's newest noised window (or marker)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -41,6 +42,7 @@ class MonitoringSpend:
             "remaining": max(0.0, self.device_budget - self.device_spent),
             "exhausted": self.exhausted,
             "last_sequence": self.last_sequence,
+            "last_received_at": self.last_received_at,
         }
 
 
@@ -81,7 +83,7 @@ class MonitoringLedger:
         """Per device (or one device), its monitoring spend; devices that never sent a noised window are absent."""
         rows = self.store.db.execute(
             """SELECT s.device_id, sum(s.epsilon > 0), total(s.epsilon), n.device_spent, n.device_budget,
-                      n.exhausted, n.sequence
+                      n.exhausted, n.sequence, max(s.received_at)
                FROM monitoring_spend s
                JOIN monitoring_spend n ON n.device_id = s.device_id
                  AND n.sequence = (SELECT max(sequence) FROM monitoring_spend WHERE device_id = s.device_id)
@@ -90,5 +92,6 @@ class MonitoringLedger:
             [device_id, device_id],
         )
         return [
-            MonitoringSpend(r[0], int(r[1]), float(r[2]), float(r[3]), float(r[4]), bool(r[5]), int(r[6])) for r in rows
+            MonitoringSpend(r[0], int(r[1]), float(r[2]), float(r[3]), float(r[4]), bool(r[5]), int(r[6]), int(r[7]))
+            for r in rows
         ]

@@ -163,6 +163,15 @@ def test_the_device_stops_at_its_budget_and_says_so(tmp_path: Path) -> None:
     assert msg.monitoring_budget_exhausted and msg.monitoring_budget_epsilon == 2.5
 
 
+def test_a_budget_of_decimal_epsilons_affords_budget_over_epsilon_windows(tmp_path: Path) -> None:
+    """ε 0.1 three times is a budget of 0.3, as written (as binary floats three times 0.1 exceeds 0.3)."""
+    budget = MonitoringBudget(tmp_path / "monitoring.json", 0.3)
+    charges = [budget.charge(0.1) for _ in range(4)]
+    assert [c is not None for c in charges] == [True, True, True, False]
+    assert charges[2] is not None and charges[2].exhausted and budget.windows == 3
+    assert not budget.affords(0.1) and budget.remaining() == 0.0
+
+
 def _bundle(tmp_path: Path, telemetry: str) -> Path:
     d, _ = DataDir.init(tmp_path / "data")
     write_bundle(d, "pi-dp", tmp_path / "bundle", "lab", grpc="127.0.0.1:1", mqtt="mqtt://127.0.0.1:1")

@@ -407,7 +407,7 @@ async function privacyPage() {
         `<div class="bar" style="width:160px"><span class="${d.lifetime_epsilon > d.budget ? "seg-rolled_back" : "seg-running"}" style="width:${Math.min(100, 100 * d.lifetime_epsilon / Math.max(d.budget, 1e-9))}%"></span></div>`, String(d.runs)])) +
       budgetForm +
       `<h2>Spend per run</h2>` + table(["device", "run", "purpose", "rounds", "ε", "δ", "model"], doc.spend.map(s => [e(s.device), link(`training/${s.run}`, s.run), e(s.purpose || "training"), String(s.rounds), fmtNum(s.epsilon), fmtNum(s.delta), e(s.model_version || "–")])) +
-      `<h2>Ledger</h2><div id="ledger">${ledgerTable}</div>`,
+      `<h2>Ledger</h2><div id="ledger">${ledgerTable}</div>` + monitoringTable(doc.monitoring || []),
     after() {
       const form = document.getElementById("budget-form");
       if (!form) return;
@@ -420,6 +420,15 @@ async function privacyPage() {
       });
     },
   };
+}
+
+// Noised telemetry windows' ε per device (the monitoring ledger, apart from training's), when any device sent one.
+function monitoringTable(rows) {
+  if (!rows.length) return "";
+  const spent = m => fmtNum(m.epsilon) + (Math.abs(m.epsilon - m.device_spent) > 1e-9 * Math.max(1, m.device_spent) ? ` (device: ${fmtNum(m.device_spent)})` : "");
+  return `<h2>Monitoring budget (noised telemetry)</h2><p class="muted">ε each device spent on noised telemetry windows, as the coordinator stored them, against the budget its agent.toml sets; an exhausted device sends no more windows, on purpose. <code>fedfleet privacy monitoring</code> has the full record.</p>` +
+    `<div id="monitoring">${table(["device", "windows", "ε spent / budget", "exhausted"], rows.map(m => [link(`device/${encodeURIComponent(m.device)}`, m.device),
+      String(m.windows), `${spent(m)} / ${fmtNum(m.budget)}`, m.exhausted ? badge("exhausted", "yes") : "no"]))}</div>`;
 }
 
 async function modelsPage() {

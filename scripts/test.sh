@@ -34,5 +34,7 @@ echo "agent-only venv (plain pip install; install.sh slims it further): $(du -sm
 rm -rf "$(dirname "$agent_venv")"
 
 echo "== tests"
+# Two workers by default (FEDFLEET_TEST_WORKERS=0: one process). --dist loadgroup keeps every test that starts
+# Flower's Ray engine on one worker (tests/conftest.py groups them), so two workers never start Ray at once.
 # The slowest 30 tests are listed at the end of every run, so a test that grows slow shows in CI.
-$py -m pytest --durations=30 "$@"
+$py -m pytest -n "${FEDFLEET_TEST_WORKERS:-2}" --dist loadgroup --durations=30 "$@"

@@ -128,7 +128,10 @@ class _Attempt:
 
 class WebhookSender:
     """Delivers pending alert deliveries: a signed JSON POST each, retried with exponential backoff and full
-    jitter, every attempt recorded. Runs in threads with their own database connection."""
+    jitter, every attempt recorded. Runs in threads with their own database connection.
+
+    One endpoint gets one delivery at a time, oldest first, so it sees an alert opened before it resolved and
+    alerts in the order they were raised; a slow, hanging or failing endpoint holds up only its own deliveries."""
 
     def __init__(
         self,
@@ -151,7 +154,7 @@ class WebhookSender:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="webhook")
         self._thread = threading.Thread(target=self._run, name="webhook-sender", daemon=True)
         self._lock = threading.Lock()
-        self._in_flight: set[int] = set()
+        self._in_flight: dict[int, str] = {}  # delivery id -> its endpoint's URL
         self._retries: list[tuple[float, _Attempt]] = []  # (due monotonic time, attempt)
 
     def start(self) -> WebhookSender:
@@ -185,23 +188,26 @@ class WebhookSender:
         with self._lock:
             due = [a for t, a in self._retries if t <= now]
             self._retries = [(t, a) for t, a in self._retries if t > now]
-            busy = self._in_flight | {a.delivery["id"] for _, a in self._retries} | {a.delivery["id"] for a in due}
+            waiting = [a for _, a in self._retries] + due
+            busy = set(self._in_flight) | {a.delivery["id"] for a in waiting}
+            held = set(self._in_flight.values()) | {a.hook.url for a in waiting}  # endpoints with one under way
         fresh: list[_Attempt] = []
-        for d in records.pending(self.max_pending):
+        for d in records.pending(self.max_pending):  # oldest first
             if d["url"] not in self.webhooks:  # queued before the policy dropped this endpoint
                 records.attempted(d["id"], "failed", "the webhook is no longer in the policy")
-            elif d["id"] not in busy:
+            elif d["id"] not in busy and d["url"] not in held:
                 fresh.append(_Attempt(d, self.webhooks[d["url"]], d["attempts"] + 1))
+                held.add(d["url"])  # its next delivery waits until this one is done
         for attempt in [*due, *fresh]:
             with self._lock:
-                self._in_flight.add(attempt.delivery["id"])
+                self._in_flight[attempt.delivery["id"]] = attempt.hook.url
             future = self._pool.submit(self._attempt, attempt)
             future.add_done_callback(self._finished(attempt))
 
     def _finished(self, attempt: _Attempt) -> Callable[[Future[None]], None]:
         def done(future: Future[None]) -> None:
             with self._lock:
-                self._in_flight.discard(attempt.delivery["id"])
+                self._in_flight.pop(attempt.delivery["id"], None)
             if not future.cancelled() and future.exception() is not None:
                 logger.error("webhook delivery %d crashed: %s", attempt.delivery["id"], future.exception())
 

@@ -9,19 +9,14 @@ the same through Flower's simulation engine.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import tomllib
-import uuid
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from edge_agent.config import load_config
 from edge_agent.errors import ConfigError
@@ -30,62 +25,14 @@ from server.datadir import DataDir
 from server.fl.client_app import build_client_app
 from server.fl.plan import TrainPlan
 from server.fl.registry import Ledger, Registry, TrainingRuns, model_card, model_card_markdown
-from server.fl.server_app import build_server_app, consenting_devices
+from server.fl.server_app import consenting_devices
 from server.store.consent import ConsentRecords
-from tests.server.grid import GridStub
+from tests.server.grid import LocalGrid, run_server_app
+from tests.server.grid import message as server_message
 from tests.support import GrpcServerThread, fedfleet
 
 PLAN = TrainPlan(rounds=1, clients=3, noise_multiplier=None, local_epochs=1, seed=4, exact_reference=True)
 DEVICES = ("pi-a", "pi-b", "pi-c")
-
-
-class LocalGrid(GridStub):
-    """Flower's Grid interface over ClientApps in this process: each message goes to its node's ClientApp with that
-    node's own context (node config, state), and the reply comes back as a SuperNode's would."""
-
-    def __init__(self, app: ClientApp, node_configs: dict[int, dict[str, Any]]) -> None:
-        self.app = app
-        self.contexts = {
-            node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config={})
-            for node, cfg in node_configs.items()
-        }
-        self.delivered: list[tuple[int, str]] = []  # (node, message type) of every message delivered
-
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        raise NotImplementedError("send_and_receive delivers at once")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        raise NotImplementedError("send_and_receive delivers at once")
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for m in messages:
-            node = m.metadata.dst_node_id
-            self.delivered.append((node, m.metadata.message_type))
-            replies.append(self.app(_addressed(m, node), self.contexts[node]))
-        return replies
-
-
-def _addressed(m: Message, node: int) -> Message:
-    return _message(m.content, m.metadata.message_type, node)
-
-
-def _message(content: RecordDict, message_type: str, node: int = 7) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=uuid.uuid4().hex,
-        src_node_id=0,
-        dst_node_id=node,
-        reply_to_message_id="",
-        group_id="",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type=message_type,
-    )
-    return Message(content=content, metadata=metadata)
 
 
 def _node_config(i: int, consent: bool | None) -> dict[str, Any]:
@@ -95,29 +42,12 @@ def _node_config(i: int, consent: bool | None) -> dict[str, Any]:
     return cfg
 
 
-@contextlib.contextmanager
-def _server_task() -> Iterator[None]:
-    """What Flower's runtime sets in a ServerApp's process before it runs (messages take their ids from it)."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
-
-
-def _run(d: DataDir, grid: LocalGrid, plan: TrainPlan, run_id: str) -> None:
-    with _server_task():
-        build_server_app(d.root, plan, run_id, "simulation")(
-            grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        )
-
-
 def _train(d: DataDir, device_consent: dict[int, bool | None], run_id: str) -> LocalGrid:
     """One run of the real ServerApp against the real ClientApps of three nodes with these node configs."""
     grid = LocalGrid(
         build_client_app(allow_exact_reference=True), {i + 1: _node_config(i, c) for i, c in device_consent.items()}
     )
-    _run(d, grid, PLAN, run_id)
+    run_server_app(d.root, PLAN, run_id, grid)
     return grid
 
 
@@ -126,7 +56,7 @@ def _policy(d: DataDir, text: str) -> None:
 
 
 def _asking(message_type: str, config: dict[str, Any]) -> Message:
-    return _message(RecordDict({"config": ConfigRecord(config)}), message_type)
+    return server_message(RecordDict({"config": ConfigRecord(config)}), message_type)
 
 
 def _context(node_config: dict[str, Any]) -> Context:
@@ -333,7 +263,7 @@ def test_the_ledger_says_whether_each_device_consented_to_the_run(datadir: DataD
     plan = TrainPlan(rounds=1, clients=3, noise_multiplier=1.0, local_epochs=1, seed=4, exact_reference=True)
 
     # Execute
-    _run(datadir, grid, plan, "run-dp")
+    run_server_app(datadir.root, plan, "run-dp", grid)
 
     # Assert
     with datadir.store() as store:

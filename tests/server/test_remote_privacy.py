@@ -11,7 +11,6 @@ port; `fedfleet` in processes of their own, from a directory without a data dire
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -19,8 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -303,10 +301,8 @@ def test_models_list_and_show_are_the_same_remotely(trained: Coordinator) -> Non
 
 
 def _train(d: DataDir, plan: Any, run_id: str) -> None:
-    from flwr.app import Context, RecordDict
-
     from server.fl.client_app import build_client_app
-    from server.fl.server_app import build_server_app
+    from tests.server.grid import LocalGrid, run_server_app  # Flower loads only for the tests that train
 
     nodes = {
         i + 1: {
@@ -318,63 +314,4 @@ def _train(d: DataDir, plan: Any, run_id: str) -> None:
         }
         for i, device in enumerate(DEVICES)
     }
-    grid = _in_process_grid(build_client_app(allow_exact_reference=True), nodes)
-    with _server_task():
-        build_server_app(d.root, plan, run_id, "simulation")(
-            grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-        )
-
-
-@contextlib.contextmanager
-def _server_task() -> Iterator[None]:
-    """What Flower's runtime sets in a ServerApp's process before it runs (messages take their ids from it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id = TaskIdentity._node_id = TaskIdentity._task_id = None
-
-
-def _in_process_grid(app: Any, node_configs: dict[int, dict[str, Any]]) -> Any:
-    """Flower's Grid interface over ClientApps in this process: each message goes to its node's ClientApp with
-    that node's own context, and the reply comes back as a SuperNode's would."""
-    from flwr.app import Context, Message, Metadata, RecordDict
-
-    from tests.server.grid import GridStub
-
-    contexts = {
-        node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config={})
-        for node, cfg in node_configs.items()
-    }
-
-    def addressed(m: Message) -> Message:
-        node = m.metadata.dst_node_id
-        metadata = Metadata(
-            run_id=1,
-            message_id=uuid.uuid4().hex,
-            src_node_id=0,
-            dst_node_id=node,
-            reply_to_message_id="",
-            group_id="",
-            created_at=time.time(),
-            ttl=600.0,
-            message_type=m.metadata.message_type,
-        )
-        return Message(content=m.content, metadata=metadata)
-
-    class InProcessGrid(GridStub):
-        def get_node_ids(self) -> list[int]:
-            return sorted(contexts)
-
-        def push_messages(self, messages: Iterable[Message]) -> list[str]:
-            raise NotImplementedError("send_and_receive delivers at once")
-
-        def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-            raise NotImplementedError("send_and_receive delivers at once")
-
-        def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-            return [app(addressed(m), contexts[m.metadata.dst_node_id]) for m in messages]
-
-    return InProcessGrid()
+    run_server_app(d.root, plan, run_id, LocalGrid(build_client_app(allow_exact_reference=True), nodes))

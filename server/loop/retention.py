@@ -4,7 +4,9 @@ exported as `[audit] anchor_seconds` says; see server/audit.py).
 
 Invariants:
 - A prune deletes at most `batch_rows` rows per transaction and pauses between batches, so no write lock is held
-  for long: ingestion, the rollout tick and the dashboard keep going while a large backlog drains.
+  for long: ingestion, the rollout tick and the dashboard keep going while a large backlog drains. It works at
+  most PRUNE_DUTY of the time (each pause at least nine times the batch it follows): a batch is CPU and disk the
+  coordinator's readers wait for, and a backlog of a day drains in minutes either way.
 - What the store's PRUNABLE tables keep (live rollouts' releases, running trainings) is never deleted; the audit
   trail and the privacy ledger are not touched.
 - Every prune that deleted anything writes one audit entry (`retention.prune`) with the count per table and the
@@ -60,6 +62,9 @@ class PruneReport:
         }
 
 
+PRUNE_DUTY = 0.1  # the most of its time a prune works; the rest it pauses
+
+
 def _cutoffs(retention: Retention, now: int) -> dict[str, int]:
     days = {"telemetry": retention.telemetry_days, "events": retention.events_days}
     days["fl_incidents"] = retention.incidents_days
@@ -75,10 +80,12 @@ def prune(
     pause_seconds: float = 0.05,
     actor: str = "coordinator",
     stop: threading.Event | None = None,
+    duty: float = PRUNE_DUTY,
 ) -> PruneReport:
     """Delete (or with `dry_run` count) what the retention settings let go, `retention.batch_rows` rows per
-    transaction with `pause_seconds` between; audits the counts when anything went. `stop` ends it early (the
-    rows deleted so far are audited)."""
+    transaction, pausing between batches at least `pause_seconds` and long enough that pruning takes at most
+    `duty` of the time; audits the counts when anything went. `stop` ends it early (the rows deleted so far are
+    audited)."""
     now = now_ms() if now is None else now
     records = RetentionRecords(store, ACTIVE_PHASES)
     cutoffs = _cutoffs(retention, now)
@@ -91,6 +98,7 @@ def prune(
     for table, cutoff in cutoffs.items():
         after = 0
         while not (stop is not None and stop.is_set()):
+            began = time.monotonic()
             ids = records.next_batch(table, cutoff, after, retention.batch_rows)
             if not ids:
                 break
@@ -99,7 +107,8 @@ def prune(
             after = ids[-1]
             if len(ids) < retention.batch_rows:
                 break
-            time.sleep(pause_seconds)  # let the others take the write lock
+            worked = time.monotonic() - began
+            time.sleep(max(pause_seconds, worked * (1 - duty) / duty))  # let the others have the lock and the CPU
     seq = None
     if any(counts.values()):
         detail = {"deleted": counts, "cutoffs": cutoffs, "batches": batches, "kept_releases": protected}

@@ -14,6 +14,7 @@ from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from server import audit
 from server.datadir import DataDir
 from server.fl.registry import Ledger
+from server.loop import retention as retention_module
 from server.loop.retention import DAY_MS, prune
 from server.policy import PolicyError, Retention, load_policy
 from server.rollout.engine import Phase
@@ -132,6 +133,22 @@ def test_run_prunes_in_batches_keeps_what_is_needed_and_audits_the_counts(filled
         again = prune(store, retention, later, pause_seconds=0)
         assert again.counts == {"telemetry": 0, "events": 0, "fl_incidents": 0} and again.audit_seq is None
         assert _counts(store)["audit"] == after["audit"]
+
+
+def test_a_prune_works_at_most_its_duty_of_the_time(
+    filled: tuple[DataDir, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each pause is at least (1 - duty) / duty times the batch before it: with a clock on which every batch takes
+    10 ms, a prune at duty 0.1 pauses 90 ms after each."""
+    d, now = filled
+    clock = iter(i * 0.010 for i in range(10**6))  # each reading 10 ms after the one before
+    slept: list[float] = []
+    monkeypatch.setattr(retention_module.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(retention_module.time, "sleep", slept.append)
+    with d.store() as store:
+        report = prune(store, Retention(telemetry_days=0.5, batch_rows=500), now + DAY_MS, pause_seconds=0)
+    assert report.batches == len(slept) + 1  # no pause after the last batch
+    assert slept and all(s == pytest.approx(0.090) for s in slept), slept
 
 
 def test_zero_days_keeps_forever(filled: tuple[DataDir, int]) -> None:

@@ -30,6 +30,11 @@ What a real fleet shares is the coordinator, so the figure per path is `coordina
 coordinator process's CPU during the fan-out divided by N. The simulated agents' CPU per update (one process
 here, each real device brings its own) is `agent_cpu_ms_per_update`, informational.
 
+Profiling (`--profile DIR`): py-spy (`.venv/bin/py-spy`, or on PATH) records the coordinator process during each
+fan-out, from the assign to the last commit, into DIR/coordinator-PATH.speedscope.json (open it in
+https://speedscope.app); `--profile-native` adds native frames (gRPC's C core, SQLite). Sampling costs the
+coordinator a little CPU, so a profiled run's figures are not the ones to quote.
+
 The last line is one JSON object: {"benchmark": "fanout", "devices", "size_mb", "seconds", "floor_seconds",
 "ratio", "floor_before_seconds", "floor_after_seconds", "cpu_seconds", "floor_cpu_seconds", "cpu_ratio",
 "page_cache_dropped", "coordinator_cpu_ms_per_update": {"grpc", "mirror"}, "agent_cpu_ms_per_update": {...},
@@ -47,6 +52,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -183,6 +189,25 @@ def _start_mirror(d: DataDir, root: Path) -> Nginx:
     return Nginx(root / "nginx", root / "mirror", cert, key, workers=1)
 
 
+def _start_profiler(pid: int, out: Path, native: bool) -> subprocess.Popen[bytes]:
+    """py-spy recording `pid` into `out` (speedscope) until `_stop_profiler`."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    found = str(py_spy) if py_spy.exists() else shutil.which("py-spy")
+    if found is None:
+        raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args = [found, "record", "--pid", str(pid), "--format", "speedscope", "--rate", "100", "-o", str(out)]
+    proc = subprocess.Popen([*args, *(["--native"] if native else [])], stdout=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the clock starts
+    return proc
+
+
+def _stop_profiler(proc: subprocess.Popen[bytes]) -> None:
+    """Stop recording; py-spy writes its file on SIGINT."""
+    proc.send_signal(signal.SIGINT)
+    proc.wait(120)
+
+
 def _tree_cpu_seconds(pid: int) -> float:
     """CPU of a process and its children (nginx's master and workers)."""
     total = 0.0
@@ -202,6 +227,8 @@ async def _fedfleet(
     workers: int,
     fleet_name: str = "bench",
     nginx: Nginx | None = None,
+    profile: Path | None = None,
+    profile_native: bool = False,
 ) -> tuple[float, dict[str, float]]:
     """One fan-out to a fleet of fresh agents; with `nginx`, the agents take metadata and targets from it."""
     extra = {"mirrors": [nginx.url], "mirror_ca": str((d.trust / "ca.pem").resolve())} if nginx else {}
@@ -228,6 +255,10 @@ async def _fedfleet(
         connect_seconds = time.monotonic() - t0
         assert coordinator.proc is not None and broker.proc is not None
         pids = (coordinator.proc.pid, broker.proc.pid)
+        profiler = None
+        if profile is not None:
+            out = profile / f"coordinator-{'mirror' if nginx else 'grpc'}.speedscope.json"
+            profiler = _start_profiler(coordinator.proc.pid, out, profile_native)
         _settle_page_cache()
         cpu0 = (_cpu_seconds(coordinator.proc.pid), _own_cpu_seconds(), _machine_cpu_seconds(*pids))
         nginx_cpu0 = _tree_cpu_seconds(nginx.proc.pid) if nginx is not None and nginx.proc is not None else 0.0
@@ -253,6 +284,8 @@ async def _fedfleet(
             await asyncio.sleep(0.02)
         elapsed = time.monotonic() - start
         cpu = (_cpu_seconds(coordinator.proc.pid) - cpu0[0], _own_cpu_seconds() - cpu0[1])
+        if profiler is not None:
+            _stop_profiler(profiler)
         assert await assign.wait() == 0
         machine_cpu = _machine_cpu_seconds(*pids) - cpu0[2]
         nginx_cpu = _tree_cpu_seconds(nginx.proc.pid) - nginx_cpu0 if nginx is not None and nginx.proc else 0.0
@@ -312,7 +345,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 d.set_config("mirror_dirs", str(root / "mirror"))
             coordinator = CoordinatorProcess(d, broker.url).start()
             seconds, extra = await _fedfleet(
-                d, coordinator, broker, args.devices, root / "devices", args.timeout, args.workers
+                d,
+                coordinator,
+                broker,
+                args.devices,
+                root / "devices",
+                args.timeout,
+                args.workers,
+                profile=args.profile,
+                profile_native=args.profile_native,
             )
             print(
                 f"fedfleet: {args.devices} devices committed in {seconds:.2f} s "
@@ -333,6 +374,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                         args.workers,
                         fleet_name="mirror",
                         nginx=nginx,
+                        profile=args.profile,
+                        profile_native=args.profile_native,
                     )
                 finally:
                     nginx.stop()
@@ -385,6 +428,10 @@ def main() -> int:
     parser.add_argument(
         "--mirror", action="store_true", help="also fan out through an nginx mirror (fresh agents), after gRPC"
     )
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="record the coordinator with py-spy into this directory (speedscope)"
+    )
+    parser.add_argument("--profile-native", action="store_true", help="with --profile: native frames too")
     parser.add_argument("--workdir", type=Path, default=None, help="where temporary files go (default: system tmp)")
     args = parser.parse_args()
     if args.devices < 1 or args.size_mb <= 0:

@@ -237,6 +237,7 @@ class Coordinator:
 
     async def tick(self) -> None:
         """One pass of periodic work; each step is idempotent."""
+        self.bridge.flush_messages()  # device messages a busy queue held back, or a failed batch
         self.bridge.flush_telemetry()
         await self.bridge.publish_acks()
         loop = asyncio.get_running_loop()
@@ -260,10 +261,18 @@ class Coordinator:
         except Exception:  # the loop's failure must not stop rollouts from being judged
             logger.exception("the loop's tick failed; retrying")
 
+    def _timestamp_mtime(self) -> int:
+        return (self.repository.metadata_dir / "timestamp.json").stat().st_mtime_ns
+
+    def mirrors_behind(self) -> bool:
+        """Whether timestamp.json changed since the mirrors were last synced: one stat, cheap enough for the
+        event loop (handing it to a thread on every tick cost more than the stat)."""
+        return bool(self.mirror_dirs) and self._timestamp_mtime() != self._mirrored_timestamp
+
     def sync_mirrors(self) -> None:
         """Re-sync every configured mirror directory when timestamp.json changed (a release, a re-signing): one
         stat per tick otherwise. A mirror that fails is logged and retried on the next tick."""
-        mtime = (self.repository.metadata_dir / "timestamp.json").stat().st_mtime_ns
+        mtime = self._timestamp_mtime()
         if mtime == self._mirrored_timestamp:
             return
         failed = False
@@ -287,7 +296,7 @@ class Coordinator:
                     if renewed:
                         logger.info("re-signed %s metadata before expiry", ", ".join(renewed))
                     next_expiry_check = loop.time() + _EXPIRY_CHECK_SECONDS
-                if self.mirror_dirs:
+                if self.mirrors_behind():
                     await asyncio.to_thread(self.sync_mirrors)
             except Exception:
                 logger.exception("coordinator tick failed; retrying")

@@ -1,9 +1,30 @@
-"""The coordinator's MQTT side: publishes desired state and freshness statements, ingests status and update events."""
+"""The coordinator's MQTT side: publishes desired state and freshness statements, ingests status and update events.
+
+Status and update events are stored in batches: each message is checked as it arrives and its write queued; the
+queue is written in one transaction once no further message is waiting in the client's queue (or it reaches
+`_MAX_BATCH`, or the coordinator's tick flushes it). A fleet-wide update brings several messages per device at
+once, and one transaction per message was most of the coordinator's CPU per update on the mirror path.
+
+Invariants:
+- The broker's PUBACK is not ours to time: paho sends it when it reads the message, before this module sees it.
+  A message is never held back longer than the client's queue holds the ones behind it, so batching adds no
+  message to those a crash can lose: only messages that were already waiting together are written together.
+- A batch is one transaction: it is stored whole or not at all, in arrival order. A batch the database cannot
+  write now (sqlite3.OperationalError: locked, disk full, I/O) is kept, ahead of newer messages, and tried again
+  by the coordinator's next tick (not by every message meanwhile: a store that refuses writes is retried five
+  times a second, not once per message). A batch that fails otherwise (a message the store refuses, whatever it
+  raises) is written again one message per transaction, and only the messages refused on their own are dropped,
+  each logged: one bad message never holds up the others.
+- Telemetry is confirmed to devices only by the ack topic, published after its windows' transaction committed
+  (`flush_telemetry`, then `publish_acks`); a window not stored is never acknowledged, and its device resends it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +43,9 @@ from server.store.freshness import FreshnessRecords
 __all__ = ["MqttBridge", "parse_mqtt_url"]
 
 logger = logging.getLogger(__name__)
+
+_MAX_BATCH = 1000  # device messages per transaction, at most
+_MAX_PENDING = 100_000  # checked messages kept while the store refuses writes; past it the oldest are dropped
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int, bool]:
@@ -56,6 +80,8 @@ class MqttBridge:
         self.connected = asyncio.Event()
         self._pending_acks: dict[str, int] = {}
         self._telemetry: list[tuple[pb.TelemetryWindow, str | None]] = []
+        self._writes: list[Callable[[Store], object]] = []  # checked status and events, in arrival order
+        self._store_failing = False  # the last flush failed: only the tick's flush retries
         self._client: aiomqtt.Client | None = None
 
     async def run(self) -> None:
@@ -80,21 +106,27 @@ class MqttBridge:
                 tls_params=self.tls_params,
             )
 
-        await keep_session(make_client, on_connected, self.handle, self.connected, 0.5, 10.0, "coordinator")
+        try:
+            await keep_session(make_client, on_connected, self.handle, self.connected, 0.5, 10.0, "coordinator")
+        finally:
+            self.flush_messages()  # what was received is stored before the bridge stops
 
     def handle(self, topic: str, payload: Any) -> bool:
-        """Store one device message if it is valid; log and drop it otherwise. Returns whether it was stored."""
+        """Check one device message and queue its write (status, event; telemetry for `flush_telemetry`); log and
+        drop it if it is invalid. Returns whether it was accepted. The queued writes are stored once no other
+        message waits behind this one (see the module's docstring)."""
         if not isinstance(payload, bytes | bytearray):
             payload = b""
         try:
             if (device := self.topics.device_of(topic, "status")) is not None:
                 status = parse_status(bytes(payload), device, self.store)
                 if status["online"]:
-                    self.store.set_status(**status)
+                    self._writes.append(lambda store: store.set_status(**status))
                 else:  # a last will, written when the agent started: only its "offline" is current
-                    self.store.set_offline(device)
+                    self._writes.append(lambda store: store.set_offline(status["device_id"]))
             elif (device := self.topics.device_of(topic, "events")) is not None:
-                self.store.record_events([parse_event(bytes(payload), device, self.store)], via="mqtt")
+                event = parse_event(bytes(payload), device, self.store)
+                self._writes.append(lambda store: store.record_events([event], via="mqtt"))
             elif (device := self.topics.device_of(topic, "telemetry")) is not None:
                 self._telemetry.append((parse_window(bytes(payload)), device))  # stored by flush_telemetry
             else:
@@ -102,7 +134,51 @@ class MqttBridge:
         except EventRejected as e:
             logger.warning("rejected message on %s: %s", topic[:200], e)
             return False
+        others_waiting = self._client is not None and len(self._client.messages) > 0
+        if not self._store_failing and (not others_waiting or len(self._writes) >= _MAX_BATCH):
+            self.flush_messages()
         return True
+
+    def flush_messages(self) -> int:
+        """Store the queued status and event writes in one transaction; returns how many were stored. If the
+        database cannot write now, nothing of it is stored and the writes stay queued, first, for the next flush
+        (the coordinator's tick calls this); if a write is refused, each is written on its own (module docstring)."""
+        batch, self._writes = self._writes, []
+        if not batch:
+            return 0
+        try:
+            self._write(batch)
+        except sqlite3.OperationalError as e:
+            self._writes = batch + self._writes
+            dropped = len(self._writes) - _MAX_PENDING
+            if dropped > 0:
+                del self._writes[:dropped]
+                logger.error("the store refuses writes; dropped the %d oldest device messages", dropped)
+            logger.warning("%d device message(s) not stored yet (retrying on the next tick): %s", len(batch), e)
+            self._store_failing = True
+            return 0
+        except Exception:
+            self._store_failing = False
+            return self._one_by_one(batch)
+        self._store_failing = False
+        return len(batch)
+
+    def _write(self, batch: list[Callable[[Store], object]]) -> None:
+        with self.store.transaction():
+            for write in batch:
+                write(self.store)
+
+    def _one_by_one(self, batch: list[Callable[[Store], object]]) -> int:
+        """Write each message in a transaction of its own; drop (and log) the ones refused on their own."""
+        stored = 0
+        for write in batch:
+            try:
+                self._write([write])
+            except Exception:
+                logger.exception("a device message the store refuses was dropped")
+            else:
+                stored += 1
+        return stored
 
     def flush_telemetry(self) -> int:
         """Store the windows received since the last call in one transaction; note each device's watermark."""

@@ -1,0 +1,222 @@
+"""The MQTT bridge stores device messages in batches (server/ingest/mqtt_bridge.py): a batch is one transaction,
+stored whole and in arrival order or not at all, and telemetry is acknowledged only once stored."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator
+from typing import Any, cast
+
+import aiomqtt
+import pytest
+
+from edge_agent.contract import Topics
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from edge_agent.contract.windows import window_to_proto
+from server.datadir import DataDir
+from server.ingest.mqtt_bridge import MqttBridge
+from server.store import Store
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
+from simulations.processes import Mosquitto
+from tests.agent.test_telemetry import digits_reference, window
+
+TOPICS = Topics("fedfleet/v1")
+KINDS = [pb.EVENT_KIND_DOWNLOADING, pb.EVENT_KIND_VERIFIED, pb.EVENT_KIND_INSTALLED, pb.EVENT_KIND_COMMITTED]
+
+
+@pytest.fixture
+def store(datadir: DataDir) -> Iterator[Store]:
+    s = datadir.store()
+    for device in ("pi-1", "pi-2"):
+        s.register_device(device, "lab", {}, {}, "test")
+    model = build_dense_model(random_dense_layers([64, 16, 10], 1))
+    reference = digits_reference().to_metadata()
+    publish_release(datadir.repository(), s, model, "digits", "1.0.0", extra={"drift_reference": reference})
+    yield s
+    s.close()
+
+
+class _Waiting:
+    """What the bridge reads of an aiomqtt.Client: `len(client.messages)`, the messages still in its queue."""
+
+    def __init__(self, waiting: int) -> None:
+        self.messages = [None] * waiting
+
+
+def _event(device: str, kind: int, counter: int = 1) -> bytes:
+    return pb.UpdateEvent(device_id=device, kind=kind, release_id="digits@1.0.0", counter=counter).SerializeToString()
+
+
+def _status(device: str, release: str) -> bytes:
+    return pb.DeviceStatus(device_id=device, online=True, running_release=release).SerializeToString()
+
+
+def _events(store: Store) -> list[tuple[str, str]]:
+    return [(r[0], r[1]) for r in store.db.execute("SELECT device_id, kind FROM events ORDER BY id")]
+
+
+def _running(store: Store, device: str) -> str:
+    return str(store.db.execute("SELECT running_release FROM devices WHERE id = ?", [device]).fetchone()[0])
+
+
+def test_messages_wait_while_others_queue_behind_them_then_are_stored_in_arrival_order(store: Store) -> None:
+    # Prepare: a client with messages still queued behind the ones handled
+    bridge = MqttBridge(store, "mqtt://127.0.0.1:1", TOPICS)
+    bridge._client = cast(aiomqtt.Client, _Waiting(3))
+
+    # Execute: three messages handled while others wait
+    assert bridge.handle(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_DOWNLOADING))
+    assert bridge.handle(TOPICS.status("pi-2"), _status("pi-2", "digits@1.0.0"))
+    assert bridge.handle(TOPICS.events("pi-2"), _event("pi-2", pb.EVENT_KIND_COMMITTED))
+
+    # Assert: nothing stored yet; the last message, with none behind it, stores all three in arrival order
+    assert _events(store) == [] and _running(store, "pi-2") == ""
+    bridge._client = cast(aiomqtt.Client, _Waiting(0))
+    assert bridge.handle(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_VERIFIED))
+    assert _events(store) == [("pi-1", "downloading"), ("pi-2", "committed"), ("pi-1", "verified")]
+    assert _running(store, "pi-2") == "digits@1.0.0"
+    assert store.device("pi-1")["last_event"] == "verified"
+    assert bridge.flush_messages() == 0  # nothing left over
+
+
+def test_a_batch_the_database_cannot_write_now_is_kept_whole_for_the_next_flush(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the database fails in the middle of the batch's transaction, as a full disk does
+    record = Store.record_events
+
+    def full_disk(self: Store, events: Any, via: str) -> Any:
+        if events[0]["device_id"] == "pi-2":
+            raise sqlite3.OperationalError("database or disk is full")
+        return record(self, events, via=via)
+
+    monkeypatch.setattr(Store, "record_events", full_disk)
+    bridge = MqttBridge(store, "mqtt://127.0.0.1:1", TOPICS)
+    bridge._client = cast(aiomqtt.Client, _Waiting(1))
+    bridge.handle(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_DOWNLOADING))
+    bridge.handle(TOPICS.status("pi-1"), _status("pi-1", "digits@1.0.0"))
+    bridge.handle(TOPICS.events("pi-2"), _event("pi-2", pb.EVENT_KIND_DOWNLOADING))
+    bridge.handle(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_COMMITTED))
+
+    # Execute
+    stored = bridge.flush_messages()
+
+    # Assert: nothing of the batch, not even what came before the failing write
+    assert stored == 0
+    assert _events(store) == [] and _running(store, "pi-1") == ""
+
+    # Execute: the disk has room again; a newer message arrives with none queued behind it
+    monkeypatch.setattr(Store, "record_events", record)
+    bridge._client = cast(aiomqtt.Client, _Waiting(0))
+    bridge.handle(TOPICS.events("pi-2"), _event("pi-2", pb.EVENT_KIND_VERIFIED))
+
+    # Assert: after a failure only the tick's flush retries (a failing store is not retried once per message)
+    assert _events(store) == []
+
+    # Execute: the tick's flush
+    stored = bridge.flush_messages()
+
+    # Assert: the failed batch first, whole and once, then the newer message
+    assert stored == 5
+    assert _events(store) == [
+        ("pi-1", "downloading"),
+        ("pi-2", "downloading"),
+        ("pi-1", "committed"),
+        ("pi-2", "verified"),
+    ]
+    assert _running(store, "pi-1") == "digits@1.0.0"
+
+    # Assert: once a flush succeeded, messages are stored as they come again
+    bridge.handle(TOPICS.events("pi-2"), _event("pi-2", pb.EVENT_KIND_INSTALLED))
+    assert _events(store)[-1] == ("pi-2", "installed")
+
+
+def test_a_message_the_store_refuses_is_dropped_alone_and_holds_up_nothing(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: SQLite refuses pi-2's events (a real constraint failure in the middle of the batch)
+    store.db.execute(
+        "CREATE TRIGGER refuse_pi2 BEFORE INSERT ON events WHEN NEW.device_id = 'pi-2'"
+        " BEGIN SELECT RAISE(ABORT, 'not this one'); END"
+    )
+    bridge = MqttBridge(store, "mqtt://127.0.0.1:1", TOPICS)
+    bridge._client = cast(aiomqtt.Client, _Waiting(1))
+    bridge.handle(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_DOWNLOADING))
+    bridge.handle(TOPICS.events("pi-2"), _event("pi-2", pb.EVENT_KIND_DOWNLOADING))
+    bridge.handle(TOPICS.status("pi-1"), _status("pi-1", "digits@1.0.0"))
+
+    # Execute
+    stored = bridge.flush_messages()
+
+    # Assert: the others stored in order, the refused one dropped and said; the next message goes straight in
+    assert stored == 2
+    assert _events(store) == [("pi-1", "downloading")] and _running(store, "pi-1") == "digits@1.0.0"
+    assert "a device message the store refuses was dropped" in caplog.text
+    bridge._client = cast(aiomqtt.Client, _Waiting(0))
+    bridge.handle(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_COMMITTED))
+    assert _events(store)[-1] == ("pi-1", "committed") and bridge.flush_messages() == 0
+
+
+def test_telemetry_whose_transaction_fails_is_not_acknowledged(store: Store) -> None:
+    # Prepare: two windows of pi-1; SQLite refuses the second, so their one transaction fails
+    store.db.execute(
+        "CREATE TRIGGER refuse_window BEFORE INSERT ON telemetry WHEN NEW.sequence = 2"
+        " BEGIN SELECT RAISE(ABORT, 'disk says no'); END"
+    )
+    bridge = MqttBridge(store, "mqtt://127.0.0.1:1", TOPICS)
+    windows = [window_to_proto(window(digits_reference(), 20, s), "pi-1", s, s) for s in (1, 2)]
+    for w in windows:
+        assert bridge.handle(TOPICS.telemetry("pi-1"), w.SerializeToString())
+
+    # Execute
+    with pytest.raises(sqlite3.IntegrityError):
+        bridge.flush_telemetry()
+
+    # Assert: nothing stored, nothing to acknowledge; the device's resend is stored and acknowledged
+    assert store.db.execute("SELECT count(*) FROM telemetry").fetchone()[0] == 0
+    assert bridge._pending_acks == {}
+    store.db.execute("DROP TRIGGER refuse_window")
+    for w in windows:
+        bridge.handle(TOPICS.telemetry("pi-1"), w.SerializeToString())
+    assert bridge.flush_telemetry() == 2
+    assert bridge._pending_acks == {"pi-1": 2}
+
+
+@pytest.mark.broker
+def test_a_burst_through_a_real_broker_is_stored_whole_in_order_without_a_tick(
+    store: Store, mosquitto: Mosquitto
+) -> None:
+    """Messages the bridge held back while others queued are stored once the queue drains: none waits for the
+    coordinator's tick (which this test never runs)."""
+    devices = [f"burst-{i}" for i in range(30)]
+    for device in devices:
+        store.register_device(device, "lab", {}, {}, "test")
+
+    async def scenario() -> list[tuple[str, str]]:
+        bridge = MqttBridge(store, mosquitto.url, Topics(f"batching/{id(store)}"))
+        topics = bridge.topics
+        running = asyncio.create_task(bridge.run())
+        try:
+            await asyncio.wait_for(bridge.connected.wait(), 30)
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="burst-sender") as sender:
+                sends: list[Any] = []
+                for kind in KINDS:
+                    for device in devices:
+                        sends.append(sender.publish(topics.events(device), _event(device, kind), qos=1))
+                await asyncio.gather(*sends)  # published in this order: one QoS 1 connection keeps it
+            async with asyncio.timeout(60):
+                while store.db.execute("SELECT count(*) FROM events").fetchone()[0] < len(devices) * len(KINDS):
+                    await asyncio.sleep(0.05)
+            return _events(store)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+
+    stored = asyncio.run(scenario())
+
+    kinds = ["downloading", "verified", "installed", "committed"]
+    assert len(stored) == len(devices) * len(KINDS)
+    for device in devices:
+        assert [k for d, k in stored if d == device] == kinds

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from server import audit
 from server.datadir import DataDir
-from server.errors import CoordinatorError, NotFoundError
+from server.errors import ConflictError, CoordinatorError, NotFoundError
 from server.loop.alerts import Alerts
 from server.rollout.driver import ACTIVE_PHASES, Rollouts
 from server.rollout.spec import RolloutSpec
@@ -117,6 +117,8 @@ class Fleet(Protocol):
 
     def place_device(self, device_id: str, fleet: str | None, labels: dict[str, str] | None) -> dict[str, Any]: ...
 
+    def revoke_device(self, device_id: str) -> dict[str, Any]: ...
+
     def set_budget(self, device_id: str, epsilon: float) -> dict[str, Any]: ...
 
     def privacy_ledger(self, device_id: str | None) -> list[dict[str, Any]]: ...
@@ -214,6 +216,18 @@ class Control:
         }
 
     # ----- placement, privacy and consent -----
+
+    def revoke_device(self, device_id: str) -> dict[str, Any]:
+        """Revoke a device's live certificates and rewrite the CRL: the gRPC server refuses it at once, the broker
+        once `fedfleet broker config` rewrote its CRL and Mosquitto reloaded; audited with the serials. A device
+        with no live certificate is refused (ConflictError), changing nothing."""
+        with self.store.transaction():
+            serials = self.store.revoke_certificates(device_id)
+            if not serials:
+                raise ConflictError(f"{device_id!r} has no live certificate (never enrolled, or already revoked)")
+            self.datadir.ca().write_crl(self.store.revoked_certificates())
+            audit.append(self.store, "device.revoke", device_id, {"serials": serials}, self.actor)
+        return {"device": device_id, "revoked": serials, "crl": str(self.datadir.trust / "crl.pem")}
 
     def place_device(self, device_id: str, fleet: str | None, labels: dict[str, str] | None) -> dict[str, Any]:
         """Set a device's fleet or labels (None: leave as is); audited with the change."""

@@ -480,20 +480,16 @@ def devices_revoke(
     as_json: JsonOption = False,
 ) -> None:
     """Revoke a device's certificates: the gRPC server refuses it at once; the broker after `fedfleet broker config`
-    rewrites its CRL and Mosquitto reloads. Recorded in the audit trail."""
-    d = open_datadir(data_dir)
-    with d.store() as store:
-        serials = store.revoke_certificates(device_id)
-        if not serials:
-            raise CoordinatorError(f"{device_id!r} has no live certificate (never enrolled, or already revoked)")
-        d.ca().write_crl(store.revoked_certificates())
-        audit.append(store, "device.revoke", device_id, {"serials": serials}, "cli")
+    rewrites its CRL and Mosquitto reloads. Recorded in the audit trail. Remotely (--server, --context) it needs
+    the devices.manage permission."""
+    with connect(data_dir) as fleet:
+        doc = fleet.revoke_device(device_id)
     if as_json:
-        print_json({"device": device_id, "revoked": serials, "crl": str(d.trust / "crl.pem")})
+        print_json(doc)
     else:
         out.print(
-            f"Revoked {len(serials)} certificate(s) of [bold]{device_id}[/]; CRL at {d.trust / 'crl.pem'}. "
-            "Run `fedfleet broker config` again and reload Mosquitto."
+            f"Revoked {len(doc['revoked'])} certificate(s) of [bold]{device_id}[/]; CRL at {doc['crl']} (on the "
+            "coordinator). Run `fedfleet broker config` again and reload Mosquitto."
         )
 
 

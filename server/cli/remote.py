@@ -127,6 +127,10 @@ class RemoteFleet:
         )
         return doc
 
+    def revoke_device(self, device_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = self._call("POST", f"/api/devices/{_seg(device_id)}/revoke", {"confirm": device_id})
+        return doc
+
     def set_budget(self, device_id: str, epsilon: float) -> dict[str, Any]:
         doc: dict[str, Any] = self._call("PUT", f"/api/privacy/budgets/{_seg(device_id)}", {"epsilon": epsilon})
         return doc

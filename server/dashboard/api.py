@@ -79,6 +79,12 @@ class RetireBody(BaseModel):
     confirm: str = Field(description="The release id again, as a confirmation.")
 
 
+class RevokeBody(BaseModel):
+    """A device's certificates revoked. `confirm` must repeat the device's id."""
+
+    confirm: str = Field(description="The device id again, as a confirmation.")
+
+
 class ActionBody(BaseModel):
     """An operator action. `confirm` must repeat the rollout's id: the page asks before it sends."""
 
@@ -431,6 +437,14 @@ def create_app(
     def device_place(user: DevicesManage, device_id: str, body: LabelBody) -> dict[str, Any]:
         """Set a device's fleet or labels (`fedfleet devices label`); audited."""
         return control(user).place_device(device_id, body.fleet, body.labels)
+
+    @app.post("/api/devices/{device_id}/revoke", tags=["fleet"])
+    def device_revoke(user: DevicesManage, device_id: str, body: RevokeBody) -> dict[str, Any]:
+        """Revoke a device's certificates (`fedfleet devices revoke`): gRPC refuses it at once, the broker after
+        `fedfleet broker config` and a reload; 409, changing nothing, for a device with no live certificate."""
+        if body.confirm != device_id:
+            raise HTTPException(422, f"confirm must repeat the device id {device_id!r}")
+        return control(user).revoke_device(device_id)
 
     @app.get("/api/devices/{device_id}", tags=["fleet"])
     def device(_: Read, device_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:

@@ -1,0 +1,82 @@
+"""`fedfleet devices revoke` from a laptop: against the coordinator's API (real uvicorn on loopback, a real data
+directory and fleet CA) it needs the devices.manage permission, revokes the device's certificates into the CRL
+and audits the user; a second revoke, a missing confirmation and a role without the permission change nothing."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+from cryptography import x509
+
+from server import audit
+from tests.server.test_remote_privacy import Coordinator, _one_sentence, coordinator  # noqa: F401 (the fixture)
+
+
+def _revoked_serials(c: Coordinator) -> set[int]:
+    """Every serial in crl.pem (one CRL per intermediate CA)."""
+    path = c.d.trust / "crl.pem"
+    end = "-----END X509 CRL-----"
+    blocks = [b + end for b in path.read_text().split(end) if b.strip()] if path.exists() else []
+    return {r.serial_number for b in blocks for r in x509.load_pem_x509_crl(b.encode())}
+
+
+def _audit_length(c: Coordinator) -> int:
+    with c.d.store() as store:
+        return audit.verify(store)[0]
+
+
+def _post(c: Coordinator, path: str, body: dict[str, str], user: str) -> int:
+    request = urllib.request.Request(
+        c.url + path,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {c.tokens[user]}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_a_device_is_revoked_from_a_laptop_only_with_devices_manage_and_the_audit_names_the_user(
+    coordinator: Coordinator,  # noqa: F811 (the fixture imported above)
+) -> None:
+    # Prepare: a device enrolled on the coordinator's host (a live certificate)
+    enrolled = coordinator.run("devices", "enroll", "pi-stolen", "--out", str(coordinator.cwd / "bundle"))
+    assert enrolled.returncode == 0, enrolled.stderr
+    before = (_revoked_serials(coordinator), _audit_length(coordinator))
+
+    # Execute: refused for a viewer and an operator, and without the confirmation
+    viewer = coordinator.run("devices", "revoke", "pi-stolen", token=coordinator.tokens["vi"])
+    operator = coordinator.run("devices", "revoke", "pi-stolen", token=coordinator.tokens["op"])
+    unconfirmed = _post(coordinator, "/api/devices/pi-stolen/revoke", {"confirm": "pi-other"}, "operator")
+
+    # Assert: one sentence each, nothing revoked, nothing audited
+    assert "vi (viewer) lacks the devices.manage permission" in _one_sentence(viewer)
+    assert "op (operator) lacks the devices.manage permission" in _one_sentence(operator)
+    assert unconfirmed == 422
+    assert (_revoked_serials(coordinator), _audit_length(coordinator)) == before
+
+    # Execute: the admin revokes it remotely
+    done = coordinator.run("devices", "revoke", "pi-stolen", "--json", token=coordinator.tokens["operator"])
+
+    # Assert: its serials are in the CRL on the coordinator, and the audit names the user
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["device"] == "pi-stolen" and doc["revoked"]
+    assert {int(s, 16) for s in doc["revoked"]} <= _revoked_serials(coordinator)
+    with coordinator.d.store() as store:
+        [entry] = audit.entries(store, 1, action="device.revoke")
+    assert entry["actor"] == "user:operator" and entry["subject"] == "pi-stolen"
+
+    # Execute: again, remotely and locally
+    again = coordinator.run("devices", "revoke", "pi-stolen", token=coordinator.tokens["operator"])
+    local_again = coordinator.run("devices", "revoke", "pi-stolen")
+
+    # Assert: refused in one sentence both ways, changing nothing
+    for refused in (again, local_again):
+        assert "no live certificate" in _one_sentence(refused)
+    assert _audit_length(coordinator) == before[1] + 1

@@ -7,6 +7,7 @@ so gets the same documents back. `Fleet` is the seam: the CLI talks to one, loca
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any, Protocol
 
@@ -24,7 +25,7 @@ from server.store.releases import ReleaseRecords
 from server.trust.releases import publish_release, release_source, retire_release
 from server.users import OPERATOR
 
-__all__ = ["Control", "Fleet", "consent_doc", "device_doc", "release_doc", "releases_doc"]
+__all__ = ["Control", "Fleet", "consent_doc", "device_doc", "release_card_markdown", "release_doc", "releases_doc"]
 
 CONSENT_PURPOSE = "training"  # the purpose `fedfleet privacy consent` reports (server.store.consent.PURPOSES)
 
@@ -89,6 +90,29 @@ def consent_doc(statement: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
+def release_card_markdown(custom: dict[str, Any], release_id: str) -> str:
+    """The release's model card as Markdown: the one it was published with, or one written from its JSON card
+    (a file release's --card), each value as the text it is."""
+    if isinstance(custom.get("model_card_markdown"), str):
+        return str(custom["model_card_markdown"])
+    card = custom.get("model_card")
+    if not isinstance(card, dict):
+        return f"# {release_id}\n\nThis release was published without a model card.\n"
+    lines = [f"# Model card: {release_id}", ""]
+
+    def walk(doc: dict[str, Any], depth: int) -> None:
+        for key, value in doc.items():
+            if isinstance(value, dict):
+                lines.append(f"{'  ' * depth}- **{key}**")
+                walk(value, depth + 1)
+            else:
+                shown = json.dumps(value) if isinstance(value, list) else str(value)
+                lines.append(f"{'  ' * depth}- **{key}**: {shown}")
+
+    walk(card, 0)
+    return "\n".join(lines) + "\n"
+
+
 class Fleet(Protocol):
     """What the CLI asks of a coordinator, wherever it runs. Every method returns a JSON-ready document and raises
     CoordinatorError (one sentence) when refused."""
@@ -100,6 +124,8 @@ class Fleet(Protocol):
     def assign(self, release_id: str, devices: list[str], fleet: str | None) -> dict[str, Any]: ...
 
     def releases(self) -> list[dict[str, Any]]: ...
+
+    def release(self, release_id: str) -> dict[str, Any]: ...
 
     def release_retire(self, release_id: str) -> dict[str, Any]: ...
 
@@ -179,6 +205,13 @@ class Control:
 
     def releases(self) -> list[dict[str, Any]]:
         return releases_doc(self.store, self.datadir.rollouts(self.store))
+
+    def release(self, release_id: str) -> dict[str, Any]:
+        """One release: its row in `releases` with its target path and model card in Markdown (`fedfleet releases
+        show`, GET /api/releases/{id}); an unknown release is refused (NotFoundError)."""
+        r = self.store.release(release_id)
+        row = next(x for x in self.releases() if x["id"] == r.id)
+        return {**row, "target_path": r.target_path, "card_markdown": release_card_markdown(r.custom, r.id)}
 
     def release_retire(self, release_id: str) -> dict[str, Any]:
         """Take a release out of the update repository once nothing needs it (server.trust.releases)."""

@@ -48,7 +48,7 @@ from server.cli.loop import alerts_app, loop_app
 from server.cli.mirror import mirror_app
 from server.cli.quiet import ENV_VERBOSE, native_stderr_quiet, quiet_third_parties
 from server.cli.release_inputs import read_card, read_probe, release_remotely
-from server.cli.releases import releases_retire
+from server.cli.releases import releases_retire, releases_show
 from server.cli.remote import connect, is_remote
 from server.cli.retention import retention_app
 from server.cli.rollout import audit_app, rollout_app
@@ -99,6 +99,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(users_app, name="users")
 app.add_typer(context_app, name="context")
 app.add_typer(retention_app, name="retention")
+releases_app.command("show")(releases_show)
 releases_app.command("retire")(releases_retire)
 audit_app.command("anchor")(audit_anchor)
 app.add_typer(mirror_app, name="mirror")

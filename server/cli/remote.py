@@ -163,6 +163,10 @@ class RemoteFleet:
         docs: list[dict[str, Any]] = self._call("GET", "/api/releases")
         return docs
 
+    def release(self, release_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = self._call("GET", f"/api/releases/{_seg(release_id)}")
+        return doc
+
     def release_retire(self, release_id: str) -> dict[str, Any]:
         doc: dict[str, Any] = self._call("POST", f"/api/releases/{_seg(release_id)}/retire", {"confirm": release_id})
         return doc

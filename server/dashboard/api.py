@@ -628,9 +628,10 @@ def create_app(
 
     @app.get("/api/releases/{release_id}", tags=["releases"])
     def release(_: Read, release_id: str) -> dict[str, Any]:
-        """One release and its model card, the Markdown rendered with raw HTML escaped."""
-        store = stores.get()
-        return views.release_view(store, datadir.rollouts(store), release_id)
+        """One release and its model card, the Markdown also rendered with raw HTML escaped (`fedfleet releases
+        show`)."""
+        doc = Control(datadir, stores.get(), "").release(release_id)
+        return {**doc, "card_html": views.render_markdown(doc["card_markdown"])}
 
     @app.get("/api/audit", tags=["audit"])
     def audit_trail(

@@ -18,7 +18,6 @@ from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.drift import WindowCounts, WindowScore, score_window
 from edge_agent.contract.windows import counts_from_proto
 from server import audit
-from server.control import releases_doc
 from server.errors import ConflictError
 from server.fl.registry import Ledger, TrainingRuns
 from server.ingest.telemetry import release_reference
@@ -38,7 +37,6 @@ __all__ = [
     "drift_view",
     "fleet_view",
     "ledger_view",
-    "release_view",
     "render_markdown",
     "rollout_view",
     "rollouts_view",
@@ -451,37 +449,6 @@ def _markdown() -> MarkdownIt:
 def render_markdown(text: str) -> str:
     """A model card's Markdown as HTML safe to put in a page: every raw HTML tag in it is escaped as text."""
     return str(_markdown().render(text))
-
-
-def _card_markdown_of(custom: dict[str, Any], release_id: str) -> str:
-    """The release's model card as Markdown: the one it was published with, or one written from its JSON card
-    (a file release's --card), each value as the text it is."""
-    if isinstance(custom.get("model_card_markdown"), str):
-        return str(custom["model_card_markdown"])
-    card = custom.get("model_card")
-    if not isinstance(card, dict):
-        return f"# {release_id}\n\nThis release was published without a model card.\n"
-    lines = [f"# Model card: {release_id}", ""]
-
-    def walk(doc: dict[str, Any], depth: int) -> None:
-        for key, value in doc.items():
-            if isinstance(value, dict):
-                lines.append(f"{'  ' * depth}- **{key}**")
-                walk(value, depth + 1)
-            else:
-                shown = json.dumps(value) if isinstance(value, list) else str(value)
-                lines.append(f"{'  ' * depth}- **{key}**: {shown}")
-
-    walk(card, 0)
-    return "\n".join(lines) + "\n"
-
-
-def release_view(store: Store, rollouts: Rollouts, release_id: str) -> dict[str, Any]:
-    """One release: the row the Releases page shows and its model card, rendered."""
-    r = store.release(release_id)
-    row = next(x for x in releases_doc(store, rollouts) if x["id"] == r.id)
-    markdown = _card_markdown_of(r.custom, r.id)
-    return {**row, "target_path": r.target_path, "card_markdown": markdown, "card_html": render_markdown(markdown)}
 
 
 def audit_view(store: Store, limit: int = 200, action: str = "") -> dict[str, Any]:

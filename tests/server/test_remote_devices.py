@@ -1,6 +1,7 @@
-"""`fedfleet devices revoke` from a laptop: against the coordinator's API (real uvicorn on loopback, a real data
-directory and fleet CA) it needs the devices.manage permission, revokes the device's certificates into the CRL
-and audits the user; a second revoke, a missing confirmation and a role without the permission change nothing."""
+"""Devices and releases from a laptop, against the coordinator's API (real uvicorn on loopback, a real data
+directory and fleet CA): `devices revoke` needs the devices.manage permission, revokes the device's certificates
+into the CRL and audits the user, and a second revoke, a missing confirmation and a role without the permission
+change nothing; `releases show` gives the same document and text as on the coordinator's host."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import urllib.request
 from cryptography import x509
 
 from server import audit
+from simulations.dense_tflite import build_dense_model, random_dense_layers
 from tests.server.test_remote_privacy import Coordinator, _one_sentence, coordinator  # noqa: F401 (the fixture)
 
 
@@ -80,3 +82,35 @@ def test_a_device_is_revoked_from_a_laptop_only_with_devices_manage_and_the_audi
     for refused in (again, local_again):
         assert "no live certificate" in _one_sentence(refused)
     assert _audit_length(coordinator) == before[1] + 1
+
+
+def test_a_release_shows_the_same_locally_and_remotely_and_an_unknown_one_is_refused(
+    coordinator: Coordinator,  # noqa: F811 (the fixture imported above)
+) -> None:
+    # Prepare: a release published on the coordinator's host, with a model card
+    model = coordinator.cwd / "m.tflite"
+    model.write_bytes(build_dense_model(random_dense_layers([64, 16, 10], 5)))
+    card = coordinator.cwd / "card.json"
+    card.write_text(json.dumps({"intended_use": "digits on the bench", "owner": "lab"}))
+    published = coordinator.run("release", str(model), "--name", "bench", "--version", "1.2.3", "--card", str(card))
+    assert published.returncode == 0, published.stderr
+
+    # Execute
+    doc, remote_doc = coordinator.both("releases", "show", "bench@1.2.3", "--json", user="vi")
+    text, remote_text = coordinator.both("releases", "show", "bench@1.2.3", user="vi")
+    only_card, _ = coordinator.both("releases", "show", "bench@1.2.3", "--card", user="vi")
+    missing = coordinator.run("releases", "show", "bench@9.9.9")
+    remote_missing = coordinator.run("releases", "show", "bench@9.9.9", token=coordinator.tokens["vi"])
+
+    # Assert: one document both ways, as the store and the list have it; a card; one sentence for a missing one
+    assert doc == remote_doc and text == remote_text
+    shown = json.loads(doc)
+    with coordinator.d.store() as store:
+        stored = store.release("bench@1.2.3")
+    assert (shown["id"], shown["sha256"], shown["bytes"]) == (stored.id, stored.sha256, stored.length)
+    assert shown["source"]["kind"] == "file" and shown["devices_running"] == 0 and shown["rollouts"] == []
+    assert "- **intended_use**: digits on the bench" in shown["card_markdown"]
+    assert text.startswith("bench@1.2.3 (file): published ") and stored.sha256 in text
+    assert only_card.startswith("# Model card: bench@1.2.3") and stored.sha256 not in only_card
+    for refused in (missing, remote_missing):
+        assert "bench@9.9.9" in _one_sentence(refused)

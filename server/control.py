@@ -8,6 +8,7 @@ so gets the same documents back. `Fleet` is the seam: the CLI talks to one, loca
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from typing import Any, Protocol
 
@@ -15,17 +16,30 @@ from server import audit
 from server.datadir import DataDir
 from server.errors import ConflictError, CoordinatorError, NotFoundError
 from server.loop.alerts import Alerts
+from server.loop.kinds import AlertState
 from server.rollout.driver import ACTIVE_PHASES, Rollouts
 from server.rollout.spec import RolloutSpec
-from server.store import Release, Store
+from server.store import Release, Store, now_ms
 from server.store.consent import ConsentRecords
+from server.store.dashboard import DashboardReads
+from server.store.freshness import FreshnessRecords
 from server.store.loop import AlertRecords, DeliveryRecords
 from server.store.monitoring import MonitoringLedger
 from server.store.releases import ReleaseRecords
+from server.trust.enrollment import running_endpoints
 from server.trust.releases import publish_release, release_source, retire_release
 from server.users import OPERATOR
 
-__all__ = ["Control", "Fleet", "consent_doc", "device_doc", "release_card_markdown", "release_doc", "releases_doc"]
+__all__ = [
+    "Control",
+    "Fleet",
+    "consent_doc",
+    "device_doc",
+    "fleet_status",
+    "release_card_markdown",
+    "release_doc",
+    "releases_doc",
+]
 
 CONSENT_PURPOSE = "training"  # the purpose `fedfleet privacy consent` reports (server.store.consent.PURPOSES)
 
@@ -113,6 +127,66 @@ def release_card_markdown(custom: dict[str, Any], release_id: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _coordinator(d: DataDir) -> dict[str, Any]:
+    endpoints = running_endpoints(d)
+    pid = endpoints.get("pid")
+    running = isinstance(pid, int) and _alive(pid)
+    doc: dict[str, Any] = {"running": running}
+    if running:
+        doc.update({k: endpoints.get(k) for k in ("pid", "grpc", "mqtt", "dashboard", "grpc_tls")})
+    return doc
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def fleet_status(d: DataDir, store: Store) -> dict[str, Any]:
+    """The fleet at a glance (`fedfleet status`, GET /api/status): the coordinator, devices by release and update
+    state, active rollouts, alerts not resolved, the largest lifetime ε against the budget."""
+    config = d.config()
+    records = DashboardReads(store)
+    by_state = records.devices_by_state()
+    rollouts = [
+        {k: r[k] for k in ("id", "release", "phase", "wave", "wave_label")}
+        for r in d.rollouts(store).list()
+        if r["phase"] in ACTIVE_PHASES
+    ]
+    alerts: Counter[str] = Counter()
+    for kind, state, count in AlertRecords(store).counts():
+        if state != AlertState.RESOLVED:
+            alerts[kind] += count
+    behind = FreshnessRecords(store).behind_by_fleet(now_ms() - int(config.freshness_hours * 3_600_000))
+    max_epsilon = records.max_lifetime_epsilon()
+    releases: Counter[str] = Counter()
+    states: Counter[str] = Counter()
+    online = 0
+    for state, release, is_online, count in by_state:
+        releases[release or "none"] += count
+        states[state or "unknown"] += count
+        online += count if is_online else 0
+    return {
+        "coordinator": _coordinator(d),
+        "devices": {
+            "total": sum(states.values()),
+            "online": online,
+            "by_release": dict(sorted(releases.items())),
+            "by_update_state": dict(sorted(states.items())),
+            "stale": sum(s for s, _ in behind.values()),
+            "lagging": sum(lag for _, lag in behind.values()),
+        },
+        "rollouts_active": rollouts,
+        "alerts_not_resolved": dict(sorted(alerts.items())),
+        "privacy": {"max_lifetime_epsilon": max_epsilon, "epsilon_budget": config.epsilon_budget},
+    }
+
+
 class Fleet(Protocol):
     """What the CLI asks of a coordinator, wherever it runs. Every method returns a JSON-ready document and raises
     CoordinatorError (one sentence) when refused."""
@@ -122,6 +196,8 @@ class Fleet(Protocol):
     ) -> dict[str, Any]: ...
 
     def assign(self, release_id: str, devices: list[str], fleet: str | None) -> dict[str, Any]: ...
+
+    def status(self) -> dict[str, Any]: ...
 
     def releases(self) -> list[dict[str, Any]]: ...
 
@@ -205,6 +281,9 @@ class Control:
 
     def releases(self) -> list[dict[str, Any]]:
         return releases_doc(self.store, self.datadir.rollouts(self.store))
+
+    def status(self) -> dict[str, Any]:
+        return fleet_status(self.datadir, self.store)
 
     def release(self, release_id: str) -> dict[str, Any]:
         """One release: its row in `releases` with its target path and model card in Markdown (`fedfleet releases

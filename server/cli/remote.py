@@ -163,6 +163,10 @@ class RemoteFleet:
         docs: list[dict[str, Any]] = self._call("GET", "/api/releases")
         return docs
 
+    def status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = self._call("GET", "/api/status")
+        return doc
+
     def release(self, release_id: str) -> dict[str, Any]:
         doc: dict[str, Any] = self._call("GET", f"/api/releases/{_seg(release_id)}")
         return doc

@@ -423,6 +423,12 @@ def create_app(
         where = views.DeviceFilter(q, fleet, release, state, online, where_label)
         return views.fleet_view(stores.get(), where, limit, offset)
 
+    @app.get("/api/status", tags=["fleet"])
+    def fleet_status(_: Read) -> dict[str, Any]:
+        """The fleet at a glance (`fedfleet status`): the coordinator, devices by release and update state, active
+        rollouts, alerts not resolved, the largest lifetime ε against the budget."""
+        return Control(datadir, stores.get(), "").status()
+
     @app.get("/api/devices", tags=["fleet"])
     def devices(_: Read, fleet: Annotated[str | None, Query(max_length=200)] = None) -> list[dict[str, Any]]:
         """Each device: fleet, labels, online state, assigned and running release (`fedfleet devices list`)."""

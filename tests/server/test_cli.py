@@ -19,6 +19,7 @@ from server import __version__
 from server.cli import app
 from server.datadir import DataDir
 from server.fl.registry import Ledger
+from server.rollout.waves import wave_label
 from server.store.loop import AlertRecords
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
@@ -346,6 +347,7 @@ def test_status_tells_the_fleet_at_a_glance(datadir: DataDir, model_bytes: dict[
         "by_update_state": {"committed": 2, "unknown": 1},
     }
     assert [r["id"] for r in doc["rollouts_active"]] == [rollout_id]
+    assert doc["rollouts_active"][0]["wave_label"] == wave_label(doc["rollouts_active"][0]["wave"], 2)  # one numbering
     assert doc["alerts_not_resolved"] == {"devices_stale": 1}
     assert doc["privacy"] == {"max_lifetime_epsilon": 0.0, "epsilon_budget": datadir.config().epsilon_budget}
     coordinator = CoordinatorProcess(datadir, mqtt_url=None).start()
@@ -355,6 +357,7 @@ def test_status_tells_the_fleet_at_a_glance(datadir: DataDir, model_bytes: dict[
         assert running["grpc"] == coordinator.endpoints["grpc"]
         text = run("status", "--data-dir", root).stdout
         assert f"running (pid {running['pid']})" in text and "3 (2 online, 1 stale" in text and rollout_id in text
+        assert re.search(rf"{rollout_id}  digits@2.0.0  \w+ \((not started|canary|wave \d of \d)\)", text), text
     finally:
         coordinator.kill()
     assert status()["coordinator"] == {"running": False}  # a dead serve's leftover serve.json is not "running"

@@ -349,6 +349,7 @@ def test_openapi_documents_every_endpoint_the_pages_use(client: TestClient, coor
         # `fedfleet privacy monitoring --server URL` reads it; the Privacy page shows the per-device totals that
         # GET /api/privacy carries (a reader's view, like the training budgets there), not this export
         "/api/privacy/monitoring",
+        "/api/status",  # `fedfleet status --server URL` reads it; the Fleet page has its own, fuller reads
     )
     for _, path in documented:
         stem = path.split("{")[0].rstrip("/")

@@ -114,3 +114,18 @@ def test_a_release_shows_the_same_locally_and_remotely_and_an_unknown_one_is_ref
     assert only_card.startswith("# Model card: bench@1.2.3") and stored.sha256 not in only_card
     for refused in (missing, remote_missing):
         assert "bench@9.9.9" in _one_sentence(refused)
+
+
+def test_status_is_the_same_at_a_glance_locally_and_remotely(
+    coordinator: Coordinator,  # noqa: F811 (the fixture imported above)
+) -> None:
+    # Execute
+    doc, remote_doc = coordinator.both("status", "--json", user="vi")
+    text, remote_text = coordinator.both("status", user="vi")
+
+    # Assert: one document both ways, with the devices the store holds
+    assert doc == remote_doc and text == remote_text
+    with coordinator.d.store() as store:
+        registered = len(store.devices())
+    assert json.loads(doc)["devices"]["total"] == registered > 0
+    assert text.startswith("coordinator  ")

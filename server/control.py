@@ -17,13 +17,14 @@ from server.datadir import DataDir
 from server.errors import ConflictError, CoordinatorError, NotFoundError
 from server.loop.alerts import Alerts
 from server.loop.kinds import AlertState
+from server.loop.retrain import answer_proposal
 from server.rollout.driver import ACTIVE_PHASES, Rollouts
 from server.rollout.spec import RolloutSpec
 from server.store import Release, Store, now_ms
 from server.store.consent import ConsentRecords
 from server.store.dashboard import DashboardReads
 from server.store.freshness import FreshnessRecords
-from server.store.loop import AlertRecords, DeliveryRecords
+from server.store.loop import AlarmRecords, AlertRecords, DeliveryRecords, JobRecords
 from server.store.monitoring import MonitoringLedger
 from server.store.releases import ReleaseRecords
 from server.trust.enrollment import running_endpoints
@@ -236,6 +237,10 @@ class Fleet(Protocol):
     def model(self, version: str) -> dict[str, Any]: ...
 
     def alerts(self, state: str | None, limit: int) -> list[dict[str, Any]]: ...
+
+    def loop_state(self, limit: int) -> dict[str, Any]: ...
+
+    def loop_answer(self, job_id: int, approve: bool) -> dict[str, Any]: ...
 
     def alert_ack(self, alert_id: int) -> dict[str, Any]: ...
 
@@ -451,6 +456,15 @@ class Control:
         }
 
     # ----- alerts and audit -----
+
+    def loop_state(self, limit: int) -> dict[str, Any]:
+        """Drift alarms and retrain jobs, newest first (`fedfleet loop status`, GET /api/loop)."""
+        return {"alarms": AlarmRecords(self.store).recent(limit), "jobs": JobRecords(self.store).recent(limit)}
+
+    def loop_answer(self, job_id: int, approve: bool) -> dict[str, Any]:
+        """Approve or reject a proposed retraining (`fedfleet loop approve|reject`, POST /api/loop/{job}/{answer})."""
+        alerts = Alerts(self.store, self.datadir.policy().webhooks)
+        return answer_proposal(self.store, alerts, job_id, approve, self.actor)
 
     def alerts(self, state: str | None, limit: int) -> list[dict[str, Any]]:
         rows = AlertRecords(self.store).recent(state, limit)

@@ -8,12 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from server.cli.common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, open_datadir, out, print_json, print_rows
+from server.cli.common import DEFAULT_DATA_DIR, DataDirOption, JsonOption, out, print_json, print_rows
 from server.cli.remote import connect
-from server.loop.alerts import Alerts
 from server.loop.kinds import AlertState
-from server.loop.retrain import answer_proposal
-from server.store.loop import AlarmRecords, JobRecords
 
 __all__ = ["alerts_app", "loop_app"]
 
@@ -26,8 +23,6 @@ loop_app = typer.Typer(
     help="The closed loop run by `fedfleet serve`: drift alarms and the retrain jobs they lead to.",
     no_args_is_help=True,
 )
-
-ACTOR = "cli"
 
 
 def _when(ms: int | None) -> str:
@@ -71,11 +66,9 @@ def alerts_ack(
 @loop_app.command("status")
 def loop_status(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption = False) -> None:
     """Drift alarms and retrain jobs, newest first."""
-    store = open_datadir(data_dir).store()
-    try:
-        alarms, jobs = AlarmRecords(store).recent(20), JobRecords(store).recent(20)
-    finally:
-        store.close()
+    with connect(data_dir) as fleet:
+        doc = fleet.loop_state(20)
+    alarms, jobs = doc["alarms"], doc["jobs"]
     if as_json:
         print_json({"alarms": alarms, "jobs": jobs})
         return
@@ -114,12 +107,8 @@ def loop_status(data_dir: DataDirOption = DEFAULT_DATA_DIR, as_json: JsonOption 
 
 
 def _answer(job_id: int, approve: bool, data_dir: Any, as_json: bool) -> None:
-    d = open_datadir(data_dir)
-    store = d.store()
-    try:
-        job = answer_proposal(store, Alerts(store, d.policy().webhooks), job_id, approve, ACTOR)
-    finally:
-        store.close()
+    with connect(data_dir) as fleet:
+        job = fleet.loop_answer(job_id, approve)
     if as_json:
         print_json(job)
     elif approve:

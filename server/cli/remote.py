@@ -209,6 +209,14 @@ class RemoteFleet:
         rows: list[dict[str, Any]] = self._call("GET", "/api/alerts", query={"state": state, "limit": limit})
         return rows
 
+    def loop_state(self, limit: int) -> dict[str, Any]:
+        doc: dict[str, Any] = self._call("GET", "/api/loop")
+        return {key: rows[:limit] for key, rows in doc.items()}
+
+    def loop_answer(self, job_id: int, approve: bool) -> dict[str, Any]:
+        doc: dict[str, Any] = self._call("POST", f"/api/loop/{job_id}/{'approve' if approve else 'reject'}")
+        return doc
+
     def alert_ack(self, alert_id: int) -> dict[str, Any]:
         doc: dict[str, Any] = self._call("POST", f"/api/alerts/{alert_id}/ack")
         return doc

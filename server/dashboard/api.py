@@ -38,13 +38,10 @@ from server.dashboard import views
 from server.dashboard.metrics import CoordinatorCollector
 from server.datadir import DataDir
 from server.errors import ConflictError, CoordinatorError, NotFoundError
-from server.loop.alerts import Alerts
-from server.loop.retrain import answer_proposal
 from server.roles import GRANTS, Permission
 from server.rollout.spec import RolloutSpec
 from server.store import Store, now_ms
 from server.store.dashboard import CHANGE_MARKS, DashboardReads
-from server.store.loop import AlarmRecords, JobRecords
 from server.users import User
 
 __all__ = ["COOKIE", "DashboardOptions", "create_app"]
@@ -526,15 +523,12 @@ def create_app(
     @app.get("/api/loop", tags=["loop"])
     def loop_state(_: Read) -> dict[str, Any]:
         """Drift alarms and retrain jobs, newest first (`fedfleet loop status`)."""
-        store = stores.get()
-        return {"alarms": AlarmRecords(store).recent(50), "jobs": JobRecords(store).recent(50)}
+        return Control(datadir, stores.get(), "").loop_state(50)
 
     @app.post("/api/loop/{job_id}/{answer}", tags=["loop"])
     def loop_answer(user: LoopAnswer, job_id: int, answer: Literal["approve", "reject"]) -> dict[str, Any]:
         """Approve or reject a proposed retraining (`fedfleet loop approve|reject`)."""
-        store = stores.get()
-        alerts = Alerts(store, datadir.policy().webhooks)
-        return answer_proposal(store, alerts, job_id, answer == "approve", user.actor)
+        return control(user).loop_answer(job_id, answer == "approve")
 
     # ----- drift, training, privacy, models, audit -----
 

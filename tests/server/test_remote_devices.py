@@ -129,3 +129,19 @@ def test_status_is_the_same_at_a_glance_locally_and_remotely(
         registered = len(store.devices())
     assert json.loads(doc)["devices"]["total"] == registered > 0
     assert text.startswith("coordinator  ")
+
+
+def test_the_loop_reads_the_same_remotely_and_answers_need_loop_answer(
+    coordinator: Coordinator,  # noqa: F811 (the fixture imported above)
+) -> None:
+    # Execute
+    doc, remote_doc = coordinator.both("loop", "status", "--json", user="vi")
+    viewer = coordinator.run("loop", "approve", "7", token=coordinator.tokens["vi"])
+    missing = coordinator.run("loop", "approve", "7", token=coordinator.tokens["rm"])
+    local_missing = coordinator.run("loop", "reject", "7")
+
+    # Assert: the same (empty) record both ways; a viewer lacks loop.answer; an unknown job is one sentence
+    assert doc == remote_doc and json.loads(doc) == {"alarms": [], "jobs": []}
+    assert "vi (viewer) lacks the loop.answer permission" in _one_sentence(viewer)
+    for refused in (missing, local_missing):
+        assert "7" in _one_sentence(refused)

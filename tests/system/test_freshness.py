@@ -15,6 +15,7 @@ relay on the device's MQTT connection).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -207,13 +208,19 @@ class MqttRelay:
             await asyncio.gather(*tasks, return_exceptions=True)
             for w in (client_w, broker_w):
                 w.close()
+            for w in (client_w, broker_w):  # closed for real before the loop may stop (else: unclosed transports)
+                with contextlib.suppress(Exception):
+                    await w.wait_closed()
 
     def stop(self) -> None:
         async def close() -> None:
             self.server.close()
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            relaying = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in relaying:
+                task.cancel()
+            # each connection's handler closes both its sockets as it ends: wait for that, then for the server
+            await asyncio.gather(*relaying, return_exceptions=True)
+            await self.server.wait_closed()
 
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,23 @@ class ClosedWindow:
     counts: WindowCounts
 
 
+def _count_fields(c: WindowCounts) -> dict[str, Any]:
+    """The counts a TelemetryWindow and a NoisedCounts message both carry, under the same field names."""
+    return {
+        "errors": c.errors,
+        "feature_bins": c.feature_counts.ravel().tolist(),
+        "feature_nan": c.nan_counts.tolist(),
+        "feature_out_of_range": c.out_of_range.tolist(),
+        "score_counts": c.score_counts.tolist(),
+        "class_counts": c.class_counts.tolist(),
+        "latency_counts": c.latency_counts.tolist(),
+        "entropy_sum": c.entropy_sum,
+        "inputs_checked": c.inputs_checked,
+        "inputs_nonfinite": c.inputs_nonfinite,
+        "inputs_out_of_range": c.inputs_out_of_range,
+    }
+
+
 def window_to_proto(
     w: ClosedWindow, device_id: str, sequence: int, first_sequence: int | None = None
 ) -> pb.TelemetryWindow:
@@ -52,19 +70,9 @@ def window_to_proto(
         start_ms=w.start_ms,
         end_ms=w.end_ms,
         inferences=c.inferences,
-        errors=c.errors,
         bins_per_feature=c.feature_counts.shape[1],
-        feature_bins=c.feature_counts.ravel().tolist(),
-        feature_nan=c.nan_counts.tolist(),
-        feature_out_of_range=c.out_of_range.tolist(),
-        score_counts=c.score_counts.tolist(),
-        class_counts=c.class_counts.tolist(),
-        latency_counts=c.latency_counts.tolist(),
-        entropy_sum=c.entropy_sum,
         latency_max_ms=c.latency_max_ms,
-        inputs_checked=c.inputs_checked,
-        inputs_nonfinite=c.inputs_nonfinite,
-        inputs_out_of_range=c.inputs_out_of_range,
+        **_count_fields(c),
     )
     if c.noise is not None:  # exact windows set none of these: byte for byte what they always were
         msg.dp_epsilon = c.noise.epsilon
@@ -73,22 +81,7 @@ def window_to_proto(
         msg.monitoring_budget_epsilon = c.noise.budget_epsilon
         msg.monitoring_budget_exhausted = c.noise.exhausted
         if c.noise.epsilon > 0:
-            u = w.counts
-            msg.dp_unclamped.CopyFrom(
-                pb.NoisedCounts(
-                    feature_bins=u.feature_counts.ravel().tolist(),
-                    feature_nan=u.nan_counts.tolist(),
-                    feature_out_of_range=u.out_of_range.tolist(),
-                    score_counts=u.score_counts.tolist(),
-                    class_counts=u.class_counts.tolist(),
-                    latency_counts=u.latency_counts.tolist(),
-                    errors=u.errors,
-                    inputs_checked=u.inputs_checked,
-                    inputs_nonfinite=u.inputs_nonfinite,
-                    inputs_out_of_range=u.inputs_out_of_range,
-                    entropy_sum=u.entropy_sum,
-                )
-            )
+            msg.dp_unclamped.CopyFrom(pb.NoisedCounts(**_count_fields(w.counts)))
     return msg
 
 

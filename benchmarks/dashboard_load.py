@@ -9,12 +9,16 @@ two to three days ago, from as many devices again (a fleet of their own, silent 
 one a minute by default: the agent's default period) on a release no live rollout protects. The policy keeps
 telemetry a day and sets serve's retention interval to `--prune-after`, so serve's own housekeeper begins pruning
 that many seconds after serve starts: after the idle phase (measured with the day stored, nothing pruning), the
-same pages are measured again while it prunes, before the rollout resumes. `prune_p95_ratio` is the largest
-pruning/idle p95 over the pages; `rows_pruned` is what the prune's audit entry counts. The running phase then sees
-a store without the old day. Every run ends by verifying the audit chain (`audit_verified`).
+same pages are measured again while it prunes, and once more when the prune is done ("settled"), before the rollout
+resumes. A live device's page shows its newest 100 windows and scores each, so it costs more as the device's
+history grows: with --prune the idle phase waits until the measured device has sent that many windows (100 telemetry
+periods; `--telemetry-seconds` sets the period), so all three phases show the same amount. `prune_p95_ratio` is the
+largest pruning p95 over the pages, each against the mean of its idle and settled p95 (the phases on either side,
+nothing pruning: what drifts with time cancels); `rows_pruned` is what the prune's audit entry counts. The running
+phase then sees a store without the old day. Every run ends by verifying the audit chain (`audit_verified`).
 
     .venv/bin/python benchmarks/dashboard_load.py [--devices 1000] [--workers 2] [--requests 20] [--rate 2]
-        [--prune [--day-windows 1440] [--prune-after SECONDS]]
+        [--telemetry-seconds 5] [--prune [--day-windows 1440] [--prune-after SECONDS]]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import httpx
 
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from server import audit
+from server.dashboard.views import DEVICE_PAGE_WINDOWS
 from server.datadir import DataDir
 from server.loop.retention import DAY_MS
 from server.store import Store, now_ms
@@ -104,6 +109,12 @@ def _store_a_past_day(d: DataDir, fleet: str, devices: int, windows: int, releas
                     records.insert(window, end, "mqtt")
                 records.set_watermark(device, windows)
     return PastDay(ids, windows)
+
+
+def _windows_sent(d: DataDir, device: str) -> int:
+    """How many windows `device` has sent so far (its page shows the newest 100)."""
+    with d.store() as store:
+        return TelemetryRecords(store).watermark(device)
 
 
 def _template_window(d: DataDir, device: str, release: str) -> bytes | None:
@@ -194,10 +205,12 @@ async def _measure(url: str, token: str, d: DataDir, paths: list[str], requests:
     return {"pages": pages, "live_update": live, "pages_seconds": round(pages_seconds, 2)}
 
 
-def _default_prune_after(devices: int, day_windows: int) -> float:
-    """Time enough, from serve's start, for the fleet to come online and take the base, the past day to be stored
-    and the idle phase to be measured (on this 2-core machine; --prune-after overrides it)."""
-    return float(round(90 + 0.6 * devices + devices * day_windows / 10_000))
+def _default_prune_after(devices: int, day_windows: int, telemetry_seconds: float) -> float:
+    """Time enough, from serve's start, for the fleet to come online and take the base, the past day to be stored,
+    the measured device's page to fill and the idle phase to be measured (on this 2-core machine; --prune-after
+    overrides it)."""
+    fill = DEVICE_PAGE_WINDOWS * telemetry_seconds
+    return float(round(90 + 0.6 * devices + devices * day_windows / 10_000 + fill))
 
 
 def main() -> None:
@@ -206,24 +219,28 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--requests", type=int, default=20, help="requests per endpoint and phase")
     parser.add_argument("--rate", type=float, default=2.0, help="inferences per device per second")
+    parser.add_argument("--telemetry-seconds", type=float, default=5.0, help="a telemetry window every this often")
     parser.add_argument("--prune", action="store_true", help="measure the pages again while serve prunes a past day")
     parser.add_argument("--day-windows", type=int, default=24 * 60, help="with --prune: windows per device in the day")
     parser.add_argument(
         "--prune-after",
         type=float,
         help="with --prune: seconds from serve's start to its first prune (default: 90 + 0.6 a device + 0.1 per "
-        "1000 past windows)",
+        "1000 past windows + 100 telemetry periods)",
     )
     args = parser.parse_args()
     if min(args.devices, args.workers, args.requests, args.day_windows) < 1 or not args.rate > 0:
         parser.error("--devices, --workers, --requests, --day-windows and --rate must be positive")
+    if not args.telemetry_seconds >= 0.1:
+        parser.error("--telemetry-seconds must be at least 0.1")
     prune_after = args.prune_after
     if prune_after is None:
-        prune_after = _default_prune_after(args.devices, args.day_windows)
+        prune_after = _default_prune_after(args.devices, args.day_windows, args.telemetry_seconds)
     if not prune_after >= 1:
         parser.error("--prune-after must be at least 1 (serve's shortest retention interval)")
     past: PastDay | None = None
     pruning: dict[str, Any] | None = None
+    settled: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="fedfleet-dashboard-") as tmp:
         root = Path(tmp)
         broker = Mosquitto(root / "mosquitto")
@@ -237,7 +254,9 @@ def main() -> None:
         prune_at = time.monotonic() + prune_after
         fleet = f"dash{uuid.uuid4().hex[:6]}"
         grpc = coordinator.endpoints["grpc"]
-        procs = spawn_workers(d, root, fleet, args.devices, args.workers, grpc, broker.url, rate=args.rate)
+        procs = spawn_workers(
+            d, root, fleet, args.devices, args.workers, grpc, broker.url, args.rate, args.telemetry_seconds
+        )
         try:
             n = args.devices
             wait_for(lambda: _count(d, fleet, online=True) == n, 120 + n * 0.2, 1.0, what=f"{n} devices online")
@@ -248,7 +267,7 @@ def main() -> None:
             rollout = cli("rollout", "start", RELEASES["healthy"], "--fleet", fleet, *waves, "--min-samples", "300")
             rollout_id = rollout["id"]
             cli("rollout", "pause", rollout_id)
-            time.sleep(6)  # a telemetry period: every device has reported at least once
+            time.sleep(args.telemetry_seconds + 1)  # a telemetry period: every device has reported at least once
             url, token = coordinator.endpoints["dashboard"], d.operator_token()
             device = f"{fleet}-00000"
             if args.prune:
@@ -257,6 +276,16 @@ def main() -> None:
                 # On the rig's third release: no live rollout protects it (the paused one is base -> healthy).
                 past = _store_a_past_day(d, f"{fleet}past", n, args.day_windows, RELEASES["scrambled"], template)
                 print(f"stored {past.total} past windows in {time.perf_counter() - started:.1f} s", flush=True)
+                full = DEVICE_PAGE_WINDOWS * args.telemetry_seconds
+                print(
+                    f"waiting until {device}'s page is full ({DEVICE_PAGE_WINDOWS} windows, ~{full:.0f} s)", flush=True
+                )
+                wait_for(
+                    lambda: _windows_sent(d, device) >= DEVICE_PAGE_WINDOWS,
+                    60 + 2 * full,
+                    0.5,
+                    what=f"{DEVICE_PAGE_WINDOWS} windows from {device}",
+                )
             paths = [
                 "/",
                 "/api/fleet",
@@ -267,7 +296,9 @@ def main() -> None:
                 "/api/audit",
                 "/metrics",
             ]
-            idle = asyncio.run(_measure(url, token, d, paths, args.requests))
+            idle = asyncio.run(_measure(url, token, d, paths, args.requests)) | {
+                "device_windows": _windows_sent(d, device)
+            }
             print(f"idle: {json.dumps(idle)}", flush=True)
             if past is not None:
                 with d.store() as store:
@@ -275,7 +306,11 @@ def main() -> None:
                 if began:  # the idle phase is no longer the figure without pruning
                     raise SystemExit(f"serve began pruning during the idle phase: raise --prune-after ({prune_after})")
                 pruning = _measure_while_pruning(d, past, prune_at, url, token, paths, args.requests)
+                pruning["device_windows"] = _windows_sent(d, device)
                 print(f"pruning: {json.dumps(pruning)}", flush=True)
+                settled = asyncio.run(_measure(url, token, d, paths, args.requests))
+                settled["device_windows"] = _windows_sent(d, device)
+                print(f"settled: {json.dumps(settled)}", flush=True)
             cli("rollout", "resume", rollout_id)
             try:
                 wait_for(
@@ -310,38 +345,52 @@ def main() -> None:
         "audit_verified": not problems,
         "audit_entries_checked": checked,
     }
-    if past is not None and pruning is not None:
-        result |= _prune_figures(past, pruning, idle, paths, prune_after)
+    if past is not None and pruning is not None and settled is not None:
+        result |= _prune_figures(past, pruning, _bracket(idle, settled, paths), paths, prune_after)
     sys.stdout.write(json.dumps(result) + "\n")
     if problems:
         sys.exit(f"the audit chain does not verify: {'; '.join(f'{p.seq}: {p.problem}' for p in problems[:5])}")
 
 
 def _compare(
-    idle: dict[str, Any], phase: dict[str, Any], paths: list[str], name: str
+    idle: dict[str, Any], phase: dict[str, Any], paths: list[str], name: str, base: str = "idle"
 ) -> tuple[dict[str, float], float]:
-    """Each page's p95 in a phase over its idle p95, and the live-update delay's, printed per page."""
+    """Each page's p95 in a phase over its p95 in the `base` phase, and the live-update delay's, printed per page."""
     ratios = {p: round(phase["pages"][p]["p95_ms"] / idle["pages"][p]["p95_ms"], 3) for p in paths}
     live_ratio = round(phase["live_update"]["p95_ms"] / idle["live_update"]["p95_ms"], 3)
     for p in paths:
         i, r = idle["pages"][p], phase["pages"][p]
         print(
-            f"{p:36} idle p50 {i['p50_ms']:8.1f} p95 {i['p95_ms']:8.1f} ms | {name} p50 {r['p50_ms']:8.1f} "
+            f"{p:36} {base} p50 {i['p50_ms']:8.1f} p95 {i['p95_ms']:8.1f} ms | {name} p50 {r['p50_ms']:8.1f} "
             f"p95 {r['p95_ms']:8.1f} ms | p95 x{ratios[p]:.2f}"
         )
     live_i, live_r = idle["live_update"], phase["live_update"]
     print(
-        f"live update delay: idle p50 {live_i['p50_ms']} p95 {live_i['p95_ms']} ms, {name} p50 {live_r['p50_ms']} "
+        f"live update delay: {base} p50 {live_i['p50_ms']} p95 {live_i['p95_ms']} ms, {name} p50 {live_r['p50_ms']} "
         f"p95 {live_r['p95_ms']} ms (p95 x{live_ratio:.2f})"
     )
     return ratios, live_ratio
 
 
+def _bracket(idle: dict[str, Any], settled: dict[str, Any], paths: list[str]) -> dict[str, Any]:
+    """The phases before and after the prune (nothing pruning), as one phase: each quantile the mean of theirs."""
+
+    def mean(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+        return {k: round((a[k] + b[k]) / 2, 2) for k in a}
+
+    return {
+        "idle": idle,
+        "settled": settled,
+        "pages": {p: mean(idle["pages"][p], settled["pages"][p]) for p in paths},
+        "live_update": mean(idle["live_update"], settled["live_update"]),
+    }
+
+
 def _prune_figures(
-    past: PastDay, pruning: dict[str, Any], idle: dict[str, Any], paths: list[str], prune_after: float
+    past: PastDay, pruning: dict[str, Any], bracket: dict[str, Any], paths: list[str], prune_after: float
 ) -> dict[str, Any]:
-    """The pruning phase against the idle one (the same pages, the same store, nothing pruning), printed too."""
-    ratios, live_ratio = _compare(idle, pruning, paths, "pruning")
+    """The pruning phase against the bracket of phases around it (the same pages, nothing pruning), printed too."""
+    ratios, live_ratio = _compare(bracket, pruning, paths, "pruning", "around")
     print(
         f"pruned {pruning['rows_pruned']} in {pruning['batches']} batches over about {pruning['prune_seconds']} s, "
         f"pruning during {pruning['pages_overlap']:.0%} of the pages' measurement; "
@@ -349,6 +398,7 @@ def _prune_figures(
     )
     return {
         "pruning": pruning,
+        "settled": bracket["settled"],
         "prune_p95_ratio": max(ratios.values()),
         "prune_p95_ratios": ratios,
         "live_update_prune_p95_ratio": live_ratio,

@@ -3,7 +3,7 @@ loop, inferring at RATE per second, until SIGTERM. Fleets of thousands run as se
 cores work and no process holds every device (simulations/fleet_scale.py starts them).
 
     python -m simulations.fleet_worker --data-dir D --root R --fleet F --first 0 --count 1000 \
-        --grpc 127.0.0.1:50051 --mqtt mqtt://127.0.0.1:1883 [--rate 1]
+        --grpc 127.0.0.1:50051 --mqtt mqtt://127.0.0.1:1883 [--rate 1] [--telemetry-seconds 5]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ async def _run(args: argparse.Namespace) -> None:
         grpc=args.grpc,
         mqtt=args.mqtt,
         first=args.first,
-        agent_extra={"telemetry_every_seconds": 5.0, "telemetry_every_inferences": 10_000},
+        agent_extra={"telemetry_every_seconds": args.telemetry_seconds, "telemetry_every_inferences": 10_000},
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -46,15 +46,25 @@ async def _run(args: argparse.Namespace) -> None:
 
 
 def spawn_workers(
-    d: DataDir, root: Path, fleet: str, devices: int, workers: int, grpc: str, mqtt: str, rate: float = 1.0
+    d: DataDir,
+    root: Path,
+    fleet: str,
+    devices: int,
+    workers: int,
+    grpc: str,
+    mqtt: str,
+    rate: float = 1.0,
+    telemetry_seconds: float = 5.0,
 ) -> list[subprocess.Popen[bytes]]:
-    """Start `workers` worker processes that together run `devices` devices of `fleet` (logs under root)."""
+    """Start `workers` worker processes that together run `devices` devices of `fleet` (logs under root); each
+    device closes a telemetry window every `telemetry_seconds`."""
     per = -(-devices // workers)
     procs = []
     for w in range(workers):
         count = min(per, devices - w * per)
         args = ["--data-dir", str(d.root), "--root", str(root / fleet), "--fleet", fleet, "--first", str(w * per)]
         args += ["--count", str(count), "--grpc", grpc, "--mqtt", mqtt, "--rate", str(rate)]
+        args += ["--telemetry-seconds", str(telemetry_seconds)]
         with (root / f"{fleet}-worker-{w}.log").open("wb") as log:  # the worker keeps its own descriptor
             procs.append(
                 subprocess.Popen([sys.executable, "-m", "simulations.fleet_worker", *args], stdout=log, stderr=log)
@@ -83,6 +93,7 @@ def main() -> None:
     parser.add_argument("--grpc", required=True, help="Coordinator gRPC address host:port.")
     parser.add_argument("--mqtt", required=True, help="Broker URL mqtt://host:port.")
     parser.add_argument("--rate", type=float, default=1.0, help="Inferences per device per second.")
+    parser.add_argument("--telemetry-seconds", type=float, default=5.0, help="A telemetry window every this often.")
     asyncio.run(_run(parser.parse_args()))
 
 

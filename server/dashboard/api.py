@@ -450,7 +450,9 @@ def create_app(
         return control(user).revoke_device(device_id)
 
     @app.get("/api/devices/{device_id}", tags=["fleet"])
-    def device(_: Read, device_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+    def device(
+        _: Read, device_id: str, limit: Annotated[int, Query(ge=1, le=1000)] = views.DEVICE_PAGE_WINDOWS
+    ) -> dict[str, Any]:
         """One device: its state and timeline of assignments, update events and telemetry windows."""
         return views.device_view(stores.get(), device_id, limit, datadir.policy())
 

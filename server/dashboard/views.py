@@ -111,7 +111,12 @@ def fleet_view(store: Store, where: DeviceFilter, limit: int = 200, offset: int 
 DEVICE_POOL_INFERENCES = 500  # a device's drift chart pools consecutive windows until this many inferences
 
 
-def device_view(store: Store, device_id: str, limit: int = 100, policy: Policy | None = None) -> dict[str, Any]:
+DEVICE_PAGE_WINDOWS = 100  # a device page's newest telemetry windows, by default
+
+
+def device_view(
+    store: Store, device_id: str, limit: int = DEVICE_PAGE_WINDOWS, policy: Policy | None = None
+) -> dict[str, Any]:
     """One device with its timeline: assignments, update events and telemetry windows, newest first; and its drift
     over time, consecutive windows of one release pooled to at least `DEVICE_POOL_INFERENCES` inferences (a
     single window's PSI over a few dozen inferences is mostly sampling noise), against the policy's threshold."""

@@ -125,21 +125,23 @@ DASHBOARD = BENCHMARKS / "dashboard_load.py"
 @pytest.mark.slow
 @pytest.mark.broker
 def test_dashboard_load_with_prune_measures_while_serve_prunes_a_past_day_and_the_audit_chain_verifies() -> None:
-    """Three devices and a past day of 120 windows each, serve's first prune 90 s after it starts: the pages are
-    measured without and with pruning, the prune took exactly the past day (the live fleet's windows are younger
-    than the policy's day), and the audit chain verifies after it (the latencies are measured by hand: no timing is
-    asserted)."""
-    sizes = ["--devices", "3", "--workers", "1", "--requests", "3", "--rate", "20"]
-    prune = ["--prune", "--day-windows", "120", "--prune-after", "90"]
+    """Three devices and a past day of 120 windows each, serve's first prune 100 s after it starts: the pages are
+    measured before, while and after pruning, each time with the measured device's page full (100 windows), the
+    prune took exactly the past day (the live fleet's windows are younger than the policy's day), and the audit
+    chain verifies after it (the latencies are measured by hand: no timing is asserted)."""
+    sizes = ["--devices", "3", "--workers", "1", "--requests", "3", "--rate", "20", "--telemetry-seconds", "0.25"]
+    prune = ["--prune", "--day-windows", "120", "--prune-after", "100"]
     out = run_bounded([sys.executable, str(DASHBOARD), *sizes, *prune], timeout=280)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["benchmark"] == "dashboard_load" and result["devices"] == 3
-    assert (result["past_windows"], result["day_windows"], result["prune_after_seconds"]) == (360, 120, 90)
+    assert (result["past_windows"], result["day_windows"], result["prune_after_seconds"]) == (360, 120, 100)
     pruning = result["pruning"]
+    assert min(result[phase]["device_windows"] for phase in ("idle", "pruning", "settled")) >= 100
     assert pruning["rows_pruned"]["telemetry"] == 360 and result["rows_pruned"] == 360
     assert pruning["windows_left"] == 0 and pruning["batches"] >= 1
     assert set(pruning["pages"]) == set(result["idle"]["pages"]) == set(result["prune_p95_ratios"])
+    assert set(result["settled"]["pages"]) == set(pruning["pages"])
     assert result["prune_p95_ratio"] == max(result["prune_p95_ratios"].values()) > 0
     assert result["live_update_prune_p95_ratio"] > 0 and "p95_ratio_max" in result  # the rollout's figures too
     assert result["audit_verified"] is True and result["audit_entries_checked"] > 0

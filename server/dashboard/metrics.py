@@ -55,7 +55,9 @@ class CoordinatorCollector(Collector):
         yield events
 
         ingested = CounterMetricFamily(
-            "fedfleet_telemetry_windows_ingested", "Telemetry windows stored, by transport.", labels=["via"]
+            "fedfleet_telemetry_windows_ingested",
+            "Telemetry windows stored, by transport (ever: retention pruning does not lower it).",
+            labels=["via"],
         )
         for via, n in reads.windows_by_transport():
             ingested.add_metric([via], n)

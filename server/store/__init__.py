@@ -499,6 +499,29 @@ def _v14(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v15(db: sqlite_utils.Database) -> None:
+    """Telemetry reads that cost what they return, not what the table holds (issue 20: a month of a fleet's
+    windows is millions of rows). The drift page, the data-quality watch and `fedfleet drift` ask for the windows
+    that ended since a time: an index on end_ms. /metrics counts the windows stored by transport: a counter kept
+    by a trigger on insert (pruning does not lower it, as a Prometheus counter must not go down), seeded with what
+    the table holds."""
+    db.executescript(
+        """
+        CREATE INDEX telemetry_end ON telemetry (end_ms);
+        CREATE TABLE telemetry_ingested (
+            via TEXT PRIMARY KEY,
+            windows INTEGER NOT NULL
+        );
+        INSERT INTO telemetry_ingested (via, windows) SELECT via, count(*) FROM telemetry GROUP BY via;
+        CREATE TRIGGER telemetry_ingested_count AFTER INSERT ON telemetry
+        BEGIN
+            INSERT INTO telemetry_ingested (via, windows) VALUES (NEW.via, 1)
+            ON CONFLICT (via) DO UPDATE SET windows = windows + 1;
+        END;
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
     _v2,
@@ -514,6 +537,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v12,
     _v13,
     _v14,
+    _v15,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

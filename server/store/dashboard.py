@@ -103,7 +103,7 @@ class DashboardReads:
         return [tuple(r) for r in self.store.db.execute("SELECT kind, count(*) FROM events GROUP BY kind")]
 
     def windows_by_transport(self) -> list[tuple[str, int]]:
-        return [tuple(r) for r in self.store.db.execute("SELECT via, count(*) FROM telemetry GROUP BY via")]
+        return [tuple(r) for r in self.store.db.execute("SELECT via, windows FROM telemetry_ingested ORDER BY via")]
 
     def rollout_phases(self) -> list[tuple[str, str, str, int]]:
         """(id, release, phase, wave) of every rollout."""

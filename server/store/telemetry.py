@@ -15,6 +15,15 @@ from server.store import Store
 __all__ = ["TelemetryRecords"]
 
 
+def _last_inference(release: bool) -> str:
+    """A subquery: the end of device d's newest window with an inference (of the release bound to it, if
+    `release`). Newest by sequence, walking the device's primary key backwards from its last window, so it reads
+    a few rows rather than the device's whole history (a device closes its windows in order)."""
+    of_release = " AND t.release_id = ?" if release else ""
+    return f"""SELECT t.end_ms FROM telemetry t WHERE t.device_id = d.id AND t.inferences > 0{of_release}
+               ORDER BY t.sequence DESC LIMIT 1"""
+
+
 class TelemetryRecords:
     """telemetry and telemetry_watermarks."""
 
@@ -99,25 +108,19 @@ class TelemetryRecords:
         devices with none are absent."""
         if not devices:
             return {}
-        sql = (
-            "SELECT device_id, max(end_ms) FROM telemetry WHERE inferences > 0"
-            f" AND device_id IN ({','.join('?' * len(devices))})"
-        )
-        args: list[Any] = list(devices)
-        if release_id is not None:
-            sql += " AND release_id = ?"
-            args.append(release_id)
-        return {r[0]: int(r[1]) for r in self.store.db.execute(sql + " GROUP BY device_id", args)}
+        sql = f"""SELECT d.id, ({_last_inference(release_id is not None)})
+                  FROM devices d WHERE d.id IN ({",".join("?" * len(devices))})"""
+        args = ([] if release_id is None else [release_id]) + list(devices)
+        return {r[0]: int(r[1]) for r in self.store.db.execute(sql, args) if r[1] is not None}
 
     def stale_data_devices(self, cutoff_ms: int) -> list[dict[str, Any]]:
         """Registered devices whose newest window with an inference ended before `cutoff_ms` (or that sent none and
         registered before it): their inference count stayed at zero since. Each with its fleet and that time."""
         return list(
             self.store.db.query(
-                """SELECT device_id, fleet, last_inference_ms FROM (
+                f"""SELECT device_id, fleet, last_inference_ms FROM (
                      SELECT d.id AS device_id, d.fleet AS fleet, d.registered_at AS registered_at,
-                       (SELECT max(t.end_ms) FROM telemetry t WHERE t.device_id = d.id AND t.inferences > 0)
-                         AS last_inference_ms
+                       ({_last_inference(False)}) AS last_inference_ms
                      FROM devices d)
                    WHERE COALESCE(last_inference_ms, registered_at) < ? ORDER BY fleet, device_id""",
                 [cutoff_ms],

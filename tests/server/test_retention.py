@@ -18,7 +18,8 @@ from server.loop import retention as retention_module
 from server.loop.retention import DAY_MS, prune
 from server.policy import PolicyError, Retention, load_policy
 from server.rollout.engine import Phase
-from server.store import Release, Store, now_ms
+from server.store import SCHEMA_VERSION, Release, Store, now_ms
+from server.store.dashboard import DashboardReads
 from server.store.rollouts import RolloutRecords
 from server.store.telemetry import TelemetryRecords
 from server.store.training import LedgerRecords, RunRecords
@@ -218,3 +219,69 @@ def test_policy_defaults() -> None:
     policy = load_policy(Path("/nonexistent/policy.toml"))
     assert policy.retention == Retention(30.0, 90.0, 180.0, 3600.0, 500)
     assert policy.audit_anchor_seconds == 3600.0
+
+
+def _ingested(store: Store) -> dict[str, int]:
+    return dict(DashboardReads(store).windows_by_transport())
+
+
+def test_the_ingested_counter_counts_every_stored_window_and_a_prune_does_not_lower_it(
+    filled: tuple[DataDir, int],
+) -> None:
+    d, now = filled
+    with d.store() as store:
+        window = pb.TelemetryWindow(device_id="pi-a", sequence=24 * 60 + 1, release_id=LIVE, end_ms=now)
+        TelemetryRecords(store).insert(window, now, "grpc")
+        before = _ingested(store)
+        prune(store, Retention(telemetry_days=0.5, events_days=0, incidents_days=0), now + DAY_MS, pause_seconds=0)
+        left = _counts(store)["telemetry"]
+        after = _ingested(store)
+    assert before == {"mqtt": len(DEVICES) * 24 * 60, "grpc": 1}
+    assert after == before and left < sum(before.values())  # a Prometheus counter never goes down
+
+
+def test_an_older_database_seeds_the_counter_from_the_windows_it_holds(filled: tuple[DataDir, int]) -> None:
+    d, _ = filled
+    with d.store() as store:  # back to schema 14, as a coordinator before the counter left it
+        store.db.executescript(
+            "DROP TRIGGER telemetry_ingested_count; DROP TABLE telemetry_ingested; DROP INDEX telemetry_end;"
+        )
+        store.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION - 1}")
+    with d.store() as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert _ingested(store) == {"mqtt": len(DEVICES) * 24 * 60}
+
+
+def test_reads_of_recent_telemetry_walk_an_index_not_the_table(filled: tuple[DataDir, int]) -> None:
+    """The drift page, the data-quality watch and /metrics cost what they return: none of their statements scans the
+    telemetry table (a month of a fleet's windows is millions of rows)."""
+    d, now = filled
+    with d.store() as store:
+        statements: list[str] = []
+        store.db.conn.set_trace_callback(statements.append)
+        DashboardReads(store).recent_windows(now - 5 * MINUTE, "", 100)
+        list(TelemetryRecords(store).payloads_since(now - 5 * MINUTE))
+        DashboardReads(store).windows_by_transport()
+        TelemetryRecords(store).stale_data_devices(now)
+        TelemetryRecords(store).last_inference_ms(DEVICES, LIVE)
+        store.db.conn.set_trace_callback(None)
+        selects = [sql for sql in statements if sql.startswith("SELECT")]  # not sqlite_utils' savepoints
+        plans = {sql: [row[3] for row in store.db.execute(f"EXPLAIN QUERY PLAN {sql}")] for sql in selects}
+    assert len(plans) == 5
+    for sql, plan in plans.items():
+        assert not any(step.split()[:2] in (["SCAN", "telemetry"], ["SCAN", "t"]) for step in plan), (sql, plan)
+
+
+def test_the_last_inference_is_the_newest_window_that_had_one(filled: tuple[DataDir, int]) -> None:
+    d, now = filled
+    with d.store() as store:
+        records = TelemetryRecords(store)
+        idle = pb.TelemetryWindow(device_id="pi-a", sequence=24 * 60 + 1, release_id=LIVE, end_ms=now + MINUTE)
+        records.insert(idle, now, "mqtt")  # newer, but without an inference
+        last = records.last_inference_ms(DEVICES)
+        of_old = records.last_inference_ms(["pi-a"], OLD)
+        stale = {r["device_id"] for r in records.stale_data_devices(now)}
+    newest = now - DAY_MS + (24 * 60 - 1) * MINUTE
+    assert last == {dev: newest for dev in DEVICES}
+    assert of_old == {"pi-a": now - DAY_MS + (22 * 60 - 1) * MINUTE}
+    assert stale == set(DEVICES)  # each one's last inference ended before `now`

@@ -44,7 +44,4 @@ extras=server
 $dev && extras=server,dev
 echo "== installing fedfleet[$extras] into .venv"
 .venv/bin/python -m pip install -q -e ".[$extras]"
-# amqtt 0.12.1 pins typer>=0.24 for its own CLI only; its broker never imports typer, and flwr needs typer<0.21.
-# Its runtime dependencies are listed in the server extra. The embedded broker relies on this exact version.
-.venv/bin/python -m pip install -q --no-deps "amqtt==0.12.1"
 echo "== ready: . .venv/bin/activate"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh --dev) and run every check: generated code, lint, format, types, the import
+# Set up (scripts/setup.sh --dev) and run every check: pip check, generated code, lint, format, types, the import
 # contract, the agent installed alone, and the test suite. CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --dev
 py=.venv/bin/python
 
+echo "== the installed packages agree with each other (pip check)"
+$py -m pip check
 echo "== generated protobuf code is current"
 $py scripts/gen_protos.py --check
 echo "== ruff"
@@ -25,7 +27,7 @@ python3 -m venv "$agent_venv"
 "$agent_venv/bin/python" - <<'PY'
 import importlib.util, sys
 import edge_agent.agent, edge_agent.cli  # the whole agent imports with the base dependencies only
-heavy = [m for m in ("torch", "flwr", "opacus", "sqlite_utils", "typer", "amqtt", "litert_torch", "sklearn") if importlib.util.find_spec(m)]
+heavy = [m for m in ("torch", "flwr", "opacus", "sqlite_utils", "typer", "litert_torch", "sklearn") if importlib.util.find_spec(m)]
 if heavy:
     sys.exit(f"the agent-only install pulled in {heavy}")
 print("agent-only install: fedfleet-agent --help works, no server packages installed")

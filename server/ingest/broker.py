@@ -1,6 +1,8 @@
-"""The embedded MQTT broker (amqtt) for a coordinator on one machine, started when no broker URL is given.
+"""The embedded MQTT broker for a coordinator on one machine, started when no broker URL is given: fedfleet's own
+MQTT 3.1.1 broker (`server.ingest.mqtt_broker`), in the coordinator's event loop.
 
-It is for one machine only: it binds loopback. A fleet on a network uses Mosquitto with TLS and ACLs.
+It is for one machine only: it binds loopback and has no TLS, authentication or ACLs. A fleet on a network uses
+Mosquitto with TLS and ACLs.
 """
 
 from __future__ import annotations
@@ -9,10 +11,10 @@ import logging
 import random
 import socket
 from pathlib import Path
-from typing import Any
 
 from edge_agent.contract.addresses import is_loopback
 from server.errors import CoordinatorError
+from server.ingest.mqtt_broker import BrokerLimits, MqttBroker
 
 __all__ = ["EmbeddedBroker", "free_port", "parse_host_port"]
 
@@ -54,25 +56,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _own_subscriptions_only(broker_cls: Any) -> Any:
-    """amqtt 0.12.1 sends a connecting client the retained messages of every topic filter that *any* client
-    holds: one device would receive every other device's desired state, at a cost of all subscriptions times
-    all retained messages per connect, and the loop over the broker's subscription dict awaits while other
-    connects change it ("dictionary changed size during iteration"). Serve only filters the session holds;
-    on the subscribe path amqtt registers the filter first, so normal retained delivery is unchanged.
-    """
-
-    class FleetBroker(broker_cls):  # type: ignore[misc]
-        async def _publish_retained_messages_for_subscription(self, subscription: Any, session: Any) -> None:
-            holders = self._subscriptions.get(subscription[0], ())
-            if any(s.client_id == session.client_id for s, _ in holders):
-                await super()._publish_retained_messages_for_subscription(subscription, session)
-
-    return FleetBroker
-
-
 class EmbeddedBroker:
-    def __init__(self, listen: str) -> None:
+    def __init__(self, listen: str, *, limits: BrokerLimits | None = None) -> None:
         host, port = parse_host_port(listen)
         if not is_loopback(host):
             raise CoordinatorError(
@@ -81,32 +66,26 @@ class EmbeddedBroker:
             )
         self.host = host
         self.port = port or free_port(host)
-        self._broker: object | None = None
+        self._limits = limits
+        self._broker: MqttBroker | None = None
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
     async def start(self) -> None:
+        broker = MqttBroker(self.host, self.port, limits=self._limits)
         try:
-            from amqtt.broker import Broker
-        except ImportError as e:
+            await broker.start()
+        except OSError as e:
             raise CoordinatorError(
-                "the embedded broker needs amqtt: pip install --no-deps 'amqtt==0.12.1' (see README), "
-                "or give a broker with --mqtt mqtt://host:port"
+                f"the embedded broker cannot listen on {self.host}:{self.port} ({e.strerror or e}); "
+                "pick another address with --broker-listen, or give a broker with --mqtt mqtt://host:port"
             ) from e
-        for name in ("amqtt", "transitions"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-        }
-        broker = _own_subscriptions_only(Broker)(config)
-        await broker.start()
         self._broker = broker
         logger.info("embedded MQTT broker listening on %s", self.url)
 
     async def stop(self) -> None:
         if self._broker is not None:
-            await self._broker.shutdown()  # type: ignore[attr-defined]
+            await self._broker.stop()
             self._broker = None

@@ -77,7 +77,7 @@ def test_install_and_uninstall_in_a_fresh_root_prefix(datadir: DataDir, tmp_path
     assert tomllib.loads((conf / "agent.toml").read_text())["state_dir"] == str(root / "var/lib/fedfleet-agent")
     heavy = [
         m
-        for m in ("torch", "flwr", "opacus", "sqlite_utils", "typer", "amqtt")
+        for m in ("torch", "flwr", "opacus", "sqlite_utils", "typer")
         if list((venv / "lib").glob(f"python3*/site-packages/{m}"))
     ]
     assert heavy == [], f"the agent-only install pulled in {heavy}"

@@ -64,10 +64,10 @@ import aiomqtt
 
 from server.datadir import DataDir
 from server.trust.releases import publish_release
-from simulations.dense_tflite import build_dense_model, random_dense_layers
+from simulations.dense_tflite import dense_model_of_size
 from simulations.fleet import SimulatedFleet
-from simulations.nginx import Nginx
-from simulations.processes import CoordinatorProcess, Mosquitto, descendants, wait_for
+from simulations.nginx import Nginx, start_mirror
+from simulations.processes import CoordinatorProcess, Mosquitto, cpu_seconds, descendants
 
 PUBLISHER = r"""
 import sys, paho.mqtt.client as paho
@@ -87,13 +87,7 @@ c.loop_stop()
 """
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
+def _owncpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
@@ -110,16 +104,10 @@ def _settle_page_cache() -> bool:
     return True
 
 
-def _machine_cpu_seconds(*pids: int) -> float:
+def _machinecpu_seconds(*pids: int) -> float:
     """CPU of this process, its finished children (the publisher, `fedfleet assign`) and the given processes."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return _own_cpu_seconds() + children.ru_utime + children.ru_stime + sum(_cpu_seconds(p) for p in pids)
-
-
-def _model_of_size(size_mb: float) -> bytes:
-    """A digits-shaped dense model (64 -> H -> 10) whose file is about size_mb."""
-    hidden = max(8, int(size_mb * 1_000_000 / 4 / (64 + 10 + 1)))
-    return build_dense_model(random_dense_layers([64, hidden, 10], seed=7))
+    return _owncpu_seconds() + children.ru_utime + children.ru_stime + sum(cpu_seconds(p) for p in pids)
 
 
 async def _floor(broker: Mosquitto, n: int, size: int, out: Path, timeout: float) -> tuple[float, float]:
@@ -164,29 +152,16 @@ async def _floor(broker: Mosquitto, n: int, size: int, out: Path, timeout: float
     assert (await asyncio.to_thread(publisher.stdout.readline)).strip() == "ready"
     assert broker.proc is not None
     _settle_page_cache()
-    cpu0 = _machine_cpu_seconds(broker.proc.pid)
+    cpu0 = _machinecpu_seconds(broker.proc.pid)
     start = time.monotonic()
     publisher.stdin.write("go\n")
     publisher.stdin.flush()
     await asyncio.wait_for(all_done.wait(), timeout)
     elapsed = time.monotonic() - start
     publisher.wait(60)
-    cpu = _machine_cpu_seconds(broker.proc.pid) - cpu0
+    cpu = _machinecpu_seconds(broker.proc.pid) - cpu0
     await asyncio.gather(*tasks)
     return elapsed, cpu
-
-
-def _start_mirror(d: DataDir, root: Path) -> Nginx:
-    """The mirror `fedfleet serve` keeps (mirror_dirs), served by nginx over HTTPS with a fleet-CA certificate."""
-    timestamp = d.repository_dir / "metadata" / "timestamp.json"
-    published = root / "mirror" / "metadata" / "timestamp.json"
-    wait_for(lambda: published.exists() and published.read_bytes() == timestamp.read_bytes(), 60, what="mirror sync")
-    issued = d.ca().issue("mirror", client=False, hosts=("127.0.0.1",))
-    (root / "nginx").mkdir()
-    cert, key = root / "nginx" / "mirror.pem", root / "nginx" / "mirror-key.pem"
-    cert.write_bytes(issued.cert_pem)
-    key.write_bytes(issued.key_pem)
-    return Nginx(root / "nginx", root / "mirror", cert, key, workers=1)
 
 
 def _start_profiler(pid: int, out: Path, native: bool) -> subprocess.Popen[bytes]:
@@ -208,12 +183,12 @@ def _stop_profiler(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(120)
 
 
-def _tree_cpu_seconds(pid: int) -> float:
+def _treecpu_seconds(pid: int) -> float:
     """CPU of a process and its children (nginx's master and workers)."""
     total = 0.0
     for p in (pid, *descendants(pid)):
         with contextlib.suppress(OSError):  # a worker gone meanwhile
-            total += _cpu_seconds(p)
+            total += cpu_seconds(p)
     return total
 
 
@@ -260,8 +235,8 @@ async def _fedfleet(
             out = profile / f"coordinator-{'mirror' if nginx else 'grpc'}.speedscope.json"
             profiler = _start_profiler(coordinator.proc.pid, out, profile_native)
         _settle_page_cache()
-        cpu0 = (_cpu_seconds(coordinator.proc.pid), _own_cpu_seconds(), _machine_cpu_seconds(*pids))
-        nginx_cpu0 = _tree_cpu_seconds(nginx.proc.pid) if nginx is not None and nginx.proc is not None else 0.0
+        cpu0 = (cpu_seconds(coordinator.proc.pid), _owncpu_seconds(), _machinecpu_seconds(*pids))
+        nginx_cpu0 = _treecpu_seconds(nginx.proc.pid) if nginx is not None and nginx.proc is not None else 0.0
         logged0 = len(nginx.requests()) if nginx is not None else 0
         start = time.monotonic()
         assign = await asyncio.create_subprocess_exec(
@@ -283,12 +258,12 @@ async def _fedfleet(
                 raise TimeoutError(f"only {committed}/{n} agents committed after {timeout:.0f} s")
             await asyncio.sleep(0.02)
         elapsed = time.monotonic() - start
-        cpu = (_cpu_seconds(coordinator.proc.pid) - cpu0[0], _own_cpu_seconds() - cpu0[1])
+        cpu = (cpu_seconds(coordinator.proc.pid) - cpu0[0], _owncpu_seconds() - cpu0[1])
         if profiler is not None:
             _stop_profiler(profiler)
         assert await assign.wait() == 0
-        machine_cpu = _machine_cpu_seconds(*pids) - cpu0[2]
-        nginx_cpu = _tree_cpu_seconds(nginx.proc.pid) - nginx_cpu0 if nginx is not None and nginx.proc else 0.0
+        machine_cpu = _machinecpu_seconds(*pids) - cpu0[2]
+        nginx_cpu = _treecpu_seconds(nginx.proc.pid) - nginx_cpu0 if nginx is not None and nginx.proc else 0.0
         failures = [e for e in store.events(limit=100_000) if e["kind"] in ("rejected", "failed", "probe_failed")]
         if failures:
             raise RuntimeError(f"{len(failures)} update failures, first: {failures[0]}")
@@ -323,7 +298,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         try:
             d, _ = DataDir.init(root / "data")
             store = d.store()
-            model = _model_of_size(args.size_mb)
+            model = dense_model_of_size(args.size_mb)
             publish_release(d.repository(), store, model, "digits", "1.0.0")
             store.close()
             print(f"release: {len(model) / 1e6:.2f} MB; broker: mosquitto :{broker.port}", flush=True)
@@ -362,7 +337,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             )
             by_path = {"grpc": extra}
             if args.mirror:
-                nginx = _start_mirror(d, root)
+                nginx = start_mirror(d, root)
                 try:
                     mirror_seconds, by_path["mirror"] = await _fedfleet(
                         d,

@@ -16,7 +16,7 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as tfl
 
-__all__ = ["DenseLayer", "build_dense_model", "random_dense_layers"]
+__all__ = ["DenseLayer", "build_dense_model", "dense_model_of_size", "random_dense_layers"]
 
 _RELU = 1  # tfl.ActivationFunctionType.RELU
 
@@ -111,3 +111,9 @@ def build_dense_model(layers: Sequence[DenseLayer], softmax: bool = True, descri
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
+
+
+def dense_model_of_size(size_mb: float) -> bytes:
+    """A digits-shaped dense model (64 -> H -> 10) whose file is about size_mb."""
+    hidden = max(8, int(size_mb * 1_000_000 / 4 / (64 + 10 + 1)))
+    return build_dense_model(random_dense_layers([64, hidden, 10], seed=7))

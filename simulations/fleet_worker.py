@@ -3,7 +3,8 @@ loop, inferring at RATE per second, until SIGTERM. Fleets of thousands run as se
 cores work and no process holds every device (simulations/fleet_scale.py starts them).
 
     python -m simulations.fleet_worker --data-dir D --root R --fleet F --first 0 --count 1000 \
-        --grpc 127.0.0.1:50051 --mqtt mqtt://127.0.0.1:1883 [--rate 1] [--telemetry-seconds 5]
+        --grpc 127.0.0.1:50051 --mqtt mqtt://127.0.0.1:1883 [--rate 1] [--telemetry-seconds 5] \
+        [--agent-extra '{"mirrors": ["https://127.0.0.1:8443"]}']
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from server.datadir import DataDir
 from simulations.fleet import SimulatedFleet
@@ -30,7 +34,11 @@ async def _run(args: argparse.Namespace) -> None:
         grpc=args.grpc,
         mqtt=args.mqtt,
         first=args.first,
-        agent_extra={"telemetry_every_seconds": args.telemetry_seconds, "telemetry_every_inferences": 10_000},
+        agent_extra={
+            "telemetry_every_seconds": args.telemetry_seconds,
+            "telemetry_every_inferences": 10_000,
+            **json.loads(args.agent_extra),
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -55,16 +63,18 @@ def spawn_workers(
     mqtt: str,
     rate: float = 1.0,
     telemetry_seconds: float = 5.0,
+    agent_extra: Mapping[str, Any] | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     """Start `workers` worker processes that together run `devices` devices of `fleet` (logs under root); each
-    device closes a telemetry window every `telemetry_seconds`."""
+    device closes a telemetry window every `telemetry_seconds`. `agent_extra` (JSON-serialisable) goes into
+    every device's agent.toml, e.g. `mirrors` and `mirror_ca`."""
     per = -(-devices // workers)
     procs = []
     for w in range(workers):
         count = min(per, devices - w * per)
         args = ["--data-dir", str(d.root), "--root", str(root / fleet), "--fleet", fleet, "--first", str(w * per)]
         args += ["--count", str(count), "--grpc", grpc, "--mqtt", mqtt, "--rate", str(rate)]
-        args += ["--telemetry-seconds", str(telemetry_seconds)]
+        args += ["--telemetry-seconds", str(telemetry_seconds), "--agent-extra", json.dumps(dict(agent_extra or {}))]
         with (root / f"{fleet}-worker-{w}.log").open("wb") as log:  # the worker keeps its own descriptor
             procs.append(
                 subprocess.Popen([sys.executable, "-m", "simulations.fleet_worker", *args], stdout=log, stderr=log)
@@ -94,6 +104,7 @@ def main() -> None:
     parser.add_argument("--mqtt", required=True, help="Broker URL mqtt://host:port.")
     parser.add_argument("--rate", type=float, default=1.0, help="Inferences per device per second.")
     parser.add_argument("--telemetry-seconds", type=float, default=5.0, help="A telemetry window every this often.")
+    parser.add_argument("--agent-extra", default="{}", help="More agent.toml settings for every device, as JSON.")
     asyncio.run(_run(parser.parse_args()))
 
 

@@ -15,10 +15,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.datadir import DataDir
 from server.ingest.broker import free_port
 from simulations.processes import wait_for
 
-__all__ = ["AccessLogLine", "Nginx"]
+__all__ = ["AccessLogLine", "Nginx", "start_mirror"]
 
 
 @dataclass(frozen=True)
@@ -145,3 +146,16 @@ class Nginx:
                 os.killpg(self.proc.pid, signal.SIGTERM)  # the master and its workers
             self.proc.wait(10)
             self.proc = None
+
+
+def start_mirror(d: DataDir, root: Path) -> Nginx:
+    """The mirror `fedfleet serve` keeps (mirror_dirs), served by nginx over HTTPS with a fleet-CA certificate."""
+    timestamp = d.repository_dir / "metadata" / "timestamp.json"
+    published = root / "mirror" / "metadata" / "timestamp.json"
+    wait_for(lambda: published.exists() and published.read_bytes() == timestamp.read_bytes(), 60, what="mirror sync")
+    issued = d.ca().issue("mirror", client=False, hosts=("127.0.0.1",))
+    (root / "nginx").mkdir()
+    cert, key = root / "nginx" / "mirror.pem", root / "nginx" / "mirror-key.pem"
+    cert.write_bytes(issued.cert_pem)
+    key.write_bytes(issued.key_pem)
+    return Nginx(root / "nginx", root / "mirror", cert, key, workers=1)

@@ -40,6 +40,7 @@ __all__ = [
     "AgentProcess",
     "CoordinatorProcess",
     "Mosquitto",
+    "cpu_seconds",
     "descendants",
     "kill_tree",
     "run_bounded",
@@ -61,6 +62,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tracebacks_in(log: Path, offset: int = 0) -> list[str]:

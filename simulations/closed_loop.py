@@ -28,8 +28,8 @@ from server.fl.client_app import SourceFor
 from server.fl.data import DigitsPartition
 from server.fl.export import release_model_version
 from server.fl.plan import TrainPlan
+from server.fl.progress import RoundProgress
 from server.fl.registry import Ledger
-from server.fl.server_app import RoundProgress
 from server.fl.training import TrainOutcome, run_training
 from server.loop.drift_watch import DriftReading, read_fleet_drift
 from server.loop.retrain import FINAL

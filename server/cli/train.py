@@ -141,7 +141,7 @@ def train(
 
         device_accounting(plan, plan.clients)  # a combination that cannot work is refused before Ray starts
     d = open_datadir(data_dir)
-    from server.fl.server_app import RoundProgress
+    from server.fl.progress import RoundProgress
     from server.fl.training import run_training
 
     def progress(p: RoundProgress) -> None:

@@ -26,15 +26,26 @@ Node config (SuperNode `--node-config`, or set by the simulation): `device-id`, 
 `num-partitions`, `data-source` (`digits` or `npz:PATH`), `state-dir` (where the device keeps its privacy
 record), `epsilon-budget` (the device's own lifetime budget; otherwise the coordinator's figure is used),
 `consent-training` (true: its owner consents to training on its data; absent or false: it refuses).
+
+Two apps: `app`, for SuperNodes, knows its device from its node config only. `simulated_app` runs the
+coordinator's simulated devices in Flower's simulation engine (`fedfleet train`, server/fl/training.py): the run
+config the coordinator submits names them (`device-ids`, partition i being device i), their privacy records
+(under `data-dir`), which consent (`consenting`) and where their data comes from (`data-source`). Those are
+the coordinator's word, so `simulated_app` refuses to run on a node that names its own device (a SuperNode).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
+import json
 import math
 import os
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -51,7 +62,18 @@ from server.fl.private_counts import REFERENCE_QUERIES, epsilon_of_answers, nois
 from server.fl.private_counts import noise_multiplier as reference_noise
 from server.fl.records import as_bool, as_float, as_int, as_str
 
-__all__ = ["build_client_app", "client_seed", "noise_seed"]
+if TYPE_CHECKING:
+    from server.datadir import DataDir
+
+__all__ = [
+    "DeviceSettings",
+    "SourceFor",
+    "build_client_app",
+    "build_simulated_client_app",
+    "client_seed",
+    "noise_seed",
+    "source_factory",
+]
 
 STATE_KEY = "fedfleet-dp"
 
@@ -74,39 +96,57 @@ def client_seed(run_seed: int, server_round: int, device_id: str) -> int:
 SourceFor = Callable[[int, int, float, int], DataSource]  # (partition, partitions, alpha, seed) -> data
 
 
+def source_factory(name: str) -> Callable[[DataDir], SourceFor]:
+    """The data source factory a name ("module:callable") stands for: given the coordinator's data directory, it
+    gives each simulated device's data (simulations.closed_loop:fleet_sensors: the fleet's drifted sensors)."""
+    module, _, attribute = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise CoordinatorError(f"data source {name!r} cannot be loaded: {e}") from e
+    if not callable(factory):
+        raise CoordinatorError(f"data source {name!r} is not a callable")
+    return factory  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """What a simulation says about its devices (a SuperNode says it in its node config instead): partition i's
+    device id, where the devices keep their privacy records, their data, whether they answer a lab run's exact
+    drift-reference queries, and whose owners consent to training (the others refuse it)."""
+
+    device_ids: Sequence[str] | None = None
+    state_dir: Path | None = None
+    source_for: SourceFor | None = None
+    allow_exact_reference: bool = False
+    consenting: Collection[str] | None = None
+
+
 class _Node:
     """What a ClientApp knows about the node it runs on."""
 
-    def __init__(
-        self,
-        context: Context,
-        device_ids: Sequence[str] | None,
-        state_dir: Path | None,
-        source_for: SourceFor | None,
-        allow_exact_reference: bool = False,
-        consenting: Collection[str] | None = None,
-    ) -> None:
-        self.source_for = source_for
+    def __init__(self, context: Context, settings: DeviceSettings) -> None:
+        self.source_for = settings.source_for
         cfg = context.node_config
         # The device's own choice (its node config, or the simulation that owns it), never the coordinator's.
-        self.allow_exact_reference = allow_exact_reference or cfg.get("allow-exact-reference") is True
+        self.allow_exact_reference = settings.allow_exact_reference or cfg.get("allow-exact-reference") is True
         self.partition = int(cfg.get("partition-id", 0))
         self.partitions = int(cfg.get("num-partitions", 1))
         if "device-id" in cfg:
             self.device_id = as_str(cfg, "device-id")
-        elif device_ids is not None:
-            self.device_id = device_ids[self.partition]
+        elif settings.device_ids is not None:
+            self.device_id = settings.device_ids[self.partition]
         else:
             self.device_id = f"node-{context.node_id}"
         self.data_spec = str(cfg.get("data-source", "digits"))
         node_state = cfg.get("state-dir")
-        self.state_dir = Path(str(node_state)) if node_state else state_dir
+        self.state_dir = Path(str(node_state)) if node_state else settings.state_dir
         self.own_budget = as_float(cfg, "epsilon-budget") if "epsilon-budget" in cfg else None
         # The owner's consent: the node's own config first (a SuperNode, from agent.toml), else its simulation's.
         if "consent-training" in cfg:
             self.consents = cfg["consent-training"] is True
         else:
-            self.consents = consenting is not None and self.device_id in consenting
+            self.consents = settings.consenting is not None and self.device_id in settings.consenting
 
     def refusal(self, msg: Message, what: str) -> Message | None:
         """The refusal to send instead of doing `what` when the owner has not consented to training; else None."""
@@ -229,11 +269,62 @@ def build_client_app(
     drifted sensors), `allow_exact_reference` lets them answer a lab run's exact drift-reference queries,
     `consenting` names those whose owners consent to training (the others refuse it). A SuperNode names all five
     in its node config instead (`allow-exact-reference = true`, `consent-training = true`)."""
+    settings = DeviceSettings(device_ids, state_dir, source_for, allow_exact_reference, consenting)
+    return _client_app(lambda _: settings)
+
+
+def build_simulated_client_app() -> ClientApp:
+    """The ClientApp of the coordinator's simulated devices in Flower's simulation engine: their settings come from
+    the run config server/fl/training.py writes (`data-dir`, `device-ids` and `consenting` as JSON lists,
+    `data-source`, `run-id`). On a node that names its own device (a SuperNode) it refuses to run: there the
+    coordinator's run config must not speak for the device."""
+    return _client_app(_simulated_devices)
+
+
+def _simulated_devices(context: Context) -> DeviceSettings:
+    if "device-id" in context.node_config:
+        raise CoordinatorError(
+            "server.fl.client_app:simulated_app runs the coordinator's simulated devices only; a SuperNode (node "
+            "config device-id) runs server.fl.client_app:app"
+        )
+    cfg = context.run_config
+    return _simulation_settings(
+        run_id=str(cfg.get("run-id", "")),
+        data_dir=str(cfg.get("data-dir", "")),
+        device_ids=str(cfg.get("device-ids", "[]")),
+        consenting=str(cfg.get("consenting", "[]")),
+        data_source=str(cfg.get("data-source", "")),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _simulation_settings(
+    run_id: str, data_dir: str, device_ids: str, consenting: str, data_source: str
+) -> DeviceSettings:
+    """One run's simulated devices, worked out once per worker process and run: the data source factory may read
+    files (a rehearsal's sensor fault), and every device of the run must see the same data for all its rounds.
+    They are the coordinator's own: a lab plan's exact drift reference is theirs to allow."""
+    from server.datadir import DataDir
+
+    if not data_dir:
+        raise CoordinatorError("the run config names no data-dir for the simulated devices' privacy records")
+    root = Path(data_dir)
+    return DeviceSettings(
+        device_ids=tuple(json.loads(device_ids)),
+        state_dir=root / "fl-devices",
+        source_for=source_factory(data_source)(DataDir(root)) if data_source else None,
+        allow_exact_reference=True,
+        consenting=frozenset(json.loads(consenting)),
+    )
+
+
+def _client_app(settings_of: Callable[[Context], DeviceSettings]) -> ClientApp:
+    """The ClientApp's handlers; `settings_of` gives what the simulation, if any, says about the node's device."""
     app = ClientApp()
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        node = _Node(context, device_ids, state_dir, source_for, allow_exact_reference, consenting)
+        node = _Node(context, settings_of(context))
         config = msg.content["config"]
         assert isinstance(config, ConfigRecord)
         task = as_str(config, "task")
@@ -251,7 +342,7 @@ def build_client_app(
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        node = _Node(context, device_ids, state_dir, source_for, consenting=consenting)
+        node = _Node(context, settings_of(context))
         if (refused := node.refusal(msg, "training")) is not None:
             return refused
         config = msg.content["config"]
@@ -337,3 +428,5 @@ def build_client_app(
 
 # For Flower's deployment engine (`flwr run` against a SuperLink): SuperNodes name themselves in node config.
 app = build_client_app()
+# For Flower's simulation engine (`fedfleet train`): the coordinator's simulated devices, named by the run config.
+simulated_app = build_simulated_client_app()

@@ -1,5 +1,5 @@
-"""The ServerApp: runs on the coordinator (in the simulation engine's server thread, or as a SuperLink's
-ServerApp) and owns the run's bookkeeping in the coordinator's SQLite database.
+"""The ServerApp: runs on the coordinator (in the `flwr-simulation` process of a simulation SuperLink, or as a
+deployment SuperLink's ServerApp) and owns the run's bookkeeping in the coordinator's SQLite database.
 
 A run: greet every node (device id, examples held, its owner's consent), leave out every device without consent to
 train (the device's own word, and the coordinator's record of it: `_consents`), then `plan.rounds` rounds of
@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import re
-import threading
 import time
 import traceback
 import uuid
@@ -44,6 +43,7 @@ from server.fl.privacy import EpsilonCheck, History, check_epsilon, epsilon_of, 
 from server.fl.private_counts import PURPOSE as REFERENCE_PURPOSE
 from server.fl.private_counts import epsilon_after, l2_sensitivity, pooled_counts
 from server.fl.private_counts import noise_multiplier as reference_noise
+from server.fl.progress import RoundProgress
 from server.fl.records import as_float, as_int, as_str
 from server.fl.registry import Ledger, Registry, TrainingRuns
 from server.store import Store
@@ -77,23 +77,6 @@ def error_summary(reason: str) -> str:
 
 class TrainingError(CoordinatorError):
     """The run could not train (no nodes, every client failed)."""
-
-
-@dataclass(frozen=True)
-class RoundProgress:
-    run_id: str
-    round: int
-    rounds: int
-    selected: int
-    completed: int
-    refused: int
-    failed: int
-    train_loss: float | None
-    test_loss: float
-    test_accuracy: float
-    epsilon_max: float | None
-    seconds: float
-    incidents: list[dict[str, str]]
 
 
 @dataclass
@@ -828,84 +811,30 @@ def _lineage(run: _Run, engine: str, rounds: list[dict[str, Any]]) -> dict[str, 
     }
 
 
-ENGINE_STOPPED = "the simulation engine stopped while the server waited for its clients"
-
-
-class _StoppableGrid(Grid):
-    """A grid that stops waiting for replies once the simulation engine has ended.
-
-    Flower runs the ServerApp in a thread of its own and, if its engine fails, leaves that thread waiting for
-    replies until the round timeout; the process cannot exit meanwhile. This grid gives up at once instead, so
-    the run is recorded as failed with the reason and the caller gets control back.
-    """
-
-    def __init__(self, grid: Grid, stopped: threading.Event) -> None:
-        self._grid = grid
-        self._stopped = stopped
-
-    def set_run(self, run: Any) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self._grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self._grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        self._check()
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        self._check()
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
-        while pending and (deadline is None or time.monotonic() < deadline):
-            got = list(self._grid.pull_messages(pending))
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if pending:
-                self._check()
-                time.sleep(0.1)
-        return replies
-
-    def _check(self) -> None:
-        if self._stopped.is_set():
-            raise TrainingError(ENGINE_STOPPED)
-
-
 def build_server_app(
     data_dir: Path | None = None,
     plan: TrainPlan | None = None,
     run_id: str | None = None,
     engine: str = "simulation",
     on_round: Callable[[RoundProgress], None] | None = None,
-    engine_stopped: threading.Event | None = None,
 ) -> ServerApp:
-    """A ServerApp bound to a coordinator data directory and plan; without them (a SuperLink run) both come from
-    the run config: `data-dir` and `plan` (a JSON object of TrainPlan fields). `engine_stopped`: set by the
-    caller when the simulation engine has ended; the app then stops waiting for replies."""
+    """A ServerApp bound to a coordinator data directory and plan; without them (`flwr run`, on a SuperLink or
+    the simulation engine) everything comes from the run config: `data-dir`, `plan` (a JSON object of TrainPlan
+    fields), and optionally `run-id` (the id the caller waits for; "": a new one) and `engine` (what the lineage
+    names: "deployment" unless the caller says "simulation")."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if engine_stopped is not None:
-            grid = _StoppableGrid(grid, engine_stopped)
-        d = DataDir(data_dir if data_dir is not None else Path(str(context.run_config["data-dir"])))
-        p = plan if plan is not None else TrainPlan.from_dict(json.loads(str(context.run_config.get("plan", "{}"))))
-        rid = run_id or f"run-{uuid.uuid4().hex[:12]}"
+        cfg = context.run_config
+        d = DataDir(data_dir if data_dir is not None else Path(str(cfg["data-dir"])))
+        p = plan if plan is not None else TrainPlan.from_dict(json.loads(str(cfg.get("plan", "{}"))))
+        rid = run_id or str(cfg.get("run-id", "")) or f"run-{uuid.uuid4().hex[:12]}"
+        kind = engine if plan is not None else str(cfg.get("engine", "deployment"))
         if p.privacy_unit == "device":
             device_accounting(p, p.clients)  # refuse a combination that cannot work before anything is recorded
         with d.store() as store:
-            _train(grid, d, store, p, rid, engine if plan is not None else "deployment", on_round)
+            _train(grid, d, store, p, rid, kind, on_round)
 
     return app
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import importlib
 import json
 import logging
 import os
@@ -39,16 +38,20 @@ def _parent_version(store: Store, release_id: str) -> str:
     return str(version) if version else ""
 
 
-def _source_for(d: DataDir, policy: Policy) -> Any:
-    """The policy's data source factory ("module:callable", given the data directory), or None: digits shares."""
+def _source_for(policy: Policy) -> str | None:
+    """The policy's data source factory ("module:callable", given the data directory), checked here so that one
+    that cannot load fails the job before any engine starts; None: each device's digits share. The simulated
+    devices load it themselves, in Flower's processes."""
     if not policy.retrain_data_source:
         return None
-    module, _, name = policy.retrain_data_source.partition(":")
+    from server.fl.client_app import source_factory
+
     try:
-        factory = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise CoordinatorError(f"retrain.data_source {policy.retrain_data_source!r} cannot be loaded: {e}") from e
-    return factory(d)
+        source_factory(policy.retrain_data_source)
+    except CoordinatorError as e:
+        why = e.__cause__ or e
+        raise CoordinatorError(f"retrain.data_source {policy.retrain_data_source!r} cannot be loaded: {why}") from e
+    return policy.retrain_data_source
 
 
 def _train(d: DataDir, store: Store, policy: Policy, job: dict[str, Any]) -> tuple[str, str, str]:
@@ -72,7 +75,7 @@ def _train(d: DataDir, store: Store, policy: Policy, job: dict[str, Any]) -> tup
     )
     if job["engine"] == "deployment":
         return train_on_superlink(d, store, policy, plan.to_dict())
-    outcome = run_training(d.root, plan, device_ids=ids, source_for=_source_for(d, policy))
+    outcome = run_training(d.root, plan, device_ids=ids, source_for=_source_for(policy))
     if outcome.status != "completed":
         return outcome.run_id, "", outcome.error or f"the run ended {outcome.status}"
     return outcome.run_id, outcome.model_version, ""

@@ -17,13 +17,11 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 from opacus.accountants import RDPAccountant
 
 from server import audit
@@ -35,7 +33,7 @@ from server.fl.plan import TrainPlan
 from server.fl.privacy import DeviceBudget, History, check_epsilon, epsilon_of, steps_per_round
 from server.fl.registry import Ledger, TrainingRuns
 from server.fl.server_app import _Device, _Run
-from server.fl.training import run_training
+from server.fl.training import TEST_CLIENTAPP_ENV, run_training
 
 # Opacus' per-sample gradient hooks on a first layer whose inputs need no gradient: torch's note, harmless here.
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
@@ -297,48 +295,14 @@ def test_the_coordinator_records_the_larger_epsilon_with_an_incident_and_never_l
 # ----- a real Flower run -----
 
 
-def _faulty_client_apps(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Partition 0's device halves the ε it reports (its noise, rate and steps stay honest); partition 1's device
-    loses its Flower context before every round, as a restarted SuperNode would."""
-    real_build = client_app.build_client_app
-
-    def build(
-        device_ids: Sequence[str] | None = None,
-        state_dir: Path | None = None,
-        source_for: Any = None,
-        allow_exact_reference: bool = False,
-        consenting: Any = None,
-    ) -> Any:
-        real = real_build(device_ids, state_dir, source_for, allow_exact_reference, consenting)
-        app = ClientApp()
-
-        @app.query()
-        def query(msg: Message, context: Context) -> Message:
-            return real(msg, context)
-
-        @app.train()
-        def train(msg: Message, context: Context) -> Message:
-            partition = int(context.node_config["partition-id"])
-            if partition == 1:
-                context.state.clear()
-            reply = real(msg, context)
-            if partition == 0 and not reply.has_error() and "metrics" in reply.content:
-                metrics = reply.content["metrics"]
-                metrics["epsilon"] = float(metrics["epsilon"]) / 2  # type: ignore[arg-type]
-            return reply
-
-        return app
-
-    monkeypatch.setattr(client_app, "build_client_app", build)
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_flower_run_charges_the_cumulative_epsilon_to_a_forgetful_and_an_under_reporting_client(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     d, _ = DataDir.init(tmp_path / "data")
-    _faulty_client_apps(monkeypatch)
+    # Partition 0's device halves the ε it reports; partition 1's device loses its Flower context every round.
+    monkeypatch.setenv(TEST_CLIENTAPP_ENV, "tests.server.simulated_clientapps:forgetful_and_under_reporting")
     plan = TrainPlan(rounds=3, clients=2, noise_multiplier=1.1, local_epochs=1, seed=2, delta=DELTA)
 
     outcome = run_training(d.root, plan)

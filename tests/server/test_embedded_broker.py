@@ -793,6 +793,9 @@ def test_stop_closes_every_connection_and_leaves_no_socket_or_task_behind() -> N
             await writer.wait_closed()
         assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
 
+    with warnings.catch_warnings():  # sockets earlier tests in this process left to the collector are theirs
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         asyncio.run(scenario())

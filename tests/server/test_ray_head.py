@@ -14,22 +14,9 @@ import pytest
 
 from server.fl.ray_head import ray_head
 from simulations.processes import descendants
-from tests.support import wait_for
+from tests.support import group_members, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live processes (zombies left out) in process group `pgid`, from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue
-        if int(group) == pgid and state not in ("Z", "X"):
-            members.append(int(stat.parent.name))
-    return members
 
 
 def _launchers(pid: int) -> list[int]:
@@ -65,10 +52,10 @@ def test_a_node_of_its_own_runs_a_drivers_tasks_and_stops_with_its_block(monkeyp
         finally:
             ray.shutdown()
         # Every Ray process runs in the launcher's group, none in this process's own.
-        node = _group_members(launcher)
+        node = group_members(launcher)
         assert len(node) > 2 and launcher in node
         assert not [p for p in set(descendants(os.getpid())) - before if os.getpgid(p) != launcher]
-    assert _group_members(launcher) == []
+    assert group_members(launcher) == []
     assert set(descendants(os.getpid())) - before == set()
 
 
@@ -91,10 +78,10 @@ def test_the_node_stops_when_its_caller_is_killed(tmp_path: Path) -> None:
         assert caller.stdout is not None
         assert caller.stdout.readline().strip(), "the caller's node did not start"
         (launcher,) = _launchers(caller.pid)
-        assert len(_group_members(launcher)) > 2
+        assert len(group_members(launcher)) > 2
         os.killpg(caller.pid, signal.SIGKILL)  # no cleanup of its own: the launcher notices its stdin closed
         caller.wait(10)
-        wait_for(lambda: _group_members(launcher) == [], 60, what="the orphaned Ray node to stop")
+        wait_for(lambda: group_members(launcher) == [], 60, what="the orphaned Ray node to stop")
     finally:
         if caller.poll() is None:
             os.killpg(caller.pid, signal.SIGKILL)

@@ -27,7 +27,7 @@ from server.fl.plan import TrainPlan
 from server.fl.ray_head import engine_node
 from server.fl.training import ENGINE_STOPPED, TEST_CLIENTAPP_ENV, run_training
 from tests.server.grid import message
-from tests.support import wait_for
+from tests.support import group_members, wait_for
 
 FLOWER_PROGRAMS = (b"flower-superlink", b"flower-superexec", b"flwr-simulation", b"server.fl.ray_head")
 
@@ -48,18 +48,6 @@ def _engine_processes(under: Path) -> list[int]:
         if str(under).encode() in argv or f"FLWR_HOME={under}".encode() in environ:
             found.append(int(proc.name))
     return found
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, ValueError):
-            continue
-        if int(group) == pgid and state not in ("Z", "X"):
-            members.append(int(stat.parent.name))
-    return members
 
 
 @pytest.fixture
@@ -188,7 +176,7 @@ def test_an_engine_stops_when_its_caller_is_killed(engine_tmp: Path) -> None:
         wait_for(lambda: len(_engine_processes(state)) >= 3, 60, what="launcher, SuperLink and SuperExec running")
         os.killpg(caller.pid, signal.SIGKILL)  # no cleanup of its own: the launcher notices its stdin closed
         caller.wait(10)
-        wait_for(lambda: _engine_processes(state) == [] and _group_members(launcher) == [], 60, what="the engine gone")
+        wait_for(lambda: _engine_processes(state) == [] and group_members(launcher) == [], 60, what="the engine gone")
     finally:
         if caller.poll() is None:
             os.killpg(caller.pid, signal.SIGKILL)

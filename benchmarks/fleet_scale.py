@@ -17,11 +17,19 @@ download per device.
 Memory per device, measured once all devices committed: the workers' summed RSS over devices
 (`rss_per_device_mb`), and their summed PSS from /proc/PID/smaps_rollup (`pss_per_device_mb`, shared pages
 split between the processes sharing them), with its anonymous part (`anon_pss_per_device_mb`: without the
-mmapped model files the interpreters read); the same once all are online, before any model
-(`online_pss_per_device_mb`, `online_anon_pss_per_device_mb`). Target: PSS at most 0.4 MB per device. Each
-phase also reports the coordinator process's CPU seconds.
+mmapped model files the interpreters read, but with a shared model's one copy per worker); the same once all are
+online, before any model (`online_pss_per_device_mb`, `online_anon_pss_per_device_mb`). Target: PSS at most
+0.4 MB per device. Each phase also reports the coordinator process's CPU seconds.
 
-The last line is one JSON object: {"benchmark": "fleet_scale", "size_mb", "mirror", "baseline": {...},
+Simulated devices share models (the default; `--no-shared-models` for one interpreter per device): every device
+gets `share_models = true` and `xnnpack = false` in its agent.toml (`agent_options` in the JSON). The devices of
+one worker that committed the same verified bytes then use one interpreter, loaded without XNNPACK's repacked
+copy of the weights; each device still downloads, verifies, installs and probes the release itself, and the
+memory figures are measured the same way. A real device keeps the defaults (its own model, XNNPACK on): what
+this figure measures is the orchestration's cost per device, not a model per device that one machine simulating
+thousands of devices has no reason to hold thousands of times.
+
+The last line is one JSON object: {"benchmark": "fleet_scale", "size_mb", "mirror", "agent_options", "baseline": {...},
 "scale": {...}, "ratio_online_per_device", "ratio_commit_per_device", "targets", "met"}.
 """
 
@@ -48,6 +56,7 @@ from simulations.processes import CoordinatorProcess, Mosquitto, cpu_seconds, wa
 RATIO_TARGET = 1.5
 MEMORY_TARGET_MB = 0.4
 RELEASE = "digits@1.0.0"
+SHARED_MODELS = {"share_models": True, "xnnpack": False}  # agent.toml settings for the simulated devices
 
 
 def _count(d: DataDir, fleet: str, online: bool | None = None, running_release: str | None = None) -> int:
@@ -82,9 +91,11 @@ def _fleet_run(
     workers: int,
     rate: float,
     nginx: Nginx | None,
+    agent_options: dict[str, Any],
 ) -> dict[str, Any]:
     fleet = f"scale{uuid.uuid4().hex[:6]}"
     extra = {"mirrors": [nginx.url], "mirror_ca": str((d.trust / "ca.pem").resolve())} if nginx else {}
+    extra.update(agent_options)
     assert coordinator.proc is not None
     pid = coordinator.proc.pid
     served0 = len(nginx.requests()) if nginx else 0
@@ -153,7 +164,15 @@ def main() -> None:
         default=True,
         help="metadata and targets from an nginx mirror (default); --no-mirror: from the coordinator over gRPC",
     )
+    parser.add_argument(
+        "--shared-models",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="devices of a worker share one interpreter per model, without XNNPACK (default); "
+        "--no-shared-models: each device loads its own, as a real device does",
+    )
     args = parser.parse_args()
+    agent_options = dict(SHARED_MODELS) if args.shared_models else {}
     if min(args.devices, args.workers, args.baseline) < 1 or args.size_mb <= 0:
         parser.error("--devices, --workers, --baseline and --size-mb must be positive")
     # The limit is per process: the broker and the coordinator each hold a connection per device (the coordinator
@@ -175,9 +194,11 @@ def main() -> None:
         try:
             nginx = start_mirror(d, root) if args.mirror else None
             print(f"release: {len(model) / 1e6:.2f} MB; mirror: {nginx.url if nginx else 'none'}", flush=True)
-            base = _fleet_run(d, root, broker, coordinator, args.baseline, 1, args.rate, nginx)
+            base = _fleet_run(d, root, broker, coordinator, args.baseline, 1, args.rate, nginx, agent_options)
             print(f"baseline: {json.dumps(base)}", flush=True)
-            scale = _fleet_run(d, root, broker, coordinator, args.devices, args.workers, args.rate, nginx)
+            scale = _fleet_run(
+                d, root, broker, coordinator, args.devices, args.workers, args.rate, nginx, agent_options
+            )
             print(f"at scale: {json.dumps(scale)}", flush=True)
         finally:
             if nginx is not None:
@@ -196,6 +217,7 @@ def main() -> None:
         "benchmark": "fleet_scale",
         "size_mb": round(len(model) / 1e6, 3),
         "mirror": args.mirror,
+        "agent_options": agent_options,
         "baseline": base,
         "scale": scale,
         "ratio_online_per_device": round(ratio_online, 3),

@@ -26,6 +26,11 @@ dp_epsilon_per_window = 1.0               # Laplace noise for this ε on every w
 monitoring_budget_epsilon = 10.0          # the device's lifetime ε for noised windows (default 10); spent in
 #                                         # state_dir/monitoring.json, and when what is left is less than one
 #                                         # window's ε, windows stop and the last one says so
+# xnnpack = true                          # the interpreter's default XNNPACK delegate: faster inference, but it
+#                                         # repacks the weights into memory of its own (about the model's size);
+#                                         # false: builtin kernels on the mapped file (less memory, slower)
+# share_models = false                    # simulated fleets only: the agents of one process that load the same
+#                                         # bytes (same sha256) share one interpreter (edge_agent/runtime.py)
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from urllib.parse import urlsplit
 from edge_agent.contract import DEFAULT_TOPIC_PREFIX, LIMITS, device_id_is_valid
 from edge_agent.contract.addresses import is_loopback, parse_mqtt_url
 from edge_agent.errors import ConfigError
+from edge_agent.runtime import ModelOptions
 from edge_agent.steps import STEPS
 
 __all__ = ["DEFAULT_MONITORING_BUDGET", "AgentConfig", "TlsFiles", "load_config"]
@@ -83,6 +89,12 @@ class AgentConfig:
     consent_training: bool | None = None  # [consent] training; None: the owner stated nothing (no consent)
     dp_epsilon_per_window: float | None = None  # [telemetry]: Laplace noise for this ε per window; None: exact counts
     monitoring_budget_epsilon: float = DEFAULT_MONITORING_BUDGET  # [telemetry]: lifetime ε for noised windows
+    xnnpack: bool = True  # load models with the interpreter's default XNNPACK delegate (faster, more memory)
+    share_models: bool = False  # simulated fleets: one interpreter per distinct model bytes in this process
+
+    @property
+    def model_options(self) -> ModelOptions:
+        return ModelOptions(xnnpack=self.xnnpack, share=self.share_models)
 
 
 @dataclass(frozen=True)
@@ -161,6 +173,12 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
     allow_plaintext = raw.get("allow_plaintext", False)
     if not isinstance(allow_plaintext, bool):
         raise ConfigError("allow_plaintext must be true or false")
+    xnnpack = raw.get("xnnpack", True)
+    if not isinstance(xnnpack, bool):
+        raise ConfigError(f"xnnpack must be true (faster inference) or false (less memory); got {xnnpack!r}")
+    share_models = raw.get("share_models", False)
+    if not isinstance(share_models, bool):
+        raise ConfigError(f"share_models must be true or false (true only for simulated fleets); got {share_models!r}")
     consent = raw.get("consent", {})
     if not isinstance(consent, dict) or set(consent) - {"training"}:
         raise ConfigError("[consent] is a table with one setting: training = true or false")
@@ -215,6 +233,8 @@ def config_from_dict(raw: dict[str, Any], base: Path) -> AgentConfig:
         mirror_ca=mirror_ca,
         dp_epsilon_per_window=dp_epsilon,
         monitoring_budget_epsilon=budget,
+        xnnpack=xnnpack,
+        share_models=share_models,
     )
 
 

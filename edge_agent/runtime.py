@@ -2,13 +2,28 @@
 
 `ai-edge-litert` (numpy 2) is preferred; `tflite-runtime` 2.14 (numpy<2, older Pi images) is the fallback.
 Both expose the same `Interpreter` API, so everything else here is shared.
+
+How a model is loaded is a `ModelOptions` (agent.toml `xnnpack`, `share_models`):
+
+- `xnnpack = false` loads with `OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES`: the builtin kernels read the
+  weights where they lie (the mapped file), where the default XNNPACK delegate first repacks them into memory
+  of its own (about the model's size, per interpreter) to run faster.
+- `share` (simulated fleets only): the agents of one process that load the same bytes get one `Model`, from a
+  process-wide table keyed by (sha256 of the bytes, interpreter, xnnpack). The key is the digest of the bytes
+  this load read from the device's own file, and a new entry's interpreter is built from exactly those bytes,
+  so a device never runs bytes it did not hold itself. A shared model serialises every call on its own lock,
+  `predict_serialized` included (each device's serving lock only keeps that device's calls apart). An entry
+  lives as long as some device holds its model. A real agent (one device per process) leaves it off: there is
+  nothing to share, and its model stays the mapped file its updater verified.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -21,7 +36,7 @@ from edge_agent.contract.arrays import decode_array
 from edge_agent.contract.reasons import Reason
 from edge_agent.errors import InterpreterError
 
-__all__ = ["Model", "ProbeFailed", "interpreter_name", "load_model"]
+__all__ = ["Model", "ModelOptions", "ProbeFailed", "interpreter_name", "load_model"]
 
 _BACKENDS = (("ai_edge_litert.interpreter", "ai-edge-litert"), ("tflite_runtime.interpreter", "tflite-runtime"))
 
@@ -35,9 +50,17 @@ class _Interpreter(Protocol):
     def get_tensor(self, index: int) -> np.ndarray: ...
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """How models are loaded (agent.toml). The defaults are what a device does unless told otherwise."""
+
+    xnnpack: bool = True  # the interpreter's default XNNPACK delegate: faster, about the model's size more memory
+    share: bool = False  # one Model per distinct bytes in this process (simulated fleets; see the module doc)
+
+
 @functools.cache
 def _backend(preferred: str | None = None) -> tuple[Any, str]:
-    """The interpreter class and its "name version"; looked up once (package metadata reads are slow)."""
+    """The interpreter module and its "name version"; looked up once (package metadata reads are slow)."""
     for module_name, dist in _BACKENDS:
         if preferred and dist != preferred:
             continue
@@ -45,7 +68,7 @@ def _backend(preferred: str | None = None) -> tuple[Any, str]:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
-        return module.Interpreter, f"{dist} {metadata.version(dist)}"
+        return module, f"{dist} {metadata.version(dist)}"
     wanted = preferred or " or ".join(d for _, d in _BACKENDS)
     raise InterpreterError(f"no TFLite interpreter installed; pip install {wanted}", Reason.INTERPRETER_MISSING)
 
@@ -61,7 +84,10 @@ class ProbeFailed(InterpreterError):
 @dataclass(frozen=True)
 class Model:
     """A loaded model. `predict` is thread-safe; the interpreter itself is not, so calls are serialized by `lock`,
-    or by the caller of `predict_serialized` (the agent, whose serving lock already keeps inferences apart)."""
+    or by the caller of `predict_serialized` (the agent, whose serving lock already keeps inferences apart). A
+    `shared` model (ModelOptions.share) is used by several devices, whose serving locks do not keep each other's
+    calls apart: it takes `lock` in `predict_serialized` too. `path` is the file it was loaded from (for a shared
+    model, the file of the device that loaded it first; every sharer's file has the same sha256)."""
 
     path: Path
     interpreter: _Interpreter
@@ -70,13 +96,20 @@ class Model:
     input_shape: tuple[int, ...]
     input_dtype: np.dtype[Any]
     lock: threading.Lock
+    shared: bool = False
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         with self.lock:
-            return self.predict_serialized(x)
+            return self._invoke(x)
 
     def predict_serialized(self, x: np.ndarray) -> np.ndarray:
-        """`predict` for a caller that itself keeps calls to this model from overlapping; takes no lock."""
+        """`predict` for a caller that itself keeps calls to this model from overlapping; takes no lock unless
+        the model is shared with other devices."""
+        if self.shared:
+            return self.predict(x)
+        return self._invoke(x)
+
+    def _invoke(self, x: np.ndarray) -> np.ndarray:
         arr = np.asarray(x, dtype=self.input_dtype).reshape(self.input_shape)
         self.interpreter.set_tensor(self.input_index, arr)
         self.interpreter.invoke()
@@ -109,10 +142,30 @@ class Model:
         return worst
 
 
-def load_model(path: Path, preferred: str | None = None) -> Model:
-    interpreter_cls, _ = _backend(preferred)
+def load_model(path: Path, preferred: str | None = None, options: ModelOptions | None = None) -> Model:
+    """Load the model in `path` (InterpreterError if it does not load); `options` default to ModelOptions()."""
+    options = options or ModelOptions()
+    if options.share:
+        return _SHARED.load(path, preferred, options.xnnpack)
+    return _load(path, None, preferred, options.xnnpack)
+
+
+def _load(path: Path, content: bytes | None, preferred: str | None, xnnpack: bool, shared: bool = False) -> Model:
+    """A new interpreter over `content` if given (the bytes read from `path`), else over the file itself."""
+    module, _ = _backend(preferred)
+    kwargs: dict[str, Any] = {"num_threads": 1}
+    if not xnnpack:
+        resolvers = getattr(module, "OpResolverType", None)
+        if resolvers is None or not hasattr(resolvers, "BUILTIN_WITHOUT_DEFAULT_DELEGATES"):
+            raise InterpreterError(
+                f"{interpreter_name(preferred)} cannot load without XNNPACK; set xnnpack = true", Reason.LOAD_FAILED
+            )
+        kwargs["experimental_op_resolver_type"] = resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     try:
-        interpreter = interpreter_cls(model_path=str(path), num_threads=1)
+        if content is None:
+            interpreter = module.Interpreter(model_path=str(path), **kwargs)
+        else:
+            interpreter = module.Interpreter(model_content=content, **kwargs)
         interpreter.allocate_tensors()
         inp = interpreter.get_input_details()[0]
         out = interpreter.get_output_details()[0]
@@ -128,4 +181,35 @@ def load_model(path: Path, preferred: str | None = None) -> Model:
         input_shape=tuple(int(d) for d in inp["shape"]),
         input_dtype=np.dtype(inp["dtype"]),
         lock=threading.Lock(),
+        shared=shared,
     )
+
+
+class _SharedModels:
+    """The process's shared models, by (sha256 of the bytes, interpreter, xnnpack); weakly held, so a model no
+    device uses any more is freed. Loads are serialised: two devices committing the same release at once get
+    one interpreter."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: weakref.WeakValueDictionary[tuple[str, str, bool], Model] = weakref.WeakValueDictionary()
+
+    def load(self, path: Path, preferred: str | None, xnnpack: bool) -> Model:
+        try:
+            content = path.read_bytes()
+        except OSError as e:
+            raise InterpreterError(f"model {path.name} unreadable: {e.strerror}", Reason.LOAD_FAILED) from e
+        key = (hashlib.sha256(content).hexdigest(), interpreter_name(preferred), xnnpack)
+        with self._lock:
+            model = self._models.get(key)
+            if model is None:
+                model = _load(path, content, preferred, xnnpack, shared=True)
+                self._models[key] = model
+            return model
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+# Process-wide by nature: what it shares is this process's memory, among the devices this process simulates.
+_SHARED = _SharedModels()

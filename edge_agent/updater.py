@@ -44,7 +44,7 @@ from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.files import atomic_write_bytes, fsync_dir, sha256_of
 from edge_agent.contract.reasons import Reason
 from edge_agent.errors import AgentError, AssignmentError, InterpreterError, TransientError, UpdateRefused
-from edge_agent.runtime import Model, load_model
+from edge_agent.runtime import Model, ModelOptions, load_model
 from edge_agent.state import SlotInfo, StateStore
 from edge_agent.steps import STEPS
 from edge_agent.transport import GrpcTransport
@@ -89,6 +89,7 @@ class UpdateContext:
     director_keys: dict[str, Ed25519PublicKey]  # updated in place when a rotated set is learned
     emit: Callable[[pb.UpdateEvent], None]
     interpreter: str | None = None
+    model_options: ModelOptions | None = None  # agent.toml `xnnpack`, `share_models`; None: the defaults
     step: Callable[[str], None] = lambda name: None
     offer: Callable[[bytes], None] = lambda payload: None  # a newer assignment learned along the way (any thread)
     clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)
@@ -201,7 +202,7 @@ def apply_assignment(payload: bytes, ctx: UpdateContext) -> UpdateResult:
         ctx.step("installed")
 
         custom = dict(info.custom) if isinstance(info.custom, dict) else {}
-        model = load_model(slot_path, ctx.interpreter)
+        model = load_model(slot_path, ctx.interpreter, ctx.model_options)
         probe = custom.get("probe")
         if probe:
             worst = model.run_probe(probe)

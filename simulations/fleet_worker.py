@@ -5,6 +5,11 @@ cores work and no process holds every device (simulations/fleet_scale.py starts 
     python -m simulations.fleet_worker --data-dir D --root R --fleet F --first 0 --count 1000 \
         --grpc 127.0.0.1:50051 --mqtt mqtt://127.0.0.1:1883 [--rate 1] [--telemetry-seconds 5] \
         [--agent-extra '{"mirrors": ["https://127.0.0.1:8443"]}']
+
+Every device of a worker is an agent of the same process, so `--agent-extra '{"share_models": true}'` lets those
+that committed the same verified bytes share one interpreter (with `"xnnpack": false`, one without XNNPACK's
+repacked weights): benchmarks/fleet_scale.py does, to measure what a device costs the simulation rather than
+thousands of copies of one model. Without it each device loads its own model, as a real device does.
 """
 
 from __future__ import annotations

@@ -23,13 +23,17 @@ SCRIPT = """
 import json, sys
 import numpy as np
 from edge_agent.contract.arrays import decode_array
-from edge_agent.runtime import interpreter_name, load_model
+from edge_agent.runtime import ModelOptions, interpreter_name, load_model
 model = load_model(__import__("pathlib").Path(sys.argv[1]))
+plain = load_model(__import__("pathlib").Path(sys.argv[1]), options=ModelOptions(xnnpack=False))
 probe = json.loads(open(sys.argv[2]).read())
 worst = model.run_probe(probe)
 x = decode_array(probe["inputs"])
 print(json.dumps({"interpreter": interpreter_name(), "numpy": np.__version__, "worst": worst,
-                  "outputs": [model.predict(v).ravel().tolist() for v in x]}))
+                  "outputs": [model.predict(v).ravel().tolist() for v in x],
+                  "ops": [op["op_name"] for op in model.interpreter._get_ops_details()],
+                  "plain_ops": [op["op_name"] for op in plain.interpreter._get_ops_details()],
+                  "plain_worst": plain.run_probe(probe)}))
 """
 
 
@@ -63,6 +67,8 @@ def test_tflite_runtime_runs_the_same_model_and_probe(tmp_path: Path) -> None:
     ours = np.stack([here.predict(v) for v in decode_array(probe["inputs"])])
     assert np.max(np.abs(np.asarray(there["outputs"]) - ours.reshape(len(ours), -1))) <= 1e-5
     assert there["worst"] <= 1e-4
+    # xnnpack = false works there too: the same op resolver enum, no delegate node, the probe still passes.
+    assert "DELEGATE" in there["ops"] and "DELEGATE" not in there["plain_ops"] and there["plain_worst"] <= 1e-4
 
 
 def test_a_wrong_probe_fails_in_the_interpreter(tmp_path: Path) -> None:

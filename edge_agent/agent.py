@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -63,10 +64,24 @@ logger = logging.getLogger(__name__)
 _MAX_BACKOFF = 60.0
 _RECONNECT_SPREAD_STEPS = 5  # after a lost MQTT session, reconnects wait anywhere in 5 first back-off steps (10 s)
 _MAX_QUEUED_EVENTS = 1000
+_EVENT_LINGER_SECONDS = 0.25  # events queued within this of each other go in one MQTT message
+_EVENTS_PER_MESSAGE = 16  # at most; each event is under 1 KiB, so a message stays under mqtt_control_payload
 _STOP_SECONDS = 5.0  # how long a stopping agent waits for its tasks to finish
 _MAX_CHECK_SECONDS = 900.0  # the freshness check runs at least this often (a quarter of the validity, if shorter)
 _MIN_CHECK_SECONDS = 0.5
 _FIRST_STATEMENT_GRACE_MS = 600_000  # a device that never held a statement is stale after this long without one
+
+
+def _one_message(events: list[pb.UpdateEvent]) -> bytes:
+    """The first event carrying the ones that followed it in `later` (the wire contract's one level), cut short
+    of events that would take the message past LIMITS.mqtt_control_payload (they go in the next one)."""
+    first = pb.UpdateEvent()
+    first.CopyFrom(events[0])
+    first.later.extend(events[1:])
+    while len(first.later) and first.ByteSize() > LIMITS.mqtt_control_payload:
+        first.later.pop()
+    del events[1 + len(first.later) :]
+    return first.SerializeToString()
 
 
 def _utc(ms: int) -> str:
@@ -115,9 +130,11 @@ class Agent:
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._desired: bytes | None = None
+        self._applying: bytes | None = None  # the assignment the update worker has in hand
         self._desired_ready = asyncio.Event()
         self._events: deque[pb.UpdateEvent] = deque(maxlen=_MAX_QUEUED_EVENTS)
         self._events_ready = asyncio.Event()
+        self._events_lock = asyncio.Lock()  # one sender at a time: the sender task, or a status publish
         tls = config.tls.read() if config.tls is not None and config.grpc_tls else None
         self._transport = GrpcTransport(config.grpc_target, config.device_id, tls=tls)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -131,6 +148,7 @@ class Agent:
             director_keys=self.director_keys,
             emit=self._emit,
             interpreter=config.interpreter,
+            model_options=config.model_options,
             step=self._pause_hook,
             offer=self._offer_threadsafe,
             mirrors=config.mirrors,
@@ -275,7 +293,8 @@ class Agent:
             return
         info = state.active_info
         try:
-            model = load_model(self.store.model_path(state.active), self.config.interpreter)
+            path = self.store.model_path(state.active)
+            model = load_model(path, self.config.interpreter, self.config.model_options)
             self._activate(model, info)
         except InterpreterError as e:
             logger.error("committed model does not load: %s", e)
@@ -351,13 +370,16 @@ class Agent:
             last_error=state.last_error[:500],
             timestamp_ms=int(time.time() * 1000),
             agent_version=__version__,
-            stale=self._is_stale(state, int(time.time() * 1000)),
+            stale=state.stale,  # as noted, with its event (`_note_staleness`): a status never runs ahead of it
             fresh_until_ms=state.fresh_until_ms,
         )
 
     async def publish_status(self, online: bool = True) -> None:
+        """Publish the retained status, after the events queued before it (so a status never overtakes the
+        events that led to it)."""
         client = self._client
         if client is not None and self.connected.is_set():
+            await self._flush_events()
             with contextlib.suppress(aiomqtt.MqttError):
                 payload = self._status(online).SerializeToString()
                 await publish(client, self.topics.status(self.config.device_id), payload, qos=1, retain=True)
@@ -457,11 +479,13 @@ class Agent:
             if payload is None:
                 continue
             self.updating = True
+            self._applying = payload
             await self.publish_status()
             try:
                 result: UpdateResult = await asyncio.to_thread(apply_assignment, payload, ctx)
             finally:
                 self.updating = False
+                self._applying = None
             if result.model is not None:
                 info = self.store.load().active_info
                 self._activate(result.model, info)
@@ -561,6 +585,7 @@ class Agent:
         delay = self.config.retry_seconds
         next_check = loop.time()
         check_at_once = False
+        await self._note_staleness()  # a statement that expired while the agent was not running: said at once
         while True:
             if check_at_once or loop.time() >= next_check:
                 check_at_once = False
@@ -580,7 +605,10 @@ class Agent:
                 check_at_once = await asyncio.to_thread(self._judge_pushed, pushed)
 
     def _judge_pushed(self, payload: bytes) -> bool:
-        """Keep a statement pushed on MQTT; returns whether it names a counter above the device's (check now)."""
+        """Keep a statement pushed on MQTT; returns whether it names a counter above every assignment the device
+        holds (check now, to get it). An assignment that is queued or being applied counts: the coordinator pushes
+        the statement right after the assignment it names, and installing one asks the director anyway
+        (`confirm_current`), so a second check would only cost the coordinator a call per device update."""
         signed = pb.SignedFreshness()
         try:
             signed.ParseFromString(payload)
@@ -588,27 +616,45 @@ class Agent:
             logger.warning("ignoring a malformed freshness statement")
             return False
         kept = self._accept_statement(signed, learn_keys=False)  # anyone may publish there: no TUF refresh for it
-        return kept is not None and kept.counter > self.store.load().highest_counter
+        if kept is None or kept.counter <= self.store.load().highest_counter:
+            return False
+        in_hand = (self._counter_of(p) for p in (self._applying, self._desired) if p is not None)
+        return not any(c is not None and c >= kept.counter for c in in_hand)
 
     async def _event_sender(self) -> None:
-        """Deliver events over MQTT (QoS 1), or over gRPC while MQTT is down; keep them until delivered."""
+        """Deliver queued events, waiting `_EVENT_LINGER_SECONDS` after the first so that the ones close behind it
+        go in the same message (an update's downloading/verified/installed/committed: one or two messages to the
+        coordinator instead of four); retried while delivery fails."""
         while True:
             await self._events_ready.wait()
+            await asyncio.sleep(_EVENT_LINGER_SECONDS)
             self._events_ready.clear()
+            if not await self._flush_events():
+                await asyncio.sleep(self.config.retry_seconds)
+                self._events_ready.set()
+
+    async def _flush_events(self) -> bool:
+        """Send every queued event: over MQTT (QoS 1), the first of each message carrying the next ones in
+        `later`; over gRPC while MQTT is down. Returns False if a delivery failed (what was not sent stays
+        queued, in order)."""
+        async with self._events_lock:
             while self._events:
-                event = self._events[0]
+                batch = list(itertools.islice(self._events, _EVENTS_PER_MESSAGE))
                 client = self._client
                 try:
                     if client is not None and self.connected.is_set():
                         topic = self.topics.events(self.config.device_id)
-                        await publish(client, topic, event.SerializeToString(), qos=1)
+                        await publish(client, topic, _one_message(batch), qos=1)  # may shorten batch
                     else:
-                        await asyncio.to_thread(self._transport.report_events, [event])
+                        await asyncio.to_thread(self._transport.report_events, batch)
                 except (aiomqtt.MqttError, AgentError) as e:
                     logger.debug("event delivery deferred: %s", e)
-                    await asyncio.sleep(self.config.retry_seconds)
-                    continue
-                self._events.popleft()
+                    return False
+                # Drop what was sent, by identity: a full queue may have dropped its oldest events meanwhile.
+                while batch and self._events and self._events[0] is batch[0]:
+                    self._events.popleft()
+                    batch.pop(0)
+        return True
 
     # ----- telemetry -----
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError
@@ -10,7 +11,7 @@ from edge_agent.contract import LIMITS, device_id_is_valid
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from server.store import Store
 
-__all__ = ["EventRejected", "event_row", "parse_event", "parse_status"]
+__all__ = ["EventRejected", "event_row", "event_rows", "parse_events", "parse_status"]
 
 M = TypeVar("M", pb.UpdateEvent, pb.DeviceStatus)
 
@@ -49,8 +50,26 @@ def event_row(e: pb.UpdateEvent, topic_device: str | None, store: Store) -> dict
     }
 
 
-def parse_event(payload: bytes, topic_device: str, store: Store) -> dict[str, Any]:
-    return event_row(_parse(pb.UpdateEvent(), payload), topic_device, store)
+def event_rows(events: Iterable[pb.UpdateEvent], topic_device: str | None, store: Store) -> list[dict[str, Any]]:
+    """The rows of these events and of the events each carries in `later` (in order), all checked; at most
+    LIMITS.events_per_report in all, and `later` only one level deep."""
+    flat: list[pb.UpdateEvent] = []
+    for e in events:
+        flat.append(e)
+        for later in e.later:
+            if later.later:
+                raise EventRejected("an event's later events carry later events of their own")
+            if later.device_id != e.device_id:
+                raise EventRejected(f"an event of {e.device_id[:40]!r} carries one of {later.device_id[:40]!r}")
+            flat.append(later)
+        if len(flat) > LIMITS.events_per_report:
+            raise EventRejected(f"more than {LIMITS.events_per_report} events in one report")
+    return [event_row(e, topic_device, store) for e in flat]
+
+
+def parse_events(payload: bytes, topic_device: str, store: Store) -> list[dict[str, Any]]:
+    """One message on a device's events topic: an event and the events that followed it."""
+    return event_rows([_parse(pb.UpdateEvent(), payload)], topic_device, store)
 
 
 def parse_status(payload: bytes, topic_device: str, store: Store) -> dict[str, Any]:

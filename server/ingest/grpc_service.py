@@ -19,7 +19,7 @@ from google.protobuf.json_format import MessageToDict
 from edge_agent.contract import LIMITS, device_id_is_valid
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
-from server.ingest.events import EventRejected, event_row
+from server.ingest.events import EventRejected, event_rows
 from server.ingest.telemetry import ingest_windows, watermark
 from server.store import Store
 from server.store.consent import ConsentRecords
@@ -169,7 +169,7 @@ class FleetService(pb_grpc.FleetServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"at most {LIMITS.events_per_report} events per report"
             )
         try:
-            rows = [event_row(e, topic_device=None, store=self.store) for e in request.events]
+            rows = event_rows(request.events, topic_device=None, store=self.store)
         except EventRejected as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.ReportEventsResponse(accepted=self.store.record_events(rows, via="grpc"))

@@ -35,7 +35,7 @@ from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.mqtt_session import keep_session
 from server.crashpoints import crash_point
 from server.errors import CoordinatorError
-from server.ingest.events import EventRejected, parse_event, parse_status
+from server.ingest.events import EventRejected, parse_events, parse_status
 from server.ingest.telemetry import ingest_windows, parse_window
 from server.store import Store
 from server.store.freshness import FreshnessRecords
@@ -125,8 +125,8 @@ class MqttBridge:
                 else:  # a last will, written when the agent started: only its "offline" is current
                     self._writes.append(lambda store: store.set_offline(status["device_id"]))
             elif (device := self.topics.device_of(topic, "events")) is not None:
-                event = parse_event(bytes(payload), device, self.store)
-                self._writes.append(lambda store: store.record_events([event], via="mqtt"))
+                events = parse_events(bytes(payload), device, self.store)
+                self._writes.append(lambda store: store.record_events(events, via="mqtt"))
             elif (device := self.topics.device_of(topic, "telemetry")) is not None:
                 self._telemetry.append((parse_window(bytes(payload)), device))  # stored by flush_telemetry
             else:

@@ -11,7 +11,7 @@ from typing import Any, cast
 import aiomqtt
 import pytest
 
-from edge_agent.contract import Topics
+from edge_agent.contract import LIMITS, Topics
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.windows import window_to_proto
 from server.datadir import DataDir
@@ -79,6 +79,78 @@ def test_messages_wait_while_others_queue_behind_them_then_are_stored_in_arrival
     assert _running(store, "pi-2") == "digits@1.0.0"
     assert store.device("pi-1")["last_event"] == "verified"
     assert bridge.flush_messages() == 0  # nothing left over
+
+
+def _carrying(device: str, kinds: list[int], **first: Any) -> bytes:
+    """One events message: the first event carrying the others in `later`, as an agent sends queued events."""
+    events = [pb.UpdateEvent(device_id=device, kind=k, release_id="digits@1.0.0", counter=1) for k in kinds]
+    events[0].MergeFrom(pb.UpdateEvent(**first))
+    events[0].later.extend(events[1:])
+    return events[0].SerializeToString()
+
+
+def test_events_carried_in_one_message_are_stored_in_order_as_one_write(store: Store) -> None:
+    # Prepare
+    bridge = MqttBridge(store, "mqtt://127.0.0.1:1", TOPICS)
+
+    # Execute: an update's four steps in one message
+    assert bridge.handle(TOPICS.events("pi-1"), _carrying("pi-1", KINDS))
+
+    # Assert: four events, in the order sent; the device's last event is the last of them
+    assert _events(store) == [("pi-1", k) for k in ("downloading", "verified", "installed", "committed")]
+    assert store.device("pi-1")["last_event"] == "committed"
+
+
+@pytest.mark.parametrize(
+    ("message", "why"),
+    [
+        (  # a later event of another device: pi-1 may not speak for pi-2
+            pb.UpdateEvent(
+                device_id="pi-1", kind=pb.EVENT_KIND_DOWNLOADING, later=[pb.UpdateEvent(device_id="pi-2", kind=3)]
+            ),
+            "carries one of 'pi-2'",
+        ),
+        (  # later events nested in later events: one level only
+            pb.UpdateEvent(
+                device_id="pi-1",
+                kind=pb.EVENT_KIND_DOWNLOADING,
+                later=[pb.UpdateEvent(device_id="pi-1", kind=3, later=[pb.UpdateEvent(device_id="pi-1", kind=5)])],
+            ),
+            "later events of their own",
+        ),
+        (  # a later event of an unknown kind
+            pb.UpdateEvent(
+                device_id="pi-1", kind=pb.EVENT_KIND_DOWNLOADING, later=[pb.UpdateEvent(device_id="pi-1", kind=99)]
+            ),
+            "unknown event kind",
+        ),
+        (  # more events than one report may carry
+            pb.UpdateEvent(
+                device_id="pi-1",
+                kind=pb.EVENT_KIND_DOWNLOADING,
+                later=[pb.UpdateEvent(device_id="pi-1", kind=3)] * LIMITS.events_per_report,
+            ),
+            f"more than {LIMITS.events_per_report} events",
+        ),
+    ],
+)
+def test_a_message_with_a_bad_later_event_is_refused_whole(
+    store: Store, message: pb.UpdateEvent, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    bridge = MqttBridge(store, "mqtt://127.0.0.1:1", TOPICS)
+    payload = message.SerializeToString()
+    assert len(payload) <= LIMITS.mqtt_control_payload  # refused for what it says, not for its size
+
+    # Execute
+    accepted = bridge.handle(TOPICS.events("pi-1"), payload)
+
+    # Assert: refused with the reason logged; nothing of it stored, not even its valid first event
+    assert not accepted
+    assert why in caplog.text
+    bridge.flush_messages()
+    assert _events(store) == []
+    assert store.device("pi-1")["last_event"] in (None, "")
 
 
 def test_a_batch_the_database_cannot_write_now_is_kept_whole_for_the_next_flush(

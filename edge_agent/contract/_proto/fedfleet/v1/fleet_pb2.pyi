@@ -273,6 +273,7 @@ class UpdateEvent(google.protobuf.message.Message):
     DETAIL_FIELD_NUMBER: builtins.int
     TIMESTAMP_MS_FIELD_NUMBER: builtins.int
     RELEASE_ID_FIELD_NUMBER: builtins.int
+    LATER_FIELD_NUMBER: builtins.int
     device_id: builtins.str
     counter: builtins.int
     target_path: builtins.str
@@ -283,6 +284,12 @@ class UpdateEvent(google.protobuf.message.Message):
     """one human sentence"""
     timestamp_ms: builtins.int
     release_id: builtins.str
+    @property
+    def later(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___UpdateEvent]:
+        """The same device's events that followed this one, in order, sent in the same message: an update's steps that
+        come close together cost the coordinator one MQTT message, not four. One level deep: their `later` is empty.
+        """
+
     def __init__(
         self,
         *,
@@ -294,8 +301,9 @@ class UpdateEvent(google.protobuf.message.Message):
         detail: builtins.str = ...,
         timestamp_ms: builtins.int = ...,
         release_id: builtins.str = ...,
+        later: collections.abc.Iterable[Global___UpdateEvent] | None = ...,
     ) -> None: ...
-    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["counter", b"counter", "detail", b"detail", "device_id", b"device_id", "kind", b"kind", "reason", b"reason", "release_id", b"release_id", "target_path", b"target_path", "timestamp_ms", b"timestamp_ms"]
+    _ClearFieldArgType: typing_extensions.TypeAlias = typing.Literal["counter", b"counter", "detail", b"detail", "device_id", b"device_id", "kind", b"kind", "later", b"later", "reason", b"reason", "release_id", b"release_id", "target_path", b"target_path", "timestamp_ms", b"timestamp_ms"]
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
 
 Global___UpdateEvent: typing_extensions.TypeAlias = UpdateEvent

@@ -1,0 +1,136 @@
+"""What one update costs the coordinator in messages: an agent's events that come close together travel in one MQTT
+message (the first carrying the others in `later`), a status never overtakes the events that led to it, and a
+statement pushed right after the assignment it names costs no second freshness check."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from edge_agent.agent import Agent, _one_message
+from edge_agent.contract import LIMITS
+from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
+from server.datadir import DataDir
+from server.trust.releases import publish_release
+from simulations.dense_tflite import build_dense_model, random_dense_layers
+from simulations.processes import CoordinatorProcess, Mosquitto
+from tests.support import enroll_agent
+
+
+def _event(kind: int, detail: str = "") -> pb.UpdateEvent:
+    return pb.UpdateEvent(device_id="pi-1", counter=1, kind=kind, detail=detail)  # type: ignore[arg-type]
+
+
+def test_queued_events_go_in_one_message_in_order() -> None:
+    # Prepare
+    events = [_event(k) for k in (pb.EVENT_KIND_DOWNLOADING, pb.EVENT_KIND_VERIFIED, pb.EVENT_KIND_INSTALLED)]
+
+    # Execute
+    message = pb.UpdateEvent.FromString(_one_message(list(events)))
+
+    # Assert: the first event, carrying the others in order, one level deep
+    assert [message.kind, *(e.kind for e in message.later)] == [1, 2, 3]
+    assert message.later[0] == events[1] and not any(e.later for e in message.later)
+
+
+def test_a_message_never_exceeds_the_control_payload_limit_and_keeps_the_rest_for_the_next() -> None:
+    # Prepare: sixteen events with the longest detail an agent writes (500 characters of 4 UTF-8 bytes each)
+    batch = [_event(pb.EVENT_KIND_FAILED, "\U0001f4a5" * 500) for _ in range(16)]
+
+    # Execute
+    payload = _one_message(batch)
+
+    # Assert: under the limit the coordinator enforces; the batch now names only what was sent
+    assert len(payload) <= LIMITS.mqtt_control_payload
+    sent = pb.UpdateEvent.FromString(payload)
+    assert 1 <= len(batch) == 1 + len(sent.later) < 16
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_an_update_costs_one_check_and_its_status_follows_its_events(
+    datadir: DataDir, tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """A real coordinator and agent: the assignment arrives on MQTT, then the statement naming it; the update's own
+    confirmation is the only freshness check; every event is stored in order, and on the wire the status that says
+    the new release runs comes after the committed event."""
+    store = datadir.store()
+    model = build_dense_model(random_dense_layers([64, 16, 10], 1))
+    release = publish_release(datadir.repository(), store, model, "digits", "1.0.0").release
+    store.close()
+    coordinator = CoordinatorProcess(datadir, mosquitto.url).start()
+    bundle = enroll_agent(datadir, tmp_path, "pi-1", coordinator=coordinator)
+    topics = bundle.config.topic_prefix
+
+    async def until(predicate: Any, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> tuple[list[tuple[str, Any]], int]:
+        agent = Agent(bundle.config)
+        checks = answered = 0
+        check = agent._transport.check
+
+        def counted_check(counter: int) -> pb.CheckResponse:
+            nonlocal checks, answered
+            checks += 1
+            response = check(counter)
+            answered += response.HasField("freshness")
+            return response
+
+        agent._transport.check = counted_check  # type: ignore[method-assign]
+        seen: list[tuple[str, Any]] = []
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="update-messages-watcher") as watcher:
+            await watcher.subscribe(f"{topics}/devices/pi-1/events", qos=1)
+            await watcher.subscribe(f"{topics}/devices/pi-1/status", qos=1)
+
+            async def watch() -> None:
+                async for m in watcher.messages:
+                    payload = bytes(m.payload)  # type: ignore[arg-type]
+                    if m.topic.value.endswith("/events"):
+                        e = pb.UpdateEvent.FromString(payload)
+                        seen.extend(("event", x.kind) for x in [e, *e.later])
+                    else:
+                        seen.append(("status", pb.DeviceStatus.FromString(payload).running_release))
+
+            watching = asyncio.create_task(watch())
+            task = asyncio.create_task(agent.run())
+            try:
+                await until(lambda: agent.connected.is_set() and datadir.store().is_device("pi-1"), "registration")
+                # The start-up checks (retried until the device had registered) are over once one is answered:
+                # the next periodic one is minutes away (a quarter of the validity, at most 15 minutes, with jitter).
+                await until(lambda: answered > 0, "a freshness check answered")
+                before = checks
+                with datadir.store() as s:
+                    datadir.director().assign(s, ["pi-1"], release)
+                await until(lambda: agent.model is not None, "the model committed")
+                await until(lambda: ("status", release.id) in seen, "the status naming the new release")
+                return seen, checks - before
+            finally:
+                task.cancel()
+                watching.cancel()
+                await asyncio.gather(task, watching, return_exceptions=True)
+
+    try:
+        seen, checks = asyncio.run(scenario())
+        with datadir.store() as s:
+            stored = [e["kind"] for e in reversed(s.events("pi-1"))]
+    finally:
+        coordinator.kill()
+
+    # One freshness check for the update: the update's own confirmation, none for the pushed statement
+    assert checks == 1
+    # Every step stored, in order
+    assert stored[-4:] == ["downloading", "verified", "installed", "committed"]
+    # On the wire: the status naming the new release comes after the committed event
+    kinds = [k for what, k in seen if what == "event"]
+    assert kinds[-4:] == [pb.EVENT_KIND_DOWNLOADING, pb.EVENT_KIND_VERIFIED, pb.EVENT_KIND_INSTALLED, 5]
+    assert seen.index(("event", pb.EVENT_KIND_COMMITTED)) < seen.index(("status", release.id))

@@ -1,18 +1,22 @@
 """Agent footprint: memory, cold start, inference latency, the drift statistics' cost, installed size.
 
-    python benchmarks/agent_footprint.py [--inferences 5000] [--runs 5] [--clients 16] [--skip-venv]
+    python benchmarks/agent_footprint.py [--inferences 5000] [--runs 5] [--clients 16] [--skip-venv] [--plain]
 
 - inference p50/p99 and the drift update's cost per inference as a ratio to the inference itself, measured on
   the same inputs in this process (a digits-shaped model: 64 inputs, 10 classes, with a drift reference);
 - RSS of a real `fedfleet-agent run` process with the model committed and a live broker connection, after
   serving inferences through its local endpoint (200 per client; --clients N callers at once): in steady state
   (restarted on its committed model, which is how a device spends its life) and right after applying the update
-  (python-tuf loaded);
+  (python-tuf, securesystemslib and urllib3 loaded, about 110 modules that stay). The process runs as the systemd
+  unit runs it: with the unit's Environment= (-OO, no docstrings: about 3 MB) and its bytecode compiled
+  beforehand as install.sh compiles it; --plain runs it without them, for comparison;
 - cold start: from starting that process (model already committed) to its first answered inference;
 - with --runs N, those process figures N times, each with a fresh coordinator and agent: the RSS figures are then
   the largest of the runs (the target holds in every run or not at all), with min/median/max beside them, and
   the agent's threads and glibc malloc arenas (the run-to-run spread came from arenas, one per thread that
-  allocated while serving: more callers at once, more threads, more arenas; edge_agent/memory.py bounds them);
+  allocated while serving: more callers at once, more threads, more arenas; edge_agent/memory.py bounds them;
+  a module the agent compiles itself, lacking its bytecode, added up to 1.5 MB in some runs: edge_agent.bytecode
+  compiles them ahead; what is left, 0.0-0.2 MB over 5 runs, is a malloc arena or gRPC thread more or less);
 - installed size of a virtualenv with the agent alone (no extras), as deploy/raspberry-pi/install.sh leaves it
   (slimmed: no pip, no test suites, no accelerators a Pi cannot use), next to a plain `pip install`.
 Targets: RSS <= 80 MB, drift cost <= 0.5, venv <= 150 MB. Last line: one JSON object.
@@ -22,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -45,6 +51,7 @@ from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import AgentProcess, CoordinatorProcess, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
+KIT = REPO / "deploy" / "raspberry-pi"
 FEATURES, CLASSES = 64, 10
 
 
@@ -106,6 +113,40 @@ def _serve(endpoint: str, clients: int) -> None:
         list(pool.map(lambda _: _infer_once(endpoint), range(200 * clients)))
 
 
+def unit_environment(pycache: Path) -> dict[str, str]:
+    """The environment the systemd unit gives the agent (its Environment= lines), with its bytecode in `pycache`."""
+    env: dict[str, str] = {}
+    for line in (KIT / "fedfleet-agent.service.in").read_text().splitlines():
+        if line.startswith("Environment="):
+            env.update(item.split("=", 1) for item in line.removeprefix("Environment=").split())
+    return {k: v.replace("@PYCACHE@", str(pycache)) for k, v in env.items()}
+
+
+def _compile_as_installed(env: dict[str, str]) -> None:
+    """The unit's bytecode cache, filled as install.sh fills it (this process's environment may forbid writing
+    bytecode: PYTHONDONTWRITEBYTECODE)."""
+    child = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | env
+    subprocess.run([sys.executable, "-m", "edge_agent.bytecode"], check=True, capture_output=True, env=child)
+
+
+@dataclass
+class _UnitAgent(AgentProcess):
+    """`fedfleet-agent run` with extra environment (the unit's)."""
+
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> _UnitAgent:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edge_agent.cli", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+                start_new_session=True,  # AgentProcess.kill stops the process group
+            )
+        return self
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -126,7 +167,7 @@ def _threads_and_arenas(pid: int) -> tuple[int, int]:
     return threads, arenas
 
 
-def _process_figures(root: Path, model: bytes, clients: int) -> dict[str, float]:
+def _process_figures(root: Path, model: bytes, clients: int, env: dict[str, str]) -> dict[str, float]:
     d, _ = DataDir.init(root / "data")
     store = d.store()
     release = publish_release(
@@ -136,7 +177,7 @@ def _process_figures(root: Path, model: bytes, clients: int) -> dict[str, float]
     config = write_bundle(
         d, "pi-bench", root / "pi-bench", "lab", {}, coordinator.endpoints["grpc"], coordinator.endpoints["mqtt"]
     )
-    agent = AgentProcess(root / "pi-bench" / "agent.toml", config)
+    agent = _UnitAgent(root / "pi-bench" / "agent.toml", config, env=env)
     try:
         agent.start()
         wait_for(lambda: store.is_device("pi-bench"), 60, what="registration")
@@ -167,9 +208,9 @@ def _process_figures(root: Path, model: bytes, clients: int) -> dict[str, float]
     }
 
 
-def _repeated(root: Path, model: bytes, runs: int, clients: int) -> dict[str, object]:
+def _repeated(root: Path, model: bytes, runs: int, clients: int, env: dict[str, str]) -> dict[str, object]:
     """The process figures `runs` times over; the RSS figures are the largest run's, the spread beside them."""
-    each = [_process_figures(root / f"run-{i}", model, clients) for i in range(runs)]
+    each = [_process_figures(root / f"run-{i}", model, clients, env) for i in range(runs)]
     if runs == 1:
         return dict(each[0])
     out: dict[str, object] = {"runs": runs}
@@ -178,6 +219,7 @@ def _repeated(root: Path, model: bytes, runs: int, clients: int) -> dict[str, ob
         out[key] = values[-1]
         out[f"{key}_runs"] = [e[key] for e in each]
         out[f"{key}_min_median_max"] = [values[0], values[len(values) // 2], values[-1]]
+        out[f"{key}_spread"] = round(values[-1] - values[0], 1)
     out["cold_start_seconds"] = sorted(e["cold_start_seconds"] for e in each)[len(each) // 2]  # median
     out["threads_runs"] = [e["threads"] for e in each]
     out["malloc_arenas_runs"] = [e["malloc_arenas"] for e in each]
@@ -215,6 +257,9 @@ def main() -> int:
         "--clients", type=int, default=1, help="applications calling the agent at once while it serves (default 1)"
     )
     parser.add_argument("--skip-venv", action="store_true", help="do not build the agent-only virtualenv")
+    parser.add_argument(
+        "--plain", action="store_true", help="run the agent without the systemd unit's environment (no -OO)"
+    )
     args = parser.parse_args()
     if args.inferences < 100:
         parser.error("--inferences must be at least 100")
@@ -229,7 +274,11 @@ def main() -> int:
         result: dict[str, object] = {"benchmark": "agent_footprint"}
         result.update(_latency_and_drift_cost(root / "m.tflite", args.inferences))
         result["clients"] = args.clients
-        result.update(_repeated(root, model, args.runs, args.clients))
+        env = {} if args.plain else unit_environment(root / "pycache")
+        if env:
+            _compile_as_installed(env)
+        result["agent_environment"] = "plain" if args.plain else "systemd unit"
+        result.update(_repeated(root, model, args.runs, args.clients, env))
         if not args.skip_venv:
             result.update(_venv_mb(root))
     result["targets"] = {"rss_mb": 80, "drift_cost_ratio": 0.5, "venv_mb": 150}

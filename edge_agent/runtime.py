@@ -26,7 +26,6 @@ import threading
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -60,7 +59,7 @@ class ModelOptions:
 
 @functools.cache
 def _backend(preferred: str | None = None) -> tuple[Any, str]:
-    """The interpreter module and its "name version"; looked up once (package metadata reads are slow)."""
+    """The interpreter module and its "name version"; looked up once."""
     for module_name, dist in _BACKENDS:
         if preferred and dist != preferred:
             continue
@@ -68,9 +67,21 @@ def _backend(preferred: str | None = None) -> tuple[Any, str]:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
-        return module, f"{dist} {metadata.version(dist)}"
+        return module, f"{dist} {_version(module_name, dist)}"
     wanted = preferred or " or ".join(d for _, d in _BACKENDS)
     raise InterpreterError(f"no TFLite interpreter installed; pip install {wanted}", Reason.INTERPRETER_MISSING)
+
+
+def _version(module_name: str, dist: str) -> str:
+    """The interpreter package's own `__version__` (both backends set it, to their distribution's version), else
+    the distribution's metadata. importlib.metadata is imported only then: with the email, zipfile and csv modules
+    it brings, it is about 0.8 MB that an agent would keep for one string (until an update's urllib3 imports it)."""
+    version = getattr(importlib.import_module(module_name.rpartition(".")[0]), "__version__", None)
+    if isinstance(version, str):
+        return version
+    from importlib import metadata
+
+    return metadata.version(dist)
 
 
 def interpreter_name(preferred: str | None = None) -> str:

@@ -27,13 +27,15 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from edge_agent.contract.files import atomic_write_bytes, remove_stale_temp_files
 from edge_agent.contract.reasons import Reason
 from edge_agent.errors import AgentError
+
+if TYPE_CHECKING:
+    from fractions import Fraction  # imported where used: only a device with [telemetry] noise counts ε
 
 __all__ = ["AgentState", "MonitoringBudget", "MonitoringCharge", "SlotInfo", "StateStore"]
 
@@ -172,6 +174,8 @@ class MonitoringCharge:
 def _decimal(epsilon: float) -> Fraction:
     """ε as the decimal a person wrote (0.1 is 1/10, not the binary float nearest it), so that budget ÷ ε windows
     fit in the budget as the docs promise."""
+    from fractions import Fraction
+
     return Fraction(repr(float(epsilon)))
 
 
@@ -184,6 +188,8 @@ class MonitoringBudget:
     def __init__(self, path: Path, budget: float) -> None:
         if not budget > 0:
             raise ValueError("a monitoring budget must be positive")
+        from fractions import Fraction  # with decimal, 0.35 MB that a device without a budget does not keep
+
         self.path = path
         self.budget = budget
         self._lock = threading.Lock()
@@ -208,7 +214,8 @@ class MonitoringBudget:
         return self._windows
 
     def remaining(self) -> float:
-        return float(max(Fraction(0), _decimal(self.budget) - self._spent))
+        left = _decimal(self.budget) - self._spent
+        return float(left) if left > 0 else 0.0
 
     def affords(self, epsilon: float) -> bool:
         """Whether what is left pays for one more window of `epsilon`, as `charge` decides it; writes nothing."""

@@ -10,13 +10,14 @@
 #   --prefix DIR     install below DIR instead of / (for packaging and tests; no user, no systemctl)
 #   --no-start       write the unit but do not enable or start it
 #
-# Result: a virtualenv in /opt/fedfleet-agent/venv, the bundle in /etc/fedfleet-agent (0640, group fedfleet;
-# the device key 0600 for the agent's user alone), state in /var/lib/fedfleet-agent owned by the system user
-# fedfleet, and the systemd unit fedfleet-agent.service (restart, watchdog, sandboxing). uninstall.sh undoes it.
+# Result: a virtualenv in /opt/fedfleet-agent/venv (and the agent's -OO bytecode in /opt/fedfleet-agent/pycache),
+# the bundle in /etc/fedfleet-agent (0640, group fedfleet; the device key 0600 for the agent's user alone), state
+# in /var/lib/fedfleet-agent owned by the system user fedfleet, and the systemd unit fedfleet-agent.service
+# (restart, watchdog, sandboxing). uninstall.sh undoes it.
 set -euo pipefail
 
 bundle="" package="fedfleet" prefix="" start=1
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --bundle) bundle="${2:?--bundle needs a directory}"; shift 2 ;;
@@ -35,6 +36,7 @@ command -v python3 >/dev/null || { echo "install.sh: python3 is required (apt-ge
 
 root="${prefix%/}"
 venv="$root/opt/fedfleet-agent/venv"
+pycache="$root/opt/fedfleet-agent/pycache"
 conf="$root/etc/fedfleet-agent"
 state="$root/var/lib/fedfleet-agent"
 unitdir="$root/etc/systemd/system"
@@ -69,7 +71,10 @@ rm -rf "$site"/pip "$site"/pip-*.dist-info "$site"/setuptools "$site"/setuptools
   "$site"/pkg_resources "$site"/_distutils_hack "$site"/distutils-precedence.pth
 if [ -d "$site/numpy" ]; then find "$site/numpy" -depth -type d -name tests -exec rm -rf {} +; fi
 rm -rf "$site/ai_edge_litert/libLiteRtWebGpuAccelerator.so" "$site/ai_edge_litert/vendors" "$site/ai_edge_litert/tools"
-"$venv/bin/python" -c 'from edge_agent.runtime import interpreter_name; print("   interpreter:", interpreter_name())'
+# The unit runs the agent with -OO and its bytecode in $pycache (see fedfleet-agent.service.in): compiled here,
+# by importing what the agent imports, so that it neither compiles at each start nor can write code it runs later.
+rm -rf "$pycache"
+env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX="$pycache" "$venv/bin/python" -OO -m edge_agent.bytecode
 
 echo "== configuration $conf"
 install -d -m 0750 "$conf" "$state"
@@ -87,7 +92,7 @@ chmod 0640 "$conf/agent.toml"
 echo "== systemd unit $unitdir/fedfleet-agent.service"
 install -d "$unitdir"
 sed -e "s|@USER@|$user|g" -e "s|@VENV@|$venv|g" -e "s|@CONF@|$conf|g" -e "s|@STATE@|$state|g" \
-  "$here/fedfleet-agent.service.in" > "$unitdir/fedfleet-agent.service"
+  -e "s|@PYCACHE@|$pycache|g" "$here/fedfleet-agent.service.in" > "$unitdir/fedfleet-agent.service"
 
 if [ -z "$prefix" ]; then
   chown -R root:"$user" "$conf"

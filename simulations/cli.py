@@ -66,6 +66,21 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed for the data split, training and input streams.")] = 0,
     report: Annotated[Path, typer.Option(help="Directory for summary.md and the PNG plots.")] = Path("demo-out/report"),
     keep: Annotated[Path | None, typer.Option(help="Keep the coordinator data and device state here.")] = None,
+    webhooks: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="A TOML file of alerts.webhooks tables (url, secret) added to the demo's policy: alerts go there.",
+        ),
+    ] = None,
+    crash_at: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Kill the coordinator (SIGKILL) at this crash point of the loop, e.g. loop.training:running, and "
+            "restart it; repeat for more, in order. The loop must still close, once."
+        ),
+    ] = None,
 ) -> None:
     """The whole loop on this machine: train with Flower + Opacus on a simulated fleet, release, install; the
     fleet's sensors drift, the drift alarm fires, the policy says retrain, the fleet retrains on its fresh data
@@ -73,19 +88,36 @@ def demo(
     Exit 1 if any of that did not happen. The settings are simulations/scenarios/closed-loop.toml's."""
     from simulations.scenario import load_scenario
 
-    _run_loop_scenario(load_scenario("closed-loop").loop, devices, rounds, seed, report, keep)
+    hooks = webhooks.read_text() if webhooks is not None else ""
+    _run_loop_scenario(load_scenario("closed-loop").loop, devices, rounds, seed, report, keep, hooks, crash_at or [])
 
 
 def _run_loop_scenario(
-    loop: dict[str, Any], devices: int, rounds: int | None, seed: int, report: Path, keep: Path | None
+    loop: dict[str, Any],
+    devices: int,
+    rounds: int | None,
+    seed: int,
+    report: Path,
+    keep: Path | None,
+    webhooks: str = "",
+    crash_points: list[str] | None = None,
 ) -> None:
     fault = SensorFault(str(loop.get("fault", "contrast")), float(loop.get("strength", 0.5)))
     rounds = rounds or int(loop.get("rounds", 3))
-    _closed_loop(devices, rounds, seed, report, keep, fault, float(loop.get("threshold", 0.25)))
+    threshold = float(loop.get("threshold", 0.25))
+    _closed_loop(devices, rounds, seed, report, keep, fault, threshold, webhooks, crash_points or [])
 
 
 def _closed_loop(
-    devices: int, rounds: int, seed: int, report: Path, keep: Path | None, fault: SensorFault, threshold: float
+    devices: int,
+    rounds: int,
+    seed: int,
+    report: Path,
+    keep: Path | None,
+    fault: SensorFault,
+    threshold: float,
+    webhooks: str,
+    crash_points: list[str],
 ) -> None:
     import time
 
@@ -112,6 +144,8 @@ def _closed_loop(
             threshold=threshold,
             progress=lambda s: out.print(f"[{time.monotonic() - started:6.1f} s] {s}", markup=False),
             after=after,
+            webhooks=webhooks,
+            crash_points=crash_points,
         )
     failures = holder.get("failures", verdict(result))
     if failures:

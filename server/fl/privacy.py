@@ -232,6 +232,10 @@ def noise_for_target(
     `accountant` (Opacus' own search; under PRV it takes some seconds per sample rate, hence the cache)."""
     if accountant not in ACCOUNTANTS:
         raise ValueError(_unknown_accountant(accountant))
+    if accountant == "rdp" and target_epsilon <= _rdp_epsilon_floor(delta):
+        # No noise gets below what δ alone costs; Opacus' search would double the noise up to its cap first, an
+        # RDP evaluation each (a minute), and then say so.
+        raise ValueError("The privacy budget is too low.")
     with warnings.catch_warnings(), np.errstate(divide="ignore"):  # log(1 - q) at q = 1 under PRV: see above
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(
@@ -244,6 +248,16 @@ def noise_for_target(
                 epsilon_tolerance=0.01,
             )
         )
+
+
+def _rdp_epsilon_floor(delta: float) -> float:
+    """The ε Opacus' RDP accountant gives at δ as the noise grows without bound (every order's RDP at 0): any
+    finite noise gives more, so a target at or below it is met by none."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    with warnings.catch_warnings():  # at RDP 0 the largest order is the best: that is the limit asked for
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        floor, _ = privacy_analysis.get_privacy_spent(orders=orders, rdp=[0.0] * len(orders), delta=delta)
+    return float(floor)
 
 
 def train_private(

@@ -82,6 +82,22 @@ def test_under_prv_a_target_needs_less_noise_and_opacus_confirms_the_target_is_m
     assert opacus("rdp", [(prv_noise, rate, total)]) > 3.0  # PRV's noise is too little for RDP's bound
 
 
+def test_under_rdp_a_target_no_noise_meets_is_refused_and_one_just_above_is_met() -> None:
+    # Prepare: about the ε Opacus' RDP accountant tends to as the noise grows, whatever the sample rate (three
+    # full-batch steps here: Opacus computes those in closed form): ε falls below 1.003 times it by z = 640
+    floor = epsilon_of([(640.0, 1.0, 3)], DELTA)
+
+    # Execute, Assert: below it no noise will do (noise_for_target says so at once; Opacus' own search says the
+    # same after doubling the noise to its cap, a minute at a subsampled rate); a little above it, the search
+    # finds the noise
+    for target in (0.001, floor * 0.99):
+        for rate in (0.5, 1.0):
+            with pytest.raises(ValueError, match="privacy budget is too low"):
+                noise_for_target(target, DELTA, rate, 3)
+    noise = noise_for_target(floor + 0.06, DELTA, 1.0, 3)
+    assert epsilon_of([(noise, 1.0, 3)], DELTA) <= floor + 0.06
+
+
 def test_the_coordinator_recomputes_with_the_runs_accountant_so_an_honest_prv_report_is_no_mismatch() -> None:
     noise, rate, steps = 2.5, 0.5, 40
     history = [(noise, rate, steps)]

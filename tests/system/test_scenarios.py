@@ -13,7 +13,7 @@ from simulations.processes import run_bounded
 from simulations.scenario import SCENARIOS, ScenarioError, load_scenario, run_scenario
 
 NAMES = sorted(p.stem for p in SCENARIOS.glob("*.toml"))
-ROLLOUT_NAMES = [n for n in NAMES if n != "closed-loop"]  # the closed loop runs in test_main_job (`fedfleet demo`)
+ROLLOUT_NAMES = [n for n in NAMES if n != "closed-loop"]  # the closed loop runs in test_loop_system (`fedfleet demo`)
 
 
 def test_every_scenario_file_is_listed_and_loads() -> None:

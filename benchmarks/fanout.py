@@ -38,7 +38,11 @@ coordinator a little CPU, so a profiled run's figures are not the ones to quote.
 The last line is one JSON object: {"benchmark": "fanout", "devices", "size_mb", "seconds", "floor_seconds",
 "ratio", "floor_before_seconds", "floor_after_seconds", "cpu_seconds", "floor_cpu_seconds", "cpu_ratio",
 "page_cache_dropped", "coordinator_cpu_ms_per_update": {"grpc", "mirror"}, "agent_cpu_ms_per_update": {...},
-"seconds_by_path": {...}, ...}. Absolute times mean little on a shared machine; the ratios are the figures.
+"coordinator_idle_cpu_ms_per_second": {...}, "device_messages_per_update": {...}, "seconds_by_path": {...}, ...}.
+The idle figure is the coordinator's CPU over 5 s with the fleet connected, before the assignment (its tick and
+keepalives: the part of the fan-out's CPU that is not the updates'); the messages are the status and event
+messages devices published during the fan-out, counted by a subscriber of the benchmark's own. Absolute times
+mean little on a shared machine; the ratios are the figures.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ from simulations.dense_tflite import dense_model_of_size
 from simulations.fleet import SimulatedFleet
 from simulations.nginx import Nginx, start_mirror
 from simulations.processes import CoordinatorProcess, Mosquitto, cpu_seconds, descendants
+
+_IDLE_SECONDS = 5.0  # the coordinator's idle CPU is measured over this long before each fan-out
 
 PUBLISHER = r"""
 import sys, paho.mqtt.client as paho
@@ -171,7 +177,7 @@ def _start_profiler(pid: int, out: Path, native: bool) -> subprocess.Popen[bytes
     if found is None:
         raise RuntimeError("--profile needs py-spy: .venv/bin/pip install py-spy")
     out.parent.mkdir(parents=True, exist_ok=True)
-    args = [found, "record", "--pid", str(pid), "--format", "speedscope", "--rate", "100", "-o", str(out)]
+    args = [found, "record", "--pid", str(pid), "--format", "speedscope", "--rate", "100", "--gil", "-o", str(out)]
     proc = subprocess.Popen([*args, *(["--native"] if native else [])], stdout=subprocess.DEVNULL)
     time.sleep(1.0)  # attached before the clock starts
     return proc
@@ -190,6 +196,15 @@ def _treecpu_seconds(pid: int) -> float:
         with contextlib.suppress(OSError):  # a worker gone meanwhile
             total += cpu_seconds(p)
     return total
+
+
+async def _count_device_messages(broker: Mosquitto, prefix: str, count: list[int]) -> None:
+    """Count what devices publish to the coordinator (status and events: each one a message it reads)."""
+    async with aiomqtt.Client("127.0.0.1", broker.port, identifier="fanout-message-counter") as client:
+        await client.subscribe(f"{prefix}/devices/+/status", qos=0)
+        await client.subscribe(f"{prefix}/devices/+/events", qos=0)
+        async for _ in client.messages:
+            count[0] += 1
 
 
 async def _fedfleet(
@@ -217,6 +232,7 @@ async def _fedfleet(
         workers=workers,
         agent_extra=extra,
     )
+    device_messages = [0]
     t0 = time.monotonic()
     await fleet.start()
     store = d.store()
@@ -234,11 +250,18 @@ async def _fedfleet(
         if profile is not None:
             out = profile / f"coordinator-{'mirror' if nginx else 'grpc'}.speedscope.json"
             profiler = _start_profiler(coordinator.proc.pid, out, profile_native)
+        # The coordinator's own cost of a connected, idle fleet (its tick, keepalives), over the same span before
+        # the assignment: what the fan-out's CPU would be if the updates cost nothing.
+        idle0 = cpu_seconds(coordinator.proc.pid)
+        counting = asyncio.create_task(_count_device_messages(broker, d.config().topic_prefix, device_messages))
+        await asyncio.sleep(_IDLE_SECONDS)
+        idle_cpu_per_second = (cpu_seconds(coordinator.proc.pid) - idle0) / _IDLE_SECONDS
         _settle_page_cache()
         cpu0 = (cpu_seconds(coordinator.proc.pid), _owncpu_seconds(), _machinecpu_seconds(*pids))
         nginx_cpu0 = _treecpu_seconds(nginx.proc.pid) if nginx is not None and nginx.proc is not None else 0.0
         logged0 = len(nginx.requests()) if nginx is not None else 0
         start = time.monotonic()
+        device_messages[0] = 0  # the retained ones delivered on subscribing, and any of the idle span, not counted
         assign = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -259,6 +282,9 @@ async def _fedfleet(
             await asyncio.sleep(0.02)
         elapsed = time.monotonic() - start
         cpu = (cpu_seconds(coordinator.proc.pid) - cpu0[0], _owncpu_seconds() - cpu0[1])
+        messages = device_messages[0]
+        counting.cancel()
+        await asyncio.gather(counting, return_exceptions=True)
         if profiler is not None:
             _stop_profiler(profiler)
         assert await assign.wait() == 0
@@ -280,6 +306,8 @@ async def _fedfleet(
         "fleet_process_cpu_seconds": round(cpu[1], 2),
         "cpu_seconds": round(machine_cpu, 2),
         "coordinator_cpu_ms_per_update": round(cpu[0] * 1000 / n, 3),
+        "coordinator_idle_cpu_ms_per_second": round(idle_cpu_per_second * 1000, 2),
+        "device_messages_per_update": round(messages / n, 2),
         "agent_cpu_ms_per_update": round(cpu[1] * 1000 / n, 3),
         "mirror_server_cpu_ms_per_update": round(nginx_cpu * 1000 / n, 3),
     }
@@ -381,10 +409,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         "floor_cpu_seconds": round(floor_cpu, 2),
         "cpu_ratio": None if math.isnan(floor_cpu) else round(extra["cpu_seconds"] / floor_cpu, 2),
         "page_cache_dropped": page_cache_dropped,
-        **{k: v for k, v in extra.items() if not k.endswith("per_update") and k != "seconds"},
+        **{k: v for k, v in extra.items() if not k.endswith(("per_update", "per_second")) and k != "seconds"},
         **{
             figure: {path: figures[figure] for path, figures in by_path.items()}
-            for figure in ("coordinator_cpu_ms_per_update", "agent_cpu_ms_per_update")
+            for figure in (
+                "coordinator_cpu_ms_per_update",
+                "coordinator_idle_cpu_ms_per_second",
+                "device_messages_per_update",
+                "agent_cpu_ms_per_update",
+            )
         },
         "seconds_by_path": {path: round(figures["seconds"], 3) for path, figures in by_path.items()},
         "mirror_server_cpu_ms_per_update": by_path["mirror"]["mirror_server_cpu_ms_per_update"]

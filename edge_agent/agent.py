@@ -140,6 +140,7 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started_ms = int(time.time() * 1000)
         self._check_now = asyncio.Event()  # a pushed statement arrived, or a check is wanted at once
+        self._registered = asyncio.Event()  # Register answered: checks can succeed
         self._pushed_freshness: bytes | None = None
         self._ctx = UpdateContext(
             device_id=config.device_id,
@@ -345,6 +346,7 @@ class Agent:
             if response.HasField("assignment"):
                 self._offer(response.assignment.SerializeToString())
             logger.info("registered as %s", self.config.device_id)
+            self._registered.set()
             # A status published before the coordinator knew this device was refused: say it again.
             await self.publish_status()
             return
@@ -583,9 +585,15 @@ class Agent:
         pushed on MQTT are judged here too, and one above the device's counter starts a check at once."""
         loop = asyncio.get_running_loop()
         delay = self.config.retry_seconds
-        next_check = loop.time()
         check_at_once = False
-        await self._note_staleness()  # a statement that expired while the agent was not running: said at once
+        # Until the device has registered a check can only fail (the coordinator does not know it); staleness is
+        # still noted meanwhile, a statement that expired while the agent was not running at once.
+        while not self._registered.is_set():
+            await self._note_staleness()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._registered.wait(), self._seconds_until_stale())
+        due_now = await asyncio.to_thread(self._check_due_after_registering)
+        next_check = loop.time() + (0.0 if due_now else self._check_interval())
         while True:
             if check_at_once or loop.time() >= next_check:
                 check_at_once = False
@@ -601,25 +609,40 @@ class Agent:
                 await asyncio.wait_for(self._check_now.wait(), timeout)
             self._check_now.clear()
             pushed, self._pushed_freshness = self._pushed_freshness, None
-            if pushed is not None:
-                check_at_once = await asyncio.to_thread(self._judge_pushed, pushed)
+            if pushed is not None and (kept := await asyncio.to_thread(self._judge_pushed, pushed)) is not None:
+                check_at_once = not kept
+                if kept:  # fresh, and nothing missing: the next check is a whole interval away (no back-off)
+                    delay = self.config.retry_seconds
+                    next_check = loop.time() + self._check_interval()
 
-    def _judge_pushed(self, payload: bytes) -> bool:
-        """Keep a statement pushed on MQTT; returns whether it names a counter above every assignment the device
-        holds (check now, to get it). An assignment that is queued or being applied counts: the coordinator pushes
-        the statement right after the assignment it names, and installing one asks the director anyway
-        (`confirm_current`), so a second check would only cost the coordinator a call per device update."""
+    def _judge_pushed(self, payload: bytes) -> bool | None:
+        """Keep a statement pushed on MQTT. None: not kept; True: kept, and the device holds an assignment of its
+        counter; False: kept, but it names a counter above every assignment the device holds (check now, to get
+        it). An assignment that is queued or being applied counts: the coordinator pushes the statement right after
+        the assignment it names, and installing one asks the director anyway (`confirm_current`), so a second check
+        would only cost the coordinator a call per device update."""
         signed = pb.SignedFreshness()
         try:
             signed.ParseFromString(payload)
         except DecodeError:
             logger.warning("ignoring a malformed freshness statement")
-            return False
+            return None
         kept = self._accept_statement(signed, learn_keys=False)  # anyone may publish there: no TUF refresh for it
-        if kept is None or kept.counter <= self.store.load().highest_counter:
-            return False
+        return None if kept is None else self._holds(kept.counter)
+
+    def _holds(self, counter: int) -> bool:
+        """Whether the device has accepted, or has in hand (queued or being applied), an assignment of at least
+        this counter (blocking: an assignment in hand is verified first)."""
+        if counter <= self.store.load().highest_counter:
+            return True
         in_hand = (self._counter_of(p) for p in (self._applying, self._desired) if p is not None)
-        return not any(c is not None and c >= kept.counter for c in in_hand)
+        return any(c is not None and c >= counter for c in in_hand)
+
+    def _check_due_after_registering(self) -> bool:
+        """Whether the first check is due at once: not when Register's statement left the device fresh and names
+        no assignment it lacks (a check would bring nothing new)."""
+        state = self.store.load()
+        return self._is_stale(state, int(time.time() * 1000)) or not self._holds(state.fresh_counter)
 
     async def _event_sender(self) -> None:
         """Deliver queued events, waiting `_EVENT_LINGER_SECONDS` after the first so that the ones close behind it

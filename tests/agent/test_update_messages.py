@@ -76,17 +76,28 @@ def test_an_update_costs_one_check_and_its_status_follows_its_events(
 
     async def scenario() -> tuple[list[tuple[str, Any]], int]:
         agent = Agent(bundle.config)
-        checks = answered = 0
+        checks = in_flight = 0
+        registered: list[bool] = []  # per check: whether the device had registered (a check before fails)
         check = agent._transport.check
 
         def counted_check(counter: int) -> pb.CheckResponse:
-            nonlocal checks, answered
+            nonlocal checks, in_flight
             checks += 1
-            response = check(counter)
-            answered += response.HasField("freshness")
-            return response
+            registered.append(agent._registered.is_set())
+            in_flight += 1
+            try:
+                return check(counter)
+            finally:
+                in_flight -= 1
 
         agent._transport.check = counted_check  # type: ignore[method-assign]
+        register = agent._transport.register
+
+        def slow_register(*args: Any) -> pb.RegisterResponse:
+            time.sleep(1.5)  # a coordinator slow to answer: the agent's checks must wait for it, not fail before
+            return register(*args)
+
+        agent._transport.register = slow_register  # type: ignore[method-assign]
         seen: list[tuple[str, Any]] = []
         async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="update-messages-watcher") as watcher:
             await watcher.subscribe(f"{topics}/devices/pi-1/events", qos=1)
@@ -104,15 +115,16 @@ def test_an_update_costs_one_check_and_its_status_follows_its_events(
             watching = asyncio.create_task(watch())
             task = asyncio.create_task(agent.run())
             try:
-                await until(lambda: agent.connected.is_set() and datadir.store().is_device("pi-1"), "registration")
-                # The start-up checks (retried until the device had registered) are over once one is answered:
-                # the next periodic one is minutes away (a quarter of the validity, at most 15 minutes, with jitter).
-                await until(lambda: answered > 0, "a freshness check answered")
+                # Once the device holds a statement (from a check, or pushed) and no check is under way, the next
+                # periodic check is minutes away (a quarter of the validity, at most 15 minutes, with jitter).
+                await until(lambda: agent.connected.is_set() and agent._registered.is_set(), "registration")
+                await until(lambda: agent.store.load().fresh_until_ms > 0 and not in_flight, "a freshness statement")
                 before = checks
                 with datadir.store() as s:
                     datadir.director().assign(s, ["pi-1"], release)
                 await until(lambda: agent.model is not None, "the model committed")
                 await until(lambda: ("status", release.id) in seen, "the status naming the new release")
+                assert all(registered), "a freshness check before the device had registered"
                 return seen, checks - before
             finally:
                 task.cancel()

@@ -61,7 +61,7 @@ def test_noise_has_the_scale_one_inference_across_the_whole_window_asks() -> Non
     epsilon = 10.0
     b = window_sensitivity(FEATURES) / epsilon
     assert window_sensitivity(FEATURES) == 2 * FEATURES + 6
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(20261206)  # seeded: 150 draws of one entropy scalar are few for its 25 % bound
     # Execute
     draws = [noised(exact, epsilon, rng, spent=epsilon, budget=100.0) for _ in range(150)]
     # Assert: per count cell, Laplace(b) has E|X| = b and variance 2b² (rounding adds at most 1/12 + a little).

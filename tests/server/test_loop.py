@@ -337,6 +337,8 @@ def test_webhooks_are_signed_retried_and_recorded_and_a_hanging_one_holds_up_not
         assert {(r["state"], r["attempts"], r["last_result"]) for r in wrong_rows} == {("failed", 2, "HTTP 401")}
         hanging.release.set()
         wait_for(lambda: len(hanging.received) == 3, 20, what="the hanging endpoint's deliveries once it answers")
+        # Its last delivery is recorded once the answer is back: received is not yet recorded.
+        wait_for(lambda: "pending" not in dict(deliveries.counts()), 20, what="every delivery recorded")
         assert dict(deliveries.counts()) == {"delivered": 7, "failed": 3}
     finally:
         sender.stop()

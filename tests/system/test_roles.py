@@ -116,7 +116,9 @@ def _phase(rig: Rig, _: Any) -> Any:
 CHECKS: dict[Permission, Check] = {
     Permission.READ: Check(lambda r, role: None, lambda r, role, x: ("GET", "/api/fleet", None), lambda r, x: None),
     Permission.ROLLOUTS_ACT: Check(
-        lambda r, role: None,
+        # A resumed rollout is pending until the coordinator's tick bakes it again: observed before that, a change
+        # of phase the tick makes would look like the refused request's doing.
+        lambda r, role: wait_for(lambda: _phase(r, None) == "baking", 60, what="the rollout baking again"),
         lambda r, role, x: ("POST", f"/api/rollouts/{r.rollout}/pause", {"confirm": r.rollout}),
         _phase,
     ),

@@ -18,7 +18,7 @@ from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from server.datadir import DataDir
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
-from simulations.processes import CoordinatorProcess, Mosquitto
+from simulations.processes import CoordinatorProcess, Mosquitto, wait_for
 from tests.support import enroll_agent
 
 
@@ -133,8 +133,14 @@ def test_an_update_costs_one_check_and_its_status_follows_its_events(
 
     try:
         seen, checks = asyncio.run(scenario())
-        with datadir.store() as s:
-            stored = [e["kind"] for e in reversed(s.events("pi-1"))]
+        # The watcher may see the events before the coordinator has stored them: wait for the store, not the wire
+
+        def stored_kinds() -> list[str]:
+            with datadir.store() as s:
+                return [e["kind"] for e in reversed(s.events("pi-1"))]
+
+        wait_for(lambda: "committed" in stored_kinds(), 30, what="the committed event stored")
+        stored = stored_kinds()
     finally:
         coordinator.kill()
 

@@ -3,8 +3,9 @@ coordinator records it with time and source; a device without it is never select
 whatever it is asked. The ledger and the model's lineage name the devices that consented.
 
 The training runs here drive the real ServerApp and the real ClientApp in this process through a Grid that
-delivers each message to the ClientApp of its node (Flower's Grid interface, no Ray); one Ray-marked test runs
-the same through Flower's simulation engine.
+delivers each message to the ClientApp of its node (Flower's Grid interface, no Ray). Through Flower's own
+engines: tests/server/test_training_engine.py (the simulated devices' consent in the run config) and
+tests/server/test_training_deployment.py (SuperNodes whose owners consented).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from server.datadir import DataDir
+from server.store.dashboard import DashboardReads
 from simulations.processes import descendants, run_bounded
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(900)]
@@ -132,11 +133,7 @@ def test_fedfleet_demo_closes_the_loop_through_kills_at_each_step_and_tells_a_we
         jobs = list(store.db.query("SELECT state, release_id FROM retrain_jobs"))
         rollouts = list(store.db.query("SELECT release_id, phase FROM rollouts"))
         running = {r["running_release"] for r in store.devices()}
-        lifetime = store.db.execute(
-            "SELECT MAX(total) FROM (SELECT device_id, SUM(eps) AS total FROM ("
-            "SELECT device_id, run_id, MAX(epsilon) AS eps FROM privacy_spend GROUP BY device_id, run_id)"
-            " GROUP BY device_id)"
-        ).fetchone()[0]
+        lifetime = DashboardReads(store).max_lifetime_epsilon()  # as the ledger counts it, reference queries too
     finally:
         store.close()
     assert runs == ["completed", "completed"]  # the first model, and one retraining despite three kills

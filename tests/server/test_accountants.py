@@ -71,6 +71,7 @@ def test_the_same_noise_gives_a_lower_epsilon_under_prv_than_rdp_each_as_opacus_
     assert epsilon_of(history, DELTA) == rdp  # RDP stays the default
 
 
+@pytest.mark.slow
 def test_under_prv_a_target_needs_less_noise_and_opacus_confirms_the_target_is_met() -> None:
     rate, steps = steps_per_round(150, 128, 2)  # a digits device at the default batch: 2 batches, 4 steps a round
     total = 20 * steps
@@ -180,6 +181,7 @@ def _train_message(run_id: str, server_round: int, **overrides: Any) -> Message:
     return Message(content=content, metadata=metadata)  # type: ignore[call-overload, no-any-return]
 
 
+@pytest.mark.slow
 def test_a_device_calibrates_and_reports_with_the_runs_accountant_and_a_config_without_one_means_rdp(
     tmp_path: Path,
 ) -> None:

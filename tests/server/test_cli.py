@@ -121,6 +121,7 @@ def _digest(d: DataDir) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in d.root.rglob("*") if p.is_file() and not p.name.startswith("fedfleet.db")}
 
 
+@pytest.mark.slow
 def test_release_is_byte_identical_when_repeated_and_bad_input_changes_nothing(
     datadir: DataDir, tmp_path: Path
 ) -> None:
@@ -165,6 +166,7 @@ def test_release_is_byte_identical_when_repeated_and_bad_input_changes_nothing(
     store.close()
 
 
+@pytest.mark.slow
 def test_json_outputs_are_one_document(datadir: DataDir, tmp_path: Path) -> None:
     root = str(datadir.root)
     for args in (["devices", "list"], ["releases", "list"], ["keys", "rotate-root"]):
@@ -192,6 +194,7 @@ def test_json_outputs_are_one_document(datadir: DataDir, tmp_path: Path) -> None
     assert status["device_id"] == "pi-7" and status["active_slot"] is None
 
 
+@pytest.mark.slow
 def test_enrollment_rotation_and_releases_are_audited_and_tampering_is_named(datadir: DataDir, tmp_path: Path) -> None:
     root = str(datadir.root)
     model = tmp_path / "m.tflite"
@@ -218,6 +221,7 @@ def test_enrollment_rotation_and_releases_are_audited_and_tampering_is_named(dat
     ]
 
 
+@pytest.mark.slow
 def test_rollout_commands_refuse_bad_input_and_change_nothing(datadir: DataDir, tmp_path: Path) -> None:
     root = str(datadir.root)
     spec = tmp_path / "bad.toml"
@@ -270,6 +274,7 @@ def _assignments(d: DataDir) -> list[tuple[str, str, int]]:
         store.close()
 
 
+@pytest.mark.slow
 def test_rollout_pause_resume_and_abort_through_the_cli(datadir: DataDir, model_bytes: dict[str, bytes]) -> None:
     root = str(datadir.root)
     _fleet_on(datadir, model_bytes, 4)
@@ -320,6 +325,7 @@ def test_version_as_an_option_and_a_command() -> None:
         assert done.returncode == 0 and done.stdout.strip() == f"fedfleet {__version__}", (args, done.stderr)
 
 
+@pytest.mark.slow
 def test_status_tells_the_fleet_at_a_glance(datadir: DataDir, model_bytes: dict[str, bytes]) -> None:
     root = str(datadir.root)
     names = _fleet_on(datadir, model_bytes, 3)
@@ -404,6 +410,7 @@ def test_dashboard_token_is_kept_until_rotated_and_rotation_is_audited(datadir: 
     assert [a["action"] for a in trail] == ["dashboard.token-rotated"]
 
 
+@pytest.mark.slow
 def test_config_set_checks_the_value_changes_one_setting_and_is_audited(datadir: DataDir) -> None:
     before = datadir.config_path.read_bytes()
     for key, value, message in (

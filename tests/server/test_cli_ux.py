@@ -72,6 +72,7 @@ def _complete_a_rollout(d: DataDir, model_bytes: dict[str, bytes]) -> str:
     raise AssertionError(f"{rollout_id} did not complete")
 
 
+@pytest.mark.slow
 def test_a_finished_rollout_keeps_its_gates_and_one_wave_numbering(
     datadir: DataDir, model_bytes: dict[str, bytes]
 ) -> None:
@@ -109,6 +110,7 @@ def test_a_finished_rollout_keeps_its_gates_and_one_wave_numbering(
     assert view["gates_final"] and (view["gates"], view["gates_at"]) == (doc["gates"], doc["gates_at_ms"])
 
 
+@pytest.mark.slow
 def test_a_release_names_the_users_file_and_wants_a_semantic_version(datadir: DataDir, tmp_path: Path) -> None:
     root = str(datadir.root)
     model = tmp_path / "m.tflite"

@@ -114,6 +114,7 @@ def initialised(compose: dict[str, Any], tmp_path_factory: pytest.TempPathFactor
     return tmp_path
 
 
+@pytest.mark.slow  # the `initialised` fixture runs six `fedfleet` processes
 def test_the_init_service_commands_run_and_write_a_tls_broker_config(initialised: Path) -> None:
     conf = (initialised / "broker" / "mosquitto.conf").read_text()
     for line in ("require_certificate true", "use_identity_as_username true", "allow_anonymous false", "listener 8883"):
@@ -124,6 +125,7 @@ def test_the_init_service_commands_run_and_write_a_tls_broker_config(initialised
         assert (initialised / "broker" / name).stat().st_size > 0, name
 
 
+@pytest.mark.slow  # shares the init service run of the `initialised` fixture (3.6 to 5.3 s)
 def test_no_published_port_carries_plaintext(compose: dict[str, Any], initialised: Path) -> None:
     """Every port published beyond the host's loopback speaks (mutual) TLS: the broker's listener requires client
     certificates, and the coordinator's serve, with the settings the init service wrote, exposes nothing in

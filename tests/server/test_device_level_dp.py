@@ -107,6 +107,7 @@ def test_bad_device_plans_are_refused_with_a_clear_reason() -> None:
         device_accounting(TrainPlan(), 10)
 
 
+@pytest.mark.slow
 def test_the_cli_refuses_a_bad_device_plan_before_anything_runs(tmp_path: Path) -> None:
     d, _ = DataDir.init(tmp_path / "data")
     out = cli(d, "train", "--privacy-unit", "device", "--clients", "4", "--clients-per-round", "2", "--rounds", "2")

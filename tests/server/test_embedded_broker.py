@@ -56,6 +56,7 @@ async def _device(port: int, device: str, got: dict[str, list[tuple[str, bytes]]
             got[device].append((message.topic.value, bytes(message.payload)))  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_each_client_receives_only_its_own_retained_state_during_a_connect_storm() -> None:
     devices = [f"pi-{i}" for i in range(60)]
 

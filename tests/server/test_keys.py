@@ -175,6 +175,7 @@ def test_keys_written_with_a_passphrase_set_are_encrypted_from_the_start(
     assert d.director().key_id == key_id
 
 
+@pytest.mark.slow
 def test_root_rotation_with_the_root_key_offline(tmp_path: Path, model_bytes: dict[str, bytes]) -> None:
     d, usb = offline_datadir(tmp_path)
     publish(d, model_bytes, "1.0.0", "2.0.0")
@@ -225,6 +226,7 @@ def test_root_rotation_with_the_root_key_offline(tmp_path: Path, model_bytes: di
         device.close()
 
 
+@pytest.mark.slow
 def test_a_new_intermediate_needs_the_offline_root_ca_key(tmp_path: Path) -> None:
     d, usb = offline_datadir(tmp_path)
     first = x509.load_pem_x509_certificate((d.trust / "ca-intermediate.pem").read_bytes())
@@ -251,6 +253,7 @@ def test_a_new_intermediate_needs_the_offline_root_ca_key(tmp_path: Path) -> Non
 # ----- online keys encrypted at rest -----
 
 
+@pytest.mark.slow
 def test_keys_encrypt_refuses_a_missing_short_or_wrong_passphrase_and_changes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

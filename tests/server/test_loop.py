@@ -280,7 +280,8 @@ class Endpoint:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # shutdown() waits for serve_forever to next check its flag: poll often, not every half second
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         self.thread.start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
 
@@ -504,6 +505,7 @@ def _approved_job(d: DataDir, store: Store, telemetry: Telemetry, **changes: Any
     return job
 
 
+@pytest.mark.slow
 def test_a_training_that_fails_alerts_and_releases_nothing(fleet: tuple[DataDir, Store, Telemetry]) -> None:
     d, store, telemetry = fleet
     (d.root / "policy.toml").write_text('[retrain]\non_drift = "retrain"\ndata_source = "no_such_module:data"\n')

@@ -97,6 +97,7 @@ def _ledger(d: DataDir) -> list[dict[str, Any]]:
 # ----- fedfleet privacy monitoring -----
 
 
+@pytest.mark.slow
 def test_monitoring_is_the_same_locally_and_remotely(coordinator: Coordinator) -> None:
     # Execute
     local, remote = coordinator.both("privacy", "monitoring", "--json")
@@ -213,6 +214,7 @@ def test_the_privacy_page_reads_the_totals_any_reader_may_read(coordinator: Coor
     assert "Monitoring budget (noised telemetry)" in app_js and "monitoringTable(doc.monitoring" in app_js
 
 
+@pytest.mark.slow  # drives Chromium: browser tests are slow
 @pytest.mark.browser
 def test_the_privacy_page_shows_the_monitoring_budget_to_a_viewer(coordinator: Coordinator) -> None:
     """In real headless Chromium (as tests/system/test_dashboard_browser.py drives it), under the page's CSP."""

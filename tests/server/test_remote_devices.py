@@ -9,11 +9,15 @@ import json
 import urllib.error
 import urllib.request
 
+import pytest
 from cryptography import x509
 
 from server import audit
 from simulations.dense_tflite import build_dense_model, random_dense_layers
 from tests.server.test_remote_privacy import Coordinator, _one_sentence, coordinator  # noqa: F401 (the fixture)
+
+# Each test runs `fedfleet` several times, locally and against the API: 2.6 to 16 s each with two workers on 2 cores.
+pytestmark = pytest.mark.slow
 
 
 def _revoked_serials(c: Coordinator) -> set[int]:

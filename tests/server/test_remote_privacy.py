@@ -142,6 +142,7 @@ def _state(d: DataDir) -> tuple[int, list[tuple[Any, ...]]]:
 # ----- consent -----
 
 
+@pytest.mark.slow
 def test_consent_lists_each_device_the_same_locally_and_remotely(coordinator: Coordinator) -> None:
     # Execute
     local, remote = coordinator.both("privacy", "consent", "--json")
@@ -162,6 +163,7 @@ def test_consent_lists_each_device_the_same_locally_and_remotely(coordinator: Co
     assert "withdrawn" in lines["pi-b"] and "agent" in lines["pi-b"] and "unknown" in lines[SILENT], local_table
 
 
+@pytest.mark.slow
 def test_a_device_that_withdrew_shows_both_statements_in_its_history(coordinator: Coordinator) -> None:
     # Execute
     local, remote = coordinator.both("privacy", "consent", "--device", "pi-b", "--json")

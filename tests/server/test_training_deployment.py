@@ -383,6 +383,7 @@ def test_node_key_is_made_from_a_live_enrollment_bundle(datadir: DataDir, tmp_pa
     assert stat.S_IMODE((bundle / NODE_KEY).stat().st_mode) == 0o600
 
 
+@pytest.mark.slow
 def test_node_key_refusals_change_nothing(datadir: DataDir, tmp_path: Path) -> None:
     # Prepare: pi-a enrolled twice (the first bundle's certificate is revoked), pi-b with a key already.
     old, new, keyed = tmp_path / "old" / "pi-a", tmp_path / "new" / "pi-a", tmp_path / "pi-b"

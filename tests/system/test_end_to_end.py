@@ -115,6 +115,7 @@ def _publish(url: str, messages: list[tuple[str, bytes]]) -> None:
     client.disconnect()
 
 
+@pytest.mark.slow
 @pytest.mark.broker
 def test_malformed_mqtt_payloads_change_nothing(datadir: DataDir, mosquitto: Mosquitto, tmp_path: Path) -> None:
     coordinator = CoordinatorProcess(datadir, mosquitto.url).start()

@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 _MAX_BACKOFF = 60.0
 _RECONNECT_SPREAD_STEPS = 5  # after a lost MQTT session, reconnects wait anywhere in 5 first back-off steps (10 s)
 _MAX_QUEUED_EVENTS = 1000
-_EVENT_LINGER_SECONDS = 0.25  # events queued within this of each other go in one MQTT message
+_EVENT_LINGER_SECONDS = 0.25  # events (and an update's start status) queued within this go in one message each
 _EVENTS_PER_MESSAGE = 16  # at most; each event is under 1 KiB, so a message stays under mqtt_control_payload
 _STOP_SECONDS = 5.0  # how long a stopping agent waits for its tasks to finish
 _MAX_CHECK_SECONDS = 900.0  # the freshness check runs at least this often (a quarter of the validity, if shorter)
@@ -135,6 +135,7 @@ class Agent:
         self._events: deque[pb.UpdateEvent] = deque(maxlen=_MAX_QUEUED_EVENTS)
         self._events_ready = asyncio.Event()
         self._events_lock = asyncio.Lock()  # one sender at a time: the sender task, or a status publish
+        self._status_due = False  # a status lingers with the events (`_status_soon`); any status publish clears it
         tls = config.tls.read() if config.tls is not None and config.grpc_tls else None
         self._transport = GrpcTransport(config.grpc_target, config.device_id, tls=tls)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -382,6 +383,7 @@ class Agent:
         client = self._client
         if client is not None and self.connected.is_set():
             await self._flush_events()
+            self._status_due = False  # what is published now is the latest: a lingering one has nothing to add
             with contextlib.suppress(aiomqtt.MqttError):
                 payload = self._status(online).SerializeToString()
                 await publish(client, self.topics.status(self.config.device_id), payload, qos=1, retain=True)
@@ -463,6 +465,14 @@ class Agent:
         self._events.append(event)
         self._events_ready.set()
 
+    def _status_soon(self) -> None:
+        """Publish the status after the events' linger, unless a status is published before then. An update's start
+        says "updating"; an update that ends within the linger publishes its end status at once, which says all:
+        the start status is never sent, and a fast update costs the coordinator one events message and one
+        status. A longer one shows "updating" a linger after it started."""
+        self._status_due = True
+        self._events_ready.set()
+
     def _pause_hook(self, step: str) -> None:
         if step == self.config.debug_pause_at:
             marker = Path(self.config.state_dir) / f"paused-at-{step}"
@@ -482,7 +492,7 @@ class Agent:
                 continue
             self.updating = True
             self._applying = payload
-            await self.publish_status()
+            self._status_soon()
             try:
                 result: UpdateResult = await asyncio.to_thread(apply_assignment, payload, ctx)
             finally:
@@ -647,7 +657,8 @@ class Agent:
     async def _event_sender(self) -> None:
         """Deliver queued events, waiting `_EVENT_LINGER_SECONDS` after the first so that the ones close behind it
         go in the same message (an update's downloading/verified/installed/committed: one or two messages to the
-        coordinator instead of four); retried while delivery fails."""
+        coordinator instead of four), then a status that lingered with them (`_status_soon`); retried while
+        delivery fails."""
         while True:
             await self._events_ready.wait()
             await asyncio.sleep(_EVENT_LINGER_SECONDS)
@@ -655,6 +666,8 @@ class Agent:
             if not await self._flush_events():
                 await asyncio.sleep(self.config.retry_seconds)
                 self._events_ready.set()
+            elif self._status_due:
+                await self.publish_status()
 
     async def _flush_events(self) -> bool:
         """Send every queued event: over MQTT (QoS 1), the first of each message carrying the next ones in

@@ -53,12 +53,17 @@ def test_a_message_never_exceeds_the_control_payload_limit_and_keeps_the_rest_fo
 
 @pytest.mark.slow
 @pytest.mark.broker
+@pytest.mark.parametrize("update", ["within-the-linger", "longer-than-the-linger"])
 def test_an_update_costs_one_check_and_its_status_follows_its_events(
-    datadir: DataDir, tmp_path: Path, mosquitto: Mosquitto
+    datadir: DataDir, tmp_path: Path, mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch, update: str
 ) -> None:
     """A real coordinator and agent: the assignment arrives on MQTT, then the statement naming it; the update's own
     confirmation is the only freshness check; every event is stored in order, and on the wire the status that says
-    the new release runs comes after the committed event."""
+    the new release runs comes after the committed event. An update that ends within the events' linger costs
+    the coordinator two device messages (its events, its end status); a longer one also says "updating" while it
+    runs. The linger is set per case (30 s, 0.05 s) so that which case happens never hinges on timing."""
+    fast = update == "within-the-linger"
+    monkeypatch.setattr("edge_agent.agent._EVENT_LINGER_SECONDS", 30.0 if fast else 0.05)
     store = datadir.store()
     model = build_dense_model(random_dense_layers([64, 16, 10], 1))
     release = publish_release(datadir.repository(), store, model, "digits", "1.0.0").release
@@ -74,7 +79,7 @@ def test_an_update_costs_one_check_and_its_status_follows_its_events(
                 raise AssertionError(f"timed out waiting for {what}")
             await asyncio.sleep(0.05)
 
-    async def scenario() -> tuple[list[tuple[str, Any]], int]:
+    async def scenario() -> tuple[list[tuple[str, Any]], int, int]:
         agent = Agent(bundle.config)
         checks = in_flight = 0
         registered: list[bool] = []  # per check: whether the device had registered (a check before fails)
@@ -85,6 +90,8 @@ def test_an_update_costs_one_check_and_its_status_follows_its_events(
             checks += 1
             registered.append(agent._registered.is_set())
             in_flight += 1
+            if agent.updating and not fast:  # the update's own check: hold the update until "updating" is out
+                wait_for(lambda: ("updating", True) in seen, 60, what="the status saying the device updates")
             try:
                 return check(counter)
             finally:
@@ -99,18 +106,23 @@ def test_an_update_costs_one_check_and_its_status_follows_its_events(
 
         agent._transport.register = slow_register  # type: ignore[method-assign]
         seen: list[tuple[str, Any]] = []
+        events_messages = 0
         async with aiomqtt.Client("127.0.0.1", mosquitto.port, identifier="update-messages-watcher") as watcher:
             await watcher.subscribe(f"{topics}/devices/pi-1/events", qos=1)
             await watcher.subscribe(f"{topics}/devices/pi-1/status", qos=1)
 
             async def watch() -> None:
+                nonlocal events_messages
                 async for m in watcher.messages:
                     payload = bytes(m.payload)  # type: ignore[arg-type]
                     if m.topic.value.endswith("/events"):
+                        events_messages += 1
                         e = pb.UpdateEvent.FromString(payload)
                         seen.extend(("event", x.kind) for x in [e, *e.later])
                     else:
-                        seen.append(("status", pb.DeviceStatus.FromString(payload).running_release))
+                        status = pb.DeviceStatus.FromString(payload)
+                        seen.append(("status", status.running_release))
+                        seen.append(("updating", status.update_state == pb.UPDATE_STATE_UPDATING))
 
             watching = asyncio.create_task(watch())
             task = asyncio.create_task(agent.run())
@@ -119,20 +131,20 @@ def test_an_update_costs_one_check_and_its_status_follows_its_events(
                 # periodic check is minutes away (a quarter of the validity, at most 15 minutes, with jitter).
                 await until(lambda: agent.connected.is_set() and agent._registered.is_set(), "registration")
                 await until(lambda: agent.store.load().fresh_until_ms > 0 and not in_flight, "a freshness statement")
-                before = checks
+                before, events_before = checks, events_messages
                 with datadir.store() as s:
                     datadir.director().assign(s, ["pi-1"], release)
                 await until(lambda: agent.model is not None, "the model committed")
                 await until(lambda: ("status", release.id) in seen, "the status naming the new release")
                 assert all(registered), "a freshness check before the device had registered"
-                return seen, checks - before
+                return seen, checks - before, events_messages - events_before
             finally:
                 task.cancel()
                 watching.cancel()
                 await asyncio.gather(task, watching, return_exceptions=True)
 
     try:
-        seen, checks = asyncio.run(scenario())
+        seen, checks, events_messages = asyncio.run(scenario())
         # The watcher may see the events before the coordinator has stored them: wait for the store, not the wire
 
         def stored_kinds() -> list[str]:
@@ -152,3 +164,7 @@ def test_an_update_costs_one_check_and_its_status_follows_its_events(
     kinds = [k for what, k in seen if what == "event"]
     assert kinds[-4:] == [pb.EVENT_KIND_DOWNLOADING, pb.EVENT_KIND_VERIFIED, pb.EVENT_KIND_INSTALLED, 5]
     assert seen.index(("event", pb.EVENT_KIND_COMMITTED)) < seen.index(("status", release.id))
+    if fast:  # no start status: the update's four events in one message, then the end status
+        assert events_messages == 1 and ("updating", True) not in seen
+    else:  # "updating" went out while the update was held, before its last event
+        assert seen.index(("updating", True)) < seen.index(("event", pb.EVENT_KIND_COMMITTED))

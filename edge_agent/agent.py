@@ -64,7 +64,8 @@ logger = logging.getLogger(__name__)
 _MAX_BACKOFF = 60.0
 _RECONNECT_SPREAD_STEPS = 5  # after a lost MQTT session, reconnects wait anywhere in 5 first back-off steps (10 s)
 _MAX_QUEUED_EVENTS = 1000
-_EVENT_LINGER_SECONDS = 0.25  # events (and an update's start status) queued within this go in one message each
+_EVENT_LINGER_SECONDS = 0.25  # events queued within this of each other go in one MQTT message
+_START_STATUS_SECONDS = 1.0  # an update's "updating" status goes out with its first events, or after this at most
 _EVENTS_PER_MESSAGE = 16  # at most; each event is under 1 KiB, so a message stays under mqtt_control_payload
 _STOP_SECONDS = 5.0  # how long a stopping agent waits for its tasks to finish
 _MAX_CHECK_SECONDS = 900.0  # the freshness check runs at least this often (a quarter of the validity, if shorter)
@@ -466,12 +467,13 @@ class Agent:
         self._events_ready.set()
 
     def _status_soon(self) -> None:
-        """Publish the status after the events' linger, unless a status is published before then. An update's start
-        says "updating"; an update that ends within the linger publishes its end status at once, which says all:
-        the start status is never sent, and a fast update costs the coordinator one events message and one
-        status. A longer one shows "updating" a linger after it started."""
+        """Publish the status with the next events the sender sends (`_START_STATUS_SECONDS` at most from now),
+        unless a status is published before then. An update's start says "updating"; an update whose events all
+        fall within one linger publishes its end status right after them, which says all: its start status is
+        never sent, and it costs the coordinator one events message and one status. A longer update shows
+        "updating" along with its first events."""
         self._status_due = True
-        self._events_ready.set()
+        asyncio.get_running_loop().call_later(_START_STATUS_SECONDS, self._events_ready.set)
 
     def _pause_hook(self, step: str) -> None:
         if step == self.config.debug_pause_at:

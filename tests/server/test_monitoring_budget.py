@@ -54,7 +54,7 @@ def message(c: WindowCounts, device: str, seq: int) -> pb.TelemetryWindow:
 
 def noisy(ref: DriftReference, n: int, seed: int, epsilon: float, spent: float, budget: float) -> WindowCounts:
     exhausted = spent + epsilon > budget
-    return noised(counts(ref, n, seed), epsilon, np.random.default_rng(), spent, budget, exhausted)
+    return noised(counts(ref, n, seed), epsilon, np.random.default_rng(seed), spent, budget, exhausted)  # repeatable
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from edge_agent.contract import LIMITS, Topics
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2_grpc as pb_grpc
 from edge_agent.contract.drift import DriftReference
-from edge_agent.contract.mqtt_session import jittered, keep_session, publish, raise_lost_cancel
+from edge_agent.contract.mqtt_session import aiomqtt_session, jittered, keep_session, publish, raise_lost_cancel
 from edge_agent.contract.reasons import Reason
 from edge_agent.contract.schema import InputSchema
 from edge_agent.contract.windows import ClosedWindow
@@ -420,9 +420,7 @@ class Agent:
             )
 
         await keep_session(
-            make_client,
-            on_connected,
-            self._on_message,
+            aiomqtt_session(make_client, on_connected, self._on_message),
             self.connected,
             self.config.retry_seconds,
             _MAX_BACKOFF,

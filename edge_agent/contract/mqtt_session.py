@@ -1,5 +1,5 @@
 """One MQTT session kept alive: connect, run, and on loss reconnect with doubling, jittered back-off. Used by the
-agent and by the coordinator's bridge.
+agent (aiomqtt) and by the coordinator's bridge (its own client).
 
 A broker restart drops every device's session at the same instant. One jittered back-off step spreads their
 reconnects over only half a step (1 s with the agent's shipped 2 s: 110 of 200 agents in one second, measured by
@@ -17,7 +17,7 @@ from typing import Any
 
 import aiomqtt
 
-__all__ = ["jittered", "keep_session", "publish", "raise_lost_cancel", "spread_wait"]
+__all__ = ["Session", "aiomqtt_session", "jittered", "keep_session", "publish", "raise_lost_cancel", "spread_wait"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +34,39 @@ def spread_wait(window: float, rng: random.Random | None = None) -> float:
     return (rng or random).uniform(0, window)
 
 
-async def keep_session(
+Session = Callable[[Callable[[], None]], Awaitable[None]]
+"""One MQTT session: connects, calls its argument once the session is up (subscribed and announced), and returns
+or raises one of `keep_session`'s `lost` exceptions when the session ends."""
+
+
+def aiomqtt_session(
     make_client: Callable[[], aiomqtt.Client],
     on_connected: Callable[[aiomqtt.Client], Awaitable[None]],
     on_message: Callable[[str, Any], object],
+) -> Session:
+    """A `Session` of an aiomqtt client (the agent's): `on_connected` subscribes and announces, then every message
+    goes to `on_message` until the connection is lost (aiomqtt.MqttError)."""
+
+    async def session(up: Callable[[], None]) -> None:
+        async with make_client() as client:
+            await on_connected(client)
+            up()
+            async for message in client.messages:
+                on_message(message.topic.value, message.payload)
+
+    return session
+
+
+async def keep_session(
+    session: Session,
     connected: asyncio.Event,
     first_delay: float,
     max_delay: float,
     what: str,
     spread: float | None = None,
+    lost: tuple[type[Exception], ...] = (aiomqtt.MqttError,),
 ) -> None:
-    """Run until cancelled. `connected` is set while a session is up; `on_connected` subscribes and announces.
+    """Run `session` again and again until cancelled. `connected` is set while a session is up.
 
     Without `spread`, each reconnect waits a jittered step that doubles up to `max_delay`. With it, once a
     session that was up (connected and announced) is lost, the first reconnect waits `spread_wait(spread)` and
@@ -53,14 +75,15 @@ async def keep_session(
     spreading = False  # a session that was up was lost, and none is up since
     while True:
         was_up, reason = False, None
+
+        def up() -> None:
+            nonlocal was_up, delay
+            connected.set()
+            was_up, delay = True, first_delay
+
         try:
-            async with make_client() as client:
-                await on_connected(client)
-                connected.set()
-                was_up, delay = True, first_delay
-                async for message in client.messages:
-                    on_message(message.topic.value, message.payload)
-        except aiomqtt.MqttError as e:
+            await session(up)
+        except lost as e:
             reason = e
         finally:
             connected.clear()

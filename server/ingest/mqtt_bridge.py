@@ -1,14 +1,17 @@
 """The coordinator's MQTT side: publishes desired state and freshness statements, ingests status and update events.
 
-Status and update events are stored in batches: each message is checked as it arrives and its write queued; the
-queue is written in one transaction once no further message is waiting in the client's queue (or it reaches
+Status and update events are stored in batches. The bridge speaks MQTT through the coordinator's own client
+(`server.ingest.mqtt_client`), which hands it the messages of one socket read as one list; each message is checked
+and its write queued, and the queue is written in one transaction once the list is checked (or it reaches
 `_MAX_BATCH`, or the coordinator's tick flushes it). A fleet-wide update brings several messages per device at
 once, and one transaction per message was most of the coordinator's CPU per update on the mirror path.
 
 Invariants:
-- The broker's PUBACK is not ours to time: paho sends it when it reads the message, before this module sees it.
-  A message is never held back longer than the client's queue holds the ones behind it, so batching adds no
-  message to those a crash can lose: only messages that were already waiting together are written together.
+- A device message's PUBACK goes out after its batch's transaction: the client sends the PUBACKs of a read once
+  `receive` returned. A message the broker has seen acknowledged is stored, or (the store refusing writes) held in
+  memory for the tick's retry; a coordinator killed before its transaction never acknowledged the message.
+  The session is a clean one, so the broker does not send such a message again; what a device publishes while no
+  coordinator is connected is lost, as before (its status is retained, so the latest one is read on connect).
 - A batch is one transaction: it is stored whole or not at all, in arrival order. A batch the database cannot
   write now (sqlite3.OperationalError: locked, disk full, I/O) is kept, ahead of newer messages, and tried again
   by the coordinator's next tick (not by every message meanwhile: a store that refuses writes is retried five
@@ -24,11 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import aiomqtt
 
 from edge_agent.contract import Topics, addresses
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
@@ -36,6 +37,8 @@ from edge_agent.contract.mqtt_session import keep_session
 from server.crashpoints import crash_point
 from server.errors import CoordinatorError
 from server.ingest.events import EventRejected, parse_events, parse_status
+from server.ingest.mqtt_client import MqttClient, MqttClientError
+from server.ingest.mqtt_codec import Message
 from server.ingest.telemetry import ingest_windows, parse_window
 from server.store import Store
 from server.store.freshness import FreshnessRecords
@@ -45,6 +48,7 @@ __all__ = ["MqttBridge", "parse_mqtt_url"]
 logger = logging.getLogger(__name__)
 
 _MAX_BATCH = 1000  # device messages per transaction, at most
+_DEVICE_TOPICS = ("status", "events", "telemetry")  # PREFIX/devices/+/KIND, subscribed at QoS 1
 _MAX_PENDING = 100_000  # checked messages kept while the store refuses writes; past it the oldest are dropped
 
 
@@ -70,11 +74,10 @@ class MqttBridge:
         self.host, self.port, tls = parse_mqtt_url(url)
         if tls and tls_files is None:
             raise CoordinatorError("an mqtts:// broker needs the coordinator's client certificate")
-        self.tls_params = (
-            aiomqtt.TLSParameters(ca_certs=str(tls_files[0]), certfile=str(tls_files[1]), keyfile=str(tls_files[2]))
-            if tls and tls_files
-            else None
-        )
+        self._ssl_context: ssl.SSLContext | None = None
+        if tls and tls_files:
+            self._ssl_context = ssl.create_default_context(cafile=str(tls_files[0]))
+            self._ssl_context.load_cert_chain(str(tls_files[1]), str(tls_files[2]))
         self.topics = topics
         self.client_id = client_id
         self.connected = asyncio.Event()
@@ -82,60 +85,63 @@ class MqttBridge:
         self._telemetry: list[tuple[pb.TelemetryWindow, str | None]] = []
         self._writes: list[Callable[[Store], object]] = []  # checked status and events, in arrival order
         self._store_failing = False  # the last flush failed: only the tick's flush retries
-        self._client: aiomqtt.Client | None = None
+        self._client: MqttClient | None = None
 
     async def run(self) -> None:
         """Keep a session with the broker, ingesting what devices say; reconnect on loss."""
-
-        async def on_connected(client: aiomqtt.Client) -> None:
-            # Publishing to a whole fleet at once is normal here; aiomqtt warns past 10 by default.
-            client.pending_calls_threshold = 100_000
-            self._client = client
-            await client.subscribe(f"{self.topics.prefix}/devices/+/status", qos=1)
-            await client.subscribe(f"{self.topics.prefix}/devices/+/events", qos=1)
-            await client.subscribe(f"{self.topics.prefix}/devices/+/telemetry", qos=1)
-            logger.info("connected to MQTT broker %s:%d", self.host, self.port)
-
-        def make_client() -> aiomqtt.Client:
-            return aiomqtt.Client(
-                self.host,
-                self.port,
-                identifier=self.client_id,
-                keepalive=30,
-                max_queued_outgoing_messages=100_000,
-                tls_params=self.tls_params,
-            )
-
         try:
-            await keep_session(make_client, on_connected, self.handle, self.connected, 0.5, 10.0, "coordinator")
+            await keep_session(self._session, self.connected, 0.5, 10.0, "coordinator", lost=(MqttClientError,))
         finally:
             self.flush_messages()  # what was received is stored before the bridge stops
 
-    def handle(self, topic: str, payload: Any) -> bool:
+    async def _session(self, up: Callable[[], None]) -> None:
+        client = await MqttClient.connect(
+            self.host,
+            self.port,
+            client_id=self.client_id,
+            on_messages=self.receive,
+            keepalive=30,
+            ssl_context=self._ssl_context,
+        )
+        try:
+            await client.subscribe([(f"{self.topics.prefix}/devices/+/{kind}", 1) for kind in _DEVICE_TOPICS])
+            self._client = client
+            logger.info("connected to MQTT broker %s:%d", self.host, self.port)
+            up()
+            raise await client.closed
+        finally:
+            self._client = None
+            client.close()
+
+    def receive(self, messages: list[Message]) -> None:
+        """Check the messages that arrived together and store what passes in one transaction (their PUBACKs go out
+        when this returns; see the module's docstring)."""
+        for message in messages:
+            self.handle(message.topic, message.payload)
+        if not self._store_failing:
+            self.flush_messages()
+
+    def handle(self, topic: str, payload: bytes) -> bool:
         """Check one device message and queue its write (status, event; telemetry for `flush_telemetry`); log and
-        drop it if it is invalid. Returns whether it was accepted. The queued writes are stored once no other
-        message waits behind this one (see the module's docstring)."""
-        if not isinstance(payload, bytes | bytearray):
-            payload = b""
+        drop it if it is invalid. Returns whether it was accepted. `receive` stores the queued writes."""
         try:
             if (device := self.topics.device_of(topic, "status")) is not None:
-                status = parse_status(bytes(payload), device, self.store)
+                status = parse_status(payload, device, self.store)
                 if status["online"]:
                     self._writes.append(lambda store: store.set_status(**status))
                 else:  # a last will, written when the agent started: only its "offline" is current
                     self._writes.append(lambda store: store.set_offline(status["device_id"]))
             elif (device := self.topics.device_of(topic, "events")) is not None:
-                events = parse_events(bytes(payload), device, self.store)
+                events = parse_events(payload, device, self.store)
                 self._writes.append(lambda store: store.record_events(events, via="mqtt"))
             elif (device := self.topics.device_of(topic, "telemetry")) is not None:
-                self._telemetry.append((parse_window(bytes(payload)), device))  # stored by flush_telemetry
+                self._telemetry.append((parse_window(payload), device))  # stored by flush_telemetry
             else:
                 raise EventRejected("not a device status or events topic")
         except EventRejected as e:
             logger.warning("rejected message on %s: %s", topic[:200], e)
             return False
-        others_waiting = self._client is not None and len(self._client.messages) > 0
-        if not self._store_failing and (not others_waiting or len(self._writes) >= _MAX_BATCH):
+        if not self._store_failing and len(self._writes) >= _MAX_BATCH:
             self.flush_messages()
         return True
 
@@ -192,44 +198,51 @@ class MqttBridge:
 
     async def publish_acks(self) -> int:
         """Publish each device's latest stored watermark (retained), so it can drop what is confirmed."""
-        client = self._client
-        if client is None or not self.connected.is_set() or not self._pending_acks:
+        if not self._pending_acks or not self.connected.is_set():
             return 0
         acks, self._pending_acks = self._pending_acks, {}
-        await asyncio.gather(
-            *(
-                client.publish(self.topics.ack(d), pb.TelemetryAck(watermark=w).SerializeToString(), qos=1, retain=True)
-                for d, w in acks.items()
-            )
-        )
+        messages = [(self.topics.ack(d), pb.TelemetryAck(watermark=w).SerializeToString()) for d, w in acks.items()]
+        if not await self._publish_retained(messages):
+            self._pending_acks = acks | self._pending_acks  # a newer watermark of the same device wins
+            return 0
         return len(acks)
 
     async def publish_assignments(self) -> int:
         """Publish every unpublished assignment as the device's retained desired state (QoS 1)."""
-        client = self._client
-        if client is None or not self.connected.is_set():
+        if not self.connected.is_set():
             return 0
         rows = self.store.unpublished_assignments()
-        if not rows:
+        if not rows or not await self._publish_retained(
+            [(self.topics.desired(r["device_id"]), r["signed"]) for r in rows]
+        ):
             return 0
-        await asyncio.gather(
-            *(client.publish(self.topics.desired(r["device_id"]), r["signed"], qos=1, retain=True) for r in rows)
-        )
         crash_point("publish:sent")
         self.store.mark_published([(r["device_id"], r["counter"]) for r in rows])
         return len(rows)
 
     async def publish_freshness(self) -> int:
         """Push every new freshness statement as the device's retained freshness state (QoS 1)."""
-        client = self._client
-        if client is None or not self.connected.is_set():
+        if not self.connected.is_set():
             return 0
         records = FreshnessRecords(self.store)
         rows = records.unpublished()
-        if not rows:
+        if not rows or not await self._publish_retained(
+            [(self.topics.freshness(r["device_id"]), r["signed"]) for r in rows]
+        ):
             return 0
-        await asyncio.gather(
-            *(client.publish(self.topics.freshness(r["device_id"]), r["signed"], qos=1, retain=True) for r in rows)
-        )
         records.mark_published([(r["device_id"], r["issued_at"]) for r in rows])
         return len(rows)
+
+    async def _publish_retained(self, messages: list[tuple[str, bytes]]) -> bool:
+        """Publish each (topic, payload) retained at QoS 1 and wait for every PUBACK. False if there is no session
+        or it was lost first: the caller keeps what it published, and the next tick publishes it again (a retained
+        message sent twice is the same state)."""
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await asyncio.gather(*(client.publish(topic, payload, 1, retain=True) for topic, payload in messages))
+        except MqttClientError as e:
+            logger.warning("%d message(s) not published yet (retrying on the next tick): %s", len(messages), e)
+            return False
+        return True

@@ -25,13 +25,12 @@ from hypothesis import strategies as st
 from edge_agent.contract import Topics
 from server.errors import CoordinatorError
 from server.ingest.broker import EmbeddedBroker, free_port
-from server.ingest.mqtt_broker import (
-    BrokerLimits,
+from server.ingest.mqtt_broker import BrokerLimits, RetainedStore, SubscriptionTree
+from server.ingest.mqtt_codec import (
     MalformedPacket,
     Message,
     PacketReader,
-    RetainedStore,
-    SubscriptionTree,
+    decode_packet,
     is_valid_topic_filter,
     topic_matches,
 )
@@ -242,13 +241,13 @@ def test_packet_reader_reassembles_split_and_coalesced_packets() -> None:
     stream = connect_packet("pi-1", will=("w", b"gone", 1, True)) + publish_packet(
         "a/b", b"x" * 300, qos=1, packet_id=9
     )
-    one_by_one = PacketReader(1024)
+    one_by_one = PacketReader(1024, decode_packet)
     packets = []
     for byte in stream:
         one_by_one.feed(bytes((byte,)))
         while (packet := one_by_one.next_packet()) is not None:
             packets.append(packet)
-    at_once = PacketReader(1024)
+    at_once = PacketReader(1024, decode_packet)
     at_once.feed(stream)
     assert [at_once.next_packet(), at_once.next_packet(), at_once.next_packet()] == [*packets, None]
     assert len(packets) == 2
@@ -257,7 +256,7 @@ def test_packet_reader_reassembles_split_and_coalesced_packets() -> None:
     assert publish.message == Message("a/b", b"x" * 300, 1, False) and publish.packet_id == 9  # type: ignore[union-attr]
 
     # A packet announced over the limit is refused at its header, before its body.
-    oversize = PacketReader(1024)
+    oversize = PacketReader(1024, decode_packet)
     oversize.feed(b"\x30" + _varint(2000))
     with pytest.raises(MalformedPacket, match="over the limit"):
         oversize.next_packet()

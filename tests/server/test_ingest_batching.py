@@ -1,12 +1,12 @@
-"""The MQTT bridge stores device messages in batches (server/ingest/mqtt_bridge.py): a batch is one transaction,
-stored whole and in arrival order or not at all, and telemetry is acknowledged only once stored."""
+"""The MQTT bridge stores device messages in batches (server/ingest/mqtt_bridge.py): the messages of one read are
+one transaction, stored whole and in arrival order or not at all, and telemetry is acknowledged only once stored."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -16,6 +16,7 @@ from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.windows import window_to_proto
 from server.datadir import DataDir
 from server.ingest.mqtt_bridge import MqttBridge
+from server.ingest.mqtt_codec import Message
 from server.store import Store
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
@@ -38,13 +39,6 @@ def store(datadir: DataDir) -> Iterator[Store]:
     s.close()
 
 
-class _Waiting:
-    """What the bridge reads of an aiomqtt.Client: `len(client.messages)`, the messages still in its queue."""
-
-    def __init__(self, waiting: int) -> None:
-        self.messages = [None] * waiting
-
-
 def _event(device: str, kind: int, counter: int = 1) -> bytes:
     return pb.UpdateEvent(device_id=device, kind=kind, release_id="digits@1.0.0", counter=counter).SerializeToString()
 
@@ -61,24 +55,31 @@ def _running(store: Store, device: str) -> str:
     return str(store.db.execute("SELECT running_release FROM devices WHERE id = ?", [device]).fetchone()[0])
 
 
-def test_messages_wait_while_others_queue_behind_them_then_are_stored_in_arrival_order(store: Store) -> None:
-    # Prepare: a client with messages still queued behind the ones handled
+def test_the_messages_of_one_read_are_checked_then_stored_in_one_transaction_in_arrival_order(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: count the bridge's transactions
     bridge = MqttBridge(store, "mqtt://127.0.0.1:1", TOPICS)
-    bridge._client = cast(aiomqtt.Client, _Waiting(3))
+    transactions: list[int] = []
+    write = MqttBridge._write
+    monkeypatch.setattr(MqttBridge, "_write", lambda self, batch: (transactions.append(len(batch)), write(self, batch)))
+    read = [
+        Message(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_DOWNLOADING), 1),
+        Message(TOPICS.status("pi-2"), _status("pi-2", "digits@1.0.0"), 1),
+        Message(TOPICS.events("pi-2"), b"not a protobuf", 1),  # refused alone, holds up nothing
+        Message(TOPICS.events("pi-2"), _event("pi-2", pb.EVENT_KIND_COMMITTED), 1),
+        Message(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_VERIFIED), 1),
+    ]
 
-    # Execute: three messages handled while others wait
-    assert bridge.handle(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_DOWNLOADING))
-    assert bridge.handle(TOPICS.status("pi-2"), _status("pi-2", "digits@1.0.0"))
-    assert bridge.handle(TOPICS.events("pi-2"), _event("pi-2", pb.EVENT_KIND_COMMITTED))
+    # Execute: one read of five messages
+    bridge.receive(read)
 
-    # Assert: nothing stored yet; the last message, with none behind it, stores all three in arrival order
-    assert _events(store) == [] and _running(store, "pi-2") == ""
-    bridge._client = cast(aiomqtt.Client, _Waiting(0))
-    assert bridge.handle(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_VERIFIED))
+    # Assert: the four valid ones in one transaction, in arrival order; nothing left over
+    assert transactions == [4]
     assert _events(store) == [("pi-1", "downloading"), ("pi-2", "committed"), ("pi-1", "verified")]
     assert _running(store, "pi-2") == "digits@1.0.0"
     assert store.device("pi-1")["last_event"] == "verified"
-    assert bridge.flush_messages() == 0  # nothing left over
+    assert bridge.flush_messages() == 0
 
 
 def _carrying(device: str, kinds: list[int], **first: Any) -> bytes:
@@ -94,7 +95,7 @@ def test_events_carried_in_one_message_are_stored_in_order_as_one_write(store: S
     bridge = MqttBridge(store, "mqtt://127.0.0.1:1", TOPICS)
 
     # Execute: an update's four steps in one message
-    assert bridge.handle(TOPICS.events("pi-1"), _carrying("pi-1", KINDS))
+    bridge.receive([Message(TOPICS.events("pi-1"), _carrying("pi-1", KINDS), 1)])
 
     # Assert: four events, in the order sent; the device's last event is the last of them
     assert _events(store) == [("pi-1", k) for k in ("downloading", "verified", "installed", "committed")]
@@ -166,7 +167,6 @@ def test_a_batch_the_database_cannot_write_now_is_kept_whole_for_the_next_flush(
 
     monkeypatch.setattr(Store, "record_events", full_disk)
     bridge = MqttBridge(store, "mqtt://127.0.0.1:1", TOPICS)
-    bridge._client = cast(aiomqtt.Client, _Waiting(1))
     bridge.handle(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_DOWNLOADING))
     bridge.handle(TOPICS.status("pi-1"), _status("pi-1", "digits@1.0.0"))
     bridge.handle(TOPICS.events("pi-2"), _event("pi-2", pb.EVENT_KIND_DOWNLOADING))
@@ -179,10 +179,9 @@ def test_a_batch_the_database_cannot_write_now_is_kept_whole_for_the_next_flush(
     assert stored == 0
     assert _events(store) == [] and _running(store, "pi-1") == ""
 
-    # Execute: the disk has room again; a newer message arrives with none queued behind it
+    # Execute: the disk has room again; a newer message arrives
     monkeypatch.setattr(Store, "record_events", record)
-    bridge._client = cast(aiomqtt.Client, _Waiting(0))
-    bridge.handle(TOPICS.events("pi-2"), _event("pi-2", pb.EVENT_KIND_VERIFIED))
+    bridge.receive([Message(TOPICS.events("pi-2"), _event("pi-2", pb.EVENT_KIND_VERIFIED), 1)])
 
     # Assert: after a failure only the tick's flush retries (a failing store is not retried once per message)
     assert _events(store) == []
@@ -201,7 +200,7 @@ def test_a_batch_the_database_cannot_write_now_is_kept_whole_for_the_next_flush(
     assert _running(store, "pi-1") == "digits@1.0.0"
 
     # Assert: once a flush succeeded, messages are stored as they come again
-    bridge.handle(TOPICS.events("pi-2"), _event("pi-2", pb.EVENT_KIND_INSTALLED))
+    bridge.receive([Message(TOPICS.events("pi-2"), _event("pi-2", pb.EVENT_KIND_INSTALLED), 1)])
     assert _events(store)[-1] == ("pi-2", "installed")
 
 
@@ -214,7 +213,6 @@ def test_a_message_the_store_refuses_is_dropped_alone_and_holds_up_nothing(
         " BEGIN SELECT RAISE(ABORT, 'not this one'); END"
     )
     bridge = MqttBridge(store, "mqtt://127.0.0.1:1", TOPICS)
-    bridge._client = cast(aiomqtt.Client, _Waiting(1))
     bridge.handle(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_DOWNLOADING))
     bridge.handle(TOPICS.events("pi-2"), _event("pi-2", pb.EVENT_KIND_DOWNLOADING))
     bridge.handle(TOPICS.status("pi-1"), _status("pi-1", "digits@1.0.0"))
@@ -226,8 +224,7 @@ def test_a_message_the_store_refuses_is_dropped_alone_and_holds_up_nothing(
     assert stored == 2
     assert _events(store) == [("pi-1", "downloading")] and _running(store, "pi-1") == "digits@1.0.0"
     assert "a device message the store refuses was dropped" in caplog.text
-    bridge._client = cast(aiomqtt.Client, _Waiting(0))
-    bridge.handle(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_COMMITTED))
+    bridge.receive([Message(TOPICS.events("pi-1"), _event("pi-1", pb.EVENT_KIND_COMMITTED), 1)])
     assert _events(store)[-1] == ("pi-1", "committed") and bridge.flush_messages() == 0
 
 
@@ -260,8 +257,8 @@ def test_telemetry_whose_transaction_fails_is_not_acknowledged(store: Store) -> 
 def test_a_burst_through_a_real_broker_is_stored_whole_in_order_without_a_tick(
     store: Store, mosquitto: Mosquitto
 ) -> None:
-    """Messages the bridge held back while others queued are stored once the queue drains: none waits for the
-    coordinator's tick (which this test never runs)."""
+    """A burst arrives over many reads and is stored read by read: no message waits for the coordinator's tick
+    (which this test never runs)."""
     devices = [f"burst-{i}" for i in range(30)]
     for device in devices:
         store.register_device(device, "lab", {}, {}, "test")

@@ -22,6 +22,7 @@ from edge_agent.contract.windows import counts_from_proto, window_to_proto
 from server.datadir import DataDir
 from server.ingest.events import EventRejected, event_row
 from server.ingest.mqtt_bridge import MqttBridge
+from server.ingest.mqtt_codec import Message
 from server.store import Store
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
@@ -106,7 +107,7 @@ def test_mqtt_handlers_survive_random_topics_and_payloads(store: Store) -> None:
     @FUZZ
     @given(topic=topics, payload=payloads)
     def one(topic: str, payload: bytes) -> None:
-        bridge.handle(topic, payload)  # never raises: stores or logs a refusal
+        bridge.receive([Message(topic, payload, 1)])  # never raises: stores or logs a refusal
         bridge.flush_telemetry()
 
     one()
@@ -120,9 +121,11 @@ def test_mqtt_handlers_survive_random_topics_and_payloads(store: Store) -> None:
     before = store.db.execute("SELECT count(*) FROM events").fetchone()[0]
     status = pb.DeviceStatus(device_id="pi-2", online=True, running_release="digits@1.0.0", running_counter=1)
     assert bridge.handle(TOPICS.status("pi-2"), status.SerializeToString())
+    assert bridge.flush_messages() == 1
     assert store.db.execute("SELECT running_release FROM devices WHERE id = 'pi-2'").fetchone()[0] == "digits@1.0.0"
     event = pb.UpdateEvent(device_id="pi-2", kind=pb.EVENT_KIND_COMMITTED, release_id="digits@1.0.0", counter=1)
     assert bridge.handle(TOPICS.events("pi-2"), event.SerializeToString())
+    assert bridge.flush_messages() == 1
     assert store.db.execute("SELECT count(*) FROM events").fetchone()[0] == before + 1
     top = store.db.execute("SELECT max(sequence) FROM telemetry WHERE device_id = 'pi-2'").fetchone()[0] or 0
     assert bridge.handle(TOPICS.telemetry("pi-2"), _valid_window("pi-2", top + 1).SerializeToString())

@@ -41,8 +41,8 @@ The last line is one JSON object: {"benchmark": "fanout", "devices", "size_mb", 
 "coordinator_idle_cpu_ms_per_second": {...}, "device_messages_per_update": {...}, "seconds_by_path": {...}, ...}.
 The idle figure is the coordinator's CPU over 5 s with the fleet connected, before the assignment (its tick and
 keepalives: the part of the fan-out's CPU that is not the updates'); the messages are the status and event
-messages devices published during the fan-out, counted by a subscriber of the benchmark's own. Absolute times
-mean little on a shared machine; the ratios are the figures.
+messages devices published during the fan-out and until their count settles (1 s without one), counted by a
+subscriber in a process of its own. Absolute times mean little on a shared machine; the ratios are the figures.
 """
 
 from __future__ import annotations
@@ -90,6 +90,26 @@ for info in infos:
     info.wait_for_publish(600)
 print("done", flush=True)
 c.loop_stop()
+"""
+
+
+COUNTER = r"""
+import sys, paho.mqtt.client as paho
+port, prefix = int(sys.argv[1]), sys.argv[2]
+count = 0
+def on_message(client, userdata, message):
+    global count
+    count += 1
+c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="fanout-message-counter")
+c.on_message = on_message
+c.on_subscribe = lambda *args: print("ready", flush=True)
+c.connect("127.0.0.1", port)
+c.subscribe([(f"{prefix}/devices/+/status", 0), (f"{prefix}/devices/+/events", 0)])
+c.loop_start()
+for line in sys.stdin:  # "reset": count from now on; anything else: print the count
+    if line.strip() == "reset":
+        count = 0
+    print(count, flush=True)
 """
 
 
@@ -198,13 +218,45 @@ def _treecpu_seconds(pid: int) -> float:
     return total
 
 
-async def _count_device_messages(broker: Mosquitto, prefix: str, count: list[int]) -> None:
-    """Count what devices publish to the coordinator (status and events: each one a message it reads)."""
-    async with aiomqtt.Client("127.0.0.1", broker.port, identifier="fanout-message-counter") as client:
-        await client.subscribe(f"{prefix}/devices/+/status", qos=0)
-        await client.subscribe(f"{prefix}/devices/+/events", qos=0)
-        async for _ in client.messages:
-            count[0] += 1
+class _MessageCounter:
+    """What devices publish to the coordinator (status and events: each one a message it reads), counted by a
+    subscriber in a process of its own: one in this process, beside the simulated agents, fell behind while they
+    were busy and was read before it had caught up (the gRPC path's counts of 0.4-0.9 per update)."""
+
+    def __init__(self, broker: Mosquitto, prefix: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", COUNTER, str(broker.port), prefix],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    async def _ask(self, line: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return (await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 30)).strip()
+
+    async def ready(self) -> None:
+        assert self.proc.stdout is not None
+        assert (await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 30)).strip() == "ready"
+
+    async def reset(self) -> None:
+        await self._ask("reset")
+
+    async def settled(self, quiet: float = 1.0, limit: float = 30.0) -> int:
+        """The count once it has not changed for `quiet` seconds (the last end statuses are in), or after `limit`."""
+        count, deadline = int(await self._ask("read")), time.monotonic() + limit
+        while time.monotonic() < deadline:
+            await asyncio.sleep(quiet)
+            if (now := int(await self._ask("read"))) == count:
+                break
+            count = now
+        return count
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 async def _fedfleet(
@@ -232,7 +284,7 @@ async def _fedfleet(
         workers=workers,
         agent_extra=extra,
     )
-    device_messages = [0]
+    counter = _MessageCounter(broker, d.config().topic_prefix)
     t0 = time.monotonic()
     await fleet.start()
     store = d.store()
@@ -253,7 +305,7 @@ async def _fedfleet(
         # The coordinator's own cost of a connected, idle fleet (its tick, keepalives), over the same span before
         # the assignment: what the fan-out's CPU would be if the updates cost nothing.
         idle0 = cpu_seconds(coordinator.proc.pid)
-        counting = asyncio.create_task(_count_device_messages(broker, d.config().topic_prefix, device_messages))
+        await counter.ready()
         await asyncio.sleep(_IDLE_SECONDS)
         idle_cpu_per_second = (cpu_seconds(coordinator.proc.pid) - idle0) / _IDLE_SECONDS
         _settle_page_cache()
@@ -261,7 +313,7 @@ async def _fedfleet(
         nginx_cpu0 = _treecpu_seconds(nginx.proc.pid) if nginx is not None and nginx.proc is not None else 0.0
         logged0 = len(nginx.requests()) if nginx is not None else 0
         start = time.monotonic()
-        device_messages[0] = 0  # the retained ones delivered on subscribing, and any of the idle span, not counted
+        await counter.reset()  # the retained ones delivered on subscribing, and any of the idle span, not counted
         assign = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -282,14 +334,12 @@ async def _fedfleet(
             await asyncio.sleep(0.02)
         elapsed = time.monotonic() - start
         cpu = (cpu_seconds(coordinator.proc.pid) - cpu0[0], _owncpu_seconds() - cpu0[1])
-        messages = device_messages[0]
-        counting.cancel()
-        await asyncio.gather(counting, return_exceptions=True)
         if profiler is not None:
             _stop_profiler(profiler)
         assert await assign.wait() == 0
         machine_cpu = _machinecpu_seconds(*pids) - cpu0[2]
         nginx_cpu = _treecpu_seconds(nginx.proc.pid) - nginx_cpu0 if nginx is not None and nginx.proc else 0.0
+        messages = await counter.settled()  # after every CPU figure: this waits for the count to stop changing
         failures = [e for e in store.events(limit=100_000) if e["kind"] in ("rejected", "failed", "probe_failed")]
         if failures:
             raise RuntimeError(f"{len(failures)} update failures, first: {failures[0]}")
@@ -298,6 +348,7 @@ async def _fedfleet(
             if len(served) < n:
                 raise RuntimeError(f"nginx served {len(served)} targets to {n} devices: some came over gRPC")
     finally:
+        counter.stop()
         store.close()
         await fleet.stop()
     return elapsed, {

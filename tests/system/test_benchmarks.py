@@ -70,6 +70,11 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
         ("ingest.py", ["--devices", "3", "--seconds", "2"], ["windows_per_second", "bare_windows_per_second", "lost"]),
         ("rollback.py", ["--devices", "4", "--rate", "100"], ["rollback_seconds", "bare_fanout_seconds", "met"]),
         ("agent_footprint.py", ["--inferences", "200", "--skip-venv"], ["rss_mb", "drift_cost_ratio"]),
+        (
+            "update_messages.py",
+            ["--devices", "5", "--idle-seconds", "0.5"],
+            ["messages", "coordinator_us_per_message", "bare_us_per_message", "ratio"],
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

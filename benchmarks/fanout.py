@@ -71,7 +71,7 @@ from server.trust.releases import publish_release
 from simulations.dense_tflite import dense_model_of_size
 from simulations.fleet import SimulatedFleet
 from simulations.nginx import Nginx, start_mirror
-from simulations.processes import CoordinatorProcess, Mosquitto, cpu_seconds, descendants
+from simulations.processes import CoordinatorProcess, MessageCounter, Mosquitto, cpu_seconds, descendants
 
 _IDLE_SECONDS = 5.0  # the coordinator's idle CPU is measured over this long before each fan-out
 
@@ -90,26 +90,6 @@ for info in infos:
     info.wait_for_publish(600)
 print("done", flush=True)
 c.loop_stop()
-"""
-
-
-COUNTER = r"""
-import sys, paho.mqtt.client as paho
-port, prefix = int(sys.argv[1]), sys.argv[2]
-count = 0
-def on_message(client, userdata, message):
-    global count
-    count += 1
-c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="fanout-message-counter")
-c.on_message = on_message
-c.on_subscribe = lambda *args: print("ready", flush=True)
-c.connect("127.0.0.1", port)
-c.subscribe([(f"{prefix}/devices/+/status", 0), (f"{prefix}/devices/+/events", 0)])
-c.loop_start()
-for line in sys.stdin:  # "reset": count from now on; anything else: print the count
-    if line.strip() == "reset":
-        count = 0
-    print(count, flush=True)
 """
 
 
@@ -218,47 +198,6 @@ def _treecpu_seconds(pid: int) -> float:
     return total
 
 
-class _MessageCounter:
-    """What devices publish to the coordinator (status and events: each one a message it reads), counted by a
-    subscriber in a process of its own: one in this process, beside the simulated agents, fell behind while they
-    were busy and was read before it had caught up (the gRPC path's counts of 0.4-0.9 per update)."""
-
-    def __init__(self, broker: Mosquitto, prefix: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", COUNTER, str(broker.port), prefix],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
-    async def _ask(self, line: str) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return (await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 30)).strip()
-
-    async def ready(self) -> None:
-        assert self.proc.stdout is not None
-        assert (await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 30)).strip() == "ready"
-
-    async def reset(self) -> None:
-        await self._ask("reset")
-
-    async def settled(self, quiet: float = 1.0, limit: float = 30.0) -> int:
-        """The count once it has not changed for `quiet` seconds (the last end statuses are in), or after `limit`."""
-        count, deadline = int(await self._ask("read")), time.monotonic() + limit
-        while time.monotonic() < deadline:
-            await asyncio.sleep(quiet)
-            if (now := int(await self._ask("read"))) == count:
-                break
-            count = now
-        return count
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-
 async def _fedfleet(
     d: DataDir,
     coordinator: CoordinatorProcess,
@@ -284,7 +223,11 @@ async def _fedfleet(
         workers=workers,
         agent_extra=extra,
     )
-    counter = _MessageCounter(broker, d.config().topic_prefix)
+    # What devices publish to the coordinator (status and events: each one a message it reads), counted apart
+    prefix = d.config().topic_prefix
+    counter = MessageCounter(
+        broker.port, [f"{prefix}/devices/+/{k}" for k in ("status", "events")], 0, "fanout-counter"
+    )
     t0 = time.monotonic()
     await fleet.start()
     store = d.store()

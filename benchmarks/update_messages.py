@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,26 +32,9 @@ from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from server.datadir import DataDir
 from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
-from simulations.processes import CoordinatorProcess, Mosquitto, cpu_seconds
+from simulations.processes import CoordinatorProcess, MessageCounter, Mosquitto, cpu_seconds
 
 KINDS = [pb.EVENT_KIND_DOWNLOADING, pb.EVENT_KIND_VERIFIED, pb.EVENT_KIND_INSTALLED, pb.EVENT_KIND_COMMITTED]
-
-BARE = r"""
-import sys, paho.mqtt.client as paho
-port, prefix = int(sys.argv[1]), sys.argv[2]
-count = 0
-def on_message(client, userdata, message):
-    global count
-    count += 1
-c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bare-update-reader")
-c.on_message = on_message
-c.on_subscribe = lambda *args: print("ready", flush=True)
-c.connect("127.0.0.1", port)
-c.subscribe([(f"{prefix}/devices/+/status", 1), (f"{prefix}/devices/+/events", 1)])
-c.loop_start()
-for line in sys.stdin:  # any line: print the count
-    print(count, flush=True)
-"""
 
 
 def _messages(device: str) -> list[tuple[str, bytes, bool]]:
@@ -60,11 +42,6 @@ def _messages(device: str) -> list[tuple[str, bytes, bool]]:
     events[0].later.extend(events[1:])
     status = pb.DeviceStatus(device_id=device, online=True, running_release="digits@1.0.0", running_counter=1)
     return [("events", events[0].SerializeToString(), False), ("status", status.SerializeToString(), True)]
-
-
-async def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    return (await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout)).strip()
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
@@ -82,15 +59,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             publish_release(d.repository(), store, model, "digits", "1.0.0")
             prefix = d.config().topic_prefix
             coordinator = CoordinatorProcess(d, broker.url).start()
-            bare = subprocess.Popen(
-                [sys.executable, "-c", BARE, str(broker.port), prefix],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert await _readline(bare, 30) == "ready"
+            bare = MessageCounter(broker.port, [f"{prefix}/devices/+/{k}" for k in ("status", "events")], 1, "bare")
+            await bare.ready()
             assert coordinator.proc is not None
-            pids = (coordinator.proc.pid, bare.pid)
+            pids = (coordinator.proc.pid, bare.proc.pid)
             await asyncio.sleep(1.0)  # the coordinator's start-up work done
             idle0, t0 = cpu_seconds(pids[0]), time.monotonic()
             await asyncio.sleep(args.idle_seconds)
@@ -113,20 +85,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                     if time.monotonic() > deadline:
                         raise TimeoutError("the coordinator did not store every event in time")
                     await asyncio.sleep(0.05)
-                while True:  # the bare reader has read every message too
-                    assert bare.stdin is not None
-                    bare.stdin.write("count\n")
-                    bare.stdin.flush()
-                    if int(await _readline(bare, 30)) >= len(queue) or time.monotonic() > deadline:
-                        break
+                while await bare.count() < len(queue) and time.monotonic() < deadline:  # the bare reader too
                     await asyncio.sleep(0.05)
                 elapsed = time.monotonic() - start
                 cpu = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)]
             store.close()
         finally:
             if bare is not None:
-                bare.kill()
-                bare.wait()
+                bare.stop()
             if coordinator is not None:
                 coordinator.kill()
             broker.stop()

@@ -11,6 +11,7 @@ Used by simulations that restart parts (faults), by benchmarks, and by the tests
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -39,6 +40,7 @@ __all__ = [
     "TRACEBACK",
     "AgentProcess",
     "CoordinatorProcess",
+    "MessageCounter",
     "Mosquitto",
     "cpu_seconds",
     "descendants",
@@ -361,3 +363,69 @@ class AgentProcess:
         )
         doc: dict[str, Any] = json.loads(out.stdout)
         return doc
+
+
+_COUNTER = r"""
+import json, sys, paho.mqtt.client as paho
+port, client_id, qos, filters = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+count = 0
+def on_message(client, userdata, message):
+    global count
+    count += 1
+c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
+c.on_message = on_message
+c.on_subscribe = lambda *args: print("ready", flush=True)
+c.connect("127.0.0.1", port)
+c.subscribe([(f, qos) for f in filters])
+c.loop_start()
+for line in sys.stdin:  # "reset": count from now on; anything else: print the count
+    if line.strip() == "reset":
+        count = 0
+    print(count, flush=True)
+"""
+
+
+class MessageCounter:
+    """A plain paho subscriber in a process of its own that counts the messages on `filters` (at `qos`): the floor
+    of reading MQTT in Python, and a count that does not fall behind when the caller's process is busy (one in the
+    simulated agents' process did, and under-counted). Call `ready` before counting."""
+
+    def __init__(self, port: int, filters: Sequence[str], qos: int, client_id: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _COUNTER, str(port), client_id, str(qos), json.dumps(list(filters))],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    async def _line(self, send: str | None = None) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if send is not None:
+            self.proc.stdin.write(send + "\n")
+            self.proc.stdin.flush()
+        return (await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), 30)).strip()
+
+    async def ready(self) -> None:
+        """Once its subscription is granted."""
+        if (line := await self._line()) != "ready":
+            raise RuntimeError(f"the message counter did not start: {line!r}")
+
+    async def reset(self) -> None:
+        await self._line("reset")
+
+    async def count(self) -> int:
+        return int(await self._line("count"))
+
+    async def settled(self, quiet: float = 1.0, limit: float = 30.0) -> int:
+        """The count once it has not changed for `quiet` seconds (or after `limit` seconds)."""
+        count, deadline = await self.count(), time.monotonic() + limit
+        while time.monotonic() < deadline:
+            await asyncio.sleep(quiet)
+            if (now := await self.count()) == count:
+                break
+            count = now
+        return count
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()

@@ -66,6 +66,7 @@ from pathlib import Path
 
 import aiomqtt
 
+from edge_agent.contract import Topics
 from server.datadir import DataDir
 from server.trust.releases import publish_release
 from simulations.dense_tflite import dense_model_of_size
@@ -224,10 +225,8 @@ async def _fedfleet(
         agent_extra=extra,
     )
     # What devices publish to the coordinator (status and events: each one a message it reads), counted apart
-    prefix = d.config().topic_prefix
-    counter = MessageCounter(
-        broker.port, [f"{prefix}/devices/+/{k}" for k in ("status", "events")], 0, "fanout-counter"
-    )
+    topics = Topics(d.config().topic_prefix)
+    counter = MessageCounter(broker.port, [topics.status("+"), topics.events("+")], 0, "fanout-counter")
     t0 = time.monotonic()
     await fleet.start()
     store = d.store()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import aiomqtt
 
+from edge_agent.contract import Topics
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from server.datadir import DataDir
 from server.trust.releases import publish_release
@@ -37,11 +38,14 @@ from simulations.processes import CoordinatorProcess, MessageCounter, Mosquitto,
 KINDS = [pb.EVENT_KIND_DOWNLOADING, pb.EVENT_KIND_VERIFIED, pb.EVENT_KIND_INSTALLED, pb.EVENT_KIND_COMMITTED]
 
 
-def _messages(device: str) -> list[tuple[str, bytes, bool]]:
+def _messages(topics: Topics, device: str) -> list[tuple[str, bytes, bool]]:
     events = [pb.UpdateEvent(device_id=device, kind=k, release_id="digits@1.0.0", counter=1) for k in KINDS]
     events[0].later.extend(events[1:])
     status = pb.DeviceStatus(device_id=device, online=True, running_release="digits@1.0.0", running_counter=1)
-    return [("events", events[0].SerializeToString(), False), ("status", status.SerializeToString(), True)]
+    return [
+        (topics.events(device), events[0].SerializeToString(), False),
+        (topics.status(device), status.SerializeToString(), True),
+    ]
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
@@ -57,9 +61,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 store.register_device(device, "bench", {}, {}, "bench")
             model = build_dense_model(random_dense_layers([64, 16, 10], 1))
             publish_release(d.repository(), store, model, "digits", "1.0.0")
-            prefix = d.config().topic_prefix
             coordinator = CoordinatorProcess(d, broker.url).start()
-            bare = MessageCounter(broker.port, [f"{prefix}/devices/+/{k}" for k in ("status", "events")], 1, "bare")
+            topics = Topics(d.config().topic_prefix)
+            bare = MessageCounter(broker.port, [topics.status("+"), topics.events("+")], 1, "bare")
             await bare.ready()
             assert coordinator.proc is not None
             pids = (coordinator.proc.pid, bare.proc.pid)
@@ -68,11 +72,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             await asyncio.sleep(args.idle_seconds)
             idle_per_second = (cpu_seconds(pids[0]) - idle0) / (time.monotonic() - t0)
 
-            queue = [
-                (f"{prefix}/devices/{dev}/{kind}", payload, retain)
-                for dev in devices
-                for kind, payload, retain in _messages(dev)
-            ]
+            queue = [message for dev in devices for message in _messages(topics, dev)]
             async with aiomqtt.Client("127.0.0.1", broker.port, identifier="update-sender") as sender:
                 sender.pending_calls_threshold = len(queue) + 1
                 cpu0, start = [cpu_seconds(p) for p in pids], time.monotonic()

@@ -48,7 +48,6 @@ __all__ = ["MqttBridge", "parse_mqtt_url"]
 logger = logging.getLogger(__name__)
 
 _MAX_BATCH = 1000  # device messages per transaction, at most
-_DEVICE_TOPICS = ("status", "events", "telemetry")  # PREFIX/devices/+/KIND, subscribed at QoS 1
 _MAX_PENDING = 100_000  # checked messages kept while the store refuses writes; past it the oldest are dropped
 
 
@@ -104,7 +103,8 @@ class MqttBridge:
             ssl_context=self._ssl_context,
         )
         try:
-            await client.subscribe([(f"{self.topics.prefix}/devices/+/{kind}", 1) for kind in _DEVICE_TOPICS])
+            topics = self.topics
+            await client.subscribe([(topics.status("+"), 1), (topics.events("+"), 1), (topics.telemetry("+"), 1)])
             self._client = client
             logger.info("connected to MQTT broker %s:%d", self.host, self.port)
             up()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -23,12 +24,30 @@ if os.environ.get("CI") or os.environ.get("HYPOTHESIS_PROFILE") == "ci":
 LONG_LIVED = pytest.StashKey[set[int]]()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`scripts/test.sh -n 2 --dist loadgroup`), every test that starts Flower runs on the
-    same worker, so two workers never start Ray at once (each start takes every core, and its own 30 s wait)."""
+    same worker, so two workers never start Ray at once (each start takes every core, and its own 30 s wait) and
+    a module's trained fixture is built once (xdist queues the largest unit, this group, first). First among the
+    hooks: xdist's own turns the group marker into the node id's `@ray` suffix, and misses a marker added later."""
     for item in items:
         if item.get_closest_marker("ray") is not None:
             item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """pytest 9.2 keeps a node's id in `_id`; pytest-xdist 3.8's loadgroup still writes the group into `_nodeid`,
+    so no test is grouped and two workers start Ray at once, silently. Refuse that pair (pyproject.toml pins
+    pytest below 9.2)."""
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return
+    pytest_version = tuple(int(p) for p in version("pytest").split(".")[:2])
+    xdist_version = tuple(int(p) for p in version("pytest-xdist").split(".")[:2])
+    if pytest_version >= (9, 2) and xdist_version <= (3, 8):
+        raise pytest.UsageError(
+            f"pytest {version('pytest')} with pytest-xdist {version('pytest-xdist')} does not group tests under "
+            "--dist loadgroup (every Ray test would run beside another): install pytest<9.2 (scripts/setup.sh --dev)"
+        )
 
 
 @pytest.fixture(scope="session")

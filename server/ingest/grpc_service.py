@@ -91,12 +91,11 @@ class FleetService(pb_grpc.FleetServiceServicer):
         if request.HasField("consent_training"):  # the owner's agent.toml; recorded when it changes
             ConsentRecords(self.store).record(request.device_id, "training", request.consent_training, "agent")
         response = pb.RegisterResponse(device_id=request.device_id, topic_prefix=self.topic_prefix)
-        current = self.store.current_assignment(request.device_id)
-        if current is not None:
-            response.assignment.ParseFromString(current["signed"])
-        statement = FreshnessRecords(self.store).current(request.device_id)
+        statement, _, assignment = FreshnessRecords(self.store).answer(request.device_id)
+        if assignment is not None:
+            response.assignment.ParseFromString(assignment)
         if statement is not None:
-            response.freshness.ParseFromString(statement["signed"])
+            response.freshness.ParseFromString(statement)
         return response
 
     async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:
@@ -110,12 +109,11 @@ class FleetService(pb_grpc.FleetServiceServicer):
         if not self.store.is_device(request.device_id):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"device {request.device_id!r} has not registered")
         response = pb.CheckResponse()
-        statement = FreshnessRecords(self.store).current(request.device_id)
+        statement, counter, assignment = FreshnessRecords(self.store).answer(request.device_id)
         if statement is not None:
-            response.freshness.ParseFromString(statement["signed"])
-        current = self.store.current_assignment(request.device_id)
-        if current is not None and current["counter"] > request.counter:
-            response.assignment.ParseFromString(current["signed"])
+            response.freshness.ParseFromString(statement)
+        if assignment is not None and counter > request.counter:
+            response.assignment.ParseFromString(assignment)
         return response
 
     async def FetchMetadata(self, request: pb.FetchRequest, context: Context) -> AsyncIterator[pb.Chunk]:

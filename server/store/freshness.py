@@ -38,6 +38,17 @@ class FreshnessRecords:
         rows = list(self.store.db.query("SELECT * FROM freshness WHERE device_id = ?", [device_id]))
         return rows[0] if rows else None
 
+    def answer(self, device_id: str) -> tuple[bytes | None, int, bytes | None]:
+        """What the director answers a device's Register and Check with, in one query: its current statement
+        (signed), and the counter and signed bytes of its newest assignment (None, 0, None where there is none)."""
+        row = self.store.db.execute(
+            """SELECT (SELECT signed FROM freshness WHERE device_id = ?1), a.counter, a.signed FROM (SELECT 1)
+               LEFT JOIN (SELECT counter, signed FROM assignments WHERE device_id = ?1 ORDER BY counter DESC LIMIT 1)
+               a ON 1""",
+            [device_id],
+        ).fetchone()
+        return row[0], row[1] or 0, row[2]
+
     def due(self, renew_before: int, limit: int = 5000) -> list[tuple[str, int]]:
         """(device, highest assignment counter) of registered devices whose statement is missing, behind their
         highest counter, or expires before `renew_before`."""

@@ -82,6 +82,19 @@ def test_a_stored_statement_never_goes_back(env: Env) -> None:
     assert _statement(env, "pi-1").counter == 2
 
 
+def test_the_directors_answer_is_the_current_statement_and_the_newest_assignment(env: Env) -> None:
+    records = FreshnessRecords(env.store)
+    assert records.answer("pi-1") == (None, 0, None)
+    for version in ("1.0.0", "2.0.0"):
+        env.director.assign(env.store, ["pi-1"], env.store.release(f"digits@{version}"))
+    statement, counter, assignment = records.answer("pi-1")
+    assert assignment is not None and counter == 2
+    assert pb.Assignment.FromString(pb.SignedAssignment.FromString(assignment).assignment).release_id == "digits@2.0.0"
+    current = records.current("pi-1")
+    assert current is not None and statement == current["signed"]
+    assert records.answer("pi-2") == (None, 0, None)  # another device's rows are never its answer
+
+
 def test_check_answers_the_statement_and_only_a_newer_assignment(env: Env) -> None:
     env.director.assign(env.store, ["pi-1"], env.store.release("digits@1.0.0"))
     server = GrpcServerThread(env.store, env.d.repository())
@@ -94,7 +107,7 @@ def test_check_answers_the_statement_and_only_a_newer_assignment(env: Env) -> No
             assert pb.Assignment.FromString(behind.assignment.assignment).counter == 1
             assert current.HasField("freshness") and not current.HasField("assignment")
             registered = stub.Register(pb.RegisterRequest(device_id="pi-1", fleet="lab"), timeout=10)
-            assert registered.freshness == behind.freshness
+            assert registered.freshness == behind.freshness and registered.assignment == behind.assignment
             for request, code in [
                 (pb.CheckRequest(device_id="ghost", counter=0), grpc.StatusCode.NOT_FOUND),
                 (pb.CheckRequest(device_id="../etc", counter=0), grpc.StatusCode.INVALID_ARGUMENT),

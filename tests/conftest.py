@@ -9,6 +9,8 @@ import pytest
 from hypothesis import settings
 
 from server.datadir import DataDir
+from server.store import Store
+from server.trust.releases import publish_release
 from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import LOG_NAMES, descendants, kill_tree, tracebacks_in
 from tests.support import Mosquitto, own_topic_prefix
@@ -93,6 +95,23 @@ def datadir(tmp_path: Path) -> DataDir:
     assert created
     own_topic_prefix(d)
     return d
+
+
+@pytest.fixture
+def lab_store(datadir: DataDir) -> Iterator[Store]:
+    """The data directory's store with devices pi-1 and pi-2 (fleet lab) and release digits@1.0.0, a real TFLite
+    model with a drift reference, published."""
+    from tests.agent.test_telemetry import digits_reference
+
+    s = datadir.store()
+    for device in ("pi-1", "pi-2"):
+        s.register_device(device, "lab", {}, {}, "test")
+    model = build_dense_model(random_dense_layers([64, 16, 10], 1))
+    publish_release(
+        datadir.repository(), s, model, "digits", "1.0.0", extra={"drift_reference": digits_reference().to_metadata()}
+    )
+    yield s
+    s.close()
 
 
 def _process_logs(root: Path) -> Iterator[Path]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +152,22 @@ def group_members(pgid: int) -> list[int]:
         if int(group) == pgid and state not in ("Z", "X"):
             members.append(int(stat.parent.name))
     return members
+
+
+@contextlib.contextmanager
+def holder_process(code: str, *args: str, what: str) -> Iterator[subprocess.Popen[str]]:
+    """A Python process in a session of its own running `code`, which prints one line once what it holds is up
+    (`what`, for the failure message); yielded after that line. Killed with its group at the end if still running
+    (a test that kills it itself finds it gone)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert holder.stdout is not None
+    try:
+        assert holder.stdout.readline().strip(), f"{what} did not start"
+        yield holder
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait(10)
+        holder.stdout.close()

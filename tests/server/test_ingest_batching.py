@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Iterator
 from typing import Any
 
 import aiomqtt
@@ -14,12 +13,9 @@ import pytest
 from edge_agent.contract import LIMITS, Topics
 from edge_agent.contract._proto.fedfleet.v1 import fleet_pb2 as pb
 from edge_agent.contract.windows import window_to_proto
-from server.datadir import DataDir
 from server.ingest.mqtt_bridge import MqttBridge
 from server.ingest.mqtt_codec import Message
 from server.store import Store
-from server.trust.releases import publish_release
-from simulations.dense_tflite import build_dense_model, random_dense_layers
 from simulations.processes import Mosquitto
 from tests.agent.test_telemetry import digits_reference, window
 
@@ -28,15 +24,8 @@ KINDS = [pb.EVENT_KIND_DOWNLOADING, pb.EVENT_KIND_VERIFIED, pb.EVENT_KIND_INSTAL
 
 
 @pytest.fixture
-def store(datadir: DataDir) -> Iterator[Store]:
-    s = datadir.store()
-    for device in ("pi-1", "pi-2"):
-        s.register_device(device, "lab", {}, {}, "test")
-    model = build_dense_model(random_dense_layers([64, 16, 10], 1))
-    reference = digits_reference().to_metadata()
-    publish_release(datadir.repository(), s, model, "digits", "1.0.0", extra={"drift_reference": reference})
-    yield s
-    s.close()
+def store(lab_store: Store) -> Store:
+    return lab_store
 
 
 def _event(device: str, kind: int, counter: int = 1) -> bytes:

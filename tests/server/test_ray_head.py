@@ -6,15 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from server.fl.ray_head import ray_head
 from simulations.processes import descendants
-from tests.support import group_members, wait_for
+from tests.support import group_members, holder_process, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -60,31 +58,16 @@ def test_a_node_of_its_own_runs_a_drivers_tasks_and_stops_with_its_block(monkeyp
 
 
 def test_the_node_stops_when_its_caller_is_killed(tmp_path: Path) -> None:
-    caller = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import os, sys, time\n"
-            "from server.fl.ray_head import ray_head\n"
-            "with ray_head(1) as address:\n"
-            "    print(address, flush=True)\n"
-            "    time.sleep(600)\n",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    code = (
+        "import time\n"
+        "from server.fl.ray_head import ray_head\n"
+        "with ray_head(1) as address:\n"
+        "    print(address, flush=True)\n"
+        "    time.sleep(600)\n"
     )
-    try:
-        assert caller.stdout is not None
-        assert caller.stdout.readline().strip(), "the caller's node did not start"
+    with holder_process(code, what="the caller's node") as caller:
         (launcher,) = _launchers(caller.pid)
         assert len(group_members(launcher)) > 2
         os.killpg(caller.pid, signal.SIGKILL)  # no cleanup of its own: the launcher notices its stdin closed
         caller.wait(10)
         wait_for(lambda: group_members(launcher) == [], 60, what="the orphaned Ray node to stop")
-    finally:
-        if caller.poll() is None:
-            os.killpg(caller.pid, signal.SIGKILL)
-            caller.wait(10)
-        assert caller.stdout is not None
-        caller.stdout.close()

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from server.fl.plan import TrainPlan
 from server.fl.ray_head import engine_node
 from server.fl.training import ENGINE_STOPPED, TEST_CLIENTAPP_ENV, run_training
 from tests.server.grid import message
-from tests.support import group_members, wait_for
+from tests.support import group_members, holder_process, wait_for
 
 FLOWER_PROGRAMS = (b"flower-superlink", b"flower-superexec", b"flwr-simulation", b"server.fl.ray_head")
 
@@ -152,37 +150,21 @@ def test_an_engine_runs_a_superlink_on_its_ray_node_and_leaves_nothing_behind(en
 def test_an_engine_stops_when_its_caller_is_killed(engine_tmp: Path) -> None:
     state = engine_tmp / "engine"
     state.mkdir()
-    caller = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys, time\n"
-            "from pathlib import Path\n"
-            "from server.fl.ray_head import engine_node\n"
-            "with engine_node(1, Path(sys.argv[1])) as node:\n"
-            "    print(node.superlink, flush=True)\n"
-            "    time.sleep(600)\n",
-            str(state),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from server.fl.ray_head import engine_node\n"
+        "with engine_node(1, Path(sys.argv[1])) as node:\n"
+        "    print(node.superlink, flush=True)\n"
+        "    time.sleep(600)\n"
     )
-    try:
-        assert caller.stdout is not None
-        assert caller.stdout.readline().strip(), "the caller's engine did not start"
+    with holder_process(code, str(state), what="the caller's engine") as caller:
         launcher_argv = b"-m\0server.fl.ray_head\0"
         (launcher,) = [p for p in _engine_processes(state) if launcher_argv in Path(f"/proc/{p}/cmdline").read_bytes()]
         wait_for(lambda: len(_engine_processes(state)) >= 3, 60, what="launcher, SuperLink and SuperExec running")
         os.killpg(caller.pid, signal.SIGKILL)  # no cleanup of its own: the launcher notices its stdin closed
         caller.wait(10)
         wait_for(lambda: _engine_processes(state) == [] and group_members(launcher) == [], 60, what="the engine gone")
-    finally:
-        if caller.poll() is None:
-            os.killpg(caller.pid, signal.SIGKILL)
-            caller.wait(10)
-        assert caller.stdout is not None
-        caller.stdout.close()
 
 
 @pytest.mark.slow

@@ -24,8 +24,6 @@ from server.ingest.events import EventRejected, event_row
 from server.ingest.mqtt_bridge import MqttBridge
 from server.ingest.mqtt_codec import Message
 from server.store import Store
-from server.trust.releases import publish_release
-from simulations.dense_tflite import build_dense_model, random_dense_layers
 from tests.agent.test_telemetry import digits_reference, window
 from tests.support import GrpcServerThread
 
@@ -54,15 +52,8 @@ windows = st.builds(
 
 
 @pytest.fixture
-def store(datadir: DataDir) -> Iterator[Store]:
-    s = datadir.store()
-    for device in ("pi-1", "pi-2"):
-        s.register_device(device, "lab", {}, {}, "test")
-    model = build_dense_model(random_dense_layers([64, 16, 10], 1))
-    reference = digits_reference().to_metadata()
-    publish_release(datadir.repository(), s, model, "digits", "1.0.0", extra={"drift_reference": reference})
-    yield s
-    s.close()
+def store(lab_store: Store) -> Store:
+    return lab_store
 
 
 def _valid_window(device: str, sequence: int) -> pb.TelemetryWindow:

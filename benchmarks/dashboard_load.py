@@ -18,7 +18,7 @@ nothing pruning: what drifts with time cancels); `rows_pruned` is what the prune
 phase then sees a store without the old day. Every run ends by verifying the audit chain (`audit_verified`).
 
     .venv/bin/python benchmarks/dashboard_load.py [--devices 1000] [--workers 2] [--requests 20] [--rate 2]
-        [--telemetry-seconds 5] [--prune [--day-windows 1440] [--prune-after SECONDS]]
+        [--telemetry-seconds 5] [--prune [--day-windows 1440] [--prune-after SECONDS] [--prune-batch-rows N]]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from server import audit
 from server.dashboard.views import DEVICE_PAGE_WINDOWS
 from server.datadir import DataDir
 from server.loop.retention import DAY_MS
+from server.policy import Retention
 from server.store import Store, now_ms
 from server.store.rollouts import RolloutRecords
 from server.store.telemetry import TelemetryRecords
@@ -129,7 +130,7 @@ def _prune_entry(store: Store) -> dict[str, Any] | None:
 
 
 def _measure_while_pruning(
-    d: DataDir, past: PastDay, prune_at: float, url: str, token: str, paths: list[str], requests: int
+    d: DataDir, past: PastDay, prune_at: float, url: str, token: str, paths: list[str], requests: int, batch_rows: int
 ) -> dict[str, Any]:
     """Wait (until `prune_at` on the monotonic clock, and a minute more) for serve's housekeeper to begin pruning
     the past day, measure the pages while it goes on, then wait for the prune's audit entry."""
@@ -142,8 +143,9 @@ def _measure_while_pruning(
         )
         began = time.time()
         measured = asyncio.run(_measure(url, token, d, paths, requests))
-        # At most a second per batch of 500 (the policy's default batch), with a generous floor.
-        entry = wait_for(lambda: _prune_entry(store), 120 + past.total / 500, 0.5, what="the prune's audit entry")
+        # At most a second per batch, with a generous floor.
+        bound = 120 + past.total / batch_rows
+        entry = wait_for(lambda: _prune_entry(store), bound, 0.5, what="the prune's audit entry")
         left = past.left(store)
     ended = entry["at"] / 1000
     return {
@@ -228,7 +230,15 @@ def main() -> None:
         help="with --prune: seconds from serve's start to its first prune (default: 90 + 0.6 a device + 0.1 per "
         "1000 past windows + 100 telemetry periods)",
     )
+    parser.add_argument(
+        "--prune-batch-rows",
+        type=int,
+        help="with --prune: the policy's retention.batch_rows (default: the policy's, 500); a small day needs small "
+        "batches for the prune to last while the pages are measured",
+    )
     args = parser.parse_args()
+    if args.prune_batch_rows is not None and not 1 <= args.prune_batch_rows <= 10_000:
+        parser.error("--prune-batch-rows must be a whole number from 1 to 10000")
     if min(args.devices, args.workers, args.requests, args.day_windows) < 1 or not args.rate > 0:
         parser.error("--devices, --workers, --requests, --day-windows and --rate must be positive")
     if not args.telemetry_seconds >= 0.1:
@@ -248,6 +258,8 @@ def main() -> None:
         d, _ = DataDir.init(rig.datadir.root)
         if args.prune:  # telemetry kept a day; serve's first prune `prune_after` seconds after it starts
             policy = f"[retention]\ntelemetry_days = 1\ninterval_seconds = {prune_after}\n"
+            if args.prune_batch_rows is not None:
+                policy += f"batch_rows = {args.prune_batch_rows}\n"
             (d.root / d.config().policy).write_text(policy)
         base = rig.publish(d)
         coordinator = CoordinatorProcess(d, broker.url).start()
@@ -305,7 +317,8 @@ def main() -> None:
                     began = past.pruning_began(store)
                 if began:  # the idle phase is no longer the figure without pruning
                     raise SystemExit(f"serve began pruning during the idle phase: raise --prune-after ({prune_after})")
-                pruning = _measure_while_pruning(d, past, prune_at, url, token, paths, args.requests)
+                batch_rows = args.prune_batch_rows or Retention().batch_rows
+                pruning = _measure_while_pruning(d, past, prune_at, url, token, paths, args.requests, batch_rows)
                 pruning["device_windows"] = _windows_sent(d, device)
                 print(f"pruning: {json.dumps(pruning)}", flush=True)
                 settled = asyncio.run(_measure(url, token, d, paths, args.requests))

@@ -160,14 +160,15 @@ DASHBOARD = BENCHMARKS / "dashboard_load.py"
 @pytest.mark.slow
 @pytest.mark.broker
 def test_dashboard_load_with_prune_measures_while_serve_prunes_a_past_day_and_the_audit_chain_verifies() -> None:
-    """Three devices and a past day of 120 windows each, serve's first prune 60 s after it starts: the pages are
-    measured before, while and after pruning, each time with the measured device's page full (100 windows), the
+    """Three devices and a past day of 120 windows each, serve's first prune 60 s after it starts, 10 rows a batch
+    (36 batches with pauses, so the prune goes on after its first batch is seen): the pages are measured before,
+    while and after pruning, each time with the measured device's page full (100 windows), the
     prune took exactly the past day (the live fleet's windows are younger than the policy's day), and the audit
     chain verifies after it (the latencies are measured by hand: no timing is asserted). A window every 0.1 s
     fills the page in 10 s; the idle phase ends about 35 s after serve starts on a loaded 2-core machine, and
     the benchmark exits non-zero if the prune began before it ended."""
     sizes = ["--devices", "3", "--workers", "1", "--requests", "3", "--rate", "20", "--telemetry-seconds", "0.1"]
-    prune = ["--prune", "--day-windows", "120", "--prune-after", "60"]
+    prune = ["--prune", "--day-windows", "120", "--prune-after", "60", "--prune-batch-rows", "10"]
     out = run_bounded([sys.executable, str(DASHBOARD), *sizes, *prune], timeout=280)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -176,7 +177,7 @@ def test_dashboard_load_with_prune_measures_while_serve_prunes_a_past_day_and_th
     pruning = result["pruning"]
     assert min(result[phase]["device_windows"] for phase in ("idle", "pruning", "settled")) >= 100
     assert pruning["rows_pruned"]["telemetry"] == 360 and result["rows_pruned"] == 360
-    assert pruning["windows_left"] == 0 and pruning["batches"] >= 1
+    assert pruning["windows_left"] == 0 and pruning["batches"] == 36  # 10 rows a batch: it lasts past the first
     assert set(pruning["pages"]) == set(result["idle"]["pages"]) == set(result["prune_p95_ratios"])
     assert set(result["settled"]["pages"]) == set(pruning["pages"])
     assert result["prune_p95_ratio"] == max(result["prune_p95_ratios"].values()) > 0

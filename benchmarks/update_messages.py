@@ -81,7 +81,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                     await asyncio.gather(*(sender.publish(t, p, qos=1, retain=r) for t, p, r in burst))
                     await asyncio.sleep(args.every)
                 deadline = time.monotonic() + args.timeout
-                while store.db.execute("SELECT count(*) FROM events").fetchone()[0] < len(KINDS) * len(devices):
+                while store.count_events() < len(KINDS) * len(devices):
                     if time.monotonic() > deadline:
                         raise TimeoutError("the coordinator did not store every event in time")
                     await asyncio.sleep(0.05)

@@ -759,6 +759,10 @@ class Store:
                 )
         return len(events)
 
+    def count_events(self) -> int:
+        """How many update events are stored, of every device."""
+        return int(self.db.execute("SELECT count(*) FROM events").fetchone()[0])
+
     def events(self, device_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         sql = "SELECT * FROM events" + (" WHERE device_id = ?" if device_id else "") + " ORDER BY id DESC LIMIT ?"
         return list(self.db.query(sql, ([device_id] if device_id else []) + [limit]))

@@ -265,7 +265,7 @@ def test_a_burst_through_a_real_broker_is_stored_whole_in_order_without_a_tick(
                         sends.append(sender.publish(topics.events(device), _event(device, kind), qos=1))
                 await asyncio.gather(*sends)  # published in this order: one QoS 1 connection keeps it
             async with asyncio.timeout(60):
-                while store.db.execute("SELECT count(*) FROM events").fetchone()[0] < len(devices) * len(KINDS):
+                while store.count_events() < len(devices) * len(KINDS):
                     await asyncio.sleep(0.05)
             return _events(store)
         finally:

@@ -109,7 +109,7 @@ def test_mqtt_handlers_survive_random_topics_and_payloads(store: Store) -> None:
     assert set(bridge._pending_acks) <= {r[0] for r in store.db.execute("SELECT id FROM devices")}
 
     # The positive control: after all that, valid messages on each topic are accepted and stored.
-    before = store.db.execute("SELECT count(*) FROM events").fetchone()[0]
+    before = store.count_events()
     status = pb.DeviceStatus(device_id="pi-2", online=True, running_release="digits@1.0.0", running_counter=1)
     assert bridge.handle(TOPICS.status("pi-2"), status.SerializeToString())
     assert bridge.flush_messages() == 1
@@ -117,7 +117,7 @@ def test_mqtt_handlers_survive_random_topics_and_payloads(store: Store) -> None:
     event = pb.UpdateEvent(device_id="pi-2", kind=pb.EVENT_KIND_COMMITTED, release_id="digits@1.0.0", counter=1)
     assert bridge.handle(TOPICS.events("pi-2"), event.SerializeToString())
     assert bridge.flush_messages() == 1
-    assert store.db.execute("SELECT count(*) FROM events").fetchone()[0] == before + 1
+    assert store.count_events() == before + 1
     top = store.db.execute("SELECT max(sequence) FROM telemetry WHERE device_id = 'pi-2'").fetchone()[0] or 0
     assert bridge.handle(TOPICS.telemetry("pi-2"), _valid_window("pi-2", top + 1).SerializeToString())
     assert bridge.flush_telemetry() == 1
